@@ -1,0 +1,640 @@
+//! The job file: one TOML document with a section per component.
+//!
+//! Every section rejects unknown keys (a typo must not silently fall back to a default), and
+//! [`JobConfig::validate`] checks the relations between keys before anything starts. Errors name
+//! the key path, e.g. `train.global_batch (96) must be a multiple of ...`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub objective: ObjectiveConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Shard list: a URL prefix (every `.tar` under it) or a brace pattern such as
+    /// `s3://bucket/data-{000000..000099}.tar`. Plain paths mean `file://`.
+    pub url: String,
+    /// Samples that `contrail local` writes with the synthetic generator when `url` holds no
+    /// shards yet.
+    pub synth_samples: u64,
+    /// Samples per synthetic shard.
+    pub synth_shard_size: u64,
+    /// Side of the square crops fed to the encoder.
+    pub image_size: u32,
+    /// Decode/augment threads per worker.
+    pub decode_threads: usize,
+    /// Ready batches buffered ahead of the training step.
+    pub prefetch_batches: usize,
+    /// Images whose header claims more pixels than this are skipped as decompression bombs.
+    pub max_image_pixels: u64,
+    /// Endpoint override for S3-compatible servers (MinIO, Ceph, R2); empty for AWS.
+    pub s3_endpoint: String,
+    /// Attempts for a failing shard read before the shard is marked failed.
+    pub read_retries: u32,
+    #[serde(default)]
+    pub augment: AugmentConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            url: "file://./run/data/synth".into(),
+            synth_samples: 4096,
+            synth_shard_size: 256,
+            image_size: 32,
+            decode_threads: 1,
+            prefetch_batches: 4,
+            max_image_pixels: 64 * 1024 * 1024,
+            s3_endpoint: String::new(),
+            read_retries: 5,
+            augment: AugmentConfig::default(),
+        }
+    }
+}
+
+/// SimCLR augmentation parameters (defaults follow the SimCLR paper / torchvision recipe).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    pub crop_scale_min: f32,
+    pub crop_scale_max: f32,
+    pub flip_p: f32,
+    pub jitter_p: f32,
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+    pub hue: f32,
+    pub grayscale_p: f32,
+    pub blur_p: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            crop_scale_min: 0.08,
+            crop_scale_max: 1.0,
+            flip_p: 0.5,
+            jitter_p: 0.8,
+            brightness: 0.4,
+            contrast: 0.4,
+            saturation: 0.4,
+            hue: 0.1,
+            grayscale_p: 0.2,
+            blur_p: 0.5,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NormKind {
+    /// BatchNorm with per-worker statistics (what most SimCLR code does without SyncBN).
+    Batch,
+    /// GroupNorm: independent of the batch, so results do not depend on how it is split.
+    Group,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Encoder family; only "resnet" is built so far.
+    pub encoder: String,
+    /// Residual basic blocks per stage (ResNet-18 is [2, 2, 2, 2]).
+    pub layers: Vec<u32>,
+    /// Channels of the first stage; each later stage doubles it.
+    pub width: u32,
+    pub norm: NormKind,
+    /// Hidden width of the MLP projector.
+    pub projector_hidden: u32,
+    /// Output (embedding) width of the projector.
+    pub projector_out: u32,
+    /// First layers of the encoder: "cifar" (3×3 stride-1 conv, no max-pool; for images of
+    /// 32 px and below) or "imagenet" (7×7 stride-2 conv + max-pool, as in torchvision).
+    pub stem: StemKind,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StemKind {
+    /// 3×3 stride-1 convolution and no max-pool: keeps resolution on small images.
+    Cifar,
+    /// torchvision's 7×7 stride-2 convolution followed by a 3×3 stride-2 max-pool.
+    Imagenet,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            encoder: "resnet".into(),
+            layers: vec![1, 1, 1, 1],
+            width: 16,
+            norm: NormKind::Batch,
+            projector_hidden: 128,
+            projector_out: 64,
+            stem: StemKind::Cifar,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveConfig {
+    /// "simclr" (NT-Xent over two views, negatives from every worker).
+    pub kind: String,
+    pub temperature: f64,
+}
+
+impl Default for ObjectiveConfig {
+    fn default() -> Self {
+        Self {
+            kind: "simclr".into(),
+            temperature: 0.2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// "sgd" (SGD with momentum); LARS and AdamW come with the training-core issue.
+    pub kind: String,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Linear warm-up steps before the cosine decay.
+    pub warmup_steps: u64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            kind: "sgd".into(),
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-6,
+            warmup_steps: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Samples (images, each giving two views) per optimizer step across all workers.
+    pub global_batch: u64,
+    /// Samples per worker per forward pass.
+    pub micro_batch: u64,
+    /// Passes over the dataset.
+    pub epochs: u32,
+    /// Stop after this many steps even if epochs remain (0: no limit).
+    pub max_steps: u64,
+    pub seed: u64,
+    /// Print a progress line every this many steps.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            global_batch: 64,
+            micro_batch: 32,
+            epochs: 4,
+            max_steps: 0,
+            seed: 0,
+            log_every: 10,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Micro-batches accumulated per step; `validate` guarantees the division is exact.
+    pub fn accumulation_steps(&self, world_size: u32) -> u64 {
+        self.global_batch / (self.micro_batch * world_size as u64)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub world_size: u32,
+    /// Collective backend: "tcp" (CPU ring), "nccl" or "auto"; only "tcp" is built so far.
+    pub backend: String,
+    /// Address the coordinator's gRPC server binds (workers dial `http://` + this).
+    pub grpc_addr: String,
+    /// Address of the HTTP status server (`/status`, `/healthz`).
+    pub http_addr: String,
+    pub heartbeat_ms: u64,
+    /// A worker silent for this long is declared dead and its leases return to the pool.
+    pub worker_timeout_ms: u64,
+    /// A shard lease not renewed (by heartbeats) within this time returns to the pool.
+    pub lease_ttl_ms: u64,
+    /// A collective that makes no progress for this long fails, naming the silent peer.
+    pub collective_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            world_size: 2,
+            backend: "tcp".into(),
+            grpc_addr: "127.0.0.1:50051".into(),
+            http_addr: "127.0.0.1:8080".into(),
+            heartbeat_ms: 500,
+            worker_timeout_ms: 5_000,
+            lease_ttl_ms: 10_000,
+            collective_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory URL for checkpoints; empty disables them. A job started again with the same
+    /// URL resumes from the latest one.
+    pub url: String,
+    /// Write a checkpoint every this many steps (and at the end); 0 only at the end.
+    pub every_steps: u64,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep: u32,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            url: "file://./run/checkpoints".into(),
+            every_steps: 100,
+            keep: 2,
+        }
+    }
+}
+
+/// A rejected job file: which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "invalid job config: {}", self.reason)
+        } else {
+            write!(f, "invalid job config: {} {}", self.path, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(path: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        Self {
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            objective: ObjectiveConfig::default(),
+            optim: OptimConfig::default(),
+            train: TrainConfig::default(),
+            cluster: ClusterConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+        }
+    }
+}
+
+impl JobConfig {
+    /// Parses a job file, applies `section.key=value` overrides, and validates the result.
+    pub fn from_toml_with_overrides(text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut value: toml::Value =
+            toml::from_str(text).map_err(|e| err("", format!("is not valid TOML: {e}")))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let cfg: JobConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            err(if path == "." { "" } else { &path }, inner)
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_toml_with_overrides(text, &[])
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("JobConfig always serializes")
+    }
+
+    /// Checks relations between keys; every error names the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.train;
+        let c = &self.cluster;
+        if c.world_size == 0 {
+            return Err(err("cluster.world_size", "must be at least 1"));
+        }
+        if t.micro_batch == 0 {
+            return Err(err("train.micro_batch", "must be at least 1"));
+        }
+        let per_round = c.world_size as u64 * t.micro_batch;
+        if t.global_batch == 0 || t.global_batch % per_round != 0 {
+            return Err(err(
+                "train.global_batch",
+                format!(
+                    "({}) must be a multiple of world_size × micro_batch ({} × {} = {})",
+                    t.global_batch, c.world_size, t.micro_batch, per_round
+                ),
+            ));
+        }
+        let k = t.accumulation_steps(c.world_size);
+        if k != 1 {
+            return Err(err(
+                "train.global_batch",
+                format!(
+                    "({}) asks for gradient accumulation over {k} micro-batches, which is not \
+                     built yet: set it to world_size × micro_batch ({per_round})",
+                    t.global_batch
+                ),
+            ));
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            return Err(err("train.epochs", "is 0 and train.max_steps is 0: nothing to train"));
+        }
+        if t.log_every == 0 {
+            return Err(err("train.log_every", "must be at least 1"));
+        }
+        if self.data.url.trim().is_empty() {
+            return Err(err("data.url", "must name the shard location"));
+        }
+        if !(8..=4096).contains(&self.data.image_size) {
+            return Err(err(
+                "data.image_size",
+                format!("({}) must be between 8 and 4096", self.data.image_size),
+            ));
+        }
+        if self.data.decode_threads == 0 {
+            return Err(err("data.decode_threads", "must be at least 1"));
+        }
+        if self.data.prefetch_batches == 0 {
+            return Err(err("data.prefetch_batches", "must be at least 1"));
+        }
+        if self.data.synth_shard_size == 0 {
+            return Err(err("data.synth_shard_size", "must be at least 1"));
+        }
+        let a = &self.data.augment;
+        if !(0.0 < a.crop_scale_min && a.crop_scale_min <= a.crop_scale_max && a.crop_scale_max <= 1.0)
+        {
+            return Err(err(
+                "data.augment.crop_scale_min",
+                "and crop_scale_max must satisfy 0 < min <= max <= 1",
+            ));
+        }
+        for (name, p) in [
+            ("flip_p", a.flip_p),
+            ("jitter_p", a.jitter_p),
+            ("grayscale_p", a.grayscale_p),
+            ("blur_p", a.blur_p),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(err(
+                    &format!("data.augment.{name}"),
+                    format!("({p}) is a probability and must be in [0, 1]"),
+                ));
+            }
+        }
+        if !(0.0..=0.5).contains(&a.hue) {
+            return Err(err("data.augment.hue", format!("({}) must be in [0, 0.5]", a.hue)));
+        }
+        if a.std.iter().any(|s| *s <= 0.0) {
+            return Err(err("data.augment.std", "entries must be positive"));
+        }
+        let m = &self.model;
+        if m.encoder != "resnet" {
+            return Err(err(
+                "model.encoder",
+                format!("(\"{}\") is not a known encoder; expected \"resnet\"", m.encoder),
+            ));
+        }
+        if m.layers.is_empty() || m.layers.len() > 4 || m.layers.contains(&0) {
+            return Err(err("model.layers", "must list 1 to 4 stages, each with at least one block"));
+        }
+        if m.width == 0 || m.projector_hidden == 0 || m.projector_out == 0 {
+            return Err(err("model", "width, projector_hidden and projector_out must be positive"));
+        }
+        if m.norm == NormKind::Group && m.width % 8 != 0 {
+            return Err(err(
+                "model.width",
+                format!("({}) must be a multiple of 8 with norm = \"group\" (8 groups)", m.width),
+            ));
+        }
+        // Each of the 8 groups normalises projector_hidden/8 features of one sample; with only
+        // a few per group the output collapses to a sign pattern and gradients vanish.
+        if m.norm == NormKind::Group
+            && (!m.projector_hidden.is_multiple_of(8) || m.projector_hidden < 64)
+        {
+            return Err(err(
+                "model.projector_hidden",
+                format!(
+                    "({}) must be a multiple of 8 and at least 64 with norm = \"group\" \
+                     (8 groups of at least 8 features)",
+                    m.projector_hidden
+                ),
+            ));
+        }
+        if self.objective.kind != "simclr" {
+            return Err(err(
+                "objective.kind",
+                format!("(\"{}\") is not built yet; expected \"simclr\"", self.objective.kind),
+            ));
+        }
+        if !(self.objective.temperature > 0.0) {
+            return Err(err("objective.temperature", "must be positive"));
+        }
+        let o = &self.optim;
+        if o.kind != "sgd" {
+            return Err(err(
+                "optim.kind",
+                format!("(\"{}\") is not built yet; expected \"sgd\"", o.kind),
+            ));
+        }
+        if !(o.lr > 0.0) {
+            return Err(err("optim.lr", "must be positive"));
+        }
+        if !(0.0..1.0).contains(&o.momentum) {
+            return Err(err("optim.momentum", format!("({}) must be in [0, 1)", o.momentum)));
+        }
+        if o.weight_decay < 0.0 {
+            return Err(err("optim.weight_decay", "must not be negative"));
+        }
+        match c.backend.as_str() {
+            "tcp" | "auto" => {}
+            "nccl" => {
+                return Err(err(
+                    "cluster.backend",
+                    "(\"nccl\") is not built yet; use \"tcp\" or \"auto\"",
+                ))
+            }
+            other => {
+                return Err(err(
+                    "cluster.backend",
+                    format!("(\"{other}\") must be one of \"tcp\", \"nccl\", \"auto\""),
+                ))
+            }
+        }
+        if c.heartbeat_ms == 0 || c.worker_timeout_ms <= c.heartbeat_ms * 2 {
+            return Err(err(
+                "cluster.worker_timeout_ms",
+                format!(
+                    "({}) must exceed twice cluster.heartbeat_ms ({})",
+                    c.worker_timeout_ms, c.heartbeat_ms
+                ),
+            ));
+        }
+        if c.lease_ttl_ms <= c.heartbeat_ms * 2 {
+            return Err(err(
+                "cluster.lease_ttl_ms",
+                format!(
+                    "({}) must exceed twice cluster.heartbeat_ms ({})",
+                    c.lease_ttl_ms, c.heartbeat_ms
+                ),
+            ));
+        }
+        if c.collective_timeout_ms == 0 {
+            return Err(err("cluster.collective_timeout_ms", "must be positive"));
+        }
+        if !self.checkpoint.url.is_empty() && self.checkpoint.keep == 0 {
+            return Err(err("checkpoint.keep", "must be at least 1 when checkpoint.url is set"));
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `section.key=value` override. The value is parsed as a TOML value when it
+/// parses (numbers, booleans, arrays), otherwise taken as a string.
+pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), ConfigError> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| err(assignment, "override must look like section.key=value"))?;
+    let path = path.trim();
+    let raw = raw.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut node = root;
+    let keys: Vec<&str> = path.split('.').collect();
+    for (i, key) in keys.iter().enumerate() {
+        let table = node
+            .as_table_mut()
+            .ok_or_else(|| err(path, "override walks into a value that is not a table"))?;
+        if i + 1 == keys.len() {
+            table.insert((*key).to_string(), value);
+            return Ok(());
+        }
+        node = table
+            .entry((*key).to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    Err(err(path, "override has an empty key"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        JobConfig::default().validate().unwrap();
+        let round_trip = JobConfig::from_toml(&JobConfig::default().to_toml()).unwrap();
+        assert_eq!(round_trip, JobConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let e = JobConfig::from_toml("[train]\nglobal_bach = 3\n").unwrap_err();
+        assert!(e.path.starts_with("train"), "{e}");
+        assert!(e.reason.contains("global_bach"), "{e}");
+    }
+
+    #[test]
+    fn batch_relation_is_checked() {
+        let e = JobConfig::from_toml(
+            "[train]\nglobal_batch = 96\nmicro_batch = 64\n[cluster]\nworld_size = 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "train.global_batch");
+        assert!(e.reason.contains("(96) must be a multiple of world_size × micro_batch"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let e = JobConfig::from_toml("[optim]\nlr = \"fast\"\n").unwrap_err();
+        assert_eq!(e.path, "optim.lr", "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_before_validation() {
+        let cfg = JobConfig::from_toml_with_overrides(
+            "",
+            &["train.seed=7".into(), "data.url=s3://b/x-{0..3}.tar".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.train.seed, 7);
+        assert_eq!(cfg.data.url, "s3://b/x-{0..3}.tar");
+        let e = JobConfig::from_toml_with_overrides("", &["optim.momentum=1.5".into()]).unwrap_err();
+        assert_eq!(e.path, "optim.momentum");
+    }
+
+    #[test]
+    fn model_stem_and_group_norm_widths() {
+        let cfg = JobConfig::from_toml("[model]\nstem = \"imagenet\"\n").unwrap();
+        assert_eq!(cfg.model.stem, StemKind::Imagenet);
+        let e = JobConfig::from_toml("[model]\nstem = \"tiny\"\n").unwrap_err();
+        assert_eq!(e.path, "model.stem", "{e}");
+        for bad in [12, 56] {
+            let e = JobConfig::from_toml(&format!(
+                "[model]\nnorm = \"group\"\nprojector_hidden = {bad}\n"
+            ))
+            .unwrap_err();
+            assert_eq!(e.path, "model.projector_hidden", "{e}");
+        }
+        JobConfig::from_toml("[model]\nnorm = \"group\"\nprojector_hidden = 64\n").unwrap();
+    }
+
+    #[test]
+    fn unbuilt_choices_are_rejected_clearly() {
+        let e = JobConfig::from_toml("[cluster]\nbackend = \"nccl\"\n").unwrap_err();
+        assert!(e.reason.contains("not built yet"), "{e}");
+    }
+}

@@ -1,0 +1,434 @@
+//! The coordinator's state machine: one method per RPC, with time passed in as
+//! milliseconds so tests can drive expiry and timeouts without sleeping.
+//!
+//! Job states: `waiting_for_workers` → `running` (world complete) → `finished` (every rank
+//! left finished) or `failed` (a rank died, reported an error, or left early). Recovery after
+//! a failure is not built: a failed job stays failed and every survivor is told to stop.
+
+use crate::error::RpcError;
+use crate::leases::{Completion, ShardBook};
+use crate::membership::{Membership, Worker};
+use crate::progress::Progress;
+use contrail_common::checkpoint::CheckpointMeta;
+use contrail_common::config::JobConfig;
+use contrail_common::proto;
+use contrail_common::status::{JobState, StatusReport, WorkerLiveness, WorkerStatus};
+
+/// The checkpoint a job resumes from, as told to every worker at rendezvous.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResumePoint {
+    /// Checkpoint directory URL.
+    pub dir: String,
+    pub step: u64,
+    pub epoch: u32,
+}
+
+pub struct JobBook {
+    cfg: JobConfig,
+    job_toml: String,
+    state: JobState,
+    reason: String,
+    members: Membership,
+    shards: ShardBook,
+    progress: Progress,
+    resume: Option<ResumePoint>,
+}
+
+impl JobBook {
+    /// `shard_urls` is the listed dataset; `resume` the latest checkpoint, if any.
+    pub fn new(
+        cfg: JobConfig,
+        job_toml: String,
+        shard_urls: Vec<String>,
+        resume: Option<(String, CheckpointMeta)>,
+    ) -> Self {
+        let (resume_point, snapshot, progress) = match resume {
+            Some((dir, meta)) => (
+                Some(ResumePoint {
+                    dir,
+                    step: meta.step,
+                    epoch: meta.epoch,
+                }),
+                Some(meta.shard_state.clone()),
+                Progress::resumed(meta.step, meta.epoch, meta.shard_state.samples_seen),
+            ),
+            None => (None, None, Progress::default()),
+        };
+        Self {
+            members: Membership::new(cfg.cluster.world_size),
+            shards: ShardBook::new(
+                shard_urls,
+                cfg.train.seed,
+                cfg.cluster.lease_ttl_ms,
+                snapshot,
+            ),
+            progress,
+            resume: resume_point,
+            state: JobState::WaitingForWorkers,
+            reason: String::new(),
+            cfg,
+            job_toml,
+        }
+    }
+
+    pub fn state(&self) -> JobState {
+        self.state
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.members.generation
+    }
+
+    fn fail(&mut self, reason: String) {
+        if self.state.is_terminal() {
+            return;
+        }
+        tracing::error!(%reason, "job failed");
+        self.state = JobState::Failed;
+        self.reason = reason;
+    }
+
+    fn require_running(&self) -> Result<(), RpcError> {
+        match self.state {
+            JobState::Running => Ok(()),
+            JobState::WaitingForWorkers => Err(RpcError::FailedPrecondition(format!(
+                "the rendezvous is not complete ({} of {} workers registered)",
+                self.members.workers.len(),
+                self.members.world_size
+            ))),
+            JobState::Finished => Err(RpcError::FailedPrecondition("the job has finished".into())),
+            JobState::Failed => Err(RpcError::FailedPrecondition(format!(
+                "the job failed: {}",
+                self.reason
+            ))),
+        }
+    }
+
+    /// Fencing first (a dead or stale worker hears why it is refused, even after the job
+    /// failed), then the job must be running. Any admitted request counts as a sign of life.
+    fn admit(
+        &mut self,
+        worker_id: u64,
+        generation: u64,
+        now_ms: u64,
+    ) -> Result<&mut Worker, RpcError> {
+        let dead = self
+            .members
+            .get(worker_id)
+            .is_some_and(|w| w.liveness == WorkerLiveness::Dead);
+        if !dead && self.state.is_terminal() {
+            // A survivor's generation is stale too; the job's reason is the useful answer.
+            self.require_running()?;
+        }
+        self.members.check(worker_id, generation, false)?;
+        self.require_running()?;
+        let w = self.members.get_mut(worker_id).ok_or_else(|| {
+            RpcError::Internal(format!("worker {worker_id} vanished while being admitted"))
+        })?;
+        w.last_seen_ms = now_ms;
+        Ok(w)
+    }
+
+    /// Housekeeping on the clock: expired leases go back to the pool, silent workers die.
+    pub fn tick(&mut self, now_ms: u64) {
+        for lease in self.shards.expire(now_ms) {
+            tracing::warn!(
+                shard = %self.shards.url(lease.shard),
+                epoch = lease.epoch,
+                worker = lease.worker_id,
+                "lease expired without renewal; the shard is back in the pool"
+            );
+        }
+        if self.state != JobState::Running {
+            return;
+        }
+        let timeout = self.cfg.cluster.worker_timeout_ms;
+        for id in self.members.silent(now_ms, timeout) {
+            let returned = self.shards.release_worker(id);
+            let Some(w) = self.members.get_mut(id) else {
+                continue;
+            };
+            let silent_ms = now_ms.saturating_sub(w.last_seen_ms);
+            w.liveness = WorkerLiveness::Dead;
+            w.reason =
+                format!("no heartbeat for {silent_ms} ms (cluster.worker_timeout_ms = {timeout})");
+            let reason = format!(
+                "{} stopped sending heartbeats ({}); {} shard lease(s) returned to the pool",
+                w.describe(),
+                w.reason,
+                returned.len()
+            );
+            self.members.generation += 1;
+            self.fail(reason);
+        }
+    }
+
+    pub fn register(
+        &mut self,
+        host: &str,
+        address: &str,
+        now_ms: u64,
+    ) -> Result<(u64, u64), RpcError> {
+        if self.state.is_terminal() {
+            self.require_running()?;
+        }
+        let id = self.members.add(host, address, now_ms)?;
+        tracing::info!(
+            worker = id,
+            %host,
+            %address,
+            registered = self.members.workers.len(),
+            world_size = self.members.world_size,
+            "worker registered"
+        );
+        if self.members.is_complete() {
+            self.state = JobState::Running;
+            tracing::info!(
+                generation = self.members.generation,
+                "rendezvous complete; job running"
+            );
+        }
+        Ok((id, self.members.generation))
+    }
+
+    /// The rendezvous reply once the world is complete; None while still waiting.
+    pub fn rendezvous(
+        &mut self,
+        worker_id: u64,
+        generation: u64,
+        now_ms: u64,
+    ) -> Result<Option<proto::RendezvousReply>, RpcError> {
+        let current = self.members.generation;
+        let w = self.members.check(worker_id, generation, false)?;
+        w.last_seen_ms = now_ms;
+        let Some(rank) = w.rank else {
+            if self.state.is_terminal() {
+                self.require_running()?;
+            }
+            return Ok(None);
+        };
+        let resume = self.resume.clone();
+        Ok(Some(proto::RendezvousReply {
+            rank,
+            world_size: self.members.world_size,
+            peer_addresses: self.members.peer_addresses(),
+            job_config_toml: self.job_toml.clone(),
+            generation: current,
+            resume_checkpoint: resume.as_ref().map(|r| r.dir.clone()).unwrap_or_default(),
+            resume_step: resume.as_ref().map_or(0, |r| r.step),
+            resume_epoch: resume.as_ref().map_or(0, |r| r.epoch),
+        }))
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        req: &proto::HeartbeatRequest,
+        now_ms: u64,
+    ) -> Result<proto::HeartbeatReply, RpcError> {
+        let w = self.members.check(req.worker_id, req.generation, true)?;
+        w.last_seen_ms = now_ms;
+        w.step = w.step.max(req.step);
+        let stop = match self.state {
+            JobState::Failed => Some(self.reason.clone()),
+            JobState::Finished => Some("the job has finished".to_string()),
+            _ if req.generation != self.members.generation => Some(format!(
+                "generation {} is stale (current {})",
+                req.generation, self.members.generation
+            )),
+            _ => None,
+        };
+        if stop.is_none() {
+            self.shards.renew(req.worker_id, now_ms);
+        }
+        Ok(proto::HeartbeatReply {
+            stop: stop.is_some(),
+            reason: stop.unwrap_or_default(),
+        })
+    }
+
+    pub fn lease(
+        &mut self,
+        req: &proto::LeaseRequest,
+        now_ms: u64,
+    ) -> Result<proto::LeaseReply, RpcError> {
+        self.admit(req.worker_id, req.generation, now_ms)?;
+        Ok(match self.shards.lease(req.worker_id, req.epoch, now_ms) {
+            Some(g) => proto::LeaseReply {
+                exhausted: false,
+                shard_url: g.shard_url,
+                lease_id: g.lease_id,
+                expires_in_ms: g.expires_in_ms,
+            },
+            None => proto::LeaseReply {
+                exhausted: true,
+                ..Default::default()
+            },
+        })
+    }
+
+    pub fn complete(
+        &mut self,
+        req: &proto::CompleteRequest,
+        now_ms: u64,
+    ) -> Result<Completion, RpcError> {
+        let who = self
+            .admit(req.worker_id, req.generation, now_ms)?
+            .describe();
+        let (lease, outcome) = self.shards.complete(
+            req.worker_id,
+            req.lease_id,
+            req.samples,
+            &req.bad_samples,
+            &req.error,
+        )?;
+        let url = self.shards.url(lease.shard);
+        match outcome {
+            Completion::Done => {
+                tracing::debug!(shard = %url, epoch = lease.epoch, samples = req.samples, "shard done")
+            }
+            Completion::Failed => tracing::warn!(
+                shard = %url,
+                epoch = lease.epoch,
+                worker = %who,
+                error = %req.error,
+                "shard failed to read; it is skipped this epoch"
+            ),
+            Completion::Duplicate => tracing::info!(
+                shard = %url,
+                epoch = lease.epoch,
+                "shard finished twice (its first lease expired); counted once"
+            ),
+        }
+        Ok(outcome)
+    }
+
+    pub fn report_step(&mut self, req: &proto::StepReport, now_ms: u64) -> Result<(), RpcError> {
+        let w = self.admit(req.worker_id, req.generation, now_ms)?;
+        w.step = w.step.max(req.step);
+        let rank = w.rank.unwrap_or(u32::MAX);
+        self.progress.report(
+            rank,
+            req.epoch,
+            req.step,
+            req.loss,
+            req.global_samples,
+            req.learning_rate,
+            req.step_seconds,
+            now_ms,
+        );
+        Ok(())
+    }
+
+    /// The epoch whose shard state a checkpoint of the latest step belongs to.
+    fn checkpoint_epoch(&self) -> u32 {
+        self.progress.epoch
+    }
+
+    pub fn shard_state(
+        &mut self,
+        worker_id: u64,
+        generation: u64,
+        now_ms: u64,
+    ) -> Result<String, RpcError> {
+        self.admit(worker_id, generation, now_ms)?;
+        let snap = self
+            .shards
+            .snapshot(self.checkpoint_epoch(), self.progress.samples_seen);
+        serde_json::to_string(&snap)
+            .map_err(|e| RpcError::Internal(format!("encoding shard state: {e}")))
+    }
+
+    pub fn leave(&mut self, req: &proto::LeaveRequest, now_ms: u64) -> Result<(), RpcError> {
+        // A survivor of a failure still carries the old generation; let it leave.
+        let w = self.members.check(req.worker_id, req.generation, true)?;
+        w.last_seen_ms = now_ms;
+        let who = w.describe();
+        if w.rank.is_none() {
+            // Left before the world formed: it never had a rank, so just forget it.
+            self.members.workers.retain(|w| w.id != req.worker_id);
+            tracing::info!(worker = %who, "worker left before the rendezvous completed");
+            return Ok(());
+        }
+        w.liveness = WorkerLiveness::Left;
+        w.reason = req.error.clone();
+        let returned = self.shards.release_worker(req.worker_id).len();
+        if !req.error.is_empty() {
+            self.members.generation += 1;
+            self.fail(format!("{who} failed: {}", req.error));
+        } else if !req.finished {
+            self.members.generation += 1;
+            self.fail(format!("{who} left before the job finished"));
+        } else {
+            if returned > 0 {
+                tracing::warn!(worker = %who, returned, "worker left finished while holding leases");
+            }
+            tracing::info!(worker = %who, "worker finished");
+            let all_left = self
+                .members
+                .workers
+                .iter()
+                .all(|w| w.liveness == WorkerLiveness::Left);
+            if all_left && self.state == JobState::Running {
+                self.state = JobState::Finished;
+                tracing::info!(
+                    step = self.progress.step,
+                    "every worker finished; job finished"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&self, now_ms: u64) -> StatusReport {
+        let epoch = self
+            .shards
+            .latest_epoch()
+            .unwrap_or(self.progress.epoch)
+            .max(self.progress.epoch);
+        let dataset = self.shards.dataset_samples().map(|(n, _)| n);
+        let total = self.progress.total_steps_estimate(&self.cfg.train, dataset);
+        let mut workers: Vec<WorkerStatus> = self
+            .members
+            .workers
+            .iter()
+            .map(|w| WorkerStatus {
+                worker_id: w.id,
+                rank: w.rank,
+                host: w.host.clone(),
+                address: w.address.clone(),
+                state: w.liveness,
+                last_heartbeat_ms: now_ms.saturating_sub(w.last_seen_ms),
+                shard: self.shards.worker_shard(w.id).to_string(),
+                step: w.step,
+            })
+            .collect();
+        workers.sort_by_key(|w| (w.rank.unwrap_or(u32::MAX), w.worker_id));
+        StatusReport {
+            state: self.state,
+            reason: self.reason.clone(),
+            generation: self.members.generation,
+            world_size: self.members.world_size,
+            epoch,
+            step: self.progress.step,
+            total_steps_estimate: total,
+            samples_seen: self.progress.samples_seen,
+            loss: self.progress.loss,
+            learning_rate: self.progress.learning_rate,
+            samples_per_sec: self.progress.samples_per_sec(),
+            eta_seconds: if self.state.is_terminal() {
+                None
+            } else {
+                self.progress.eta_seconds(total)
+            },
+            uptime_seconds: now_ms as f64 / 1000.0,
+            workers,
+            shards: self.shards.counts(epoch),
+            bad_samples: self.shards.bad_samples().clone(),
+            loss_history: self.progress.loss_history.points().to_vec(),
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! contrail-coordinator: membership, rendezvous, shard leases and status for a contrail job.
+//! No libtorch: it runs on a CPU-only pod, or in-process inside `contrail local`.
+//!
+//! - [`job`]: the state machine, one method per RPC, with time passed in (testable without
+//!   sleeping). Built from [`membership`] (workers, ranks, generation, fencing),
+//!   [`leases`] (per-epoch shard pools and leases) and [`progress`] (step, loss, throughput,
+//!   ETA).
+//! - [`service`]: the tonic gRPC service over a shared [`Coordinator`].
+//! - [`http`]: `GET /status` (JSON [`StatusReport`]) and `GET /healthz`.
+//! - [`status_text`]: the person-readable rendering used by `contrail status`.
+//!
+//! ```no_run
+//! # async fn demo(cfg: contrail_common::JobConfig, toml: String) -> anyhow::Result<()> {
+//! let coord = contrail_coordinator::Coordinator::new(cfg, toml).await?;
+//! let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let done = coord.clone();
+//! coord.serve(grpc, http, async move { let _ = done.wait_for_end().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod http;
+pub mod job;
+pub mod leases;
+pub mod membership;
+pub mod progress;
+pub mod service;
+pub mod status_text;
+
+use anyhow::{bail, Context, Result};
+use contrail_common::checkpoint::{read_latest, CheckpointMeta};
+use contrail_common::config::JobConfig;
+pub use contrail_common::status::{JobState, StatusReport};
+use job::JobBook;
+pub use status_text::render_status_text;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// A running coordinator: the state machine behind a lock, its clock, and a watch on the job
+/// state. Shared (`Arc`) between the gRPC service, the HTTP server and the caller.
+pub struct Coordinator {
+    cfg: JobConfig,
+    started: Instant,
+    book: Mutex<JobBook>,
+    state_tx: watch::Sender<JobState>,
+}
+
+impl Coordinator {
+    /// Lists the dataset's shards and loads the latest checkpoint (if `checkpoint.url` has
+    /// one) so a restarted job resumes where it stopped.
+    pub async fn new(cfg: JobConfig, job_toml: String) -> Result<Arc<Self>> {
+        let shards = contrail_common::storage::list_shards(&cfg.data.url, &cfg.data.s3_endpoint)
+            .await
+            .with_context(|| {
+                format!("listing the dataset's shards (data.url = {})", cfg.data.url)
+            })?;
+        let resume = read_latest(&cfg.checkpoint.url, &cfg.data.s3_endpoint)
+            .await
+            .with_context(|| {
+                format!(
+                    "reading the latest checkpoint (checkpoint.url = {})",
+                    cfg.checkpoint.url
+                )
+            })?;
+        if let Some((dir, meta)) = &resume {
+            tracing::info!(checkpoint = %dir, step = meta.step, epoch = meta.epoch, "resuming");
+            if meta.world_size != cfg.cluster.world_size {
+                tracing::warn!(
+                    checkpoint_world_size = meta.world_size,
+                    world_size = cfg.cluster.world_size,
+                    "resuming with a different cluster.world_size than the checkpoint was written with"
+                );
+            }
+        }
+        Self::with_shards(cfg, job_toml, shards, resume)
+    }
+
+    /// Like [`Coordinator::new`] with the shard list and resume point given (no storage I/O).
+    pub fn with_shards(
+        cfg: JobConfig,
+        job_toml: String,
+        shards: Vec<String>,
+        resume: Option<(String, CheckpointMeta)>,
+    ) -> Result<Arc<Self>> {
+        if shards.is_empty() {
+            bail!(
+                "data.url = {} lists no .tar shards; point it at a shard prefix or a brace \
+                 pattern such as s3://bucket/data-{{000000..000099}}.tar",
+                cfg.data.url
+            );
+        }
+        tracing::info!(
+            shards = shards.len(),
+            world_size = cfg.cluster.world_size,
+            "coordinator ready"
+        );
+        let book = JobBook::new(cfg.clone(), job_toml, shards, resume);
+        let (state_tx, _) = watch::channel(book.state());
+        Ok(Arc::new(Self {
+            cfg,
+            started: Instant::now(),
+            book: Mutex::new(book),
+            state_tx,
+        }))
+    }
+
+    pub fn config(&self) -> &JobConfig {
+        &self.cfg
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, JobBook> {
+        // A panic while holding the lock leaves consistent-enough books for status and
+        // shutdown; refusing every later RPC would be worse.
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the books at the current time (after housekeeping) and publishes any
+    /// change of the job state.
+    pub(crate) fn with_book<R>(&self, f: impl FnOnce(&mut JobBook, u64) -> R) -> R {
+        let now = self.now_ms();
+        let mut book = self.lock();
+        book.tick(now);
+        let out = f(&mut book, now);
+        let state = book.state();
+        drop(book);
+        self.state_tx.send_if_modified(|s| {
+            let changed = *s != state;
+            *s = state;
+            changed
+        });
+        out
+    }
+
+    pub fn status(&self) -> StatusReport {
+        self.with_book(|b, now| b.status(now))
+    }
+
+    /// Follows the job state (waiting_for_workers → running → finished | failed).
+    pub fn watch_state(&self) -> watch::Receiver<JobState> {
+        self.state_tx.subscribe()
+    }
+
+    /// Resolves when the job ends: Ok when it finished, Err with the reason when it failed.
+    pub async fn wait_for_end(&self) -> Result<()> {
+        let mut rx = self.watch_state();
+        let state = *rx
+            .wait_for(|s| s.is_terminal())
+            .await
+            .context("coordinator dropped while waiting for the job to end")?;
+        match state {
+            JobState::Finished => Ok(()),
+            _ => bail!("job failed: {}", self.lock().reason()),
+        }
+    }
+
+    /// Serves gRPC on `grpc` and HTTP status on `http` until `shutdown` resolves, running the
+    /// lease-expiry and dead-worker checks in the background.
+    pub async fn serve(
+        self: Arc<Self>,
+        grpc: tokio::net::TcpListener,
+        http: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        // Checks at twice the heartbeat rate so a dead worker is noticed within a heartbeat
+        // of its timeout, without relying on other RPCs to arrive.
+        let reaper = {
+            let me = self.clone();
+            let period = Duration::from_millis((self.cfg.cluster.heartbeat_ms / 2).max(10));
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        _ = tick.tick() => me.with_book(|_, _| ()),
+                    }
+                }
+            })
+        };
+
+        let grpc_addr = grpc
+            .local_addr()
+            .context("reading the gRPC listener's address")?;
+        let http_addr = http
+            .local_addr()
+            .context("reading the HTTP listener's address")?;
+        tracing::info!(%grpc_addr, %http_addr, "coordinator serving");
+        let grpc_server = tonic::transport::Server::builder()
+            .add_service(service::CoordinatorService::new(self.clone()).into_server())
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(grpc),
+                stopped(stop_rx.clone()),
+            );
+        let http_server = axum::serve(http, http::router(self.clone()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()));
+        // The first server to fail stops the other (dropping it closes its listener).
+        let served = tokio::try_join!(
+            async {
+                grpc_server
+                    .await
+                    .with_context(|| format!("gRPC server on {grpc_addr}"))
+            },
+            async {
+                http_server
+                    .await
+                    .with_context(|| format!("HTTP status server on {http_addr}"))
+            },
+        );
+        reaper.abort();
+        served.map(|_| ())
+    }
+}
+
+/// Runs a job's coordinator until the job ends or Ctrl-C: binds `cluster.grpc_addr` and
+/// `cluster.http_addr`, serves, prints the final status. Returns the process exit code: 0 when
+/// the job finished, 1 when it failed, 130 when interrupted.
+pub async fn run_standalone(cfg: JobConfig) -> Result<i32> {
+    // Workers get the effective config, overrides included.
+    let job_toml = cfg.to_toml();
+    let grpc = tokio::net::TcpListener::bind(&cfg.cluster.grpc_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the gRPC address {} (cluster.grpc_addr)",
+                cfg.cluster.grpc_addr
+            )
+        })?;
+    let http = tokio::net::TcpListener::bind(&cfg.cluster.http_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the HTTP address {} (cluster.http_addr)",
+                cfg.cluster.http_addr
+            )
+        })?;
+    // After a failure, keep answering long enough for every survivor's next heartbeat to
+    // learn why it must stop; after success, just long enough to flush the last replies.
+    let failure_grace = Duration::from_millis(cfg.cluster.worker_timeout_ms);
+    let finish_grace = Duration::from_millis(cfg.cluster.heartbeat_ms * 2);
+
+    let coord = Coordinator::new(cfg, job_toml).await?;
+    let (interrupted_tx, mut interrupted_rx) = tokio::sync::watch::channel(false);
+    let watcher = coord.clone();
+    let shutdown = async move {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                if let Err(e) = r {
+                    tracing::error!("cannot listen for Ctrl-C: {e}");
+                    std::future::pending::<()>().await;
+                }
+                tracing::warn!("interrupted; shutting down");
+                let _ = interrupted_tx.send(true);
+            }
+            end = watcher.wait_for_end() => {
+                tokio::time::sleep(if end.is_ok() { finish_grace } else { failure_grace }).await;
+            }
+        }
+    };
+    coord.clone().serve(grpc, http, shutdown).await?;
+
+    let status = coord.status();
+    println!("{}", render_status_text(&status));
+    if *interrupted_rx.borrow_and_update() {
+        return Ok(130);
+    }
+    Ok(match status.state {
+        JobState::Finished => 0,
+        _ => 1,
+    })
+}

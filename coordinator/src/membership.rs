@@ -1,0 +1,159 @@
+//! Who is in the job: registered workers, their ranks, liveness and the generation.
+//!
+//! Ranks follow registration order and are assigned the moment the world is complete. The
+//! generation changes whenever membership does (a worker dies or fails); requests stamped with
+//! an older generation are refused, which fences a worker that was declared dead but is in
+//! fact still running and would otherwise keep taking shards.
+
+use crate::error::RpcError;
+use contrail_common::status::WorkerLiveness;
+
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub id: u64,
+    pub host: String,
+    pub address: String,
+    pub rank: Option<u32>,
+    pub liveness: WorkerLiveness,
+    pub last_seen_ms: u64,
+    pub step: u64,
+    /// Why the worker is dead or left with an error ("" otherwise).
+    pub reason: String,
+}
+
+impl Worker {
+    /// "rank 1 (10.0.0.7:29500)", or "worker 3 (...)" before ranks exist: how errors and
+    /// the status name a worker.
+    pub fn describe(&self) -> String {
+        match self.rank {
+            Some(r) => format!("rank {r} ({})", self.address),
+            None => format!("worker {} ({})", self.id, self.address),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Membership {
+    pub world_size: u32,
+    pub generation: u64,
+    /// In registration order; index == rank once ranks are assigned.
+    pub workers: Vec<Worker>,
+    next_id: u64,
+}
+
+impl Membership {
+    pub fn new(world_size: u32) -> Self {
+        Self {
+            world_size,
+            generation: 1,
+            workers: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.workers.iter().all(|w| w.rank.is_some())
+            && self.workers.len() == self.world_size as usize
+    }
+
+    /// Adds a worker; assigns every rank when this one completes the world. Returns its id.
+    pub fn add(&mut self, host: &str, address: &str, now_ms: u64) -> Result<u64, RpcError> {
+        if self.workers.len() >= self.world_size as usize {
+            return Err(RpcError::ResourceExhausted(format!(
+                "the job already has its {} workers (cluster.world_size); a worker cannot \
+                 join a running job (recovery after a failure is not built yet)",
+                self.world_size
+            )));
+        }
+        if !address.is_empty() {
+            if let Some(other) = self.workers.iter().find(|w| w.address == address) {
+                return Err(RpcError::InvalidArgument(format!(
+                    "collective address {address} is already registered by worker {} on {}; \
+                     every worker needs its own host:port",
+                    other.id, other.host
+                )));
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.workers.push(Worker {
+            id,
+            host: host.to_string(),
+            address: address.to_string(),
+            rank: None,
+            liveness: WorkerLiveness::Alive,
+            last_seen_ms: now_ms,
+            step: 0,
+            reason: String::new(),
+        });
+        if self.workers.len() == self.world_size as usize {
+            for (rank, w) in self.workers.iter_mut().enumerate() {
+                w.rank = Some(rank as u32);
+                // The liveness clock starts now: waiting in Rendezvous sends no heartbeats.
+                w.last_seen_ms = now_ms;
+            }
+        }
+        Ok(id)
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Worker> {
+        self.workers.iter().find(|w| w.id == id)
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Worker> {
+        self.workers.iter_mut().find(|w| w.id == id)
+    }
+
+    /// The worker behind a request, refusing dead workers and stale generations (fencing).
+    /// `allow_stale` lets a live worker of an older generation through (heartbeats and Leave,
+    /// which must still reach the survivors of a failure).
+    pub fn check(
+        &mut self,
+        id: u64,
+        generation: u64,
+        allow_stale: bool,
+    ) -> Result<&mut Worker, RpcError> {
+        let current = self.generation;
+        let w = self
+            .workers
+            .iter_mut()
+            .find(|w| w.id == id)
+            .ok_or_else(|| RpcError::NotFound(format!("unknown worker id {id}; register first")))?;
+        if w.liveness == WorkerLiveness::Dead {
+            return Err(RpcError::FailedPrecondition(format!(
+                "{} was declared dead ({}); its requests of generation {generation} are fenced \
+                 (current generation {current})",
+                w.describe(),
+                w.reason
+            )));
+        }
+        if generation != current && !allow_stale {
+            return Err(RpcError::FailedPrecondition(format!(
+                "{} sent generation {generation} but the current generation is {current}: \
+                 membership changed",
+                w.describe()
+            )));
+        }
+        Ok(w)
+    }
+
+    /// Ranked, alive workers silent since before `now_ms - timeout_ms`.
+    pub fn silent(&self, now_ms: u64, timeout_ms: u64) -> Vec<u64> {
+        self.workers
+            .iter()
+            .filter(|w| {
+                w.rank.is_some()
+                    && w.liveness == WorkerLiveness::Alive
+                    && now_ms.saturating_sub(w.last_seen_ms) > timeout_ms
+            })
+            .map(|w| w.id)
+            .collect()
+    }
+
+    /// Collective addresses indexed by rank (only meaningful once complete).
+    pub fn peer_addresses(&self) -> Vec<String> {
+        let mut ranked: Vec<&Worker> = self.workers.iter().filter(|w| w.rank.is_some()).collect();
+        ranked.sort_by_key(|w| w.rank);
+        ranked.into_iter().map(|w| w.address.clone()).collect()
+    }
+}

@@ -1,0 +1,186 @@
+//! The person-readable view of a [`StatusReport`], printed by `contrail status`.
+
+use contrail_common::status::{JobState, StatusReport};
+use std::fmt::Write;
+
+const BAR_WIDTH: usize = 20;
+
+/// `[#########...........] 45%` for `done` of `total` (clamped to 100%).
+pub fn progress_bar(done: u64, total: u64) -> String {
+    let frac = if total == 0 {
+        0.0
+    } else {
+        (done as f64 / total as f64).min(1.0)
+    };
+    let filled = (frac * BAR_WIDTH as f64).floor() as usize;
+    format!(
+        "[{}{}] {}%",
+        "#".repeat(filled),
+        ".".repeat(BAR_WIDTH - filled),
+        (frac * 100.0).floor() as u64
+    )
+}
+
+/// Seconds as `h:mm:ss` (rounded; negative and non-finite values show as `?`).
+pub fn format_hms(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return "?".into();
+    }
+    let s = seconds.round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+pub fn render_status_text(s: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "job {}  (generation {}, world size {}, up {})",
+        s.state,
+        s.generation,
+        s.world_size,
+        format_hms(s.uptime_seconds)
+    );
+    if !s.reason.is_empty() {
+        let _ = writeln!(out, "reason: {}", s.reason);
+    }
+    match s.total_steps_estimate {
+        Some(total) => {
+            let _ = write!(
+                out,
+                "step {}/{} {}",
+                s.step,
+                total,
+                progress_bar(s.step, total)
+            );
+        }
+        None => {
+            let _ = write!(
+                out,
+                "step {} (total not known until a shard finishes)",
+                s.step
+            );
+        }
+    }
+    let _ = write!(out, "  epoch {}", s.epoch);
+    if let Some(loss) = s.loss {
+        let _ = write!(out, "  loss {loss:.4}");
+    }
+    if let Some(lr) = s.learning_rate {
+        let _ = write!(out, "  lr {lr:.3e}");
+    }
+    out.push('\n');
+    let _ = write!(out, "samples seen {}", s.samples_seen);
+    if let Some(rate) = s.samples_per_sec {
+        let _ = write!(out, "  {rate:.1} samples/s");
+    }
+    match (s.state, s.eta_seconds) {
+        (JobState::Running, Some(eta)) => {
+            let _ = write!(out, "  ETA {}", format_hms(eta));
+        }
+        (JobState::Running, None) => out.push_str("  ETA ?"),
+        _ => {}
+    }
+    out.push('\n');
+    let c = &s.shards;
+    let _ = writeln!(
+        out,
+        "shards (epoch {}): {} done, {} leased, {} pending, {} failed of {}",
+        s.epoch, c.done, c.leased, c.pending, c.failed, c.total
+    );
+    if s.bad_samples.is_empty() {
+        out.push_str("bad samples: none\n");
+    } else {
+        let total: u64 = s.bad_samples.values().sum();
+        let parts: Vec<String> = s
+            .bad_samples
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let _ = writeln!(out, "bad samples: {total} ({})", parts.join(", "));
+    }
+    let _ = writeln!(out, "workers ({} of {}):", s.workers.len(), s.world_size);
+    for w in &s.workers {
+        let rank = w.rank.map_or_else(|| "-".to_string(), |r| r.to_string());
+        let _ = write!(
+            out,
+            "  rank {rank:>3}  {:<21}  {:<5}  step {:>7}  last heard {:>6} ms ago",
+            w.address,
+            w.state.as_str(),
+            w.step,
+            w.last_heartbeat_ms
+        );
+        if !w.shard.is_empty() {
+            let _ = write!(out, "  shard {}", w.shard);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contrail_common::status::{ShardCounts, WorkerLiveness, WorkerStatus};
+
+    #[test]
+    fn bar_and_clock_format() {
+        assert_eq!(progress_bar(45, 100), "[#########...........] 45%");
+        assert_eq!(progress_bar(0, 0), "[....................] 0%");
+        assert_eq!(progress_bar(150, 100), "[####################] 100%");
+        assert_eq!(format_hms(3725.4), "1:02:05");
+        assert_eq!(format_hms(59.6), "0:01:00");
+        assert_eq!(format_hms(f64::NAN), "?");
+    }
+
+    #[test]
+    fn report_lists_progress_shards_workers_and_bad_samples() {
+        let mut s = StatusReport {
+            state: JobState::Running,
+            generation: 1,
+            world_size: 2,
+            step: 45,
+            total_steps_estimate: Some(100),
+            eta_seconds: Some(107.0),
+            samples_per_sec: Some(512.34),
+            loss: Some(1.23456),
+            shards: ShardCounts {
+                total: 8,
+                pending: 4,
+                leased: 1,
+                done: 3,
+                failed: 0,
+            },
+            workers: vec![WorkerStatus {
+                worker_id: 1,
+                rank: Some(0),
+                host: "h".into(),
+                address: "10.0.0.1:29500".into(),
+                state: WorkerLiveness::Alive,
+                last_heartbeat_ms: 120,
+                shard: "s3://b/x-0003.tar".into(),
+                step: 45,
+            }],
+            ..Default::default()
+        };
+        s.bad_samples.insert("decode".into(), 3);
+        let text = render_status_text(&s);
+        for needle in [
+            "job running",
+            "step 45/100 [#########...........] 45%",
+            "loss 1.2346",
+            "512.3 samples/s",
+            "ETA 0:01:47",
+            "3 done, 1 leased, 4 pending, 0 failed of 8",
+            "bad samples: 3 (decode 3)",
+            "10.0.0.1:29500",
+            "s3://b/x-0003.tar",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        s.state = JobState::Failed;
+        s.reason = "rank 1 (10.0.0.2:29500) stopped sending heartbeats".into();
+        let text = render_status_text(&s);
+        assert!(text.contains("reason: rank 1 (10.0.0.2:29500)"), "{text}");
+        assert!(!text.contains("ETA"), "{text}");
+    }
+}

@@ -1,0 +1,512 @@
+//! The coordinator served on 127.0.0.1:0, driven by fake workers over gRPC, watched over HTTP.
+
+use contrail_common::checkpoint::{join_url, write_bytes, CheckpointMeta, LATEST};
+use contrail_common::config::JobConfig;
+use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
+use contrail_common::shards::{epoch_order, ShardStateSnapshot};
+use contrail_common::status::{JobState, StatusReport, WorkerLiveness};
+use contrail_common::storage::list_shards;
+use contrail_coordinator::Coordinator;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+const SHARDS: usize = 4;
+
+fn config(data_url: &str, checkpoint_url: &str) -> JobConfig {
+    let mut cfg = JobConfig::default();
+    cfg.data.url = data_url.into();
+    cfg.checkpoint.url = checkpoint_url.into();
+    cfg.cluster.world_size = 2;
+    cfg.cluster.heartbeat_ms = 50;
+    cfg.cluster.worker_timeout_ms = 400;
+    cfg.cluster.lease_ttl_ms = 300;
+    cfg.train.micro_batch = 4;
+    cfg.train.global_batch = 8;
+    cfg.train.epochs = 1;
+    cfg.validate().expect("test config is valid");
+    cfg
+}
+
+/// Writes `SHARDS` tiny (empty-archive) tar files under `memory://{prefix}/data`.
+async fn write_shards(prefix: &str) -> String {
+    let base = format!("memory://{prefix}/data");
+    for i in 0..SHARDS {
+        // Two zero blocks: an empty but well-formed tar archive.
+        write_bytes(&format!("{base}/shard-{i:02}.tar"), "", vec![0u8; 1024])
+            .await
+            .unwrap();
+    }
+    write_bytes(&format!("{base}/README.txt"), "", b"not a shard".to_vec())
+        .await
+        .unwrap();
+    base
+}
+
+struct Served {
+    coord: Arc<Coordinator>,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn serve(cfg: JobConfig) -> Served {
+    let coord = Coordinator::new(cfg.clone(), cfg.to_toml()).await.unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(coord.clone().serve(grpc, http, async move {
+        let _ = rx.await;
+    }));
+    Served {
+        coord,
+        grpc: grpc_addr,
+        http: http_addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Served {
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("servers stop after the shutdown signal")
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn client(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
+    }
+}
+
+/// A plain HTTP/1.0 GET; returns (status code, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .expect("HTTP response has a header");
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+async fn status(addr: SocketAddr) -> StatusReport {
+    let (code, body) = http_get(addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("bad /status JSON ({e}): {body}"))
+}
+
+struct FakeWorker {
+    client: CoordinatorClient<Channel>,
+    id: u64,
+    generation: u64,
+    rank: u32,
+}
+
+/// Registers and completes the rendezvous for `n` workers concurrently.
+async fn join_world(served: &Served, n: u32) -> Vec<FakeWorker> {
+    let mut tasks = Vec::new();
+    for k in 0..n {
+        let mut client = served.client().await;
+        let reg = client
+            .register(proto::RegisterRequest {
+                host: format!("host{k}"),
+                collective_address: format!("127.0.0.1:{}", 40000 + k),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .rendezvous(proto::RendezvousRequest {
+                    worker_id: reg.worker_id,
+                    generation: reg.generation,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            (client, reg.worker_id, r)
+        }));
+        // The first worker is now blocked in Rendezvous until the world is complete.
+        if k == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let s = status(served.http).await;
+            assert_eq!(s.state, JobState::WaitingForWorkers);
+            assert!(
+                !tasks[0].is_finished(),
+                "rendezvous returned before the world was complete"
+            );
+        }
+    }
+    let mut workers = Vec::new();
+    for t in tasks {
+        let (client, id, r) = t.await.unwrap();
+        assert_eq!(r.world_size, n);
+        assert_eq!(
+            r.peer_addresses,
+            (0..n)
+                .map(|k| format!("127.0.0.1:{}", 40000 + k))
+                .collect::<Vec<_>>()
+        );
+        workers.push(FakeWorker {
+            client,
+            id,
+            generation: r.generation,
+            rank: r.rank,
+        });
+    }
+    workers.sort_by_key(|w| w.rank);
+    workers
+}
+
+/// Heartbeats every 50 ms until told to stop by the coordinator; returns the stop reason.
+fn heartbeat_loop(w: &FakeWorker) -> tokio::task::JoinHandle<String> {
+    let (mut client, worker_id, generation) = (w.client.clone(), w.id, w.generation);
+    tokio::spawn(async move {
+        loop {
+            let r = client
+                .heartbeat(proto::HeartbeatRequest {
+                    worker_id,
+                    generation,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if r.stop {
+                return r.reason;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_train_an_epoch_and_status_adds_up() {
+    let data = write_shards("serve-epoch").await;
+    let served = serve(config(&data, "")).await;
+    assert_eq!(
+        http_get(served.http, "/healthz").await,
+        (200, "ok".to_string())
+    );
+
+    let mut workers = join_world(&served, 2).await;
+    let beats: Vec<_> = workers.iter().map(heartbeat_loop).collect();
+    let listed = list_shards(&data, "").await.unwrap();
+    assert_eq!(listed.len(), SHARDS, "README.txt must not be a shard");
+
+    // Alternate leases between the ranks; each shard "holds" 10 + its position samples.
+    let mut leased = Vec::new();
+    let mut k = 0;
+    loop {
+        let w = &mut workers[k % 2];
+        let r = w
+            .client
+            .lease_shard(proto::LeaseRequest {
+                worker_id: w.id,
+                generation: w.generation,
+                epoch: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.exhausted {
+            break;
+        }
+        leased.push((k % 2, r.lease_id, r.shard_url));
+        k += 1;
+    }
+    let expected: Vec<String> = epoch_order(SHARDS, 0, 0)
+        .into_iter()
+        .map(|i| listed[i].clone())
+        .collect();
+    assert_eq!(
+        leased.iter().map(|l| l.2.clone()).collect::<Vec<_>>(),
+        expected
+    );
+
+    let s = status(served.http).await;
+    assert_eq!(s.state, JobState::Running);
+    assert_eq!(s.shards.total, SHARDS as u64);
+    assert_eq!(s.shards.leased, SHARDS as u64);
+    assert_eq!(s.workers.len(), 2);
+    assert!(s
+        .workers
+        .iter()
+        .all(|w| w.state == WorkerLiveness::Alive && !w.shard.is_empty()));
+
+    // Finish all but the last shard, reporting one step per finished shard.
+    let mut samples = 0;
+    for (i, (who, lease_id, _)) in leased.iter().enumerate().take(SHARDS - 1) {
+        let w = &mut workers[*who];
+        let n = 10 + i as u64;
+        samples += n;
+        let bad = [("decode".to_string(), 1u64)].into_iter().collect();
+        w.client
+            .complete_shard(proto::CompleteRequest {
+                worker_id: w.id,
+                generation: w.generation,
+                lease_id: *lease_id,
+                samples: n,
+                bad_samples: bad,
+                error: String::new(),
+            })
+            .await
+            .unwrap();
+        for w in workers.iter_mut() {
+            w.client
+                .report_step(proto::StepReport {
+                    worker_id: w.id,
+                    generation: w.generation,
+                    epoch: 0,
+                    step: i as u64 + 1,
+                    loss: 3.0 - i as f64,
+                    global_samples: 8,
+                    learning_rate: 0.05,
+                    step_seconds: 0.5,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let s = status(served.http).await;
+    let c = s.shards;
+    assert_eq!(c.pending + c.leased + c.done + c.failed, c.total);
+    assert_eq!((c.done, c.leased), (SHARDS as u64 - 1, 1));
+    assert_eq!(s.step, SHARDS as u64 - 1);
+    assert_eq!(s.samples_seen, 8 * (SHARDS as u64 - 1));
+    assert_eq!(s.loss, Some(3.0 - (SHARDS - 2) as f64));
+    assert_eq!(s.bad_samples["decode"], SHARDS as u64 - 1);
+    assert_eq!(s.loss_history.len(), SHARDS - 1);
+    // Dataset estimated from the finished shards' average: 4 × 11 = 44 samples → 5 steps.
+    let avg = samples as f64 / (SHARDS - 1) as f64;
+    let est = (avg * SHARDS as f64).round() as u64 / 8;
+    assert_eq!(s.total_steps_estimate, Some(est));
+    assert!(
+        (s.samples_per_sec.unwrap() - 16.0).abs() < 1e-9,
+        "{:?}",
+        s.samples_per_sec
+    );
+    assert_eq!(s.eta_seconds, Some((est - s.step) as f64 * 0.5));
+
+    // The last shard fails to read: recorded as failed, so the epoch is complete.
+    let (who, lease_id, url) = leased.last().unwrap().clone();
+    let w = &mut workers[who];
+    w.client
+        .complete_shard(proto::CompleteRequest {
+            worker_id: w.id,
+            generation: w.generation,
+            lease_id,
+            error: format!("reading {url}: connection reset"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let state: ShardStateSnapshot = serde_json::from_str(
+        &w.client
+            .shard_state(proto::ShardStateRequest {
+                worker_id: w.id,
+                generation: w.generation,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .json,
+    )
+    .unwrap();
+    assert_eq!(state.done.values().sum::<u64>(), samples);
+    assert!(state.failed[&url].contains("connection reset"));
+    let s = status(served.http).await;
+    assert_eq!(
+        (
+            s.shards.done,
+            s.shards.failed,
+            s.shards.pending,
+            s.shards.leased
+        ),
+        (3, 1, 0, 0)
+    );
+    // Now the dataset size is exact: 39 samples → 4 steps.
+    assert_eq!(s.total_steps_estimate, Some(samples / 8));
+
+    for w in workers.iter_mut() {
+        w.client
+            .leave(proto::LeaveRequest {
+                worker_id: w.id,
+                generation: w.generation,
+                finished: true,
+                error: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(2), served.coord.wait_for_end())
+        .await
+        .expect("job ends once every worker left")
+        .unwrap();
+    assert_eq!(status(served.http).await.state, JobState::Finished);
+    for b in beats {
+        let reason = tokio::time::timeout(Duration::from_secs(2), b)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(reason.contains("finished"), "{reason}");
+    }
+    served.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_worker_fails_the_job_and_is_fenced() {
+    let data = write_shards("serve-dead").await;
+    let served = serve(config(&data, "")).await;
+    let mut workers = join_world(&served, 2).await;
+    let survivor = heartbeat_loop(&workers[0]);
+    // Rank 1 takes a shard and then goes silent.
+    let w1 = &mut workers[1];
+    let lease = w1
+        .client
+        .lease_shard(proto::LeaseRequest {
+            worker_id: w1.id,
+            generation: w1.generation,
+            epoch: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!lease.exhausted);
+
+    let reason = tokio::time::timeout(Duration::from_secs(3), survivor)
+        .await
+        .expect("the survivor is told to stop")
+        .unwrap();
+    assert!(reason.contains("rank 1 (127.0.0.1:40001)"), "{reason}");
+
+    let s = status(served.http).await;
+    assert_eq!(s.state, JobState::Failed);
+    assert_eq!(s.reason, reason);
+    assert_eq!(s.generation, w1.generation + 1);
+    assert_eq!(s.workers[1].state, WorkerLiveness::Dead);
+    assert!(s.workers[1].last_heartbeat_ms >= 400, "{:?}", s.workers[1]);
+    assert_eq!((s.shards.pending, s.shards.leased), (SHARDS as u64, 0));
+
+    // The dead worker wakes up: every request is refused.
+    let e = w1
+        .client
+        .complete_shard(proto::CompleteRequest {
+            worker_id: w1.id,
+            generation: w1.generation,
+            lease_id: lease.lease_id,
+            samples: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("declared dead"), "{e}");
+    let e = w1
+        .client
+        .heartbeat(proto::HeartbeatRequest {
+            worker_id: w1.id,
+            generation: w1.generation,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+
+    let end = served.coord.wait_for_end().await.unwrap_err().to_string();
+    assert!(end.contains("rank 1"), "{end}");
+    served.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_coordinator_resumes_from_the_latest_checkpoint() {
+    let data = write_shards("serve-resume").await;
+    let listed = list_shards(&data, "").await.unwrap();
+    let order = epoch_order(SHARDS, 0, 0);
+    let ck = "memory://serve-resume/ck";
+    let mut shard_state = ShardStateSnapshot {
+        epoch: 0,
+        samples_seen: 16,
+        ..Default::default()
+    };
+    shard_state.done.insert(listed[order[0]].clone(), 12);
+    shard_state.bad_samples.insert("too_large".into(), 2);
+    let meta = CheckpointMeta {
+        step: 2,
+        epoch: 0,
+        world_size: 2,
+        shard_state,
+        config_toml: String::new(),
+        created_unix_ms: 0,
+    };
+    let dir = join_url(ck, "step-00000002");
+    write_bytes(
+        &join_url(&dir, "meta.json"),
+        "",
+        serde_json::to_vec(&meta).unwrap(),
+    )
+    .await
+    .unwrap();
+    write_bytes(&join_url(ck, LATEST), "", b"step-00000002\n".to_vec())
+        .await
+        .unwrap();
+
+    let served = serve(config(&data, ck)).await;
+    let s = status(served.http).await;
+    assert_eq!(
+        (s.step, s.samples_seen, s.bad_samples["too_large"]),
+        (2, 16, 2)
+    );
+    assert_eq!((s.shards.done, s.shards.pending), (1, SHARDS as u64 - 1));
+
+    let mut workers = join_world(&served, 2).await;
+    let w = &mut workers[0];
+    let r = w
+        .client
+        .lease_shard(proto::LeaseRequest {
+            worker_id: w.id,
+            generation: w.generation,
+            epoch: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.shard_url, listed[order[1]],
+        "the shard done before the checkpoint is skipped"
+    );
+    // Rendezvous told both ranks where to resume from.
+    let mut again = served.client().await;
+    let rv = again
+        .rendezvous(proto::RendezvousRequest {
+            worker_id: workers[1].id,
+            generation: workers[1].generation,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            rv.resume_checkpoint.as_str(),
+            rv.resume_step,
+            rv.resume_epoch
+        ),
+        (dir.as_str(), 2, 0)
+    );
+    served.shutdown().await;
+}

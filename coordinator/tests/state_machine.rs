@@ -1,0 +1,461 @@
+//! The coordinator's state machine driven directly, with a hand-moved clock.
+
+use contrail_common::checkpoint::CheckpointMeta;
+use contrail_common::config::JobConfig;
+use contrail_common::proto;
+use contrail_common::shards::{epoch_order, ShardStateSnapshot};
+use contrail_common::status::{JobState, WorkerLiveness};
+use contrail_coordinator::error::RpcError;
+use contrail_coordinator::job::JobBook;
+use std::collections::HashMap;
+
+const HEARTBEAT: u64 = 50;
+const TIMEOUT: u64 = 200;
+const TTL: u64 = 150;
+
+fn config(world_size: u32) -> JobConfig {
+    let mut cfg = JobConfig::default();
+    cfg.cluster.world_size = world_size;
+    cfg.cluster.heartbeat_ms = HEARTBEAT;
+    cfg.cluster.worker_timeout_ms = TIMEOUT;
+    cfg.cluster.lease_ttl_ms = TTL;
+    cfg.train.micro_batch = 4;
+    cfg.train.global_batch = 4 * u64::from(world_size);
+    cfg.train.epochs = 2;
+    cfg.train.seed = 17;
+    cfg.validate().expect("test config is valid");
+    cfg
+}
+
+fn urls(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("memory://sm/shard-{i:02}.tar"))
+        .collect()
+}
+
+/// A job of `world` workers on `n` shards, with every worker registered (ids in rank order).
+fn running(world: u32, n: usize) -> (JobBook, Vec<u64>) {
+    running_with(config(world), n)
+}
+
+fn running_with(cfg: JobConfig, n: usize) -> (JobBook, Vec<u64>) {
+    let world = cfg.cluster.world_size;
+    let mut b = JobBook::new(cfg, "toml".into(), urls(n), None);
+    let ids = (0..world)
+        .map(|r| {
+            b.register("host", &format!("10.0.0.{r}:2950{r}"), 0)
+                .unwrap()
+                .0
+        })
+        .collect();
+    assert_eq!(b.state(), JobState::Running);
+    (b, ids)
+}
+
+fn lease(b: &mut JobBook, id: u64, epoch: u32, now: u64) -> Result<proto::LeaseReply, RpcError> {
+    let generation = b.generation();
+    b.lease(
+        &proto::LeaseRequest {
+            worker_id: id,
+            generation,
+            epoch,
+        },
+        now,
+    )
+}
+
+fn heartbeat(
+    b: &mut JobBook,
+    id: u64,
+    generation: u64,
+    now: u64,
+) -> Result<proto::HeartbeatReply, RpcError> {
+    b.heartbeat(
+        &proto::HeartbeatRequest {
+            worker_id: id,
+            generation,
+            ..Default::default()
+        },
+        now,
+    )
+}
+
+fn complete(
+    b: &mut JobBook,
+    id: u64,
+    lease_id: u64,
+    samples: u64,
+    bad: &[(&str, u64)],
+    error: &str,
+) {
+    let generation = b.generation();
+    let bad_samples: HashMap<String, u64> = bad.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    b.complete(
+        &proto::CompleteRequest {
+            worker_id: id,
+            generation,
+            lease_id,
+            samples,
+            bad_samples,
+            error: error.into(),
+        },
+        0,
+    )
+    .unwrap();
+}
+
+#[test]
+fn rendezvous_waits_for_the_world_then_ranks_in_registration_order() {
+    let mut b = JobBook::new(config(3), "the job".into(), urls(4), None);
+    let (a, g) = b.register("ha", "10.0.0.1:1", 0).unwrap();
+    assert_eq!(b.rendezvous(a, g, 1).unwrap(), None);
+    assert_eq!(b.state(), JobState::WaitingForWorkers);
+    let e = lease(&mut b, a, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("1 of 3 workers registered"), "{e}");
+    let (c, _) = b.register("hc", "10.0.0.3:1", 2).unwrap();
+    let (d, _) = b.register("hd", "10.0.0.2:1", 3).unwrap();
+    assert_eq!(b.state(), JobState::Running);
+    let e = b.register("late", "10.0.0.9:1", 4).unwrap_err();
+    assert!(matches!(e, RpcError::ResourceExhausted(_)), "{e:?}");
+    for (id, rank) in [(a, 0), (c, 1), (d, 2)] {
+        let r = b.rendezvous(id, g, 5).unwrap().expect("world is complete");
+        assert_eq!(r.rank, rank);
+        assert_eq!(r.world_size, 3);
+        assert_eq!(
+            r.peer_addresses,
+            vec!["10.0.0.1:1", "10.0.0.3:1", "10.0.0.2:1"]
+        );
+        assert_eq!(r.job_config_toml, "the job");
+        assert_eq!(r.resume_checkpoint, "");
+    }
+}
+
+#[test]
+fn duplicate_collective_address_is_refused() {
+    let mut b = JobBook::new(config(2), String::new(), urls(2), None);
+    b.register("h1", "10.0.0.1:29500", 0).unwrap();
+    let e = b.register("h2", "10.0.0.1:29500", 0).unwrap_err();
+    assert!(e.to_string().contains("already registered"), "{e}");
+}
+
+#[test]
+fn leases_follow_the_deterministic_epoch_order_across_workers() {
+    let (mut b, ids) = running(2, 7);
+    let all = urls(7);
+    let expected: Vec<&String> = epoch_order(7, 17, 1).into_iter().map(|i| &all[i]).collect();
+    let got: Vec<String> = (0..7)
+        .map(|k| lease(&mut b, ids[k % 2], 1, 0).unwrap().shard_url)
+        .collect();
+    assert_eq!(got.iter().collect::<Vec<_>>(), expected);
+}
+
+#[test]
+fn epoch_reports_exhausted_while_shards_are_still_leased() {
+    let (mut b, ids) = running(2, 3);
+    let leases: Vec<_> = (0..3)
+        .map(|_| lease(&mut b, ids[0], 0, 0).unwrap())
+        .collect();
+    assert!(leases
+        .iter()
+        .all(|l| !l.exhausted && l.expires_in_ms == TTL));
+    let r = lease(&mut b, ids[1], 0, 0).unwrap();
+    assert!(r.exhausted && r.shard_url.is_empty(), "{r:?}");
+    let s = b.status(0);
+    assert_eq!(
+        (s.shards.leased, s.shards.pending, s.shards.total),
+        (3, 0, 3)
+    );
+    // The next epoch is created on demand and is full again.
+    assert!(!lease(&mut b, ids[1], 1, 0).unwrap().exhausted);
+    assert_eq!(b.status(0).epoch, 1);
+}
+
+#[test]
+fn unrenewed_lease_expires_back_to_pending_and_heartbeats_renew() {
+    let (mut b, ids) = running(2, 4);
+    let g = b.generation();
+    let held = lease(&mut b, ids[0], 0, 0).unwrap();
+    let lost = lease(&mut b, ids[1], 0, 0).unwrap();
+    // Worker 0 heartbeats; worker 1's heartbeat stops renewing after t=0.
+    for t in [40, 80, 120, 160] {
+        heartbeat(&mut b, ids[0], g, t).unwrap();
+        b.tick(t);
+    }
+    let s = b.status(160);
+    assert_eq!(
+        (s.shards.leased, s.shards.pending),
+        (1, 3),
+        "{:?}",
+        s.shards
+    );
+    assert_eq!(s.workers[0].shard, held.shard_url);
+    assert_eq!(s.workers[1].shard, "");
+    // The expired shard is the next one handed out.
+    assert_eq!(
+        lease(&mut b, ids[0], 0, 170).unwrap().shard_url,
+        lost.shard_url
+    );
+}
+
+#[test]
+fn dead_worker_returns_its_leases_and_fails_the_job_naming_its_rank() {
+    // Leases outlive the worker timeout here, so only the death can return them.
+    let mut cfg = config(2);
+    cfg.cluster.lease_ttl_ms = 10 * TIMEOUT;
+    let (mut b, ids) = running_with(cfg, 5);
+    let g = b.generation();
+    lease(&mut b, ids[0], 0, 0).unwrap();
+    let l1 = lease(&mut b, ids[1], 0, 0).unwrap();
+    let l2 = lease(&mut b, ids[1], 0, 0).unwrap();
+    // Rank 0 keeps heartbeating; rank 1 goes silent after t=0.
+    let mut t = 0;
+    while b.state() == JobState::Running {
+        t += HEARTBEAT;
+        heartbeat(&mut b, ids[0], g, t).unwrap();
+        b.tick(t);
+        assert!(t <= TIMEOUT + HEARTBEAT, "rank 1 was never declared dead");
+    }
+    assert!(t > TIMEOUT);
+    assert_eq!(b.state(), JobState::Failed);
+    assert!(
+        b.reason().contains("rank 1 (10.0.0.1:29501)"),
+        "{}",
+        b.reason()
+    );
+    assert!(
+        b.reason().contains("2 shard lease(s) returned"),
+        "{}",
+        b.reason()
+    );
+    assert_eq!(b.generation(), g + 1);
+    let s = b.status(t);
+    assert_eq!(s.workers[1].state, WorkerLiveness::Dead);
+    assert_eq!((s.shards.pending, s.shards.leased), (4, 1));
+    // The survivor's next heartbeat tells it to stop, with the reason.
+    let hb = heartbeat(&mut b, ids[0], g, t + 1).unwrap();
+    assert!(hb.stop);
+    assert!(hb.reason.contains("rank 1"), "{}", hb.reason);
+    // The dead worker is fenced, whatever generation it carries.
+    for generation in [g, g + 1] {
+        let e = heartbeat(&mut b, ids[1], generation, t + 2).unwrap_err();
+        assert!(matches!(e, RpcError::FailedPrecondition(_)), "{e:?}");
+        assert!(e.to_string().contains("declared dead"), "{e}");
+    }
+    let e = b
+        .complete(
+            &proto::CompleteRequest {
+                worker_id: ids[1],
+                generation: g,
+                lease_id: l1.lease_id,
+                samples: 3,
+                ..Default::default()
+            },
+            t + 3,
+        )
+        .unwrap_err();
+    assert!(matches!(e, RpcError::FailedPrecondition(_)), "{e:?}");
+    assert_eq!(b.status(t).shards.done, 0);
+    let _ = l2;
+    // The survivor can still leave; the job stays failed.
+    b.leave(
+        &proto::LeaveRequest {
+            worker_id: ids[0],
+            generation: g,
+            finished: false,
+            error: String::new(),
+        },
+        t + 4,
+    )
+    .unwrap();
+    assert_eq!(b.state(), JobState::Failed);
+    assert!(b.reason().contains("rank 1"), "{}", b.reason());
+}
+
+#[test]
+fn stale_generation_is_fenced() {
+    let (mut b, ids) = running(2, 2);
+    let g = b.generation();
+    let e = b
+        .lease(
+            &proto::LeaseRequest {
+                worker_id: ids[0],
+                generation: g + 5,
+                epoch: 0,
+            },
+            0,
+        )
+        .unwrap_err();
+    assert!(matches!(e, RpcError::FailedPrecondition(_)), "{e:?}");
+    assert!(e.to_string().contains("rank 0"), "{e}");
+    let e = b
+        .report_step(
+            &proto::StepReport {
+                worker_id: ids[1],
+                generation: g - 1,
+                step: 1,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap_err();
+    assert!(matches!(e, RpcError::FailedPrecondition(_)), "{e:?}");
+    let e = heartbeat(&mut b, 999, g, 0).unwrap_err();
+    assert!(matches!(e, RpcError::NotFound(_)), "{e:?}");
+}
+
+#[test]
+fn sample_counts_add_up_and_give_the_step_estimate() {
+    let (mut b, ids) = running(2, 6);
+    let sizes = [10u64, 12, 9, 11, 8, 14];
+    let mut k = 0;
+    while let Ok(r) = lease(&mut b, ids[k % 2], 0, 0) {
+        if r.exhausted {
+            break;
+        }
+        let error = if k == 5 { "GET failed: 404" } else { "" };
+        complete(
+            &mut b,
+            ids[k % 2],
+            r.lease_id,
+            if error.is_empty() { sizes[k] } else { 0 },
+            &[("decode", 1)],
+            error,
+        );
+        k += 1;
+    }
+    assert_eq!(k, 6);
+    let s = b.status(0);
+    assert_eq!(s.shards.total, 6);
+    assert_eq!(
+        (
+            s.shards.done,
+            s.shards.failed,
+            s.shards.pending,
+            s.shards.leased
+        ),
+        (5, 1, 0, 0)
+    );
+    assert_eq!(s.bad_samples["decode"], 6);
+    // The failed shard contributes no samples: 50 per epoch / global batch 8 = 6 steps × 2 epochs.
+    let per_epoch: u64 = sizes[..5].iter().sum();
+    assert_eq!(s.total_steps_estimate, Some(per_epoch / 8 * 2));
+    let snap: ShardStateSnapshot =
+        serde_json::from_str(&b.shard_state(ids[0], b.generation(), 0).unwrap()).unwrap();
+    assert_eq!(snap.done.values().sum::<u64>(), per_epoch);
+    assert_eq!(snap.failed.len(), 1);
+}
+
+#[test]
+fn steps_feed_progress_from_rank_zero() {
+    let (mut b, ids) = running(2, 4);
+    let g = b.generation();
+    for step in 1..=4u64 {
+        for (rank, id) in ids.iter().enumerate() {
+            b.report_step(
+                &proto::StepReport {
+                    worker_id: *id,
+                    generation: g,
+                    epoch: 0,
+                    step,
+                    loss: if rank == 0 { 5.0 - step as f64 } else { 99.0 },
+                    global_samples: 8,
+                    learning_rate: 0.1,
+                    step_seconds: 0.25,
+                },
+                step * 250,
+            )
+            .unwrap();
+        }
+    }
+    let s = b.status(1000);
+    assert_eq!((s.step, s.samples_seen, s.loss), (4, 32, Some(1.0)));
+    assert_eq!(s.loss_history, vec![(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.0)]);
+    assert!(
+        (s.samples_per_sec.unwrap() - 32.0).abs() < 1e-9,
+        "{:?}",
+        s.samples_per_sec
+    );
+    assert_eq!(s.workers[1].step, 4);
+    // No shard finished yet: no estimate, no ETA.
+    assert_eq!((s.total_steps_estimate, s.eta_seconds), (None, None));
+}
+
+#[test]
+fn leave_finished_from_all_finishes_and_leave_with_error_fails() {
+    let (mut b, ids) = running(2, 2);
+    let g = b.generation();
+    let leave = |b: &mut JobBook, id, finished, error: &str| {
+        b.leave(
+            &proto::LeaveRequest {
+                worker_id: id,
+                generation: g,
+                finished,
+                error: error.into(),
+            },
+            0,
+        )
+    };
+    leave(&mut b, ids[0], true, "").unwrap();
+    assert_eq!(b.state(), JobState::Running);
+    leave(&mut b, ids[1], true, "").unwrap();
+    assert_eq!(b.state(), JobState::Finished);
+
+    let (mut b, ids) = running(2, 2);
+    leave(&mut b, ids[1], false, "CUDA out of memory").unwrap();
+    assert_eq!(b.state(), JobState::Failed);
+    assert!(
+        b.reason()
+            .contains("rank 1 (10.0.0.1:29501) failed: CUDA out of memory"),
+        "{}",
+        b.reason()
+    );
+    assert_eq!(b.status(0).workers[1].state, WorkerLiveness::Left);
+}
+
+#[test]
+fn resume_reports_the_checkpoint_and_skips_done_shards() {
+    let all = urls(5);
+    let order = epoch_order(5, 17, 1);
+    let mut shard_state = ShardStateSnapshot {
+        epoch: 1,
+        samples_seen: 77,
+        ..Default::default()
+    };
+    shard_state.done.insert(all[order[0]].clone(), 9);
+    shard_state.done.insert(all[order[1]].clone(), 9);
+    let meta = CheckpointMeta {
+        step: 40,
+        epoch: 1,
+        world_size: 2,
+        shard_state,
+        config_toml: String::new(),
+        created_unix_ms: 0,
+    };
+    let mut b = JobBook::new(
+        config(2),
+        String::new(),
+        all.clone(),
+        Some(("memory://ck/step-00000040".into(), meta)),
+    );
+    let ids: Vec<u64> = (0..2)
+        .map(|r| b.register("h", &format!("a:{r}"), 0).unwrap().0)
+        .collect();
+    let r = b.rendezvous(ids[1], b.generation(), 0).unwrap().unwrap();
+    assert_eq!(
+        (r.resume_checkpoint.as_str(), r.resume_step, r.resume_epoch),
+        ("memory://ck/step-00000040", 40, 1)
+    );
+    let s = b.status(0);
+    assert_eq!((s.step, s.samples_seen, s.epoch), (40, 77, 1));
+    assert_eq!((s.shards.done, s.shards.pending), (2, 3));
+    let mut got = Vec::new();
+    loop {
+        let l = lease(&mut b, ids[0], 1, 0).unwrap();
+        if l.exhausted {
+            break;
+        }
+        got.push(l.shard_url);
+    }
+    let expected: Vec<String> = order[2..].iter().map(|i| all[*i].clone()).collect();
+    assert_eq!(got, expected);
+}

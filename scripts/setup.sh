@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything contrail needs on a fresh Debian machine, idempotently:
+#   - protoc (Debian package protobuf-compiler) for the gRPC code generation,
+#   - PyTorch 2.11.0 from PyPI into ./.venv (tch 0.24 needs exactly this libtorch),
+#   - ./libtorch -> the torch package inside .venv (.cargo/config.toml points LIBTORCH here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+
+if ! command -v protoc >/dev/null 2>&1; then
+  echo "setup: installing protobuf-compiler (apt-get)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION from PyPI into .venv (about 3 GB, a few minutes)"
+  .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+TORCH_DIR=$(.venv/bin/python -c "import torch,os;print(os.path.dirname(torch.__file__))")
+ln -sfn "$TORCH_DIR" libtorch
+echo "setup: libtorch -> $TORCH_DIR"

@@ -1,0 +1,131 @@
+//! `contrail local`: a coordinator in this process and N worker processes on 127.0.0.1.
+//!
+//! The workers are real processes (this same binary, `contrail worker`), so the local cluster
+//! exercises the same gRPC, collective and failure paths as a multi-machine job.
+
+use crate::cli_support::{load_config, runtime};
+use anyhow::{bail, Context, Result};
+use contrail_common::status::JobState;
+use contrail_common::storage::list_shards;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn run_local(config_path: &str, workers: u32, overrides: &[String], verbose: bool) -> Result<()> {
+    let mut overrides = overrides.to_vec();
+    overrides.push(format!("cluster.world_size={workers}"));
+    let (mut cfg, _) = load_config(config_path, &overrides)?;
+    let rt = runtime()?;
+
+    // Bind first, so `:0` in the config becomes a real port that the workers are given.
+    let grpc = rt
+        .block_on(tokio::net::TcpListener::bind(&cfg.cluster.grpc_addr))
+        .with_context(|| format!("binding the coordinator's gRPC address {}", cfg.cluster.grpc_addr))?;
+    let http = rt
+        .block_on(tokio::net::TcpListener::bind(&cfg.cluster.http_addr))
+        .with_context(|| format!("binding the status address {}", cfg.cluster.http_addr))?;
+    cfg.cluster.grpc_addr = grpc.local_addr()?.to_string();
+    cfg.cluster.http_addr = http.local_addr()?.to_string();
+
+    let shards = rt.block_on(list_shards(&cfg.data.url, &cfg.data.s3_endpoint))?;
+    if shards.is_empty() {
+        println!(
+            "no shards at {}: writing the synthetic dataset ({} samples, {} per shard)",
+            cfg.data.url, cfg.data.synth_samples, cfg.data.synth_shard_size
+        );
+        crate::cli_support::synth(
+            &cfg.data.url,
+            cfg.data.synth_samples,
+            cfg.data.synth_shard_size,
+            64,
+            cfg.train.seed,
+            &cfg.data.s3_endpoint,
+        )?;
+    }
+
+    let toml = cfg.to_toml();
+    let coordinator = rt.block_on(contrail_coordinator::Coordinator::new(cfg.clone(), toml))?;
+    let mut state = coordinator.watch_state();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(coordinator.clone().serve(grpc, http, async {
+        let _ = shutdown_rx.await;
+    }));
+    let status_url = format!("http://{}", cfg.cluster.http_addr);
+    println!("coordinator: gRPC {} | status {status_url}/status", cfg.cluster.grpc_addr);
+    println!("watch with: contrail status --coordinator {status_url} --watch 2");
+
+    let exe = std::env::current_exe().context("locating the contrail binary to start workers")?;
+    let mut children: Vec<Child> = Vec::new();
+    for i in 0..workers {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["worker", "--coordinator", &format!("http://{}", cfg.cluster.grpc_addr)])
+            .stdin(Stdio::null());
+        // Rank 0 prints the progress lines; the others stay quiet unless asked.
+        if !verbose && i > 0 {
+            cmd.stdout(Stdio::null());
+        }
+        children.push(
+            cmd.spawn()
+                .with_context(|| format!("starting worker process {i} ({})", exe.display()))?,
+        );
+    }
+
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        rt.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
+
+    // Wait for the job to end, a worker process to die, or Ctrl-C.
+    let started = Instant::now();
+    let mut exited_early: Option<String> = None;
+    let final_state = loop {
+        let s = *state.borrow_and_update();
+        if s.is_terminal() {
+            break s;
+        }
+        if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+            println!("interrupted: stopping the workers");
+            break JobState::Failed;
+        }
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(code)) = c.try_wait() {
+                if !code.success() && exited_early.is_none() {
+                    exited_early = Some(format!("worker process {i} exited with {code}"));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    // Give workers a moment to leave on their own, then make sure none outlives us.
+    let grace = Instant::now();
+    for c in children.iter_mut() {
+        while grace.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let report = coordinator.status();
+    let _ = shutdown_tx.send(());
+    let _ = rt.block_on(server);
+    println!("{}", contrail_coordinator::render_status_text(&report));
+    println!("local cluster ran for {:.1}s", started.elapsed().as_secs_f64());
+    match final_state {
+        JobState::Finished => Ok(()),
+        _ => {
+            let mut reason = report.reason.clone();
+            if let Some(e) = exited_early {
+                reason = format!("{reason} ({e})");
+            }
+            bail!("the job did not finish: {reason}")
+        }
+    }
+}

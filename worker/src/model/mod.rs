@@ -1,0 +1,278 @@
+//! Models: the SimCLR network (ResNet encoder + MLP projector) and its named parameters.
+//!
+//! Every variable lives in one [`nn::VarStore`] under a torchvision-compatible name; the
+//! optimizer and checkpoints address parameters by those names, and the gradient all-reduce
+//! walks them in name order so every rank packs its buckets identically.
+
+pub mod projector;
+pub mod resnet;
+
+use anyhow::{bail, Context};
+use contrail_common::config::{ModelConfig, NormKind};
+use tch::{nn, Device, Tensor};
+
+pub use projector::Projector;
+pub use resnet::{Norm, ResNet};
+
+/// Encoder + projector with their variables.
+#[derive(Debug)]
+pub struct SimClrModel {
+    vs: nn::VarStore,
+    encoder: ResNet,
+    projector: Projector,
+    embedding_dim: i64,
+}
+
+impl SimClrModel {
+    /// Builds the network from `model.*` (variables initialised from tch's global RNG, so
+    /// `tch::manual_seed` makes it reproducible).
+    pub fn new(cfg: &ModelConfig, device: Device) -> anyhow::Result<Self> {
+        if cfg.encoder != "resnet" {
+            bail!(
+                "model.encoder \"{}\" is not built; expected \"resnet\"",
+                cfg.encoder
+            );
+        }
+        if cfg.layers.is_empty() || cfg.layers.len() > 4 || cfg.layers.contains(&0) {
+            bail!(
+                "model.layers {:?} must list 1 to 4 stages of at least one block",
+                cfg.layers
+            );
+        }
+        if cfg.width == 0 || cfg.projector_hidden == 0 || cfg.projector_out == 0 {
+            bail!("model.width, projector_hidden and projector_out must be positive");
+        }
+        if cfg.norm == NormKind::Group {
+            let g = resnet::GROUP_NORM_GROUPS as u32;
+            if !cfg.width.is_multiple_of(g) {
+                bail!("model.width ({}) must be a multiple of {g} with norm = \"group\"", cfg.width);
+            }
+            // The projector's GroupNorm sees hidden/8 features per group and sample; with
+            // fewer than 8 it degenerates into a sign pattern with vanishing gradients.
+            if !cfg.projector_hidden.is_multiple_of(g) || cfg.projector_hidden < 8 * g {
+                bail!(
+                    "model.projector_hidden ({}) must be a multiple of {g} and at least {} with \
+                     norm = \"group\"",
+                    cfg.projector_hidden,
+                    8 * g
+                );
+            }
+        }
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let encoder = ResNet::new(&root, &cfg.layers, cfg.width as i64, cfg.norm, cfg.stem);
+        let projector = Projector::new(
+            &(&root / "projector"),
+            encoder.out_dim(),
+            cfg.projector_hidden as i64,
+            cfg.projector_out as i64,
+            cfg.norm,
+        );
+        Ok(Self {
+            vs,
+            encoder,
+            projector,
+            embedding_dim: cfg.projector_out as i64,
+        })
+    }
+
+    /// Projector outputs (N, `projector_out`) for images (N, 3, H, W); not normalised.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.projector
+            .forward_t(&self.encoder.forward_t(xs, train), train)
+    }
+
+    /// Encoder features before the projector (what downstream evaluation uses).
+    pub fn encode_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.encoder.forward_t(xs, train)
+    }
+
+    pub fn embedding_dim(&self) -> i64 {
+        self.embedding_dim
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Mutable access, e.g. for `VarStore::copy` when loading a checkpoint.
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    /// Trainable parameters sorted by name (the fixed order of buckets and optimizer state).
+    /// The tensors share storage with the model.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let trainable: Vec<Tensor> = self.vs.trainable_variables();
+        let mut named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| trainable.iter().any(|p| p.data_ptr() == t.data_ptr()))
+            .collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
+    /// Every variable (parameters and norm running statistics) sorted by name.
+    pub fn named_variables(&self) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
+    /// Loads variables by name (e.g. from a checkpoint). Every model variable must be present
+    /// with the same shape, and no unknown names are accepted; on error nothing is changed.
+    pub fn load_named(&mut self, named: &[(String, Tensor)]) -> anyhow::Result<()> {
+        let vars = self.vs.variables();
+        let mut given: std::collections::HashMap<&str, &Tensor> =
+            named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut pairs = Vec::with_capacity(vars.len());
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &vars[name];
+            let src = given.remove(name.as_str()).with_context(|| {
+                format!("model variable \"{name}\" is missing from the loaded tensors")
+            })?;
+            if src.size() != var.size() {
+                bail!(
+                    "model variable \"{name}\" has shape {:?}, the loaded tensor has {:?}",
+                    var.size(),
+                    src.size()
+                );
+            }
+            pairs.push((var, src));
+        }
+        if let Some(extra) = given.keys().next() {
+            bail!("loaded tensor \"{extra}\" is not a variable of this model (different model config?)");
+        }
+        tch::no_grad(|| {
+            for (var, src) in pairs {
+                var.shallow_clone()
+                    .copy_(&src.to_device(var.device()).to_kind(var.kind()));
+            }
+        });
+        Ok(())
+    }
+
+    /// Copies every variable from `other` (same configuration), e.g. to start ranks identical.
+    pub fn copy_from(&mut self, other: &SimClrModel) -> anyhow::Result<()> {
+        self.vs.copy(&other.vs).context(
+            "copying model variables: the two models were built from different model configs",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use contrail_common::config::StemKind;
+
+    fn cfg(norm: NormKind, stem: StemKind) -> ModelConfig {
+        ModelConfig {
+            layers: vec![2, 1],
+            width: 8,
+            norm,
+            projector_hidden: 64,
+            projector_out: 4,
+            stem,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn names_follow_torchvision() {
+        let m = SimClrModel::new(&cfg(NormKind::Batch, StemKind::Cifar), Device::Cpu).unwrap();
+        let vars = m.var_store().variables();
+        for name in [
+            "conv1.weight",
+            "bn1.weight",
+            "bn1.running_mean",
+            "layer1.0.conv1.weight",
+            "layer1.1.bn2.bias",
+            "layer2.0.downsample.0.weight",
+            "layer2.0.downsample.1.running_var",
+            "projector.0.weight",
+            "projector.1.weight",
+            "projector.3.bias",
+        ] {
+            assert!(
+                vars.contains_key(name),
+                "missing {name}; have {:?}",
+                vars.keys()
+            );
+        }
+        // Stage 1 keeps width and stride, so it has no downsample branch.
+        assert!(!vars.contains_key("layer1.0.downsample.0.weight"));
+        assert!(!vars.contains_key("projector.0.bias"));
+        assert_eq!(vars["layer2.0.conv1.weight"].size(), vec![16, 8, 3, 3]);
+        assert_eq!(vars["projector.0.weight"].size(), vec![64, 16]);
+        // Running statistics are state, not parameters.
+        let params = m.named_parameters();
+        assert!(params.iter().all(|(n, _)| !n.contains("running")));
+        assert!(
+            params.windows(2).all(|w| w[0].0 < w[1].0),
+            "parameters not sorted"
+        );
+    }
+
+    #[test]
+    fn output_shapes_for_both_stems_and_norms() {
+        for (norm, stem) in [
+            (NormKind::Batch, StemKind::Cifar),
+            (NormKind::Group, StemKind::Imagenet),
+        ] {
+            let m = SimClrModel::new(&cfg(norm, stem), Device::Cpu).unwrap();
+            let x = Tensor::randn([3, 3, 16, 16], (tch::Kind::Float, Device::Cpu));
+            assert_eq!(m.forward_t(&x, true).size(), vec![3, 4]);
+            assert_eq!(m.encode_t(&x, false).size(), vec![3, 16]);
+        }
+    }
+
+    #[test]
+    fn load_named_round_trip_and_errors() {
+        let c = cfg(NormKind::Batch, StemKind::Cifar);
+        tch::manual_seed(1);
+        let a = SimClrModel::new(&c, Device::Cpu).unwrap();
+        tch::manual_seed(2);
+        let mut b = SimClrModel::new(&c, Device::Cpu).unwrap();
+        let saved = a.named_variables();
+        let conv1 = |m: &SimClrModel| m.var_store().variables()["conv1.weight"].copy();
+        assert!(
+            !conv1(&a).equal(&conv1(&b)),
+            "seeds should give different weights"
+        );
+        b.load_named(&saved).unwrap();
+        for ((n, x), (_, y)) in saved.iter().zip(b.named_variables()) {
+            assert!(x.equal(&y), "{n} not loaded");
+        }
+        let missing: Vec<_> = saved
+            .iter()
+            .skip(1)
+            .map(|(n, t)| (n.clone(), t.copy()))
+            .collect();
+        let e = b.load_named(&missing).unwrap_err().to_string();
+        assert!(e.contains(&saved[0].0) && e.contains("missing"), "{e}");
+        let mut wrong: Vec<_> = saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        wrong[0].1 = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
+        let e = b.load_named(&wrong).unwrap_err().to_string();
+        assert!(e.contains(&saved[0].0) && e.contains("shape"), "{e}");
+    }
+
+    #[test]
+    fn group_norm_needs_multiples_of_eight() {
+        let mut c = cfg(NormKind::Group, StemKind::Cifar);
+        c.projector_hidden = 72;
+        SimClrModel::new(&c, Device::Cpu).unwrap();
+        for bad in [12, 16] {
+            c.projector_hidden = bad;
+            let e = SimClrModel::new(&c, Device::Cpu).unwrap_err().to_string();
+            assert!(e.contains(&format!("projector_hidden ({bad})")), "{e}");
+        }
+    }
+}

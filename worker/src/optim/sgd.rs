@@ -1,0 +1,196 @@
+//! SGD with momentum and weight decay, exactly `torch.optim.SGD` (dampening 0, no Nesterov):
+//! `d = g + wd·p; buf = momentum·buf + d; p -= lr·buf`.
+
+use super::Optimizer;
+use crate::model::SimClrModel;
+use anyhow::{bail, Context};
+use std::collections::HashMap;
+use tch::Tensor;
+
+const MOMENTUM_PREFIX: &str = "momentum.";
+
+pub struct Sgd {
+    params: Vec<(String, Tensor)>,
+    /// Created zero with the parameter: PyTorch's first step sets `buf = d`, and
+    /// `momentum·0 + d` is exactly `d`, so a zero start is the same update.
+    buffers: Vec<Tensor>,
+    momentum: f64,
+    weight_decay: f64,
+}
+
+impl Sgd {
+    /// Over every trainable parameter of `model`.
+    pub fn new(model: &SimClrModel, momentum: f64, weight_decay: f64) -> Self {
+        Self::from_params(model.named_parameters(), momentum, weight_decay)
+    }
+
+    /// Over explicit (name, parameter) pairs; the tensors must share storage with the model.
+    pub fn from_params(params: Vec<(String, Tensor)>, momentum: f64, weight_decay: f64) -> Self {
+        let buffers = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        Self {
+            params,
+            buffers,
+            momentum,
+            weight_decay,
+        }
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, lr: f64) {
+        tch::no_grad(|| {
+            for ((_, p), buf) in self.params.iter_mut().zip(&mut self.buffers) {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let d = if self.weight_decay != 0.0 {
+                    &g + &*p * self.weight_decay
+                } else {
+                    g
+                };
+                if self.momentum != 0.0 {
+                    let _ = buf.g_mul_scalar_(self.momentum).g_add_(&d);
+                    let _ = p.g_sub_(&(&*buf * lr));
+                } else {
+                    let _ = p.g_sub_(&(d * lr));
+                }
+            }
+        });
+    }
+
+    fn zero_grad(&mut self) {
+        for (_, p) in self.params.iter_mut() {
+            p.zero_grad();
+        }
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .zip(&self.buffers)
+            .map(|((name, _), buf)| (format!("{MOMENTUM_PREFIX}{name}"), buf.copy()))
+            .collect()
+    }
+
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()> {
+        let mut by_name: HashMap<&str, &Tensor> = HashMap::new();
+        for (key, t) in state {
+            let Some(param) = key.strip_prefix(MOMENTUM_PREFIX) else {
+                bail!("optimizer state key \"{key}\" is not SGD state (expected \"{MOMENTUM_PREFIX}<param>\")");
+            };
+            by_name.insert(param, t);
+        }
+        let mut loaded = Vec::with_capacity(self.params.len());
+        for ((name, p), buf) in self.params.iter().zip(&self.buffers) {
+            let t = by_name
+                .remove(name.as_str())
+                .with_context(|| format!("optimizer state has no \"{MOMENTUM_PREFIX}{name}\""))?;
+            if t.size() != p.size() {
+                bail!(
+                    "optimizer state \"{MOMENTUM_PREFIX}{name}\" has shape {:?}, parameter has {:?}",
+                    t.size(),
+                    p.size()
+                );
+            }
+            loaded.push(t.to_device(buf.device()).to_kind(buf.kind()));
+        }
+        if let Some(extra) = by_name.keys().next() {
+            bail!(
+                "optimizer state has \"{MOMENTUM_PREFIX}{extra}\", which is not a model parameter"
+            );
+        }
+        tch::no_grad(|| {
+            for (buf, t) in self.buffers.iter_mut().zip(&loaded) {
+                buf.copy_(t);
+            }
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn param(values: &[f32]) -> Tensor {
+        Tensor::from_slice(values).set_requires_grad(true)
+    }
+
+    fn set_grad(p: &Tensor, g: &[f32]) {
+        let _ = p.grad(); // absent before the first backward
+        let loss = (p * Tensor::from_slice(g)).sum(Kind::Float);
+        loss.backward();
+    }
+
+    #[test]
+    fn matches_torch_sgd_recurrence() {
+        // Scalar recurrence written out: d = g + wd p; buf = m buf + d; p -= lr buf.
+        let (lr, m, wd) = (0.5, 0.9, 0.1);
+        let p = param(&[1.0, -2.0]);
+        let mut opt = Sgd::from_params(vec![("w".into(), p.shallow_clone())], m, wd);
+        let grads = [[0.3f32, -0.1], [0.2, 0.4], [-0.5, 0.0]];
+        let (mut pw, mut buf) = ([1.0f64, -2.0], [0.0f64; 2]);
+        for g in grads {
+            opt.zero_grad();
+            set_grad(&p, &g);
+            opt.step(lr);
+            for i in 0..2 {
+                let d = g[i] as f64 + wd * pw[i];
+                buf[i] = m * buf[i] + d;
+                pw[i] -= lr * buf[i];
+            }
+        }
+        let got = Vec::<f32>::try_from(&p.detach()).unwrap();
+        for i in 0..2 {
+            assert!(
+                (got[i] as f64 - pw[i]).abs() < 1e-5,
+                "param {i}: {} vs {}",
+                got[i],
+                pw[i]
+            );
+        }
+    }
+
+    #[test]
+    fn parameters_without_gradient_are_left_alone() {
+        let p = param(&[1.0, 2.0]);
+        let mut opt = Sgd::from_params(vec![("w".into(), p.shallow_clone())], 0.9, 0.1);
+        opt.step(1.0);
+        assert_eq!(Vec::<f32>::try_from(&p.detach()).unwrap(), vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn state_round_trip_and_errors_name_the_key() {
+        let p = param(&[1.0, 2.0]);
+        let mut a = Sgd::from_params(vec![("w".into(), p.shallow_clone())], 0.9, 0.0);
+        set_grad(&p, &[1.0, 1.0]);
+        a.step(0.1);
+        let state = a.state_tensors();
+        assert_eq!(state[0].0, "momentum.w");
+
+        let q = param(&[0.0, 0.0]);
+        let mut b = Sgd::from_params(vec![("w".into(), q.shallow_clone())], 0.9, 0.0);
+        b.load_state(&state).unwrap();
+        assert!(b.state_tensors()[0].1.equal(&state[0].1));
+
+        let bad = vec![(
+            "momentum.w".to_string(),
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        )];
+        let e = b.load_state(&bad).unwrap_err().to_string();
+        assert!(e.contains("momentum.w") && e.contains("[3]"), "{e}");
+        let e = b.load_state(&[]).unwrap_err().to_string();
+        assert!(e.contains("has no \"momentum.w\""), "{e}");
+        let mut extra: Vec<_> = state.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        extra.push((
+            "momentum.v".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        ));
+        let e = b.load_state(&extra).unwrap_err().to_string();
+        assert!(e.contains("momentum.v"), "{e}");
+        // A failed load leaves the earlier state in place.
+        assert!(b.state_tensors()[0].1.equal(&state[0].1));
+    }
+}

@@ -1,0 +1,207 @@
+//! The worker's side of the coordinator protocol: a thin wrapper that carries the worker id and
+//! generation on every call and turns gRPC statuses into errors a person can act on.
+
+use anyhow::{Context, Result};
+use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+#[derive(Clone)]
+pub struct Coordinator {
+    client: CoordinatorClient<Channel>,
+    pub endpoint: String,
+    pub worker_id: u64,
+    pub generation: u64,
+}
+
+/// What rendezvous tells a worker.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub rank: usize,
+    pub world_size: usize,
+    pub peers: Vec<String>,
+    pub job_toml: String,
+    pub resume_checkpoint: String,
+    pub resume_step: u64,
+    pub resume_epoch: u32,
+}
+
+pub enum Lease {
+    Shard { url: String, lease_id: u64 },
+    Exhausted,
+}
+
+impl Coordinator {
+    /// Connects (retrying for up to `wait`, since the coordinator may still be starting) and
+    /// registers this worker with its collective address.
+    pub async fn register(endpoint: &str, collective_address: &str, wait: Duration) -> Result<Self> {
+        let endpoint = if endpoint.contains("://") {
+            endpoint.to_string()
+        } else {
+            format!("http://{endpoint}")
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let client = loop {
+            match CoordinatorClient::connect(endpoint.clone()).await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("coordinator at {endpoint} not reachable yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("connecting to the coordinator at {endpoint} (waited {wait:?})")
+                    })
+                }
+            }
+        };
+        let mut me = Self {
+            client,
+            endpoint,
+            worker_id: 0,
+            generation: 0,
+        };
+        let host = hostname();
+        let reply = me
+            .client
+            .register(proto::RegisterRequest {
+                host,
+                collective_address: collective_address.to_string(),
+            })
+            .await
+            .with_context(|| format!("registering with the coordinator at {}", me.endpoint))?
+            .into_inner();
+        me.worker_id = reply.worker_id;
+        me.generation = reply.generation;
+        Ok(me)
+    }
+
+    /// Waits until the whole world has registered and returns this worker's place in it.
+    pub async fn rendezvous(&mut self) -> Result<Assignment> {
+        let r = self
+            .client
+            .rendezvous(proto::RendezvousRequest {
+                worker_id: self.worker_id,
+                generation: self.generation,
+            })
+            .await
+            .context("rendezvous with the coordinator")?
+            .into_inner();
+        self.generation = r.generation;
+        Ok(Assignment {
+            rank: r.rank as usize,
+            world_size: r.world_size as usize,
+            peers: r.peer_addresses,
+            job_toml: r.job_config_toml,
+            resume_checkpoint: r.resume_checkpoint,
+            resume_step: r.resume_step,
+            resume_epoch: r.resume_epoch,
+        })
+    }
+
+    pub async fn heartbeat(&mut self, step: u64, state: &str, shard: &str) -> Result<Option<String>> {
+        let r = self
+            .client
+            .heartbeat(proto::HeartbeatRequest {
+                worker_id: self.worker_id,
+                generation: self.generation,
+                step,
+                state: state.to_string(),
+                shard: shard.to_string(),
+            })
+            .await
+            .context("heartbeat to the coordinator")?
+            .into_inner();
+        Ok(r.stop.then_some(r.reason))
+    }
+
+    pub async fn lease_shard(&mut self, epoch: u32) -> Result<Lease> {
+        let r = self
+            .client
+            .lease_shard(proto::LeaseRequest {
+                worker_id: self.worker_id,
+                generation: self.generation,
+                epoch,
+            })
+            .await
+            .with_context(|| format!("leasing a shard of epoch {epoch}"))?
+            .into_inner();
+        Ok(if r.exhausted {
+            Lease::Exhausted
+        } else {
+            Lease::Shard {
+                url: r.shard_url,
+                lease_id: r.lease_id,
+            }
+        })
+    }
+
+    pub async fn complete_shard(
+        &mut self,
+        lease_id: u64,
+        samples: u64,
+        bad_samples: BTreeMap<String, u64>,
+        error: String,
+    ) -> Result<()> {
+        self.client
+            .complete_shard(proto::CompleteRequest {
+                worker_id: self.worker_id,
+                generation: self.generation,
+                lease_id,
+                samples,
+                bad_samples: bad_samples.into_iter().collect(),
+                error,
+            })
+            .await
+            .with_context(|| format!("reporting shard lease {lease_id} complete"))?;
+        Ok(())
+    }
+
+    pub async fn report_step(&mut self, report: proto::StepReport) -> Result<()> {
+        let report = proto::StepReport {
+            worker_id: self.worker_id,
+            generation: self.generation,
+            ..report
+        };
+        self.client
+            .report_step(report)
+            .await
+            .context("reporting step progress")?;
+        Ok(())
+    }
+
+    pub async fn shard_state_json(&mut self) -> Result<String> {
+        Ok(self
+            .client
+            .shard_state(proto::ShardStateRequest {
+                worker_id: self.worker_id,
+                generation: self.generation,
+            })
+            .await
+            .context("fetching the shard state for a checkpoint")?
+            .into_inner()
+            .json)
+    }
+
+    pub async fn leave(&mut self, finished: bool, error: String) -> Result<()> {
+        self.client
+            .leave(proto::LeaveRequest {
+                worker_id: self.worker_id,
+                generation: self.generation,
+                finished,
+                error,
+            })
+            .await
+            .context("leaving the job")?;
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,170 @@
+//! The worker runtime's side of the training loop: progress reports, checkpoints, heartbeats
+//! and the per-epoch data feed, all through the coordinator.
+
+use super::client::{Assignment, Coordinator};
+use super::feed::EpochFeed;
+use super::Progress;
+use crate::model::SimClrModel;
+use crate::optim::Optimizer;
+use crate::train::checkpoint::{tensors_to_safetensors, write_checkpoint};
+use crate::train::trainer::{BatchSource, StepEvent, TrainHooks};
+use anyhow::{Context, Result};
+use contrail_common::checkpoint::CheckpointMeta;
+use contrail_common::proto;
+use contrail_common::shards::ShardStateSnapshot;
+use contrail_common::JobConfig;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Heartbeats until aborted. A stop order from the coordinator, or a coordinator that stays
+/// unreachable for `give_up_after`, is recorded in `progress.stop` for the training thread.
+pub async fn heartbeat_loop(
+    mut coord: Coordinator,
+    progress: Arc<Progress>,
+    every: Duration,
+    give_up_after: Duration,
+) {
+    let mut last_ok = Instant::now();
+    loop {
+        let step = progress.step.load(Ordering::Relaxed);
+        let shard = progress.shard.lock().map(|s| s.clone()).unwrap_or_default();
+        match coord.heartbeat(step, "training", &shard).await {
+            Ok(Some(reason)) => {
+                if let Ok(mut s) = progress.stop.lock() {
+                    s.get_or_insert(format!("the coordinator stopped the job: {reason}"));
+                }
+            }
+            Ok(None) => last_ok = Instant::now(),
+            Err(e) if last_ok.elapsed() > give_up_after => {
+                if let Ok(mut s) = progress.stop.lock() {
+                    s.get_or_insert(format!(
+                        "the coordinator at {} has not answered for {:?}: {e:#}",
+                        coord.endpoint,
+                        last_ok.elapsed()
+                    ));
+                }
+            }
+            Err(e) => tracing::debug!("heartbeat failed (will retry): {e:#}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+pub struct WorkerHooks<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    coord: Coordinator,
+    cfg: &'a JobConfig,
+    rank: usize,
+    world_size: usize,
+    progress: Arc<Progress>,
+    last_log: Instant,
+    samples_since_log: i64,
+}
+
+impl<'a> WorkerHooks<'a> {
+    pub fn new(
+        rt: &'a tokio::runtime::Runtime,
+        coord: Coordinator,
+        cfg: &'a JobConfig,
+        asg: &Assignment,
+        progress: Arc<Progress>,
+    ) -> Self {
+        Self {
+            rt,
+            coord,
+            cfg,
+            rank: asg.rank,
+            world_size: asg.world_size,
+            progress,
+            last_log: Instant::now(),
+            samples_since_log: 0,
+        }
+    }
+}
+
+impl TrainHooks for WorkerHooks<'_> {
+    fn epoch_source(&mut self, epoch: u32) -> Result<Box<dyn BatchSource>> {
+        Ok(Box::new(EpochFeed::start(
+            self.rt.handle().clone(),
+            self.coord.clone(),
+            self.cfg,
+            self.rank,
+            epoch,
+            self.progress.clone(),
+        )?))
+    }
+
+    fn after_step(&mut self, ev: &StepEvent) -> Result<()> {
+        self.progress.step.store(ev.step, Ordering::Relaxed);
+        // Fire and forget: a slow coordinator must not slow the step loop.
+        let mut coord = self.coord.clone();
+        let report = proto::StepReport {
+            epoch: ev.epoch,
+            step: ev.step,
+            loss: ev.loss,
+            global_samples: ev.global_samples as u64,
+            learning_rate: ev.lr,
+            step_seconds: ev.step_seconds,
+            ..Default::default()
+        };
+        self.rt.spawn(async move {
+            if let Err(e) = coord.report_step(report).await {
+                tracing::debug!("step report failed: {e:#}");
+            }
+        });
+        self.samples_since_log += ev.global_samples;
+        if self.rank == 0 && ev.step % self.cfg.train.log_every == 0 {
+            let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
+            println!(
+                "epoch {:>3} step {:>6}  loss {:.4}  lr {:.4}  {:.1} samples/s ({} workers)",
+                ev.epoch,
+                ev.step,
+                ev.loss,
+                ev.lr,
+                self.samples_since_log as f64 / secs,
+                self.world_size
+            );
+            self.last_log = Instant::now();
+            self.samples_since_log = 0;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, model: &SimClrModel, opt: &dyn Optimizer, epoch: u32, step: u64) -> Result<()> {
+        let ck = &self.cfg.checkpoint;
+        if ck.url.is_empty() || self.rank != 0 {
+            return Ok(());
+        }
+        let model_bytes = tensors_to_safetensors(&model.named_variables())?;
+        let optim_bytes = tensors_to_safetensors(&opt.state_tensors())?;
+        let shard_json = self.rt.block_on(self.coord.shard_state_json())?;
+        let shard_state: ShardStateSnapshot =
+            serde_json::from_str(&shard_json).context("parsing the coordinator's shard state")?;
+        let meta = CheckpointMeta {
+            step,
+            epoch,
+            world_size: self.world_size as u32,
+            shard_state,
+            config_toml: self.cfg.to_toml(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        let dir = self.rt.block_on(write_checkpoint(
+            &ck.url,
+            &self.cfg.data.s3_endpoint,
+            ck.keep,
+            &meta,
+            model_bytes,
+            optim_bytes,
+        ))?;
+        println!("checkpoint written: {dir}");
+        Ok(())
+    }
+
+    fn stop_reason(&self) -> Option<String> {
+        self.progress.stop_reason()
+    }
+}

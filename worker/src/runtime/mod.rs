@@ -1,0 +1,148 @@
+//! A worker process from start to exit: register, rendezvous, connect the collective, train,
+//! report, leave.
+//!
+//! Training runs on the calling thread (tch is synchronous); a small tokio runtime beside it
+//! carries the coordinator RPCs, the heartbeat task and the shard readers.
+
+pub mod client;
+pub mod feed;
+mod hooks;
+
+use crate::dist::tcp::TcpCollective;
+use crate::dist::Collective;
+use crate::model::SimClrModel;
+use crate::optim;
+use crate::train::checkpoint::read_checkpoint;
+use crate::train::trainer::{train, StartPoint};
+use anyhow::{Context, Result};
+use client::Coordinator;
+use contrail_common::JobConfig;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// gRPC endpoint of the coordinator, e.g. `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// Address the collective backend listens on (port 0 picks a free one).
+    pub collective_bind: String,
+    /// How long to keep trying to reach the coordinator at start-up.
+    pub connect_wait: Duration,
+}
+
+/// State shared between the training thread and the heartbeat task.
+#[derive(Default)]
+pub struct Progress {
+    pub step: AtomicU64,
+    pub shard: Mutex<String>,
+    /// Set when the coordinator tells this worker to stop, or it can no longer be reached.
+    pub stop: Mutex<Option<String>>,
+}
+
+impl Progress {
+    pub fn stop_reason(&self) -> Option<String> {
+        self.stop.lock().map(|s| s.clone()).unwrap_or(None)
+    }
+}
+
+pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the worker's async runtime")?;
+    let bootstrap = TcpCollective::bind(&opts.collective_bind)
+        .with_context(|| format!("binding the collective listener on {}", opts.collective_bind))?;
+    let collective_addr = bootstrap
+        .local_addr()
+        .context("reading the collective listener's address")?
+        .to_string();
+    let mut coord = rt.block_on(Coordinator::register(
+        &opts.coordinator,
+        &collective_addr,
+        opts.connect_wait,
+    ))?;
+    let asg = rt.block_on(coord.rendezvous())?;
+    let cfg = JobConfig::from_toml(&asg.job_toml).context("the coordinator sent a job config this worker rejects")?;
+    tracing::info!(
+        rank = asg.rank,
+        world = asg.world_size,
+        collective = %collective_addr,
+        "joined the job"
+    );
+    let progress = Arc::new(Progress::default());
+    progress.step.store(asg.resume_step, Ordering::Relaxed);
+    let heartbeat = rt.spawn(hooks::heartbeat_loop(
+        coord.clone(),
+        progress.clone(),
+        Duration::from_millis(cfg.cluster.heartbeat_ms),
+        Duration::from_millis(cfg.cluster.worker_timeout_ms),
+    ));
+
+    let result = (|| -> Result<()> {
+        let coll = bootstrap
+            .connect(
+                asg.rank,
+                asg.peers.clone(),
+                Duration::from_millis(cfg.cluster.collective_timeout_ms),
+            )
+            .context("connecting to the other workers")?;
+        train_rank(&rt, &mut coord, &cfg, &asg, &coll, &progress)
+    })();
+
+    heartbeat.abort();
+    let leave = match &result {
+        Ok(()) => rt.block_on(coord.leave(true, String::new())),
+        Err(e) => rt.block_on(coord.leave(false, format!("rank {}: {e:#}", asg.rank))),
+    };
+    if let Err(e) = leave {
+        tracing::warn!("could not tell the coordinator this worker is leaving: {e:#}");
+    }
+    result
+}
+
+fn train_rank(
+    rt: &tokio::runtime::Runtime,
+    coord: &mut Coordinator,
+    cfg: &JobConfig,
+    asg: &client::Assignment,
+    coll: &dyn Collective,
+    progress: &Arc<Progress>,
+) -> Result<()> {
+    // Same seed on every rank: identical initial parameters without a broadcast.
+    tch::manual_seed(cfg.train.seed as i64);
+    let device = tch::Device::Cpu;
+    let mut model = SimClrModel::new(&cfg.model, device)?;
+    let mut opt = optim::build(&cfg.optim, &model)?;
+    let mut start = StartPoint::default();
+    if !asg.resume_checkpoint.is_empty() {
+        let tensors = rt
+            .block_on(read_checkpoint(&asg.resume_checkpoint, &cfg.data.s3_endpoint))
+            .with_context(|| format!("resuming from {}", asg.resume_checkpoint))?;
+        model.load_named(&tensors.model)?;
+        opt.load_state(&tensors.optim)?;
+        start = StartPoint {
+            epoch: asg.resume_epoch,
+            step: asg.resume_step,
+        };
+        if asg.rank == 0 {
+            println!(
+                "resumed from {} (epoch {}, step {})",
+                asg.resume_checkpoint, start.epoch, start.step
+            );
+        }
+    }
+    let mut hooks = hooks::WorkerHooks::new(rt, coord.clone(), cfg, asg, progress.clone());
+    let summary = train(cfg, &model, opt.as_mut(), coll, &mut hooks, start)?;
+    if asg.rank == 0 {
+        println!(
+            "rank 0 finished: {} steps, {} epochs, loss {:.4} -> {:.4}",
+            summary.steps,
+            summary.epochs_completed,
+            summary.first_loss.unwrap_or(f64::NAN),
+            summary.last_loss.unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}

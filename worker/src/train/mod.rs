@@ -1,0 +1,5 @@
+//! Training: one step ([`step`]), the epoch loop ([`trainer`]) and checkpoints ([`checkpoint`]).
+
+pub mod checkpoint;
+pub mod step;
+pub mod trainer;

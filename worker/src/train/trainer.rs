@@ -1,0 +1,168 @@
+//! The training loop: epochs of steps, with in-band agreement on where an epoch ends.
+//!
+//! Before every step each rank contributes its local batch size to an all-gather. When the sum
+//! is zero, every rank sees it in the same collective and the epoch ends everywhere at once; a
+//! rank that ran out of data earlier keeps entering each step's collectives with zero rows. This
+//! is what makes the webdataset/OpenCLIP "uneven shards" hang impossible, and it trains every
+//! sample of the epoch exactly once (no rank drops its tail to match the others).
+
+use crate::dist::{all_gather_counts, Collective};
+use crate::model::SimClrModel;
+use crate::optim::{lr_at, Optimizer};
+use crate::train::step::simclr_train_step_with_counts;
+use anyhow::{bail, Result};
+use contrail_common::JobConfig;
+use std::time::Instant;
+use tch::Tensor;
+
+/// One rank's share of a step: two augmented views, `b × 3 × S × S` each (b may be 0).
+pub struct LocalBatch {
+    pub view1: Tensor,
+    pub view2: Tensor,
+}
+
+/// Where a rank's batches come from in one epoch.
+pub trait BatchSource {
+    /// The next local batch, or `None` when this rank has no more data this epoch.
+    fn next_batch(&mut self) -> Result<Option<LocalBatch>>;
+}
+
+/// What the loop tells the outside world after each step.
+pub struct StepEvent {
+    pub epoch: u32,
+    pub step: u64,
+    pub loss: f64,
+    pub global_samples: i64,
+    pub lr: f64,
+    pub step_seconds: f64,
+}
+
+/// Hooks the loop calls; the worker runtime implements them with coordinator RPCs.
+pub trait TrainHooks {
+    /// A fresh batch source for `epoch` on this rank.
+    fn epoch_source(&mut self, epoch: u32) -> Result<Box<dyn BatchSource>>;
+    /// Called after every step; an error stops training.
+    fn after_step(&mut self, event: &StepEvent) -> Result<()>;
+    /// Called when a checkpoint is due (every `checkpoint.every_steps`, and at the end).
+    fn checkpoint(&mut self, model: &SimClrModel, opt: &dyn Optimizer, epoch: u32, step: u64) -> Result<()>;
+    /// Why training must stop now (e.g. the coordinator declared the job failed), if it must.
+    fn stop_reason(&self) -> Option<String>;
+}
+
+/// Where training starts (a fresh job, or a checkpoint).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartPoint {
+    pub epoch: u32,
+    pub step: u64,
+}
+
+pub struct TrainSummary {
+    pub steps: u64,
+    pub epochs_completed: u32,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+}
+
+/// Runs epochs until `train.epochs` are done or `train.max_steps` is reached.
+pub fn train(
+    cfg: &JobConfig,
+    model: &SimClrModel,
+    opt: &mut dyn Optimizer,
+    coll: &dyn Collective,
+    hooks: &mut dyn TrainHooks,
+    start: StartPoint,
+) -> Result<TrainSummary> {
+    let t = &cfg.train;
+    let device = model.device();
+    let mut step = start.step;
+    let mut epoch = start.epoch;
+    let mut summary = TrainSummary {
+        steps: 0,
+        epochs_completed: 0,
+        first_loss: None,
+        last_loss: None,
+    };
+    // Until an epoch has been seen whole, the cosine schedule spans max_steps (if set) or holds
+    // the peak after warm-up; afterwards it spans epochs × observed steps per epoch. Every rank
+    // counts the same steps, so every rank computes the same learning rate.
+    let mut steps_per_epoch: Option<u64> = None;
+    let max_steps_reached = |s: u64| t.max_steps > 0 && s >= t.max_steps;
+
+    'epochs: loop {
+        if (t.epochs > 0 && epoch >= t.epochs) || max_steps_reached(step) {
+            break;
+        }
+        // A resumed epoch is partly done already, so its step count says nothing.
+        let partial_epoch = start.step > 0 && epoch == start.epoch;
+        let mut steps_this_epoch = 0u64;
+        {
+            let mut source = hooks.epoch_source(epoch)?;
+            loop {
+                if let Some(reason) = hooks.stop_reason() {
+                    bail!("stopping at step {step}: {reason}");
+                }
+                let started = Instant::now();
+                let batch = source.next_batch()?;
+                let local = batch.as_ref().map(|b| b.view1.size()[0]).unwrap_or(0);
+                let counts = all_gather_counts(coll, local)?;
+                if counts.iter().sum::<i64>() == 0 {
+                    break;
+                }
+                let (v1, v2) = match batch {
+                    Some(b) => (b.view1.to_device(device), b.view2.to_device(device)),
+                    None => {
+                        let s = cfg.data.image_size as i64;
+                        let empty = Tensor::zeros([0, 3, s, s], (tch::Kind::Float, device));
+                        (empty.shallow_clone(), empty)
+                    }
+                };
+                let total = match (t.max_steps, steps_per_epoch) {
+                    (m, _) if m > 0 => m,
+                    (_, Some(spe)) => spe * u64::from(t.epochs.max(1)),
+                    (_, None) => 0,
+                };
+                let lr = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_steps);
+                let outcome = simclr_train_step_with_counts(
+                    model,
+                    opt,
+                    &v1,
+                    &v2,
+                    cfg.objective.temperature,
+                    lr,
+                    coll,
+                    &counts,
+                )?;
+                step += 1;
+                steps_this_epoch += 1;
+                summary.steps += 1;
+                summary.first_loss.get_or_insert(outcome.loss);
+                summary.last_loss = Some(outcome.loss);
+                if !outcome.loss.is_finite() {
+                    bail!("loss became {} at step {step} (epoch {epoch})", outcome.loss);
+                }
+                hooks.after_step(&StepEvent {
+                    epoch,
+                    step,
+                    loss: outcome.loss,
+                    global_samples: outcome.global_samples,
+                    lr,
+                    step_seconds: started.elapsed().as_secs_f64(),
+                })?;
+                let every = cfg.checkpoint.every_steps;
+                if every > 0 && step % every == 0 && !max_steps_reached(step) {
+                    hooks.checkpoint(model, &*opt, epoch, step)?;
+                }
+                if max_steps_reached(step) {
+                    break 'epochs;
+                }
+            }
+        }
+        if steps_per_epoch.is_none() && !partial_epoch {
+            steps_per_epoch = Some(steps_this_epoch);
+        }
+        epoch += 1;
+        summary.epochs_completed += 1;
+    }
+    hooks.checkpoint(model, &*opt, epoch, step)?;
+    Ok(summary)
+}

@@ -1,0 +1,296 @@
+//! End to end: real coordinator and worker processes on 127.0.0.1, the synthetic dataset, and
+//! the status endpoint, as a user would run them.
+
+use contrail_common::status::StatusReport;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("contrail-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A small, fast job: 16×16 crops, a tiny ResNet, 8 images per worker per step.
+fn write_job(dir: &Path, samples: u64, epochs: u32, extra: &str) -> PathBuf {
+    let job = format!(
+        r#"
+[data]
+url = "file://{data}"
+synth_samples = {samples}
+synth_shard_size = 64
+image_size = 16
+[model]
+layers = [1, 1]
+width = 8
+projector_hidden = 32
+projector_out = 16
+[optim]
+lr = 0.2
+warmup_steps = 5
+[train]
+global_batch = 16
+micro_batch = 8
+epochs = {epochs}
+log_every = 10
+[cluster]
+grpc_addr = "127.0.0.1:0"
+http_addr = "127.0.0.1:0"
+heartbeat_ms = 200
+worker_timeout_ms = 2000
+lease_ttl_ms = 3000
+collective_timeout_ms = 20000
+[checkpoint]
+url = "file://{ckpt}"
+every_steps = 50
+{extra}
+"#,
+        data = dir.join("data").display(),
+        ckpt = dir.join("ckpt").display(),
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, job).unwrap();
+    path
+}
+
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
+}
+
+fn status(addr: &str) -> Option<StatusReport> {
+    let (code, body) = http_get(addr, "/status")?;
+    if code != 200 {
+        return None;
+    }
+    serde_json::from_str(&body).ok()
+}
+
+/// Streams a child's stdout lines into a channel (and keeps them for the failure message).
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            eprintln!("[contrail] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn local_cluster_trains_and_reports_status() {
+    let dir = temp_dir("train");
+    // 1024 samples / 16 per step = 64 steps per epoch; 2 epochs = 128 steps.
+    let job = write_job(&dir, 1024, 2, "");
+    let mut child = Command::new(CONTRAIL)
+        .args(["local", "--workers", "2", "--config"])
+        .arg(&job)
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting contrail local");
+    let lines = lines_of(&mut child);
+    let mut child = KillOnDrop(child);
+
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut http_addr = None;
+    let mut all_lines = Vec::new();
+    let mut seen_steps = Vec::new();
+    let mut saw_two_workers = false;
+    let mut shard_totals_ok = false;
+    loop {
+        assert!(Instant::now() < deadline, "local cluster did not finish in time");
+        while let Ok(line) = lines.try_recv() {
+            if let Some(rest) = line.split("status http://").nth(1) {
+                http_addr = Some(rest.trim_end_matches("/status").trim().to_string());
+            }
+            all_lines.push(line);
+        }
+        if let Some(addr) = &http_addr {
+            if let Some(s) = status(addr) {
+                if s.workers.len() == 2 && s.workers.iter().all(|w| w.rank.is_some()) {
+                    saw_two_workers = true;
+                }
+                let sh = &s.shards;
+                if sh.total == 16 && sh.pending + sh.leased + sh.done + sh.failed == sh.total {
+                    shard_totals_ok = true;
+                }
+                if s.state.as_str() == "running" {
+                    seen_steps.push(s.step);
+                }
+            }
+        }
+        if let Ok(Some(code)) = child.0.try_wait() {
+            // Drain what is left of stdout.
+            std::thread::sleep(Duration::from_millis(200));
+            while let Ok(line) = lines.try_recv() {
+                all_lines.push(line);
+            }
+            assert!(code.success(), "contrail local failed: {code}\n{}", all_lines.join("\n"));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(http_addr.is_some(), "no status URL printed:\n{}", all_lines.join("\n"));
+    assert!(saw_two_workers, "/status never showed 2 ranked workers");
+    assert!(shard_totals_ok, "/status shard counts never added up to the 16 shards");
+    seen_steps.dedup();
+    assert!(seen_steps.len() >= 3, "step did not advance in /status: {seen_steps:?}");
+    assert!(seen_steps.windows(2).all(|w| w[0] <= w[1]), "step went backwards: {seen_steps:?}");
+
+    // "rank 0 finished: N steps, E epochs, loss A -> B"
+    let done = all_lines
+        .iter()
+        .find(|l| l.starts_with("rank 0 finished"))
+        .unwrap_or_else(|| panic!("no summary line:\n{}", all_lines.join("\n")));
+    let steps: u64 = done.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(steps >= 100, "trained only {steps} steps: {done}");
+    let losses: Vec<f64> = done
+        .rsplit("loss ")
+        .next()
+        .unwrap()
+        .split(" -> ")
+        .map(|x| x.trim().parse().unwrap())
+        .collect();
+    // The progress lines carry the loss every 10 steps: compare the first and last few.
+    let logged: Vec<f64> = all_lines
+        .iter()
+        .filter_map(|l| l.split("loss ").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert!(logged.len() >= 10, "too few progress lines: {logged:?}");
+    let head: f64 = logged[..3].iter().sum::<f64>() / 3.0;
+    let tail: f64 = logged[logged.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(
+        tail < head - 0.1,
+        "loss did not fall: first {head:.4}, last {tail:.4} ({losses:?})"
+    );
+    assert!(dir.join("ckpt").join("LATEST").exists(), "no checkpoint written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn killed_worker_returns_its_leases_and_fails_the_job() {
+    let dir = temp_dir("kill");
+    let job = write_job(&dir, 2048, 50, "");
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    // Write the dataset first so the coordinator sees every shard.
+    let synth = Command::new(CONTRAIL)
+        .args(["data", "synth", "--samples", "2048", "--shard-size", "64", "--out"])
+        .arg(dir.join("data"))
+        .status()
+        .unwrap();
+    assert!(synth.success());
+    let coordinator = KillOnDrop(
+        Command::new(CONTRAIL)
+            .args(["coordinator", "--config"])
+            .arg(&job)
+            .args(["--set", &format!("cluster.grpc_addr={grpc}")])
+            .args(["--set", &format!("cluster.http_addr={http}")])
+            .current_dir(&dir)
+            .spawn()
+            .unwrap(),
+    );
+    let worker = |name: &str| {
+        Command::new(CONTRAIL)
+            .args(["worker", "--coordinator", &format!("http://{grpc}")])
+            .current_dir(&dir)
+            .stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut survivor = KillOnDrop(worker("w0"));
+    let mut victim = worker("w1");
+
+    // Wait until training is under way.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let before = loop {
+        assert!(Instant::now() < deadline, "training never started");
+        if let Some(s) = status(&http) {
+            if s.step >= 5 && s.shards.leased > 0 {
+                break s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(before.state.as_str(), "running");
+    victim.kill().unwrap(); // SIGKILL
+    let _ = victim.wait();
+    let killed_at = Instant::now();
+
+    // Within worker_timeout (2 s) + lease TTL (3 s) + slack, status reports the failure and
+    // no shard is leased any more.
+    let after = loop {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "status did not report the dead worker in time"
+        );
+        if let Some(s) = status(&http) {
+            if s.state.as_str() == "failed" && s.shards.leased == 0 {
+                break s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        after.workers.iter().any(|w| w.state.as_str() == "dead"),
+        "no worker marked dead: {:?}",
+        after.workers
+    );
+    assert!(!after.reason.is_empty(), "failed without a reason");
+    let sh = &after.shards;
+    assert_eq!(sh.pending + sh.leased + sh.done + sh.failed, sh.total);
+
+    // The survivor does not hang: it exits with an error within a bounded time.
+    let code = loop {
+        if let Some(code) = survivor.0.try_wait().unwrap() {
+            break code;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(40),
+            "the surviving worker hung after its peer was killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!code.success(), "survivor should fail, not finish");
+    let err = std::fs::read_to_string(dir.join("w0.stderr")).unwrap();
+    assert!(err.contains("error"), "survivor's stderr has no error: {err}");
+    drop(coordinator);
+    let _ = std::fs::remove_dir_all(&dir);
+}
