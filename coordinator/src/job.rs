@@ -143,7 +143,9 @@ impl JobBook {
                 "lease expired without renewal; the shard is back in the pool"
             );
         }
-        if self.state != JobState::Running {
+        // After a failure, silent workers are still declared dead so their leases return to
+        // the pool and status shows which worker is gone; the first failure stays the reason.
+        if !matches!(self.state, JobState::Running | JobState::Failed) {
             return;
         }
         let timeout = self.cfg.cluster.worker_timeout_ms;
@@ -163,7 +165,11 @@ impl JobBook {
                 returned.len()
             );
             self.members.generation += 1;
-            self.fail(reason);
+            if self.state == JobState::Running {
+                self.fail(reason);
+            } else {
+                tracing::warn!("{reason}");
+            }
         }
     }
 

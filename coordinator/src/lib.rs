@@ -253,7 +253,9 @@ pub async fn run_standalone(cfg: JobConfig) -> Result<i32> {
         })?;
     // After a failure, keep answering long enough for every survivor's next heartbeat to
     // learn why it must stop; after success, just long enough to flush the last replies.
-    let failure_grace = Duration::from_millis(cfg.cluster.worker_timeout_ms);
+    // Twice the worker timeout, so a worker that died at the moment of failure is still
+    // declared dead (and its leases returned) while status is being served.
+    let failure_grace = Duration::from_millis(cfg.cluster.worker_timeout_ms * 2);
     let finish_grace = Duration::from_millis(cfg.cluster.heartbeat_ms * 2);
 
     let coord = Coordinator::new(cfg, job_toml).await?;

@@ -127,8 +127,7 @@ impl EpochPipeline {
         let marker_tx = result_tx.clone();
         let iter = source.into_iter();
         spawn_named(format!("data-dispatch-r{}", opts.rank), move || {
-            let mut seq = 0u64;
-            for input in iter {
+            for (seq, input) in (0u64..).zip(iter) {
                 let sent = match input {
                     PipelineInput::Sample(sample) => match pool_rx.recv() {
                         Ok(buf) => job_tx.send(Job { seq, sample, buf }).is_ok(),
@@ -144,7 +143,6 @@ impl EpochPipeline {
                 if !sent {
                     return; // the pipeline was dropped
                 }
-                seq += 1;
             }
         });
 

@@ -13,10 +13,10 @@
 use crate::sample::{count_bad, BadSampleCounts, BadSampleReason, Sample};
 use crate::tar_stream::TarStreamParser;
 use anyhow::{anyhow, Context, Result};
-use contrail_common::storage::{resolve, StoreLocation};
-use futures::StreamExt;
 use bytes::Bytes;
+use contrail_common::storage::{resolve, StoreLocation};
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use object_store::{GetOptions, GetRange, GetResult, GetResultPayload};
 use std::future::Future;
 use std::ops::ControlFlow;
@@ -172,6 +172,8 @@ where
                     }
                 }
                 Some(Err(e)) if !is_retryable(&e) => return Err(fatal_error(e, url, offset)),
+                // Every byte arrived before the error: there is nothing left to resume.
+                Some(Err(_)) if offset >= size => break 'request,
                 Some(Err(e)) => break e,
                 None if offset < size => {
                     break object_store::Error::Generic {
@@ -185,8 +187,8 @@ where
         failures += 1;
         if failures > opts.retries {
             return Err(anyhow!(interrupted).context(format!(
-                "reading shard {url} broke at byte {offset} of {size} and {failures} resume attempts \
-                 failed; {} samples were delivered before",
+                "reading shard {url} broke at byte {offset} of {size}, {failures} times in a row; \
+                 {} samples were delivered before",
                 stats.samples
             )));
         }
@@ -216,39 +218,45 @@ fn byte_stream(result: GetResult) -> BoxStream<'static, object_store::Result<Byt
         store: "LocalFileSystem",
         source: format!("reading {}: {e}", path.display()).into(),
     };
-    futures::stream::try_unfold((file, path, range.start), move |(mut file, path, pos)| async move {
-        if pos >= range.end {
-            return Ok(None);
-        }
-        let want = (range.end - pos).min(FILE_CHUNK) as usize;
-        let (file, path, chunk) = tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Seek, SeekFrom};
-            let mut buf = vec![0u8; want];
-            let mut got = 0;
-            let read = file.seek(SeekFrom::Start(pos)).and_then(|_| {
-                while got < want {
-                    match file.read(&mut buf[got..])? {
-                        0 => break,
-                        n => got += n,
+    futures::stream::try_unfold(
+        (file, path, range.start),
+        move |(mut file, path, pos)| async move {
+            if pos >= range.end {
+                return Ok(None);
+            }
+            let want = (range.end - pos).min(FILE_CHUNK) as usize;
+            let (file, path, chunk) = tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut buf = vec![0u8; want];
+                let mut got = 0;
+                let read = file.seek(SeekFrom::Start(pos)).and_then(|_| {
+                    while got < want {
+                        match file.read(&mut buf[got..])? {
+                            0 => break,
+                            n => got += n,
+                        }
                     }
-                }
-                Ok(())
-            });
-            buf.truncate(got);
-            (file, path, read.map(|()| buf))
-        })
-        .await
-        .map_err(|e| object_store::Error::JoinError { source: e })?;
-        let chunk = chunk.map_err(|e| io_error(&path, e))?;
-        if chunk.is_empty() {
-            return Err(io_error(
-                &path,
-                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "file shrank while reading"),
-            ));
-        }
-        let next = pos + chunk.len() as u64;
-        Ok(Some((Bytes::from(chunk), (file, path, next))))
-    })
+                    Ok(())
+                });
+                buf.truncate(got);
+                (file, path, read.map(|()| buf))
+            })
+            .await
+            .map_err(|e| object_store::Error::JoinError { source: e })?;
+            let chunk = chunk.map_err(|e| io_error(&path, e))?;
+            if chunk.is_empty() {
+                return Err(io_error(
+                    &path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "file shrank while reading",
+                    ),
+                ));
+            }
+            let next = pos + chunk.len() as u64;
+            Ok(Some((Bytes::from(chunk), (file, path, next))))
+        },
+    )
     .boxed()
 }
 
@@ -525,6 +533,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_error_after_the_last_byte_needs_no_further_request() {
+        let mut b = TarBuilder::new();
+        b.append("a.jpg", b"1");
+        b.append("b.jpg", b"2");
+        // No end-of-archive marker, so the parser still wants bytes when the stream breaks.
+        let data = b.into_inner();
+        let len = data.len() as u64;
+        let (loc, store) = flaky_location(data, len, 1).await;
+        let mut keys = Vec::new();
+        let stats = read_shard_with(&loc, &fast_retries(3), |s| {
+            keys.push(s.key);
+            async { ControlFlow::Continue(()) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(keys, ["a"]);
+        assert_eq!(stats.bad.get("truncated_tar"), Some(&1));
+        assert_eq!(store.ranges.lock().unwrap().len(), 1);
+        assert_eq!(stats.resumes, 0);
+    }
+
+    #[tokio::test]
     async fn a_missing_shard_fails_at_once_with_its_url() {
         let url = "memory://shard-reader-test/missing-000000.tar";
         let err = read_shard(url, "", 5, |_| async { ControlFlow::Continue(()) })
@@ -557,6 +587,23 @@ mod tests {
         assert!(stats.bytes < total);
     }
 
+    #[tokio::test]
+    async fn local_files_stream_across_read_chunks() {
+        let (data, originals) = shard(400);
+        assert!(data.len() > 1 << 20, "spans more than one 1 MiB file read");
+        let path = std::env::temp_dir().join(format!("contrail-shard-{}.tar", std::process::id()));
+        std::fs::write(&path, &data).unwrap();
+        let mut got = Vec::new();
+        let stats = read_shard(path.to_str().unwrap(), "", 0, |s| {
+            got.push((s.key.clone(), s.members["jpg"].to_vec()));
+            async { ControlFlow::Continue(()) }
+        })
+        .await;
+        std::fs::remove_file(&path).ok();
+        assert_eq!(stats.unwrap().samples, 400);
+        assert_eq!(got, originals);
+    }
+
     #[test]
     fn classify_checks_image_and_caption() {
         let mut s = Sample {
@@ -579,28 +626,5 @@ mod tests {
         assert_eq!(o.backoff(1), Duration::from_millis(200));
         assert_eq!(o.backoff(3), Duration::from_millis(800));
         assert_eq!(o.backoff(40), Duration::from_secs(10));
-    }
-}
-#[cfg(test)]
-mod tmp_perf {
-    use super::*;
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tmp_perf() {
-        let mut b = crate::tar_stream::TarBuilder::new();
-        let img = vec![7u8; 100_000];
-        for i in 0..2000 { b.append(&format!("{i:06}.jpg"), &img); b.append(&format!("{i:06}.txt"), b"hello"); }
-        let data = b.finish();
-        std::fs::write("/tmp/perf-shard.tar", &data).unwrap();
-        for _ in 0..2 {
-            let t = std::time::Instant::now();
-            let st = read_shard("/tmp/perf-shard.tar", "", 0, |_| async { ControlFlow::Continue(()) }).await.unwrap();
-            let dt = t.elapsed().as_secs_f64();
-            eprintln!("file: {} samples {:.1} MB in {:.3}s = {:.0} MB/s", st.samples, st.bytes as f64/1e6, dt, st.bytes as f64/1e6/dt);
-        }
-        let t = std::time::Instant::now();
-        let mut p = crate::tar_stream::TarStreamParser::new("x"); let mut out = Vec::new(); let mut n=0;
-        for c in data.chunks(65536) { p.push(c, &mut out).unwrap(); n += out.len(); out.clear(); }
-        let dt = t.elapsed().as_secs_f64();
-        eprintln!("parser: {n} samples {:.0} MB/s", data.len() as f64/1e6/dt);
     }
 }

@@ -254,12 +254,15 @@ fn counted_source(n: u32, pulled: Arc<AtomicUsize>) -> impl Iterator<Item = Pipe
     })
 }
 
+/// The counter's value once it has not moved for three consecutive 150 ms looks (generous,
+/// so that a loaded CI machine descheduling the threads does not look like a stall).
 fn wait_until_stable(counter: &AtomicUsize) -> usize {
-    let mut last = usize::MAX;
+    let (mut last, mut same) = (usize::MAX, 0);
     loop {
         std::thread::sleep(Duration::from_millis(150));
         let now = counter.load(Ordering::SeqCst);
-        if now == last {
+        same = if now == last { same + 1 } else { 0 };
+        if same == 3 {
             return now;
         }
         last = now;

@@ -54,14 +54,18 @@ pub fn run_local(config_path: &str, workers: u32, overrides: &[String], verbose:
     println!("watch with: contrail status --coordinator {status_url} --watch 2");
 
     let exe = std::env::current_exe().context("locating the contrail binary to start workers")?;
+    // Workers share this machine's cores; oversubscribed libtorch threads only slow them down.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u32;
+    let threads = (cores / workers).max(1).to_string();
     let mut children: Vec<Child> = Vec::new();
     for i in 0..workers {
         let mut cmd = Command::new(&exe);
         cmd.args(["worker", "--coordinator", &format!("http://{}", cfg.cluster.grpc_addr)])
+            .args(["--threads", &threads])
             .stdin(Stdio::null());
-        // Rank 0 prints the progress lines; the others stay quiet unless asked.
-        if !verbose && i > 0 {
-            cmd.stdout(Stdio::null());
+        // Only rank 0 prints progress lines, so every worker can share this terminal.
+        if verbose {
+            cmd.env("CONTRAIL_LOG", "info");
         }
         children.push(
             cmd.spawn()

@@ -27,6 +27,12 @@ url = "file://{data}"
 synth_samples = {samples}
 synth_shard_size = 64
 image_size = 16
+# Milder than the SimCLR defaults: 16-pixel crops of 8% of an image carry too little signal
+# for a loss curve that falls clearly within a 128-step test.
+[data.augment]
+crop_scale_min = 0.5
+grayscale_p = 0.0
+blur_p = 0.0
 [model]
 layers = [1, 1]
 width = 8
@@ -177,19 +183,21 @@ fn local_cluster_trains_and_reports_status() {
         .split(" -> ")
         .map(|x| x.trim().parse().unwrap())
         .collect();
-    // The progress lines carry the loss every 10 steps: compare the first and last few.
+    // Progress lines ("epoch E step S  loss L ...") carry the loss every 10 steps; the
+    // summary has the first step's loss, taken at random initialisation.
     let logged: Vec<f64> = all_lines
         .iter()
+        .filter(|l| l.starts_with("epoch"))
         .filter_map(|l| l.split("loss ").nth(1))
         .filter_map(|r| r.split_whitespace().next())
         .filter_map(|x| x.parse().ok())
         .collect();
     assert!(logged.len() >= 10, "too few progress lines: {logged:?}");
-    let head: f64 = logged[..3].iter().sum::<f64>() / 3.0;
-    let tail: f64 = logged[logged.len() - 3..].iter().sum::<f64>() / 3.0;
+    let tail: f64 = logged[logged.len() - 4..].iter().sum::<f64>() / 4.0;
     assert!(
-        tail < head - 0.1,
-        "loss did not fall: first {head:.4}, last {tail:.4} ({losses:?})"
+        tail < losses[0] - 0.5,
+        "loss did not fall: first step {:.4}, mean of the last four logged {tail:.4} ({logged:?})",
+        losses[0]
     );
     assert!(dir.join("ckpt").join("LATEST").exists(), "no checkpoint written");
     let _ = std::fs::remove_dir_all(&dir);
@@ -254,24 +262,30 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
     let _ = victim.wait();
     let killed_at = Instant::now();
 
-    // Within worker_timeout (2 s) + lease TTL (3 s) + slack, status reports the failure and
-    // no shard is leased any more.
+    // Within worker_timeout (2 s) + slack, status reports the failure, and the dead worker
+    // holds no lease any more: its shards went back to the pool.
+    let mut last = None;
     let after = loop {
         assert!(
             killed_at.elapsed() < Duration::from_secs(20),
-            "status did not report the dead worker in time"
+            "status did not report the dead worker in time; last status: {last:#?}"
         );
         if let Some(s) = status(&http) {
-            if s.state.as_str() == "failed" && s.shards.leased == 0 {
+            if s.state.as_str() == "failed" && s.workers.iter().any(|w| w.state.as_str() == "dead") {
                 break s;
             }
+            last = Some(s);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     };
+    let dead: Vec<_> = after.workers.iter().filter(|w| w.state.as_str() == "dead").collect();
+    assert_eq!(dead.len(), 1, "exactly the killed worker is dead: {:?}", after.workers);
+    assert_eq!(dead[0].shard, "", "the dead worker still holds a lease");
+    let holders = after.workers.iter().filter(|w| !w.shard.is_empty()).count() as u64;
     assert!(
-        after.workers.iter().any(|w| w.state.as_str() == "dead"),
-        "no worker marked dead: {:?}",
-        after.workers
+        after.shards.leased <= holders,
+        "{} shards leased but only {holders} live workers hold one",
+        after.shards.leased
     );
     assert!(!after.reason.is_empty(), "failed without a reason");
     let sh = &after.shards;

@@ -26,7 +26,7 @@ enum Command {
         /// Override a config key, e.g. `--set train.max_steps=50` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// Print the worker processes' logs (otherwise only rank 0's progress lines).
+        /// Show the workers' info-level logs (otherwise only warnings and rank 0's progress lines).
         #[arg(long)]
         verbose: bool,
     },
@@ -42,6 +42,10 @@ enum Command {
         /// Seconds to keep trying to reach the coordinator at start-up.
         #[arg(long, default_value_t = 120)]
         connect_wait_secs: u64,
+        /// libtorch intra-op threads (0: libtorch's default, one per core). Set it to
+        /// cores ÷ workers when several workers share a machine.
+        #[arg(long, env = "CONTRAIL_TORCH_THREADS", default_value_t = 0)]
+        threads: i32,
     },
     /// Run the coordinator alone (same as the `contrail-coordinator` binary).
     Coordinator {
@@ -102,7 +106,9 @@ fn main() {
             coordinator,
             bind,
             connect_wait_secs,
+            threads,
         } => runtime::run_worker(&runtime::WorkerOptions {
+            torch_threads: threads,
             coordinator,
             collective_bind: bind,
             connect_wait: Duration::from_secs(connect_wait_secs),

@@ -29,6 +29,8 @@ pub struct WorkerOptions {
     pub collective_bind: String,
     /// How long to keep trying to reach the coordinator at start-up.
     pub connect_wait: Duration,
+    /// libtorch intra-op threads; 0 keeps libtorch's default.
+    pub torch_threads: i32,
 }
 
 /// State shared between the training thread and the heartbeat task.
@@ -47,6 +49,9 @@ impl Progress {
 }
 
 pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
+    if opts.torch_threads > 0 {
+        tch::set_num_threads(opts.torch_threads);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
