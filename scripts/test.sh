@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export LIBTORCH="$PWD/libtorch"
-export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# .cargo/config.toml points LIBTORCH at ./libtorch, and worker/build.rs records its lib folder
+# as an rpath, so no environment is needed here.
 # Tests spawn the `contrail` binary for the local-cluster tests; build it first.
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast -- --test-threads 2 "$@"

@@ -40,7 +40,9 @@ pub fn join_url(base: &str, name: &str) -> String {
 pub async fn read_bytes(url: &str, s3_endpoint: &str) -> Result<Option<bytes::Bytes>> {
     let loc = resolve(url, s3_endpoint)?;
     match loc.store.get(&loc.path).await {
-        Ok(r) => Ok(Some(r.bytes().await.with_context(|| format!("reading {url}"))?)),
+        Ok(r) => Ok(Some(
+            r.bytes().await.with_context(|| format!("reading {url}"))?,
+        )),
         Err(object_store::Error::NotFound { .. }) => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {url}")),
     }
@@ -56,7 +58,10 @@ pub async fn write_bytes(url: &str, s3_endpoint: &str, data: Vec<u8>) -> Result<
 }
 
 /// The newest complete checkpoint under `base`: its directory URL and metadata.
-pub async fn read_latest(base: &str, s3_endpoint: &str) -> Result<Option<(String, CheckpointMeta)>> {
+pub async fn read_latest(
+    base: &str,
+    s3_endpoint: &str,
+) -> Result<Option<(String, CheckpointMeta)>> {
     if base.is_empty() {
         return Ok(None);
     }

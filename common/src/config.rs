@@ -389,7 +389,10 @@ impl JobConfig {
             ));
         }
         if t.epochs == 0 && t.max_steps == 0 {
-            return Err(err("train.epochs", "is 0 and train.max_steps is 0: nothing to train"));
+            return Err(err(
+                "train.epochs",
+                "is 0 and train.max_steps is 0: nothing to train",
+            ));
         }
         if t.log_every == 0 {
             return Err(err("train.log_every", "must be at least 1"));
@@ -413,7 +416,9 @@ impl JobConfig {
             return Err(err("data.synth_shard_size", "must be at least 1"));
         }
         let a = &self.data.augment;
-        if !(0.0 < a.crop_scale_min && a.crop_scale_min <= a.crop_scale_max && a.crop_scale_max <= 1.0)
+        if !(0.0 < a.crop_scale_min
+            && a.crop_scale_min <= a.crop_scale_max
+            && a.crop_scale_max <= 1.0)
         {
             return Err(err(
                 "data.augment.crop_scale_min",
@@ -434,7 +439,10 @@ impl JobConfig {
             }
         }
         if !(0.0..=0.5).contains(&a.hue) {
-            return Err(err("data.augment.hue", format!("({}) must be in [0, 0.5]", a.hue)));
+            return Err(err(
+                "data.augment.hue",
+                format!("({}) must be in [0, 0.5]", a.hue),
+            ));
         }
         if a.std.iter().any(|s| *s <= 0.0) {
             return Err(err("data.augment.std", "entries must be positive"));
@@ -443,19 +451,31 @@ impl JobConfig {
         if m.encoder != "resnet" {
             return Err(err(
                 "model.encoder",
-                format!("(\"{}\") is not a known encoder; expected \"resnet\"", m.encoder),
+                format!(
+                    "(\"{}\") is not a known encoder; expected \"resnet\"",
+                    m.encoder
+                ),
             ));
         }
         if m.layers.is_empty() || m.layers.len() > 4 || m.layers.contains(&0) {
-            return Err(err("model.layers", "must list 1 to 4 stages, each with at least one block"));
+            return Err(err(
+                "model.layers",
+                "must list 1 to 4 stages, each with at least one block",
+            ));
         }
         if m.width == 0 || m.projector_hidden == 0 || m.projector_out == 0 {
-            return Err(err("model", "width, projector_hidden and projector_out must be positive"));
+            return Err(err(
+                "model",
+                "width, projector_hidden and projector_out must be positive",
+            ));
         }
         if m.norm == NormKind::Group && m.width % 8 != 0 {
             return Err(err(
                 "model.width",
-                format!("({}) must be a multiple of 8 with norm = \"group\" (8 groups)", m.width),
+                format!(
+                    "({}) must be a multiple of 8 with norm = \"group\" (8 groups)",
+                    m.width
+                ),
             ));
         }
         // Each of the 8 groups normalises projector_hidden/8 features of one sample; with only
@@ -475,7 +495,10 @@ impl JobConfig {
         if self.objective.kind != "simclr" {
             return Err(err(
                 "objective.kind",
-                format!("(\"{}\") is not built yet; expected \"simclr\"", self.objective.kind),
+                format!(
+                    "(\"{}\") is not built yet; expected \"simclr\"",
+                    self.objective.kind
+                ),
             ));
         }
         if !(self.objective.temperature > 0.0) {
@@ -492,7 +515,10 @@ impl JobConfig {
             return Err(err("optim.lr", "must be positive"));
         }
         if !(0.0..1.0).contains(&o.momentum) {
-            return Err(err("optim.momentum", format!("({}) must be in [0, 1)", o.momentum)));
+            return Err(err(
+                "optim.momentum",
+                format!("({}) must be in [0, 1)", o.momentum),
+            ));
         }
         if o.weight_decay < 0.0 {
             return Err(err("optim.weight_decay", "must not be negative"));
@@ -534,7 +560,10 @@ impl JobConfig {
             return Err(err("cluster.collective_timeout_ms", "must be positive"));
         }
         if !self.checkpoint.url.is_empty() && self.checkpoint.keep == 0 {
-            return Err(err("checkpoint.keep", "must be at least 1 when checkpoint.url is set"));
+            return Err(err(
+                "checkpoint.keep",
+                "must be at least 1 when checkpoint.url is set",
+            ));
         }
         Ok(())
     }
@@ -594,7 +623,11 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.path, "train.global_batch");
-        assert!(e.reason.contains("(96) must be a multiple of world_size × micro_batch"), "{e}");
+        assert!(
+            e.reason
+                .contains("(96) must be a multiple of world_size × micro_batch"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -612,7 +645,8 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.train.seed, 7);
         assert_eq!(cfg.data.url, "s3://b/x-{0..3}.tar");
-        let e = JobConfig::from_toml_with_overrides("", &["optim.momentum=1.5".into()]).unwrap_err();
+        let e =
+            JobConfig::from_toml_with_overrides("", &["optim.momentum=1.5".into()]).unwrap_err();
         assert_eq!(e.path, "optim.momentum");
     }
 

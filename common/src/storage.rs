@@ -126,7 +126,11 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>> {
         .find('}')
         .map(|i| i + open)
         .ok_or_else(|| anyhow!("unclosed '{{' in shard pattern {pattern:?}"))?;
-    let (prefix, body, suffix) = (&pattern[..open], &pattern[open + 1..close], &pattern[close + 1..]);
+    let (prefix, body, suffix) = (
+        &pattern[..open],
+        &pattern[open + 1..close],
+        &pattern[close + 1..],
+    );
     let alternatives: Vec<String> = if let Some((a, b)) = body.split_once("..") {
         let lo: u64 = a
             .parse()
@@ -185,7 +189,10 @@ pub async fn list_shards(spec: &str, s3_endpoint: &str) -> Result<Vec<String>> {
         .filter(|m| m.location.as_ref().ends_with(".tar"))
         .map(|m| {
             let rel = m.location.as_ref();
-            let rel = rel.strip_prefix(prefix_path).unwrap_or(rel).trim_start_matches('/');
+            let rel = rel
+                .strip_prefix(prefix_path)
+                .unwrap_or(rel)
+                .trim_start_matches('/');
             format!("{base}/{rel}")
         })
         .collect();
@@ -227,13 +234,28 @@ mod tests {
     #[tokio::test]
     async fn memory_prefix_lists_only_tars_sorted() {
         let loc = resolve("memory://listing-test/a/b.tar", "").unwrap();
-        loc.store.put(&loc.path, PutPayload::from_static(b"x")).await.unwrap();
+        loc.store
+            .put(&loc.path, PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
         let loc2 = resolve("memory://listing-test/a/a.tar", "").unwrap();
-        loc2.store.put(&loc2.path, PutPayload::from_static(b"x")).await.unwrap();
+        loc2.store
+            .put(&loc2.path, PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
         let loc3 = resolve("memory://listing-test/a/readme.txt", "").unwrap();
-        loc3.store.put(&loc3.path, PutPayload::from_static(b"x")).await.unwrap();
+        loc3.store
+            .put(&loc3.path, PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
         let urls = list_shards("memory://listing-test/a", "").await.unwrap();
-        assert_eq!(urls, vec!["memory://listing-test/a/a.tar", "memory://listing-test/a/b.tar"]);
+        assert_eq!(
+            urls,
+            vec![
+                "memory://listing-test/a/a.tar",
+                "memory://listing-test/a/b.tar"
+            ]
+        );
     }
 
     #[test]

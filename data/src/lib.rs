@@ -2,9 +2,9 @@
 
 pub mod sample;
 pub use sample::{BadSampleCounts, BadSampleReason, Sample};
-pub mod tar_stream;
+pub mod augment;
+pub mod decode;
+pub mod pipeline;
 pub mod shard_reader;
 pub mod synth;
-pub mod decode;
-pub mod augment;
-pub mod pipeline;
+pub mod tar_stream;

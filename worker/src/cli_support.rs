@@ -40,7 +40,14 @@ pub fn run_coordinator(path: &str, overrides: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub fn synth(out: &str, samples: u64, shard_size: u64, image_size: u32, seed: u64, s3_endpoint: &str) -> Result<()> {
+pub fn synth(
+    out: &str,
+    samples: u64,
+    shard_size: u64,
+    image_size: u32,
+    seed: u64,
+    s3_endpoint: &str,
+) -> Result<()> {
     let rt = runtime()?;
     let started = std::time::Instant::now();
     let summary = rt.block_on(contrail_data::synth::write_synth_dataset(

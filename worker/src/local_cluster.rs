@@ -10,7 +10,12 @@ use contrail_common::storage::list_shards;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub fn run_local(config_path: &str, workers: u32, overrides: &[String], verbose: bool) -> Result<()> {
+pub fn run_local(
+    config_path: &str,
+    workers: u32,
+    overrides: &[String],
+    verbose: bool,
+) -> Result<()> {
     let mut overrides = overrides.to_vec();
     overrides.push(format!("cluster.world_size={workers}"));
     let (mut cfg, _) = load_config(config_path, &overrides)?;
@@ -19,7 +24,12 @@ pub fn run_local(config_path: &str, workers: u32, overrides: &[String], verbose:
     // Bind first, so `:0` in the config becomes a real port that the workers are given.
     let grpc = rt
         .block_on(tokio::net::TcpListener::bind(&cfg.cluster.grpc_addr))
-        .with_context(|| format!("binding the coordinator's gRPC address {}", cfg.cluster.grpc_addr))?;
+        .with_context(|| {
+            format!(
+                "binding the coordinator's gRPC address {}",
+                cfg.cluster.grpc_addr
+            )
+        })?;
     let http = rt
         .block_on(tokio::net::TcpListener::bind(&cfg.cluster.http_addr))
         .with_context(|| format!("binding the status address {}", cfg.cluster.http_addr))?;
@@ -50,19 +60,28 @@ pub fn run_local(config_path: &str, workers: u32, overrides: &[String], verbose:
         let _ = shutdown_rx.await;
     }));
     let status_url = format!("http://{}", cfg.cluster.http_addr);
-    println!("coordinator: gRPC {} | status {status_url}/status", cfg.cluster.grpc_addr);
+    println!(
+        "coordinator: gRPC {} | status {status_url}/status",
+        cfg.cluster.grpc_addr
+    );
     println!("watch with: contrail status --coordinator {status_url} --watch 2");
 
     let exe = std::env::current_exe().context("locating the contrail binary to start workers")?;
     // Workers share this machine's cores; oversubscribed libtorch threads only slow them down.
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u32;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as u32;
     let threads = (cores / workers).max(1).to_string();
     let mut children: Vec<Child> = Vec::new();
     for i in 0..workers {
         let mut cmd = Command::new(&exe);
-        cmd.args(["worker", "--coordinator", &format!("http://{}", cfg.cluster.grpc_addr)])
-            .args(["--threads", &threads])
-            .stdin(Stdio::null());
+        cmd.args([
+            "worker",
+            "--coordinator",
+            &format!("http://{}", cfg.cluster.grpc_addr),
+        ])
+        .args(["--threads", &threads])
+        .stdin(Stdio::null());
         // Only rank 0 prints progress lines, so every worker can share this terminal.
         if verbose {
             cmd.env("CONTRAIL_LOG", "info");
@@ -121,7 +140,10 @@ pub fn run_local(config_path: &str, workers: u32, overrides: &[String], verbose:
     let _ = shutdown_tx.send(());
     let _ = rt.block_on(server);
     println!("{}", contrail_coordinator::render_status_text(&report));
-    println!("local cluster ran for {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "local cluster ran for {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     match final_state {
         JobState::Finished => Ok(()),
         _ => {

@@ -41,13 +41,18 @@ struct Setup {
     view2: Tensor,
 }
 
+/// libtorch has one global RNG and the tests of this file run on parallel threads: seeding
+/// and drawing happen under this lock so every test sees the same model and images.
+static RNG: Mutex<()> = Mutex::new(());
+
 fn setup(samples: i64) -> Setup {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::set_num_threads(1);
     tch::manual_seed(17);
     let initial = SimClrModel::new(&model_config(), Device::Cpu).unwrap();
-    let view1 = Tensor::randn([samples, 3, 16, 16], (Kind::Float, Device::Cpu));
-    let view2 =
-        &view1 * 0.8 + Tensor::randn([samples, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.3;
+    let shape = [samples, 3, 16, 16];
+    let view1 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+    let view2 = &view1 * 0.8 + Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.3;
     Setup {
         initial,
         view1,
@@ -56,6 +61,7 @@ fn setup(samples: i64) -> Setup {
 }
 
 fn fresh_copy(of: &SimClrModel) -> SimClrModel {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     // A different seed, so only the copy can make the models identical.
     tch::manual_seed(99);
     let mut m = SimClrModel::new(&model_config(), Device::Cpu).unwrap();

@@ -69,7 +69,11 @@ every_steps = 50
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
@@ -130,7 +134,10 @@ fn local_cluster_trains_and_reports_status() {
     let mut saw_two_workers = false;
     let mut shard_totals_ok = false;
     loop {
-        assert!(Instant::now() < deadline, "local cluster did not finish in time");
+        assert!(
+            Instant::now() < deadline,
+            "local cluster did not finish in time"
+        );
         while let Ok(line) = lines.try_recv() {
             if let Some(rest) = line.split("status http://").nth(1) {
                 http_addr = Some(rest.trim_end_matches("/status").trim().to_string());
@@ -157,17 +164,34 @@ fn local_cluster_trains_and_reports_status() {
             while let Ok(line) = lines.try_recv() {
                 all_lines.push(line);
             }
-            assert!(code.success(), "contrail local failed: {code}\n{}", all_lines.join("\n"));
+            assert!(
+                code.success(),
+                "contrail local failed: {code}\n{}",
+                all_lines.join("\n")
+            );
             break;
         }
         std::thread::sleep(Duration::from_millis(150));
     }
-    assert!(http_addr.is_some(), "no status URL printed:\n{}", all_lines.join("\n"));
+    assert!(
+        http_addr.is_some(),
+        "no status URL printed:\n{}",
+        all_lines.join("\n")
+    );
     assert!(saw_two_workers, "/status never showed 2 ranked workers");
-    assert!(shard_totals_ok, "/status shard counts never added up to the 16 shards");
+    assert!(
+        shard_totals_ok,
+        "/status shard counts never added up to the 16 shards"
+    );
     seen_steps.dedup();
-    assert!(seen_steps.len() >= 3, "step did not advance in /status: {seen_steps:?}");
-    assert!(seen_steps.windows(2).all(|w| w[0] <= w[1]), "step went backwards: {seen_steps:?}");
+    assert!(
+        seen_steps.len() >= 3,
+        "step did not advance in /status: {seen_steps:?}"
+    );
+    assert!(
+        seen_steps.windows(2).all(|w| w[0] <= w[1]),
+        "step went backwards: {seen_steps:?}"
+    );
 
     // "rank 0 finished: N steps, E epochs, loss A -> B"
     let done = all_lines
@@ -199,7 +223,10 @@ fn local_cluster_trains_and_reports_status() {
         "loss did not fall: first step {:.4}, mean of the last four logged {tail:.4} ({logged:?})",
         losses[0]
     );
-    assert!(dir.join("ckpt").join("LATEST").exists(), "no checkpoint written");
+    assert!(
+        dir.join("ckpt").join("LATEST").exists(),
+        "no checkpoint written"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -219,7 +246,15 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
     let http = format!("127.0.0.1:{}", free_port());
     // Write the dataset first so the coordinator sees every shard.
     let synth = Command::new(CONTRAIL)
-        .args(["data", "synth", "--samples", "2048", "--shard-size", "64", "--out"])
+        .args([
+            "data",
+            "synth",
+            "--samples",
+            "2048",
+            "--shard-size",
+            "64",
+            "--out",
+        ])
         .arg(dir.join("data"))
         .status()
         .unwrap();
@@ -271,15 +306,25 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
             "status did not report the dead worker in time; last status: {last:#?}"
         );
         if let Some(s) = status(&http) {
-            if s.state.as_str() == "failed" && s.workers.iter().any(|w| w.state.as_str() == "dead") {
+            if s.state.as_str() == "failed" && s.workers.iter().any(|w| w.state.as_str() == "dead")
+            {
                 break s;
             }
             last = Some(s);
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let dead: Vec<_> = after.workers.iter().filter(|w| w.state.as_str() == "dead").collect();
-    assert_eq!(dead.len(), 1, "exactly the killed worker is dead: {:?}", after.workers);
+    let dead: Vec<_> = after
+        .workers
+        .iter()
+        .filter(|w| w.state.as_str() == "dead")
+        .collect();
+    assert_eq!(
+        dead.len(),
+        1,
+        "exactly the killed worker is dead: {:?}",
+        after.workers
+    );
     assert_eq!(dead[0].shard, "", "the dead worker still holds a lease");
     let holders = after.workers.iter().filter(|w| !w.shard.is_empty()).count() as u64;
     assert!(
@@ -304,7 +349,75 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
     };
     assert!(!code.success(), "survivor should fail, not finish");
     let err = std::fs::read_to_string(dir.join("w0.stderr")).unwrap();
-    assert!(err.contains("error"), "survivor's stderr has no error: {err}");
+    assert!(
+        err.contains("error"),
+        "survivor's stderr has no error: {err}"
+    );
     drop(coordinator);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `contrail local` to completion and returns its stdout lines.
+fn run_local(dir: &Path, job: &Path, extra: &[&str]) -> Vec<String> {
+    let out = Command::new(CONTRAIL)
+        .args(["local", "--workers", "2", "--config"])
+        .arg(job)
+        .args(extra)
+        .current_dir(dir)
+        .output()
+        .expect("running contrail local");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "contrail local failed: {}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn restarted_job_resumes_from_the_latest_checkpoint() {
+    let dir = temp_dir("resume");
+    let job = write_job(&dir, 1024, 5, "");
+    let first = run_local(
+        &dir,
+        &job,
+        &[
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "checkpoint.every_steps=10",
+        ],
+    );
+    assert!(
+        first
+            .iter()
+            .any(|l| l.starts_with("rank 0 finished: 20 steps")),
+        "{first:#?}"
+    );
+    let latest = std::fs::read_to_string(dir.join("ckpt").join("LATEST")).unwrap();
+    assert_eq!(latest.trim(), "step-00000020");
+
+    let second = run_local(&dir, &job, &["--set", "train.max_steps=30"]);
+    assert!(
+        second
+            .iter()
+            .any(|l| l.contains("resumed from") && l.contains("step 20")),
+        "second run did not resume: {second:#?}"
+    );
+    // Only the remaining 10 steps are trained, and the step counter continues from 20.
+    assert!(
+        second
+            .iter()
+            .any(|l| l.starts_with("rank 0 finished: 10 steps")),
+        "{second:#?}"
+    );
+    assert!(
+        second.iter().any(|l| l.contains("step 30/30")),
+        "{second:#?}"
+    );
+    let latest = std::fs::read_to_string(dir.join("ckpt").join("LATEST")).unwrap();
+    assert_eq!(latest.trim(), "step-00000030");
     let _ = std::fs::remove_dir_all(&dir);
 }

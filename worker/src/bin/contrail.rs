@@ -6,7 +6,11 @@ use contrail_worker::{cli_support, local_cluster, runtime};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "contrail", version, about = "Distributed contrastive training (SimCLR, ...)")]
+#[command(
+    name = "contrail",
+    version,
+    about = "Distributed contrastive training (SimCLR, ...)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -45,7 +45,10 @@ impl SimClrModel {
         if cfg.norm == NormKind::Group {
             let g = resnet::GROUP_NORM_GROUPS as u32;
             if !cfg.width.is_multiple_of(g) {
-                bail!("model.width ({}) must be a multiple of {g} with norm = \"group\"", cfg.width);
+                bail!(
+                    "model.width ({}) must be a multiple of {g} with norm = \"group\"",
+                    cfg.width
+                );
             }
             // The projector's GroupNorm sees hidden/8 features per group and sample; with
             // fewer than 8 it degenerates into a sign pattern with vanishing gradients.

@@ -35,7 +35,11 @@ pub enum Lease {
 impl Coordinator {
     /// Connects (retrying for up to `wait`, since the coordinator may still be starting) and
     /// registers this worker with its collective address.
-    pub async fn register(endpoint: &str, collective_address: &str, wait: Duration) -> Result<Self> {
+    pub async fn register(
+        endpoint: &str,
+        collective_address: &str,
+        wait: Duration,
+    ) -> Result<Self> {
         let endpoint = if endpoint.contains("://") {
             endpoint.to_string()
         } else {
@@ -100,7 +104,12 @@ impl Coordinator {
         })
     }
 
-    pub async fn heartbeat(&mut self, step: u64, state: &str, shard: &str) -> Result<Option<String>> {
+    pub async fn heartbeat(
+        &mut self,
+        step: u64,
+        state: &str,
+        shard: &str,
+    ) -> Result<Option<String>> {
         let r = self
             .client
             .heartbeat(proto::HeartbeatRequest {

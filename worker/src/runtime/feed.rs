@@ -81,8 +81,16 @@ impl EpochFeed {
     }
 
     fn complete(&self, report: ShardReport) {
-        let Some(open) = self.leases.lock().ok().and_then(|mut l| l.remove(&report.shard)) else {
-            tracing::warn!("pipeline reported shard {} that this worker never leased", report.shard);
+        let Some(open) = self
+            .leases
+            .lock()
+            .ok()
+            .and_then(|mut l| l.remove(&report.shard))
+        else {
+            tracing::warn!(
+                "pipeline reported shard {} that this worker never leased",
+                report.shard
+            );
             return;
         };
         let mut coord = self.coord.clone();

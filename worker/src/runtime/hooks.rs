@@ -131,7 +131,13 @@ impl TrainHooks for WorkerHooks<'_> {
         Ok(())
     }
 
-    fn checkpoint(&mut self, model: &SimClrModel, opt: &dyn Optimizer, epoch: u32, step: u64) -> Result<()> {
+    fn checkpoint(
+        &mut self,
+        model: &SimClrModel,
+        opt: &dyn Optimizer,
+        epoch: u32,
+        step: u64,
+    ) -> Result<()> {
         let ck = &self.cfg.checkpoint;
         if ck.url.is_empty() || self.rank != 0 {
             return Ok(());

@@ -57,8 +57,12 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the worker's async runtime")?;
-    let bootstrap = TcpCollective::bind(&opts.collective_bind)
-        .with_context(|| format!("binding the collective listener on {}", opts.collective_bind))?;
+    let bootstrap = TcpCollective::bind(&opts.collective_bind).with_context(|| {
+        format!(
+            "binding the collective listener on {}",
+            opts.collective_bind
+        )
+    })?;
     let collective_addr = bootstrap
         .local_addr()
         .context("reading the collective listener's address")?
@@ -69,7 +73,8 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
         opts.connect_wait,
     ))?;
     let asg = rt.block_on(coord.rendezvous())?;
-    let cfg = JobConfig::from_toml(&asg.job_toml).context("the coordinator sent a job config this worker rejects")?;
+    let cfg = JobConfig::from_toml(&asg.job_toml)
+        .context("the coordinator sent a job config this worker rejects")?;
     tracing::info!(
         rank = asg.rank,
         world = asg.world_size,
@@ -123,7 +128,10 @@ fn train_rank(
     let mut start = StartPoint::default();
     if !asg.resume_checkpoint.is_empty() {
         let tensors = rt
-            .block_on(read_checkpoint(&asg.resume_checkpoint, &cfg.data.s3_endpoint))
+            .block_on(read_checkpoint(
+                &asg.resume_checkpoint,
+                &cfg.data.s3_endpoint,
+            ))
             .with_context(|| format!("resuming from {}", asg.resume_checkpoint))?;
         model.load_named(&tensors.model)?;
         opt.load_state(&tensors.optim)?;

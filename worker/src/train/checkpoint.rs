@@ -31,7 +31,12 @@ pub fn tensors_to_safetensors(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
     // safetensors wants contiguous CPU tensors.
     let cpu: Vec<(String, Tensor)> = named
         .iter()
-        .map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous()))
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.detach().to_device(tch::Device::Cpu).contiguous(),
+            )
+        })
         .collect();
     Tensor::write_safetensors(&cpu, &path).context("serializing tensors to safetensors")?;
     let bytes = std::fs::read(&path).with_context(|| format!("reading back {}", path.display()));
@@ -102,6 +107,10 @@ async fn prune(base: &str, s3_endpoint: &str, keep: u32) -> Result<()> {
         }) {
             loc.store.delete(&m.location).await?;
         }
+        // Object stores have no directories, but a local one leaves an empty folder behind.
+        if let Some(local) = base.strip_prefix("file://") {
+            let _ = std::fs::remove_dir(std::path::Path::new(local).join(dir));
+        }
     }
     Ok(())
 }
@@ -147,7 +156,9 @@ mod tests {
                 Tensor::zeros([3, 1], (tch::Kind::Float, tch::Device::Cpu)),
             )])
             .unwrap();
-            write_checkpoint(&base, "", 2, &meta, model, optim).await.unwrap();
+            write_checkpoint(&base, "", 2, &meta, model, optim)
+                .await
+                .unwrap();
         }
         let (latest_dir, meta) = contrail_common::checkpoint::read_latest(&base, "")
             .await
@@ -156,9 +167,16 @@ mod tests {
         assert_eq!(meta.step, 30);
         let t = read_checkpoint(&latest_dir, "").await.unwrap();
         assert_eq!(t.model[0].0, "fc.weight");
-        assert_eq!(Vec::<f32>::try_from(&t.model[0].1.flatten(0, -1)).unwrap(), vec![30.0, 2.0, 3.0]);
-        assert!(!dir.join("step-00000010").exists(), "oldest checkpoint must be pruned");
-        assert!(dir.join("step-00000020").exists());
+        assert_eq!(
+            Vec::<f32>::try_from(&t.model[0].1.flatten(0, -1)).unwrap(),
+            vec![30.0, 2.0, 3.0]
+        );
+        assert!(
+            !dir.join("step-00000010").join(MODEL_FILE).exists(),
+            "oldest checkpoint must be pruned"
+        );
+        assert!(!dir.join("step-00000010").exists(), "its empty folder too");
+        assert!(dir.join("step-00000020").join(MODEL_FILE).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

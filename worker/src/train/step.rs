@@ -193,7 +193,3 @@ fn all_reduce_gradients(model: &SimClrModel, coll: &dyn Collective) -> Result<()
     }
     Ok(())
 }
-
-#[cfg(test)]
-#[path = "/tmp/ge_tmp.rs"]
-mod ge_tmp;

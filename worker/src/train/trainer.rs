@@ -44,7 +44,13 @@ pub trait TrainHooks {
     /// Called after every step; an error stops training.
     fn after_step(&mut self, event: &StepEvent) -> Result<()>;
     /// Called when a checkpoint is due (every `checkpoint.every_steps`, and at the end).
-    fn checkpoint(&mut self, model: &SimClrModel, opt: &dyn Optimizer, epoch: u32, step: u64) -> Result<()>;
+    fn checkpoint(
+        &mut self,
+        model: &SimClrModel,
+        opt: &dyn Optimizer,
+        epoch: u32,
+        step: u64,
+    ) -> Result<()>;
     /// Why training must stop now (e.g. the coordinator declared the job failed), if it must.
     fn stop_reason(&self) -> Option<String>;
 }
@@ -138,7 +144,10 @@ pub fn train(
                 summary.first_loss.get_or_insert(outcome.loss);
                 summary.last_loss = Some(outcome.loss);
                 if !outcome.loss.is_finite() {
-                    bail!("loss became {} at step {step} (epoch {epoch})", outcome.loss);
+                    bail!(
+                        "loss became {} at step {step} (epoch {epoch})",
+                        outcome.loss
+                    );
                 }
                 hooks.after_step(&StepEvent {
                     epoch,
