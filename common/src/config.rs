@@ -9,6 +9,7 @@ use std::fmt;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
+#[derive(Default)]
 pub struct JobConfig {
     #[serde(default)]
     pub data: DataConfig,
@@ -318,20 +319,6 @@ fn err(path: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-impl Default for JobConfig {
-    fn default() -> Self {
-        Self {
-            data: DataConfig::default(),
-            model: ModelConfig::default(),
-            objective: ObjectiveConfig::default(),
-            optim: OptimConfig::default(),
-            train: TrainConfig::default(),
-            cluster: ClusterConfig::default(),
-            checkpoint: CheckpointConfig::default(),
-        }
-    }
-}
-
 impl JobConfig {
     /// Parses a job file, applies `section.key=value` overrides, and validates the result.
     pub fn from_toml_with_overrides(text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
@@ -368,7 +355,7 @@ impl JobConfig {
             return Err(err("train.micro_batch", "must be at least 1"));
         }
         let per_round = c.world_size as u64 * t.micro_batch;
-        if t.global_batch == 0 || t.global_batch % per_round != 0 {
+        if t.global_batch == 0 || !t.global_batch.is_multiple_of(per_round) {
             return Err(err(
                 "train.global_batch",
                 format!(
@@ -469,7 +456,7 @@ impl JobConfig {
                 "width, projector_hidden and projector_out must be positive",
             ));
         }
-        if m.norm == NormKind::Group && m.width % 8 != 0 {
+        if m.norm == NormKind::Group && !m.width.is_multiple_of(8) {
             return Err(err(
                 "model.width",
                 format!(
@@ -501,7 +488,7 @@ impl JobConfig {
                 ),
             ));
         }
-        if !(self.objective.temperature > 0.0) {
+        if self.objective.temperature.is_nan() || self.objective.temperature <= 0.0 {
             return Err(err("objective.temperature", "must be positive"));
         }
         let o = &self.optim;
@@ -511,7 +498,7 @@ impl JobConfig {
                 format!("(\"{}\") is not built yet; expected \"sgd\"", o.kind),
             ));
         }
-        if !(o.lr > 0.0) {
+        if o.lr.is_nan() || o.lr <= 0.0 {
             return Err(err("optim.lr", "must be positive"));
         }
         if !(0.0..1.0).contains(&o.momentum) {

@@ -96,12 +96,10 @@ pub fn resolve(raw: &str, s3_endpoint: &str) -> Result<StoreLocation> {
             // Credentials come from the environment (Kubernetes Secrets, workload identity).
             for (k, v) in std::env::vars() {
                 let lower = k.to_ascii_lowercase();
-                if lower.starts_with("aws_") || lower.starts_with("google_") || lower.starts_with("azure_")
-                {
-                    if !opts.iter().any(|(o, _)| *o == lower) {
+                if (lower.starts_with("aws_") || lower.starts_with("google_") || lower.starts_with("azure_"))
+                    && !opts.iter().any(|(o, _)| *o == lower) {
                         opts.push((lower, v));
                     }
-                }
             }
             let (store, path) = object_store::parse_url_opts(&url, opts)
                 .with_context(|| format!("opening object store for {url_str}"))?;

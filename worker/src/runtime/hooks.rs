@@ -114,7 +114,7 @@ impl TrainHooks for WorkerHooks<'_> {
             }
         });
         self.samples_since_log += ev.global_samples;
-        if self.rank == 0 && ev.step % self.cfg.train.log_every == 0 {
+        if self.rank == 0 && ev.step.is_multiple_of(self.cfg.train.log_every) {
             let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
             println!(
                 "epoch {:>3} step {:>6}  loss {:.4}  lr {:.4}  {:.1} samples/s ({} workers)",

@@ -49,7 +49,7 @@ pub fn safetensors_to_tensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     std::fs::write(&path, bytes).with_context(|| format!("staging {}", path.display()))?;
     let out = Tensor::read_safetensors(&path).context("parsing safetensors");
     let _ = std::fs::remove_file(&path);
-    Ok(out?)
+    out
 }
 
 /// Everything a checkpoint holds besides its metadata.

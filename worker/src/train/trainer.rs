@@ -158,7 +158,7 @@ pub fn train(
                     step_seconds: started.elapsed().as_secs_f64(),
                 })?;
                 let every = cfg.checkpoint.every_steps;
-                if every > 0 && step % every == 0 && !max_steps_reached(step) {
+                if every > 0 && step.is_multiple_of(every) && !max_steps_reached(step) {
                     hooks.checkpoint(model, &*opt, epoch, step)?;
                 }
                 if max_steps_reached(step) {
