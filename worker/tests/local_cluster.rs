@@ -133,6 +133,7 @@ fn local_cluster_trains_and_reports_status() {
     let mut seen_steps = Vec::new();
     let mut saw_two_workers = false;
     let mut shard_totals_ok = false;
+    let mut status_text: Option<String> = None;
     loop {
         assert!(
             Instant::now() < deadline,
@@ -155,6 +156,13 @@ fn local_cluster_trains_and_reports_status() {
                 }
                 if s.state.as_str() == "running" {
                     seen_steps.push(s.step);
+                    if status_text.is_none() && s.step > 0 {
+                        let out = Command::new(CONTRAIL)
+                            .args(["status", "--coordinator", &format!("http://{addr}")])
+                            .output()
+                            .unwrap();
+                        status_text = Some(String::from_utf8_lossy(&out.stdout).to_string());
+                    }
                 }
             }
         }
@@ -183,6 +191,11 @@ fn local_cluster_trains_and_reports_status() {
         shard_totals_ok,
         "/status shard counts never added up to the 16 shards"
     );
+    // `contrail status` renders the same report for a person.
+    let text = status_text.expect("never ran `contrail status` while the job was running");
+    assert!(text.contains("running"), "{text}");
+    assert!(text.contains('%') && text.contains('['), "no progress bar: {text}");
+    assert!(text.contains("rank   0") && text.contains("rank   1"), "{text}");
     seen_steps.dedup();
     assert!(
         seen_steps.len() >= 3,
