@@ -124,10 +124,16 @@ pub fn run_local(
         std::thread::sleep(Duration::from_millis(100));
     };
 
-    // Give workers a moment to leave on their own, then make sure none outlives us.
+    // Give workers a moment to leave on their own (none after Ctrl-C), then make sure none
+    // outlives us.
     let grace = Instant::now();
+    let patience = if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(10)
+    };
     for c in children.iter_mut() {
-        while grace.elapsed() < Duration::from_secs(10) {
+        while grace.elapsed() < patience {
             if let Ok(Some(_)) = c.try_wait() {
                 break;
             }

@@ -194,8 +194,14 @@ fn local_cluster_trains_and_reports_status() {
     // `contrail status` renders the same report for a person.
     let text = status_text.expect("never ran `contrail status` while the job was running");
     assert!(text.contains("running"), "{text}");
-    assert!(text.contains('%') && text.contains('['), "no progress bar: {text}");
-    assert!(text.contains("rank   0") && text.contains("rank   1"), "{text}");
+    assert!(
+        text.contains('%') && text.contains('['),
+        "no progress bar: {text}"
+    );
+    assert!(
+        text.contains("rank   0") && text.contains("rank   1"),
+        "{text}"
+    );
     seen_steps.dedup();
     assert!(
         seen_steps.len() >= 3,
@@ -433,4 +439,89 @@ fn restarted_job_resumes_from_the_latest_checkpoint() {
     let latest = std::fs::read_to_string(dir.join("ckpt").join("LATEST")).unwrap();
     assert_eq!(latest.trim(), "step-00000030");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ctrl_c_stops_the_local_cluster_and_its_workers() {
+    let dir = temp_dir("interrupt");
+    let job = write_job(&dir, 2048, 50, "");
+    let mut child = Command::new(CONTRAIL)
+        .args(["local", "--workers", "2", "--config"])
+        .arg(&job)
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut child);
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let addr = loop {
+        assert!(Instant::now() < deadline, "no status URL printed");
+        if let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+            if let Some(rest) = line.split("status http://").nth(1) {
+                break rest.trim_end_matches("/status").trim().to_string();
+            }
+        }
+    };
+    loop {
+        assert!(Instant::now() < deadline, "training never started");
+        if status(&addr).is_some_and(|s| s.step >= 3) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let workers = child_pids(child.0.id());
+    assert_eq!(
+        workers.len(),
+        2,
+        "expected 2 worker processes, found {workers:?}"
+    );
+    let sent = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let stopped_at = Instant::now();
+    let code = loop {
+        if let Some(code) = child.0.try_wait().unwrap() {
+            break code;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(15),
+            "contrail local did not stop after SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !code.success(),
+        "an interrupted job must not report success"
+    );
+    // The worker processes are gone too (killed and reaped), and the status server is closed.
+    for pid in &workers {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "worker process {pid} outlived contrail local"
+        );
+    }
+    assert!(status(&addr).is_none(), "status server still up");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Processes whose parent is `parent` (from /proc; Linux only, as the project is).
+fn child_pids(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        if after.split_whitespace().nth(1) == Some(&parent.to_string()) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
