@@ -104,3 +104,18 @@ pub fn status(base: &str, watch_secs: u64) -> Result<()> {
         std::thread::sleep(Duration::from_secs(watch_secs));
     }
 }
+
+/// `contrail info`: what the linked libtorch can see. A GPU machine that prints
+/// `cuda available: false` usually means libtorch_cuda was dropped at link time.
+pub fn info() {
+    println!("contrail {}", env!("CARGO_PKG_VERSION"));
+    println!("libtorch intra-op threads: {}", tch::get_num_threads());
+    println!("cuda available: {}", tch::Cuda::is_available());
+    println!("cuda devices: {}", tch::Cuda::device_count());
+    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+    if tch::Cuda::is_available() {
+        let t = tch::Tensor::ones([1024, 1024], (tch::Kind::Float, tch::Device::Cuda(0)));
+        let s = t.matmul(&t).sum(tch::Kind::Float).double_value(&[]);
+        println!("cuda matmul check: {s} (expected {})", 1024.0f64.powi(3));
+    }
+}

@@ -58,6 +58,8 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Print what this build of contrail sees: libtorch threads, CUDA devices, cuDNN.
+    Info,
     /// Datasets.
     Data {
         #[command(subcommand)]
@@ -132,6 +134,10 @@ fn main() {
                 },
         } => cli_support::synth(&out, samples, shard_size, image_size, seed, &s3_endpoint),
         Command::Status { coordinator, watch } => cli_support::status(&coordinator, watch),
+        Command::Info => {
+            cli_support::info();
+            Ok(())
+        }
     };
     if let Err(e) = result.context("contrail failed") {
         eprintln!("error: {e:#}");

@@ -144,6 +144,15 @@ fn train_rank(
                 "resumed from {} (epoch {}, step {})",
                 asg.resume_checkpoint, start.epoch, start.step
             );
+            let t = &cfg.train;
+            if (t.epochs > 0 && start.epoch >= t.epochs)
+                || (t.max_steps > 0 && start.step >= t.max_steps)
+            {
+                println!(
+                    "that checkpoint already completed this job's train.epochs / train.max_steps: \
+                     nothing to train (raise them, or point checkpoint.url elsewhere to start over)"
+                );
+            }
         }
     }
     let mut hooks = hooks::WorkerHooks::new(rt, coord.clone(), cfg, asg, progress.clone());
