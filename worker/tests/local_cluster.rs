@@ -525,3 +525,80 @@ fn child_pids(parent: u32) -> Vec<u32> {
     }
     pids
 }
+
+/// A JPEG whose SOF0 header claims 60000 × 60000 pixels (3.6 gigapixels).
+fn forged_bomb(jpeg: &[u8]) -> Vec<u8> {
+    let mut out = jpeg.to_vec();
+    let sof = out
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("baseline JPEG has an SOF0 marker");
+    // marker(2) length(2) precision(1) height(2) width(2)
+    out[sof + 5..sof + 7].copy_from_slice(&60000u16.to_be_bytes());
+    out[sof + 7..sof + 9].copy_from_slice(&60000u16.to_be_bytes());
+    out
+}
+
+#[test]
+fn bad_samples_are_skipped_counted_and_reported_in_status() {
+    use contrail_data::synth::render_sample;
+    use contrail_data::tar_stream::TarBuilder;
+
+    let dir = temp_dir("bad");
+    let job = write_job(&dir, 512, 1, "");
+    let synth = Command::new(CONTRAIL)
+        .args([
+            "data",
+            "synth",
+            "--samples",
+            "512",
+            "--shard-size",
+            "64",
+            "--out",
+        ])
+        .arg(dir.join("data"))
+        .status()
+        .unwrap();
+    assert!(synth.success());
+
+    let members = |i: u64| render_sample(7, i, 64).unwrap();
+    let jpeg = |i: u64| members(i).into_iter().find(|(e, _)| *e == "jpg").unwrap().1;
+    let mut tar = TarBuilder::new();
+    for (ext, bytes) in members(0) {
+        tar.append(&format!("good-0.{ext}"), &bytes);
+    }
+    tar.append("corrupt.jpg", &jpeg(1)[..40]);
+    tar.append("corrupt.txt", b"a cut-off image");
+    tar.append("bomb.jpg", &forged_bomb(&jpeg(2)));
+    tar.append("noimage.txt", b"a caption without an image");
+    tar.append("badcaption.jpg", &jpeg(3));
+    tar.append("badcaption.txt", &[0x61, 0xFF, 0xFE, 0x62]);
+    tar.append("cut.jpg", &jpeg(4));
+    let full = tar.finish();
+    // End-of-archive (1024 zero bytes) plus the last member's padding and 100 of its bytes go:
+    // the stream now ends inside cut.jpg.
+    let cut_len = full.len() - 1024 - 512;
+    std::fs::write(dir.join("data").join("zz-bad.tar"), &full[..cut_len]).unwrap();
+
+    let lines = run_local(&dir, &job, &[]);
+    let bad = lines
+        .iter()
+        .find(|l| l.starts_with("bad samples:"))
+        .unwrap_or_else(|| panic!("no bad-sample line: {lines:#?}"));
+    for expected in [
+        "5 (",
+        "corrupt_image 1",
+        "decompression_bomb 1",
+        "invalid_caption 1",
+        "missing_image 1",
+        "truncated_tar 1",
+    ] {
+        assert!(bad.contains(expected), "{expected:?} missing from {bad:?}");
+    }
+    // The one good sample of the bad shard was trained with the rest: 512 + 1.
+    assert!(
+        lines.iter().any(|l| l.starts_with("samples seen 513 ")),
+        "expected 513 samples seen: {lines:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
