@@ -93,6 +93,7 @@ pub fn train(
     // counts the same steps, so every rank computes the same learning rate.
     let mut steps_per_epoch: Option<u64> = None;
     let max_steps_reached = |s: u64| t.max_steps > 0 && s >= t.max_steps;
+    let mut last_checkpoint: Option<u64> = None;
 
     'epochs: loop {
         if (t.epochs > 0 && epoch >= t.epochs) || max_steps_reached(step) {
@@ -160,6 +161,7 @@ pub fn train(
                 let every = cfg.checkpoint.every_steps;
                 if every > 0 && step.is_multiple_of(every) && !max_steps_reached(step) {
                     hooks.checkpoint(model, &*opt, epoch, step)?;
+                    last_checkpoint = Some(step);
                 }
                 if max_steps_reached(step) {
                     break 'epochs;
@@ -172,6 +174,155 @@ pub fn train(
         epoch += 1;
         summary.epochs_completed += 1;
     }
-    hooks.checkpoint(model, &*opt, epoch, step)?;
+    // The final state, unless the last periodic checkpoint already holds it (an epoch ended
+    // right after one).
+    if last_checkpoint != Some(step) {
+        hooks.checkpoint(model, &*opt, epoch, step)?;
+    }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::local::LocalGroup;
+    use std::time::Duration;
+
+    /// Hands out a fixed list of local batch sizes per epoch.
+    struct Sizes(std::vec::IntoIter<i64>, i64);
+    impl BatchSource for Sizes {
+        fn next_batch(&mut self) -> Result<Option<LocalBatch>> {
+            Ok(self.0.next().map(|b| {
+                let v = Tensor::rand([b, 3, self.1, self.1], (tch::Kind::Float, tch::Device::Cpu));
+                LocalBatch {
+                    view1: v.shallow_clone(),
+                    view2: v.flip([3]),
+                }
+            }))
+        }
+    }
+
+    #[derive(Default)]
+    struct Record {
+        sizes: Vec<i64>,
+        steps: Vec<(u32, u64, i64)>,
+        checkpoints: Vec<u64>,
+    }
+    impl TrainHooks for Record {
+        fn epoch_source(&mut self, _epoch: u32) -> Result<Box<dyn BatchSource>> {
+            Ok(Box::new(Sizes(self.sizes.clone().into_iter(), 8)))
+        }
+        fn after_step(&mut self, ev: &StepEvent) -> Result<()> {
+            self.steps.push((ev.epoch, ev.step, ev.global_samples));
+            Ok(())
+        }
+        fn checkpoint(
+            &mut self,
+            _: &SimClrModel,
+            _: &dyn Optimizer,
+            _: u32,
+            step: u64,
+        ) -> Result<()> {
+            self.checkpoints.push(step);
+            Ok(())
+        }
+        fn stop_reason(&self) -> Option<String> {
+            None
+        }
+    }
+
+    fn tiny_config(world: u32) -> JobConfig {
+        let mut cfg = JobConfig::default();
+        cfg.cluster.world_size = world;
+        cfg.train.micro_batch = 4;
+        cfg.train.global_batch = 4 * u64::from(world);
+        cfg.train.epochs = 2;
+        cfg.data.image_size = 8;
+        cfg.model.layers = vec![1];
+        cfg.model.width = 8;
+        cfg.model.projector_hidden = 16;
+        cfg.model.projector_out = 8;
+        cfg.checkpoint.every_steps = 2;
+        cfg
+    }
+
+    /// Rank 0 has three batches per epoch (the last one partial), rank 1 only one: both ranks
+    /// run the same three steps, the epoch ends together, and every sample is trained once.
+    #[test]
+    fn uneven_data_ends_the_epoch_together_without_dropping_samples() {
+        let cfg = tiny_config(2);
+        let per_rank = [vec![4i64, 4, 2], vec![3i64]];
+        let group = LocalGroup::with_timeout(2, Duration::from_secs(30));
+        let results: Vec<Record> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .zip(per_rank.iter())
+                .map(|(coll, sizes)| {
+                    let cfg = cfg.clone();
+                    s.spawn(move || {
+                        tch::manual_seed(0);
+                        let model = SimClrModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+                        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
+                        let mut hooks = Record {
+                            sizes: sizes.clone(),
+                            ..Default::default()
+                        };
+                        let summary = train(
+                            &cfg,
+                            &model,
+                            opt.as_mut(),
+                            &coll,
+                            &mut hooks,
+                            StartPoint::default(),
+                        )
+                        .unwrap();
+                        assert_eq!(summary.epochs_completed, 2);
+                        hooks
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let expected: Vec<(u32, u64, i64)> = vec![
+            (0, 1, 4 + 3),
+            (0, 2, 4),
+            (0, 3, 2),
+            (1, 4, 4 + 3),
+            (1, 5, 4),
+            (1, 6, 2),
+        ];
+        for (rank, r) in results.iter().enumerate() {
+            assert_eq!(r.steps, expected, "rank {rank}");
+            // every_steps = 2; the final state is step 6, already written.
+            assert_eq!(r.checkpoints, vec![2, 4, 6], "rank {rank}");
+        }
+    }
+
+    #[test]
+    fn max_steps_stops_mid_epoch() {
+        let mut cfg = tiny_config(1);
+        cfg.train.max_steps = 2;
+        let coll = LocalGroup::new(1).pop().unwrap();
+        tch::manual_seed(0);
+        let model = SimClrModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
+        let mut hooks = Record {
+            sizes: vec![4, 4, 4],
+            ..Default::default()
+        };
+        let summary = train(
+            &cfg,
+            &model,
+            opt.as_mut(),
+            &coll,
+            &mut hooks,
+            StartPoint::default(),
+        )
+        .unwrap();
+        assert_eq!(summary.steps, 2);
+        assert_eq!(summary.epochs_completed, 0);
+        assert_eq!(hooks.steps.len(), 2);
+        // The regular checkpoint at step 2 is skipped in favour of the final one.
+        assert_eq!(hooks.checkpoints, vec![2]);
+    }
 }
