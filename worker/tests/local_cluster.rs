@@ -120,6 +120,8 @@ fn local_cluster_trains_and_reports_status() {
     let mut child = Command::new(CONTRAIL)
         .args(["local", "--workers", "2", "--config"])
         .arg(&job)
+        // A progress line every step: the loss curve below averages over many steps.
+        .args(["--set", "train.log_every=1"])
         .current_dir(&dir)
         .stdout(Stdio::piped())
         .spawn()
@@ -226,8 +228,8 @@ fn local_cluster_trains_and_reports_status() {
         .split(" -> ")
         .map(|x| x.trim().parse().unwrap())
         .collect();
-    // Progress lines ("epoch E step S  loss L ...") carry the loss every 10 steps; the
-    // summary has the first step's loss, taken at random initialisation.
+    // Progress lines ("epoch E step S  loss L ...") carry every step's loss. Single steps of
+    // 16 images are noisy, so compare the mean of the first 10 steps with the last 20.
     let logged: Vec<f64> = all_lines
         .iter()
         .filter(|l| l.starts_with("epoch"))
@@ -235,12 +237,18 @@ fn local_cluster_trains_and_reports_status() {
         .filter_map(|r| r.split_whitespace().next())
         .filter_map(|x| x.parse().ok())
         .collect();
-    assert!(logged.len() >= 10, "too few progress lines: {logged:?}");
-    let tail: f64 = logged[logged.len() - 4..].iter().sum::<f64>() / 4.0;
+    assert_eq!(logged.len() as u64, steps, "one progress line per step");
     assert!(
-        tail < losses[0] - 0.5,
-        "loss did not fall: first step {:.4}, mean of the last four logged {tail:.4} ({logged:?})",
-        losses[0]
+        (logged[0] - losses[0]).abs() < 1e-3,
+        "summary and first line disagree"
+    );
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let head = mean(&logged[..10]);
+    let tail = mean(&logged[logged.len() - 20..]);
+    eprintln!("loss: first 10 steps {head:.4}, last 20 steps {tail:.4}");
+    assert!(
+        tail < head - 0.25,
+        "loss did not fall: first 10 steps {head:.4}, last 20 steps {tail:.4}"
     );
     assert!(
         dir.join("ckpt").join("LATEST").exists(),
