@@ -170,8 +170,9 @@ impl Progress {
     ) -> Option<u64> {
         let per_epoch = self.measured_steps_per_epoch().or_else(|| {
             let samples = dataset_samples?;
-            // Workers drop the last partial global batch of an epoch.
-            Some((samples / train.global_batch.max(1)).max(1))
+            // Workers train the last partial batch too (the epoch ends when every rank is
+            // empty), so at least ceil(samples / global_batch) steps; uneven tails add a few.
+            Some(samples.div_ceil(train.global_batch.max(1)).max(1))
         });
         let by_epochs = per_epoch
             .map(|p| p * u64::from(train.epochs))
@@ -235,11 +236,12 @@ mod tests {
         let mut p = Progress::default();
         let t = train(10, 3, 0);
         assert_eq!(p.total_steps_estimate(&t, None), None);
-        assert_eq!(p.total_steps_estimate(&t, Some(95)), Some(27));
+        // 95 samples in batches of 10: 10 steps per epoch (the last one holds 5).
+        assert_eq!(p.total_steps_estimate(&t, Some(95)), Some(30));
         // Epoch 0 is the first seen (may be partial), so epochs 1→2 give the measurement.
         p.report(0, 0, 1, 1.0, 10, 0.1, 1.0, 0);
         p.report(0, 1, 5, 1.0, 10, 0.1, 1.0, 0);
-        assert_eq!(p.total_steps_estimate(&t, Some(95)), Some(27));
+        assert_eq!(p.total_steps_estimate(&t, Some(95)), Some(30));
         p.report(0, 2, 12, 1.0, 10, 0.1, 1.0, 0);
         assert_eq!(p.total_steps_estimate(&t, Some(95)), Some(21));
         // 3 reports at 1 s each; 21 - 12 steps remain.
