@@ -341,8 +341,8 @@ async fn two_workers_train_an_epoch_and_status_adds_up() {
         ),
         (3, 1, 0, 0)
     );
-    // Now the dataset size is exact: 39 samples → 4 steps.
-    assert_eq!(s.total_steps_estimate, Some(samples / 8));
+    // Now the dataset size is exact: 39 samples → 5 steps (4 full, 1 partial).
+    assert_eq!(s.total_steps_estimate, Some(samples.div_ceil(8)));
 
     for w in workers.iter_mut() {
         w.client
