@@ -179,14 +179,47 @@ impl Default for ObjectiveConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
-    /// "sgd" (SGD with momentum); LARS and AdamW come with the training-core issue.
+    /// "sgd" (SGD with momentum), "lars" (lightly's LARS) or "adamw" (`torch.optim.AdamW`).
     pub kind: String,
-    /// Peak learning rate.
+    /// Base learning rate; the peak is this scaled by `lr_scaling`.
     pub lr: f64,
+    /// Momentum (sgd, lars).
     pub momentum: f64,
+    /// L2 penalty (sgd, lars) or decoupled decay factor (adamw).
     pub weight_decay: f64,
     /// Linear warm-up steps before the cosine decay.
     pub warmup_steps: u64,
+    /// How the peak learning rate follows `train.global_batch`.
+    pub lr_scaling: LrScaling,
+    /// lars, adamw: no weight decay on 1-D parameters (biases, norm scales and shifts).
+    pub exclude_1d_from_decay: bool,
+    /// lars: 1-D parameters take the plain SGD step instead of the trust-ratio one.
+    pub lars_exclude_1d_from_adaptation: bool,
+    /// lars: trust coefficient η in η‖w‖/(‖g‖ + λ‖w‖ + ε); lightly's default.
+    pub lars_eta: f64,
+    /// lars: ε in the trust-ratio denominator.
+    pub lars_eps: f64,
+    /// lars: clip the trust ratio to min(ratio/lr, 1), as solo-learn's `clip_lars_lr`.
+    pub lars_clip: bool,
+    /// adamw: β₁ (first-moment decay).
+    pub adam_beta1: f64,
+    /// adamw: β₂ (second-moment decay).
+    pub adam_beta2: f64,
+    /// adamw: ε added outside the square root.
+    pub adam_eps: f64,
+}
+
+/// Peak learning rate as a function of the global batch (see `optim::scaling` in the worker).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrScaling {
+    /// peak = lr.
+    #[default]
+    None,
+    /// peak = lr × global_batch / 256 (Goyal et al.).
+    Linear,
+    /// peak = lr × √global_batch (SimCLR's LARS recipe).
+    Sqrt,
 }
 
 impl Default for OptimConfig {
@@ -197,6 +230,15 @@ impl Default for OptimConfig {
             momentum: 0.9,
             weight_decay: 1e-6,
             warmup_steps: 10,
+            lr_scaling: LrScaling::None,
+            exclude_1d_from_decay: true,
+            lars_exclude_1d_from_adaptation: true,
+            lars_eta: 0.001,
+            lars_eps: 1e-8,
+            lars_clip: false,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
         }
     }
 }
@@ -492,10 +534,13 @@ impl JobConfig {
             return Err(err("objective.temperature", "must be positive"));
         }
         let o = &self.optim;
-        if o.kind != "sgd" {
+        if !matches!(o.kind.as_str(), "sgd" | "lars" | "adamw") {
             return Err(err(
                 "optim.kind",
-                format!("(\"{}\") is not built yet; expected \"sgd\"", o.kind),
+                format!(
+                    "(\"{}\") must be one of \"sgd\", \"lars\", \"adamw\"",
+                    o.kind
+                ),
             ));
         }
         if o.lr.is_nan() || o.lr <= 0.0 {
@@ -507,8 +552,26 @@ impl JobConfig {
                 format!("({}) must be in [0, 1)", o.momentum),
             ));
         }
-        if o.weight_decay < 0.0 {
+        if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
             return Err(err("optim.weight_decay", "must not be negative"));
+        }
+        if o.lars_eta.is_nan() || o.lars_eta <= 0.0 {
+            return Err(err("optim.lars_eta", "must be positive"));
+        }
+        if o.lars_eps.is_nan() || o.lars_eps < 0.0 {
+            return Err(err("optim.lars_eps", "must not be negative"));
+        }
+        for (path, beta) in [
+            ("optim.adam_beta1", o.adam_beta1),
+            ("optim.adam_beta2", o.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(err(path, format!("({beta}) must be in [0, 1)")));
+            }
+        }
+        // eps keeps the AdamW denominator away from zero for parameters whose gradient is 0.
+        if o.adam_eps.is_nan() || o.adam_eps <= 0.0 {
+            return Err(err("optim.adam_eps", "must be positive"));
         }
         match c.backend.as_str() {
             "tcp" | "auto" => {}
@@ -651,6 +714,32 @@ mod tests {
             assert_eq!(e.path, "model.projector_hidden", "{e}");
         }
         JobConfig::from_toml("[model]\nnorm = \"group\"\nprojector_hidden = 64\n").unwrap();
+    }
+
+    #[test]
+    fn optimizer_keys_parse_and_validate() {
+        let cfg = JobConfig::from_toml(
+            "[optim]\nkind = \"lars\"\nlr_scaling = \"sqrt\"\nlars_clip = true\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.optim.lr_scaling, LrScaling::Sqrt);
+        assert!(cfg.optim.lars_clip);
+        JobConfig::from_toml("[optim]\nkind = \"adamw\"\nweight_decay = 0.05\n").unwrap();
+        let e = JobConfig::from_toml("[optim]\nkind = \"lamb\"\n").unwrap_err();
+        assert_eq!(e.path, "optim.kind", "{e}");
+        assert!(e.reason.contains("\"lars\""), "{e}");
+        let e = JobConfig::from_toml("[optim]\nlr_scaling = \"quadratic\"\n").unwrap_err();
+        assert_eq!(e.path, "optim.lr_scaling", "{e}");
+        for (kv, path) in [
+            ("adam_beta2 = 1.0", "optim.adam_beta2"),
+            ("adam_beta1 = -0.1", "optim.adam_beta1"),
+            ("adam_eps = 0.0", "optim.adam_eps"),
+            ("lars_eta = 0.0", "optim.lars_eta"),
+            ("lars_eps = -1e-8", "optim.lars_eps"),
+        ] {
+            let e = JobConfig::from_toml(&format!("[optim]\n{kv}\n")).unwrap_err();
+            assert_eq!(e.path, path, "{kv}: {e}");
+        }
     }
 
     #[test]

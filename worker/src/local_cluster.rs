@@ -64,9 +64,12 @@ pub fn run_local(
         "coordinator: gRPC {} | status {status_url}/status",
         cfg.cluster.grpc_addr
     );
-    println!("watch with: contrail status --coordinator {status_url} --watch 2");
-
     let exe = std::env::current_exe().context("locating the contrail binary to start workers")?;
+    println!(
+        "watch with: {} status --coordinator {status_url} --watch 2",
+        exe.display()
+    );
+
     // Workers share this machine's cores; oversubscribed libtorch threads only slow them down.
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())

@@ -4,6 +4,9 @@
 //! and updates the parameter in place. Its state is a list of named tensors so checkpoints can
 //! store it next to the model variables in one safetensors file.
 
+pub mod adamw;
+pub mod lars;
+pub mod scaling;
 pub mod schedule;
 pub mod sgd;
 
@@ -11,6 +14,9 @@ use crate::model::SimClrModel;
 use contrail_common::config::OptimConfig;
 use tch::Tensor;
 
+pub use adamw::{AdamW, AdamWOptions};
+pub use lars::{Lars, LarsOptions};
+pub use scaling::scaled_peak_lr;
 pub use schedule::lr_at;
 pub use sgd::Sgd;
 
@@ -34,6 +40,10 @@ pub trait Optimizer: Send {
 pub fn build(cfg: &OptimConfig, model: &SimClrModel) -> anyhow::Result<Box<dyn Optimizer>> {
     match cfg.kind.as_str() {
         "sgd" => Ok(Box::new(Sgd::new(model, cfg.momentum, cfg.weight_decay))),
-        other => anyhow::bail!("optim.kind \"{other}\" is not built; expected \"sgd\""),
+        "lars" => Ok(Box::new(Lars::new(model, LarsOptions::from_config(cfg)))),
+        "adamw" => Ok(Box::new(AdamW::new(model, AdamWOptions::from_config(cfg)))),
+        other => anyhow::bail!(
+            "optim.kind \"{other}\" is not built; expected \"sgd\", \"lars\" or \"adamw\""
+        ),
     }
 }

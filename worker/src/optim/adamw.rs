@@ -1,0 +1,316 @@
+//! AdamW, exactly `torch.optim.AdamW` (single-tensor path, no amsgrad): for each parameter with
+//! a gradient, `t += 1`;
+//!
+//! ```text
+//! p *= 1 - lr·λ                                  (decoupled decay; λ = 0 where excluded)
+//! m = lerp(m, g, 1 - β₁);  v = β₂·v + (1 - β₂)·g²
+//! p -= (lr / (1 - β₁ᵗ)) · m / (√v / √(1 - β₂ᵗ) + ε)   (ε outside the square root)
+//! ```
+//!
+//! State keys follow PyTorch's names: `exp_avg.<param>`, `exp_avg_sq.<param>`, and
+//! `step.<param>` (a scalar i64: parameters that never had a gradient keep count 0).
+
+use super::Optimizer;
+use crate::model::SimClrModel;
+use anyhow::{bail, Context};
+use contrail_common::config::OptimConfig;
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+const EXP_AVG: &str = "exp_avg";
+const EXP_AVG_SQ: &str = "exp_avg_sq";
+const STEP: &str = "step";
+
+/// AdamW hyper-parameters other than the learning rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWOptions {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// No decay on 1-D parameters (biases, norm scales and shifts).
+    pub exclude_1d_from_decay: bool,
+}
+
+impl AdamWOptions {
+    pub fn from_config(cfg: &OptimConfig) -> Self {
+        Self {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+            exclude_1d_from_decay: cfg.exclude_1d_from_decay,
+        }
+    }
+}
+
+pub struct AdamW {
+    params: Vec<(String, Tensor)>,
+    exp_avg: Vec<Tensor>,
+    exp_avg_sq: Vec<Tensor>,
+    /// Steps each parameter has taken (PyTorch keeps the count per parameter too).
+    steps: Vec<i64>,
+    opts: AdamWOptions,
+}
+
+impl AdamW {
+    /// Over every trainable parameter of `model`.
+    pub fn new(model: &SimClrModel, opts: AdamWOptions) -> Self {
+        Self::from_params(model.named_parameters(), opts)
+    }
+
+    /// Over explicit (name, parameter) pairs; the tensors must share storage with the model.
+    pub fn from_params(params: Vec<(String, Tensor)>, opts: AdamWOptions) -> Self {
+        let exp_avg = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        let exp_avg_sq = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        let steps = vec![0; params.len()];
+        Self {
+            params,
+            exp_avg,
+            exp_avg_sq,
+            steps,
+            opts,
+        }
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, lr: f64) {
+        let o = self.opts;
+        tch::no_grad(|| {
+            for (i, (_, p)) in self.params.iter_mut().enumerate() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                self.steps[i] += 1;
+                let t = self.steps[i] as f64;
+                let decay = if p.dim() == 1 && o.exclude_1d_from_decay {
+                    0.0
+                } else {
+                    o.weight_decay
+                };
+                if decay != 0.0 {
+                    let _ = p.g_mul_scalar_(1.0 - lr * decay);
+                }
+                let m = &mut self.exp_avg[i];
+                let _ = m.lerp_(&g, 1.0 - o.beta1);
+                let v = &mut self.exp_avg_sq[i];
+                // Same operand order as PyTorch's addcmul (value·g·g) for bit-level agreement.
+                let _ = v
+                    .g_mul_scalar_(o.beta2)
+                    .g_add_(&(&g * (1.0 - o.beta2) * &g));
+                let step_size = lr / (1.0 - o.beta1.powf(t));
+                let bias_correction2_sqrt = (1.0 - o.beta2.powf(t)).sqrt();
+                let denom = v.sqrt() / bias_correction2_sqrt + o.eps;
+                let _ = p.g_add_(&(&self.exp_avg[i] * -step_size / denom));
+            }
+        });
+    }
+
+    fn zero_grad(&mut self) {
+        for (_, p) in self.params.iter_mut() {
+            p.zero_grad();
+        }
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(3 * self.params.len());
+        for (i, (name, _)) in self.params.iter().enumerate() {
+            out.push((format!("{EXP_AVG}.{name}"), self.exp_avg[i].copy()));
+            out.push((format!("{EXP_AVG_SQ}.{name}"), self.exp_avg_sq[i].copy()));
+            out.push((format!("{STEP}.{name}"), Tensor::from(self.steps[i])));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()> {
+        let slots = [(EXP_AVG, true), (EXP_AVG_SQ, true), (STEP, false)];
+        let mut loaded = split_state(state, &self.params, &slots, "AdamW")?.into_iter();
+        let (Some(m), Some(v), Some(steps)) = (loaded.next(), loaded.next(), loaded.next()) else {
+            bail!("internal: AdamW state split returned fewer than 3 slots");
+        };
+        let mut counts = Vec::with_capacity(steps.len());
+        for ((name, _), t) in self.params.iter().zip(&steps) {
+            let n = t
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Int64)
+                .f_int64_value(&[])
+                .with_context(|| format!("optimizer state \"{STEP}.{name}\" is not a scalar"))?;
+            if n < 0 {
+                bail!(
+                    "optimizer state \"{STEP}.{name}\" is {n}; a step count must not be negative"
+                );
+            }
+            counts.push(n);
+        }
+        tch::no_grad(|| {
+            for (dst, src) in self.exp_avg.iter_mut().zip(&m) {
+                dst.copy_(&src.to_device(dst.device()).to_kind(dst.kind()));
+            }
+            for (dst, src) in self.exp_avg_sq.iter_mut().zip(&v) {
+                dst.copy_(&src.to_device(dst.device()).to_kind(dst.kind()));
+            }
+        });
+        self.steps = counts;
+        Ok(())
+    }
+}
+
+/// Splits checkpointed optimizer state into one tensor per (slot, parameter), in parameter
+/// order, for state keyed `<slot>.<param>`. A slot marked `true` must have the parameter's
+/// shape; `false` marks a scalar. Fails, naming the key, on a key of no known slot, a key for
+/// no parameter, a missing key or a wrong shape. Shared with LARS.
+pub(super) fn split_state(
+    state: &[(String, Tensor)],
+    params: &[(String, Tensor)],
+    slots: &[(&str, bool)],
+    optimizer: &str,
+) -> anyhow::Result<Vec<Vec<Tensor>>> {
+    let mut by_key: HashMap<&str, &Tensor> = state.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = Vec::with_capacity(slots.len());
+    for &(slot, param_shaped) in slots {
+        let mut tensors = Vec::with_capacity(params.len());
+        for (name, p) in params {
+            let key = format!("{slot}.{name}");
+            let t = by_key
+                .remove(key.as_str())
+                .with_context(|| format!("{optimizer} optimizer state has no \"{key}\""))?;
+            let want = if param_shaped { p.size() } else { Vec::new() };
+            if t.size() != want {
+                bail!(
+                    "{optimizer} optimizer state \"{key}\" has shape {:?}, expected {want:?}",
+                    t.size()
+                );
+            }
+            tensors.push(t.shallow_clone());
+        }
+        out.push(tensors);
+    }
+    if let Some(extra) = by_key.keys().min() {
+        let known: Vec<String> = slots.iter().map(|(s, _)| format!("{s}.<param>")).collect();
+        bail!(
+            "{optimizer} optimizer state has \"{extra}\", which is not one of {} for a model parameter",
+            known.join(", ")
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(values: &[f32]) -> Tensor {
+        Tensor::from_slice(values).set_requires_grad(true)
+    }
+
+    fn set_grad(p: &Tensor, g: &[f32]) {
+        let _ = p.grad();
+        (p * Tensor::from_slice(g)).sum(Kind::Float).backward();
+    }
+
+    fn opts(exclude: bool) -> AdamWOptions {
+        AdamWOptions {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            exclude_1d_from_decay: exclude,
+        }
+    }
+
+    #[test]
+    fn matches_scalar_recurrence() {
+        let lr = 0.01;
+        let o = opts(false);
+        let p = param(&[1.0, -2.0]);
+        let mut opt = AdamW::from_params(vec![("w".into(), p.shallow_clone())], o);
+        let (mut w, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
+        for (t, g) in [[0.3f32, -0.1], [0.2, 0.4], [-0.5, 0.05]]
+            .iter()
+            .enumerate()
+        {
+            opt.zero_grad();
+            set_grad(&p, g);
+            opt.step(lr);
+            let t = (t + 1) as i32;
+            for i in 0..2 {
+                let gi = g[i] as f64;
+                w[i] *= 1.0 - lr * o.weight_decay;
+                m[i] = o.beta1 * m[i] + (1.0 - o.beta1) * gi;
+                v[i] = o.beta2 * v[i] + (1.0 - o.beta2) * gi * gi;
+                let mh = m[i] / (1.0 - o.beta1.powi(t));
+                let vh = v[i] / (1.0 - o.beta2.powi(t));
+                w[i] -= lr * mh / (vh.sqrt() + o.eps);
+            }
+        }
+        let got = Vec::<f32>::try_from(&p.detach()).unwrap();
+        for i in 0..2 {
+            assert!((got[i] as f64 - w[i]).abs() < 1e-6, "{got:?} vs {w:?}");
+        }
+    }
+
+    #[test]
+    fn exclusion_skips_decay_on_1d_only() {
+        // A zero gradient leaves only the decay: 1-D excluded stays, 2-D shrinks by 1 - lr·λ.
+        let b = param(&[2.0, 2.0]);
+        let w = Tensor::from_slice(&[2.0f32, 2.0])
+            .reshape([1, 2])
+            .set_requires_grad(true);
+        let mut opt = AdamW::from_params(
+            vec![
+                ("b".into(), b.shallow_clone()),
+                ("w".into(), w.shallow_clone()),
+            ],
+            opts(true),
+        );
+        set_grad(&b, &[0.0, 0.0]);
+        (&w * 0.0).sum(Kind::Float).backward();
+        opt.step(0.5);
+        assert_eq!(Vec::<f32>::try_from(&b.detach()).unwrap(), vec![2.0, 2.0]);
+        let got = Vec::<f32>::try_from(&w.detach().flatten(0, -1)).unwrap();
+        assert!((got[0] - 2.0 * 0.95).abs() < 1e-6, "{got:?}");
+    }
+
+    #[test]
+    fn state_round_trip_and_errors_name_the_key() {
+        let p = param(&[1.0, 2.0]);
+        let mut a = AdamW::from_params(vec![("w".into(), p.shallow_clone())], opts(false));
+        set_grad(&p, &[1.0, -1.0]);
+        a.step(0.1);
+        a.step(0.1);
+        let state = a.state_tensors();
+        let keys: Vec<&str> = state.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["exp_avg.w", "exp_avg_sq.w", "step.w"]);
+
+        let q = param(&[0.0, 0.0]);
+        let mut b = AdamW::from_params(vec![("w".into(), q.shallow_clone())], opts(false));
+        b.load_state(&state).unwrap();
+        assert_eq!(b.steps, vec![2]);
+        for ((_, x), (_, y)) in b.state_tensors().iter().zip(&state) {
+            assert!(x.equal(y));
+        }
+
+        let mut missing: Vec<_> = state.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        missing.retain(|(k, _)| k != "step.w");
+        let e = b.load_state(&missing).unwrap_err().to_string();
+        assert!(e.contains("has no \"step.w\""), "{e}");
+
+        let mut wrong: Vec<_> = state.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        wrong[1].1 = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        let e = b.load_state(&wrong).unwrap_err().to_string();
+        assert!(e.contains("exp_avg_sq.w") && e.contains("[3]"), "{e}");
+
+        let mut extra: Vec<_> = state.iter().map(|(k, t)| (k.clone(), t.copy())).collect();
+        extra.push((
+            "momentum.w".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        ));
+        let e = b.load_state(&extra).unwrap_err().to_string();
+        assert!(e.contains("momentum.w"), "{e}");
+        // Failed loads leave the earlier state in place.
+        assert_eq!(b.steps, vec![2]);
+    }
+}
