@@ -105,7 +105,7 @@ pub fn clip_local_loss(
     let per_pair =
         image_to_text.logsumexp([1], false) + text_to_image.logsumexp([1], false) - positive * 2.0;
     // max(N, 1): with no pairs anywhere the (empty) sum is 0, not 0/0.
-    Ok(per_pair.sum(per_pair.kind()) / (2 * n.max(1) + 1) as f64)
+    Ok(per_pair.sum(per_pair.kind()) / (2 * n.max(1)) as f64)
 }
 
 #[cfg(test)]

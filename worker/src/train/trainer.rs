@@ -8,7 +8,7 @@
 
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::SimClrModel;
-use crate::optim::{lr_at, Optimizer};
+use crate::optim::{lr_at, scaled_peak_lr, Optimizer};
 use crate::train::step::simclr_train_step_with_counts;
 use anyhow::{bail, Result};
 use contrail_common::JobConfig;
@@ -94,6 +94,7 @@ pub fn train(
     let mut steps_per_epoch: Option<u64> = None;
     let max_steps_reached = |s: u64| t.max_steps > 0 && s >= t.max_steps;
     let mut last_checkpoint: Option<u64> = None;
+    let peak_lr = scaled_peak_lr(&cfg.optim, t.global_batch);
 
     'epochs: loop {
         if (t.epochs > 0 && epoch >= t.epochs) || max_steps_reached(step) {
@@ -128,7 +129,7 @@ pub fn train(
                     (_, Some(spe)) => spe * u64::from(t.epochs.max(1)),
                     (_, None) => 0,
                 };
-                let lr = lr_at(step, total, cfg.optim.lr, cfg.optim.warmup_steps);
+                let lr = lr_at(step, total, peak_lr, cfg.optim.warmup_steps);
                 let outcome = simclr_train_step_with_counts(
                     model,
                     opt,
