@@ -2,7 +2,8 @@
 # Installs everything contrail needs on a fresh Debian machine, idempotently:
 #   - protoc (Debian package protobuf-compiler) for the gRPC code generation,
 #   - PyTorch 2.11.0 from PyPI into ./.venv (tch 0.24 needs exactly this libtorch),
-#   - ./libtorch -> the torch package inside .venv (.cargo/config.toml points LIBTORCH here).
+#   - ./libtorch -> the torch package inside .venv (.cargo/config.toml points LIBTORCH here),
+#   - moto's S3-compatible server into .venv, for the object-store tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,11 @@ fi
 if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
   echo "setup: installing torch==$TORCH_VERSION from PyPI into .venv (about 3 GB, a few minutes)"
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+fi
+MOTO_VERSION=5.2.5
+if ! .venv/bin/python -c "import moto,sys; sys.exit(0 if moto.__version__=='$MOTO_VERSION' else 1)" 2>/dev/null; then
+  echo "setup: installing moto[server]==$MOTO_VERSION into .venv (S3-compatible server for tests)"
+  .venv/bin/pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
 TORCH_DIR=$(.venv/bin/python -c "import torch,os;print(os.path.dirname(torch.__file__))")
 ln -sfn "$TORCH_DIR" libtorch
