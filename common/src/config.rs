@@ -273,7 +273,8 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Micro-batches accumulated per step; `validate` guarantees the division is exact.
+    /// K: micro-batches each worker accumulates per optimizer step; `validate` guarantees the
+    /// division is exact and K ≥ 1.
     pub fn accumulation_steps(&self, world_size: u32) -> u64 {
         self.global_batch / (self.micro_batch * world_size as u64)
     }
@@ -406,17 +407,8 @@ impl JobConfig {
                 ),
             ));
         }
-        let k = t.accumulation_steps(c.world_size);
-        if k != 1 {
-            return Err(err(
-                "train.global_batch",
-                format!(
-                    "({}) asks for gradient accumulation over {k} micro-batches, which is not \
-                     built yet: set it to world_size × micro_batch ({per_round})",
-                    t.global_batch
-                ),
-            ));
-        }
+        // global_batch > 0 and a multiple of per_round, so accumulation_steps() = K ≥ 1: each
+        // worker runs K micro-batches per optimizer step (train::accumulate).
         if t.epochs == 0 && t.max_steps == 0 {
             return Err(err(
                 "train.epochs",
@@ -678,6 +670,27 @@ mod tests {
                 .contains("(96) must be a multiple of world_size × micro_batch"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn accumulation_over_micro_batches_is_accepted() {
+        let cfg = JobConfig::from_toml(
+            "[train]\nglobal_batch = 96\nmicro_batch = 12\n[cluster]\nworld_size = 2\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.train.accumulation_steps(cfg.cluster.world_size), 4);
+        let plain = JobConfig::from_toml(
+            "[train]\nglobal_batch = 24\nmicro_batch = 12\n[cluster]\nworld_size = 2\n",
+        )
+        .unwrap();
+        assert_eq!(plain.train.accumulation_steps(plain.cluster.world_size), 1);
+        // Smaller than one round of micro-batches: K would be 0.
+        let e = JobConfig::from_toml(
+            "[train]\nglobal_batch = 12\nmicro_batch = 12\n[cluster]\nworld_size = 2\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "train.global_batch", "{e}");
+        assert!(e.reason.contains("(2 × 12 = 24)"), "{e}");
     }
 
     #[test]

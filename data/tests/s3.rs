@@ -43,7 +43,10 @@ fn start_moto() -> (Server, String) {
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not start on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "moto_server did not start on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     (server, addr)
@@ -59,7 +62,10 @@ fn create_bucket(addr: &str, bucket: &str) {
     .unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "CreateBucket failed: {reply}");
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "CreateBucket failed: {reply}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,14 +85,19 @@ async fn shards_round_trip_through_an_s3_compatible_store() {
     assert_eq!(summary.samples, 100);
     assert_eq!(summary.shards, 4);
 
-    let listed = list_shards("s3://contrail-test/synth", &endpoint).await.unwrap();
+    let listed = list_shards("s3://contrail-test/synth", &endpoint)
+        .await
+        .unwrap();
     let expected: Vec<String> = (0..4)
         .map(|i| format!("s3://contrail-test/synth/synth-{i:06}.tar"))
         .collect();
     assert_eq!(listed, expected);
-    let braced = list_shards("s3://contrail-test/synth/synth-{000000..000003}.tar", &endpoint)
-        .await
-        .unwrap();
+    let braced = list_shards(
+        "s3://contrail-test/synth/synth-{000000..000003}.tar",
+        &endpoint,
+    )
+    .await
+    .unwrap();
     assert_eq!(braced, expected);
 
     let mut keys = BTreeSet::new();
@@ -103,12 +114,18 @@ async fn shards_round_trip_through_an_s3_compatible_store() {
         samples += stats.samples;
     }
     assert_eq!(samples, 100);
-    assert_eq!(keys.len(), 100, "every sample key is distinct and read once");
+    assert_eq!(
+        keys.len(),
+        100,
+        "every sample key is distinct and read once"
+    );
 
     // A shard that does not exist is an error naming it, not a hang or an empty shard.
     let missing = "s3://contrail-test/synth/synth-000099.tar";
-    let err = read_shard(missing, &endpoint, 1, |_| async { ControlFlow::Continue(()) })
-        .await
-        .unwrap_err();
+    let err = read_shard(missing, &endpoint, 1, |_| async {
+        ControlFlow::Continue(())
+    })
+    .await
+    .unwrap_err();
     assert!(format!("{err:#}").contains("synth-000099.tar"), "{err:#}");
 }

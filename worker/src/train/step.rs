@@ -136,7 +136,7 @@ pub fn simclr_train_step_with_counts(
     })
 }
 
-fn check_views(view1: &Tensor, view2: &Tensor, rank: usize) -> Result<()> {
+pub(crate) fn check_views(view1: &Tensor, view2: &Tensor, rank: usize) -> Result<()> {
     let (s1, s2) = (view1.size(), view2.size());
     if s1 != s2 || s1.len() != 4 || s1[1] != 3 {
         bail!("rank {rank}: views must both be b×3×H×W, got {s1:?} and {s2:?}");
@@ -146,7 +146,7 @@ fn check_views(view1: &Tensor, view2: &Tensor, rank: usize) -> Result<()> {
 
 /// A rank without samples never runs a backward, so its parameters have no `.grad()` yet; it
 /// must still contribute zeros of the right shape to the all-reduce.
-fn ensure_grads_defined(model: &SimClrModel) {
+pub(crate) fn ensure_grads_defined(model: &SimClrModel) {
     let params = model.named_parameters();
     if params.iter().all(|(_, p)| p.grad().defined()) {
         return;
@@ -159,7 +159,7 @@ fn ensure_grads_defined(model: &SimClrModel) {
 }
 
 /// Sums every parameter gradient across ranks, in name order, a bucket at a time.
-fn all_reduce_gradients(model: &SimClrModel, coll: &dyn Collective) -> Result<()> {
+pub(crate) fn all_reduce_gradients(model: &SimClrModel, coll: &dyn Collective) -> Result<()> {
     let grads: Vec<(String, Tensor)> = model
         .named_parameters()
         .into_iter()

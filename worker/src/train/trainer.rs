@@ -9,6 +9,7 @@
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::SimClrModel;
 use crate::optim::{lr_at, scaled_peak_lr, Optimizer};
+use crate::train::accumulate::simclr_accumulated_step_with_counts;
 use crate::train::step::simclr_train_step_with_counts;
 use anyhow::{bail, Result};
 use contrail_common::JobConfig;
@@ -95,6 +96,7 @@ pub fn train(
     let max_steps_reached = |s: u64| t.max_steps > 0 && s >= t.max_steps;
     let mut last_checkpoint: Option<u64> = None;
     let peak_lr = scaled_peak_lr(&cfg.optim, t.global_batch);
+    let accumulation = t.accumulation_steps(cfg.cluster.world_size) as usize;
 
     'epochs: loop {
         if (t.epochs > 0 && epoch >= t.epochs) || max_steps_reached(step) {
@@ -110,36 +112,57 @@ pub fn train(
                     bail!("stopping at step {step}: {reason}");
                 }
                 let started = Instant::now();
-                let batch = source.next_batch()?;
-                let local = batch.as_ref().map(|b| b.view1.size()[0]).unwrap_or(0);
+                // Up to K micro-batches make one step; a rank whose data ran out brings fewer
+                // (or none) and still enters every collective.
+                let mut micro: Vec<(Tensor, Tensor)> = Vec::with_capacity(accumulation);
+                while micro.len() < accumulation {
+                    match source.next_batch()? {
+                        Some(b) => {
+                            micro.push((b.view1.to_device(device), b.view2.to_device(device)))
+                        }
+                        None => break,
+                    }
+                }
+                let local: i64 = micro.iter().map(|(v1, _)| v1.size()[0]).sum();
                 let counts = all_gather_counts(coll, local)?;
                 if counts.iter().sum::<i64>() == 0 {
                     break;
                 }
-                let (v1, v2) = match batch {
-                    Some(b) => (b.view1.to_device(device), b.view2.to_device(device)),
-                    None => {
-                        let s = cfg.data.image_size as i64;
-                        let empty = Tensor::zeros([0, 3, s, s], (tch::Kind::Float, device));
-                        (empty.shallow_clone(), empty)
-                    }
-                };
                 let total = match (t.max_steps, steps_per_epoch) {
                     (m, _) if m > 0 => m,
                     (_, Some(spe)) => spe * u64::from(t.epochs.max(1)),
                     (_, None) => 0,
                 };
                 let lr = lr_at(step, total, peak_lr, cfg.optim.warmup_steps);
-                let outcome = simclr_train_step_with_counts(
-                    model,
-                    opt,
-                    &v1,
-                    &v2,
-                    cfg.objective.temperature,
-                    lr,
-                    coll,
-                    &counts,
-                )?;
+                let temperature = cfg.objective.temperature;
+                let outcome = if accumulation == 1 {
+                    // One forward pass is enough without accumulation.
+                    let (v1, v2) = micro.pop().unwrap_or_else(|| {
+                        let s = i64::from(cfg.data.image_size);
+                        let empty = Tensor::zeros([0, 3, s, s], (tch::Kind::Float, device));
+                        (empty.shallow_clone(), empty)
+                    });
+                    simclr_train_step_with_counts(
+                        model,
+                        opt,
+                        &v1,
+                        &v2,
+                        temperature,
+                        lr,
+                        coll,
+                        &counts,
+                    )?
+                } else {
+                    simclr_accumulated_step_with_counts(
+                        model,
+                        opt,
+                        &micro,
+                        temperature,
+                        lr,
+                        coll,
+                        &counts,
+                    )?
+                };
                 step += 1;
                 steps_this_epoch += 1;
                 summary.steps += 1;
@@ -296,6 +319,52 @@ mod tests {
             assert_eq!(r.steps, expected, "rank {rank}");
             // every_steps = 2; the final state is step 6, already written.
             assert_eq!(r.checkpoints, vec![2, 4, 6], "rank {rank}");
+        }
+    }
+
+    /// With K = 2 micro-batches per step, each step takes two batches from every rank that
+    /// still has them; the epoch ends together as before.
+    #[test]
+    fn accumulation_takes_k_micro_batches_per_step() {
+        let mut cfg = tiny_config(2);
+        cfg.train.global_batch = 16; // 2 ranks × micro_batch 4 × K 2
+        cfg.model.norm = contrail_common::config::NormKind::Group;
+        cfg.model.projector_hidden = 64;
+        let per_rank = [vec![4i64, 4, 4, 2], vec![3i64]];
+        let group = LocalGroup::with_timeout(2, Duration::from_secs(30));
+        let results: Vec<Record> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .zip(per_rank.iter())
+                .map(|(coll, sizes)| {
+                    let cfg = cfg.clone();
+                    s.spawn(move || {
+                        tch::manual_seed(0);
+                        let model = SimClrModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+                        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
+                        let mut hooks = Record {
+                            sizes: sizes.clone(),
+                            ..Default::default()
+                        };
+                        train(
+                            &cfg,
+                            &model,
+                            opt.as_mut(),
+                            &coll,
+                            &mut hooks,
+                            StartPoint::default(),
+                        )
+                        .unwrap();
+                        hooks
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let expected: Vec<(u32, u64, i64)> =
+            vec![(0, 1, 8 + 3), (0, 2, 6), (1, 3, 8 + 3), (1, 4, 6)];
+        for (rank, r) in results.iter().enumerate() {
+            assert_eq!(r.steps, expected, "rank {rank}");
         }
     }
 
