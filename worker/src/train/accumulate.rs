@@ -20,10 +20,11 @@
 //! take two momentum updates per micro-batch (2K per step instead of 1). Use
 //! `model.norm = "group"` where exact equivalence matters.
 
-use super::step::{all_reduce_gradients, check_views, ensure_grads_defined, StepOutcome};
+use super::step::{
+    check_views, ensure_grads_defined, finish_step, gathered_nt_xent_gradient, StepOutcome,
+};
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::SimClrModel;
-use crate::objective::{nt_xent_anchor_losses, LocalAnchors};
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
@@ -77,9 +78,6 @@ pub fn simclr_accumulated_step_with_counts(
             global_samples: 0,
         });
     }
-    let rows: Vec<i64> = counts.iter().map(|c| 2 * c).collect();
-    let n_rows = 2 * global_samples;
-    let offset: i64 = rows[..rank].iter().sum();
     let device = model.device();
     let dim = model.embedding_dim();
 
@@ -104,23 +102,7 @@ pub fn simclr_accumulated_step_with_counts(
         }
     });
 
-    let gathered = coll
-        .all_gather(&z_local.contiguous(), &rows)
-        .with_context(|| format!("rank {rank}: all-gathering embeddings ({rows:?} rows)"))?
-        .to_device(device)
-        .set_requires_grad(true);
-    let anchor_losses =
-        nt_xent_anchor_losses(&gathered, LocalAnchors { offset, samples: b }, temperature);
-    let local_loss = anchor_losses.sum(Kind::Float) / n_rows as f64;
-    let d_gathered = if b > 0 {
-        Tensor::run_backward(&[&local_loss], &[&gathered], false, false).remove(0)
-    } else {
-        gathered.zeros_like()
-    };
-    let d_local = coll
-        .reduce_scatter_sum(&d_gathered.contiguous(), &rows)
-        .with_context(|| format!("rank {rank}: reduce-scattering embedding gradients"))?
-        .to_device(device);
+    let (local_loss, d_local) = gathered_nt_xent_gradient(&z_local, counts, temperature, coll)?;
 
     // Pass 2: re-forward each micro-batch with a graph and backprop its rows of d_local;
     // `.backward()` adds into the parameters' `.grad()`, which is the accumulation.
@@ -147,14 +129,9 @@ pub fn simclr_accumulated_step_with_counts(
         at += bk;
     }
 
-    all_reduce_gradients(model, coll)
-        .with_context(|| format!("rank {rank}: all-reducing parameter gradients"))?;
-    let mut loss = Tensor::from_slice(&[local_loss.double_value(&[])]);
-    coll.all_reduce_sum(&mut loss)
-        .with_context(|| format!("rank {rank}: all-reducing the loss"))?;
-    opt.step(lr);
+    let loss = finish_step(model, opt, &local_loss, lr, coll)?;
     Ok(StepOutcome {
-        loss: loss.double_value(&[0]),
+        loss,
         global_samples,
     })
 }

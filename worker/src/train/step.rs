@@ -83,12 +83,7 @@ pub fn simclr_train_step_with_counts(
             global_samples: 0,
         });
     }
-    let rows: Vec<i64> = counts.iter().map(|c| 2 * c).collect();
-    let n_rows = 2 * global_samples;
-    let offset: i64 = rows[..rank].iter().sum();
     let device = model.device();
-    let dim = model.embedding_dim();
-
     opt.zero_grad();
     let z_local = if b > 0 {
         let x = Tensor::cat(&[view1, view2], 0)
@@ -96,11 +91,42 @@ pub fn simclr_train_step_with_counts(
             .to_kind(Kind::Float);
         model.forward_t(&x, true)
     } else {
-        Tensor::zeros([0, dim], (Kind::Float, device))
+        Tensor::zeros([0, model.embedding_dim()], (Kind::Float, device))
     };
+    let (local_loss, d_local) =
+        gathered_nt_xent_gradient(&z_local.detach(), counts, temperature, coll)?;
+    ensure_grads_defined(model);
+    if b > 0 {
+        // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
+        (&z_local * d_local).sum(Kind::Float).backward();
+    }
+    let loss = finish_step(model, opt, &local_loss, lr, coll)?;
+    Ok(StepOutcome {
+        loss,
+        global_samples,
+    })
+}
 
+/// The gathered-negatives core shared by the plain and the accumulated step. `z_local` holds
+/// this rank's `2 b` embeddings (every view-1 row, then every view-2 row; `b = counts[rank]`).
+/// All-gathers them, computes the NT-Xent of the local anchors against the global set divided
+/// by the global anchor count (so the shares of all ranks sum to the global mean), and
+/// reduce-scatters the gradient of the gathered tensor back to its owners. Returns this rank's
+/// loss share and d(total loss)/d(z_local).
+pub(crate) fn gathered_nt_xent_gradient(
+    z_local: &Tensor,
+    counts: &[i64],
+    temperature: f64,
+    coll: &dyn Collective,
+) -> Result<(Tensor, Tensor)> {
+    let rank = coll.rank();
+    let b = counts[rank];
+    let rows: Vec<i64> = counts.iter().map(|c| 2 * c).collect();
+    let n_rows: i64 = rows.iter().sum();
+    let offset: i64 = rows[..rank].iter().sum();
+    let device = z_local.device();
     let gathered = coll
-        .all_gather(&z_local.detach().contiguous(), &rows)
+        .all_gather(&z_local.contiguous(), &rows)
         .with_context(|| format!("rank {rank}: all-gathering embeddings ({rows:?} rows)"))?
         .to_device(device)
         .set_requires_grad(true);
@@ -112,28 +138,30 @@ pub fn simclr_train_step_with_counts(
     } else {
         gathered.zeros_like()
     };
-
     let d_local = coll
         .reduce_scatter_sum(&d_gathered.contiguous(), &rows)
         .with_context(|| format!("rank {rank}: reduce-scattering embedding gradients"))?
         .to_device(device);
-    ensure_grads_defined(model);
-    if b > 0 {
-        // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
-        (&z_local * d_local).sum(Kind::Float).backward();
-    }
+    Ok((local_loss.detach(), d_local))
+}
 
+/// Sums the parameter gradients and the loss shares across ranks, then takes the optimizer
+/// step. Returns the global loss.
+pub(crate) fn finish_step(
+    model: &SimClrModel,
+    opt: &mut dyn Optimizer,
+    local_loss: &Tensor,
+    lr: f64,
+    coll: &dyn Collective,
+) -> Result<f64> {
+    let rank = coll.rank();
     all_reduce_gradients(model, coll)
         .with_context(|| format!("rank {rank}: all-reducing parameter gradients"))?;
-
     let mut loss = Tensor::from_slice(&[local_loss.double_value(&[])]);
     coll.all_reduce_sum(&mut loss)
         .with_context(|| format!("rank {rank}: all-reducing the loss"))?;
     opt.step(lr);
-    Ok(StepOutcome {
-        loss: loss.double_value(&[0]),
-        global_samples,
-    })
+    Ok(loss.double_value(&[0]))
 }
 
 pub(crate) fn check_views(view1: &Tensor, view2: &Tensor, rank: usize) -> Result<()> {
