@@ -255,6 +255,41 @@ mod tests {
         }
     }
 
+    /// Trains `cfg` on one thread per rank (in-process collective), rank r reading batches of
+    /// the sizes `per_rank[r]` each epoch; returns what each rank's hooks saw.
+    fn train_ranks(cfg: &JobConfig, per_rank: &[Vec<i64>]) -> Vec<Record> {
+        let group = LocalGroup::with_timeout(per_rank.len(), Duration::from_secs(30));
+        std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .into_iter()
+                .zip(per_rank)
+                .map(|(coll, sizes)| {
+                    s.spawn(move || {
+                        tch::manual_seed(0);
+                        let model = SimClrModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+                        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
+                        let mut hooks = Record {
+                            sizes: sizes.clone(),
+                            ..Default::default()
+                        };
+                        let summary = train(
+                            cfg,
+                            &model,
+                            opt.as_mut(),
+                            &coll,
+                            &mut hooks,
+                            StartPoint::default(),
+                        )
+                        .unwrap();
+                        assert_eq!(summary.epochs_completed, cfg.train.epochs);
+                        hooks
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
     fn tiny_config(world: u32) -> JobConfig {
         let mut cfg = JobConfig::default();
         cfg.cluster.world_size = world;
@@ -276,37 +311,7 @@ mod tests {
     fn uneven_data_ends_the_epoch_together_without_dropping_samples() {
         let cfg = tiny_config(2);
         let per_rank = [vec![4i64, 4, 2], vec![3i64]];
-        let group = LocalGroup::with_timeout(2, Duration::from_secs(30));
-        let results: Vec<Record> = std::thread::scope(|s| {
-            let handles: Vec<_> = group
-                .into_iter()
-                .zip(per_rank.iter())
-                .map(|(coll, sizes)| {
-                    let cfg = cfg.clone();
-                    s.spawn(move || {
-                        tch::manual_seed(0);
-                        let model = SimClrModel::new(&cfg.model, tch::Device::Cpu).unwrap();
-                        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
-                        let mut hooks = Record {
-                            sizes: sizes.clone(),
-                            ..Default::default()
-                        };
-                        let summary = train(
-                            &cfg,
-                            &model,
-                            opt.as_mut(),
-                            &coll,
-                            &mut hooks,
-                            StartPoint::default(),
-                        )
-                        .unwrap();
-                        assert_eq!(summary.epochs_completed, 2);
-                        hooks
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results = train_ranks(&cfg, &per_rank);
         let expected: Vec<(u32, u64, i64)> = vec![
             (0, 1, 4 + 3),
             (0, 2, 4),
@@ -331,36 +336,7 @@ mod tests {
         cfg.model.norm = contrail_common::config::NormKind::Group;
         cfg.model.projector_hidden = 64;
         let per_rank = [vec![4i64, 4, 4, 2], vec![3i64]];
-        let group = LocalGroup::with_timeout(2, Duration::from_secs(30));
-        let results: Vec<Record> = std::thread::scope(|s| {
-            let handles: Vec<_> = group
-                .into_iter()
-                .zip(per_rank.iter())
-                .map(|(coll, sizes)| {
-                    let cfg = cfg.clone();
-                    s.spawn(move || {
-                        tch::manual_seed(0);
-                        let model = SimClrModel::new(&cfg.model, tch::Device::Cpu).unwrap();
-                        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
-                        let mut hooks = Record {
-                            sizes: sizes.clone(),
-                            ..Default::default()
-                        };
-                        train(
-                            &cfg,
-                            &model,
-                            opt.as_mut(),
-                            &coll,
-                            &mut hooks,
-                            StartPoint::default(),
-                        )
-                        .unwrap();
-                        hooks
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let results = train_ranks(&cfg, &per_rank);
         let expected: Vec<(u32, u64, i64)> =
             vec![(0, 1, 8 + 3), (0, 2, 6), (1, 3, 8 + 3), (1, 4, 6)];
         for (rank, r) in results.iter().enumerate() {
