@@ -7,15 +7,16 @@
 //! statistics, which legitimately changes the result, so only a batch-independent norm can be
 //! compared exactly.
 
-use contrail_common::config::{ModelConfig, NormKind, StemKind};
+mod support;
+
 use contrail_worker::dist::local::{LocalCollective, LocalGroup};
 use contrail_worker::dist::{self, Collective};
 use contrail_worker::model::SimClrModel;
 use contrail_worker::optim::Sgd;
 use contrail_worker::train::accumulate::simclr_accumulated_step;
 use contrail_worker::train::step::simclr_train_step;
-use std::sync::Mutex;
-use tch::{Device, Kind, Tensor};
+use support::{fresh_copy, max_abs_diff, setup, RankResult, Setup};
+use tch::Tensor;
 
 const TEMPERATURE: f64 = 0.2;
 // Large enough that a missing or wrongly scaled gradient moves parameters far beyond the
@@ -25,55 +26,6 @@ const MOMENTUM: f64 = 0.9;
 const WEIGHT_DECAY: f64 = 1e-3;
 const TOLERANCE: f64 = 1e-5;
 const SAMPLES: i64 = 8;
-
-fn model_config() -> ModelConfig {
-    ModelConfig {
-        layers: vec![1, 1],
-        width: 8,
-        norm: NormKind::Group,
-        projector_hidden: 64,
-        projector_out: 8,
-        stem: StemKind::Cifar,
-        ..Default::default()
-    }
-}
-
-struct Setup {
-    initial: SimClrModel,
-    view1: Tensor,
-    view2: Tensor,
-}
-
-/// libtorch has one global RNG and the tests of this file run on parallel threads: seeding
-/// and drawing happen under this lock so every test sees the same model and images.
-static RNG: Mutex<()> = Mutex::new(());
-
-fn setup() -> Setup {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(1);
-    tch::manual_seed(23);
-    let initial = SimClrModel::new(&model_config(), Device::Cpu).unwrap();
-    let shape = [SAMPLES, 3, 16, 16];
-    let view1 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
-    let view2 = &view1 * 0.8 + Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.3;
-    Setup {
-        initial,
-        view1,
-        view2,
-    }
-}
-
-fn fresh_copy(of: &SimClrModel) -> SimClrModel {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    // A different seed, so only the copy can make the models identical.
-    tch::manual_seed(99);
-    let mut m = SimClrModel::new(&model_config(), Device::Cpu).unwrap();
-    m.copy_from(of).unwrap();
-    m
-}
-
-/// Parameters after one step, the reported loss and the global sample count, for a rank.
-type RankResult = (Vec<(String, Tensor)>, f64, i64);
 
 /// One plain (unaccumulated) step over the whole batch on a single rank: the reference.
 fn plain_single_process(s: &Setup) -> RankResult {
@@ -139,19 +91,6 @@ fn snapshot(m: &SimClrModel) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-fn max_abs_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, String) {
-    assert_eq!(a.len(), b.len());
-    let mut worst = (0.0, String::new());
-    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
-        assert_eq!(na, nb);
-        let d = (ta - tb).abs().max().double_value(&[]);
-        if d > worst.0 {
-            worst = (d, na.clone());
-        }
-    }
-    worst
-}
-
 /// Every rank of every plan must match the plain single-process step, and replicas must be
 /// bit-identical.
 fn assert_plans_match_reference(s: &Setup, plans: &[Vec<Vec<i64>>]) {
@@ -183,7 +122,7 @@ fn assert_plans_match_reference(s: &Setup, plans: &[Vec<Vec<i64>>]) {
 
 #[test]
 fn one_worker_accumulation_equals_plain_step_on_whole_batch() {
-    let s = setup();
+    let s = setup(23, SAMPLES);
     assert_plans_match_reference(
         &s,
         &[
@@ -198,7 +137,7 @@ fn one_worker_accumulation_equals_plain_step_on_whole_batch() {
 
 #[test]
 fn two_worker_accumulation_equals_one_worker_with_global_batch() {
-    let s = setup();
+    let s = setup(23, SAMPLES);
     assert_plans_match_reference(
         &s,
         &[
@@ -253,7 +192,7 @@ impl Collective for DropMicroBatchGrad {
 
 #[test]
 fn comparison_detects_a_dropped_micro_batch_backward() {
-    let s = setup();
+    let s = setup(23, SAMPLES);
     let (reference, reference_loss, _) = plain_single_process(&s);
     // Micro-batch 1 of [2, 2, 2, 2] holds rows 2..4 of each view half (8 samples).
     let ranks = run_accumulated(&s, &[vec![2, 2, 2, 2]], |inner| DropMicroBatchGrad {
@@ -273,7 +212,7 @@ fn comparison_detects_a_dropped_micro_batch_backward() {
 
 #[test]
 fn bad_micro_batch_is_reported_by_index() {
-    let s = setup();
+    let s = setup(23, SAMPLES);
     let coll = LocalGroup::new(1).remove(0);
     let model = fresh_copy(&s.initial);
     let mut opt = Sgd::new(&model, MOMENTUM, WEIGHT_DECAY);
@@ -294,7 +233,7 @@ fn bad_micro_batch_is_reported_by_index() {
 
 #[test]
 fn no_samples_anywhere_is_a_no_op() {
-    let s = setup();
+    let s = setup(23, SAMPLES);
     let plan: Vec<Vec<(Tensor, Tensor)>> = vec![
         vec![],
         vec![(s.view1.narrow(0, 0, 0), s.view2.narrow(0, 0, 0))],

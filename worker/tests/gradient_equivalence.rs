@@ -6,15 +6,15 @@
 //! statistics, which legitimately changes the result of a split, so only a batch-independent
 //! norm can be compared exactly.
 
-use contrail_common::config::{ModelConfig, NormKind, StemKind};
+mod support;
+
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::{self, Collective};
-use contrail_worker::model::SimClrModel;
 use contrail_worker::objective::nt_xent_loss;
 use contrail_worker::optim::{Optimizer, Sgd};
 use contrail_worker::train::step::simclr_train_step;
-use std::sync::Mutex;
-use tch::{Device, Kind, Tensor};
+use support::{fresh_copy, max_abs_diff, setup, RankResult, Setup};
+use tch::Tensor;
 
 const TEMPERATURE: f64 = 0.2;
 // Large enough that a wrongly scaled gradient moves parameters far beyond the tolerance.
@@ -22,55 +22,6 @@ const LR: f64 = 0.5;
 const MOMENTUM: f64 = 0.9;
 const WEIGHT_DECAY: f64 = 1e-3;
 const TOLERANCE: f64 = 1e-5;
-
-fn model_config() -> ModelConfig {
-    ModelConfig {
-        layers: vec![1, 1],
-        width: 8,
-        norm: NormKind::Group,
-        projector_hidden: 64,
-        projector_out: 8,
-        stem: StemKind::Cifar,
-        ..Default::default()
-    }
-}
-
-struct Setup {
-    initial: SimClrModel,
-    view1: Tensor,
-    view2: Tensor,
-}
-
-/// libtorch has one global RNG and the tests of this file run on parallel threads: seeding
-/// and drawing happen under this lock so every test sees the same model and images.
-static RNG: Mutex<()> = Mutex::new(());
-
-fn setup(samples: i64) -> Setup {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(1);
-    tch::manual_seed(17);
-    let initial = SimClrModel::new(&model_config(), Device::Cpu).unwrap();
-    let shape = [samples, 3, 16, 16];
-    let view1 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
-    let view2 = &view1 * 0.8 + Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.3;
-    Setup {
-        initial,
-        view1,
-        view2,
-    }
-}
-
-fn fresh_copy(of: &SimClrModel) -> SimClrModel {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    // A different seed, so only the copy can make the models identical.
-    tch::manual_seed(99);
-    let mut m = SimClrModel::new(&model_config(), Device::Cpu).unwrap();
-    m.copy_from(of).unwrap();
-    m
-}
-
-/// Parameters after one step and the reported loss, for every rank.
-type RankResult = (Vec<(String, Tensor)>, f64, i64);
 
 /// One step with `splits[r]` samples on rank r; `wrap` lets a test alter the collective.
 fn run_split<C: Collective>(
@@ -104,26 +55,13 @@ fn run_split<C: Collective>(
     })
 }
 
-fn max_abs_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, String) {
-    assert_eq!(a.len(), b.len());
-    let mut worst = (0.0, String::new());
-    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
-        assert_eq!(na, nb);
-        let d = (ta - tb).abs().max().double_value(&[]);
-        if d > worst.0 {
-            worst = (d, na.clone());
-        }
-    }
-    worst
-}
-
 fn single_process(s: &Setup) -> RankResult {
     run_split(s, &[s.view1.size()[0]], |c| c).remove(0)
 }
 
 #[test]
 fn single_rank_step_equals_plain_autograd_sgd() {
-    let s = setup(4);
+    let s = setup(17, 4);
     let (params, loss, samples) = single_process(&s);
     assert_eq!(samples, 4);
 
@@ -156,7 +94,7 @@ fn single_rank_step_equals_plain_autograd_sgd() {
 
 #[test]
 fn split_steps_match_single_process() {
-    let s = setup(4);
+    let s = setup(17, 4);
     let (reference, reference_loss, _) = single_process(&s);
     for splits in [
         vec![2, 2],
@@ -218,7 +156,7 @@ impl Collective for MeanAllReduce {
 
 #[test]
 fn comparison_detects_mean_instead_of_sum() {
-    let s = setup(4);
+    let s = setup(17, 4);
     let (reference, _, _) = single_process(&s);
     let ranks = run_split(&s, &[2, 2], MeanAllReduce);
     let (diff, name) = max_abs_diff(&ranks[0].0, &reference);
@@ -231,7 +169,7 @@ fn comparison_detects_mean_instead_of_sum() {
 
 #[test]
 fn optimizer_state_names_follow_parameters() {
-    let s = setup(2);
+    let s = setup(17, 2);
     let opt = Sgd::new(&s.initial, MOMENTUM, WEIGHT_DECAY);
     let names: Vec<String> = opt.state_tensors().into_iter().map(|(n, _)| n).collect();
     assert!(
