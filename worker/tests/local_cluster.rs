@@ -484,11 +484,9 @@ fn ctrl_c_stops_the_local_cluster_and_its_workers() {
         2,
         "expected 2 worker processes, found {workers:?}"
     );
-    let sent = Command::new("kill")
-        .args(["-INT", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    // SAFETY: kill(2) with a pid this test spawned and still owns (not yet reaped).
+    let sent = unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0, "sending SIGINT failed");
     let stopped_at = Instant::now();
     let code = loop {
         if let Some(code) = child.0.try_wait().unwrap() {
