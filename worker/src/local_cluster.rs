@@ -155,6 +155,12 @@ pub fn run_local(
     );
     match final_state {
         JobState::Finished => Ok(()),
+        _ if interrupted.load(std::sync::atomic::Ordering::SeqCst) => {
+            bail!(
+                "interrupted (Ctrl-C) at step {}; the workers were stopped",
+                report.step
+            )
+        }
         _ => {
             let mut reason = report.reason.clone();
             if let Some(e) = exited_early {
