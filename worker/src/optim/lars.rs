@@ -15,13 +15,11 @@
 //! With both switches on (the default) this is lightly with biases and norm parameters in a
 //! weight_decay=0 group, the usual SimCLR set-up.
 
-use super::adamw::split_state;
-use super::Optimizer;
+use super::sgd::{momentum_update, MOMENTUM};
+use super::{split_state, Optimizer};
 use crate::model::SimClrModel;
 use contrail_common::config::OptimConfig;
 use tch::Tensor;
-
-const MOMENTUM: &str = "momentum";
 
 /// LARS hyper-parameters other than the learning rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -121,13 +119,7 @@ impl Optimizer for Lars {
                 }
                 let d = self.direction(p, &g, lr);
                 let mut p = self.params[i].1.shallow_clone();
-                if self.opts.momentum != 0.0 {
-                    let buf = &mut self.buffers[i];
-                    let _ = buf.g_mul_scalar_(self.opts.momentum).g_add_(&d);
-                    let _ = p.g_sub_(&(&*buf * lr));
-                } else {
-                    let _ = p.g_sub_(&(d * lr));
-                }
+                momentum_update(&mut p, &mut self.buffers[i], &d, self.opts.momentum, lr);
             }
         });
     }

@@ -11,7 +11,9 @@ pub mod schedule;
 pub mod sgd;
 
 use crate::model::SimClrModel;
+use anyhow::{bail, Context};
 use contrail_common::config::OptimConfig;
+use std::collections::HashMap;
 use tch::Tensor;
 
 pub use adamw::{AdamW, AdamWOptions};
@@ -46,4 +48,44 @@ pub fn build(cfg: &OptimConfig, model: &SimClrModel) -> anyhow::Result<Box<dyn O
             "optim.kind \"{other}\" is not built; expected \"sgd\", \"lars\" or \"adamw\""
         ),
     }
+}
+
+/// Splits checkpointed optimizer state into one tensor per (slot, parameter), in parameter
+/// order, for state keyed `<slot>.<param>`. A slot marked `true` must have the parameter's
+/// shape; `false` marks a scalar. Fails, naming the key, on a key of no known slot, a key for
+/// no parameter, a missing key or a wrong shape.
+fn split_state(
+    state: &[(String, Tensor)],
+    params: &[(String, Tensor)],
+    slots: &[(&str, bool)],
+    optimizer: &str,
+) -> anyhow::Result<Vec<Vec<Tensor>>> {
+    let mut by_key: HashMap<&str, &Tensor> = state.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = Vec::with_capacity(slots.len());
+    for &(slot, param_shaped) in slots {
+        let mut tensors = Vec::with_capacity(params.len());
+        for (name, p) in params {
+            let key = format!("{slot}.{name}");
+            let t = by_key
+                .remove(key.as_str())
+                .with_context(|| format!("{optimizer} optimizer state has no \"{key}\""))?;
+            let want = if param_shaped { p.size() } else { Vec::new() };
+            if t.size() != want {
+                bail!(
+                    "{optimizer} optimizer state \"{key}\" has shape {:?}, expected {want:?}",
+                    t.size()
+                );
+            }
+            tensors.push(t.shallow_clone());
+        }
+        out.push(tensors);
+    }
+    if let Some(extra) = by_key.keys().min() {
+        let known: Vec<String> = slots.iter().map(|(s, _)| format!("{s}.<param>")).collect();
+        bail!(
+            "{optimizer} optimizer state has \"{extra}\", which is not one of {} for a model parameter",
+            known.join(", ")
+        );
+    }
+    Ok(out)
 }

@@ -1,13 +1,12 @@
 //! SGD with momentum and weight decay, exactly `torch.optim.SGD` (dampening 0, no Nesterov):
 //! `d = g + wd·p; buf = momentum·buf + d; p -= lr·buf`.
 
-use super::Optimizer;
+use super::{split_state, Optimizer};
 use crate::model::SimClrModel;
-use anyhow::{bail, Context};
-use std::collections::HashMap;
 use tch::Tensor;
 
-const MOMENTUM_PREFIX: &str = "momentum.";
+/// Optimizer-state slot of the momentum buffers: keys are `momentum.<param>`.
+pub(super) const MOMENTUM: &str = "momentum";
 
 pub struct Sgd {
     params: Vec<(String, Tensor)>,
@@ -49,12 +48,7 @@ impl Optimizer for Sgd {
                 } else {
                     g
                 };
-                if self.momentum != 0.0 {
-                    let _ = buf.g_mul_scalar_(self.momentum).g_add_(&d);
-                    let _ = p.g_sub_(&(&*buf * lr));
-                } else {
-                    let _ = p.g_sub_(&(d * lr));
-                }
+                momentum_update(p, buf, &d, self.momentum, lr);
             }
         });
     }
@@ -69,43 +63,35 @@ impl Optimizer for Sgd {
         self.params
             .iter()
             .zip(&self.buffers)
-            .map(|((name, _), buf)| (format!("{MOMENTUM_PREFIX}{name}"), buf.copy()))
+            .map(|((name, _), buf)| (format!("{MOMENTUM}.{name}"), buf.copy()))
             .collect()
     }
 
     fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()> {
-        let mut by_name: HashMap<&str, &Tensor> = HashMap::new();
-        for (key, t) in state {
-            let Some(param) = key.strip_prefix(MOMENTUM_PREFIX) else {
-                bail!("optimizer state key \"{key}\" is not SGD state (expected \"{MOMENTUM_PREFIX}<param>\")");
-            };
-            by_name.insert(param, t);
-        }
-        let mut loaded = Vec::with_capacity(self.params.len());
-        for ((name, p), buf) in self.params.iter().zip(&self.buffers) {
-            let t = by_name
-                .remove(name.as_str())
-                .with_context(|| format!("optimizer state has no \"{MOMENTUM_PREFIX}{name}\""))?;
-            if t.size() != p.size() {
-                bail!(
-                    "optimizer state \"{MOMENTUM_PREFIX}{name}\" has shape {:?}, parameter has {:?}",
-                    t.size(),
-                    p.size()
-                );
-            }
-            loaded.push(t.to_device(buf.device()).to_kind(buf.kind()));
-        }
-        if let Some(extra) = by_name.keys().next() {
-            bail!(
-                "optimizer state has \"{MOMENTUM_PREFIX}{extra}\", which is not a model parameter"
-            );
-        }
+        let loaded = split_state(state, &self.params, &[(MOMENTUM, true)], "SGD")?.remove(0);
         tch::no_grad(|| {
             for (buf, t) in self.buffers.iter_mut().zip(&loaded) {
-                buf.copy_(t);
+                buf.copy_(&t.to_device(buf.device()).to_kind(buf.kind()));
             }
         });
         Ok(())
+    }
+}
+
+/// `buf = momentum·buf + d; p -= lr·buf` (with momentum 0: `p -= lr·d`): the update of
+/// `torch.optim.SGD`, which LARS applies to its trust-ratio-scaled direction too.
+pub(super) fn momentum_update(
+    p: &mut Tensor,
+    buf: &mut Tensor,
+    d: &Tensor,
+    momentum: f64,
+    lr: f64,
+) {
+    if momentum != 0.0 {
+        let _ = buf.g_mul_scalar_(momentum).g_add_(d);
+        let _ = p.g_sub_(&(&*buf * lr));
+    } else {
+        let _ = p.g_sub_(&(d * lr));
     }
 }
 
