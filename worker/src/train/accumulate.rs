@@ -21,7 +21,8 @@
 //! `model.norm = "group"` where exact equivalence matters.
 
 use super::step::{
-    check_views, ensure_grads_defined, finish_step, gathered_nt_xent_gradient, StepOutcome,
+    check_views, checked_global_samples, ensure_grads_defined, finish_step,
+    gathered_nt_xent_gradient, StepOutcome,
 };
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::SimClrModel;
@@ -63,14 +64,8 @@ pub fn simclr_accumulated_step_with_counts(
     let rank = coll.rank();
     let sizes = micro_batch_sizes(micro_batches, rank)?;
     let b: i64 = sizes.iter().sum();
-    if counts.len() != coll.world_size() || counts.get(rank) != Some(&b) {
-        bail!(
-            "rank {rank}: batch-size counts {counts:?} do not match world size {} and local \
-             samples {b} (micro-batches {sizes:?})",
-            coll.world_size()
-        );
-    }
-    let global_samples: i64 = counts.iter().sum();
+    let global_samples = checked_global_samples(counts, b, coll)
+        .with_context(|| format!("micro-batches of sizes {sizes:?}"))?;
     if global_samples == 0 {
         // Every rank sees the same counts, so every rank skips the same collectives.
         return Ok(StepOutcome {

@@ -69,13 +69,7 @@ pub fn simclr_train_step_with_counts(
     let rank = coll.rank();
     check_views(view1, view2, rank)?;
     let b = view1.size()[0];
-    if counts.len() != coll.world_size() || counts.get(rank) != Some(&b) {
-        bail!(
-            "rank {rank}: batch-size counts {counts:?} do not match world size {} and local batch {b}",
-            coll.world_size()
-        );
-    }
-    let global_samples: i64 = counts.iter().sum();
+    let global_samples = checked_global_samples(counts, b, coll)?;
     if global_samples == 0 {
         // Every rank sees the same counts, so every rank skips the same collectives.
         return Ok(StepOutcome {
@@ -105,6 +99,24 @@ pub fn simclr_train_step_with_counts(
         loss,
         global_samples,
     })
+}
+
+/// Checks that `counts` has one entry per rank and that this rank's is `local` (its samples
+/// in this step), and returns the step's global sample count.
+pub(crate) fn checked_global_samples(
+    counts: &[i64],
+    local: i64,
+    coll: &dyn Collective,
+) -> Result<i64> {
+    let rank = coll.rank();
+    if counts.len() != coll.world_size() || counts.get(rank) != Some(&local) {
+        bail!(
+            "rank {rank}: batch-size counts {counts:?} do not match world size {} and local \
+             samples {local}",
+            coll.world_size()
+        );
+    }
+    Ok(counts.iter().sum())
 }
 
 /// The gathered-negatives core shared by the plain and the accumulated step. `z_local` holds
