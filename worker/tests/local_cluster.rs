@@ -272,20 +272,7 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
     let grpc = format!("127.0.0.1:{}", free_port());
     let http = format!("127.0.0.1:{}", free_port());
     // Write the dataset first so the coordinator sees every shard.
-    let synth = Command::new(CONTRAIL)
-        .args([
-            "data",
-            "synth",
-            "--samples",
-            "2048",
-            "--shard-size",
-            "64",
-            "--out",
-        ])
-        .arg(dir.join("data"))
-        .status()
-        .unwrap();
-    assert!(synth.success());
+    write_synth(&dir, 2048);
     let coordinator = KillOnDrop(
         Command::new(CONTRAIL)
             .args(["coordinator", "--config"])
@@ -364,16 +351,12 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
     assert_eq!(sh.pending + sh.leased + sh.done + sh.failed, sh.total);
 
     // The survivor does not hang: it exits with an error within a bounded time.
-    let code = loop {
-        if let Some(code) = survivor.0.try_wait().unwrap() {
-            break code;
-        }
-        assert!(
-            killed_at.elapsed() < Duration::from_secs(40),
-            "the surviving worker hung after its peer was killed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let code = wait_for_exit(
+        &mut survivor.0,
+        killed_at,
+        Duration::from_secs(40),
+        "the surviving worker hung after its peer was killed",
+    );
     assert!(!code.success(), "survivor should fail, not finish");
     let err = std::fs::read_to_string(dir.join("w0.stderr")).unwrap();
     assert!(
@@ -488,16 +471,12 @@ fn ctrl_c_stops_the_local_cluster_and_its_workers() {
     let sent = unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
     assert_eq!(sent, 0, "sending SIGINT failed");
     let stopped_at = Instant::now();
-    let code = loop {
-        if let Some(code) = child.0.try_wait().unwrap() {
-            break code;
-        }
-        assert!(
-            stopped_at.elapsed() < Duration::from_secs(15),
-            "contrail local did not stop after SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = wait_for_exit(
+        &mut child.0,
+        stopped_at,
+        Duration::from_secs(15),
+        "contrail local did not stop after SIGINT",
+    );
     assert!(
         !code.success(),
         "an interrupted job must not report success"
@@ -552,20 +531,7 @@ fn bad_samples_are_skipped_counted_and_reported_in_status() {
 
     let dir = temp_dir("bad");
     let job = write_job(&dir, 512, 1, "");
-    let synth = Command::new(CONTRAIL)
-        .args([
-            "data",
-            "synth",
-            "--samples",
-            "512",
-            "--shard-size",
-            "64",
-            "--out",
-        ])
-        .arg(dir.join("data"))
-        .status()
-        .unwrap();
-    assert!(synth.success());
+    write_synth(&dir, 512);
 
     let members = |i: u64| render_sample(7, i, 64).unwrap();
     let jpeg = |i: u64| members(i).into_iter().find(|(e, _)| *e == "jpg").unwrap().1;
@@ -607,4 +573,32 @@ fn bad_samples_are_skipped_counted_and_reported_in_status() {
         "expected 513 samples seen: {lines:#?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits for `child` to exit, failing with `hung` if it is still running `limit` after `since`.
+fn wait_for_exit(
+    child: &mut Child,
+    since: Instant,
+    limit: Duration,
+    hung: &str,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            return code;
+        }
+        assert!(since.elapsed() < limit, "{hung}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `contrail data synth` into `dir/data`, 64 samples per shard (as `write_job` configures).
+fn write_synth(dir: &Path, samples: u64) {
+    let status = Command::new(CONTRAIL)
+        .args(["data", "synth", "--shard-size", "64", "--samples"])
+        .arg(samples.to_string())
+        .arg("--out")
+        .arg(dir.join("data"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "contrail data synth failed: {status}");
 }
