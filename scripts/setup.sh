@@ -22,13 +22,24 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null; then
-  echo "setup: installing torch==$TORCH_VERSION from PyPI into .venv (about 3 GB, a few minutes)"
-  .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+  # The wheels with their CUDA libraries unpack to about 5 GB; pip's cache would hold a
+  # second copy, so it is bypassed. Say plainly when the disk cannot hold them.
+  need_kb=$((6 * 1024 * 1024))
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt "$need_kb" ]; then
+    echo "setup: warning: PyTorch $TORCH_VERSION needs about 6 GB free in $(pwd); only $((free_kb / 1024)) MB are free" >&2
+  fi
+  echo "setup: installing torch==$TORCH_VERSION from PyPI into .venv (about 3 GB to download, a few minutes)"
+  if ! .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check "torch==$TORCH_VERSION"; then
+    echo "setup: error: installing torch==$TORCH_VERSION failed; free space here:" >&2
+    df -h . "${TMPDIR:-/tmp}" >&2
+    exit 1
+  fi
 fi
 MOTO_VERSION=5.2.5
 if ! .venv/bin/python -c "import moto,sys; sys.exit(0 if moto.__version__=='$MOTO_VERSION' else 1)" 2>/dev/null; then
   echo "setup: installing moto[server]==$MOTO_VERSION into .venv (S3-compatible server for tests)"
-  .venv/bin/pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+  .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
 TORCH_DIR=$(.venv/bin/python -c "import torch,os;print(os.path.dirname(torch.__file__))")
 ln -sfn "$TORCH_DIR" libtorch
