@@ -3,7 +3,8 @@
 #   - protoc (Debian package protobuf-compiler) for the gRPC code generation,
 #   - PyTorch 2.11.0 from PyPI into ./.venv (tch 0.24 needs exactly this libtorch),
 #   - ./libtorch -> the torch package inside .venv (.cargo/config.toml points LIBTORCH here),
-#   - moto's S3-compatible server into .venv, for the object-store tests.
+#   - moto's S3-compatible server into .venv, for the object-store tests,
+#   - torchvision into .venv, for the checkpoint-compatibility test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,14 @@ MOTO_VERSION=5.2.5
 if ! .venv/bin/python -c "import moto,sys; sys.exit(0 if moto.__version__=='$MOTO_VERSION' else 1)" 2>/dev/null; then
   echo "setup: installing moto[server]==$MOTO_VERSION into .venv (S3-compatible server for tests)"
   .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+# torchvision (with its two dependencies, pinned; --no-deps so pip never touches torch) for
+# the test that loads a contrail ResNet-50 checkpoint into torchvision's resnet50.
+TORCHVISION_VERSION=0.26.0
+if ! .venv/bin/python -c "import torchvision,sys; sys.exit(0 if torchvision.__version__.split('+')[0]=='$TORCHVISION_VERSION' else 1)" 2>/dev/null; then
+  echo "setup: installing torchvision==$TORCHVISION_VERSION into .venv (checkpoint compatibility test)"
+  .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps \
+    "torchvision==$TORCHVISION_VERSION" "pillow==13.0.0" "numpy==2.4.6"
 fi
 TORCH_DIR=$(.venv/bin/python -c "import torch,os;print(os.path.dirname(torch.__file__))")
 ln -sfn "$TORCH_DIR" libtorch

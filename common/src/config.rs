@@ -122,8 +122,12 @@ pub enum NormKind {
 pub struct ModelConfig {
     /// Encoder family; only "resnet" is built so far.
     pub encoder: String,
-    /// Residual basic blocks per stage (ResNet-18 is [2, 2, 2, 2]).
+    /// Residual blocks per stage (ResNet-18 is [2, 2, 2, 2] basic, ResNet-50 [3, 4, 6, 3]
+    /// bottleneck).
     pub layers: Vec<u32>,
+    /// "basic" (two 3×3 convolutions, ResNet-18/34) or "bottleneck" (1×1, 3×3, 1×1 with 4×
+    /// output channels, ResNet-50 and up).
+    pub block: BlockKind,
     /// Channels of the first stage; each later stage doubles it.
     pub width: u32,
     pub norm: NormKind,
@@ -134,6 +138,16 @@ pub struct ModelConfig {
     /// First layers of the encoder: "cifar" (3×3 stride-1 conv, no max-pool; for images of
     /// 32 px and below) or "imagenet" (7×7 stride-2 conv + max-pool, as in torchvision).
     pub stem: StemKind,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockKind {
+    /// torchvision's `BasicBlock`.
+    #[default]
+    Basic,
+    /// torchvision's `Bottleneck` (stride on the 3×3 convolution, as torchvision's v1.5).
+    Bottleneck,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -150,6 +164,7 @@ impl Default for ModelConfig {
         Self {
             encoder: "resnet".into(),
             layers: vec![1, 1, 1, 1],
+            block: BlockKind::Basic,
             width: 16,
             norm: NormKind::Batch,
             projector_hidden: 128,
@@ -162,9 +177,30 @@ impl Default for ModelConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObjectiveConfig {
-    /// "simclr" (NT-Xent over two views, negatives from every worker).
+    /// "simclr" (NT-Xent over two views, negatives from every worker), "moco" (MoCo v2: a
+    /// momentum key encoder and a queue of negative keys) or "swav" (swapped prototype
+    /// assignments with Sinkhorn–Knopp codes over every worker's batch).
     pub kind: String,
+    /// Softmax temperature τ (all kinds; SwAV papers use 0.1, SimCLR and MoCo v2 0.2).
     pub temperature: f64,
+    /// moco: number of keys kept as negatives (a ring buffer filled with every worker's keys).
+    pub moco_queue_size: u64,
+    /// moco: EMA momentum of the key encoder at step 0; it follows a cosine schedule to 1.0
+    /// at the last step (BYOL's schedule; a constant when the run length is unknown).
+    pub moco_momentum: f64,
+    /// moco: compute keys on samples shuffled across workers (MoCo's shuffle BN), so BatchNorm
+    /// statistics cannot leak which key belongs to which query. Ignored with norm = "group".
+    pub moco_shuffle_bn: bool,
+    /// swav: number of prototypes K.
+    pub swav_prototypes: u32,
+    /// swav: Sinkhorn–Knopp entropy regularisation ε.
+    pub swav_epsilon: f64,
+    /// swav: Sinkhorn–Knopp iterations.
+    pub swav_sinkhorn_iterations: u32,
+    /// swav: the prototypes get no update for this many first steps.
+    pub swav_freeze_prototypes_steps: u64,
+    /// swav: features of earlier batches kept per worker and view for the codes (0: none).
+    pub swav_queue_size: u64,
 }
 
 impl Default for ObjectiveConfig {
@@ -172,6 +208,14 @@ impl Default for ObjectiveConfig {
         Self {
             kind: "simclr".into(),
             temperature: 0.2,
+            moco_queue_size: 65_536,
+            moco_momentum: 0.99,
+            moco_shuffle_bn: true,
+            swav_prototypes: 3000,
+            swav_epsilon: 0.05,
+            swav_sinkhorn_iterations: 3,
+            swav_freeze_prototypes_steps: 313,
+            swav_queue_size: 0,
         }
     }
 }
@@ -513,17 +557,39 @@ impl JobConfig {
                 ),
             ));
         }
-        if self.objective.kind != "simclr" {
+        let obj = &self.objective;
+        if !matches!(obj.kind.as_str(), "simclr" | "moco" | "swav") {
             return Err(err(
                 "objective.kind",
                 format!(
-                    "(\"{}\") is not built yet; expected \"simclr\"",
-                    self.objective.kind
+                    "(\"{}\") must be one of \"simclr\", \"moco\", \"swav\"",
+                    obj.kind
                 ),
             ));
         }
-        if self.objective.temperature.is_nan() || self.objective.temperature <= 0.0 {
+        if obj.temperature.is_nan() || obj.temperature <= 0.0 {
             return Err(err("objective.temperature", "must be positive"));
+        }
+        if obj.moco_queue_size == 0 {
+            return Err(err("objective.moco_queue_size", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&obj.moco_momentum) {
+            return Err(err(
+                "objective.moco_momentum",
+                format!("({}) must be in [0, 1)", obj.moco_momentum),
+            ));
+        }
+        if obj.swav_prototypes == 0 {
+            return Err(err("objective.swav_prototypes", "must be at least 1"));
+        }
+        if obj.swav_epsilon.is_nan() || obj.swav_epsilon <= 0.0 {
+            return Err(err("objective.swav_epsilon", "must be positive"));
+        }
+        if obj.swav_sinkhorn_iterations == 0 {
+            return Err(err(
+                "objective.swav_sinkhorn_iterations",
+                "must be at least 1",
+            ));
         }
         let o = &self.optim;
         if !matches!(o.kind.as_str(), "sgd" | "lars" | "adamw") {

@@ -11,10 +11,9 @@ mod support;
 
 use contrail_worker::dist::local::{LocalCollective, LocalGroup};
 use contrail_worker::dist::{self, Collective};
-use contrail_worker::model::SimClrModel;
+use contrail_worker::model::ContrastiveModel;
 use contrail_worker::optim::Sgd;
-use contrail_worker::train::accumulate::simclr_accumulated_step;
-use contrail_worker::train::step::simclr_train_step;
+use contrail_worker::train::step::{simclr_accumulated_step, simclr_train_step};
 use support::{fresh_copy, max_abs_diff, setup, RankResult, Setup};
 use tch::Tensor;
 
@@ -84,7 +83,7 @@ fn run_accumulated<C: Collective>(
 
 /// Deep copies: `named_parameters` shares storage with the model, so it cannot serve as a
 /// "before" picture.
-fn snapshot(m: &SimClrModel) -> Vec<(String, Tensor)> {
+fn snapshot(m: &ContrastiveModel) -> Vec<(String, Tensor)> {
     m.named_parameters()
         .into_iter()
         .map(|(n, t)| (n, t.detach().copy()))

@@ -602,3 +602,74 @@ fn write_synth(dir: &Path, samples: u64) {
         .unwrap();
     assert!(status.success(), "contrail data synth failed: {status}");
 }
+
+/// MoCo v2 and SwAV run as whole jobs on two processes: they train, their extra state (key
+/// encoder and queue, prototypes) goes into the checkpoint, and a restart resumes from it.
+#[test]
+fn moco_and_swav_jobs_train_checkpoint_and_resume() {
+    for (kind, objective, expect) in [
+        (
+            "moco",
+            "[objective]\nkind = \"moco\"\nmoco_queue_size = 96\n",
+            [
+                "momentum.queue",
+                "momentum.conv1.weight",
+                "momentum.queue_next",
+            ],
+        ),
+        (
+            "swav",
+            "[objective]\nkind = \"swav\"\ntemperature = 0.1\nswav_prototypes = 24\n\
+             swav_freeze_prototypes_steps = 3\nswav_queue_size = 16\n",
+            ["prototypes.weight", "conv1.weight", "projector.0.weight"],
+        ),
+    ] {
+        let dir = temp_dir(kind);
+        let job = write_job(&dir, 512, 5, objective);
+        let first = run_local(
+            &dir,
+            &job,
+            &[
+                "--set",
+                "train.max_steps=8",
+                "--set",
+                "checkpoint.every_steps=4",
+            ],
+        );
+        assert!(
+            first
+                .iter()
+                .any(|l| l.starts_with("rank 0 finished: 8 steps")),
+            "{kind}: {first:#?}"
+        );
+        let model = dir
+            .join("ckpt")
+            .join("step-00000008")
+            .join("model.safetensors");
+        let names: Vec<String> = tch::Tensor::read_safetensors(&model)
+            .unwrap_or_else(|e| panic!("{kind}: reading {}: {e}", model.display()))
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for name in expect {
+            assert!(
+                names.iter().any(|n| n == name),
+                "{kind}: checkpoint lacks {name}"
+            );
+        }
+        let second = run_local(&dir, &job, &["--set", "train.max_steps=12"]);
+        assert!(
+            second
+                .iter()
+                .any(|l| l.contains("resumed from") && l.contains("step 8")),
+            "{kind}: second run did not resume: {second:#?}"
+        );
+        assert!(
+            second
+                .iter()
+                .any(|l| l.starts_with("rank 0 finished: 4 steps")),
+            "{kind}: {second:#?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,5 +1,6 @@
 //! Our contrastive objectives against the reference libraries: lightly's `NTXentLoss`
-//! (lightly 1.6.0) and open_clip's `ClipLoss` (open_clip_torch 3.3.0), at world size 1.
+//! (lightly 1.6.0, without and with a memory bank, the latter being MoCo v2's loss) and
+//! open_clip's `ClipLoss` (open_clip_torch 3.3.0), at world size 1.
 //!
 //! The fixture (tests/fixtures/reference/objectives/objectives.safetensors, written by
 //! make_fixtures.py next to it) holds fixed inputs, the reference loss and the reference
@@ -8,6 +9,7 @@
 //! empty), which must reproduce the same global loss and gradients.
 
 use contrail_worker::objective::clip::{clip_local_loss, clip_loss, LocalPairs};
+use contrail_worker::objective::moco::{moco_loss, moco_query_losses};
 use contrail_worker::objective::{nt_xent_anchor_losses, nt_xent_loss, LocalAnchors};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -213,5 +215,48 @@ fn clip_local_pairs_over_ranks_match_open_clip() {
         );
         let grad_ls = field(&all, &case, "grad_logit_scale");
         assert_close(&format!("{case} d/dlogit_scale"), &g[2], grad_ls);
+    }
+}
+
+/// MoCo v2's loss with a fixed queue against lightly's `NTXentLoss(memory_bank_size=(K, d))`,
+/// and its per-query form summed over simulated ranks (each dividing by the global count).
+#[test]
+fn moco_matches_lightly_memory_bank() {
+    let all = fixtures();
+    for case in cases(&all, "moco_") {
+        let (query, key) = (field(&all, &case, "query"), field(&all, &case, "key"));
+        let queue = field(&all, &case, "queue");
+        let tau = field(&all, &case, "temperature").double_value(&[]);
+        let want = field(&all, &case, "loss");
+        let want_grad = field(&all, &case, "grad_query");
+
+        let q = leaf(query);
+        let loss = moco_loss(&q, key, queue, tau);
+        assert_close(&format!("{case} loss"), &loss, want);
+        let g = Tensor::run_backward(&[&loss], &[&q], false, false);
+        assert_close(&format!("{case} d/dquery"), &g[0], want_grad);
+
+        let n = query.size()[0];
+        let mut total = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+        let mut grads = Vec::new();
+        let mut at = 0;
+        for b in split(n) {
+            let q = leaf(&query.narrow(0, at, b));
+            let share = moco_query_losses(&q, &key.narrow(0, at, b), queue, tau).sum(Kind::Float)
+                / n as f64;
+            total += share.detach();
+            grads.push(if b > 0 {
+                Tensor::run_backward(&[&share], &[&q], false, false).remove(0)
+            } else {
+                q.zeros_like()
+            });
+            at += b;
+        }
+        assert_close(&format!("{case} summed shares"), &total, want);
+        assert_close(
+            &format!("{case} per-rank d/dquery"),
+            &Tensor::cat(&grads, 0),
+            want_grad,
+        );
     }
 }

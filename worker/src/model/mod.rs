@@ -1,31 +1,71 @@
-//! Models: the SimCLR network (ResNet encoder + MLP projector) and its named parameters.
+//! Models: the image network (ResNet encoder + MLP projector), the heads some objectives add
+//! (SwAV's prototypes, MoCo's momentum branch with its queue), and their named variables.
 //!
-//! Every variable lives in one [`nn::VarStore`] under a torchvision-compatible name; the
-//! optimizer and checkpoints address parameters by those names, and the gradient all-reduce
-//! walks them in name order so every rank packs its buckets identically.
+//! Every trainable variable lives in one [`nn::VarStore`] under a torchvision-compatible name;
+//! the optimizer and checkpoints address parameters by those names, and the gradient
+//! all-reduce walks them in name order so every rank packs its buckets identically.
 
+pub mod momentum;
 pub mod projector;
 pub mod resnet;
 
+use crate::objective::swav::Prototypes;
 use anyhow::{bail, Context};
-use contrail_common::config::{ModelConfig, NormKind};
+use contrail_common::config::{ModelConfig, NormKind, ObjectiveConfig};
 use tch::{nn, Device, Tensor};
 
+pub use momentum::MomentumBranch;
 pub use projector::Projector;
 pub use resnet::{Norm, ResNet};
 
-/// Encoder + projector with their variables.
+/// Prefix of the momentum branch's variables in [`ContrastiveModel::named_variables`].
+pub const MOMENTUM_PREFIX: &str = "momentum.";
+
+/// Encoder + projector with their variables, plus the objective's extra parts.
 #[derive(Debug)]
-pub struct SimClrModel {
+pub struct ContrastiveModel {
     vs: nn::VarStore,
     encoder: ResNet,
     projector: Projector,
     embedding_dim: i64,
+    /// SwAV: prototypes (`prototypes.weight`, trainable).
+    prototypes: Option<Prototypes>,
+    /// MoCo: key encoder and queue (not trainable).
+    momentum: Option<MomentumBranch>,
 }
 
-impl SimClrModel {
-    /// Builds the network from `model.*` (variables initialised from tch's global RNG, so
-    /// `tch::manual_seed` makes it reproducible).
+impl ContrastiveModel {
+    /// The network `objective.kind` trains: the plain encoder + projector for SimCLR, with
+    /// prototypes for SwAV, with a momentum branch and queue for MoCo.
+    pub fn for_objective(
+        cfg: &ModelConfig,
+        objective: &ObjectiveConfig,
+        device: Device,
+    ) -> anyhow::Result<Self> {
+        let mut model = Self::new(cfg, device)?;
+        match objective.kind.as_str() {
+            "simclr" => {}
+            "swav" => {
+                let p = Prototypes::new(
+                    &(&model.vs.root() / "prototypes"),
+                    model.embedding_dim,
+                    objective.swav_prototypes as i64,
+                );
+                p.normalize_();
+                model.prototypes = Some(p);
+            }
+            "moco" => {
+                let branch = MomentumBranch::new(cfg, objective.moco_queue_size as i64, device)?;
+                branch.copy_from_query(&model.named_variables())?;
+                model.momentum = Some(branch);
+            }
+            other => bail!("objective.kind \"{other}\" has no model"),
+        }
+        Ok(model)
+    }
+
+    /// Builds the encoder + projector from `model.*` (variables initialised from tch's global
+    /// RNG, so `tch::manual_seed` makes it reproducible).
     pub fn new(cfg: &ModelConfig, device: Device) -> anyhow::Result<Self> {
         if cfg.encoder != "resnet" {
             bail!(
@@ -63,7 +103,14 @@ impl SimClrModel {
         }
         let vs = nn::VarStore::new(device);
         let root = vs.root();
-        let encoder = ResNet::new(&root, &cfg.layers, cfg.width as i64, cfg.norm, cfg.stem);
+        let encoder = ResNet::new(
+            &root,
+            &cfg.layers,
+            cfg.width as i64,
+            cfg.block,
+            cfg.norm,
+            cfg.stem,
+        );
         let projector = Projector::new(
             &(&root / "projector"),
             encoder.out_dim(),
@@ -76,7 +123,19 @@ impl SimClrModel {
             encoder,
             projector,
             embedding_dim: cfg.projector_out as i64,
+            prototypes: None,
+            momentum: None,
         })
+    }
+
+    /// SwAV's prototypes, when the model has them.
+    pub fn prototypes(&self) -> Option<&Prototypes> {
+        self.prototypes.as_ref()
+    }
+
+    /// MoCo's key encoder and queue, when the model has them.
+    pub fn momentum(&self) -> Option<&MomentumBranch> {
+        self.momentum.as_ref()
     }
 
     /// Projector outputs (N, `projector_out`) for images (N, 3, H, W); not normalised.
@@ -121,17 +180,30 @@ impl SimClrModel {
         named
     }
 
-    /// Every variable (parameters and norm running statistics) sorted by name.
+    /// Every variable (parameters, norm running statistics, and the momentum branch's
+    /// variables under [`MOMENTUM_PREFIX`]) sorted by name.
     pub fn named_variables(&self) -> Vec<(String, Tensor)> {
-        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        let mut named: Vec<(String, Tensor)> = self.all_variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named
+    }
+
+    fn all_variables(&self) -> std::collections::HashMap<String, Tensor> {
+        let mut vars = self.vs.variables();
+        if let Some(m) = &self.momentum {
+            vars.extend(
+                m.variables()
+                    .into_iter()
+                    .map(|(n, t)| (format!("{MOMENTUM_PREFIX}{n}"), t)),
+            );
+        }
+        vars
     }
 
     /// Loads variables by name (e.g. from a checkpoint). Every model variable must be present
     /// with the same shape, and no unknown names are accepted; on error nothing is changed.
     pub fn load_named(&mut self, named: &[(String, Tensor)]) -> anyhow::Result<()> {
-        let vars = self.vs.variables();
+        let vars = self.all_variables();
         let mut given: std::collections::HashMap<&str, &Tensor> =
             named.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let mut pairs = Vec::with_capacity(vars.len());
@@ -164,10 +236,18 @@ impl SimClrModel {
     }
 
     /// Copies every variable from `other` (same configuration), e.g. to start ranks identical.
-    pub fn copy_from(&mut self, other: &SimClrModel) -> anyhow::Result<()> {
+    pub fn copy_from(&mut self, other: &ContrastiveModel) -> anyhow::Result<()> {
         self.vs.copy(&other.vs).context(
             "copying model variables: the two models were built from different model configs",
-        )
+        )?;
+        match (&mut self.momentum, &other.momentum) {
+            (Some(mine), Some(theirs)) => mine
+                .var_store_mut()
+                .copy(theirs.vs_ref())
+                .context("copying momentum-branch variables: different model or queue configs"),
+            (None, None) => Ok(()),
+            _ => bail!("copying model variables: only one of the models has a momentum branch"),
+        }
     }
 }
 
@@ -190,7 +270,7 @@ mod tests {
 
     #[test]
     fn names_follow_torchvision() {
-        let m = SimClrModel::new(&cfg(NormKind::Batch, StemKind::Cifar), Device::Cpu).unwrap();
+        let m = ContrastiveModel::new(&cfg(NormKind::Batch, StemKind::Cifar), Device::Cpu).unwrap();
         let vars = m.var_store().variables();
         for name in [
             "conv1.weight",
@@ -230,7 +310,7 @@ mod tests {
             (NormKind::Batch, StemKind::Cifar),
             (NormKind::Group, StemKind::Imagenet),
         ] {
-            let m = SimClrModel::new(&cfg(norm, stem), Device::Cpu).unwrap();
+            let m = ContrastiveModel::new(&cfg(norm, stem), Device::Cpu).unwrap();
             let x = Tensor::randn([3, 3, 16, 16], (tch::Kind::Float, Device::Cpu));
             assert_eq!(m.forward_t(&x, true).size(), vec![3, 4]);
             assert_eq!(m.encode_t(&x, false).size(), vec![3, 16]);
@@ -241,11 +321,11 @@ mod tests {
     fn load_named_round_trip_and_errors() {
         let c = cfg(NormKind::Batch, StemKind::Cifar);
         tch::manual_seed(1);
-        let a = SimClrModel::new(&c, Device::Cpu).unwrap();
+        let a = ContrastiveModel::new(&c, Device::Cpu).unwrap();
         tch::manual_seed(2);
-        let mut b = SimClrModel::new(&c, Device::Cpu).unwrap();
+        let mut b = ContrastiveModel::new(&c, Device::Cpu).unwrap();
         let saved = a.named_variables();
-        let conv1 = |m: &SimClrModel| m.var_store().variables()["conv1.weight"].copy();
+        let conv1 = |m: &ContrastiveModel| m.var_store().variables()["conv1.weight"].copy();
         assert!(
             !conv1(&a).equal(&conv1(&b)),
             "seeds should give different weights"
@@ -271,10 +351,12 @@ mod tests {
     fn group_norm_needs_multiples_of_eight() {
         let mut c = cfg(NormKind::Group, StemKind::Cifar);
         c.projector_hidden = 72;
-        SimClrModel::new(&c, Device::Cpu).unwrap();
+        ContrastiveModel::new(&c, Device::Cpu).unwrap();
         for bad in [12, 16] {
             c.projector_hidden = bad;
-            let e = SimClrModel::new(&c, Device::Cpu).unwrap_err().to_string();
+            let e = ContrastiveModel::new(&c, Device::Cpu)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(&format!("projector_hidden ({bad})")), "{e}");
         }
     }

@@ -1,11 +1,13 @@
-//! ResNet encoder with basic blocks (ResNet-18/34 family), parameter names as in torchvision.
+//! ResNet encoder with basic blocks (ResNet-18/34) or bottleneck blocks (ResNet-50/101/152),
+//! parameter names as in torchvision.
 //!
 //! Names follow `torchvision.models.resnet` (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`,
-//! `layer2.0.downsample.0.weight`, `layer2.0.downsample.1.*`) so a checkpoint's encoder loads
-//! into torchvision by dropping the projector keys. With GroupNorm the norm layers keep their
-//! `bn` names for the same reason.
+//! `layer1.0.conv3.weight`, `layer2.0.downsample.0.weight`, `layer2.0.downsample.1.*`) so a
+//! checkpoint's encoder loads into torchvision by dropping the other keys (projector, heads);
+//! `worker/tests/torchvision_compat.rs` checks this for `resnet50`. With GroupNorm the norm
+//! layers keep their `bn` names for the same reason.
 
-use contrail_common::config::{NormKind, StemKind};
+use contrail_common::config::{BlockKind, NormKind, StemKind};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -104,20 +106,92 @@ impl BasicBlock {
     }
 }
 
+/// torchvision's `Bottleneck` (ResNet v1.5: the stride sits on the 3×3 convolution): 1×1 down
+/// to `planes`, 3×3, 1×1 up to `4 · planes`.
+#[derive(Debug)]
+struct Bottleneck {
+    conv1: nn::Conv2D,
+    bn1: Norm,
+    conv2: nn::Conv2D,
+    bn2: Norm,
+    conv3: nn::Conv2D,
+    bn3: Norm,
+    downsample: Option<(nn::Conv2D, Norm)>,
+}
+
+/// Output channels of a bottleneck block per `planes`.
+const BOTTLENECK_EXPANSION: i64 = 4;
+
+impl Bottleneck {
+    fn new(p: nn::Path, norm: NormKind, c_in: i64, planes: i64, stride: i64) -> Self {
+        let c_out = planes * BOTTLENECK_EXPANSION;
+        let downsample = (stride != 1 || c_in != c_out).then(|| {
+            let d = &p / "downsample";
+            (
+                conv(&d / 0, c_in, c_out, 1, stride, 0),
+                Norm::new_2d(&d / 1, norm, c_out),
+            )
+        });
+        Self {
+            conv1: conv(&p / "conv1", c_in, planes, 1, 1, 0),
+            bn1: Norm::new_2d(&p / "bn1", norm, planes),
+            conv2: conv(&p / "conv2", planes, planes, 3, stride, 1),
+            bn2: Norm::new_2d(&p / "bn2", norm, planes),
+            conv3: conv(&p / "conv3", planes, c_out, 1, 1, 0),
+            bn3: Norm::new_2d(&p / "bn3", norm, c_out),
+            downsample,
+        }
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let h = self.bn1.forward_t(&xs.apply(&self.conv1), train).relu();
+        let h = self.bn2.forward_t(&h.apply(&self.conv2), train).relu();
+        let h = self.bn3.forward_t(&h.apply(&self.conv3), train);
+        let shortcut = match &self.downsample {
+            Some((c, n)) => n.forward_t(&xs.apply(c), train),
+            None => xs.shallow_clone(),
+        };
+        (h + shortcut).relu()
+    }
+}
+
+#[derive(Debug)]
+enum Block {
+    Basic(BasicBlock),
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            Block::Basic(b) => b.forward_t(xs, train),
+            Block::Bottleneck(b) => b.forward_t(xs, train),
+        }
+    }
+}
+
 /// ResNet trunk up to global average pooling: (N, 3, H, W) → (N, `out_dim`).
 #[derive(Debug)]
 pub struct ResNet {
     conv1: nn::Conv2D,
     bn1: Norm,
     stem: StemKind,
-    stages: Vec<Vec<BasicBlock>>,
+    stages: Vec<Vec<Block>>,
     out_dim: i64,
 }
 
 impl ResNet {
-    /// `layers[i]` basic blocks in stage i; stage i has `width << i` channels and (after the
-    /// first) halves the resolution. Variables are created under `p`.
-    pub fn new(p: &nn::Path, layers: &[u32], width: i64, norm: NormKind, stem: StemKind) -> Self {
+    /// `layers[i]` blocks in stage i; stage i has `width << i` channels (times 4 at the output
+    /// of a bottleneck block) and, after the first, halves the resolution. Variables are
+    /// created under `p`.
+    pub fn new(
+        p: &nn::Path,
+        layers: &[u32],
+        width: i64,
+        block: BlockKind,
+        norm: NormKind,
+        stem: StemKind,
+    ) -> Self {
         let conv1 = match stem {
             StemKind::Cifar => conv(p / "conv1", 3, width, 3, 1, 1),
             StemKind::Imagenet => conv(p / "conv1", 3, width, 7, 2, 3),
@@ -126,14 +200,23 @@ impl ResNet {
         let mut c_in = width;
         let mut stages = Vec::with_capacity(layers.len());
         for (i, &blocks) in layers.iter().enumerate() {
-            let c_out = width << i;
+            let planes = width << i;
             let sp = p / format!("layer{}", i + 1);
             let stage = (0..blocks as i64)
                 .map(|j| {
                     let stride = if i > 0 && j == 0 { 2 } else { 1 };
-                    let block = BasicBlock::new(&sp / j, norm, c_in, c_out, stride);
-                    c_in = c_out;
-                    block
+                    match block {
+                        BlockKind::Basic => {
+                            let b = BasicBlock::new(&sp / j, norm, c_in, planes, stride);
+                            c_in = planes;
+                            Block::Basic(b)
+                        }
+                        BlockKind::Bottleneck => {
+                            let b = Bottleneck::new(&sp / j, norm, c_in, planes, stride);
+                            c_in = planes * BOTTLENECK_EXPANSION;
+                            Block::Bottleneck(b)
+                        }
+                    }
                 })
                 .collect();
             stages.push(stage);

@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod info_nce;
+pub mod moco;
 pub mod swav;
 
 pub use info_nce::{l2_normalize, nt_xent_anchor_losses, nt_xent_loss, LocalAnchors};

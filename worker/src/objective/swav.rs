@@ -273,25 +273,12 @@ impl Prototypes {
         self.normalize_();
         z.matmul(&self.weight.tr())
     }
-
-    /// Zeroes the prototypes' gradient while [`prototypes_frozen`]; call between backward and
-    /// the optimizer step. Returns whether it did. lightly drops the gradient instead; since
-    /// the freeze starts at step 0 (momentum and Adam moments still zero) a zero gradient
-    /// leaves the prototypes equally untouched, unless weight decay applies to them.
-    pub fn zero_grad_if_frozen(&self, step: u64, freeze_steps: u64) -> bool {
-        if !prototypes_frozen(step, freeze_steps) {
-            return false;
-        }
-        let mut g = self.weight.grad();
-        if g.defined() {
-            let _ = g.zero_();
-        }
-        true
-    }
 }
 
 /// Whether the prototypes stay fixed at optimizer step `step` (0-based): SwAV freezes them for
 /// the first `freeze_steps` iterations so the codes do not collapse while features are random.
+/// The optimizer then skips them entirely (see `Optimizer::step_skipping`), as lightly and
+/// SwAV do by dropping their gradient.
 pub fn prototypes_frozen(step: u64, freeze_steps: u64) -> bool {
     step < freeze_steps
 }
@@ -477,13 +464,6 @@ mod tests {
 
         scores.sum(Kind::Float).backward();
         assert!(p.weight.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
-        assert!(!p.zero_grad_if_frozen(5, 5));
-        assert!(p.weight.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
-        assert!(p.zero_grad_if_frozen(4, 5));
-        assert_eq!(
-            p.weight.grad().abs().sum(Kind::Float).double_value(&[]),
-            0.0
-        );
         assert!(prototypes_frozen(0, 1) && !prototypes_frozen(1, 1) && !prototypes_frozen(0, 0));
     }
 

@@ -11,7 +11,7 @@
 //! `step.<param>` (a scalar i64: parameters that never had a gradient keep count 0).
 
 use super::{split_state, Optimizer};
-use crate::model::SimClrModel;
+use crate::model::ContrastiveModel;
 use anyhow::{bail, Context};
 use contrail_common::config::OptimConfig;
 use tch::{Device, Kind, Tensor};
@@ -54,7 +54,7 @@ pub struct AdamW {
 
 impl AdamW {
     /// Over every trainable parameter of `model`.
-    pub fn new(model: &SimClrModel, opts: AdamWOptions) -> Self {
+    pub fn new(model: &ContrastiveModel, opts: AdamWOptions) -> Self {
         Self::from_params(model.named_parameters(), opts)
     }
 
@@ -74,12 +74,12 @@ impl AdamW {
 }
 
 impl Optimizer for AdamW {
-    fn step(&mut self, lr: f64) {
+    fn step_skipping(&mut self, lr: f64, skip: &dyn Fn(&str) -> bool) {
         let o = self.opts;
         tch::no_grad(|| {
-            for (i, (_, p)) in self.params.iter_mut().enumerate() {
+            for (i, (name, p)) in self.params.iter_mut().enumerate() {
                 let g = p.grad();
-                if !g.defined() {
+                if !g.defined() || skip(name) {
                     continue;
                 }
                 self.steps[i] += 1;

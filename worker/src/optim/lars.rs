@@ -17,7 +17,7 @@
 
 use super::sgd::{momentum_update, MOMENTUM};
 use super::{split_state, Optimizer};
-use crate::model::SimClrModel;
+use crate::model::ContrastiveModel;
 use contrail_common::config::OptimConfig;
 use tch::Tensor;
 
@@ -65,7 +65,7 @@ pub struct Lars {
 
 impl Lars {
     /// Over every trainable parameter of `model`.
-    pub fn new(model: &SimClrModel, opts: LarsOptions) -> Self {
+    pub fn new(model: &ContrastiveModel, opts: LarsOptions) -> Self {
         Self::from_params(model.named_parameters(), opts)
     }
 
@@ -109,12 +109,12 @@ impl Lars {
 }
 
 impl Optimizer for Lars {
-    fn step(&mut self, lr: f64) {
+    fn step_skipping(&mut self, lr: f64, skip: &dyn Fn(&str) -> bool) {
         tch::no_grad(|| {
             for i in 0..self.params.len() {
-                let p = &self.params[i].1;
+                let (name, p) = &self.params[i];
                 let g = p.grad();
-                if !g.defined() {
+                if !g.defined() || skip(name) {
                     continue;
                 }
                 let d = self.direction(p, &g, lr);

@@ -10,7 +10,7 @@ pub mod scaling;
 pub mod schedule;
 pub mod sgd;
 
-use crate::model::SimClrModel;
+use crate::model::ContrastiveModel;
 use anyhow::{bail, Context};
 use contrail_common::config::OptimConfig;
 use std::collections::HashMap;
@@ -24,7 +24,14 @@ pub use sgd::Sgd;
 
 pub trait Optimizer: Send {
     /// One update of every parameter that has a gradient, with learning rate `lr`.
-    fn step(&mut self, lr: f64);
+    fn step(&mut self, lr: f64) {
+        self.step_skipping(lr, &|_| false);
+    }
+
+    /// [`Optimizer::step`] that leaves the parameters named by `skip` alone, value and
+    /// optimizer state both, as PyTorch optimizers treat a parameter whose `.grad` is None
+    /// (e.g. SwAV's prototypes while frozen).
+    fn step_skipping(&mut self, lr: f64, skip: &dyn Fn(&str) -> bool);
 
     /// Zeroes every parameter gradient (keeping it allocated).
     fn zero_grad(&mut self);
@@ -39,7 +46,7 @@ pub trait Optimizer: Send {
 }
 
 /// The optimizer named by `optim.kind` over the model's parameters.
-pub fn build(cfg: &OptimConfig, model: &SimClrModel) -> anyhow::Result<Box<dyn Optimizer>> {
+pub fn build(cfg: &OptimConfig, model: &ContrastiveModel) -> anyhow::Result<Box<dyn Optimizer>> {
     match cfg.kind.as_str() {
         "sgd" => Ok(Box::new(Sgd::new(model, cfg.momentum, cfg.weight_decay))),
         "lars" => Ok(Box::new(Lars::new(model, LarsOptions::from_config(cfg)))),

@@ -2,7 +2,7 @@
 //! `d = g + wd·p; buf = momentum·buf + d; p -= lr·buf`.
 
 use super::{split_state, Optimizer};
-use crate::model::SimClrModel;
+use crate::model::ContrastiveModel;
 use tch::Tensor;
 
 /// Optimizer-state slot of the momentum buffers: keys are `momentum.<param>`.
@@ -19,7 +19,7 @@ pub struct Sgd {
 
 impl Sgd {
     /// Over every trainable parameter of `model`.
-    pub fn new(model: &SimClrModel, momentum: f64, weight_decay: f64) -> Self {
+    pub fn new(model: &ContrastiveModel, momentum: f64, weight_decay: f64) -> Self {
         Self::from_params(model.named_parameters(), momentum, weight_decay)
     }
 
@@ -36,11 +36,11 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, lr: f64) {
+    fn step_skipping(&mut self, lr: f64, skip: &dyn Fn(&str) -> bool) {
         tch::no_grad(|| {
-            for ((_, p), buf) in self.params.iter_mut().zip(&mut self.buffers) {
+            for ((name, p), buf) in self.params.iter_mut().zip(&mut self.buffers) {
                 let g = p.grad();
-                if !g.defined() {
+                if !g.defined() || skip(name) {
                     continue;
                 }
                 let d = if self.weight_decay != 0.0 {

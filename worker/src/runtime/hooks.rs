@@ -4,7 +4,7 @@
 use super::client::{Assignment, Coordinator};
 use super::feed::EpochFeed;
 use super::Progress;
-use crate::model::SimClrModel;
+use crate::model::ContrastiveModel;
 use crate::optim::Optimizer;
 use crate::train::checkpoint::{tensors_to_safetensors, write_checkpoint};
 use crate::train::trainer::{BatchSource, StepEvent, TrainHooks};
@@ -133,7 +133,7 @@ impl TrainHooks for WorkerHooks<'_> {
 
     fn checkpoint(
         &mut self,
-        model: &SimClrModel,
+        model: &ContrastiveModel,
         opt: &dyn Optimizer,
         epoch: u32,
         step: u64,

@@ -10,9 +10,10 @@ mod hooks;
 
 use crate::dist::tcp::TcpCollective;
 use crate::dist::Collective;
-use crate::model::SimClrModel;
+use crate::model::ContrastiveModel;
 use crate::optim;
 use crate::train::checkpoint::read_checkpoint;
+use crate::train::objectives::build_objective;
 use crate::train::trainer::{train, StartPoint};
 use anyhow::{Context, Result};
 use client::Coordinator;
@@ -123,7 +124,7 @@ fn train_rank(
     // Same seed on every rank: identical initial parameters without a broadcast.
     tch::manual_seed(cfg.train.seed as i64);
     let device = tch::Device::Cpu;
-    let mut model = SimClrModel::new(&cfg.model, device)?;
+    let mut model = ContrastiveModel::for_objective(&cfg.model, &cfg.objective, device)?;
     let mut opt = optim::build(&cfg.optim, &model)?;
     let mut start = StartPoint::default();
     if !asg.resume_checkpoint.is_empty() {
@@ -156,7 +157,16 @@ fn train_rank(
         }
     }
     let mut hooks = hooks::WorkerHooks::new(rt, coord.clone(), cfg, asg, progress.clone());
-    let summary = train(cfg, &model, opt.as_mut(), coll, &mut hooks, start)?;
+    let mut objective = build_objective(cfg)?;
+    let summary = train(
+        cfg,
+        &model,
+        opt.as_mut(),
+        objective.as_mut(),
+        coll,
+        &mut hooks,
+        start,
+    )?;
     if asg.rank == 0 {
         println!(
             "rank 0 finished: {} steps, {} epochs, loss {:.4} -> {:.4}",

@@ -1,6 +1,7 @@
-//! Training: one step ([`step`]), the epoch loop ([`trainer`]) and checkpoints ([`checkpoint`]).
+//! Training: one step for any objective ([`step`], [`objectives`]), the epoch loop
+//! ([`trainer`]) and checkpoints ([`checkpoint`]).
 
-pub mod accumulate;
 pub mod checkpoint;
+pub mod objectives;
 pub mod step;
 pub mod trainer;

@@ -1,24 +1,32 @@
-//! One distributed SimCLR step: forward, NT-Xent against every rank's embeddings, exact
-//! global-batch gradients, all-reduce, optimizer update.
+//! One distributed training step over K ≥ 1 micro-batches per rank, for any objective that
+//! works on the two views' embeddings (SimCLR, MoCo v2, SwAV; see [`super::objectives`]).
 //!
-//! tch has no custom autograd functions, so the gather-with-gradient is done by hand
-//! (ARCHITECTURE.md, "Data flow of one step", item 3):
+//! tch has no custom autograd functions, so a loss that couples samples across ranks is
+//! differentiated by hand (ARCHITECTURE.md, "Data flow of one step", items 3–4):
 //!
-//! 1. every rank forwards its 2·b_r views → `z_local`;
-//! 2. all-gather the detached `z_local` → `Z` (N = 2B rows), a fresh leaf with gradient;
-//! 3. loss of the local anchors against all of `Z`, summed and divided by N, so that the sum
-//!    of the ranks' losses is the single-process mean over all 2B anchors;
-//! 4. backward to `dZ`; each rank's `dZ` holds the contributions of its own anchors to every
-//!    row, so reduce-scatter(sum) gives each rank the full gradient of its own rows;
-//! 5. backprop `dz_local` into the encoder, then all-reduce(sum) the parameter gradients.
-//!    Summing (not averaging) is right because step 3 already scaled by the global N.
+//! 1. forward the rank's micro-batches → `z_local` (2b rows: view 1 of every micro-batch,
+//!    then view 2 of every micro-batch). With one micro-batch the graph is kept; with K > 1
+//!    each is forwarded without autograd and only its embeddings are kept, so activation
+//!    memory does not grow with K;
+//! 2. the objective turns the detached `z_local` into this rank's share of the global loss and
+//!    d(global loss)/d(z_local) — gathering whatever it needs from the other ranks — and may
+//!    add gradients to its own head parameters (SwAV's prototypes);
+//! 3. backprop that gradient into the encoder: directly through the kept graph, or (K > 1)
+//!    by re-forwarding each micro-batch with autograd and backpropagating its slice, so
+//!    parameter gradients accumulate across micro-batches;
+//! 4. all-reduce(sum) the parameter gradients in fixed-order buckets, one optimizer step.
+//!    Summing (not averaging) is right because the objective already divided by the global
+//!    sample count.
 //!
 //! A rank with no samples skips the forward but enters every collective with zero rows and
-//! zero gradients, so no peer ever waits for it.
+//! zero gradients, so no peer ever waits for it. The result equals one step over the
+//! concatenation of every rank's micro-batches as long as the forward pass is batch-
+//! independent (GroupNorm); BatchNorm normalises each micro-batch with its own statistics,
+//! and with K > 1 its running averages take two updates per micro-batch.
 
+use super::objectives::{NtXent, StepObjective};
 use crate::dist::{all_gather_counts, Collective};
-use crate::model::SimClrModel;
-use crate::objective::{nt_xent_anchor_losses, LocalAnchors};
+use crate::model::ContrastiveModel;
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
@@ -29,47 +37,41 @@ pub const GRAD_BUCKET_ELEMENTS: i64 = 4 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOutcome {
-    /// The global-batch NT-Xent loss (mean over all 2B anchors), identical on every rank.
+    /// The global-batch loss, identical on every rank.
     pub loss: f64,
     /// B: samples in the step across all ranks.
     pub global_samples: i64,
 }
 
-/// One SimCLR step. `view1`/`view2` are this rank's `b × 3 × H × W` float images (b may be 0).
-/// Gathers the per-rank counts first; use [`simclr_train_step_with_counts`] when the caller
-/// has them already.
-pub fn simclr_train_step(
-    model: &SimClrModel,
-    opt: &mut dyn Optimizer,
-    view1: &Tensor,
-    view2: &Tensor,
-    temperature: f64,
-    lr: f64,
-    coll: &dyn Collective,
-) -> Result<StepOutcome> {
-    check_views(view1, view2, coll.rank())?;
-    let counts = all_gather_counts(coll, view1.size()[0])
-        .with_context(|| format!("rank {}: gathering batch sizes", coll.rank()))?;
-    simclr_train_step_with_counts(model, opt, view1, view2, temperature, lr, coll, &counts)
+/// Where the step sits in the run (schedules such as MoCo's momentum follow it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepClock {
+    /// 0-based index of this step.
+    pub step: u64,
+    /// Length of the run in steps, 0 while unknown.
+    pub total_steps: u64,
 }
 
-/// [`simclr_train_step`] with every rank's local batch size already known (`counts[r]` = b_r,
-/// identical on all ranks). If all counts are 0 nothing happens and the loss is 0.
+/// One step of `objective` over this rank's `micro_batches` (`(view1, view2)` pairs of
+/// `b_k × 3 × H × W` images; sizes may differ, a pair may be empty, the slice may be empty).
+/// `counts[r]` is rank r's sample total over its micro-batches, identical on every rank. If
+/// all counts are 0 nothing happens and the loss is 0.
 #[allow(clippy::too_many_arguments)]
-pub fn simclr_train_step_with_counts(
-    model: &SimClrModel,
+pub fn train_step(
+    model: &ContrastiveModel,
     opt: &mut dyn Optimizer,
-    view1: &Tensor,
-    view2: &Tensor,
-    temperature: f64,
+    objective: &mut dyn StepObjective,
+    micro_batches: &[(Tensor, Tensor)],
     lr: f64,
     coll: &dyn Collective,
     counts: &[i64],
+    clock: StepClock,
 ) -> Result<StepOutcome> {
     let rank = coll.rank();
-    check_views(view1, view2, rank)?;
-    let b = view1.size()[0];
-    let global_samples = checked_global_samples(counts, b, coll)?;
+    let sizes = micro_batch_sizes(micro_batches, rank)?;
+    let b: i64 = sizes.iter().sum();
+    let global_samples = checked_global_samples(counts, b, coll)
+        .with_context(|| format!("micro-batches of sizes {sizes:?}"))?;
     if global_samples == 0 {
         // Every rank sees the same counts, so every rank skips the same collectives.
         return Ok(StepOutcome {
@@ -78,27 +80,148 @@ pub fn simclr_train_step_with_counts(
         });
     }
     let device = model.device();
+    let non_empty: Vec<usize> = (0..sizes.len()).filter(|&k| sizes[k] > 0).collect();
+
     opt.zero_grad();
-    let z_local = if b > 0 {
-        let x = Tensor::cat(&[view1, view2], 0)
-            .to_device(device)
-            .to_kind(Kind::Float);
-        model.forward_t(&x, true)
-    } else {
-        Tensor::zeros([0, model.embedding_dim()], (Kind::Float, device))
-    };
-    let (local_loss, d_local) =
-        gathered_nt_xent_gradient(&z_local.detach(), counts, temperature, coll)?;
-    ensure_grads_defined(model);
-    if b > 0 {
-        // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
-        (&z_local * d_local).sum(Kind::Float).backward();
+    objective.prepare(model, micro_batches, counts, clock, coll)?;
+
+    if non_empty.len() <= 1 {
+        // One forward pass is enough: keep its graph.
+        let z_local = match non_empty.first() {
+            Some(&k) => {
+                let (v1, v2) = &micro_batches[k];
+                model.forward_t(&views_input(v1, v2, device), true)
+            }
+            None => Tensor::zeros([0, model.embedding_dim()], (Kind::Float, device)),
+        };
+        let (local_loss, d_local) =
+            objective.loss_and_grad(model, &z_local.detach(), counts, clock, coll)?;
+        ensure_grads_defined(model);
+        if b > 0 {
+            // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
+            (&z_local * d_local).sum(Kind::Float).backward();
+        }
+        return finish(
+            model,
+            opt,
+            objective,
+            &local_loss,
+            lr,
+            coll,
+            clock,
+            global_samples,
+        );
     }
-    let loss = finish_step(model, opt, &local_loss, lr, coll)?;
+
+    // Pass 1: embeddings only, no graph kept, so memory does not grow with K.
+    let z_local = tch::no_grad(|| {
+        let mut first = Vec::with_capacity(non_empty.len());
+        let mut second = Vec::with_capacity(non_empty.len());
+        for &k in &non_empty {
+            let (v1, v2) = &micro_batches[k];
+            let z = model.forward_t(&views_input(v1, v2, device), true);
+            first.push(z.narrow(0, 0, sizes[k]));
+            second.push(z.narrow(0, sizes[k], sizes[k]));
+        }
+        first.extend(second);
+        Tensor::cat(&first, 0)
+    });
+    let (local_loss, d_local) = objective.loss_and_grad(model, &z_local, counts, clock, coll)?;
+
+    // Pass 2: re-forward each micro-batch with a graph and backprop its rows of d_local;
+    // `.backward()` adds into the parameters' `.grad()`, which is the accumulation.
+    ensure_grads_defined(model);
+    let mut at = 0;
+    for &k in &non_empty {
+        let (v1, v2) = &micro_batches[k];
+        let bk = sizes[k];
+        let g = Tensor::cat(
+            &[d_local.narrow(0, at, bk), d_local.narrow(0, b + at, bk)],
+            0,
+        );
+        let z = model.forward_t(&views_input(v1, v2, device), true);
+        if z.size() != g.size() {
+            bail!(
+                "rank {rank}: micro-batch {k} re-forward gave embeddings {:?}, expected {:?}",
+                z.size(),
+                g.size()
+            );
+        }
+        (&z * g).sum(Kind::Float).backward();
+        at += bk;
+    }
+    finish(
+        model,
+        opt,
+        objective,
+        &local_loss,
+        lr,
+        coll,
+        clock,
+        global_samples,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    model: &ContrastiveModel,
+    opt: &mut dyn Optimizer,
+    objective: &mut dyn StepObjective,
+    local_loss: &Tensor,
+    lr: f64,
+    coll: &dyn Collective,
+    clock: StepClock,
+    global_samples: i64,
+) -> Result<StepOutcome> {
+    let loss = finish_step(model, opt, local_loss, lr, coll, &|name| {
+        objective.frozen(name, clock)
+    })?;
+    objective.after_update(model, clock, coll)?;
     Ok(StepOutcome {
         loss,
         global_samples,
     })
+}
+
+/// One SimCLR step over a single batch (`view1`/`view2`: this rank's `b × 3 × H × W` images,
+/// b may be 0). Gathers the per-rank counts first.
+pub fn simclr_train_step(
+    model: &ContrastiveModel,
+    opt: &mut dyn Optimizer,
+    view1: &Tensor,
+    view2: &Tensor,
+    temperature: f64,
+    lr: f64,
+    coll: &dyn Collective,
+) -> Result<StepOutcome> {
+    let micro = [(view1.shallow_clone(), view2.shallow_clone())];
+    simclr_accumulated_step(model, opt, &micro, temperature, lr, coll)
+}
+
+/// One SimCLR step over this rank's micro-batches with embedding caching. Gathers every
+/// rank's total sample count first.
+pub fn simclr_accumulated_step(
+    model: &ContrastiveModel,
+    opt: &mut dyn Optimizer,
+    micro_batches: &[(Tensor, Tensor)],
+    temperature: f64,
+    lr: f64,
+    coll: &dyn Collective,
+) -> Result<StepOutcome> {
+    let local: i64 = micro_batch_sizes(micro_batches, coll.rank())?.iter().sum();
+    let counts = all_gather_counts(coll, local)
+        .with_context(|| format!("rank {}: gathering batch sizes", coll.rank()))?;
+    let mut objective = NtXent { temperature };
+    train_step(
+        model,
+        opt,
+        &mut objective,
+        micro_batches,
+        lr,
+        coll,
+        &counts,
+        StepClock::default(),
+    )
 }
 
 /// Checks that `counts` has one entry per rank and that this rank's is `local` (its samples
@@ -119,52 +242,15 @@ pub(crate) fn checked_global_samples(
     Ok(counts.iter().sum())
 }
 
-/// The gathered-negatives core shared by the plain and the accumulated step. `z_local` holds
-/// this rank's `2 b` embeddings (every view-1 row, then every view-2 row; `b = counts[rank]`).
-/// All-gathers them, computes the NT-Xent of the local anchors against the global set divided
-/// by the global anchor count (so the shares of all ranks sum to the global mean), and
-/// reduce-scatters the gradient of the gathered tensor back to its owners. Returns this rank's
-/// loss share and d(total loss)/d(z_local).
-pub(crate) fn gathered_nt_xent_gradient(
-    z_local: &Tensor,
-    counts: &[i64],
-    temperature: f64,
-    coll: &dyn Collective,
-) -> Result<(Tensor, Tensor)> {
-    let rank = coll.rank();
-    let b = counts[rank];
-    let rows: Vec<i64> = counts.iter().map(|c| 2 * c).collect();
-    let n_rows: i64 = rows.iter().sum();
-    let offset: i64 = rows[..rank].iter().sum();
-    let device = z_local.device();
-    let gathered = coll
-        .all_gather(&z_local.contiguous(), &rows)
-        .with_context(|| format!("rank {rank}: all-gathering embeddings ({rows:?} rows)"))?
-        .to_device(device)
-        .set_requires_grad(true);
-    let anchor_losses =
-        nt_xent_anchor_losses(&gathered, LocalAnchors { offset, samples: b }, temperature);
-    let local_loss = anchor_losses.sum(Kind::Float) / n_rows as f64;
-    let d_gathered = if b > 0 {
-        Tensor::run_backward(&[&local_loss], &[&gathered], false, false).remove(0)
-    } else {
-        gathered.zeros_like()
-    };
-    let d_local = coll
-        .reduce_scatter_sum(&d_gathered.contiguous(), &rows)
-        .with_context(|| format!("rank {rank}: reduce-scattering embedding gradients"))?
-        .to_device(device);
-    Ok((local_loss.detach(), d_local))
-}
-
 /// Sums the parameter gradients and the loss shares across ranks, then takes the optimizer
 /// step. Returns the global loss.
-pub(crate) fn finish_step(
-    model: &SimClrModel,
+fn finish_step(
+    model: &ContrastiveModel,
     opt: &mut dyn Optimizer,
     local_loss: &Tensor,
     lr: f64,
     coll: &dyn Collective,
+    frozen: &dyn Fn(&str) -> bool,
 ) -> Result<f64> {
     let rank = coll.rank();
     all_reduce_gradients(model, coll)
@@ -172,11 +258,11 @@ pub(crate) fn finish_step(
     let mut loss = Tensor::from_slice(&[local_loss.double_value(&[])]);
     coll.all_reduce_sum(&mut loss)
         .with_context(|| format!("rank {rank}: all-reducing the loss"))?;
-    opt.step(lr);
+    opt.step_skipping(lr, frozen);
     Ok(loss.double_value(&[0]))
 }
 
-pub(crate) fn check_views(view1: &Tensor, view2: &Tensor, rank: usize) -> Result<()> {
+fn check_views(view1: &Tensor, view2: &Tensor, rank: usize) -> Result<()> {
     let (s1, s2) = (view1.size(), view2.size());
     if s1 != s2 || s1.len() != 4 || s1[1] != 3 {
         bail!("rank {rank}: views must both be b×3×H×W, got {s1:?} and {s2:?}");
@@ -184,9 +270,28 @@ pub(crate) fn check_views(view1: &Tensor, view2: &Tensor, rank: usize) -> Result
     Ok(())
 }
 
+/// Validates every micro-batch and returns their sample counts.
+fn micro_batch_sizes(micro_batches: &[(Tensor, Tensor)], rank: usize) -> Result<Vec<i64>> {
+    micro_batches
+        .iter()
+        .enumerate()
+        .map(|(k, (v1, v2))| {
+            check_views(v1, v2, rank).with_context(|| format!("micro-batch {k}"))?;
+            Ok(v1.size()[0])
+        })
+        .collect()
+}
+
+/// The two views stacked (view 1 rows first) as float32 on `device`.
+pub(crate) fn views_input(view1: &Tensor, view2: &Tensor, device: tch::Device) -> Tensor {
+    Tensor::cat(&[view1, view2], 0)
+        .to_device(device)
+        .to_kind(Kind::Float)
+}
+
 /// A rank without samples never runs a backward, so its parameters have no `.grad()` yet; it
 /// must still contribute zeros of the right shape to the all-reduce.
-pub(crate) fn ensure_grads_defined(model: &SimClrModel) {
+fn ensure_grads_defined(model: &ContrastiveModel) {
     let params = model.named_parameters();
     if params.iter().all(|(_, p)| p.grad().defined()) {
         return;
@@ -199,7 +304,7 @@ pub(crate) fn ensure_grads_defined(model: &SimClrModel) {
 }
 
 /// Sums every parameter gradient across ranks, in name order, a bucket at a time.
-pub(crate) fn all_reduce_gradients(model: &SimClrModel, coll: &dyn Collective) -> Result<()> {
+fn all_reduce_gradients(model: &ContrastiveModel, coll: &dyn Collective) -> Result<()> {
     let grads: Vec<(String, Tensor)> = model
         .named_parameters()
         .into_iter()

@@ -7,10 +7,10 @@
 //! sample of the epoch exactly once (no rank drops its tail to match the others).
 
 use crate::dist::{all_gather_counts, Collective};
-use crate::model::SimClrModel;
+use crate::model::ContrastiveModel;
 use crate::optim::{lr_at, scaled_peak_lr, Optimizer};
-use crate::train::accumulate::simclr_accumulated_step_with_counts;
-use crate::train::step::simclr_train_step_with_counts;
+use crate::train::objectives::StepObjective;
+use crate::train::step::{train_step, StepClock};
 use anyhow::{bail, Result};
 use contrail_common::JobConfig;
 use std::time::Instant;
@@ -47,7 +47,7 @@ pub trait TrainHooks {
     /// Called when a checkpoint is due (every `checkpoint.every_steps`, and at the end).
     fn checkpoint(
         &mut self,
-        model: &SimClrModel,
+        model: &ContrastiveModel,
         opt: &dyn Optimizer,
         epoch: u32,
         step: u64,
@@ -73,8 +73,9 @@ pub struct TrainSummary {
 /// Runs epochs until `train.epochs` are done or `train.max_steps` is reached.
 pub fn train(
     cfg: &JobConfig,
-    model: &SimClrModel,
+    model: &ContrastiveModel,
     opt: &mut dyn Optimizer,
+    objective: &mut dyn StepObjective,
     coll: &dyn Collective,
     hooks: &mut dyn TrainHooks,
     start: StartPoint,
@@ -134,35 +135,11 @@ pub fn train(
                     (_, None) => 0,
                 };
                 let lr = lr_at(step, total, peak_lr, cfg.optim.warmup_steps);
-                let temperature = cfg.objective.temperature;
-                let outcome = if accumulation == 1 {
-                    // One forward pass is enough without accumulation.
-                    let (v1, v2) = micro.pop().unwrap_or_else(|| {
-                        let s = i64::from(cfg.data.image_size);
-                        let empty = Tensor::zeros([0, 3, s, s], (tch::Kind::Float, device));
-                        (empty.shallow_clone(), empty)
-                    });
-                    simclr_train_step_with_counts(
-                        model,
-                        opt,
-                        &v1,
-                        &v2,
-                        temperature,
-                        lr,
-                        coll,
-                        &counts,
-                    )?
-                } else {
-                    simclr_accumulated_step_with_counts(
-                        model,
-                        opt,
-                        &micro,
-                        temperature,
-                        lr,
-                        coll,
-                        &counts,
-                    )?
+                let clock = StepClock {
+                    step,
+                    total_steps: total,
                 };
+                let outcome = train_step(model, opt, objective, &micro, lr, coll, &counts, clock)?;
                 step += 1;
                 steps_this_epoch += 1;
                 summary.steps += 1;
@@ -242,7 +219,7 @@ mod tests {
         }
         fn checkpoint(
             &mut self,
-            _: &SimClrModel,
+            _: &ContrastiveModel,
             _: &dyn Optimizer,
             _: u32,
             step: u64,
@@ -266,16 +243,18 @@ mod tests {
                 .map(|(coll, sizes)| {
                     s.spawn(move || {
                         tch::manual_seed(0);
-                        let model = SimClrModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+                        let model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
                         let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
                         let mut hooks = Record {
                             sizes: sizes.clone(),
                             ..Default::default()
                         };
+                        let mut objective = crate::train::objectives::build_objective(cfg).unwrap();
                         let summary = train(
                             cfg,
                             &model,
                             opt.as_mut(),
+                            objective.as_mut(),
                             &coll,
                             &mut hooks,
                             StartPoint::default(),
@@ -350,16 +329,18 @@ mod tests {
         cfg.train.max_steps = 2;
         let coll = LocalGroup::new(1).pop().unwrap();
         tch::manual_seed(0);
-        let model = SimClrModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+        let model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
         let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
         let mut hooks = Record {
             sizes: vec![4, 4, 4],
             ..Default::default()
         };
+        let mut objective = crate::train::objectives::build_objective(&cfg).unwrap();
         let summary = train(
             &cfg,
             &model,
             opt.as_mut(),
+            objective.as_mut(),
             &coll,
             &mut hooks,
             StartPoint::default(),

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use contrail_common::config::{ModelConfig, NormKind, StemKind};
-use contrail_worker::model::SimClrModel;
+use contrail_worker::model::ContrastiveModel;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -23,7 +23,7 @@ pub fn model_config() -> ModelConfig {
 }
 
 pub struct Setup {
-    pub initial: SimClrModel,
+    pub initial: ContrastiveModel,
     pub view1: Tensor,
     pub view2: Tensor,
 }
@@ -37,7 +37,7 @@ pub fn setup(seed: i64, samples: i64) -> Setup {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::set_num_threads(1);
     tch::manual_seed(seed);
-    let initial = SimClrModel::new(&model_config(), Device::Cpu).unwrap();
+    let initial = ContrastiveModel::new(&model_config(), Device::Cpu).unwrap();
     let shape = [samples, 3, 16, 16];
     let view1 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
     let view2 = &view1 * 0.8 + Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.3;
@@ -48,11 +48,11 @@ pub fn setup(seed: i64, samples: i64) -> Setup {
     }
 }
 
-pub fn fresh_copy(of: &SimClrModel) -> SimClrModel {
+pub fn fresh_copy(of: &ContrastiveModel) -> ContrastiveModel {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     // A different seed, so only the copy can make the models identical.
     tch::manual_seed(99);
-    let mut m = SimClrModel::new(&model_config(), Device::Cpu).unwrap();
+    let mut m = ContrastiveModel::new(&model_config(), Device::Cpu).unwrap();
     m.copy_from(of).unwrap();
     m
 }
@@ -72,4 +72,11 @@ pub fn max_abs_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> (f64, Str
         }
     }
     worst
+}
+
+/// Runs `f` with libtorch's global RNG seeded to `seed`, under the same lock as [`setup`].
+pub fn seeded<T>(seed: i64, f: impl FnOnce() -> T) -> T {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    f()
 }
