@@ -158,7 +158,7 @@ impl Bottleneck {
 #[derive(Debug)]
 enum Block {
     Basic(BasicBlock),
-    Bottleneck(Bottleneck),
+    Bottleneck(Box<Bottleneck>),
 }
 
 impl Block {
@@ -214,7 +214,7 @@ impl ResNet {
                         BlockKind::Bottleneck => {
                             let b = Bottleneck::new(&sp / j, norm, c_in, planes, stride);
                             c_in = planes * BOTTLENECK_EXPANSION;
-                            Block::Bottleneck(b)
+                            Block::Bottleneck(Box::new(b))
                         }
                     }
                 })
