@@ -157,7 +157,7 @@ impl Bottleneck {
 
 #[derive(Debug)]
 enum Block {
-    Basic(BasicBlock),
+    Basic(Box<BasicBlock>),
     Bottleneck(Box<Bottleneck>),
 }
 
@@ -209,7 +209,7 @@ impl ResNet {
                         BlockKind::Basic => {
                             let b = BasicBlock::new(&sp / j, norm, c_in, planes, stride);
                             c_in = planes;
-                            Block::Basic(b)
+                            Block::Basic(Box::new(b))
                         }
                         BlockKind::Bottleneck => {
                             let b = Bottleneck::new(&sp / j, norm, c_in, planes, stride);
