@@ -1,10 +1,13 @@
 //! contrail-worker: everything that runs on a training machine, and the `contrail` CLI.
 //!
-//! - [`dist`]: the `Collective` trait; the TCP ring backend and an in-process one for tests.
-//! - [`model`]: ResNet encoder + MLP projector with torchvision parameter names.
-//! - [`objective`]: NT-Xent (SimCLR) over gathered negatives.
+//! - [`dist`]: the `Collective` trait; NCCL, the TCP ring (with host staging for GPU tensors)
+//!   and an in-process backend for tests.
+//! - [`model`]: ResNet (torchvision names), ViT and text towers (open_clip names), projector,
+//!   SwAV prototypes, MoCo momentum branch; bf16 autocast and channels-last.
+//! - [`objective`]: the losses: NT-Xent (SimCLR), MoCo v2, SwAV, CLIP.
 //! - [`optim`]: optimizers over named parameters, learning-rate schedules.
 //! - [`train`]: one distributed step, the epoch loop with in-band epoch agreement, checkpoints.
+//! - [`text`]: caption tokenizers (built-in byte-level, or a Hugging Face `tokenizer.json`).
 //! - [`runtime`]: a worker process: coordinator RPCs, heartbeats, leased shards → batches.
 //! - [`local_cluster`], [`cli_support`]: the `contrail` subcommands.
 //!
@@ -18,4 +21,5 @@ pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod runtime;
+pub mod text;
 pub mod train;

@@ -20,6 +20,14 @@ pub fn run_local(
     overrides.push(format!("cluster.world_size={workers}"));
     let (mut cfg, _) = load_config(config_path, &overrides)?;
     let rt = runtime()?;
+    // NCCL refuses two ranks on one GPU: workers that must share GPUs talk over TCP.
+    let gpus = tch::Cuda::device_count().max(0) as u32;
+    if cfg.cluster.backend == "auto" && gpus > 0 && workers > gpus {
+        println!(
+            "{workers} workers share {gpus} GPU(s): collectives go over TCP (cluster.backend = \"tcp\")"
+        );
+        cfg.cluster.backend = "tcp".into();
+    }
 
     // Bind first, so `:0` in the config becomes a real port that the workers are given.
     let grpc = rt

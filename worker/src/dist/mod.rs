@@ -8,6 +8,8 @@
 use tch::Tensor;
 
 pub mod local;
+pub mod nccl;
+pub mod staged;
 pub mod tcp;
 
 #[derive(Debug, thiserror::Error)]

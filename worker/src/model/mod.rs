@@ -5,15 +5,20 @@
 //! the optimizer and checkpoints address parameters by those names, and the gradient
 //! all-reduce walks them in name order so every rank packs its buckets identically.
 
+pub mod compute;
 pub mod momentum;
 pub mod projector;
 pub mod resnet;
+pub mod text;
+pub mod transformer;
+pub mod vit;
 
 use crate::objective::swav::Prototypes;
 use anyhow::{bail, Context};
 use contrail_common::config::{ModelConfig, NormKind, ObjectiveConfig};
 use tch::{nn, Device, Tensor};
 
+pub use compute::Compute;
 pub use momentum::MomentumBranch;
 pub use projector::Projector;
 pub use resnet::{Norm, ResNet};
@@ -32,6 +37,8 @@ pub struct ContrastiveModel {
     prototypes: Option<Prototypes>,
     /// MoCo: key encoder and queue (not trainable).
     momentum: Option<MomentumBranch>,
+    /// bf16 autocast and channels-last (GPU).
+    compute: Compute,
 }
 
 impl ContrastiveModel {
@@ -125,7 +132,24 @@ impl ContrastiveModel {
             embedding_dim: cfg.projector_out as i64,
             prototypes: None,
             momentum: None,
+            compute: Compute::default(),
         })
+    }
+
+    /// Switches bf16 autocast and channels-last layout on or off (see [`compute`]);
+    /// converting to channels-last changes the convolution weights' layout in place.
+    pub fn set_compute(&mut self, compute: Compute) {
+        if compute.channels_last && !self.compute.channels_last {
+            compute::convert_to_channels_last(&self.vs);
+        }
+        if let Some(m) = &mut self.momentum {
+            m.set_compute(compute);
+        }
+        self.compute = compute;
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
     }
 
     /// SwAV's prototypes, when the model has them.
@@ -140,13 +164,15 @@ impl ContrastiveModel {
 
     /// Projector outputs (N, `projector_out`) for images (N, 3, H, W); not normalised.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.projector
-            .forward_t(&self.encoder.forward_t(xs, train), train)
+        self.compute.run(xs, |xs| {
+            self.projector
+                .forward_t(&self.encoder.forward_t(xs, train), train)
+        })
     }
 
     /// Encoder features before the projector (what downstream evaluation uses).
     pub fn encode_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.encoder.forward_t(xs, train)
+        self.compute.run(xs, |xs| self.encoder.forward_t(xs, train))
     }
 
     pub fn embedding_dim(&self) -> i64 {

@@ -5,6 +5,7 @@
 //! parameters nor part of the gradient all-reduce; the model reports them under the prefix
 //! `momentum.` so checkpoints hold them (and the queue) next to the query network.
 
+use super::compute::{self, Compute};
 use super::projector::Projector;
 use super::resnet::ResNet;
 use crate::objective::l2_normalize;
@@ -22,6 +23,7 @@ pub struct MomentumBranch {
     /// [1] float32 holding the next row to write (a variable, so checkpoints keep it; exact
     /// for any queue below 2^24 rows).
     queue_next: Tensor,
+    compute: Compute,
 }
 
 impl MomentumBranch {
@@ -63,6 +65,7 @@ impl MomentumBranch {
             projector,
             queue,
             queue_next,
+            compute: Compute::default(),
         })
     }
 
@@ -88,9 +91,20 @@ impl MomentumBranch {
     /// mode (batch statistics, running averages updated), as in MoCo.
     pub fn keys(&self, xs: &Tensor) -> Tensor {
         tch::no_grad(|| {
-            let h = self.encoder.forward_t(xs, true);
-            l2_normalize(&self.projector.forward_t(&h, true))
+            let z = self.compute.run(xs, |xs| {
+                self.projector
+                    .forward_t(&self.encoder.forward_t(xs, true), true)
+            });
+            l2_normalize(&z)
         })
+    }
+
+    /// The query network's compute settings, applied to the key encoder too.
+    pub fn set_compute(&mut self, compute: Compute) {
+        if compute.channels_last && !self.compute.channels_last {
+            compute::convert_to_channels_last(&self.vs);
+        }
+        self.compute = compute;
     }
 
     /// key ← m · key + (1 − m) · query for every trainable query parameter except SwAV-style

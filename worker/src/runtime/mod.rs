@@ -7,6 +7,7 @@
 pub mod client;
 pub mod feed;
 mod hooks;
+pub mod placement;
 
 use crate::dist::tcp::TcpCollective;
 use crate::dist::Collective;
@@ -92,14 +93,29 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
     ));
 
     let result = (|| -> Result<()> {
-        let coll = bootstrap
-            .connect(
-                asg.rank,
-                asg.peers.clone(),
-                Duration::from_millis(cfg.cluster.collective_timeout_ms),
-            )
+        let gpus = tch::Cuda::device_count().max(0) as usize;
+        let device = placement::choose_device(&cfg.cluster.device, asg.rank, gpus)?;
+        let nccl = placement::use_nccl(&cfg.cluster.backend, device)?;
+        let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
+        let tcp = bootstrap
+            .connect(asg.rank, asg.peers.clone(), timeout)
             .context("connecting to the other workers")?;
-        train_rank(&rt, &mut coord, &cfg, &asg, &coll, &progress)
+        let coll = placement::connect_collective(tcp, nccl, device, timeout)?;
+        tracing::info!(
+            rank = asg.rank,
+            ?device,
+            backend = if nccl { "nccl" } else { "tcp" },
+            "collective ready"
+        );
+        train_rank(
+            &rt,
+            &mut coord,
+            &cfg,
+            &asg,
+            coll.as_ref(),
+            device,
+            &progress,
+        )
     })();
 
     heartbeat.abort();
@@ -119,12 +135,14 @@ fn train_rank(
     cfg: &JobConfig,
     asg: &client::Assignment,
     coll: &dyn Collective,
+    device: tch::Device,
     progress: &Arc<Progress>,
 ) -> Result<()> {
     // Same seed on every rank: identical initial parameters without a broadcast.
     tch::manual_seed(cfg.train.seed as i64);
-    let device = tch::Device::Cpu;
     let mut model = ContrastiveModel::for_objective(&cfg.model, &cfg.objective, device)?;
+    // Before the optimizer exists, so its state takes the weights' layout.
+    model.set_compute(placement::choose_compute(cfg, device)?);
     let mut opt = optim::build(&cfg.optim, &model)?;
     let mut start = StartPoint::default();
     if !asg.resume_checkpoint.is_empty() {

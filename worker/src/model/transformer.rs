@@ -1,0 +1,332 @@
+//! The pre-norm residual attention block shared by the CLIP vision and text towers.
+//!
+//! Layout and names follow open_clip 3.3.0's `ResidualAttentionBlock` / `Transformer`
+//! (`resblocks.N.{ln_1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, ln_2,
+//! mlp.c_fc, mlp.c_proj}`), so checkpoints move between the two by name. Activations are
+//! batch-first (N, L, D), as open_clip 3.3.0 runs them. Attention goes through
+//! `scaled_dot_product_attention`, which picks flash / memory-efficient kernels on GPU.
+
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+/// LayerNorm as in open_clip (eps 1e-5, affine): `weight` and `bias` under `p`.
+pub(crate) fn layer_norm(p: nn::Path, width: i64) -> nn::LayerNorm {
+    nn::layer_norm(p, vec![width], Default::default())
+}
+
+/// PyTorch's default `nn.Linear`/`nn.Conv2d` init (kaiming-uniform with a = sqrt(5)), which
+/// reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)); tch's own default uses a ReLU gain instead.
+pub(crate) fn torch_default_uniform(fan_in: i64) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+fn linear(p: nn::Path, c_in: i64, c_out: i64, weight: Init, bias: Init) -> nn::Linear {
+    nn::linear(
+        p,
+        c_in,
+        c_out,
+        nn::LinearConfig {
+            ws_init: weight,
+            bs_init: Some(bias),
+            bias: true,
+        },
+    )
+}
+
+/// How a tower initialises its blocks: open_clip's vision tower leaves PyTorch's module
+/// defaults in place, its text tower draws normals with depth-scaled deviations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BlockInit {
+    /// `nn.MultiheadAttention` (xavier-uniform in_proj, zero biases) and `nn.Linear` defaults.
+    TorchDefault,
+    /// open_clip `TextTransformer.init_parameters`: N(0, attn_std) in_proj, N(0, proj_std)
+    /// out_proj and c_proj weights, N(0, fc_std) c_fc weight; biases keep module defaults.
+    Normal {
+        attn_std: f64,
+        proj_std: f64,
+        fc_std: f64,
+    },
+}
+
+impl BlockInit {
+    /// The deviations open_clip's text tower uses for `width` × `layers`.
+    pub fn open_clip_text(width: i64, layers: i64) -> Self {
+        let w = width as f64;
+        BlockInit::Normal {
+            attn_std: w.powf(-0.5),
+            proj_std: w.powf(-0.5) * ((2 * layers) as f64).powf(-0.5),
+            fc_std: (2.0 * w).powf(-0.5),
+        }
+    }
+}
+
+/// Which attention pattern a forward pass uses.
+#[derive(Debug)]
+pub enum AttentionMask<'a> {
+    /// Every position attends to every position.
+    Full,
+    /// Position i attends to positions ≤ i (CLIP's text tower).
+    Causal,
+    /// N × L bool, true where a key may be attended to (padding is false). Query rows of
+    /// padding still attend to the valid keys, so no row is empty as long as one key is valid.
+    KeyPadding(&'a Tensor),
+}
+
+/// `ln_1 → multi-head self-attention → + residual → ln_2 → c_fc → GELU → c_proj → + residual`.
+#[derive(Debug)]
+pub struct ResidualAttentionBlock {
+    ln_1: nn::LayerNorm,
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj: nn::Linear,
+    ln_2: nn::LayerNorm,
+    c_fc: nn::Linear,
+    c_proj: nn::Linear,
+    heads: i64,
+}
+
+impl ResidualAttentionBlock {
+    /// `mlp_width` is `int(width * mlp_ratio)`, as open_clip computes it.
+    pub fn new(p: &nn::Path, width: i64, heads: i64, mlp_width: i64, init: BlockInit) -> Self {
+        assert!(
+            heads > 0 && width % heads == 0,
+            "width {width} must be a positive multiple of heads {heads}"
+        );
+        let attn = p / "attn";
+        let mlp = p / "mlp";
+        let (in_w, out_w, fc_w, proj_w) = match init {
+            BlockInit::TorchDefault => {
+                // xavier_uniform_ on the stacked (3D, D) in_proj_weight, as nn.MultiheadAttention.
+                let bound = (6.0 / (4 * width) as f64).sqrt();
+                (
+                    Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    },
+                    torch_default_uniform(width),
+                    torch_default_uniform(width),
+                    torch_default_uniform(mlp_width),
+                )
+            }
+            BlockInit::Normal {
+                attn_std,
+                proj_std,
+                fc_std,
+            } => {
+                let normal = |stdev| Init::Randn { mean: 0.0, stdev };
+                (
+                    normal(attn_std),
+                    normal(proj_std),
+                    normal(fc_std),
+                    normal(proj_std),
+                )
+            }
+        };
+        Self {
+            ln_1: layer_norm(p / "ln_1", width),
+            in_proj_weight: attn.var("in_proj_weight", &[3 * width, width], in_w),
+            in_proj_bias: attn.var("in_proj_bias", &[3 * width], Init::Const(0.0)),
+            out_proj: linear(&attn / "out_proj", width, width, out_w, Init::Const(0.0)),
+            ln_2: layer_norm(p / "ln_2", width),
+            c_fc: linear(
+                &mlp / "c_fc",
+                width,
+                mlp_width,
+                fc_w,
+                torch_default_uniform(width),
+            ),
+            c_proj: linear(
+                &mlp / "c_proj",
+                mlp_width,
+                width,
+                proj_w,
+                torch_default_uniform(mlp_width),
+            ),
+            heads,
+        }
+    }
+
+    /// x: N × L × D → N × L × D.
+    pub fn forward(&self, x: &Tensor, mask: &AttentionMask) -> Tensor {
+        let x = x + self.attention(&x.apply(&self.ln_1), mask);
+        let h = x.apply(&self.ln_2).apply(&self.c_fc).gelu("none");
+        &x + h.apply(&self.c_proj)
+    }
+
+    fn attention(&self, x: &Tensor, mask: &AttentionMask) -> Tensor {
+        let (n, l, d) = x.size3().expect("attention input must be N × L × D");
+        let head_dim = d / self.heads;
+        // (N, L, 3D) → (3, N, heads, L, head_dim): q, k, v split the packed projection in
+        // that order, as nn.MultiheadAttention's in_proj does.
+        let qkv = x
+            .linear(&self.in_proj_weight, Some(&self.in_proj_bias))
+            .view([n, l, 3, self.heads, head_dim])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let (bool_mask, is_causal) = match mask {
+            AttentionMask::Full => (None, false),
+            AttentionMask::Causal => (None, true),
+            AttentionMask::KeyPadding(valid) => {
+                let valid = valid.to_kind(Kind::Bool).view([n, 1, 1, l]);
+                (Some(valid), false)
+            }
+        };
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            bool_mask.as_ref(),
+            0.0,
+            is_causal,
+            None,
+            false,
+        );
+        out.transpose(1, 2).reshape([n, l, d]).apply(&self.out_proj)
+    }
+}
+
+/// A stack of blocks named `resblocks.0`, `resblocks.1`, … under `p` (open_clip's
+/// `Transformer`; callers pass `… / "transformer"`).
+#[derive(Debug)]
+pub struct Transformer {
+    resblocks: Vec<ResidualAttentionBlock>,
+    width: i64,
+}
+
+impl Transformer {
+    pub fn new(
+        p: &nn::Path,
+        width: i64,
+        layers: i64,
+        heads: i64,
+        mlp_ratio: f64,
+        init: BlockInit,
+    ) -> Self {
+        let mlp_width = mlp_width(width, mlp_ratio);
+        let blocks = p / "resblocks";
+        let resblocks = (0..layers)
+            .map(|i| ResidualAttentionBlock::new(&(&blocks / i), width, heads, mlp_width, init))
+            .collect();
+        Self { resblocks, width }
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: &AttentionMask) -> Tensor {
+        let mut x = x.shallow_clone();
+        for block in &self.resblocks {
+            x = block.forward(&x, mask);
+        }
+        x
+    }
+
+    pub fn width(&self) -> i64 {
+        self.width
+    }
+
+    pub fn layers(&self) -> usize {
+        self.resblocks.len()
+    }
+}
+
+/// Python's `int(width * mlp_ratio)` (truncation).
+pub fn mlp_width(width: i64, mlp_ratio: f64) -> i64 {
+    (width as f64 * mlp_ratio) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device};
+
+    fn block(seed: i64) -> (VarStore, ResidualAttentionBlock) {
+        tch::manual_seed(seed);
+        let vs = VarStore::new(Device::Cpu);
+        let b = ResidualAttentionBlock::new(&(vs.root() / "b"), 16, 4, 64, BlockInit::TorchDefault);
+        (vs, b)
+    }
+
+    #[test]
+    fn names_and_shapes_follow_open_clip() {
+        let (vs, _) = block(0);
+        let vars = vs.variables();
+        let want: [(&str, &[i64]); 12] = [
+            ("b.ln_1.weight", &[16]),
+            ("b.ln_1.bias", &[16]),
+            ("b.attn.in_proj_weight", &[48, 16]),
+            ("b.attn.in_proj_bias", &[48]),
+            ("b.attn.out_proj.weight", &[16, 16]),
+            ("b.attn.out_proj.bias", &[16]),
+            ("b.ln_2.weight", &[16]),
+            ("b.ln_2.bias", &[16]),
+            ("b.mlp.c_fc.weight", &[64, 16]),
+            ("b.mlp.c_fc.bias", &[64]),
+            ("b.mlp.c_proj.weight", &[16, 64]),
+            ("b.mlp.c_proj.bias", &[16]),
+        ];
+        assert_eq!(vars.len(), want.len(), "{:?}", vars.keys());
+        for (name, shape) in want {
+            assert_eq!(vars[name].size(), shape, "{name}");
+        }
+    }
+
+    /// The SDPA path against attention written out by hand (softmax(q kᵀ / sqrt(d)) v).
+    #[test]
+    fn attention_matches_explicit_softmax() {
+        let (_vs, b) = block(3);
+        let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        let (n, l, d, h) = (2, 5, 16, 4);
+        let qkv = x
+            .linear(&b.in_proj_weight, Some(&b.in_proj_bias))
+            .view([n, l, 3, h, d / h])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let scores = q.matmul(&k.transpose(-2, -1)) / ((d / h) as f64).sqrt();
+        let causal = Tensor::ones([l, l], (Kind::Bool, Device::Cpu)).tril(0);
+        for (mask, scores) in [
+            (AttentionMask::Full, scores.shallow_clone()),
+            (
+                AttentionMask::Causal,
+                scores.masked_fill(&causal.logical_not(), f64::NEG_INFINITY),
+            ),
+        ] {
+            let want = scores
+                .softmax(-1, Kind::Float)
+                .matmul(&v)
+                .transpose(1, 2)
+                .reshape([n, l, d])
+                .apply(&b.out_proj);
+            let got = b.attention(&x, &mask);
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{mask:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn key_padding_hides_padded_positions() {
+        let (_vs, b) = block(4);
+        let x = Tensor::randn([1, 6, 16], (Kind::Float, Device::Cpu));
+        let valid = Tensor::from_slice(&[true, true, true, true, false, false]).view([1, 6]);
+        let out = b.forward(&x, &AttentionMask::KeyPadding(&valid));
+        // Changing the padded tokens must not move the valid ones.
+        let x2 = x.copy();
+        x2.narrow(1, 4, 2)
+            .copy_(&Tensor::randn([1, 2, 16], (Kind::Float, Device::Cpu)));
+        let out2 = b.forward(&x2, &AttentionMask::KeyPadding(&valid));
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(diff(&out.narrow(1, 0, 4), &out2.narrow(1, 0, 4)) < 1e-6);
+        assert!(diff(&out.narrow(1, 4, 2), &out2.narrow(1, 4, 2)) > 1e-3);
+        // Without the mask the same change does reach the valid positions.
+        let full = b.forward(&x, &AttentionMask::Full);
+        let full2 = b.forward(&x2, &AttentionMask::Full);
+        assert!(diff(&full.narrow(1, 0, 4), &full2.narrow(1, 0, 4)) > 1e-4);
+    }
+
+    #[test]
+    fn mlp_width_truncates_like_python() {
+        assert_eq!(mlp_width(768, 4.0), 3072);
+        assert_eq!(mlp_width(10, 2.66), 26);
+    }
+}
