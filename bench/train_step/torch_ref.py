@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""PyTorch eager reference for bench/train_step: the same SimCLR step as contrail's
+train_step_bench (torchvision-style ResNet-50 without fc, projector Linear(2048, 2048,
+bias=False) -> BatchNorm1d -> ReLU -> Linear(2048, 128), NT-Xent over both views, SGD with
+momentum), on synthetic images already on the GPU, bf16 autocast and channels_last.
+
+torchvision is not required (the device machines only have torch): the ResNet-50 below is
+torchvision's architecture written out (Bottleneck v1.5, same layer shapes).
+
+Also measures the bf16 matmul peak (8192^3) for MFU. Prints SAMPLES_PER_S=, PEAK_TFLOPS=.
+Pinned: torch 2.11.0.
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, c_in, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride != 1 or c_in != planes * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = self.bn3(self.conv3(h))
+        s = x if self.downsample is None else self.downsample(x)
+        return F.relu(h + s)
+
+
+class ResNet50(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, c_in = [], 64
+        for i, blocks in enumerate([3, 4, 6, 3]):
+            planes = 64 << i
+            stage = []
+            for j in range(blocks):
+                stage.append(Bottleneck(c_in, planes, 2 if i > 0 and j == 0 else 1))
+                c_in = planes * 4
+            layers.append(nn.Sequential(*stage))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        return torch.flatten(F.adaptive_avg_pool2d(self.layers(x), 1), 1)
+
+
+def nt_xent(z, b, tau):
+    z = F.normalize(z, dim=1)
+    logits = z @ z.t() / tau
+    logits.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(logits, target)
+
+
+def matmul_peak(device):
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    n = 20
+    t = time.perf_counter()
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--channels-last", default="1")
+    a, _ = p.parse_known_args()
+    assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ResNet50(),
+        nn.Linear(2048, 2048, bias=False),
+        nn.BatchNorm1d(2048),
+        nn.ReLU(),
+        nn.Linear(2048, 128),
+    ).to(device)
+    channels_last = a.channels_last in ("1", "true")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
+    shape = (a.batch, 3, a.image_size, a.image_size)
+    v1, v2 = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    bf16 = a.precision == "bf16"
+
+    def step():
+        x = torch.cat([v1, v2])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            z = model(x)
+        loss = nt_xent(z.float(), a.batch, 0.2)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(a.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        loss = step()
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t
+    sps = a.batch * a.steps / secs
+    peak = matmul_peak(device)
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    print(
+        f"pytorch eager simclr resnet50 batch {a.batch} at {a.image_size}px {a.precision} "
+        f"channels_last={channels_last}: {sps:.1f} samples/s ({1000 * secs / a.steps:.1f} ms/step, "
+        f"loss {loss:.4f}, peak memory {mem:.1f} GiB); bf16 matmul peak {peak:.0f} TFLOP/s"
+    )
+    print(f"SAMPLES_PER_S={sps}")
+    print(f"PEAK_TFLOPS={peak}")
+
+
+if __name__ == "__main__":
+    main()
