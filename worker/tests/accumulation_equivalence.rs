@@ -193,10 +193,11 @@ impl Collective for DropMicroBatchGrad {
 fn comparison_detects_a_dropped_micro_batch_backward() {
     let s = setup(23, SAMPLES);
     let (reference, reference_loss, _) = plain_single_process(&s);
-    // Micro-batch 1 of [2, 2, 2, 2] holds rows 2..4 of each view half (8 samples).
-    let ranks = run_accumulated(&s, &[vec![2, 2, 2, 2]], |inner| DropMicroBatchGrad {
+    // Two ranks (one rank skips its collectives): micro-batch 1 of [2, 2] holds rows 2..4 of
+    // each view half (4 samples per rank).
+    let ranks = run_accumulated(&s, &[vec![2, 2], vec![2, 2]], |inner| DropMicroBatchGrad {
         inner,
-        drop: (2, 2, SAMPLES),
+        drop: (2, 2, SAMPLES / 2),
     });
     let (params, loss, _) = &ranks[0];
     // The loss is computed before the backward, so only the parameters can reveal it.

@@ -75,9 +75,12 @@ fn train(
     compute: Compute,
     steps: u64,
 ) -> (Vec<f64>, ContrastiveModel) {
-    let mut model = support::seeded(5, || {
-        ContrastiveModel::for_objective(&cfg.model, &cfg.objective, device).unwrap()
+    // Initialised on the CPU (CUDA's RNG draws different numbers), then moved.
+    let initial = support::seeded(5, || {
+        ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap()
     });
+    let mut model = ContrastiveModel::for_objective(&cfg.model, &cfg.objective, device).unwrap();
+    model.load_named(&initial.named_variables()).unwrap();
     if compute.bf16 {
         use_bf16_for_cuda_autocast();
     }

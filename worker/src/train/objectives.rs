@@ -130,11 +130,15 @@ pub(crate) fn gathered_nt_xent_gradient(
     let (rows, offset) = block_layout(counts, rank);
     let n_rows: i64 = rows.iter().sum();
     let device = z_local.device();
-    let gathered = coll
-        .all_gather(&z_local.contiguous(), &rows)
-        .with_context(|| format!("rank {rank}: all-gathering embeddings ({rows:?} rows)"))?
-        .to_device(device)
-        .set_requires_grad(true);
+    let single = coll.world_size() == 1;
+    let gathered = if single {
+        z_local.detach().copy()
+    } else {
+        coll.all_gather(&z_local.contiguous(), &rows)
+            .with_context(|| format!("rank {rank}: all-gathering embeddings ({rows:?} rows)"))?
+            .to_device(device)
+    }
+    .set_requires_grad(true);
     let anchor_losses =
         nt_xent_anchor_losses(&gathered, LocalAnchors { offset, samples: b }, temperature);
     let local_loss = anchor_losses.sum(Kind::Float) / n_rows as f64;
@@ -143,10 +147,13 @@ pub(crate) fn gathered_nt_xent_gradient(
     } else {
         gathered.zeros_like()
     };
-    let d_local = coll
-        .reduce_scatter_sum(&d_gathered.contiguous(), &rows)
-        .with_context(|| format!("rank {rank}: reduce-scattering embedding gradients"))?
-        .to_device(device);
+    let d_local = if single {
+        d_gathered
+    } else {
+        coll.reduce_scatter_sum(&d_gathered.contiguous(), &rows)
+            .with_context(|| format!("rank {rank}: reduce-scattering embedding gradients"))?
+            .to_device(device)
+    };
     Ok((local_loss.detach(), d_local))
 }
 
