@@ -120,8 +120,12 @@ pub enum NormKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Encoder family; only "resnet" is built so far.
+    /// Image encoder: "resnet" (the keys below) or "vit" (`[model.vit]`).
     pub encoder: String,
+    /// The Vision Transformer, when `encoder = "vit"` (open_clip's layout and names).
+    pub vit: VitSettings,
+    /// The text tower of CLIP (`objective.kind = "clip"`).
+    pub text: TextSettings,
     /// Residual blocks per stage (ResNet-18 is [2, 2, 2, 2] basic, ResNet-50 [3, 4, 6, 3]
     /// bottleneck).
     pub layers: Vec<u32>,
@@ -138,6 +142,64 @@ pub struct ModelConfig {
     /// First layers of the encoder: "cifar" (3×3 stride-1 conv, no max-pool; for images of
     /// 32 px and below) or "imagenet" (7×7 stride-2 conv + max-pool, as in torchvision).
     pub stem: StemKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VitSettings {
+    /// Side of the square patches (16 or 32 for ViT-B/16, ViT-B/32); must divide
+    /// `data.image_size`.
+    pub patch_size: u32,
+    pub width: u32,
+    pub layers: u32,
+    pub heads: u32,
+    /// Hidden width of each MLP block ÷ `width`.
+    pub mlp_ratio: f64,
+}
+
+impl Default for VitSettings {
+    /// ViT-B/16.
+    fn default() -> Self {
+        Self {
+            patch_size: 16,
+            width: 768,
+            layers: 12,
+            heads: 12,
+            mlp_ratio: 4.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextSettings {
+    /// Tokens per caption (start and end tokens included); longer captions are cut.
+    pub context_length: u32,
+    pub width: u32,
+    pub layers: u32,
+    pub heads: u32,
+    pub mlp_ratio: f64,
+    /// "causal" (CLIP: causal attention, pooled at the end token) or "bidirectional" (mean over
+    /// the caption's tokens).
+    pub mode: String,
+    /// "byte" (built-in byte-level tokenizer, no download) or the URL of a Hugging Face
+    /// `tokenizer.json` (any storage URL, e.g. a multilingual tokenizer).
+    pub tokenizer: String,
+}
+
+impl Default for TextSettings {
+    /// CLIP's 12-layer, 512-wide text transformer.
+    fn default() -> Self {
+        Self {
+            context_length: 77,
+            width: 512,
+            layers: 12,
+            heads: 8,
+            mlp_ratio: 4.0,
+            mode: "causal".into(),
+            tokenizer: "byte".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -163,6 +225,8 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             encoder: "resnet".into(),
+            vit: VitSettings::default(),
+            text: TextSettings::default(),
             layers: vec![1, 1, 1, 1],
             block: BlockKind::Basic,
             width: 16,
@@ -527,11 +591,11 @@ impl JobConfig {
             return Err(err("data.augment.std", "entries must be positive"));
         }
         let m = &self.model;
-        if m.encoder != "resnet" {
+        if !matches!(m.encoder.as_str(), "resnet" | "vit") {
             return Err(err(
                 "model.encoder",
                 format!(
-                    "(\"{}\") is not a known encoder; expected \"resnet\"",
+                    "(\"{}\") is not a known encoder; expected \"resnet\" or \"vit\"",
                     m.encoder
                 ),
             ));
@@ -572,14 +636,56 @@ impl JobConfig {
             ));
         }
         let obj = &self.objective;
-        if !matches!(obj.kind.as_str(), "simclr" | "moco" | "swav") {
+        if !matches!(obj.kind.as_str(), "simclr" | "moco" | "swav" | "clip") {
             return Err(err(
                 "objective.kind",
                 format!(
-                    "(\"{}\") must be one of \"simclr\", \"moco\", \"swav\"",
+                    "(\"{}\") must be one of \"simclr\", \"moco\", \"swav\", \"clip\"",
                     obj.kind
                 ),
             ));
+        }
+        if obj.kind == "moco" && m.encoder != "resnet" {
+            return Err(err(
+                "objective.kind",
+                "\"moco\" needs model.encoder = \"resnet\" (its key encoder is a ResNet copy)",
+            ));
+        }
+        if m.encoder == "vit" {
+            let v = &m.vit;
+            if v.patch_size == 0 || !self.data.image_size.is_multiple_of(v.patch_size) {
+                return Err(err(
+                    "model.vit.patch_size",
+                    format!(
+                        "({}) must divide data.image_size ({})",
+                        v.patch_size, self.data.image_size
+                    ),
+                ));
+            }
+            if v.width == 0 || v.layers == 0 || v.heads == 0 || !v.width.is_multiple_of(v.heads) {
+                return Err(err(
+                    "model.vit",
+                    "width, layers and heads must be positive, width a multiple of heads",
+                ));
+            }
+        }
+        if obj.kind == "clip" {
+            let t = &m.text;
+            if t.context_length < 2 {
+                return Err(err("model.text.context_length", "must be at least 2"));
+            }
+            if t.width == 0 || t.layers == 0 || t.heads == 0 || !t.width.is_multiple_of(t.heads) {
+                return Err(err(
+                    "model.text",
+                    "width, layers and heads must be positive, width a multiple of heads",
+                ));
+            }
+            if !matches!(t.mode.as_str(), "causal" | "bidirectional") {
+                return Err(err(
+                    "model.text.mode",
+                    format!("(\"{}\") must be \"causal\" or \"bidirectional\"", t.mode),
+                ));
+            }
         }
         if obj.temperature.is_nan() || obj.temperature <= 0.0 {
             return Err(err("objective.temperature", "must be positive"));

@@ -603,14 +603,16 @@ fn write_synth(dir: &Path, samples: u64) {
     assert!(status.success(), "contrail data synth failed: {status}");
 }
 
-/// MoCo v2 and SwAV run as whole jobs on two processes: they train, their extra state (key
-/// encoder and queue, prototypes) goes into the checkpoint, and a restart resumes from it.
+/// MoCo v2, SwAV and CLIP run as whole jobs on two processes: they train, their extra state
+/// (key encoder and queue, prototypes, text tower and logit scale) goes into the checkpoint,
+/// and a restart resumes from it.
 #[test]
-fn moco_and_swav_jobs_train_checkpoint_and_resume() {
-    for (kind, objective, expect) in [
+fn moco_swav_and_clip_jobs_train_checkpoint_and_resume() {
+    for (kind, objective, sets, expect) in [
         (
             "moco",
             "[objective]\nkind = \"moco\"\nmoco_queue_size = 96\n",
+            vec![],
             [
                 "momentum.queue",
                 "momentum.conv1.weight",
@@ -621,21 +623,31 @@ fn moco_and_swav_jobs_train_checkpoint_and_resume() {
             "swav",
             "[objective]\nkind = \"swav\"\ntemperature = 0.1\nswav_prototypes = 24\n\
              swav_freeze_prototypes_steps = 3\nswav_queue_size = 16\n",
+            vec![],
             ["prototypes.weight", "conv1.weight", "projector.0.weight"],
+        ),
+        (
+            "clip",
+            "[objective]\nkind = \"clip\"\n[model.vit]\npatch_size = 8\nwidth = 16\nlayers = 1\n\
+             heads = 2\n[model.text]\ncontext_length = 40\nwidth = 16\nlayers = 1\nheads = 2\n",
+            vec!["--set", "model.encoder=vit"],
+            [
+                "visual.conv1.weight",
+                "token_embedding.weight",
+                "logit_scale",
+            ],
         ),
     ] {
         let dir = temp_dir(kind);
         let job = write_job(&dir, 512, 5, objective);
-        let first = run_local(
-            &dir,
-            &job,
-            &[
-                "--set",
-                "train.max_steps=8",
-                "--set",
-                "checkpoint.every_steps=4",
-            ],
-        );
+        let mut args = vec![
+            "--set",
+            "train.max_steps=8",
+            "--set",
+            "checkpoint.every_steps=4",
+        ];
+        args.extend(&sets);
+        let first = run_local(&dir, &job, &args);
         assert!(
             first
                 .iter()
@@ -657,7 +669,9 @@ fn moco_and_swav_jobs_train_checkpoint_and_resume() {
                 "{kind}: checkpoint lacks {name}"
             );
         }
-        let second = run_local(&dir, &job, &["--set", "train.max_steps=12"]);
+        let mut args = vec!["--set", "train.max_steps=12"];
+        args.extend(&sets);
+        let second = run_local(&dir, &job, &args);
         assert!(
             second
                 .iter()

@@ -13,6 +13,7 @@ use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::Collective;
 use contrail_worker::model::ContrastiveModel;
 use contrail_worker::optim::Sgd;
+use contrail_worker::text::ByteTokenizer;
 use contrail_worker::train::objectives::{build_objective, Moco, StepObjective, Swav};
 use contrail_worker::train::step::{train_step, StepClock};
 use support::{max_abs_diff, model_config, seeded};
@@ -22,6 +23,10 @@ const SAMPLES: i64 = 8;
 const STEPS: u64 = 2;
 const TOLERANCE: f64 = 1e-5;
 const LR: f64 = 0.5;
+/// CLIP's shared positional embedding sums the gradients of every token of every sample, so a
+/// large step turns float32 summation-order noise into ~2e-5; at this rate it stays below the
+/// tolerance while a missing or misscaled gradient is still far outside it.
+const CLIP_LR: f64 = 0.05;
 
 fn config(kind: &str) -> JobConfig {
     let mut cfg = JobConfig {
@@ -40,17 +45,35 @@ fn config(kind: &str) -> JobConfig {
     cfg
 }
 
-/// `steps` batches of (view1, view2), `SAMPLES` each.
-fn batches(steps: u64) -> Vec<(Tensor, Tensor)> {
+/// `steps` batches of (view1, view2), `SAMPLES` each; for CLIP the second half is caption
+/// tokens (start, 5 random bytes, end, pad).
+fn batches(cfg: &JobConfig, steps: u64) -> Vec<(Tensor, Tensor)> {
+    let clip = cfg.objective.kind == "clip";
     seeded(41, || {
         (0..steps)
             .map(|_| {
                 let v1 = Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu));
-                let v2 = &v1 * 0.8
-                    + Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.3;
+                let v2 = if clip {
+                    let body =
+                        Tensor::randint_low(1, 257, [SAMPLES, 5], (Kind::Int64, Device::Cpu));
+                    let sot = Tensor::full([SAMPLES, 1], 257, (Kind::Int64, Device::Cpu));
+                    let eot = Tensor::full([SAMPLES, 1], 258, (Kind::Int64, Device::Cpu));
+                    let pad = Tensor::zeros([SAMPLES, 1], (Kind::Int64, Device::Cpu));
+                    Tensor::cat(&[sot, body, eot, pad], 1)
+                } else {
+                    &v1 * 0.8
+                        + Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.3
+                };
                 (v1, v2)
             })
             .collect()
+    })
+}
+
+/// The job's model, identical on every rank and run.
+fn model(cfg: &JobConfig) -> ContrastiveModel {
+    seeded(5, || {
+        ContrastiveModel::for_job(cfg, Some(&ByteTokenizer::new()), Device::Cpu).unwrap()
     })
 }
 
@@ -80,13 +103,10 @@ fn run_steps(
             .enumerate()
             .map(|(rank, coll)| {
                 // Tensors are not Sync: every rank gets its own copy of the batches.
-                let data = batches(steps);
+                let data = batches(cfg, steps);
                 scope.spawn(move || {
                     tch::set_num_threads(1);
-                    let model = seeded(5, || {
-                        ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu)
-                            .unwrap()
-                    });
+                    let model = model(cfg);
                     let mut opt = Sgd::new(&model, 0.9, 1e-3);
                     let mut objective = make();
                     let counts: Vec<i64> = plan.iter().map(|p| p.iter().sum()).collect();
@@ -112,7 +132,11 @@ fn run_steps(
                             &mut opt,
                             objective.as_mut(),
                             &micro,
-                            LR,
+                            if cfg.objective.kind == "clip" {
+                                CLIP_LR
+                            } else {
+                                LR
+                            },
                             &coll,
                             &counts,
                             clock,
@@ -279,4 +303,40 @@ fn swav_queue_joins_once_full() {
         (la[2] - lb[2]).abs() > 1e-6,
         "queue changed nothing: {la:?} vs {lb:?}"
     );
+}
+
+fn clip_config() -> JobConfig {
+    let mut cfg = config("clip");
+    cfg.model.encoder = "vit".into();
+    cfg.model.vit.patch_size = 8;
+    cfg.model.vit.width = 16;
+    cfg.model.vit.layers = 1;
+    cfg.model.vit.heads = 2;
+    cfg.model.text.context_length = 8;
+    cfg.model.text.width = 16;
+    cfg.model.text.layers = 1;
+    cfg.model.text.heads = 2;
+    cfg
+}
+
+/// CLIP (ViT image tower, causal text tower, learnable logit scale) split over 2 and 3 ranks
+/// and over K = 4 micro-batches equals one rank with the whole batch, over two steps.
+#[test]
+fn clip_split_over_ranks_and_micro_batches_equals_one_rank() {
+    let cfg = clip_config();
+    cfg.validate().unwrap();
+    let make = || build_objective(&cfg).unwrap();
+    let after = assert_plans_match("clip", &cfg, &plans(), &make);
+    let initial = model(&cfg).named_variables();
+    for name in [
+        "visual.conv1.weight",
+        "token_embedding.weight",
+        "logit_scale",
+    ] {
+        let moved = (var(&after, name) - var(&initial, name))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(moved > 1e-6, "{name} moved only {moved}");
+    }
 }

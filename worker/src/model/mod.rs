@@ -13,10 +13,15 @@ pub mod text;
 pub mod transformer;
 pub mod vit;
 
+use crate::objective::clip::{clamp_logit_scale_, LOGIT_SCALE_INIT};
 use crate::objective::swav::Prototypes;
+use crate::text::Tokenizer;
 use anyhow::{bail, Context};
 use contrail_common::config::{ModelConfig, NormKind, ObjectiveConfig};
+use contrail_common::JobConfig;
 use tch::{nn, Device, Tensor};
+use text::{TextConfig, TextMode, TextTransformer};
+use vit::{VisionTransformer, VitConfig};
 
 pub use compute::Compute;
 pub use momentum::MomentumBranch;
@@ -26,17 +31,45 @@ pub use resnet::{Norm, ResNet};
 /// Prefix of the momentum branch's variables in [`ContrastiveModel::named_variables`].
 pub const MOMENTUM_PREFIX: &str = "momentum.";
 
+/// The image encoder: a ResNet (torchvision names) or a ViT (open_clip names).
+#[derive(Debug)]
+pub enum ImageEncoder {
+    ResNet(ResNet),
+    Vit(VisionTransformer),
+}
+
+impl ImageEncoder {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            ImageEncoder::ResNet(r) => r.forward_t(xs, train),
+            ImageEncoder::Vit(v) => v.forward(xs),
+        }
+    }
+}
+
+/// CLIP's text side: the text tower and the learnable logit scale.
+#[derive(Debug)]
+pub struct ClipText {
+    tower: TextTransformer,
+    logit_scale: Tensor,
+    context_length: i64,
+}
+
 /// Encoder + projector with their variables, plus the objective's extra parts.
 #[derive(Debug)]
 pub struct ContrastiveModel {
     vs: nn::VarStore,
-    encoder: ResNet,
-    projector: Projector,
+    encoder: ImageEncoder,
+    /// The MLP head on the image features (absent for a CLIP ViT, whose own projection
+    /// gives the embedding).
+    projector: Option<Projector>,
     embedding_dim: i64,
     /// SwAV: prototypes (`prototypes.weight`, trainable).
     prototypes: Option<Prototypes>,
     /// MoCo: key encoder and queue (not trainable).
     momentum: Option<MomentumBranch>,
+    /// CLIP: text tower and logit scale.
+    clip: Option<ClipText>,
     /// bf16 autocast and channels-last (GPU).
     compute: Compute,
 }
@@ -127,13 +160,167 @@ impl ContrastiveModel {
         );
         Ok(Self {
             vs,
-            encoder,
-            projector,
+            encoder: ImageEncoder::ResNet(encoder),
+            projector: Some(projector),
             embedding_dim: cfg.projector_out as i64,
             prototypes: None,
             momentum: None,
+            clip: None,
             compute: Compute::default(),
         })
+    }
+
+    /// The model a whole job trains: [`ContrastiveModel::for_objective`] for a ResNet image
+    /// objective; a ViT image encoder (`model.encoder = "vit"`, at the root with the MLP
+    /// projector on top); or, for `objective.kind = "clip"`, an image tower under `visual.`
+    /// and open_clip's text tower and `logit_scale` at the root, both towers ending in
+    /// `model.projector_out` dimensions. `tokenizer` (CLIP only) fixes the vocabulary and the
+    /// pad and end ids.
+    pub fn for_job(
+        cfg: &JobConfig,
+        tokenizer: Option<&dyn Tokenizer>,
+        device: Device,
+    ) -> anyhow::Result<Self> {
+        let m = &cfg.model;
+        let clip = cfg.objective.kind == "clip";
+        if !clip && m.encoder == "resnet" {
+            return Self::for_objective(m, &cfg.objective, device);
+        }
+        let embed = m.projector_out as i64;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let image_root = if clip { &root / "visual" } else { root.clone() };
+        let (encoder, projector) = if m.encoder == "vit" {
+            let vit_cfg = VitConfig {
+                image_size: i64::from(cfg.data.image_size),
+                patch_size: m.vit.patch_size as i64,
+                width: m.vit.width as i64,
+                layers: m.vit.layers as i64,
+                heads: m.vit.heads as i64,
+                mlp_ratio: m.vit.mlp_ratio,
+                // CLIP: the tower's own projection gives the embedding; image objectives put
+                // the MLP projector on the pooled features.
+                output_dim: if clip { embed } else { m.vit.width as i64 },
+            };
+            let vit = VisionTransformer::new(&image_root, &vit_cfg)?;
+            let projector = (!clip).then(|| {
+                Projector::new(
+                    &(&root / "projector"),
+                    vit_cfg.output_dim,
+                    m.projector_hidden as i64,
+                    embed,
+                    m.norm,
+                )
+            });
+            (ImageEncoder::Vit(vit), projector)
+        } else {
+            let resnet = ResNet::new(
+                &image_root,
+                &m.layers,
+                m.width as i64,
+                m.block,
+                m.norm,
+                m.stem,
+            );
+            let projector = Projector::new(
+                &(&image_root / "projector"),
+                resnet.out_dim(),
+                m.projector_hidden as i64,
+                embed,
+                m.norm,
+            );
+            (ImageEncoder::ResNet(resnet), Some(projector))
+        };
+        let mut clip_text = None;
+        let mut prototypes = None;
+        if clip {
+            let tokenizer = tokenizer.context("a CLIP model needs the caption tokenizer")?;
+            let t = &m.text;
+            let text_cfg = TextConfig {
+                context_length: t.context_length as i64,
+                width: t.width as i64,
+                layers: t.layers as i64,
+                heads: t.heads as i64,
+                mlp_ratio: t.mlp_ratio,
+                output_dim: embed,
+                mode: if t.mode == "bidirectional" {
+                    TextMode::Bidirectional
+                } else {
+                    TextMode::Causal
+                },
+                ..TextConfig::clip_b()
+            }
+            .with_tokenizer(tokenizer);
+            let tower = TextTransformer::new(&root, &text_cfg)?;
+            let logit_scale = root.var("logit_scale", &[], nn::Init::Const(LOGIT_SCALE_INIT));
+            clip_text = Some(ClipText {
+                tower,
+                logit_scale,
+                context_length: text_cfg.context_length,
+            });
+        } else if cfg.objective.kind == "swav" {
+            let p = Prototypes::new(
+                &(&root / "prototypes"),
+                embed,
+                cfg.objective.swav_prototypes as i64,
+            );
+            p.normalize_();
+            prototypes = Some(p);
+        } else if cfg.objective.kind != "simclr" {
+            bail!(
+                "objective.kind \"{}\" needs model.encoder = \"resnet\"",
+                cfg.objective.kind
+            );
+        }
+        Ok(Self {
+            vs,
+            encoder,
+            projector,
+            embedding_dim: embed,
+            prototypes,
+            momentum: None,
+            clip: clip_text,
+            compute: Compute::default(),
+        })
+    }
+
+    /// CLIP's learnable log logit scale, when the model is a CLIP model.
+    pub fn logit_scale(&self) -> Option<&Tensor> {
+        self.clip.as_ref().map(|c| &c.logit_scale)
+    }
+
+    /// Clamps CLIP's logit scale to [0, ln 100] (after each optimizer step, as open_clip).
+    pub fn clamp_logit_scale(&self) {
+        if let Some(c) = &self.clip {
+            clamp_logit_scale_(&c.logit_scale);
+        }
+    }
+
+    /// Tokens per caption of a CLIP model.
+    pub fn context_length(&self) -> Option<i64> {
+        self.clip.as_ref().map(|c| c.context_length)
+    }
+
+    /// Embeddings of one step's pair of inputs, `2 b` rows: the image model embeds two views
+    /// (`first` then `second`, each `b × 3 × H × W`); a CLIP model embeds images (`first`) and
+    /// caption tokens (`second`, `b × context_length` int64).
+    pub fn embed_pair(&self, first: &Tensor, second: &Tensor, train: bool) -> Tensor {
+        let device = self.device();
+        match &self.clip {
+            None => {
+                let x = Tensor::cat(&[first, second], 0)
+                    .to_device(device)
+                    .to_kind(tch::Kind::Float);
+                self.forward_t(&x, train)
+            }
+            Some(c) => {
+                let img = self.forward_t(&first.to_device(device).to_kind(tch::Kind::Float), train);
+                let txt = self
+                    .compute
+                    .run(&second.to_device(device), |t| c.tower.forward(t));
+                Tensor::cat(&[img, txt], 0)
+            }
+        }
     }
 
     /// Switches bf16 autocast and channels-last layout on or off (see [`compute`]);
@@ -162,11 +349,14 @@ impl ContrastiveModel {
         self.momentum.as_ref()
     }
 
-    /// Projector outputs (N, `projector_out`) for images (N, 3, H, W); not normalised.
+    /// Image embeddings (N, `projector_out`) for images (N, 3, H, W); not normalised.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         self.compute.run(xs, |xs| {
-            self.projector
-                .forward_t(&self.encoder.forward_t(xs, train), train)
+            let h = self.encoder.forward_t(xs, train);
+            match &self.projector {
+                Some(p) => p.forward_t(&h, train),
+                None => h,
+            }
         })
     }
 

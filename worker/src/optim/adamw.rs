@@ -84,7 +84,8 @@ impl Optimizer for AdamW {
                 }
                 self.steps[i] += 1;
                 let t = self.steps[i] as f64;
-                let decay = if p.dim() == 1 && o.exclude_1d_from_decay {
+                // Scalars (CLIP's logit scale) count as 1-D: open_clip exempts them from decay too.
+                let decay = if p.dim() <= 1 && o.exclude_1d_from_decay {
                     0.0
                 } else {
                     o.weight_decay

@@ -82,7 +82,8 @@ impl Lars {
     /// The update direction `r·(g + λ·p)` (or its unadapted form) for one parameter.
     fn direction(&self, p: &Tensor, g: &Tensor, lr: f64) -> Tensor {
         let o = &self.opts;
-        let is_1d = p.dim() == 1;
+        // Scalars count as 1-D (no decay or adaptation for a temperature).
+        let is_1d = p.dim() <= 1;
         let decay = if is_1d && o.exclude_1d_from_decay {
             0.0
         } else {

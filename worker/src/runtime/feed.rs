@@ -11,8 +11,9 @@
 
 use super::client::{Coordinator, Lease};
 use super::Progress;
+use crate::text::Tokenizer;
 use crate::train::trainer::{BatchSource, LocalBatch};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use contrail_common::JobConfig;
 use contrail_data::pipeline::{EpochPipeline, PipelineInput, PipelineOptions, ShardReport};
 use contrail_data::shard_reader::read_shard;
@@ -38,6 +39,15 @@ pub struct EpochFeed {
     reader: tokio::task::JoinHandle<()>,
     leases: Arc<Mutex<HashMap<String, OpenLease>>>,
     image_size: i64,
+    /// CLIP: captions become the batch's second half as tokens.
+    captions: Option<CaptionTokens>,
+}
+
+/// How a CLIP job turns captions into token ids.
+#[derive(Clone)]
+pub struct CaptionTokens {
+    pub tokenizer: Arc<dyn Tokenizer>,
+    pub context_length: usize,
 }
 
 impl EpochFeed {
@@ -48,6 +58,7 @@ impl EpochFeed {
         rank: usize,
         epoch: u32,
         progress: Arc<Progress>,
+        captions: Option<CaptionTokens>,
     ) -> Result<Self> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<PipelineInput>(READ_AHEAD_SAMPLES);
         let leases: Arc<Mutex<HashMap<String, OpenLease>>> = Arc::default();
@@ -77,6 +88,7 @@ impl EpochFeed {
             reader,
             leases,
             image_size: i64::from(cfg.data.image_size),
+            captions,
         })
     }
 
@@ -120,10 +132,17 @@ impl BatchSource for EpochFeed {
         }
         let Some(b) = batch else { return Ok(None) };
         let shape = [b.len as i64, 3, self.image_size, self.image_size];
-        Ok(Some(LocalBatch {
-            view1: Tensor::from_slice(&b.view1).view(shape),
-            view2: Tensor::from_slice(&b.view2).view(shape),
-        }))
+        let view1 = Tensor::from_slice(&b.view1).view(shape);
+        let view2 = match &self.captions {
+            None => Tensor::from_slice(&b.view2).view(shape),
+            Some(c) => {
+                let texts: Vec<&str> = b.captions.iter().map(String::as_str).collect();
+                c.tokenizer
+                    .encode_batch(&texts, c.context_length)
+                    .context("tokenizing captions")?
+            }
+        };
+        Ok(Some(LocalBatch { view1, view2 }))
     }
 }
 

@@ -2,7 +2,7 @@
 //! and the per-epoch data feed, all through the coordinator.
 
 use super::client::{Assignment, Coordinator};
-use super::feed::EpochFeed;
+use super::feed::{CaptionTokens, EpochFeed};
 use super::Progress;
 use crate::model::ContrastiveModel;
 use crate::optim::Optimizer;
@@ -60,6 +60,7 @@ pub struct WorkerHooks<'a> {
     progress: Arc<Progress>,
     last_log: Instant,
     samples_since_log: i64,
+    captions: Option<CaptionTokens>,
 }
 
 impl<'a> WorkerHooks<'a> {
@@ -69,6 +70,7 @@ impl<'a> WorkerHooks<'a> {
         cfg: &'a JobConfig,
         asg: &Assignment,
         progress: Arc<Progress>,
+        captions: Option<CaptionTokens>,
     ) -> Self {
         Self {
             rt,
@@ -79,6 +81,7 @@ impl<'a> WorkerHooks<'a> {
             progress,
             last_log: Instant::now(),
             samples_since_log: 0,
+            captions,
         }
     }
 }
@@ -92,6 +95,7 @@ impl TrainHooks for WorkerHooks<'_> {
             self.rank,
             epoch,
             self.progress.clone(),
+            self.captions.clone(),
         )?))
     }
 

@@ -13,6 +13,7 @@ use crate::dist::tcp::TcpCollective;
 use crate::dist::Collective;
 use crate::model::ContrastiveModel;
 use crate::optim;
+use crate::text::{ByteTokenizer, HfTokenizer, Tokenizer};
 use crate::train::checkpoint::read_checkpoint;
 use crate::train::objectives::build_objective;
 use crate::train::trainer::{train, StartPoint};
@@ -140,7 +141,9 @@ fn train_rank(
 ) -> Result<()> {
     // Same seed on every rank: identical initial parameters without a broadcast.
     tch::manual_seed(cfg.train.seed as i64);
-    let mut model = ContrastiveModel::for_objective(&cfg.model, &cfg.objective, device)?;
+    let captions = caption_tokens(rt, cfg)?;
+    let mut model =
+        ContrastiveModel::for_job(cfg, captions.as_ref().map(|c| c.tokenizer.as_ref()), device)?;
     // Before the optimizer exists, so its state takes the weights' layout.
     model.set_compute(placement::choose_compute(cfg, device)?);
     let mut opt = optim::build(&cfg.optim, &model)?;
@@ -174,7 +177,8 @@ fn train_rank(
             }
         }
     }
-    let mut hooks = hooks::WorkerHooks::new(rt, coord.clone(), cfg, asg, progress.clone());
+    let mut hooks =
+        hooks::WorkerHooks::new(rt, coord.clone(), cfg, asg, progress.clone(), captions);
     let mut objective = build_objective(cfg)?;
     let summary = train(
         cfg,
@@ -195,4 +199,33 @@ fn train_rank(
         );
     }
     Ok(())
+}
+
+/// The caption tokenizer of a CLIP job (`model.text.tokenizer`): the built-in byte-level one,
+/// or a `tokenizer.json` read from any storage URL.
+fn caption_tokens(
+    rt: &tokio::runtime::Runtime,
+    cfg: &JobConfig,
+) -> Result<Option<feed::CaptionTokens>> {
+    if cfg.objective.kind != "clip" {
+        return Ok(None);
+    }
+    let spec = &cfg.model.text.tokenizer;
+    let tokenizer: Arc<dyn Tokenizer> = if spec == "byte" {
+        Arc::new(ByteTokenizer::new())
+    } else {
+        let loc = contrail_common::storage::resolve(spec, &cfg.data.s3_endpoint)
+            .with_context(|| format!("model.text.tokenizer {spec}"))?;
+        let bytes = rt
+            .block_on(async { loc.store.get(&loc.path).await?.bytes().await })
+            .with_context(|| format!("reading the tokenizer {spec}"))?;
+        Arc::new(
+            HfTokenizer::from_bytes(&bytes)
+                .with_context(|| format!("loading the tokenizer {spec}"))?,
+        )
+    };
+    Ok(Some(feed::CaptionTokens {
+        tokenizer,
+        context_length: cfg.model.text.context_length as usize,
+    }))
 }

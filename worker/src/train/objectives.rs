@@ -9,10 +9,14 @@
 //!   query's loss is its own.
 //! - [`Swav`]: codes from Sinkhorn–Knopp over the global batch (sums all-reduced), each view
 //!   predicting the other's codes through the shared prototypes.
+//! - [`Clip`]: images against the captions of every rank (open_clip's `ClipLoss` with
+//!   `gather_with_grad`, written as local pairs against the gathered matrices), the gathered
+//!   gradient reduce-scattered back as for SimCLR, and the logit scale's gradient summed.
 
 use super::step::StepClock;
 use crate::dist::Collective;
 use crate::model::ContrastiveModel;
+use crate::objective::clip::{clip_local_loss, LocalPairs};
 use crate::objective::moco::{moco_query_losses, momentum_at};
 use crate::objective::swav::{prototypes_frozen, swav_loss_with_queue, FeatureQueue};
 use crate::objective::{l2_normalize, nt_xent_anchor_losses, LocalAnchors};
@@ -86,6 +90,7 @@ pub fn build_objective(cfg: &JobConfig) -> Result<Box<dyn StepObjective>> {
             o.swav_freeze_prototypes_steps,
             o.swav_queue_size as i64,
         )),
+        "clip" => Box::new(Clip),
         other => bail!("objective.kind \"{other}\" is not a training objective"),
     })
 }
@@ -155,6 +160,77 @@ pub(crate) fn gathered_nt_xent_gradient(
             .to_device(device)
     };
     Ok((local_loss.detach(), d_local))
+}
+
+/// CLIP's symmetric image–text loss over every rank's pairs. `z_local` holds this rank's image
+/// embeddings, then its caption embeddings.
+pub struct Clip;
+
+impl StepObjective for Clip {
+    fn loss_and_grad(
+        &mut self,
+        model: &ContrastiveModel,
+        z_local: &Tensor,
+        counts: &[i64],
+        _clock: StepClock,
+        coll: &dyn Collective,
+    ) -> Result<(Tensor, Tensor)> {
+        let rank = coll.rank();
+        let logit_scale = model
+            .logit_scale()
+            .context("objective \"clip\" needs a CLIP model (text tower and logit scale)")?;
+        let (rows, _) = block_layout(counts, rank);
+        let device = z_local.device();
+        let single = coll.world_size() == 1;
+        let gathered = if single {
+            z_local.detach().copy()
+        } else {
+            coll.all_gather(&z_local.contiguous(), &rows)
+                .with_context(|| format!("rank {rank}: all-gathering CLIP embeddings"))?
+                .to_device(device)
+        }
+        .set_requires_grad(true);
+        let (mut images, mut texts) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        for &c in counts {
+            images.extend(start..start + c);
+            texts.extend(start + c..start + 2 * c);
+            start += 2 * c;
+        }
+        let pick =
+            |rows: &[i64]| gathered.index_select(0, &Tensor::from_slice(rows).to_device(device));
+        let pairs = LocalPairs {
+            offset: counts[..rank].iter().sum(),
+            count: counts[rank],
+        };
+        let loss = clip_local_loss(&pick(&images), &pick(&texts), logit_scale, pairs)?;
+        // Fills the gathered rows' gradient and adds this rank's share to the logit scale's.
+        loss.backward();
+        let grad = gathered.grad();
+        let d_gathered = if grad.defined() {
+            grad
+        } else {
+            gathered.zeros_like()
+        };
+        let d_local = if single {
+            d_gathered
+        } else {
+            coll.reduce_scatter_sum(&d_gathered.contiguous(), &rows)
+                .with_context(|| format!("rank {rank}: reduce-scattering CLIP gradients"))?
+                .to_device(device)
+        };
+        Ok((loss.detach(), d_local))
+    }
+
+    fn after_update(
+        &mut self,
+        model: &ContrastiveModel,
+        _clock: StepClock,
+        _coll: &dyn Collective,
+    ) -> Result<()> {
+        model.clamp_logit_scale();
+        Ok(())
+    }
 }
 
 /// A permutation of `0..n` that every rank derives alike from (seed, step): SplitMix64 driving

@@ -90,7 +90,7 @@ pub fn train_step(
         let z_local = match non_empty.first() {
             Some(&k) => {
                 let (v1, v2) = &micro_batches[k];
-                model.forward_t(&views_input(v1, v2, device), true)
+                model.embed_pair(v1, v2, true)
             }
             None => Tensor::zeros([0, model.embedding_dim()], (Kind::Float, device)),
         };
@@ -119,7 +119,7 @@ pub fn train_step(
         let mut second = Vec::with_capacity(non_empty.len());
         for &k in &non_empty {
             let (v1, v2) = &micro_batches[k];
-            let z = model.forward_t(&views_input(v1, v2, device), true);
+            let z = model.embed_pair(v1, v2, true);
             first.push(z.narrow(0, 0, sizes[k]));
             second.push(z.narrow(0, sizes[k], sizes[k]));
         }
@@ -139,7 +139,7 @@ pub fn train_step(
             &[d_local.narrow(0, at, bk), d_local.narrow(0, b + at, bk)],
             0,
         );
-        let z = model.forward_t(&views_input(v1, v2, device), true);
+        let z = model.embed_pair(v1, v2, true);
         if z.size() != g.size() {
             bail!(
                 "rank {rank}: micro-batch {k} re-forward gave embeddings {:?}, expected {:?}",
@@ -265,10 +265,17 @@ fn finish_step(
     Ok(loss.double_value(&[0]))
 }
 
+/// A micro-batch is two views (both `b × 3 × H × W`) or, for CLIP, images and caption tokens
+/// (`b × L`).
 fn check_views(view1: &Tensor, view2: &Tensor, rank: usize) -> Result<()> {
     let (s1, s2) = (view1.size(), view2.size());
-    if s1 != s2 || s1.len() != 4 || s1[1] != 3 {
-        bail!("rank {rank}: views must both be b×3×H×W, got {s1:?} and {s2:?}");
+    let images = s1.len() == 4 && s1[1] == 3;
+    let second_ok = s2 == s1 || (s2.len() == 2 && s2.first() == s1.first());
+    if !images || !second_ok {
+        bail!(
+            "rank {rank}: a micro-batch is two b×3×H×W views, or b×3×H×W images with b×L \
+             tokens; got {s1:?} and {s2:?}"
+        );
     }
     Ok(())
 }
@@ -283,13 +290,6 @@ fn micro_batch_sizes(micro_batches: &[(Tensor, Tensor)], rank: usize) -> Result<
             Ok(v1.size()[0])
         })
         .collect()
-}
-
-/// The two views stacked (view 1 rows first) as float32 on `device`.
-pub(crate) fn views_input(view1: &Tensor, view2: &Tensor, device: tch::Device) -> Tensor {
-    Tensor::cat(&[view1, view2], 0)
-        .to_device(device)
-        .to_kind(Kind::Float)
 }
 
 /// A rank without samples never runs a backward, so its parameters have no `.grad()` yet; it
