@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
-"""PyTorch eager reference for bench/train_step: the same SimCLR step as contrail's
-train_step_bench (torchvision-style ResNet-50 without fc, projector Linear(2048, 2048,
-bias=False) -> BatchNorm1d -> ReLU -> Linear(2048, 128), NT-Xent over both views, SGD with
-momentum), on synthetic images already on the GPU, bf16 autocast and channels_last.
+"""PyTorch eager reference for bench/train_step: the same step as contrail's train_step_bench,
+on synthetic inputs already on the GPU, with bf16 autocast.
+
+- `--objective simclr` (default): torchvision-style ResNet-50 without fc, projector
+  Linear(2048, 2048, bias=False) -> BatchNorm1d -> ReLU -> Linear(2048, 128), NT-Xent over both
+  views, SGD with momentum, channels_last.
+- `--objective clip --model vit-b-16|vit-b-32`: open_clip's ViT-B and 12-layer text transformer
+  written out (pre-norm blocks with nn.MultiheadAttention, batch first, as open_clip 3.3),
+  77-token captions, open_clip's ClipLoss, AdamW.
 
 torchvision is not required (the device machines only have torch): the ResNet-50 below is
 torchvision's architecture written out (Bottleneck v1.5, same layer shapes).
@@ -64,6 +69,90 @@ class ResNet50(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.layers(x), 1), 1)
 
 
+class Block(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x, mask=None):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Vit(nn.Module):
+    def __init__(self, image_size, patch, width=768, layers=12, heads=12, out=512):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch, patch, bias=False)
+        n = (image_size // patch) ** 2 + 1
+        self.class_embedding = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(n, width) * width**-0.5)
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, out) * width**-0.5)
+
+    def forward(self, x):
+        x = self.conv1(x).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
+        x = self.ln_pre(torch.cat([cls, x], 1) + self.positional_embedding.to(x.dtype))
+        for b in self.blocks:
+            x = b(x)
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class Text(nn.Module):
+    def __init__(self, vocab=259, ctx=77, width=512, layers=12, heads=8, out=512):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab, width)
+        self.positional_embedding = nn.Parameter(torch.randn(ctx, width) * 0.01)
+        self.blocks = nn.ModuleList([Block(width, heads) for _ in range(layers)])
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.randn(width, out) * width**-0.5)
+        self.register_buffer("mask", torch.full((ctx, ctx), float("-inf")).triu(1), persistent=False)
+
+    def forward(self, t):
+        x = self.token_embedding(t) + self.positional_embedding
+        for b in self.blocks:
+            x = b(x, self.mask)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0]), t.argmax(-1)] @ self.text_projection
+
+
+def clip_loss(img, txt, logit_scale):
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    s = logit_scale.exp()
+    labels = torch.arange(img.shape[0], device=img.device)
+    return (F.cross_entropy(s * img @ txt.t(), labels) + F.cross_entropy(s * txt @ img.t(), labels)) / 2
+
+
+def clip_main(a, device):
+    patch = 16 if a.model == "vit-b-16" else 32
+    vit, text = Vit(a.image_size, patch).to(device), Text().to(device)
+    logit_scale = nn.Parameter(torch.tensor(2.6592, device=device))
+    params = list(vit.parameters()) + list(text.parameters()) + [logit_scale]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    images = torch.randn(a.batch, 3, a.image_size, a.image_size, device=device)
+    tokens = torch.randint(1, 257, (a.batch, 77), device=device)
+    bf16 = a.precision == "bf16"
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            img, txt = vit(images), text(tokens)
+        loss = clip_loss(img.float(), txt.float(), logit_scale)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            logit_scale.clamp_(0, 4.6052)
+        return loss.item()
+
+    return step
+
+
 def nt_xent(z, b, tau):
     z = F.normalize(z, dim=1)
     logits = z @ z.t() / tau
@@ -94,10 +183,15 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--precision", default="bf16")
     p.add_argument("--channels-last", default="1")
+    p.add_argument("--objective", default="simclr")
+    p.add_argument("--model", default="resnet50")
     a, _ = p.parse_known_args()
     assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
     device = torch.device("cuda")
     torch.manual_seed(0)
+    if a.objective == "clip":
+        step = clip_main(a, device)
+        return measure(a, step, f"clip {a.model}", device)
     model = nn.Sequential(
         ResNet50(),
         nn.Linear(2048, 2048, bias=False),
@@ -125,6 +219,10 @@ def main():
         opt.step()
         return loss.item()
 
+    return measure(a, step, f"simclr resnet50 channels_last={channels_last}", device)
+
+
+def measure(a, step, what, device):
     for _ in range(a.warmup):
         step()
     torch.cuda.synchronize()
@@ -138,8 +236,8 @@ def main():
     peak = matmul_peak(device)
     mem = torch.cuda.max_memory_allocated() / 2**30
     print(
-        f"pytorch eager simclr resnet50 batch {a.batch} at {a.image_size}px {a.precision} "
-        f"channels_last={channels_last}: {sps:.1f} samples/s ({1000 * secs / a.steps:.1f} ms/step, "
+        f"pytorch eager {what} batch {a.batch} at {a.image_size}px {a.precision}: "
+        f"{sps:.1f} samples/s ({1000 * secs / a.steps:.1f} ms/step, "
         f"loss {loss:.4f}, peak memory {mem:.1f} GiB); bf16 matmul peak {peak:.0f} TFLOP/s"
     )
     print(f"SAMPLES_PER_S={sps}")

@@ -2,11 +2,20 @@
 //! on one device, with synthetic images already on the device: the number that
 //! `bench/train_step/run.sh` compares with PyTorch eager. See bench/train_step/README.md.
 //!
-//!   train_step_bench [--model resnet50|resnet18] [--batch 256] [--image-size 224]
-//!                    [--steps 20] [--warmup 5] [--precision bf16|fp32] [--channels-last 1]
-//!                    [--objective simclr|moco|swav] [--backend nccl|local]
+//!   train_step_bench [--model resnet50|resnet18|vit-b-16|vit-b-32] [--batch 256]
+//!                    [--micro-batch B] [--image-size 224] [--steps 20] [--warmup 5]
+//!                    [--precision bf16|fp32] [--channels-last 1]
+//!                    [--objective simclr|moco|swav|clip] [--backend nccl|local]
 //!
-//! Prints a human line and `SAMPLES_PER_S=<value>` (samples = images, each with two views).
+//! `--batch` is the step's global batch; with `--micro-batch` smaller it is reached by
+//! accumulation over K = batch / micro-batch micro-batches (the same host tensors reused, so
+//! the benchmark needs host memory for one micro-batch only). CLIP uses the ViT for images and
+//! CLIP's 12-layer, 512-wide text transformer on 77 random byte tokens.
+//!
+//! Prints a human line, `SAMPLES_PER_S=<value>` (samples = images, each with two views or one
+//! caption) and, on a GPU, `PEAK_GIB=<value>`: the most device memory in use during the
+//! timed steps (cudaMemGetInfo sampled after every step and around it; it includes the CUDA
+//! context and libtorch's cache, so it is an upper bound of what the step needs).
 
 use anyhow::{bail, Context, Result};
 use contrail_common::config::{BlockKind, NormKind, StemKind};
@@ -16,7 +25,8 @@ use contrail_worker::dist::nccl::{nccl_unique_id, NcclCollective};
 use contrail_worker::dist::Collective;
 use contrail_worker::model::compute::use_bf16_for_cuda_autocast;
 use contrail_worker::model::{Compute, ContrastiveModel};
-use contrail_worker::optim::Sgd;
+use contrail_worker::optim::{AdamW, AdamWOptions, Optimizer, Sgd};
+use contrail_worker::text::ByteTokenizer;
 use contrail_worker::train::objectives::build_objective;
 use contrail_worker::train::step::{train_step, StepClock};
 use std::time::{Duration, Instant};
@@ -32,6 +42,7 @@ struct Args {
     channels_last: bool,
     objective: String,
     backend: String,
+    micro_batch: i64,
 }
 
 fn parse() -> Result<Args> {
@@ -45,6 +56,7 @@ fn parse() -> Result<Args> {
         channels_last: true,
         objective: "simclr".into(),
         backend: "nccl".into(),
+        micro_batch: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -62,6 +74,7 @@ fn parse() -> Result<Args> {
             "--channels-last" => a.channels_last = v == "1" || v == "true",
             "--objective" => a.objective = v.into(),
             "--backend" => a.backend = v.into(),
+            "--micro-batch" => a.micro_batch = v.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -89,14 +102,35 @@ fn main() -> Result<()> {
             cfg.model.block = BlockKind::Bottleneck;
         }
         "resnet18" => cfg.model.layers = vec![2, 2, 2, 2],
-        other => bail!("--model {other}: resnet50 or resnet18"),
+        "vit-b-16" | "vit-b-32" => {
+            cfg.model.encoder = "vit".into();
+            cfg.model.vit.patch_size = if a.model == "vit-b-16" { 16 } else { 32 };
+            cfg.model.projector_out = 512;
+        }
+        other => bail!("--model {other}: resnet50, resnet18, vit-b-16 or vit-b-32"),
     }
+    let micro_batch = if a.micro_batch > 0 {
+        a.micro_batch
+    } else {
+        a.batch
+    };
+    if a.batch % micro_batch != 0 {
+        bail!(
+            "--batch {} is not a multiple of --micro-batch {micro_batch}",
+            a.batch
+        );
+    }
+    let k = a.batch / micro_batch;
     cfg.data.image_size = a.image_size as u32;
-    cfg.train.micro_batch = a.batch as u64;
+    cfg.train.micro_batch = micro_batch as u64;
     cfg.train.global_batch = a.batch as u64;
+    cfg.cluster.world_size = 1;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("benchmark configuration: {e}"))?;
 
     tch::manual_seed(0);
-    let mut model = ContrastiveModel::for_objective(&cfg.model, &cfg.objective, device)?;
+    let tokenizer = ByteTokenizer::new();
+    let mut model = ContrastiveModel::for_job(&cfg, Some(&tokenizer), device)?;
     let bf16 = a.precision == "bf16";
     if bf16 {
         use_bf16_for_cuda_autocast();
@@ -105,7 +139,12 @@ fn main() -> Result<()> {
         bf16,
         channels_last: a.channels_last,
     });
-    let mut opt = Sgd::new(&model, 0.9, 1e-6);
+    // SimCLR-style runs use SGD with momentum, CLIP AdamW, as their references do.
+    let mut opt: Box<dyn Optimizer> = if a.objective == "clip" {
+        Box::new(AdamW::new(&model, AdamWOptions::from_config(&cfg.optim)))
+    } else {
+        Box::new(Sgd::new(&model, 0.9, 1e-6))
+    };
     let mut objective = build_objective(&cfg)?;
     let coll: Box<dyn Collective> = match (a.backend.as_str(), device) {
         ("nccl", Device::Cuda(i)) => Box::new(NcclCollective::new(
@@ -117,11 +156,20 @@ fn main() -> Result<()> {
         )?),
         _ => Box::new(LocalGroup::new(1).remove(0)),
     };
-    let shape = [a.batch, 3, a.image_size, a.image_size];
-    let v1 = Tensor::randn(shape, (Kind::Float, device));
-    let v2 = Tensor::randn(shape, (Kind::Float, device));
-    let micro = [(v1, v2)];
+    let shape = [micro_batch, 3, a.image_size, a.image_size];
+    // With accumulation the micro-batches stay on the host, as the trainer keeps them.
+    let home = if k > 1 { Device::Cpu } else { device };
+    let v1 = Tensor::randn(shape, (Kind::Float, home));
+    let v2 = if a.objective == "clip" {
+        Tensor::randint_low(1, 257, [micro_batch, 77], (Kind::Int64, home))
+    } else {
+        Tensor::randn(shape, (Kind::Float, home))
+    };
+    let micro: Vec<(Tensor, Tensor)> = (0..k)
+        .map(|_| (v1.shallow_clone(), v2.shallow_clone()))
+        .collect();
     let counts = [a.batch];
+    let mut peak_used: u64 = 0;
     let mut run = |step: u64| -> Result<f64> {
         let clock = StepClock {
             step,
@@ -129,7 +177,7 @@ fn main() -> Result<()> {
         };
         let out = train_step(
             &model,
-            &mut opt,
+            opt.as_mut(),
             objective.as_mut(),
             &micro,
             0.1,
@@ -139,6 +187,11 @@ fn main() -> Result<()> {
         )
         .context("training step")?;
         Ok(out.loss)
+    };
+    let sample_memory = |peak: &mut u64| {
+        if let Some(used) = device_memory_in_use() {
+            *peak = (*peak).max(used);
+        }
     };
     for s in 0..a.warmup {
         run(s)?;
@@ -150,6 +203,7 @@ fn main() -> Result<()> {
     let mut loss = 0.0;
     for s in 0..a.steps {
         loss = run(a.warmup + s)?;
+        sample_memory(&mut peak_used);
     }
     if device.is_cuda() {
         tch::Cuda::synchronize(0);
@@ -171,5 +225,33 @@ fn main() -> Result<()> {
         1000.0 * secs / a.steps as f64
     );
     println!("SAMPLES_PER_S={sps}");
+    if device.is_cuda() {
+        println!(
+            "K = {k} micro-batches of {micro_batch}: peak device memory in use {:.1} GiB",
+            peak_used as f64 / (1u64 << 30) as f64
+        );
+        println!("PEAK_GIB={}", peak_used as f64 / (1u64 << 30) as f64);
+    }
     Ok(())
+}
+
+/// Device memory in use now (total − free, from `cudaMemGetInfo` of the libcudart that
+/// libtorch loaded).
+fn device_memory_in_use() -> Option<u64> {
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    // SAFETY: looks up a symbol of an already-loaded library; the signature is cudaMemGetInfo's.
+    unsafe {
+        let name = c"libcudart.so.13";
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if handle.is_null() {
+            return None;
+        }
+        let sym = libc::dlsym(handle, c"cudaMemGetInfo".as_ptr());
+        if sym.is_null() {
+            return None;
+        }
+        let f: MemGetInfo = std::mem::transmute(sym);
+        let (mut free, mut total) = (0usize, 0usize);
+        (f(&mut free, &mut total) == 0).then(|| (total - free) as u64)
+    }
 }

@@ -29,6 +29,35 @@ extern "C" {
     fn at_autocast_set_autocast_dtype(device_type: i8, dtype: i8);
     #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
     fn at_autocast_get_autocast_dtype(device_type: i8) -> i8;
+    #[link_name = "_ZN2at8autocast20set_autocast_enabledEN3c1010DeviceTypeEb"]
+    fn at_autocast_set_autocast_enabled(device_type: i8, enabled: bool);
+    #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
+    fn at_autocast_is_autocast_enabled(device_type: i8) -> bool;
+    #[link_name = "_ZN2at8autocast17increment_nestingEv"]
+    fn at_autocast_increment_nesting() -> i32;
+    #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
+    fn at_autocast_decrement_nesting() -> i32;
+    #[link_name = "_ZN2at8autocast11clear_cacheEv"]
+    fn at_autocast_clear_cache();
+}
+
+/// Runs `f` with CUDA autocast on, as `torch.autocast("cuda")` does: enable, count the
+/// nesting, and on leaving the outermost region clear the cache of casted weights. tch's own
+/// `autocast` calls the deprecated `at::autocast::is_enabled`, which prints a deprecation
+/// warning on every call (thousands per epoch), hence this version on the current API.
+fn cuda_autocast<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: thread-local autocast state of libtorch, set and restored around `f`.
+    unsafe {
+        let was = at_autocast_is_autocast_enabled(DEVICE_TYPE_CUDA);
+        at_autocast_set_autocast_enabled(DEVICE_TYPE_CUDA, true);
+        at_autocast_increment_nesting();
+        let out = f();
+        if at_autocast_decrement_nesting() == 0 {
+            at_autocast_clear_cache();
+        }
+        at_autocast_set_autocast_enabled(DEVICE_TYPE_CUDA, was);
+        out
+    }
 }
 
 /// Makes CUDA autocast cast to bf16 (process-wide; call before training).
@@ -87,7 +116,7 @@ impl Compute {
             xs.shallow_clone()
         };
         if self.bf16 {
-            tch::autocast(true, || f(&xs)).to_kind(Kind::Float)
+            cuda_autocast(|| f(&xs)).to_kind(Kind::Float)
         } else {
             f(&xs)
         }
@@ -127,5 +156,16 @@ mod tests {
     fn autocast_dtype_can_be_set_to_bf16() {
         use_bf16_for_cuda_autocast();
         assert!(cuda_autocast_is_bf16());
+    }
+
+    /// The autocast region switches CUDA autocast on inside and restores it after, nested
+    /// regions included.
+    #[test]
+    fn autocast_region_is_scoped() {
+        let enabled = || unsafe { at_autocast_is_autocast_enabled(DEVICE_TYPE_CUDA) };
+        assert!(!enabled());
+        let inner = cuda_autocast(|| (enabled(), cuda_autocast(enabled)));
+        assert_eq!(inner, (true, true));
+        assert!(!enabled());
     }
 }

@@ -10,6 +10,7 @@
 //! State keys follow PyTorch's names: `exp_avg.<param>`, `exp_avg_sq.<param>`, and
 //! `step.<param>` (a scalar i64: parameters that never had a gradient keep count 0).
 
+use super::flat::FlatParams;
 use super::{split_state, Optimizer};
 use crate::model::ContrastiveModel;
 use anyhow::{bail, Context};
@@ -50,6 +51,16 @@ pub struct AdamW {
     /// Steps each parameter has taken (PyTorch keeps the count per parameter too).
     steps: Vec<i64>,
     opts: AdamWOptions,
+    /// Flat storage for the few-kernel update: parameters, exp_avg, exp_avg_sq (the
+    /// per-parameter moments are views into these) and each element's decay factor.
+    flat: Option<FlatAdam>,
+}
+
+struct FlatAdam {
+    params: FlatParams,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    decay: Tensor,
 }
 
 impl AdamW {
@@ -60,8 +71,29 @@ impl AdamW {
 
     /// Over explicit (name, parameter) pairs; the tensors must share storage with the model.
     pub fn from_params(params: Vec<(String, Tensor)>, opts: AdamWOptions) -> Self {
-        let exp_avg = params.iter().map(|(_, p)| p.zeros_like()).collect();
-        let exp_avg_sq = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        let flat = FlatParams::new(&params).map(|fp| {
+            let decay: Vec<f64> = params.iter().map(|(_, p)| decay_of(p, &opts)).collect();
+            FlatAdam {
+                exp_avg: fp.zeros(),
+                exp_avg_sq: fp.zeros(),
+                decay: fp.per_element(&decay),
+                params: fp,
+            }
+        });
+        let (exp_avg, exp_avg_sq) = match &flat {
+            Some(f) => (
+                (0..params.len())
+                    .map(|i| f.params.view(&f.exp_avg, i))
+                    .collect(),
+                (0..params.len())
+                    .map(|i| f.params.view(&f.exp_avg_sq, i))
+                    .collect(),
+            ),
+            None => (
+                params.iter().map(|(_, p)| p.zeros_like()).collect(),
+                params.iter().map(|(_, p)| p.zeros_like()).collect(),
+            ),
+        };
         let steps = vec![0; params.len()];
         Self {
             params,
@@ -69,12 +101,63 @@ impl AdamW {
             exp_avg_sq,
             steps,
             opts,
+            flat,
         }
+    }
+
+    /// The whole update on the flat buffers; false when it does not apply (a parameter is
+    /// skipped, lacks a gradient, or has taken a different number of steps), and then nothing
+    /// was changed. Same operations as the per-parameter path, elementwise.
+    fn flat_step(&mut self, lr: f64, skip: &dyn Fn(&str) -> bool) -> bool {
+        let o = self.opts;
+        let Some(f) = &mut self.flat else {
+            return false;
+        };
+        let first = self.steps.first().copied().unwrap_or(0);
+        if self.params.iter().any(|(n, _)| skip(n)) || self.steps.iter().any(|&t| t != first) {
+            return false;
+        }
+        let Some(g) = f.params.gradients(&self.params) else {
+            return false;
+        };
+        let t = (first + 1) as f64;
+        tch::no_grad(|| {
+            let mut p = f.params.flat().shallow_clone();
+            if o.weight_decay != 0.0 {
+                let _ = p.g_mul_(&(&f.decay * -lr + 1.0));
+            }
+            let _ = f.exp_avg.lerp_(&g, 1.0 - o.beta1);
+            let _ = f
+                .exp_avg_sq
+                .g_mul_scalar_(o.beta2)
+                .g_add_(&(&g * (1.0 - o.beta2) * &g));
+            let step_size = lr / (1.0 - o.beta1.powf(t));
+            let bias_correction2_sqrt = (1.0 - o.beta2.powf(t)).sqrt();
+            let denom = f.exp_avg_sq.sqrt() / bias_correction2_sqrt + o.eps;
+            let _ = p.g_add_(&(&f.exp_avg * -step_size / denom));
+        });
+        for s in &mut self.steps {
+            *s += 1;
+        }
+        true
+    }
+}
+
+/// Decoupled weight decay of `p`: none for 1-D and 0-D parameters when excluded (scalars
+/// such as CLIP's logit scale count as 1-D; open_clip exempts them too).
+fn decay_of(p: &Tensor, o: &AdamWOptions) -> f64 {
+    if p.dim() <= 1 && o.exclude_1d_from_decay {
+        0.0
+    } else {
+        o.weight_decay
     }
 }
 
 impl Optimizer for AdamW {
     fn step_skipping(&mut self, lr: f64, skip: &dyn Fn(&str) -> bool) {
+        if self.flat_step(lr, skip) {
+            return;
+        }
         let o = self.opts;
         tch::no_grad(|| {
             for (i, (name, p)) in self.params.iter_mut().enumerate() {
@@ -84,12 +167,7 @@ impl Optimizer for AdamW {
                 }
                 self.steps[i] += 1;
                 let t = self.steps[i] as f64;
-                // Scalars (CLIP's logit scale) count as 1-D: open_clip exempts them from decay too.
-                let decay = if p.dim() <= 1 && o.exclude_1d_from_decay {
-                    0.0
-                } else {
-                    o.weight_decay
-                };
+                let decay = decay_of(p, &o);
                 if decay != 0.0 {
                     let _ = p.g_mul_scalar_(1.0 - lr * decay);
                 }

@@ -5,6 +5,7 @@
 //! store it next to the model variables in one safetensors file.
 
 pub mod adamw;
+pub mod flat;
 pub mod lars;
 pub mod scaling;
 pub mod schedule;

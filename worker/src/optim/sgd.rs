@@ -1,6 +1,7 @@
 //! SGD with momentum and weight decay, exactly `torch.optim.SGD` (dampening 0, no Nesterov):
 //! `d = g + wd·p; buf = momentum·buf + d; p -= lr·buf`.
 
+use super::flat::FlatParams;
 use super::{split_state, Optimizer};
 use crate::model::ContrastiveModel;
 use tch::Tensor;
@@ -15,6 +16,9 @@ pub struct Sgd {
     buffers: Vec<Tensor>,
     momentum: f64,
     weight_decay: f64,
+    /// Parameters and momentum buffers in flat storage (`buffers` are views into
+    /// `flat_buffer`), for the few-kernel update.
+    flat: Option<(FlatParams, Tensor)>,
 }
 
 impl Sgd {
@@ -25,18 +29,53 @@ impl Sgd {
 
     /// Over explicit (name, parameter) pairs; the tensors must share storage with the model.
     pub fn from_params(params: Vec<(String, Tensor)>, momentum: f64, weight_decay: f64) -> Self {
-        let buffers = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        let flat = FlatParams::new(&params).map(|fp| {
+            let buffer = fp.zeros();
+            (fp, buffer)
+        });
+        let buffers = match &flat {
+            Some((fp, buffer)) => (0..params.len()).map(|i| fp.view(buffer, i)).collect(),
+            None => params.iter().map(|(_, p)| p.zeros_like()).collect(),
+        };
         Self {
             params,
             buffers,
             momentum,
             weight_decay,
+            flat,
         }
+    }
+
+    /// The whole update on the flat buffers; false when it does not apply (a parameter is
+    /// skipped or lacks a gradient), and then nothing was changed.
+    fn flat_step(&mut self, lr: f64, skip: &dyn Fn(&str) -> bool) -> bool {
+        let Some((fp, buffer)) = &mut self.flat else {
+            return false;
+        };
+        if self.params.iter().any(|(n, _)| skip(n)) {
+            return false;
+        }
+        let Some(g) = fp.gradients(&self.params) else {
+            return false;
+        };
+        tch::no_grad(|| {
+            let mut p = fp.flat().shallow_clone();
+            let d = if self.weight_decay != 0.0 {
+                g + &p * self.weight_decay
+            } else {
+                g
+            };
+            momentum_update(&mut p, buffer, &d, self.momentum, lr);
+        });
+        true
     }
 }
 
 impl Optimizer for Sgd {
     fn step_skipping(&mut self, lr: f64, skip: &dyn Fn(&str) -> bool) {
+        if self.flat_step(lr, skip) {
+            return;
+        }
         tch::no_grad(|| {
             for ((name, p), buf) in self.params.iter_mut().zip(&mut self.buffers) {
                 let g = p.grad();

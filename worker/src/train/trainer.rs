@@ -81,7 +81,6 @@ pub fn train(
     start: StartPoint,
 ) -> Result<TrainSummary> {
     let t = &cfg.train;
-    let device = model.device();
     let mut step = start.step;
     let mut epoch = start.epoch;
     let mut summary = TrainSummary {
@@ -118,9 +117,9 @@ pub fn train(
                 let mut micro: Vec<(Tensor, Tensor)> = Vec::with_capacity(accumulation);
                 while micro.len() < accumulation {
                     match source.next_batch()? {
-                        Some(b) => {
-                            micro.push((b.view1.to_device(device), b.view2.to_device(device)))
-                        }
+                        // Micro-batches stay in host memory until their forward pass: with K of
+                        // them per step, device memory holds one at a time.
+                        Some(b) => micro.push((b.view1, b.view2)),
                         None => break,
                     }
                 }
