@@ -135,10 +135,17 @@ pub struct ModelConfig {
     /// Channels of the first stage; each later stage doubles it.
     pub width: u32,
     pub norm: NormKind,
+    /// Put the MLP projector on the encoder (the embedding is then `projector_out` wide);
+    /// without it the embedding is the pooled encoder output. MoCo and a CLIP ResNet need it.
+    pub projector: bool,
     /// Hidden width of the MLP projector.
     pub projector_hidden: u32,
     /// Output (embedding) width of the projector.
     pub projector_out: u32,
+    /// Initial weights: URL of a safetensors file (any storage) whose tensors are loaded by
+    /// name before training, e.g. torchvision's ResNet-50 or an open_clip checkpoint; "" for
+    /// a random start. Ignored when the job resumes from its own checkpoint.
+    pub init_weights: String,
     /// First layers of the encoder: "cifar" (3×3 stride-1 conv, no max-pool; for images of
     /// 32 px and below) or "imagenet" (7×7 stride-2 conv + max-pool, as in torchvision).
     pub stem: StemKind,
@@ -231,8 +238,10 @@ impl Default for ModelConfig {
             block: BlockKind::Basic,
             width: 16,
             norm: NormKind::Batch,
+            projector: true,
             projector_hidden: 128,
             projector_out: 64,
+            init_weights: String::new(),
             stem: StemKind::Cifar,
         }
     }
@@ -643,6 +652,12 @@ impl JobConfig {
                     "(\"{}\") must be one of \"simclr\", \"moco\", \"swav\", \"clip\"",
                     obj.kind
                 ),
+            ));
+        }
+        if !m.projector && (obj.kind == "moco" || (obj.kind == "clip" && m.encoder == "resnet")) {
+            return Err(err(
+                "model.projector",
+                "MoCo and a CLIP ResNet need the projector (model.projector = true)",
             ));
         }
         if obj.kind == "moco" && m.encoder != "resnet" {

@@ -687,3 +687,41 @@ fn moco_swav_and_clip_jobs_train_checkpoint_and_resume() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A new job can start from another job's weights (`model.init_weights`): every variable of
+/// the same model loads, and a resumed job ignores the setting.
+#[test]
+fn a_job_starts_from_initial_weights() {
+    let dir = temp_dir("init");
+    let job = write_job(&dir, 256, 5, "");
+    run_local(&dir, &job, &["--set", "train.max_steps=4"]);
+    let weights = dir
+        .join("ckpt")
+        .join("step-00000004")
+        .join("model.safetensors");
+    assert!(weights.exists(), "{}", weights.display());
+    let init = format!("model.init_weights=file://{}", weights.display());
+    let other = format!("checkpoint.url=file://{}", dir.join("ckpt2").display());
+    let out = run_local(
+        &dir,
+        &job,
+        &[
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            &init,
+            "--set",
+            &other,
+        ],
+    );
+    let line = out
+        .iter()
+        .find(|l| l.starts_with("initial weights from"))
+        .unwrap_or_else(|| panic!("no initial-weights line: {out:#?}"));
+    assert!(
+        line.contains("0 model tensors kept their initialisation")
+            && line.contains("0 tensors of the file unused"),
+        "{line}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -28,6 +28,17 @@ pub use momentum::MomentumBranch;
 pub use projector::Projector;
 pub use resnet::{Norm, ResNet};
 
+/// What [`ContrastiveModel::load_matching`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Model variables set from the file.
+    pub loaded: usize,
+    /// Model variables the file did not have (they keep their initialisation).
+    pub kept: Vec<String>,
+    /// Tensors of the file that are no variable of the model.
+    pub unused: Vec<String>,
+}
+
 /// Prefix of the momentum branch's variables in [`ContrastiveModel::named_variables`].
 pub const MOMENTUM_PREFIX: &str = "momentum.";
 
@@ -151,18 +162,25 @@ impl ContrastiveModel {
             cfg.norm,
             cfg.stem,
         );
-        let projector = Projector::new(
-            &(&root / "projector"),
-            encoder.out_dim(),
-            cfg.projector_hidden as i64,
-            cfg.projector_out as i64,
-            cfg.norm,
-        );
+        let projector = cfg.projector.then(|| {
+            Projector::new(
+                &(&root / "projector"),
+                encoder.out_dim(),
+                cfg.projector_hidden as i64,
+                cfg.projector_out as i64,
+                cfg.norm,
+            )
+        });
+        let embedding_dim = if cfg.projector {
+            cfg.projector_out as i64
+        } else {
+            encoder.out_dim()
+        };
         Ok(Self {
             vs,
             encoder: ImageEncoder::ResNet(encoder),
-            projector: Some(projector),
-            embedding_dim: cfg.projector_out as i64,
+            projector,
+            embedding_dim,
             prototypes: None,
             momentum: None,
             clip: None,
@@ -186,7 +204,7 @@ impl ContrastiveModel {
         if !clip && m.encoder == "resnet" {
             return Self::for_objective(m, &cfg.objective, device);
         }
-        let embed = m.projector_out as i64;
+        let mut embed = m.projector_out as i64;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let image_root = if clip { &root / "visual" } else { root.clone() };
@@ -203,7 +221,7 @@ impl ContrastiveModel {
                 output_dim: if clip { embed } else { m.vit.width as i64 },
             };
             let vit = VisionTransformer::new(&image_root, &vit_cfg)?;
-            let projector = (!clip).then(|| {
+            let projector = (!clip && m.projector).then(|| {
                 Projector::new(
                     &(&root / "projector"),
                     vit_cfg.output_dim,
@@ -212,6 +230,9 @@ impl ContrastiveModel {
                     m.norm,
                 )
             });
+            if !clip && !m.projector {
+                embed = vit_cfg.output_dim;
+            }
             (ImageEncoder::Vit(vit), projector)
         } else {
             let resnet = ResNet::new(
@@ -416,6 +437,45 @@ impl ContrastiveModel {
         vars
     }
 
+    /// Loads the tensors of `named` whose name is a model variable (initial weights from
+    /// another model, e.g. torchvision's `resnet50` or an open_clip checkpoint). Variables the
+    /// file lacks keep their initialisation, and the file's other tensors are ignored; both
+    /// are reported. A name that matches with a different shape is an error, and then nothing
+    /// is changed.
+    pub fn load_matching(&mut self, named: &[(String, Tensor)]) -> anyhow::Result<LoadReport> {
+        let vars = self.all_variables();
+        let mut pairs = Vec::new();
+        let mut report = LoadReport::default();
+        for (name, src) in named {
+            match vars.get(name) {
+                Some(var) if var.size() == src.size() => pairs.push((var, src)),
+                Some(var) => bail!(
+                    "initial weight \"{name}\" has shape {:?}, the model's variable has {:?}",
+                    src.size(),
+                    var.size()
+                ),
+                None => report.unused.push(name.clone()),
+            }
+        }
+        let loaded: std::collections::HashSet<&str> =
+            named.iter().map(|(n, _)| n.as_str()).collect();
+        report.kept = vars
+            .keys()
+            .filter(|n| !loaded.contains(n.as_str()))
+            .cloned()
+            .collect();
+        report.kept.sort();
+        report.unused.sort();
+        report.loaded = pairs.len();
+        tch::no_grad(|| {
+            for (var, src) in pairs {
+                var.shallow_clone()
+                    .copy_(&src.to_device(var.device()).to_kind(var.kind()));
+            }
+        });
+        Ok(report)
+    }
+
     /// Loads variables by name (e.g. from a checkpoint). Every model variable must be present
     /// with the same shape, and no unknown names are accepted; on error nothing is changed.
     pub fn load_named(&mut self, named: &[(String, Tensor)]) -> anyhow::Result<()> {
@@ -561,6 +621,60 @@ mod tests {
         wrong[0].1 = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
         let e = b.load_named(&wrong).unwrap_err().to_string();
         assert!(e.contains(&saved[0].0) && e.contains("shape"), "{e}");
+    }
+
+    /// Without the projector the embedding is the pooled encoder output.
+    #[test]
+    fn projector_can_be_left_out() {
+        let mut c = cfg(NormKind::Batch, StemKind::Cifar);
+        c.projector = false;
+        let m = ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        let x = Tensor::randn([3, 3, 16, 16], (tch::Kind::Float, Device::Cpu));
+        assert_eq!(m.embedding_dim(), 16);
+        assert_eq!(m.forward_t(&x, true).size(), vec![3, 16]);
+        assert!(m
+            .named_parameters()
+            .iter()
+            .all(|(n, _)| !n.starts_with("projector")));
+    }
+
+    /// Initial weights from another model: matching names load, the rest is reported.
+    #[test]
+    fn load_matching_takes_what_fits_and_reports_the_rest() {
+        let c = cfg(NormKind::Batch, StemKind::Cifar);
+        tch::manual_seed(1);
+        let a = ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        tch::manual_seed(2);
+        let mut b = ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        // The encoder of `a`, as a torchvision state dict would hold it, plus a classifier.
+        let mut file: Vec<(String, Tensor)> = a
+            .named_variables()
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("projector."))
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        file.push((
+            "fc.weight".into(),
+            Tensor::zeros([10, 16], (tch::Kind::Float, Device::Cpu)),
+        ));
+        let projector_before = b.var_store().variables()["projector.0.weight"].copy();
+        let report = b.load_matching(&file).unwrap();
+        assert_eq!(report.loaded, file.len() - 1);
+        assert_eq!(report.unused, vec!["fc.weight".to_string()]);
+        assert!(
+            report.kept.iter().all(|n| n.starts_with("projector.")),
+            "{report:?}"
+        );
+        assert!(!report.kept.is_empty());
+        let vars = b.var_store().variables();
+        assert!(vars["conv1.weight"].equal(&a.var_store().variables()["conv1.weight"]));
+        assert!(vars["projector.0.weight"].equal(&projector_before));
+        // A shape mismatch is an error and loads nothing.
+        let mut wrong: Vec<(String, Tensor)> =
+            file.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        wrong[0].1 = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
+        let e = b.load_matching(&wrong).unwrap_err().to_string();
+        assert!(e.contains(&wrong[0].0) && e.contains("shape"), "{e}");
     }
 
     #[test]

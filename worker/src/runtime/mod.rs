@@ -14,7 +14,7 @@ use crate::dist::Collective;
 use crate::model::ContrastiveModel;
 use crate::optim;
 use crate::text::{ByteTokenizer, HfTokenizer, Tokenizer};
-use crate::train::checkpoint::read_checkpoint;
+use crate::train::checkpoint::{read_checkpoint, safetensors_to_tensors};
 use crate::train::objectives::build_objective;
 use crate::train::trainer::{train, StartPoint};
 use anyhow::{Context, Result};
@@ -144,6 +144,27 @@ fn train_rank(
     let captions = caption_tokens(rt, cfg)?;
     let mut model =
         ContrastiveModel::for_job(cfg, captions.as_ref().map(|c| c.tokenizer.as_ref()), device)?;
+    if !cfg.model.init_weights.is_empty() && asg.resume_checkpoint.is_empty() {
+        let url = &cfg.model.init_weights;
+        let bytes = fetch_bytes(rt, url, &cfg.data.s3_endpoint)
+            .with_context(|| format!("reading model.init_weights {url}"))?;
+        let tensors = safetensors_to_tensors(&bytes)
+            .with_context(|| format!("model.init_weights {url} is not a safetensors file"))?;
+        let report = model
+            .load_matching(&tensors)
+            .with_context(|| format!("loading model.init_weights {url}"))?;
+        if asg.rank == 0 {
+            println!(
+                "initial weights from {url}: {} tensors loaded; {} model tensors kept their \
+                 initialisation{}; {} tensors of the file unused{}",
+                report.loaded,
+                report.kept.len(),
+                preview(&report.kept),
+                report.unused.len(),
+                preview(&report.unused)
+            );
+        }
+    }
     // Before the optimizer exists, so its state takes the weights' layout.
     model.set_compute(placement::choose_compute(cfg, device)?);
     let mut opt = optim::build(&cfg.optim, &model)?;
@@ -214,11 +235,8 @@ fn caption_tokens(
     let tokenizer: Arc<dyn Tokenizer> = if spec == "byte" {
         Arc::new(ByteTokenizer::new())
     } else {
-        let loc = contrail_common::storage::resolve(spec, &cfg.data.s3_endpoint)
-            .with_context(|| format!("model.text.tokenizer {spec}"))?;
-        let bytes = rt
-            .block_on(async { loc.store.get(&loc.path).await?.bytes().await })
-            .with_context(|| format!("reading the tokenizer {spec}"))?;
+        let bytes = fetch_bytes(rt, spec, &cfg.data.s3_endpoint)
+            .with_context(|| format!("reading the tokenizer model.text.tokenizer {spec}"))?;
         Arc::new(
             HfTokenizer::from_bytes(&bytes)
                 .with_context(|| format!("loading the tokenizer {spec}"))?,
@@ -228,4 +246,19 @@ fn caption_tokens(
         tokenizer,
         context_length: cfg.model.text.context_length as usize,
     }))
+}
+
+/// The whole object at `url` (any storage URL contrail reads).
+fn fetch_bytes(rt: &tokio::runtime::Runtime, url: &str, s3_endpoint: &str) -> Result<bytes::Bytes> {
+    let loc = contrail_common::storage::resolve(url, s3_endpoint)?;
+    Ok(rt.block_on(async { loc.store.get(&loc.path).await?.bytes().await })?)
+}
+
+/// " (a, b, c, ...)" for a log line, or "" for an empty list.
+fn preview(names: &[String]) -> String {
+    match names.len() {
+        0 => String::new(),
+        n if n <= 3 => format!(" ({})", names.join(", ")),
+        n => format!(" ({}, ... {} more)", names[..3].join(", "), n - 3),
+    }
 }
