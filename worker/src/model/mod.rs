@@ -28,6 +28,32 @@ pub use momentum::MomentumBranch;
 pub use projector::Projector;
 pub use resnet::{Norm, ResNet};
 
+/// A ResNet under `root` and, with `model.projector` on, the MLP projector under
+/// `root/projector`: the query network's layout, which MoCo's key encoder copies.
+pub(crate) fn resnet_and_projector(
+    root: &nn::Path,
+    cfg: &ModelConfig,
+) -> (ResNet, Option<Projector>) {
+    let encoder = ResNet::new(
+        root,
+        &cfg.layers,
+        cfg.width as i64,
+        cfg.block,
+        cfg.norm,
+        cfg.stem,
+    );
+    let projector = cfg.projector.then(|| {
+        Projector::new(
+            &(root / "projector"),
+            encoder.out_dim(),
+            cfg.projector_hidden as i64,
+            cfg.projector_out as i64,
+            cfg.norm,
+        )
+    });
+    (encoder, projector)
+}
+
 /// What [`ContrastiveModel::load_matching`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LoadReport {
@@ -153,24 +179,7 @@ impl ContrastiveModel {
             }
         }
         let vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let encoder = ResNet::new(
-            &root,
-            &cfg.layers,
-            cfg.width as i64,
-            cfg.block,
-            cfg.norm,
-            cfg.stem,
-        );
-        let projector = cfg.projector.then(|| {
-            Projector::new(
-                &(&root / "projector"),
-                encoder.out_dim(),
-                cfg.projector_hidden as i64,
-                cfg.projector_out as i64,
-                cfg.norm,
-            )
-        });
+        let (encoder, projector) = resnet_and_projector(&vs.root(), cfg);
         let embedding_dim = if cfg.projector {
             cfg.projector_out as i64
         } else {
@@ -235,22 +244,8 @@ impl ContrastiveModel {
             }
             (ImageEncoder::Vit(vit), projector)
         } else {
-            let resnet = ResNet::new(
-                &image_root,
-                &m.layers,
-                m.width as i64,
-                m.block,
-                m.norm,
-                m.stem,
-            );
-            let projector = Projector::new(
-                &(&image_root / "projector"),
-                resnet.out_dim(),
-                m.projector_hidden as i64,
-                embed,
-                m.norm,
-            );
-            (ImageEncoder::ResNet(resnet), Some(projector))
+            let (resnet, projector) = resnet_and_projector(&image_root, m);
+            (ImageEncoder::ResNet(resnet), projector)
         };
         let mut clip_text = None;
         let mut prototypes = None;

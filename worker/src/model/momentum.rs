@@ -36,21 +36,8 @@ impl MomentumBranch {
         }
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
-        let encoder = ResNet::new(
-            &root,
-            &cfg.layers,
-            cfg.width as i64,
-            cfg.block,
-            cfg.norm,
-            cfg.stem,
-        );
-        let projector = Projector::new(
-            &(&root / "projector"),
-            encoder.out_dim(),
-            cfg.projector_hidden as i64,
-            cfg.projector_out as i64,
-            cfg.norm,
-        );
+        let (encoder, projector) = super::resnet_and_projector(&root, cfg);
+        let projector = projector.context("MoCo's key encoder needs model.projector = true")?;
         let dim = cfg.projector_out as i64;
         let queue = root.zeros_no_train("queue", &[queue_size, dim]);
         let queue_next = root.zeros_no_train("queue_next", &[1]);

@@ -134,16 +134,7 @@ pub(crate) fn gathered_nt_xent_gradient(
     let b = counts[rank];
     let (rows, offset) = block_layout(counts, rank);
     let n_rows: i64 = rows.iter().sum();
-    let device = z_local.device();
-    let single = coll.world_size() == 1;
-    let gathered = if single {
-        z_local.detach().copy()
-    } else {
-        coll.all_gather(&z_local.contiguous(), &rows)
-            .with_context(|| format!("rank {rank}: all-gathering embeddings ({rows:?} rows)"))?
-            .to_device(device)
-    }
-    .set_requires_grad(true);
+    let gathered = gather_rows(z_local, &rows, coll)?;
     let anchor_losses =
         nt_xent_anchor_losses(&gathered, LocalAnchors { offset, samples: b }, temperature);
     let local_loss = anchor_losses.sum(Kind::Float) / n_rows as f64;
@@ -152,14 +143,44 @@ pub(crate) fn gathered_nt_xent_gradient(
     } else {
         gathered.zeros_like()
     };
-    let d_local = if single {
-        d_gathered
-    } else {
-        coll.reduce_scatter_sum(&d_gathered.contiguous(), &rows)
-            .with_context(|| format!("rank {rank}: reduce-scattering embedding gradients"))?
-            .to_device(device)
-    };
+    let d_local = scatter_back(d_gathered, &rows, coll)?;
     Ok((local_loss.detach(), d_local))
+}
+
+/// Every rank's embeddings (`rows[r]` from rank r), as a fresh leaf that records gradients. A
+/// single rank has nothing to gather.
+fn gather_rows(z_local: &Tensor, rows: &[i64], coll: &dyn Collective) -> Result<Tensor> {
+    let gathered = if coll.world_size() == 1 {
+        z_local.detach().copy()
+    } else {
+        coll.all_gather(&z_local.contiguous(), rows)
+            .with_context(|| {
+                format!(
+                    "rank {}: all-gathering embeddings ({rows:?} rows)",
+                    coll.rank()
+                )
+            })?
+            .to_device(z_local.device())
+    };
+    Ok(gathered.set_requires_grad(true))
+}
+
+/// This rank's rows of the sum over ranks of `d_gathered`: every rank's gradient holds its own
+/// anchors' contributions to every row, so the sum is the full gradient of each row.
+fn scatter_back(d_gathered: Tensor, rows: &[i64], coll: &dyn Collective) -> Result<Tensor> {
+    if coll.world_size() == 1 {
+        return Ok(d_gathered);
+    }
+    let device = d_gathered.device();
+    Ok(coll
+        .reduce_scatter_sum(&d_gathered.contiguous(), rows)
+        .with_context(|| {
+            format!(
+                "rank {}: reduce-scattering embedding gradients",
+                coll.rank()
+            )
+        })?
+        .to_device(device))
 }
 
 /// CLIP's symmetric image–text loss over every rank's pairs. `z_local` holds this rank's image
@@ -181,15 +202,7 @@ impl StepObjective for Clip {
             .context("objective \"clip\" needs a CLIP model (text tower and logit scale)")?;
         let (rows, _) = block_layout(counts, rank);
         let device = z_local.device();
-        let single = coll.world_size() == 1;
-        let gathered = if single {
-            z_local.detach().copy()
-        } else {
-            coll.all_gather(&z_local.contiguous(), &rows)
-                .with_context(|| format!("rank {rank}: all-gathering CLIP embeddings"))?
-                .to_device(device)
-        }
-        .set_requires_grad(true);
+        let gathered = gather_rows(z_local, &rows, coll)?;
         let (mut images, mut texts) = (Vec::new(), Vec::new());
         let mut start = 0;
         for &c in counts {
@@ -212,14 +225,7 @@ impl StepObjective for Clip {
         } else {
             gathered.zeros_like()
         };
-        let d_local = if single {
-            d_gathered
-        } else {
-            coll.reduce_scatter_sum(&d_gathered.contiguous(), &rows)
-                .with_context(|| format!("rank {rank}: reduce-scattering CLIP gradients"))?
-                .to_device(device)
-        };
-        Ok((loss.detach(), d_local))
+        Ok((loss.detach(), scatter_back(d_gathered, &rows, coll)?))
     }
 
     fn after_update(
