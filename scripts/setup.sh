@@ -42,13 +42,16 @@ if ! .venv/bin/python -c "import moto,sys; sys.exit(0 if moto.__version__=='$MOT
   echo "setup: installing moto[server]==$MOTO_VERSION into .venv (S3-compatible server for tests)"
   .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
-# torchvision (with its two dependencies, pinned; --no-deps so pip never touches torch) for
-# the test that loads a contrail ResNet-50 checkpoint into torchvision's resnet50.
+# torchvision (with its two dependencies) and safetensors, pinned and with --no-deps so pip
+# never touches torch, for the test that loads a contrail ResNet-50 checkpoint into
+# torchvision's resnet50.
 TORCHVISION_VERSION=0.26.0
-if ! .venv/bin/python -c "import torchvision,sys; sys.exit(0 if torchvision.__version__.split('+')[0]=='$TORCHVISION_VERSION' else 1)" 2>/dev/null; then
-  echo "setup: installing torchvision==$TORCHVISION_VERSION into .venv (checkpoint compatibility test)"
+SAFETENSORS_VERSION=0.8.0
+if ! .venv/bin/python -c "import torchvision,safetensors,sys; sys.exit(0 if torchvision.__version__.split('+')[0]=='$TORCHVISION_VERSION' and safetensors.__version__=='$SAFETENSORS_VERSION' else 1)" 2>/dev/null; then
+  echo "setup: installing torchvision==$TORCHVISION_VERSION and safetensors==$SAFETENSORS_VERSION into .venv (checkpoint compatibility test)"
   .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps \
-    "torchvision==$TORCHVISION_VERSION" "pillow==13.0.0" "numpy==2.4.6"
+    "torchvision==$TORCHVISION_VERSION" "pillow==13.0.0" "numpy==2.4.6" \
+    "safetensors==$SAFETENSORS_VERSION"
 fi
 TORCH_DIR=$(.venv/bin/python -c "import torch,os;print(os.path.dirname(torch.__file__))")
 ln -sfn "$TORCH_DIR" libtorch
