@@ -123,13 +123,11 @@ impl ContrastiveModel {
         match objective.kind.as_str() {
             "simclr" => {}
             "swav" => {
-                let p = Prototypes::new(
+                model.prototypes = Some(Prototypes::new(
                     &(&model.vs.root() / "prototypes"),
                     model.embedding_dim,
                     objective.swav_prototypes as i64,
-                );
-                p.normalize_();
-                model.prototypes = Some(p);
+                ));
             }
             "moco" => {
                 let branch = MomentumBranch::new(cfg, objective.moco_queue_size as i64, device)?;
@@ -275,13 +273,11 @@ impl ContrastiveModel {
                 context_length: text_cfg.context_length,
             });
         } else if cfg.objective.kind == "swav" {
-            let p = Prototypes::new(
+            prototypes = Some(Prototypes::new(
                 &(&root / "prototypes"),
                 embed,
                 cfg.objective.swav_prototypes as i64,
-            );
-            p.normalize_();
-            prototypes = Some(p);
+            ));
         } else if cfg.objective.kind != "simclr" {
             bail!(
                 "objective.kind \"{}\" needs model.encoder = \"resnet\"",

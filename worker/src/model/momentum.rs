@@ -9,6 +9,7 @@ use super::compute::{self, Compute};
 use super::projector::Projector;
 use super::resnet::ResNet;
 use crate::objective::l2_normalize;
+use crate::objective::swav::write_ring;
 use anyhow::{bail, Context, Result};
 use contrail_common::config::ModelConfig;
 use tch::{nn, Device, Kind, Tensor};
@@ -111,13 +112,11 @@ impl MomentumBranch {
         })
     }
 
-    /// A copy of the current queue (K × D), for the negatives of a step.
-    pub fn queue_snapshot(&self) -> Tensor {
-        self.queue.detach().copy()
-    }
-
-    pub fn queue_len(&self) -> i64 {
-        self.queue.size()[0]
+    /// The queue (K × D) itself, without gradient, for the negatives of a step: it changes
+    /// only in [`MomentumBranch::enqueue`], after the step's loss and backward are done, so
+    /// no copy is needed.
+    pub fn queue(&self) -> Tensor {
+        self.queue.detach()
     }
 
     /// Writes `keys` (N × D) into the ring buffer; when N exceeds the queue only the last
@@ -128,22 +127,9 @@ impl MomentumBranch {
         if ks.len() != 2 || ks[1] != dim {
             bail!("MoCo queue of {size} × {dim} cannot take keys of shape {ks:?}");
         }
-        let n = ks[0];
-        let take = n.min(size);
-        let rows = keys
-            .narrow(0, n - take, take)
-            .detach()
-            .to_kind(Kind::Float)
-            .to_device(self.queue.device());
         let next = self.queue_next.double_value(&[0]) as i64 % size;
-        let first = take.min(size - next);
+        let take = write_ring(&self.queue, next, keys);
         tch::no_grad(|| {
-            self.queue
-                .narrow(0, next, first)
-                .copy_(&rows.narrow(0, 0, first));
-            self.queue
-                .narrow(0, 0, take - first)
-                .copy_(&rows.narrow(0, first, take - first));
             let _ = self
                 .queue_next
                 .shallow_clone()

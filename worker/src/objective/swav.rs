@@ -248,15 +248,18 @@ pub struct Prototypes {
 
 impl Prototypes {
     /// `n_prototypes` prototypes of dimension `dim` under `path` (variable `weight`), with
-    /// PyTorch's default `nn.Linear` initialisation (Kaiming uniform), as lightly.
+    /// PyTorch's default `nn.Linear` initialisation (Kaiming uniform), as lightly, and the
+    /// rows normalised, so the stored values are what the first forward uses.
     pub fn new(path: &nn::Path, dim: i64, n_prototypes: i64) -> Self {
         let cfg = nn::LinearConfig {
             bias: false,
             ..Default::default()
         };
-        Self {
+        let prototypes = Self {
             weight: nn::linear(path, dim, n_prototypes, cfg).ws,
-        }
+        };
+        prototypes.normalize_();
+        prototypes
     }
 
     /// Normalises the weight rows in place (no gradient), as SwAV does before each forward.
@@ -281,6 +284,28 @@ impl Prototypes {
 /// SwAV do by dropping their gradient.
 pub fn prototypes_frozen(step: u64, freeze_steps: u64) -> bool {
     step < freeze_steps
+}
+
+/// Writes the rows of `rows` (n × d) into the ring buffer `bank` (size × d) starting at row
+/// `next`, wrapping at the end; of more rows than the buffer holds only the last ones are
+/// kept. Returns how many rows were written. Used by SwAV's and MoCo's queues.
+pub fn write_ring(bank: &Tensor, next: i64, rows: &Tensor) -> i64 {
+    let size = bank.size()[0];
+    let n = rows.size()[0];
+    let take = n.min(size);
+    let rows = rows
+        .narrow(0, n - take, take)
+        .detach()
+        .to_kind(Kind::Float)
+        .to_device(bank.device());
+    // At most two contiguous pieces: up to the end of the buffer, then from its start.
+    let first = take.min(size - next);
+    tch::no_grad(|| {
+        bank.narrow(0, next, first).copy_(&rows.narrow(0, 0, first));
+        bank.narrow(0, 0, take - first)
+            .copy_(&rows.narrow(0, first, take - first));
+    });
+    take
 }
 
 /// A FIFO of past high-resolution features (one per high-res crop), SwAV's queue: the
@@ -319,23 +344,7 @@ impl FeatureQueue {
             bail!("SwAV queue: features of shape {fs:?} do not fit a queue of {size} × {dim}");
         }
         let out = (self.len == size).then(|| self.bank.copy());
-        let b = fs[0];
-        let take = b.min(size);
-        let rows = features
-            .narrow(0, b - take, take)
-            .detach()
-            .to_kind(Kind::Float)
-            .to_device(self.bank.device());
-        // At most two contiguous pieces: up to the end of the buffer, then from its start.
-        let first = take.min(size - self.next);
-        tch::no_grad(|| {
-            self.bank
-                .narrow(0, self.next, first)
-                .copy_(&rows.narrow(0, 0, first));
-            self.bank
-                .narrow(0, 0, take - first)
-                .copy_(&rows.narrow(0, first, take - first));
-        });
+        let take = write_ring(&self.bank, self.next, features);
         self.next = (self.next + take) % size;
         self.len = (self.len + take).min(size);
         Ok(out)

@@ -381,7 +381,7 @@ impl StepObjective for Moco {
         }
         self.keys_global =
             keys_global.index_select(0, &Tensor::from_slice(&view_major).to_device(device));
-        self.queue = branch.queue_snapshot();
+        self.queue = branch.queue();
         Ok(())
     }
 
