@@ -85,7 +85,7 @@ pub fn train_step(
     opt.zero_grad();
     objective.prepare(model, micro_batches, counts, clock, coll)?;
 
-    if non_empty.len() <= 1 {
+    let local_loss = if non_empty.len() <= 1 {
         // One forward pass is enough: keep its graph.
         let z_local = match non_empty.first() {
             Some(&k) => {
@@ -101,18 +101,34 @@ pub fn train_step(
             // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
             (&z_local * d_local).sum(Kind::Float).backward();
         }
-        return finish(
-            model,
-            opt,
-            objective,
-            &local_loss,
-            lr,
-            coll,
-            clock,
-            global_samples,
-        );
-    }
+        local_loss
+    } else {
+        accumulated_passes(model, objective, micro_batches, &sizes, counts, clock, coll)?
+    };
+    let loss = finish_step(model, opt, &local_loss, lr, coll, &|name| {
+        objective.frozen(name, clock)
+    })?;
+    objective.after_update(model, clock, coll)?;
+    Ok(StepOutcome {
+        loss,
+        global_samples,
+    })
+}
 
+/// K > 1: the objective's loss over every micro-batch's embeddings, computed once, with the
+/// gradient pushed through one micro-batch at a time. Returns this rank's loss share.
+fn accumulated_passes(
+    model: &ContrastiveModel,
+    objective: &mut dyn StepObjective,
+    micro_batches: &[(Tensor, Tensor)],
+    sizes: &[i64],
+    counts: &[i64],
+    clock: StepClock,
+    coll: &dyn Collective,
+) -> Result<Tensor> {
+    let rank = coll.rank();
+    let b: i64 = sizes.iter().sum();
+    let non_empty: Vec<usize> = (0..sizes.len()).filter(|&k| sizes[k] > 0).collect();
     // Pass 1: embeddings only, no graph kept, so memory does not grow with K.
     let z_local = tch::no_grad(|| {
         let mut first = Vec::with_capacity(non_empty.len());
@@ -150,37 +166,7 @@ pub fn train_step(
         (&z * g).sum(Kind::Float).backward();
         at += bk;
     }
-    finish(
-        model,
-        opt,
-        objective,
-        &local_loss,
-        lr,
-        coll,
-        clock,
-        global_samples,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    model: &ContrastiveModel,
-    opt: &mut dyn Optimizer,
-    objective: &mut dyn StepObjective,
-    local_loss: &Tensor,
-    lr: f64,
-    coll: &dyn Collective,
-    clock: StepClock,
-    global_samples: i64,
-) -> Result<StepOutcome> {
-    let loss = finish_step(model, opt, local_loss, lr, coll, &|name| {
-        objective.frozen(name, clock)
-    })?;
-    objective.after_update(model, clock, coll)?;
-    Ok(StepOutcome {
-        loss,
-        global_samples,
-    })
+    Ok(local_loss)
 }
 
 /// One SimCLR step over a single batch (`view1`/`view2`: this rank's `b × 3 × H × W` images,
