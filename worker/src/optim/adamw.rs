@@ -11,7 +11,7 @@
 //! `step.<param>` (a scalar i64: parameters that never had a gradient keep count 0).
 
 use super::flat::FlatParams;
-use super::{split_state, Optimizer};
+use super::{copy_into, split_state, zero_grads, Optimizer};
 use crate::model::ContrastiveModel;
 use anyhow::{bail, Context};
 use contrail_common::config::OptimConfig;
@@ -187,9 +187,7 @@ impl Optimizer for AdamW {
     }
 
     fn zero_grad(&mut self) {
-        for (_, p) in self.params.iter_mut() {
-            p.zero_grad();
-        }
+        zero_grads(&mut self.params);
     }
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
@@ -223,14 +221,8 @@ impl Optimizer for AdamW {
             }
             counts.push(n);
         }
-        tch::no_grad(|| {
-            for (dst, src) in self.exp_avg.iter_mut().zip(&m) {
-                dst.copy_(&src.to_device(dst.device()).to_kind(dst.kind()));
-            }
-            for (dst, src) in self.exp_avg_sq.iter_mut().zip(&v) {
-                dst.copy_(&src.to_device(dst.device()).to_kind(dst.kind()));
-            }
-        });
+        copy_into(&mut self.exp_avg, &m);
+        copy_into(&mut self.exp_avg_sq, &v);
         self.steps = counts;
         Ok(())
     }

@@ -15,8 +15,8 @@
 //! With both switches on (the default) this is lightly with biases and norm parameters in a
 //! weight_decay=0 group, the usual SimCLR set-up.
 
-use super::sgd::{momentum_update, MOMENTUM};
-use super::{split_state, Optimizer};
+use super::sgd::momentum_update;
+use super::{load_momentum_state, momentum_state, zero_grads, Optimizer};
 use crate::model::ContrastiveModel;
 use contrail_common::config::OptimConfig;
 use tch::Tensor;
@@ -126,28 +126,15 @@ impl Optimizer for Lars {
     }
 
     fn zero_grad(&mut self) {
-        for (_, p) in self.params.iter_mut() {
-            p.zero_grad();
-        }
+        zero_grads(&mut self.params);
     }
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .zip(&self.buffers)
-            .map(|((name, _), buf)| (format!("{MOMENTUM}.{name}"), buf.copy()))
-            .collect()
+        momentum_state(&self.params, &self.buffers)
     }
 
     fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()> {
-        let mut slots = split_state(state, &self.params, &[(MOMENTUM, true)], "LARS")?;
-        let loaded = slots.remove(0);
-        tch::no_grad(|| {
-            for (buf, t) in self.buffers.iter_mut().zip(&loaded) {
-                buf.copy_(&t.to_device(buf.device()).to_kind(buf.kind()));
-            }
-        });
-        Ok(())
+        load_momentum_state(state, &self.params, &mut self.buffers, "LARS")
     }
 }
 

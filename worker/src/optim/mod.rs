@@ -58,6 +58,43 @@ pub fn build(cfg: &OptimConfig, model: &ContrastiveModel) -> anyhow::Result<Box<
     }
 }
 
+/// Zeroes every parameter's gradient, keeping it allocated.
+fn zero_grads(params: &mut [(String, Tensor)]) {
+    for (_, p) in params.iter_mut() {
+        p.zero_grad();
+    }
+}
+
+/// Copies loaded state into the optimizer's buffers, on their device and kind.
+fn copy_into(buffers: &mut [Tensor], loaded: &[Tensor]) {
+    tch::no_grad(|| {
+        for (buf, t) in buffers.iter_mut().zip(loaded) {
+            buf.copy_(&t.to_device(buf.device()).to_kind(buf.kind()));
+        }
+    });
+}
+
+/// The momentum buffers of SGD and LARS as state tensors (`momentum.<param>`).
+fn momentum_state(params: &[(String, Tensor)], buffers: &[Tensor]) -> Vec<(String, Tensor)> {
+    params
+        .iter()
+        .zip(buffers)
+        .map(|((name, _), buf)| (format!("{}.{name}", sgd::MOMENTUM), buf.copy()))
+        .collect()
+}
+
+/// Restores what [`momentum_state`] wrote; `optimizer` names it in errors.
+fn load_momentum_state(
+    state: &[(String, Tensor)],
+    params: &[(String, Tensor)],
+    buffers: &mut [Tensor],
+    optimizer: &str,
+) -> anyhow::Result<()> {
+    let loaded = split_state(state, params, &[(sgd::MOMENTUM, true)], optimizer)?.remove(0);
+    copy_into(buffers, &loaded);
+    Ok(())
+}
+
 /// Splits checkpointed optimizer state into one tensor per (slot, parameter), in parameter
 /// order, for state keyed `<slot>.<param>`. A slot marked `true` must have the parameter's
 /// shape; `false` marks a scalar. Fails, naming the key, on a key of no known slot, a key for

@@ -2,7 +2,7 @@
 //! `d = g + wd·p; buf = momentum·buf + d; p -= lr·buf`.
 
 use super::flat::FlatParams;
-use super::{split_state, Optimizer};
+use super::{load_momentum_state, momentum_state, zero_grads, Optimizer};
 use crate::model::ContrastiveModel;
 use tch::Tensor;
 
@@ -93,27 +93,15 @@ impl Optimizer for Sgd {
     }
 
     fn zero_grad(&mut self) {
-        for (_, p) in self.params.iter_mut() {
-            p.zero_grad();
-        }
+        zero_grads(&mut self.params);
     }
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.params
-            .iter()
-            .zip(&self.buffers)
-            .map(|((name, _), buf)| (format!("{MOMENTUM}.{name}"), buf.copy()))
-            .collect()
+        momentum_state(&self.params, &self.buffers)
     }
 
     fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()> {
-        let loaded = split_state(state, &self.params, &[(MOMENTUM, true)], "SGD")?.remove(0);
-        tch::no_grad(|| {
-            for (buf, t) in self.buffers.iter_mut().zip(&loaded) {
-                buf.copy_(&t.to_device(buf.device()).to_kind(buf.kind()));
-            }
-        });
-        Ok(())
+        load_momentum_state(state, &self.params, &mut self.buffers, "SGD")
     }
 }
 
