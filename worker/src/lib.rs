@@ -18,6 +18,7 @@ pub mod cli_support;
 pub mod dist;
 pub mod local_cluster;
 pub mod model;
+pub mod moe;
 pub mod objective;
 pub mod optim;
 pub mod runtime;

@@ -7,6 +7,9 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+mod moe;
+pub use moe::MoeConfig;
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 #[derive(Default)]
@@ -25,6 +28,8 @@ pub struct JobConfig {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub moe: MoeConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -486,7 +491,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err(path: &str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn err(path: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         path: path.into(),
         reason: reason.into(),
@@ -824,6 +829,10 @@ impl JobConfig {
                 "must be at least 1 when checkpoint.url is set",
             ));
         }
+        let vit_layers = (m.encoder == "vit").then_some(m.vit.layers);
+        let text_layers = (obj.kind == "clip").then_some(m.text.layers);
+        self.moe
+            .validate(vit_layers, text_layers, &obj.kind, c.world_size)?;
         Ok(())
     }
 }
@@ -993,5 +1002,31 @@ mod tests {
             let e = JobConfig::from_toml(toml).unwrap_err();
             assert_eq!(e.path, path, "{toml}: {e}");
         }
+    }
+
+    #[test]
+    fn moe_keys_are_checked_against_the_model() {
+        let vit = "[model]\nencoder = \"vit\"\n[model.vit]\nlayers = 4\npatch_size = 8\n\
+                   [data]\nimage_size = 32\n";
+        let ok = JobConfig::from_toml(&format!(
+            "{vit}[moe]\nexperts = 4\nvit_blocks = [1, 3]\ntop_k = 1\n"
+        ))
+        .unwrap();
+        assert!(ok.moe.enabled());
+        for (moe, path) in [
+            ("experts = 4\nvit_blocks = [4]", "moe.vit_blocks"),
+            ("experts = 4\nvit_blocks = [1, 1]", "moe.vit_blocks"),
+            ("experts = 4\ntext_blocks = [0]", "moe.text_blocks"),
+            ("experts = 4", "moe.vit_blocks"),
+            ("experts = 4\nvit_blocks = [0]\ntop_k = 3", "moe.top_k"),
+            ("experts = 3\nvit_blocks = [0]\n[cluster]\nworld_size = 2", "moe.experts"),
+            ("experts = 4\nvit_blocks = [0]\njitter = 1.5", "moe.jitter"),
+            ("vit_blocks = [0]", "moe.experts"),
+        ] {
+            let e = JobConfig::from_toml(&format!("{vit}[moe]\n{moe}\n")).unwrap_err();
+            assert_eq!(e.path, path, "{moe}: {e}");
+        }
+        let e = JobConfig::from_toml("[moe]\nexperts = 2\nvit_blocks = [0]\n").unwrap_err();
+        assert_eq!(e.path, "moe.vit_blocks", "a ResNet has no ViT blocks: {e}");
     }
 }
