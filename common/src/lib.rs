@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod experts;
 pub mod shards;
 pub mod status;
 pub mod storage;
