@@ -4,114 +4,24 @@
 //! itself from the deterministic inputs of all ranks and panics (non-zero exit) on a mismatch;
 //! the parent asserts every child exited as its scenario requires.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::{Duration, Instant};
+use support::ranks::{assert_all_succeeded, child_env, rendezvous};
 
 use contrail_worker::dist::tcp::TcpCollective;
 use contrail_worker::dist::{Collective, CollectiveError};
 use tch::{Kind, Tensor};
 
-const ENV_RANK: &str = "CONTRAIL_TCP_TEST_RANK";
-const ENV_WORLD: &str = "CONTRAIL_TCP_TEST_WORLD";
-const ENV_DIR: &str = "CONTRAIL_TCP_TEST_DIR";
-const ENV_SCENARIO: &str = "CONTRAIL_TCP_TEST_SCENARIO";
+/// Runs the child ranks of this file.
+fn run_ranks(scenario: &str, world: usize) -> Vec<(Option<i32>, String)> {
+    support::ranks::run_ranks("tcp_rank_child", scenario, world)
+}
 /// Exit code of the rank that the failure scenario kills.
 const DYING_EXIT: i32 = 17;
 
 // ---------------------------------------------------------------------------------------------
 // Parent side.
-
-struct Spawned {
-    rank: usize,
-    child: Child,
-    log: PathBuf,
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos();
-    let dir =
-        std::env::temp_dir().join(format!("contrail-tcp-{tag}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create rendezvous dir");
-    dir
-}
-
-/// Runs `world` child ranks of `scenario`; returns each rank's exit code and log.
-fn run_ranks(scenario: &str, world: usize) -> Vec<(Option<i32>, String)> {
-    let dir = temp_dir(scenario);
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut kids: Vec<Spawned> = (0..world)
-        .map(|rank| {
-            let log = dir.join(format!("rank{rank}.log"));
-            let out = std::fs::File::create(&log).expect("create child log");
-            let err = out.try_clone().expect("dup child log");
-            let child = Command::new(&exe)
-                .args([
-                    "--exact",
-                    "tcp_rank_child",
-                    "--nocapture",
-                    "--test-threads",
-                    "1",
-                ])
-                .env(ENV_RANK, rank.to_string())
-                .env(ENV_WORLD, world.to_string())
-                .env(ENV_DIR, &dir)
-                .env(ENV_SCENARIO, scenario)
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .expect("spawn child rank");
-            Spawned { rank, child, log }
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let mut codes = vec![None; world];
-    let mut done = vec![false; world];
-    while done.iter().any(|d| !d) {
-        for k in kids.iter_mut() {
-            if done[k.rank] {
-                continue;
-            }
-            if let Some(status) = k.child.try_wait().expect("wait child") {
-                codes[k.rank] = status.code();
-                done[k.rank] = true;
-            }
-        }
-        if Instant::now() > deadline {
-            for k in kids.iter_mut().filter(|k| !done[k.rank]) {
-                let _ = k.child.kill();
-                let _ = k.child.wait();
-            }
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let result = kids
-        .iter()
-        .map(|k| {
-            (
-                codes[k.rank],
-                std::fs::read_to_string(&k.log).unwrap_or_default(),
-            )
-        })
-        .collect();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-fn assert_all_succeeded(results: &[(Option<i32>, String)]) {
-    for (rank, (code, log)) in results.iter().enumerate() {
-        assert_eq!(
-            *code,
-            Some(0),
-            "rank {rank} failed (exit {code:?}); its output:\n{log}"
-        );
-    }
-}
 
 #[test]
 fn two_ranks_all_operations() {
@@ -210,51 +120,21 @@ fn peer_with_another_job_token_is_refused() {
 /// Entry point of a child rank; a no-op when the test harness runs it directly.
 #[test]
 fn tcp_rank_child() {
-    let Ok(rank) = std::env::var(ENV_RANK) else {
+    let Some(env) = child_env() else {
         return;
     };
-    let rank: usize = rank.parse().expect("rank");
-    let world: usize = std::env::var(ENV_WORLD)
-        .expect("world")
-        .parse()
-        .expect("world");
-    let dir = PathBuf::from(std::env::var(ENV_DIR).expect("dir"));
-    let scenario = std::env::var(ENV_SCENARIO).expect("scenario");
-    let timeout = match scenario.as_str() {
+    let timeout = match env.scenario.as_str() {
         "silent" => Duration::from_millis(1500),
         _ => Duration::from_secs(60),
     };
-    let c = rendezvous(&dir, rank, world, timeout);
+    let c = rendezvous(&env.dir, env.rank, env.world, timeout);
+    let scenario = env.scenario;
     match scenario.as_str() {
         "ops" => ops(&c),
         "die" => die(&c),
         "silent" => silent(&c),
         other => panic!("unknown scenario {other}"),
     }
-}
-
-/// Publishes this rank's address in `dir`, waits for everyone's, and connects.
-fn rendezvous(dir: &Path, rank: usize, world: usize, timeout: Duration) -> TcpCollective {
-    let boot = TcpCollective::bind("127.0.0.1:0")
-        .expect("bind")
-        .with_token(0xC0FFEE);
-    let tmp = dir.join(format!("rank{rank}.tmp"));
-    std::fs::write(&tmp, boot.local_addr().expect("local addr").to_string()).expect("write addr");
-    std::fs::rename(&tmp, dir.join(format!("rank{rank}.addr"))).expect("publish addr");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let addrs: Vec<String> = (0..world)
-        .map(|r| loop {
-            if let Ok(a) = std::fs::read_to_string(dir.join(format!("rank{r}.addr"))) {
-                break a;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rank {r} never published its address"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        })
-        .collect();
-    boot.connect(rank, addrs, timeout).expect("connect mesh")
 }
 
 /// Deterministic value of element `i` on rank `r`, exactly representable so sums in any order

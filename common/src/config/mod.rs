@@ -1019,7 +1019,10 @@ mod tests {
             ("experts = 4\ntext_blocks = [0]", "moe.text_blocks"),
             ("experts = 4", "moe.vit_blocks"),
             ("experts = 4\nvit_blocks = [0]\ntop_k = 3", "moe.top_k"),
-            ("experts = 3\nvit_blocks = [0]\n[cluster]\nworld_size = 2", "moe.experts"),
+            (
+                "experts = 3\nvit_blocks = [0]\n[cluster]\nworld_size = 2",
+                "moe.experts",
+            ),
             ("experts = 4\nvit_blocks = [0]\njitter = 1.5", "moe.jitter"),
             ("vit_blocks = [0]", "moe.experts"),
         ] {

@@ -141,10 +141,10 @@ impl MoeConfig {
                 ),
             ));
         }
-        if !(self.capacity_factor > 0.0) {
+        if self.capacity_factor.is_nan() || self.capacity_factor <= 0.0 {
             return Err(err("moe.capacity_factor", "must be positive"));
         }
-        if !(self.eval_capacity_factor >= 0.0) {
+        if self.eval_capacity_factor.is_nan() || self.eval_capacity_factor < 0.0 {
             return Err(err("moe.eval_capacity_factor", "must not be negative"));
         }
         if !(0.0..1.0).contains(&self.jitter) {
@@ -157,14 +157,14 @@ impl MoeConfig {
             ("moe.balance_loss_coef", self.balance_loss_coef),
             ("moe.z_loss_coef", self.z_loss_coef),
         ] {
-            if !(v >= 0.0) {
+            if v.is_nan() || v < 0.0 {
                 return Err(err(path, "must not be negative"));
             }
         }
         if self.rebalance_every_steps == 0 {
             return Err(err("moe.rebalance_every_steps", "must be at least 1"));
         }
-        if !(self.rebalance_threshold >= 1.0) {
+        if self.rebalance_threshold.is_nan() || self.rebalance_threshold < 1.0 {
             return Err(err("moe.rebalance_threshold", "must be at least 1"));
         }
         Ok(())

@@ -60,6 +60,22 @@ fn cuda_autocast<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Runs `f` with CUDA autocast off (for computations that must stay float32, such as an MoE
+/// router), restoring the previous state afterwards.
+pub fn without_autocast<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: thread-local autocast state of libtorch, set and restored around `f`.
+    unsafe {
+        let was = at_autocast_is_autocast_enabled(DEVICE_TYPE_CUDA);
+        if !was {
+            return f();
+        }
+        at_autocast_set_autocast_enabled(DEVICE_TYPE_CUDA, false);
+        let out = f();
+        at_autocast_set_autocast_enabled(DEVICE_TYPE_CUDA, true);
+        out
+    }
+}
+
 /// Makes CUDA autocast cast to bf16 (process-wide; call before training).
 pub fn use_bf16_for_cuda_autocast() {
     // SAFETY: a setter of a global in libtorch, taking two valid enum values.

@@ -52,6 +52,8 @@ pub struct Routing {
     pub dropped: i64,
     /// The capacity used, None when unlimited.
     pub capacity: Option<i64>,
+    /// f_e: the fraction of tokens whose first choice is expert e (before dropping).
+    pub first_choice_fraction: Tensor,
     /// E · Σ_e f_e · P_e (0 without tokens).
     pub balance_loss: Tensor,
     /// mean(logsumexp(logits)²) (0 without tokens).
@@ -92,8 +94,12 @@ pub fn route(logits: &Tensor, top_k: usize, capacity_rule: Capacity) -> Routing 
     let mut slots = Vec::with_capacity(top_k);
     for (choice, mask) in choices.iter().zip(&masks) {
         let location = mask.cumsum(0, Kind::Int64) - 1 + &taken_before;
-        slots.push(location.gather(1, &choice.unsqueeze(1), false).squeeze_dim(1));
-        taken_before = taken_before + mask.sum_dim_intlist(0, true, Kind::Int64);
+        slots.push(
+            location
+                .gather(1, &choice.unsqueeze(1), false)
+                .squeeze_dim(1),
+        );
+        taken_before += mask.sum_dim_intlist(0, true, Kind::Int64);
     }
     let keep: Vec<Tensor> = slots
         .iter()
@@ -137,16 +143,12 @@ pub fn route(logits: &Tensor, top_k: usize, capacity_rule: Capacity) -> Routing 
     let kept_per_expert = counts(&expert, experts);
     let dropped = routed_per_expert.iter().sum::<i64>() - kept_per_expert.iter().sum::<i64>();
 
-    let zero = || Tensor::zeros([], (Kind::Float, device));
-    let (balance_loss, z_loss) = if tokens == 0 {
-        (zero(), zero())
+    let first_choice_fraction = if tokens == 0 {
+        Tensor::zeros([experts], (Kind::Float, device))
     } else {
-        let me = gates.mean_dim(0, false, Kind::Float);
-        let ce = mask1.to_kind(Kind::Float).mean_dim(0, false, Kind::Float);
-        let balance = (me * ce).sum(Kind::Float) * experts as f64;
-        let z = logits.logsumexp(-1, false).square().mean(Kind::Float);
-        (balance, z)
+        mask1.to_kind(Kind::Float).mean_dim(0, false, Kind::Float)
     };
+    let (balance_loss, z_loss) = balance_and_z_loss(&logits, &first_choice_fraction);
     Routing {
         token: all_tokens.index_select(0, &kept),
         expert,
@@ -156,9 +158,29 @@ pub fn route(logits: &Tensor, top_k: usize, capacity_rule: Capacity) -> Routing 
         routed_per_expert,
         dropped,
         capacity,
+        first_choice_fraction,
         balance_loss,
         z_loss,
     }
+}
+
+/// The balance loss E · Σ_e f_e · P_e and the z-loss of `logits`, with f given (the fraction
+/// of tokens whose first choice is e: a count, no gradient). Both are 0 without tokens. A
+/// caller can evaluate them on a second copy of the logits so that their backward does not
+/// share graph nodes with the combine weights'.
+pub fn balance_and_z_loss(logits: &Tensor, first_choice_fraction: &Tensor) -> (Tensor, Tensor) {
+    let logits = logits.to_kind(Kind::Float);
+    let (tokens, experts) = logits.size2().expect("gate logits are tokens × experts");
+    if tokens == 0 {
+        let zero = || Tensor::zeros([], (Kind::Float, logits.device()));
+        return (zero(), zero());
+    }
+    let me = logits
+        .softmax(-1, Kind::Float)
+        .mean_dim(0, false, Kind::Float);
+    let balance = (me * first_choice_fraction).sum(Kind::Float) * experts as f64;
+    let z = logits.logsumexp(-1, false).square().mean(Kind::Float);
+    (balance, z)
 }
 
 /// How many entries of `ids` (Int64, values in 0..n) equal each value.
@@ -176,7 +198,12 @@ pub fn jitter(x: &Tensor, epsilon: f64) -> Tensor {
     if epsilon == 0.0 {
         return x.shallow_clone();
     }
-    x * x.rand_like().g_mul_scalar(2.0 * epsilon) + (1.0 - epsilon) * x
+    x * jitter_factor(x, epsilon)
+}
+
+/// The factor [`jitter`] multiplies by: U(1 − ε, 1 + ε) of `x`'s shape, without gradient.
+pub fn jitter_factor(x: &Tensor, epsilon: f64) -> Tensor {
+    x.detach().rand_like() * (2.0 * epsilon) + (1.0 - epsilon)
 }
 
 #[cfg(test)]
@@ -204,7 +231,14 @@ mod tests {
     fn top1_keeps_the_first_tokens_of_an_overfull_expert() {
         // Every token prefers expert 2; capacity ceil(4/4 · 1) = 1 keeps token 0 only.
         let l = logits(&[[0.0, 0.0, 3.0, 0.0]; 4]);
-        let r = route(&l, 1, Capacity::Factor { factor: 1.0, min: 0 });
+        let r = route(
+            &l,
+            1,
+            Capacity::Factor {
+                factor: 1.0,
+                min: 0,
+            },
+        );
         assert_eq!(r.capacity, Some(1));
         assert_eq!(vec_i(&r.token), vec![0]);
         assert_eq!(vec_i(&r.expert), vec![2]);
@@ -229,11 +263,8 @@ mod tests {
         assert_eq!(vec_i(&r.expert), vec![0, 0, 0, 1, 1, 2]);
         assert_eq!(vec_i(&r.token), vec![0, 2, 1, 1, 0, 2]);
         assert_eq!(vec_i(&r.slot), vec![0, 1, 2, 0, 1, 0]);
-        let per_token = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).index_add(
-            0,
-            &r.token,
-            &r.weight,
-        );
+        let per_token =
+            Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).index_add(0, &r.token, &r.weight);
         assert!((per_token - 1.0).abs().max().double_value(&[]) < 1e-6);
         assert_eq!(r.dropped, 0);
     }
@@ -243,7 +274,14 @@ mod tests {
         // Capacity ceil(2/4 · 0.5 · 2) = 1: expert 1 takes token 1's first choice, so token 0's
         // second choice (expert 1) is dropped.
         let l = logits(&[[2.0, 1.0, 0.0, 0.0], [0.0, 2.0, 1.0, 0.0]]);
-        let r = route(&l, 2, Capacity::Factor { factor: 0.5, min: 0 });
+        let r = route(
+            &l,
+            2,
+            Capacity::Factor {
+                factor: 0.5,
+                min: 0,
+            },
+        );
         assert_eq!(r.capacity, Some(1));
         let pairs: Vec<(i64, i64)> = vec_i(&r.token).into_iter().zip(vec_i(&r.expert)).collect();
         assert_eq!(pairs, vec![(0, 0), (1, 1), (1, 2)]);
@@ -256,7 +294,10 @@ mod tests {
         let r = route(
             &Tensor::zeros([0, 4], (Kind::Float, tch::Device::Cpu)),
             2,
-            Capacity::Factor { factor: 1.0, min: 2 },
+            Capacity::Factor {
+                factor: 1.0,
+                min: 2,
+            },
         );
         assert_eq!(r.token.size(), vec![0]);
         assert_eq!(r.routed_per_expert, vec![0; 4]);

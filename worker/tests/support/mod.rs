@@ -2,6 +2,8 @@
 //! RNG lock, model copies, and parameter comparison.
 #![allow(dead_code)]
 
+pub mod ranks;
+
 use contrail_common::config::{ModelConfig, NormKind, StemKind};
 use contrail_worker::model::ContrastiveModel;
 use std::sync::Mutex;

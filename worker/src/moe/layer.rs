@@ -1,0 +1,317 @@
+//! The MoE feed-forward block: `h + Σ_k w_k · expert_k(ln(h))`, replacing the MLP half of a
+//! transformer block. The gate is a bias-free linear layer computed in float32 (outside
+//! autocast); each expert is the dense block's MLP (`c_fc → GELU → c_proj`).
+//!
+//! Names: `<block>.moe.gate.weight` (E × D) and `<block>.moe.experts.<e>.{c_fc,c_proj}.*`
+//! with e the *global* expert id, so a checkpoint names every expert the same way whatever
+//! the placement. A worker creates only the experts it holds, but draws the initial values of
+//! every expert in id order, so all ranks' random streams stay aligned (the non-expert
+//! parameters stay identical everywhere) and expert e starts equal to expert e of a
+//! one-process model.
+//!
+//! With one worker the block is ordinary autograd. With several, tokens travel to the
+//! experts' holders and back through two all-to-alls, and the graph is cut there (see
+//! [`super::runtime`]).
+
+use super::dispatch::{self, DispatchPlan};
+use super::gate::{self, Capacity, Routing};
+use super::runtime::{MoeRuntime, Record};
+use crate::model::compute::without_autocast;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use tch::nn::{self, Init, Module};
+use tch::{Device, Kind, Tensor};
+
+/// Shapes of one expert's parameters (name suffix, shape), for the replica gradient sync.
+#[derive(Debug, Clone)]
+pub(crate) struct ExpertShapes {
+    pub params: Vec<(String, Vec<i64>)>,
+    pub device: Device,
+}
+
+/// `c_fc → GELU → c_proj`, as the dense block's MLP.
+#[derive(Debug)]
+struct ExpertMlp {
+    c_fc: nn::Linear,
+    c_proj: nn::Linear,
+}
+
+impl ExpertMlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.apply(&self.c_fc).gelu("none").apply(&self.c_proj)
+    }
+}
+
+/// How a block's expert weights are drawn (the dense MLP's initialisers).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertInit {
+    pub fc_weight: Init,
+    pub fc_bias: Init,
+    pub proj_weight: Init,
+    pub proj_bias: Init,
+}
+
+#[derive(Debug)]
+pub struct MoeFeedForward {
+    runtime: Arc<MoeRuntime>,
+    block: usize,
+    gate: Tensor,
+    /// The experts this rank holds: (global id, expert), ascending id.
+    local: Vec<(u32, ExpertMlp)>,
+    width: i64,
+}
+
+impl MoeFeedForward {
+    /// `p` is the block's `moe` path; `hidden` the experts' hidden width.
+    pub fn new(
+        p: &nn::Path,
+        runtime: &Arc<MoeRuntime>,
+        width: i64,
+        hidden: i64,
+        init: ExpertInit,
+    ) -> Result<Self> {
+        let s = runtime.settings();
+        let experts = s.experts as i64;
+        let gate = (p / "gate").var(
+            "weight",
+            &[experts, width],
+            crate::model::transformer::torch_default_uniform(width),
+        );
+        let shapes = ExpertShapes {
+            params: vec![
+                ("c_fc.weight".into(), vec![hidden, width]),
+                ("c_fc.bias".into(), vec![hidden]),
+                ("c_proj.weight".into(), vec![width, hidden]),
+                ("c_proj.bias".into(), vec![width]),
+            ],
+            device: p.device(),
+        };
+        let prefix = path_name(p);
+        let block = runtime
+            .register_block(prefix, shapes.clone())
+            .context("creating an MoE block")?;
+        let rank = runtime.coll().rank() as u32;
+        let placement = &runtime.placement().blocks[block];
+        let inits = [
+            init.fc_weight,
+            init.fc_bias,
+            init.proj_weight,
+            init.proj_bias,
+        ];
+        let mut local = Vec::new();
+        for e in 0..experts as u32 {
+            if placement.holders[e as usize].contains(&rank) {
+                let ep = p / "experts" / e;
+                let linear = |name: &str, c_in: i64, c_out: i64, w: Init, b: Init| {
+                    nn::linear(
+                        &ep / name,
+                        c_in,
+                        c_out,
+                        nn::LinearConfig {
+                            ws_init: w,
+                            bs_init: Some(b),
+                            bias: true,
+                        },
+                    )
+                };
+                let c_fc = linear("c_fc", width, hidden, inits[0], inits[1]);
+                let c_proj = linear("c_proj", hidden, width, inits[2], inits[3]);
+                local.push((e, ExpertMlp { c_fc, c_proj }));
+            } else {
+                // Same draws as the holder makes (weight before bias, as nn::linear does).
+                for ((_, shape), i) in shapes.params.iter().zip(inits) {
+                    let _ = nn::init(i, shape, p.device());
+                }
+            }
+        }
+        Ok(Self {
+            runtime: runtime.clone(),
+            block,
+            gate,
+            local,
+            width,
+        })
+    }
+
+    /// `h + moe(norm(h))` for `h` of shape (…, D); `norm` is the block's `ln_2`.
+    pub fn forward_residual(&self, h: &Tensor, norm: &impl Module) -> Tensor {
+        let shape = h.size();
+        let d = *shape.last().expect("MoE input has a feature dimension");
+        assert_eq!(
+            d, self.width,
+            "MoE block of width {} got {shape:?}",
+            self.width
+        );
+        let h2 = h.reshape([-1, d]);
+        let out = if self.runtime.coll().world_size() == 1 {
+            self.forward_local(&h2, norm)
+        } else {
+            self.forward_distributed(&h2, norm)
+                .unwrap_or_else(|e| panic!("MoE block {}: {e:#}", self.block))
+        };
+        out.view(shape.as_slice())
+    }
+
+    /// Routing of `y` (tokens × D) under the current pass, its load counted, its auxiliary
+    /// losses kept when the pass records.
+    fn route(&self, y: &Tensor, differentiable: bool, separate_aux_graph: bool) -> Routing {
+        let pass = self.runtime.pass();
+        let s = self.runtime.settings();
+        let capacity = if pass.train && !s.dropless {
+            Capacity::Factor {
+                factor: s.capacity_factor,
+                min: s.min_capacity,
+            }
+        } else if !pass.train && s.eval_capacity_factor > 0.0 {
+            Capacity::Factor {
+                factor: s.eval_capacity_factor,
+                min: s.min_capacity,
+            }
+        } else {
+            Capacity::Unlimited
+        };
+        let x = y.to_kind(Kind::Float);
+        let factor = (pass.train && s.jitter > 0.0).then(|| gate::jitter_factor(&x, s.jitter));
+        let logits = || {
+            without_autocast(|| {
+                let x = match &factor {
+                    Some(f) => &x * f,
+                    None => x.shallow_clone(),
+                };
+                x.linear::<Tensor>(&self.gate, None)
+            })
+        };
+        let r = gate::route(&logits(), s.top_k, capacity);
+        if pass.count_load {
+            self.runtime
+                .count_load(self.block, &r.routed_per_expert, r.dropped);
+        }
+        if differentiable && pass.aux_weight != 0.0 {
+            // Across exchange cuts the auxiliary losses are backpropagated in the first
+            // backward call, before the combine weights' graph is reached: they get a graph
+            // of their own (a second, tiny gate matmul), or that call would free it.
+            let (balance, z) = if separate_aux_graph {
+                gate::balance_and_z_loss(&logits(), &r.first_choice_fraction)
+            } else {
+                (r.balance_loss.shallow_clone(), r.z_loss.shallow_clone())
+            };
+            let aux = balance * s.balance_loss_coef + z * s.z_loss_coef;
+            self.runtime.add_aux(aux * pass.aux_weight);
+        }
+        r
+    }
+
+    /// One worker holds every expert: plain autograd.
+    fn forward_local(&self, h: &Tensor, norm: &impl Module) -> Tensor {
+        let y = h.apply(norm);
+        let r = self.route(&y, y.requires_grad() || self.gate.requires_grad(), false);
+        let mut out = h.zeros_like();
+        let mut start = 0;
+        for (e, expert) in &self.local {
+            let n = r.kept_per_expert[*e as usize];
+            if n > 0 {
+                let tokens = r.token.narrow(0, start, n);
+                let w = r.weight.narrow(0, start, n).unsqueeze(1);
+                let o = expert.forward(&y.index_select(0, &tokens));
+                out = out.index_add(0, &tokens, &(o.to_kind(h.kind()) * w));
+            }
+            start += n;
+        }
+        h + out
+    }
+
+    fn forward_distributed(&self, h: &Tensor, norm: &impl Module) -> Result<Tensor> {
+        let coll = self.runtime.coll();
+        let (rank, world) = (coll.rank(), coll.world_size());
+        let record = self.runtime.pass().record;
+        let leaf = |t: &Tensor| {
+            if record {
+                t.detach().set_requires_grad(true)
+            } else {
+                t.shallow_clone()
+            }
+        };
+        let h_leaf = leaf(h);
+        let y_in = h.apply(norm);
+        let y = leaf(&y_in);
+        let r = self.route(&y, record, true);
+
+        let placement = &self.runtime.placement().blocks[self.block];
+        let DispatchPlan {
+            order,
+            send_counts,
+            header,
+            header_counts,
+        } = dispatch::plan(placement, &r.kept_per_expert, world);
+        let order = Tensor::from_slice(&order).to_device(h.device());
+        let send_token = r.token.index_select(0, &order);
+        let send_weight = r.weight.index_select(0, &order);
+
+        // Counts first, so each holder knows which received rows belong to which expert.
+        let (recv_header, _) = coll
+            .all_to_all(&Tensor::from_slice(&header), &header_counts)
+            .with_context(|| format!("rank {rank}: exchanging expert counts"))?;
+        let recv_header = Vec::<i64>::try_from(&recv_header).expect("Int64 counts");
+        let send_rows = y.index_select(0, &send_token).contiguous();
+        let (recv, recv_counts) = coll
+            .all_to_all(&send_rows.detach(), &send_counts)
+            .with_context(|| format!("rank {rank}: dispatching tokens"))?;
+        let recv_leaf = leaf(&recv.to_device(h.device()));
+
+        let per_expert = dispatch::rows_per_local_expert(&recv_header, world, self.local.len());
+        let expert_out = self.run_local_experts(&recv_leaf, &per_expert);
+        let (back, _) = coll
+            .all_to_all(&expert_out.detach().contiguous(), &recv_counts)
+            .with_context(|| format!("rank {rank}: returning expert outputs"))?;
+        let c_leaf = leaf(&back.to_device(h.device()));
+
+        let combined = (c_leaf.to_kind(h.kind()) * send_weight.unsqueeze(1)).to_kind(h.kind());
+        let out = h.zeros_like().index_add(0, &send_token, &combined);
+        let result = &h_leaf + out;
+        if record {
+            self.runtime.record(Record {
+                h_in: h.shallow_clone(),
+                h_leaf,
+                y_in,
+                y_leaf: y,
+                send_token,
+                send_counts,
+                recv_counts,
+                recv_leaf,
+                expert_out,
+                c_leaf,
+            });
+        }
+        Ok(result)
+    }
+
+    /// Each local expert on its received rows; the outputs in received-row order.
+    fn run_local_experts(&self, recv: &Tensor, rows: &[Vec<i64>]) -> Tensor {
+        let n = recv.size()[0];
+        if n == 0 {
+            return recv.zeros_like();
+        }
+        let mut outputs = Vec::new();
+        let mut positions = Vec::new();
+        for ((_, expert), rows) in self.local.iter().zip(rows) {
+            if rows.is_empty() {
+                continue;
+            }
+            let idx = Tensor::from_slice(rows).to_device(recv.device());
+            outputs.push(expert.forward(&recv.index_select(0, &idx)));
+            positions.extend_from_slice(rows);
+        }
+        let stacked = Tensor::cat(&outputs, 0);
+        // positions[i] is the received row of stacked row i; invert that permutation.
+        let mut inverse = vec![0i64; positions.len()];
+        for (i, &p) in positions.iter().enumerate() {
+            inverse[p as usize] = i as i64;
+        }
+        stacked.index_select(0, &Tensor::from_slice(&inverse).to_device(recv.device()))
+    }
+}
+
+/// The var-store name of `p`, e.g. `visual.transformer.resblocks.3.moe`.
+fn path_name(p: &nn::Path) -> String {
+    p.components().collect::<Vec<_>>().join(".")
+}

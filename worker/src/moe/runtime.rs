@@ -1,0 +1,379 @@
+//! What the MoE blocks of one model share: the collective their exchanges use, the expert
+//! placement, the mode of the current forward pass, the backward tape, and the step's load.
+//!
+//! tch has no custom autograd function, so a distributed MoE block cuts the autograd graph
+//! at its exchanges (FasterMoE's pattern) and the step differentiates through the cuts by
+//! hand, in [`MoeRuntime::backward`]:
+//!
+//! - forward: the block input `h` and its normalised tokens `y` are detached into leaves;
+//!   the expert outputs come back from the other workers as a third leaf `c`. The rest of
+//!   the network continues from `h_leaf + combine(c, gate weights(y_leaf))`;
+//! - backward: the ordinary backward of the loss stops at those leaves. Then, block by block
+//!   from the last to the first, `c`'s gradient travels to the expert holders (the forward
+//!   exchange), backpropagates through the experts, travels back (the reverse exchange), is
+//!   added to `y`'s gradient at the dispatched rows, and `y`'s and `h`'s gradients are pushed
+//!   into the previous segment — which ends at the previous block's leaves.
+//!
+//! Every rank records the same blocks in the same order (a rank without samples runs
+//! [`crate::model::ContrastiveModel::moe_idle_pass`] with zero tokens), so every exchange of
+//! the backward finds its peers.
+
+use super::layer::ExpertShapes;
+use crate::dist::Collective;
+use anyhow::{Context, Result};
+use contrail_common::config::MoeConfig;
+use contrail_common::experts::{BlockPlacement, ExpertPlacement};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tch::{Kind, Tensor};
+
+/// The `[moe]` settings a block needs at run time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeSettings {
+    pub experts: u32,
+    pub top_k: usize,
+    pub capacity_factor: f64,
+    pub eval_capacity_factor: f64,
+    pub min_capacity: i64,
+    pub dropless: bool,
+    pub jitter: f64,
+    pub balance_loss_coef: f64,
+    pub z_loss_coef: f64,
+}
+
+impl MoeSettings {
+    pub fn from_config(c: &MoeConfig) -> Self {
+        Self {
+            experts: c.experts,
+            top_k: c.top_k as usize,
+            capacity_factor: c.capacity_factor,
+            eval_capacity_factor: c.eval_capacity_factor,
+            min_capacity: c.min_capacity as i64,
+            dropless: c.dropless,
+            jitter: c.jitter,
+            balance_loss_coef: c.balance_loss_coef,
+            z_loss_coef: c.z_loss_coef,
+        }
+    }
+}
+
+/// How the blocks behave in the forward passes until the next [`MoeRuntime::begin_pass`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Pass {
+    /// Training: the train capacity factor and jitter; otherwise evaluation (dropless unless
+    /// `moe.eval_capacity_factor` is set, no jitter).
+    pub train: bool,
+    /// Keep the tape for [`MoeRuntime::backward`] (the pass will be differentiated).
+    pub record: bool,
+    /// Add the routed and dropped counts to the step's load.
+    pub count_load: bool,
+    /// Weight of this pass's auxiliary losses in the global loss (the pass's share of the
+    /// step's samples), so the shares of all passes and ranks add up to one mean.
+    pub aux_weight: f64,
+}
+
+/// Routed and dropped assignments of one block since the last [`MoeRuntime::take_load`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BlockLoad {
+    pub routed: Vec<i64>,
+    pub dropped: i64,
+}
+
+/// One distributed block's forward, kept for the backward (see the module comment).
+pub(crate) struct Record {
+    /// Block input as the previous segment produced it, and its leaf copy.
+    pub h_in: Tensor,
+    pub h_leaf: Tensor,
+    /// Normalised tokens in the previous segment's graph, and their leaf copy (gate + send).
+    pub y_in: Tensor,
+    pub y_leaf: Tensor,
+    /// Token index of every sent row, in send order.
+    pub send_token: Tensor,
+    pub send_counts: Vec<i64>,
+    pub recv_counts: Vec<i64>,
+    /// Rows received for the local experts (a leaf) and the experts' outputs for them.
+    pub recv_leaf: Tensor,
+    pub expert_out: Tensor,
+    /// The expert outputs back at this rank, in send order (a leaf).
+    pub c_leaf: Tensor,
+}
+
+#[derive(Default)]
+struct State {
+    pass: Pass,
+    tape: Vec<Record>,
+    aux: Vec<Tensor>,
+    load: Vec<BlockLoad>,
+}
+
+/// Where a block's parameters live, for the replica gradient sync.
+struct BlockInfo {
+    /// Var-store path of the block's MoE module, e.g. `visual.transformer.resblocks.3.moe`.
+    prefix: String,
+    shapes: ExpertShapes,
+}
+
+pub struct MoeRuntime {
+    coll: Arc<dyn Collective>,
+    settings: MoeSettings,
+    placement: ExpertPlacement,
+    blocks: Mutex<Vec<BlockInfo>>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for MoeRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoeRuntime")
+            .field("rank", &self.coll.rank())
+            .field("world", &self.coll.world_size())
+            .field("settings", &self.settings)
+            .field("placement", &self.placement)
+            .finish()
+    }
+}
+
+impl MoeRuntime {
+    /// `placement` has one entry per MoE block, in the order the model creates (and runs)
+    /// them: the ViT's blocks, then the text tower's.
+    pub fn new(
+        coll: Arc<dyn Collective>,
+        settings: MoeSettings,
+        placement: ExpertPlacement,
+    ) -> Result<Arc<Self>> {
+        let world = coll.world_size() as u32;
+        for (b, p) in placement.blocks.iter().enumerate() {
+            anyhow::ensure!(
+                p.experts() == settings.experts as usize,
+                "MoE block {b}: the placement has {} experts, moe.experts is {}",
+                p.experts(),
+                settings.experts
+            );
+            p.validate(world)
+                .map_err(|e| anyhow::anyhow!("MoE block {b}: {e}"))?;
+        }
+        Ok(Arc::new(Self {
+            coll,
+            settings,
+            placement,
+            blocks: Mutex::new(Vec::new()),
+            state: Mutex::new(State::default()),
+        }))
+    }
+
+    /// The default placement ([`BlockPlacement::spread`]) for `blocks` MoE blocks.
+    pub fn spread(
+        coll: Arc<dyn Collective>,
+        settings: MoeSettings,
+        blocks: usize,
+    ) -> Result<Arc<Self>> {
+        let p = BlockPlacement::spread(settings.experts, coll.world_size() as u32);
+        let placement = ExpertPlacement {
+            version: 0,
+            blocks: vec![p; blocks],
+        };
+        Self::new(coll, settings, placement)
+    }
+
+    pub fn settings(&self) -> &MoeSettings {
+        &self.settings
+    }
+
+    pub fn placement(&self) -> &ExpertPlacement {
+        &self.placement
+    }
+
+    pub fn coll(&self) -> &dyn Collective {
+        self.coll.as_ref()
+    }
+
+    /// Called by each block's constructor, in block order; returns the block's index.
+    pub(crate) fn register_block(&self, prefix: String, shapes: ExpertShapes) -> Result<usize> {
+        let mut blocks = lock(&self.blocks);
+        let b = blocks.len();
+        anyhow::ensure!(
+            b < self.placement.blocks.len(),
+            "the model has more MoE blocks than the placement ({})",
+            self.placement.blocks.len()
+        );
+        blocks.push(BlockInfo { prefix, shapes });
+        lock(&self.state).load.push(BlockLoad {
+            routed: vec![0; self.settings.experts as usize],
+            dropped: 0,
+        });
+        Ok(b)
+    }
+
+    pub fn block_count(&self) -> usize {
+        lock(&self.blocks).len()
+    }
+
+    /// Sets the mode of the following forward passes and forgets any tape not backpropagated.
+    pub fn begin_pass(&self, pass: Pass) {
+        let mut s = lock(&self.state);
+        s.pass = pass;
+        s.tape.clear();
+        s.aux.clear();
+    }
+
+    pub(crate) fn pass(&self) -> Pass {
+        lock(&self.state).pass
+    }
+
+    pub(crate) fn record(&self, r: Record) {
+        lock(&self.state).tape.push(r);
+    }
+
+    /// A block's weighted auxiliary loss (kept only in recording passes).
+    pub(crate) fn add_aux(&self, loss: Tensor) {
+        lock(&self.state).aux.push(loss);
+    }
+
+    pub(crate) fn count_load(&self, block: usize, routed: &[i64], dropped: i64) {
+        let mut s = lock(&self.state);
+        let l = &mut s.load[block];
+        for (a, r) in l.routed.iter_mut().zip(routed) {
+            *a += r;
+        }
+        l.dropped += dropped;
+    }
+
+    /// This rank's load per block since the last call, and resets it.
+    pub fn take_load(&self) -> Vec<BlockLoad> {
+        let mut s = lock(&self.state);
+        let fresh: Vec<BlockLoad> = s
+            .load
+            .iter()
+            .map(|l| BlockLoad {
+                routed: vec![0; l.routed.len()],
+                dropped: 0,
+            })
+            .collect();
+        std::mem::replace(&mut s.load, fresh)
+    }
+
+    /// Backpropagates `root` (a scalar of the recorded passes' graph, e.g. `sum(z · dz)`) plus
+    /// the recorded auxiliary losses through the whole network, across the exchange cuts.
+    /// Every rank must call it after the same recorded passes (a rank without samples passes
+    /// a root that needs no gradient).
+    pub fn backward(&self, root: &Tensor) -> Result<()> {
+        let (tape, aux) = {
+            let mut s = lock(&self.state);
+            (std::mem::take(&mut s.tape), std::mem::take(&mut s.aux))
+        };
+        let total = aux.iter().fold(root.shallow_clone(), |t, a| t + a);
+        if total.requires_grad() {
+            total.backward();
+        }
+        let coll = self.coll.as_ref();
+        let rank = coll.rank();
+        for (i, r) in tape.iter().enumerate().rev() {
+            // The incoming gradient of the expert outputs goes to their holders ...
+            let g_c = grad_or_zeros(&r.c_leaf);
+            let (g_out, _) = coll.all_to_all(&g_c, &r.send_counts).with_context(|| {
+                format!("rank {rank}: MoE block record {i}, gradient to experts")
+            })?;
+            if r.expert_out.numel() > 0 {
+                let g_out = g_out.to_device(r.expert_out.device());
+                (&r.expert_out * g_out.to_kind(r.expert_out.kind()))
+                    .sum(Kind::Float)
+                    .backward();
+            }
+            // ... and the experts' input gradient comes back to the tokens' owners.
+            let g_recv = grad_or_zeros(&r.recv_leaf);
+            let (g_send, _) = coll
+                .all_to_all(&g_recv, &r.recv_counts)
+                .with_context(|| format!("rank {rank}: MoE block record {i}, gradient back"))?;
+            let g_send = g_send.to_device(r.y_leaf.device()).to_kind(r.y_leaf.kind());
+            let g_y = grad_or_zeros(&r.y_leaf).index_add(0, &r.send_token, &g_send);
+            let g_h = grad_or_zeros(&r.h_leaf);
+            // Both into the previous segment in one call (they share its graph).
+            let upstream: Vec<Tensor> = [(&r.y_in, g_y), (&r.h_in, g_h)]
+                .into_iter()
+                .filter(|(t, _)| t.requires_grad())
+                .map(|(t, g)| (t * g).sum(Kind::Float))
+                .collect();
+            if let Some(first) = upstream.first() {
+                upstream[1..]
+                    .iter()
+                    .fold(first.shallow_clone(), |acc, t| acc + t)
+                    .backward();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sums the gradients of every replicated expert over the world, so each replica holds
+    /// the expert's full gradient (each saw only its share of the tokens). Ranks without a
+    /// replica contribute zeros. Unreplicated experts already hold their full gradient.
+    /// `params` is the model's named parameters.
+    pub fn sync_expert_grads(&self, params: &[(String, Tensor)]) -> Result<()> {
+        let rank = self.coll.rank() as u32;
+        let blocks = lock(&self.blocks);
+        for (b, info) in blocks.iter().enumerate() {
+            let placement = &self.placement.blocks[b];
+            let replicated: Vec<usize> = (0..placement.experts())
+                .filter(|&e| placement.holders[e].len() > 1)
+                .collect();
+            if replicated.is_empty() {
+                continue;
+            }
+            let mut local: Vec<Tensor> = Vec::new();
+            let mut flat: Vec<Tensor> = Vec::new();
+            for &e in &replicated {
+                let holds = placement.holders[e].contains(&rank);
+                for (suffix, shape) in &info.shapes.params {
+                    let name = format!("{}.experts.{e}.{suffix}", info.prefix);
+                    let g = if holds {
+                        let g = params
+                            .iter()
+                            .find(|(n, _)| *n == name)
+                            .map(|(_, p)| p.grad())
+                            .with_context(|| format!("expert parameter {name} is missing"))?;
+                        local.push(g.shallow_clone());
+                        g
+                    } else {
+                        Tensor::zeros(shape.as_slice(), (Kind::Float, info.shapes.device))
+                    };
+                    flat.push(g.reshape([-1]));
+                }
+            }
+            let mut flat = Tensor::cat(&flat, 0);
+            self.coll
+                .all_reduce_sum(&mut flat)
+                .with_context(|| format!("summing replicated expert gradients of MoE block {b}"))?;
+            let flat = flat.to_device(info.shapes.device);
+            // Copy back into the local replicas, in the order they were flattened.
+            let mut at = 0;
+            let mut next_local = local.into_iter();
+            for &e in &replicated {
+                let holds = placement.holders[e].contains(&rank);
+                for (_, shape) in &info.shapes.params {
+                    let n: i64 = shape.iter().product();
+                    if holds {
+                        let g = next_local.next().expect("one local gradient per parameter");
+                        g.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(&g));
+                    }
+                    at += n;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a parameter belongs to an expert (reduced among its replicas, not data-parallel).
+pub fn is_expert_param(name: &str) -> bool {
+    name.contains(".moe.experts.")
+}
+
+fn grad_or_zeros(t: &Tensor) -> Tensor {
+    let g = t.grad();
+    if g.defined() {
+        g
+    } else {
+        t.detach().zeros_like()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
