@@ -13,14 +13,20 @@ pub mod text;
 pub mod transformer;
 pub mod vit;
 
+use crate::dist::local::LocalGroup;
+use crate::dist::Collective;
+use crate::moe::{MoeRuntime, MoeSettings};
 use crate::objective::clip::{clamp_logit_scale_, LOGIT_SCALE_INIT};
 use crate::objective::swav::Prototypes;
 use crate::text::Tokenizer;
 use anyhow::{bail, Context};
 use contrail_common::config::{ModelConfig, NormKind, ObjectiveConfig};
+use contrail_common::experts::ExpertPlacement;
 use contrail_common::JobConfig;
+use std::sync::Arc;
 use tch::{nn, Device, Tensor};
 use text::{TextConfig, TextMode, TextTransformer};
+use transformer::MoeBlocks;
 use vit::{VisionTransformer, VitConfig};
 
 pub use compute::Compute;
@@ -109,6 +115,8 @@ pub struct ContrastiveModel {
     clip: Option<ClipText>,
     /// bf16 autocast and channels-last (GPU).
     compute: Compute,
+    /// What the MoE blocks share, when the model has any.
+    moe: Option<Arc<MoeRuntime>>,
 }
 
 impl ContrastiveModel {
@@ -192,6 +200,7 @@ impl ContrastiveModel {
             momentum: None,
             clip: None,
             compute: Compute::default(),
+            moe: None,
         })
     }
 
@@ -206,7 +215,31 @@ impl ContrastiveModel {
         tokenizer: Option<&dyn Tokenizer>,
         device: Device,
     ) -> anyhow::Result<Self> {
+        Self::for_job_on(cfg, tokenizer, device, None)
+    }
+
+    /// [`Self::for_job`] for one rank of `experts.0`'s group, holding the experts the
+    /// placement `experts.1` gives it (the default spread when None). Without `experts` the
+    /// model holds every expert itself.
+    pub fn for_job_on(
+        cfg: &JobConfig,
+        tokenizer: Option<&dyn Tokenizer>,
+        device: Device,
+        experts: Option<(Arc<dyn Collective>, Option<ExpertPlacement>)>,
+    ) -> anyhow::Result<Self> {
         let m = &cfg.model;
+        let moe = moe_runtime(cfg, experts)?;
+        let moe_blocks = |blocks: &[u32]| {
+            moe.as_ref()
+                .filter(|_| !blocks.is_empty())
+                .map(|rt| MoeBlocks {
+                    runtime: rt.clone(),
+                    blocks: blocks.iter().map(|&b| b as usize).collect(),
+                    expert_hidden: cfg.moe.expert_hidden as i64,
+                })
+        };
+        let vit_moe = moe_blocks(&cfg.moe.vit_blocks);
+        let text_moe = moe_blocks(&cfg.moe.text_blocks);
         let clip = cfg.objective.kind == "clip";
         if !clip && m.encoder == "resnet" {
             return Self::for_objective(m, &cfg.objective, device);
@@ -227,7 +260,7 @@ impl ContrastiveModel {
                 // the MLP projector on the pooled features.
                 output_dim: if clip { embed } else { m.vit.width as i64 },
             };
-            let vit = VisionTransformer::new(&image_root, &vit_cfg)?;
+            let vit = VisionTransformer::with_moe(&image_root, &vit_cfg, vit_moe.as_ref())?;
             let projector = (!clip && m.projector).then(|| {
                 Projector::new(
                     &(&root / "projector"),
@@ -265,7 +298,7 @@ impl ContrastiveModel {
                 ..TextConfig::clip_b()
             }
             .with_tokenizer(tokenizer);
-            let tower = TextTransformer::new(&root, &text_cfg)?;
+            let tower = TextTransformer::with_moe(&root, &text_cfg, text_moe.as_ref())?;
             let logit_scale = root.var("logit_scale", &[], nn::Init::Const(LOGIT_SCALE_INIT));
             clip_text = Some(ClipText {
                 tower,
@@ -293,6 +326,7 @@ impl ContrastiveModel {
             momentum: None,
             clip: clip_text,
             compute: Compute::default(),
+            moe,
         })
     }
 
@@ -331,6 +365,47 @@ impl ContrastiveModel {
                     .compute
                     .run(&second.to_device(device), |t| c.tower.forward(t));
                 Tensor::cat(&[img, txt], 0)
+            }
+        }
+    }
+
+    /// The runtime the MoE blocks share, when the model has any.
+    pub fn moe(&self) -> Option<&Arc<MoeRuntime>> {
+        self.moe.as_ref()
+    }
+
+    /// Takes part in every MoE exchange of one forward pass without any sample, in the
+    /// order a real pass makes them (image tower, then text tower), so the ranks that do
+    /// have samples find their peers. Nothing without MoE blocks.
+    pub fn moe_idle_pass(&self) {
+        if self.moe.is_none() {
+            return;
+        }
+        let device = self.device();
+        let none = Tensor::zeros([0], (tch::Kind::Float, device));
+        // Under the same compute settings as a real pass, so the exchanged kinds agree.
+        let _ = self.compute.run(&none, |t| {
+            if let ImageEncoder::Vit(v) = &self.encoder {
+                v.transformer().moe_idle_pass(device);
+            }
+            if let Some(c) = &self.clip {
+                c.tower.transformer().moe_idle_pass(device);
+            }
+            t.shallow_clone()
+        });
+    }
+
+    /// Backpropagates `root` (a scalar of the last recorded forward passes): across the
+    /// MoE exchange cuts and with the MoE auxiliary losses when the model has MoE blocks,
+    /// a plain backward otherwise. Every rank calls it after the same passes.
+    pub fn backward(&self, root: &Tensor) -> anyhow::Result<()> {
+        match &self.moe {
+            Some(rt) => rt.backward(root),
+            None => {
+                if root.requires_grad() {
+                    root.backward();
+                }
+                Ok(())
             }
         }
     }
@@ -516,6 +591,31 @@ impl ContrastiveModel {
             _ => bail!("copying model variables: only one of the models has a momentum branch"),
         }
     }
+}
+
+/// The MoE runtime of a job with `[moe]` on: over `experts`' collective and placement, or a
+/// one-rank group holding every expert.
+fn moe_runtime(
+    cfg: &JobConfig,
+    experts: Option<(Arc<dyn Collective>, Option<ExpertPlacement>)>,
+) -> anyhow::Result<Option<Arc<MoeRuntime>>> {
+    if !cfg.moe.enabled() {
+        return Ok(None);
+    }
+    let settings = MoeSettings::from_config(&cfg.moe);
+    let blocks = cfg.moe.vit_blocks.len() + cfg.moe.text_blocks.len();
+    let (coll, placement) = match experts {
+        Some(e) => e,
+        None => {
+            let one: Arc<dyn Collective> = Arc::new(LocalGroup::new(1).remove(0));
+            (one, None)
+        }
+    };
+    let rt = match placement {
+        Some(p) if !p.blocks.is_empty() => MoeRuntime::new(coll, settings, p)?,
+        _ => MoeRuntime::spread(coll, settings, blocks)?,
+    };
+    Ok(Some(rt))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! counterpart for the CLIP tower: keys after the end position are masked (open_clip's
 //! `use_pad_mask`) and the output is the mean over positions up to and including it.
 
-use super::transformer::{layer_norm, AttentionMask, BlockInit, Transformer};
+use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Transformer};
 use crate::text::Tokenizer;
 use anyhow::ensure;
 use tch::nn::{self, Init};
@@ -125,6 +125,15 @@ pub struct TextTransformer {
 impl TextTransformer {
     /// Creates the variables under `p` with open_clip's `TextTransformer.init_parameters`.
     pub fn new(p: &nn::Path, cfg: &TextConfig) -> anyhow::Result<Self> {
+        Self::with_moe(p, cfg, None)
+    }
+
+    /// [`Self::new`] with the blocks `moe` lists as mixture-of-experts blocks.
+    pub fn with_moe(
+        p: &nn::Path,
+        cfg: &TextConfig,
+        moe: Option<&MoeBlocks>,
+    ) -> anyhow::Result<Self> {
         cfg.validate()?;
         let width = cfg.width;
         let normal = |stdev: f64| Init::Randn { mean: 0.0, stdev };
@@ -150,7 +159,8 @@ impl TextTransformer {
                 cfg.heads,
                 cfg.mlp_ratio,
                 BlockInit::open_clip_text(width, cfg.layers),
-            ),
+                moe,
+            )?,
             ln_final: layer_norm(p / "ln_final", width),
             text_projection: p.var(
                 "text_projection",
@@ -163,6 +173,11 @@ impl TextTransformer {
 
     /// Token ids N × L (int64, L ≤ context_length, as a [`Tokenizer`] writes them) →
     /// N × output_dim (not normalised).
+    /// The block stack (for the MoE idle pass).
+    pub fn transformer(&self) -> &Transformer {
+        &self.transformer
+    }
+
     pub fn forward(&self, tokens: &Tensor) -> Tensor {
         let hidden = self.hidden_states(tokens);
         let pooled = match self.cfg.mode {

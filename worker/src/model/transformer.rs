@@ -6,6 +6,8 @@
 //! batch-first (N, L, D), as open_clip 3.3.0 runs them. Attention goes through
 //! `scaled_dot_product_attention`, which picks flash / memory-efficient kernels on GPU.
 
+use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime};
+use std::sync::Arc;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -76,7 +78,28 @@ pub enum AttentionMask<'a> {
     KeyPadding(&'a Tensor),
 }
 
-/// `ln_1 → multi-head self-attention → + residual → ln_2 → c_fc → GELU → c_proj → + residual`.
+/// Which blocks of a tower replace their MLP with an MoE block, and the runtime those share.
+#[derive(Debug, Clone)]
+pub struct MoeBlocks {
+    pub runtime: Arc<MoeRuntime>,
+    /// Block indices, ascending.
+    pub blocks: Vec<usize>,
+    /// Hidden width of each expert; 0 means the dense MLP's width.
+    pub expert_hidden: i64,
+}
+
+/// The second half of a block: the dense MLP, or a mixture of experts.
+#[derive(Debug)]
+enum FeedForward {
+    Dense {
+        c_fc: nn::Linear,
+        c_proj: nn::Linear,
+    },
+    Moe(MoeFeedForward),
+}
+
+/// `ln_1 → multi-head self-attention → + residual → ln_2 → c_fc → GELU → c_proj → + residual`
+/// (or `→ ln_2 → mixture of experts → + residual`).
 #[derive(Debug)]
 pub struct ResidualAttentionBlock {
     ln_1: nn::LayerNorm,
@@ -84,14 +107,26 @@ pub struct ResidualAttentionBlock {
     in_proj_bias: Tensor,
     out_proj: nn::Linear,
     ln_2: nn::LayerNorm,
-    c_fc: nn::Linear,
-    c_proj: nn::Linear,
+    ffn: FeedForward,
     heads: i64,
 }
 
 impl ResidualAttentionBlock {
     /// `mlp_width` is `int(width * mlp_ratio)`, as open_clip computes it.
     pub fn new(p: &nn::Path, width: i64, heads: i64, mlp_width: i64, init: BlockInit) -> Self {
+        Self::build(p, width, heads, mlp_width, init, None).expect("a dense block always builds")
+    }
+
+    /// With `moe = Some((runtime, expert_hidden))` the MLP is a mixture of experts under
+    /// `p / "moe"`, each expert drawn like the dense MLP would be.
+    fn build(
+        p: &nn::Path,
+        width: i64,
+        heads: i64,
+        mlp_width: i64,
+        init: BlockInit,
+        moe: Option<(&Arc<MoeRuntime>, i64)>,
+    ) -> anyhow::Result<Self> {
         assert!(
             heads > 0 && width % heads == 0,
             "width {width} must be a positive multiple of heads {heads}"
@@ -126,35 +161,80 @@ impl ResidualAttentionBlock {
                 )
             }
         };
-        Self {
-            ln_1: layer_norm(p / "ln_1", width),
-            in_proj_weight: attn.var("in_proj_weight", &[3 * width, width], in_w),
-            in_proj_bias: attn.var("in_proj_bias", &[3 * width], Init::Const(0.0)),
-            out_proj: linear(&attn / "out_proj", width, width, out_w, Init::Const(0.0)),
-            ln_2: layer_norm(p / "ln_2", width),
-            c_fc: linear(
-                &mlp / "c_fc",
-                width,
-                mlp_width,
-                fc_w,
-                torch_default_uniform(width),
-            ),
-            c_proj: linear(
-                &mlp / "c_proj",
-                mlp_width,
-                width,
-                proj_w,
-                torch_default_uniform(mlp_width),
-            ),
+        let ln_1 = layer_norm(p / "ln_1", width);
+        let in_proj_weight = attn.var("in_proj_weight", &[3 * width, width], in_w);
+        let in_proj_bias = attn.var("in_proj_bias", &[3 * width], Init::Const(0.0));
+        let out_proj = linear(&attn / "out_proj", width, width, out_w, Init::Const(0.0));
+        let ln_2 = layer_norm(p / "ln_2", width);
+        let ffn = match moe {
+            None => FeedForward::Dense {
+                c_fc: linear(
+                    &mlp / "c_fc",
+                    width,
+                    mlp_width,
+                    fc_w,
+                    torch_default_uniform(width),
+                ),
+                c_proj: linear(
+                    &mlp / "c_proj",
+                    mlp_width,
+                    width,
+                    proj_w,
+                    torch_default_uniform(mlp_width),
+                ),
+            },
+            Some((runtime, hidden)) => {
+                let hidden = if hidden > 0 { hidden } else { mlp_width };
+                // The dense MLP's initialisers, with the fan-in of the expert's own width.
+                let proj_w = match init {
+                    BlockInit::TorchDefault => torch_default_uniform(hidden),
+                    BlockInit::Normal { .. } => proj_w,
+                };
+                let init = ExpertInit {
+                    fc_weight: fc_w,
+                    fc_bias: torch_default_uniform(width),
+                    proj_weight: proj_w,
+                    proj_bias: torch_default_uniform(hidden),
+                };
+                FeedForward::Moe(MoeFeedForward::new(
+                    &(p / "moe"),
+                    runtime,
+                    width,
+                    hidden,
+                    init,
+                )?)
+            }
+        };
+        Ok(Self {
+            ln_1,
+            in_proj_weight,
+            in_proj_bias,
+            out_proj,
+            ln_2,
+            ffn,
             heads,
-        }
+        })
     }
 
     /// x: N × L × D → N × L × D.
     pub fn forward(&self, x: &Tensor, mask: &AttentionMask) -> Tensor {
         let x = x + self.attention(&x.apply(&self.ln_1), mask);
-        let h = x.apply(&self.ln_2).apply(&self.c_fc).gelu("none");
-        &x + h.apply(&self.c_proj)
+        match &self.ffn {
+            FeedForward::Dense { c_fc, c_proj } => {
+                let h = x.apply(&self.ln_2).apply(c_fc).gelu("none");
+                &x + h.apply(c_proj)
+            }
+            FeedForward::Moe(moe) => moe.forward_residual(&x, &self.ln_2),
+        }
+    }
+
+    /// Takes part in the MoE block's exchanges without tokens (a rank without samples must
+    /// still serve its experts); nothing for a dense block.
+    fn moe_idle_pass(&self, width: i64, device: tch::Device) {
+        if let FeedForward::Moe(moe) = &self.ffn {
+            let none = Tensor::zeros([0, width], (Kind::Float, device));
+            let _ = moe.forward_residual(&none, &self.ln_2);
+        }
     }
 
     fn attention(&self, x: &Tensor, mask: &AttentionMask) -> Tensor {
@@ -198,6 +278,7 @@ pub struct Transformer {
 }
 
 impl Transformer {
+    /// `moe` turns the listed blocks into MoE blocks.
     pub fn new(
         p: &nn::Path,
         width: i64,
@@ -205,13 +286,26 @@ impl Transformer {
         heads: i64,
         mlp_ratio: f64,
         init: BlockInit,
-    ) -> Self {
+        moe: Option<&MoeBlocks>,
+    ) -> anyhow::Result<Self> {
         let mlp_width = mlp_width(width, mlp_ratio);
         let blocks = p / "resblocks";
         let resblocks = (0..layers)
-            .map(|i| ResidualAttentionBlock::new(&(&blocks / i), width, heads, mlp_width, init))
-            .collect();
-        Self { resblocks, width }
+            .map(|i| {
+                let expert = moe
+                    .filter(|m| m.blocks.contains(&(i as usize)))
+                    .map(|m| (&m.runtime, m.expert_hidden));
+                ResidualAttentionBlock::build(&(&blocks / i), width, heads, mlp_width, init, expert)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { resblocks, width })
+    }
+
+    /// [`ResidualAttentionBlock::moe_idle_pass`] of every block, in order.
+    pub fn moe_idle_pass(&self, device: tch::Device) {
+        for block in &self.resblocks {
+            block.moe_idle_pass(self.width, device);
+        }
     }
 
     pub fn forward(&self, x: &Tensor, mask: &AttentionMask) -> Tensor {

@@ -7,7 +7,7 @@
 //! `visual.transformer.resblocks.N.*`, `visual.ln_post.*`, `visual.proj`.
 
 use super::transformer::{
-    layer_norm, torch_default_uniform, AttentionMask, BlockInit, Transformer,
+    layer_norm, torch_default_uniform, AttentionMask, BlockInit, MoeBlocks, Transformer,
 };
 use anyhow::{bail, ensure};
 use tch::nn::{self, Init};
@@ -126,6 +126,15 @@ impl VisionTransformer {
     /// Creates the variables under `p` with open_clip's initialisation (PyTorch module
     /// defaults in the blocks, N(0, width^-½) embeddings and projection).
     pub fn new(p: &nn::Path, cfg: &VitConfig) -> anyhow::Result<Self> {
+        Self::with_moe(p, cfg, None)
+    }
+
+    /// [`Self::new`] with the blocks `moe` lists as mixture-of-experts blocks.
+    pub fn with_moe(
+        p: &nn::Path,
+        cfg: &VitConfig,
+        moe: Option<&MoeBlocks>,
+    ) -> anyhow::Result<Self> {
         cfg.validate()?;
         let VitConfig {
             patch_size,
@@ -165,7 +174,8 @@ impl VisionTransformer {
                 heads,
                 mlp_ratio,
                 BlockInit::TorchDefault,
-            ),
+                moe,
+            )?,
             ln_post: layer_norm(p / "ln_post", width),
             proj: p.var("proj", &[width, output_dim], normal),
             cfg: cfg.clone(),
@@ -176,6 +186,11 @@ impl VisionTransformer {
     ///
     /// Panics (libtorch shape error) on another image size: the positional embedding is
     /// learned for one grid and is not interpolated.
+    /// The block stack (for the MoE idle pass).
+    pub fn transformer(&self) -> &Transformer {
+        &self.transformer
+    }
+
     pub fn forward(&self, images: &Tensor) -> Tensor {
         let pooled = self.forward_tokens(images).select(1, 0);
         pooled.matmul(&self.proj)

@@ -6,7 +6,9 @@
 //! - softmax in float32 over `logits` (tokens × experts); the first choice is the argmax, the
 //!   second (k = 2) the argmax of the logits with the first masked out;
 //! - slots: within an expert, first choices take slots in token order, then second choices in
-//!   token order; an assignment whose slot is ≥ the capacity is dropped;
+//!   token order; an assignment whose slot is ≥ the capacity is dropped. So an over-full
+//!   expert keeps its first tokens (DeepSpeed's top-1 with RTS off breaks that tie with an
+//!   unstable `topk`, so the fixture compares against its RTS code with falling priorities);
 //! - weights: k = 1 uses the gate probability; k = 2 renormalises the two kept probabilities
 //!   to sum to 1 (a dropped choice gives its share to the other);
 //! - balance loss: E · Σ_e f_e · P_e, f_e the fraction of tokens whose *first* choice is e

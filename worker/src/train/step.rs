@@ -27,6 +27,7 @@
 use super::objectives::{NtXent, StepObjective};
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::ContrastiveModel;
+use crate::moe::{is_expert_param, BlockLoad, Pass};
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
@@ -35,12 +36,15 @@ use tch::{Kind, Tensor};
 /// calls, and bounded extra memory for the flattened copy.
 pub const GRAD_BUCKET_ELEMENTS: i64 = 4 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepOutcome {
     /// The global-batch loss, identical on every rank.
     pub loss: f64,
     /// B: samples in the step across all ranks.
     pub global_samples: i64,
+    /// MoE blocks: assignments routed to each expert and dropped in this step, summed over
+    /// all ranks (empty without MoE).
+    pub expert_load: Vec<BlockLoad>,
 }
 
 /// Where the step sits in the run (schedules such as MoCo's momentum follow it).
@@ -77,6 +81,7 @@ pub fn train_step(
         return Ok(StepOutcome {
             loss: 0.0,
             global_samples: 0,
+            expert_load: Vec::new(),
         });
     }
     let device = model.device();
@@ -85,61 +90,142 @@ pub fn train_step(
     opt.zero_grad();
     objective.prepare(model, micro_batches, counts, clock, coll)?;
 
-    let local_loss = if non_empty.len() <= 1 {
+    let passes = forward_passes(model, non_empty.len(), coll)?;
+    let local_loss = if passes <= 1 {
         // One forward pass is enough: keep its graph.
+        begin_moe_pass(model, true, true, b as f64 / global_samples as f64);
         let z_local = match non_empty.first() {
             Some(&k) => {
                 let (v1, v2) = &micro_batches[k];
                 model.embed_pair(v1, v2, true)
             }
-            None => Tensor::zeros([0, model.embedding_dim()], (Kind::Float, device)),
+            None => {
+                model.moe_idle_pass();
+                Tensor::zeros([0, model.embedding_dim()], (Kind::Float, device))
+            }
         };
         let (local_loss, d_local) =
             objective.loss_and_grad(model, &z_local.detach(), counts, clock, coll)?;
         ensure_grads_defined(model);
-        if b > 0 {
-            // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
-            (&z_local * d_local).sum(Kind::Float).backward();
-        }
+        // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
+        model
+            .backward(&(&z_local * d_local).sum(Kind::Float))
+            .with_context(|| format!("rank {rank}: backward"))?;
         local_loss
     } else {
-        accumulated_passes(model, objective, micro_batches, &sizes, counts, clock, coll)?
+        accumulated_passes(
+            model,
+            objective,
+            micro_batches,
+            &sizes,
+            passes,
+            counts,
+            clock,
+            coll,
+        )?
     };
     let loss = finish_step(model, opt, &local_loss, lr, coll, &|name| {
         objective.frozen(name, clock)
     })?;
     objective.after_update(model, clock, coll)?;
+    let expert_load = global_expert_load(model, coll)?;
     Ok(StepOutcome {
         loss,
         global_samples,
+        expert_load,
     })
+}
+
+/// How many forward passes this rank makes: one per non-empty micro-batch, except that with
+/// MoE blocks every rank makes as many as the busiest one (each pass exchanges tokens with
+/// every rank; a rank short of micro-batches makes idle passes).
+fn forward_passes(
+    model: &ContrastiveModel,
+    non_empty: usize,
+    coll: &dyn Collective,
+) -> Result<usize> {
+    if model.moe().is_none() || coll.world_size() == 1 {
+        return Ok(non_empty);
+    }
+    let all = all_gather_counts(coll, non_empty as i64)
+        .with_context(|| format!("rank {}: agreeing on the forward passes", coll.rank()))?;
+    Ok(all.into_iter().max().unwrap_or(0) as usize)
+}
+
+/// Sets the MoE blocks' mode for the next forward pass (nothing without MoE blocks).
+fn begin_moe_pass(model: &ContrastiveModel, record: bool, count_load: bool, aux_weight: f64) {
+    if let Some(rt) = model.moe() {
+        rt.begin_pass(Pass {
+            train: true,
+            record,
+            count_load,
+            aux_weight,
+        });
+    }
+}
+
+/// The step's expert load summed over the ranks (empty without MoE), and the blocks back in
+/// evaluation mode.
+fn global_expert_load(model: &ContrastiveModel, coll: &dyn Collective) -> Result<Vec<BlockLoad>> {
+    let Some(rt) = model.moe() else {
+        return Ok(Vec::new());
+    };
+    rt.begin_pass(Pass::default());
+    let mut load = rt.take_load();
+    if coll.world_size() > 1 && !load.is_empty() {
+        let flat: Vec<i64> = load
+            .iter()
+            .flat_map(|l| l.routed.iter().copied().chain([l.dropped]))
+            .collect();
+        let mut t = Tensor::from_slice(&flat);
+        coll.all_reduce_sum(&mut t)
+            .with_context(|| format!("rank {}: summing the expert load", coll.rank()))?;
+        let mut summed = Vec::<i64>::try_from(&t).expect("Int64 load").into_iter();
+        for l in &mut load {
+            for r in &mut l.routed {
+                *r = summed.next().expect("one count per expert");
+            }
+            l.dropped = summed.next().expect("one dropped count per block");
+        }
+    }
+    Ok(load)
 }
 
 /// K > 1: the objective's loss over every micro-batch's embeddings, computed once, with the
 /// gradient pushed through one micro-batch at a time. Returns this rank's loss share.
+#[allow(clippy::too_many_arguments)]
 fn accumulated_passes(
     model: &ContrastiveModel,
     objective: &mut dyn StepObjective,
     micro_batches: &[(Tensor, Tensor)],
     sizes: &[i64],
+    passes: usize,
     counts: &[i64],
     clock: StepClock,
     coll: &dyn Collective,
 ) -> Result<Tensor> {
     let rank = coll.rank();
     let b: i64 = sizes.iter().sum();
+    let global: i64 = counts.iter().sum();
     let non_empty: Vec<usize> = (0..sizes.len()).filter(|&k| sizes[k] > 0).collect();
     // Pass 1: embeddings only, no graph kept, so memory does not grow with K.
     let z_local = tch::no_grad(|| {
         let mut first = Vec::with_capacity(non_empty.len());
         let mut second = Vec::with_capacity(non_empty.len());
+        begin_moe_pass(model, false, true, 0.0);
         for &k in &non_empty {
             let (v1, v2) = &micro_batches[k];
             let z = model.embed_pair(v1, v2, true);
             first.push(z.narrow(0, 0, sizes[k]));
             second.push(z.narrow(0, sizes[k], sizes[k]));
         }
+        for _ in non_empty.len()..passes {
+            model.moe_idle_pass();
+        }
         first.extend(second);
+        if first.is_empty() {
+            return Tensor::zeros([0, model.embedding_dim()], (Kind::Float, model.device()));
+        }
         Tensor::cat(&first, 0)
     });
     let (local_loss, d_local) = objective.loss_and_grad(model, &z_local, counts, clock, coll)?;
@@ -155,6 +241,7 @@ fn accumulated_passes(
             &[d_local.narrow(0, at, bk), d_local.narrow(0, b + at, bk)],
             0,
         );
+        begin_moe_pass(model, true, false, bk as f64 / global as f64);
         let z = model.embed_pair(v1, v2, true);
         if z.size() != g.size() {
             bail!(
@@ -163,8 +250,17 @@ fn accumulated_passes(
                 g.size()
             );
         }
-        (&z * g).sum(Kind::Float).backward();
+        model
+            .backward(&(&z * g).sum(Kind::Float))
+            .with_context(|| format!("rank {rank}: backward of micro-batch {k}"))?;
         at += bk;
+    }
+    for _ in non_empty.len()..passes {
+        begin_moe_pass(model, true, false, 0.0);
+        model.moe_idle_pass();
+        model
+            .backward(&Tensor::zeros([], (Kind::Float, model.device())))
+            .with_context(|| format!("rank {rank}: backward of an idle pass"))?;
     }
     Ok(local_loss)
 }
@@ -294,9 +390,14 @@ fn ensure_grads_defined(model: &ContrastiveModel) {
 
 /// Sums every parameter gradient across ranks, in name order, a bucket at a time.
 fn all_reduce_gradients(model: &ContrastiveModel, coll: &dyn Collective) -> Result<()> {
-    let grads: Vec<(String, Tensor)> = model
-        .named_parameters()
+    let params = model.named_parameters();
+    if let Some(rt) = model.moe() {
+        // Experts differ between ranks: only their replicas are summed, among themselves.
+        rt.sync_expert_grads(&params)?;
+    }
+    let grads: Vec<(String, Tensor)> = params
         .into_iter()
+        .filter(|(n, _)| !is_expert_param(n))
         .map(|(n, p)| (n, p.grad()))
         .collect();
     let mut start = 0;
