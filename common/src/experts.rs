@@ -6,6 +6,8 @@
 //! A source worker splits its tokens for expert e evenly over e's replicas (contiguous runs,
 //! earlier replicas take the remainder), so a replica's expected load is load(e) / replicas(e).
 
+use crate::config::MoeConfig;
+use crate::proto;
 use serde::{Deserialize, Serialize};
 
 /// One MoE block: `holders[e]` are the ranks holding expert e, ascending and non-empty.
@@ -103,6 +105,62 @@ pub fn max_mean_ratio(loads: &[f64]) -> f64 {
     loads.iter().cloned().fold(0.0, f64::max) / mean
 }
 
+/// Names of the MoE blocks in model order, which is the order of `ExpertPlacement::blocks` and
+/// of `ExpertLoad.block`: the ViT's MoE blocks by ascending layer, then the text tower's
+/// ("vit 3", "text 0"). Empty when MoE is off.
+pub fn block_labels(moe: &MoeConfig) -> Vec<String> {
+    if !moe.enabled() {
+        return Vec::new();
+    }
+    let sorted = |b: &[u32]| {
+        let mut b = b.to_vec();
+        b.sort_unstable();
+        b
+    };
+    let vit = sorted(&moe.vit_blocks)
+        .into_iter()
+        .map(|l| format!("vit {l}"));
+    let text = sorted(&moe.text_blocks)
+        .into_iter()
+        .map(|l| format!("text {l}"));
+    vit.chain(text).collect()
+}
+
+impl From<&ExpertPlacement> for proto::Placement {
+    fn from(p: &ExpertPlacement) -> Self {
+        proto::Placement {
+            version: p.version,
+            blocks: p
+                .blocks
+                .iter()
+                .map(|b| proto::BlockHolders {
+                    experts: b
+                        .holders
+                        .iter()
+                        .map(|h| proto::ExpertHolders { ranks: h.clone() })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The wire form back; check the result with [`BlockPlacement::validate`] before routing by it.
+impl From<&proto::Placement> for ExpertPlacement {
+    fn from(p: &proto::Placement) -> Self {
+        ExpertPlacement {
+            version: p.version,
+            blocks: p
+                .blocks
+                .iter()
+                .map(|b| BlockPlacement {
+                    holders: b.experts.iter().map(|h| h.ranks.clone()).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +207,33 @@ mod tests {
         assert_eq!(w, vec![20.0, 2.0]);
         assert!((max_mean_ratio(&w) - 20.0 / 11.0).abs() < 1e-12);
         assert_eq!(max_mean_ratio(&[0.0, 0.0]), 1.0);
+    }
+
+    #[test]
+    fn placement_round_trips_through_the_wire_form() {
+        let p = ExpertPlacement {
+            version: 3,
+            blocks: vec![
+                BlockPlacement::spread(2, 4),
+                BlockPlacement {
+                    holders: vec![vec![0, 1], vec![2], vec![3], vec![1]],
+                },
+            ],
+        };
+        let wire = proto::Placement::from(&p);
+        assert_eq!(wire.blocks[0].experts[1].ranks, vec![1, 3]);
+        assert_eq!(ExpertPlacement::from(&wire), p);
+    }
+
+    #[test]
+    fn block_labels_follow_model_order() {
+        let moe = MoeConfig {
+            experts: 4,
+            vit_blocks: vec![5, 1],
+            text_blocks: vec![0],
+            ..Default::default()
+        };
+        assert_eq!(block_labels(&moe), vec!["vit 1", "vit 5", "text 0"]);
+        assert!(block_labels(&MoeConfig::default()).is_empty());
     }
 }

@@ -115,6 +115,50 @@ pub struct StatusReport {
     pub bad_samples: BTreeMap<String, u64>,
     /// Recent (step, loss) pairs, thinned evenly so the whole run fits in a bounded list.
     pub loss_history: Vec<(u64, f64)>,
+    /// Mixture-of-experts routing and placement; None when MoE is off.
+    #[serde(default)]
+    pub experts: Option<ExpertStatus>,
+}
+
+/// The MoE blocks' load (from rank 0's per-step router counts) and where their experts live.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExpertStatus {
+    /// Version of the placement the coordinator has adopted (1 is the initial spread).
+    pub placement_version: u64,
+    /// The newest version rank 0 reported running with; below `placement_version` while a
+    /// new placement is on its way to the workers.
+    pub acknowledged_version: u64,
+    /// Placements adopted after the initial one.
+    pub rebalances: u64,
+    /// Steps in the recent window the loads below are measured over (at most
+    /// `moe.rebalance_every_steps`).
+    pub window_steps: u64,
+    pub blocks: Vec<ExpertBlockStatus>,
+}
+
+/// One MoE block. Fractions and ratios cover the recent window; before any report the loads
+/// are empty and the ratios 1.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ExpertBlockStatus {
+    /// Position in model order (`ExpertLoad.block`).
+    pub block: u32,
+    /// Which layer it is: "vit 3", "text 0".
+    pub label: String,
+    /// Share of the block's assignments each expert received (sums to 1).
+    pub load: Vec<f64>,
+    /// max / mean of the expert loads: 1 is perfectly even routing, E means one expert took
+    /// everything.
+    pub load_max_mean: f64,
+    /// max / mean of the expected worker loads under the current placement (an expert's load
+    /// split evenly over its replicas): what a rebalance compares against its threshold.
+    pub worker_load_max_mean: f64,
+    /// Share of the assignments dropped for exceeding an expert's capacity.
+    pub dropped_fraction: f64,
+    /// Assignments (routed, before drops) in the window and since the coordinator started.
+    pub window_assignments: u64,
+    pub total_assignments: u64,
+    /// `holders[e]`: the ranks holding a replica of expert e.
+    pub holders: Vec<Vec<u32>>,
 }
 
 #[cfg(test)]
@@ -153,6 +197,28 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"state\":\"running\""), "{json}");
         let back: StatusReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn report_without_experts_still_parses() {
+        let mut v = serde_json::to_value(StatusReport::default()).unwrap();
+        v.as_object_mut().unwrap().remove("experts").unwrap();
+        let back: StatusReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back.experts, None);
+        let r = StatusReport {
+            experts: Some(ExpertStatus {
+                placement_version: 2,
+                blocks: vec![ExpertBlockStatus {
+                    load: vec![0.75, 0.25],
+                    holders: vec![vec![0], vec![1]],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let back: StatusReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
     }
 }

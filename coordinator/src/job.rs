@@ -6,6 +6,7 @@
 //! a failure is not built: a failed job stays failed and every survivor is told to stop.
 
 use crate::error::RpcError;
+use crate::experts::ExpertBook;
 use crate::leases::{Completion, ShardBook};
 use crate::membership::{Membership, Worker};
 use crate::progress::Progress;
@@ -32,6 +33,8 @@ pub struct JobBook {
     shards: ShardBook,
     progress: Progress,
     resume: Option<ResumePoint>,
+    /// Expert placement and router load; None when MoE is off.
+    experts: Option<ExpertBook>,
 }
 
 impl JobBook {
@@ -54,7 +57,13 @@ impl JobBook {
             ),
             None => (None, None, Progress::default()),
         };
+        let experts = ExpertBook::new(
+            &cfg.moe,
+            cfg.cluster.world_size,
+            resume_point.as_ref().map_or(0, |r| r.step),
+        );
         Self {
+            experts,
             members: Membership::new(cfg.cluster.world_size),
             shards: ShardBook::new(
                 shard_urls,
@@ -227,6 +236,7 @@ impl JobBook {
             resume_checkpoint: resume.as_ref().map(|r| r.dir.clone()).unwrap_or_default(),
             resume_step: resume.as_ref().map_or(0, |r| r.step),
             resume_epoch: resume.as_ref().map_or(0, |r| r.epoch),
+            placement: self.experts.as_ref().map(|x| x.placement().into()),
         }))
     }
 
@@ -312,10 +322,25 @@ impl JobBook {
         Ok(outcome)
     }
 
-    pub fn report_step(&mut self, req: &proto::StepReport, now_ms: u64) -> Result<(), RpcError> {
+    /// Records a step. Rank 0's reply carries a new expert placement while one is pending
+    /// (the hand-over protocol is described at `StepReply` in contrail.proto).
+    pub fn report_step(
+        &mut self,
+        req: &proto::StepReport,
+        now_ms: u64,
+    ) -> Result<proto::StepReply, RpcError> {
         let w = self.admit(req.worker_id, req.generation, now_ms)?;
-        w.step = w.step.max(req.step);
         let rank = w.rank.unwrap_or(u32::MAX);
+        // Rank 0's expert counts are checked before anything is recorded, so a malformed
+        // report is refused whole. Other ranks' counts are not read (rank 0's are global).
+        if let (0, Some(x)) = (rank, &self.experts) {
+            x.check(&req.expert_load).map_err(|e| {
+                RpcError::InvalidArgument(format!("step {} report of rank 0: {e}", req.step))
+            })?;
+        }
+        if let Some(w) = self.members.get_mut(req.worker_id) {
+            w.step = w.step.max(req.step);
+        }
         self.progress.report(
             rank,
             req.epoch,
@@ -326,7 +351,15 @@ impl JobBook {
             req.step_seconds,
             now_ms,
         );
-        Ok(())
+        let mut reply = proto::StepReply::default();
+        if let (0, Some(x)) = (rank, &mut self.experts) {
+            x.report(req.step, &req.expert_load, req.placement_version);
+            if let Some((placement, apply_at_step)) = x.pending() {
+                reply.placement = Some(placement);
+                reply.apply_at_step = apply_at_step;
+            }
+        }
+        Ok(reply)
     }
 
     /// The epoch whose shard state a checkpoint of the latest step belongs to.
@@ -435,6 +468,7 @@ impl JobBook {
             shards: self.shards.counts(epoch),
             bad_samples: self.shards.bad_samples().clone(),
             loss_history: self.progress.loss_history.points().to_vec(),
+            experts: self.experts.as_ref().map(ExpertBook::status),
         }
     }
 }

@@ -5,6 +5,8 @@
 //!   sleeping). Built from [`membership`] (workers, ranks, generation, fencing),
 //!   [`leases`] (per-epoch shard pools and leases) and [`progress`] (step, loss, throughput,
 //!   ETA).
+//! - [`experts`]: the MoE expert placement, the router load rank 0 reports, and when to
+//!   re-plan.
 //! - [`service`]: the tonic gRPC service over a shared [`Coordinator`].
 //! - [`http`]: `GET /status` (JSON [`StatusReport`]) and `GET /healthz`.
 //! - [`status_text`]: the person-readable rendering used by `contrail status`.
@@ -20,6 +22,7 @@
 //! ```
 
 pub mod error;
+pub mod experts;
 pub mod http;
 pub mod job;
 pub mod leases;

@@ -97,8 +97,9 @@ impl CoordinatorRpc for CoordinatorService {
         req: Request<proto::StepReport>,
     ) -> Result<Response<proto::StepReply>, Status> {
         let r = req.into_inner();
-        self.coord.with_book(|b, now| b.report_step(&r, now))?;
-        Ok(Response::new(proto::StepReply {}))
+        Ok(Response::new(
+            self.coord.with_book(|b, now| b.report_step(&r, now))?,
+        ))
     }
 
     async fn shard_state(

@@ -1,9 +1,12 @@
 //! The person-readable view of a [`StatusReport`], printed by `contrail status`.
 
-use contrail_common::status::{JobState, StatusReport};
+use contrail_common::status::{ExpertStatus, JobState, StatusReport};
 use std::fmt::Write;
 
 const BAR_WIDTH: usize = 20;
+/// Blocks with more experts show only their busiest ones.
+const EXPERTS_LISTED: usize = 16;
+const BUSIEST_LISTED: usize = 8;
 
 /// `[#########...........] 45%` for `done` of `total` (clamped to 100%).
 pub fn progress_bar(done: u64, total: u64) -> String {
@@ -98,6 +101,9 @@ pub fn render_status_text(s: &StatusReport) -> String {
             .collect();
         let _ = writeln!(out, "bad samples: {total} ({})", parts.join(", "));
     }
+    if let Some(x) = &s.experts {
+        render_experts(&mut out, x);
+    }
     let _ = writeln!(out, "workers ({} of {}):", s.workers.len(), s.world_size);
     for w in &s.workers {
         let rank = w.rank.map_or_else(|| "-".to_string(), |r| r.to_string());
@@ -117,10 +123,58 @@ pub fn render_status_text(s: &StatusReport) -> String {
     out
 }
 
+/// One line per MoE block: `moe block 0 (vit 1): load max/mean 1.83 (experts 0..7: 31% 12%
+/// ...), workers max/mean 1.40, dropped 2.1%, placement v1`.
+fn render_experts(out: &mut String, x: &ExpertStatus) {
+    let placement = if x.acknowledged_version < x.placement_version {
+        format!(
+            "placement v{} (pending, workers on v{})",
+            x.placement_version, x.acknowledged_version
+        )
+    } else {
+        format!("placement v{}", x.placement_version)
+    };
+    let pct = |f: f64| format!("{:.0}%", f * 100.0);
+    for b in &x.blocks {
+        let _ = write!(out, "moe block {} ({}): ", b.block, b.label);
+        if b.load.is_empty() {
+            let _ = writeln!(out, "no load reported yet, {placement}");
+            continue;
+        }
+        let n = b.load.len();
+        let experts = if n <= EXPERTS_LISTED {
+            let shares: Vec<String> = b.load.iter().map(|&f| pct(f)).collect();
+            format!("experts 0..{}: {}", n - 1, shares.join(" "))
+        } else {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &c| b.load[c].total_cmp(&b.load[a]).then(a.cmp(&c)));
+            let top: Vec<String> = order[..BUSIEST_LISTED]
+                .iter()
+                .map(|&e| format!("e{e} {}", pct(b.load[e])))
+                .collect();
+            format!("{n} experts, busiest {} ...", top.join(" "))
+        };
+        let _ = writeln!(
+            out,
+            "load max/mean {:.2} ({experts}), workers max/mean {:.2}, dropped {:.1}%, {placement}",
+            b.load_max_mean,
+            b.worker_load_max_mean,
+            b.dropped_fraction * 100.0
+        );
+    }
+    if x.rebalances > 0 {
+        let _ = writeln!(
+            out,
+            "moe rebalances: {} (load window {} steps)",
+            x.rebalances, x.window_steps
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use contrail_common::status::{ShardCounts, WorkerLiveness, WorkerStatus};
+    use contrail_common::status::{ExpertBlockStatus, ShardCounts, WorkerLiveness, WorkerStatus};
 
     #[test]
     fn bar_and_clock_format() {
@@ -182,5 +236,44 @@ mod tests {
         let text = render_status_text(&s);
         assert!(text.contains("reason: rank 1 (10.0.0.2:29500)"), "{text}");
         assert!(!text.contains("ETA"), "{text}");
+    }
+
+    #[test]
+    fn moe_blocks_get_one_line_each() {
+        let block = |b: u32, load: Vec<f64>| ExpertBlockStatus {
+            block: b,
+            label: format!("vit {}", 2 * b + 1),
+            load_max_mean: 1.83,
+            worker_load_max_mean: 1.4,
+            dropped_fraction: 0.021,
+            load,
+            ..Default::default()
+        };
+        let mut s = StatusReport {
+            experts: Some(ExpertStatus {
+                placement_version: 2,
+                acknowledged_version: 1,
+                rebalances: 1,
+                window_steps: 50,
+                blocks: vec![
+                    block(0, vec![0.31, 0.12, 0.57]),
+                    block(1, Vec::new()),
+                    block(2, (0..20).map(|e| f64::from(e) / 190.0).collect()),
+                ],
+            }),
+            ..Default::default()
+        };
+        let text = render_status_text(&s);
+        for needle in [
+            "moe block 0 (vit 1): load max/mean 1.83 (experts 0..2: 31% 12% 57%), workers \
+             max/mean 1.40, dropped 2.1%, placement v2 (pending, workers on v1)\n",
+            "moe block 1 (vit 3): no load reported yet",
+            "moe block 2 (vit 5): load max/mean 1.83 (20 experts, busiest e19 10% e18 9%",
+            "moe rebalances: 1 (load window 50 steps)",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        s.experts = None;
+        assert!(!render_status_text(&s).contains("moe"));
     }
 }

@@ -2,6 +2,7 @@
 
 use contrail_common::checkpoint::{join_url, write_bytes, CheckpointMeta, LATEST};
 use contrail_common::config::JobConfig;
+use contrail_common::experts::{BlockPlacement, ExpertPlacement};
 use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
 use contrail_common::shards::{epoch_order, ShardStateSnapshot};
 use contrail_common::status::{JobState, StatusReport, WorkerLiveness};
@@ -115,6 +116,8 @@ struct FakeWorker {
     id: u64,
     generation: u64,
     rank: u32,
+    /// The expert placement rendezvous gave (None when MoE is off).
+    placement: Option<proto::Placement>,
 }
 
 /// Registers and completes the rendezvous for `n` workers concurrently.
@@ -167,6 +170,7 @@ async fn join_world(served: &Served, n: u32) -> Vec<FakeWorker> {
             id,
             generation: r.generation,
             rank: r.rank,
+            placement: r.placement,
         });
     }
     workers.sort_by_key(|w| w.rank);
@@ -278,6 +282,7 @@ async fn two_workers_train_an_epoch_and_status_adds_up() {
                     global_samples: 8,
                     learning_rate: 0.05,
                     step_seconds: 0.5,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -508,6 +513,77 @@ async fn new_coordinator_resumes_from_the_latest_checkpoint() {
             rv.resume_epoch
         ),
         (dir.as_str(), 2, 0)
+    );
+    served.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_placement_at_rendezvous_and_expert_load_in_status() {
+    let data = write_shards("serve-moe").await;
+    let mut cfg = config(&data, "");
+    let vit = JobConfig::from_toml(
+        "[model]\nencoder = \"vit\"\n[model.vit]\nlayers = 2\npatch_size = 8\n\
+         [data]\nimage_size = 32\n[moe]\nexperts = 4\nvit_blocks = [1]\n",
+    )
+    .unwrap();
+    (cfg.model, cfg.data.image_size, cfg.moe) = (vit.model, vit.data.image_size, vit.moe);
+    cfg.validate().unwrap();
+    let served = serve(cfg).await;
+    let mut workers = join_world(&served, 2).await;
+    for w in &workers {
+        let p = ExpertPlacement::from(w.placement.as_ref().expect("MoE is on"));
+        assert_eq!(p.version, 1);
+        assert_eq!(p.blocks, vec![BlockPlacement::spread(4, 2)]);
+    }
+    assert_eq!(
+        status(served.http).await.experts.unwrap().blocks[0].load,
+        Vec::<f64>::new(),
+        "no load before the first report"
+    );
+
+    for step in 1..=2u64 {
+        for w in workers.iter_mut() {
+            let reply = w
+                .client
+                .report_step(proto::StepReport {
+                    worker_id: w.id,
+                    generation: w.generation,
+                    step,
+                    global_samples: 8,
+                    expert_load: vec![proto::ExpertLoad {
+                        block: 0,
+                        routed: if w.rank == 0 {
+                            vec![5, 1, 1, 1]
+                        } else {
+                            vec![0; 4]
+                        },
+                        dropped: if w.rank == 0 { 2 } else { 0 },
+                    }],
+                    placement_version: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(reply.placement, None, "rebalance is off");
+        }
+    }
+    let (code, body) = http_get(served.http, "/status").await;
+    assert_eq!(code, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let block = &json["experts"]["blocks"][0];
+    assert_eq!(block["label"], "vit 1");
+    let load: Vec<f64> = serde_json::from_value(block["load"].clone()).unwrap();
+    assert_eq!(load, vec![0.625, 0.125, 0.125, 0.125]);
+    assert_eq!(block["dropped_fraction"], 0.25);
+    // Experts 0 and 1 on rank 0: 12 of 16 assignments → 1.5 × the mean.
+    assert_eq!(block["worker_load_max_mean"], 1.5);
+    assert_eq!(block["holders"], serde_json::json!([[0], [0], [1], [1]]));
+    assert_eq!(json["experts"]["placement_version"], 1);
+    let text = contrail_coordinator::render_status_text(&status(served.http).await);
+    assert!(
+        text.contains("moe block 0 (vit 1): load max/mean 2.50 (experts 0..3: 62% 12% 12% 12%)"),
+        "{text}"
     );
     served.shutdown().await;
 }

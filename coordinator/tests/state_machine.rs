@@ -2,6 +2,7 @@
 
 use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::config::JobConfig;
+use contrail_common::experts::{BlockPlacement, ExpertPlacement};
 use contrail_common::proto;
 use contrail_common::shards::{epoch_order, ShardStateSnapshot};
 use contrail_common::status::{JobState, WorkerLiveness};
@@ -362,6 +363,7 @@ fn steps_feed_progress_from_rank_zero() {
                     global_samples: 8,
                     learning_rate: 0.1,
                     step_seconds: 0.25,
+                    ..Default::default()
                 },
                 step * 250,
             )
@@ -459,4 +461,195 @@ fn resume_reports_the_checkpoint_and_skips_done_shards() {
     }
     let expected: Vec<String> = order[2..].iter().map(|i| all[*i].clone()).collect();
     assert_eq!(got, expected);
+}
+
+/// A ViT job with MoE blocks 1 and 3, 8 experts on 4 workers, re-planning every 4 steps.
+fn moe_config(rebalance: bool) -> JobConfig {
+    let mut cfg = JobConfig::from_toml(
+        "[model]\nencoder = \"vit\"\n[model.vit]\nlayers = 4\npatch_size = 8\n\
+         [data]\nimage_size = 32\n\
+         [moe]\nexperts = 8\nvit_blocks = [1, 3]\nrebalance_every_steps = 4\n\
+         rebalance_threshold = 1.2\n",
+    )
+    .unwrap();
+    cfg.moe.rebalance = rebalance;
+    let base = config(4);
+    cfg.cluster = base.cluster;
+    cfg.train = base.train;
+    cfg.validate().expect("MoE test config is valid");
+    cfg
+}
+
+/// Every rank reports `step`; rank 0 sends `routed` for both blocks (1 in 20 dropped) and the
+/// placement version it runs, the others send garbage counts that must be ignored. Returns the
+/// replies in rank order.
+fn moe_step(
+    b: &mut JobBook,
+    ids: &[u64],
+    step: u64,
+    routed: &[[u64; 8]; 2],
+    version: u64,
+) -> Vec<proto::StepReply> {
+    let g = b.generation();
+    ids.iter()
+        .enumerate()
+        .map(|(rank, id)| {
+            let expert_load = if rank == 0 {
+                routed
+                    .iter()
+                    .enumerate()
+                    .map(|(blk, r)| proto::ExpertLoad {
+                        block: blk as u32,
+                        routed: r.to_vec(),
+                        dropped: r.iter().sum::<u64>() / 20,
+                    })
+                    .collect()
+            } else {
+                vec![proto::ExpertLoad {
+                    block: 9,
+                    routed: vec![1_000_000],
+                    dropped: 0,
+                }]
+            };
+            b.report_step(
+                &proto::StepReport {
+                    worker_id: *id,
+                    generation: g,
+                    step,
+                    global_samples: 16,
+                    expert_load,
+                    placement_version: version,
+                    ..Default::default()
+                },
+                step * 100,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn moe_rendezvous_gives_the_spread_and_status_shows_the_load() {
+    let (mut b, ids) = running_with(moe_config(false), 4);
+    let r = b.rendezvous(ids[2], b.generation(), 0).unwrap().unwrap();
+    let p = ExpertPlacement::from(&r.placement.expect("MoE is on"));
+    assert_eq!(p.version, 1);
+    assert_eq!(p.blocks, vec![BlockPlacement::spread(8, 4); 2]);
+    let routed = [[10, 10, 10, 10, 20, 20, 10, 10], [5; 8]];
+    for step in 1..=6 {
+        let replies = moe_step(&mut b, &ids, step, &routed, 1);
+        assert!(replies.iter().all(|r| r.placement.is_none()));
+    }
+    let x = b.status(700).experts.expect("MoE is on");
+    assert_eq!(
+        (x.placement_version, x.rebalances, x.window_steps),
+        (1, 0, 4)
+    );
+    let b0 = &x.blocks[0];
+    assert_eq!(b0.label, "vit 1");
+    let want: Vec<f64> = routed[0].iter().map(|&n| n as f64 / 100.0).collect();
+    assert_eq!(b0.load, want);
+    assert!((b0.load_max_mean - 1.6).abs() < 1e-12);
+    // Experts 4 and 5 share rank 2: 40 of 100 per step → 1.6 × the mean.
+    assert!((b0.worker_load_max_mean - 1.6).abs() < 1e-12);
+    assert!((b0.dropped_fraction - 0.05).abs() < 1e-12);
+    assert_eq!((b0.window_assignments, b0.total_assignments), (400, 600));
+    assert_eq!(x.blocks[1].load, vec![0.125; 8]);
+    assert_eq!(x.blocks[1].holders, BlockPlacement::spread(8, 4).holders);
+}
+
+#[test]
+fn moe_skewed_steps_lead_to_a_new_placement_for_rank_zero_until_acknowledged() {
+    let (mut b, ids) = running_with(moe_config(true), 4);
+    let skewed = [[40, 30, 5, 5, 5, 5, 5, 5], [10; 8]];
+    for step in 1..=3 {
+        assert!(moe_step(&mut b, &ids, step, &skewed, 1)
+            .iter()
+            .all(|r| r.placement.is_none()));
+    }
+    let before = b.status(0).experts.unwrap().blocks[0].worker_load_max_mean;
+    assert!(before > 2.0, "{before}");
+    let replies = moe_step(&mut b, &ids, 4, &skewed, 1);
+    let wire = replies[0].placement.as_ref().expect("rank 0 hears of v2");
+    assert_eq!((wire.version, replies[0].apply_at_step), (2, 5));
+    assert!(replies[1..]
+        .iter()
+        .all(|r| *r == proto::StepReply::default()));
+    let v2 = ExpertPlacement::from(wire);
+    for blk in &v2.blocks {
+        blk.validate(4).unwrap();
+    }
+    assert_eq!(
+        v2.blocks[1],
+        BlockPlacement::spread(8, 4),
+        "balanced block kept"
+    );
+    let x = b.status(0).experts.unwrap();
+    assert_eq!(
+        (x.placement_version, x.acknowledged_version, x.rebalances),
+        (2, 1, 1)
+    );
+    assert!(x.blocks[0].worker_load_max_mean < before);
+    assert_eq!(x.blocks[0].holders, v2.blocks[0].holders);
+    // Resent (unchanged) until rank 0 reports running v2.
+    let again = moe_step(&mut b, &ids, 5, &skewed, 1);
+    assert_eq!(again[0].placement.as_ref(), Some(wire));
+    let acked = moe_step(&mut b, &ids, 6, &skewed, 2);
+    assert!(acked[0].placement.is_none());
+    assert_eq!(b.status(0).experts.unwrap().acknowledged_version, 2);
+    // The balanced v2 holds through further windows of the same load.
+    for step in 7..=20 {
+        assert!(moe_step(&mut b, &ids, step, &skewed, 2)[0]
+            .placement
+            .is_none());
+    }
+    assert_eq!(b.status(0).experts.unwrap().placement_version, 2);
+}
+
+#[test]
+fn moe_balanced_steps_keep_the_placement() {
+    let (mut b, ids) = running_with(moe_config(true), 4);
+    for step in 1..=20 {
+        let replies = moe_step(
+            &mut b,
+            &ids,
+            step,
+            &[[11, 9, 10, 10, 10, 12, 9, 10], [5; 8]],
+            1,
+        );
+        assert!(replies[0].placement.is_none());
+    }
+    let x = b.status(0).experts.unwrap();
+    assert_eq!((x.placement_version, x.rebalances), (1, 0));
+}
+
+#[test]
+fn moe_off_has_no_experts_and_a_malformed_report_is_refused_whole() {
+    let (mut b, ids) = running(2, 4);
+    assert_eq!(b.status(0).experts, None);
+    let r = b.rendezvous(ids[0], b.generation(), 0).unwrap().unwrap();
+    assert_eq!(r.placement, None);
+
+    let (mut b, ids) = running_with(moe_config(true), 4);
+    let e = b
+        .report_step(
+            &proto::StepReport {
+                worker_id: ids[0],
+                generation: b.generation(),
+                step: 1,
+                global_samples: 16,
+                expert_load: vec![proto::ExpertLoad {
+                    block: 0,
+                    routed: vec![1, 2, 3],
+                    dropped: 0,
+                }],
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap_err();
+    assert!(matches!(e, RpcError::InvalidArgument(_)), "{e:?}");
+    assert!(e.to_string().contains("moe.experts is 8"), "{e}");
+    let s = b.status(0);
+    assert_eq!((s.step, s.samples_seen), (0, 0));
 }
