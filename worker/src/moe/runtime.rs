@@ -202,6 +202,15 @@ impl MoeRuntime {
         Ok(b)
     }
 
+    /// (block, var-store prefix, expert shapes) of every block, in order.
+    pub(crate) fn block_params(&self) -> Vec<(usize, String, ExpertShapes)> {
+        lock(&self.blocks)
+            .iter()
+            .enumerate()
+            .map(|(b, i)| (b, i.prefix.clone(), i.shapes.clone()))
+            .collect()
+    }
+
     pub fn block_count(&self) -> usize {
         lock(&self.blocks).len()
     }

@@ -25,6 +25,8 @@ pub struct Assignment {
     pub resume_checkpoint: String,
     pub resume_step: u64,
     pub resume_epoch: u32,
+    /// Where the experts of the MoE blocks live (None without MoE).
+    pub placement: Option<contrail_common::experts::ExpertPlacement>,
 }
 
 pub enum Lease {
@@ -101,6 +103,7 @@ impl Coordinator {
             resume_checkpoint: r.resume_checkpoint,
             resume_step: r.resume_step,
             resume_epoch: r.resume_epoch,
+            placement: r.placement.as_ref().map(Into::into),
         })
     }
 

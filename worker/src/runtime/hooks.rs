@@ -110,6 +110,8 @@ impl TrainHooks for WorkerHooks<'_> {
             global_samples: ev.global_samples as u64,
             learning_rate: ev.lr,
             step_seconds: ev.step_seconds,
+            expert_load: expert_load_report(&ev.expert_load),
+            placement_version: ev.placement_version,
             ..Default::default()
         };
         self.rt.spawn(async move {
@@ -129,6 +131,9 @@ impl TrainHooks for WorkerHooks<'_> {
                 self.samples_since_log as f64 / secs,
                 self.world_size
             );
+            if let Some(line) = expert_load_line(&ev.expert_load) {
+                println!("{line}");
+            }
             self.last_log = Instant::now();
             self.samples_since_log = 0;
         }
@@ -143,11 +148,22 @@ impl TrainHooks for WorkerHooks<'_> {
         step: u64,
     ) -> Result<()> {
         let ck = &self.cfg.checkpoint;
-        if ck.url.is_empty() || self.rank != 0 {
+        if ck.url.is_empty() {
             return Ok(());
         }
-        let model_bytes = tensors_to_safetensors(&model.named_variables())?;
-        let optim_bytes = tensors_to_safetensors(&opt.state_tensors())?;
+        let (variables, optim) = (model.named_variables(), opt.state_tensors());
+        // Experts live on several ranks: all of them take part in collecting every expert.
+        let (variables, optim) = match model.moe() {
+            Some(rt) => rt
+                .full_state(variables, optim)
+                .context("collecting the experts for the checkpoint")?,
+            None => (variables, optim),
+        };
+        if self.rank != 0 {
+            return Ok(());
+        }
+        let model_bytes = tensors_to_safetensors(&variables)?;
+        let optim_bytes = tensors_to_safetensors(&optim)?;
         let shard_json = self.rt.block_on(self.coord.shard_state_json())?;
         let shard_state: ShardStateSnapshot =
             serde_json::from_str(&shard_json).context("parsing the coordinator's shard state")?;
@@ -177,4 +193,43 @@ impl TrainHooks for WorkerHooks<'_> {
     fn stop_reason(&self) -> Option<String> {
         self.progress.stop_reason()
     }
+}
+
+/// The step's expert load as the coordinator takes it (blocks in model order; counts are never
+/// negative).
+fn expert_load_report(load: &[crate::moe::BlockLoad]) -> Vec<proto::ExpertLoad> {
+    load.iter()
+        .enumerate()
+        .map(|(b, l)| proto::ExpertLoad {
+            block: b as u32,
+            routed: l.routed.iter().map(|&r| r.max(0) as u64).collect(),
+            dropped: l.dropped.max(0) as u64,
+        })
+        .collect()
+}
+
+/// `moe step load: block 0 max/mean 1.42 dropped 3.1%, block 1 ...` for the step, or None
+/// without MoE blocks.
+fn expert_load_line(load: &[crate::moe::BlockLoad]) -> Option<String> {
+    if load.is_empty() {
+        return None;
+    }
+    let blocks: Vec<String> = load
+        .iter()
+        .enumerate()
+        .map(|(b, l)| {
+            let routed: Vec<f64> = l.routed.iter().map(|&r| r as f64).collect();
+            let total: f64 = routed.iter().sum();
+            let dropped = if total > 0.0 {
+                100.0 * l.dropped as f64 / total
+            } else {
+                0.0
+            };
+            format!(
+                "block {b} max/mean {:.2} dropped {dropped:.1}%",
+                contrail_common::experts::max_mean_ratio(&routed)
+            )
+        })
+        .collect();
+    Some(format!("moe step load: {}", blocks.join(", ")))
 }

@@ -101,22 +101,16 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<()> {
         let tcp = bootstrap
             .connect(asg.rank, asg.peers.clone(), timeout)
             .context("connecting to the other workers")?;
-        let coll = placement::connect_collective(tcp, nccl, device, timeout)?;
+        // Shared: the MoE blocks of the model exchange tokens through it too.
+        let coll: Arc<dyn Collective> =
+            Arc::from(placement::connect_collective(tcp, nccl, device, timeout)?);
         tracing::info!(
             rank = asg.rank,
             ?device,
             backend = if nccl { "nccl" } else { "tcp" },
             "collective ready"
         );
-        train_rank(
-            &rt,
-            &mut coord,
-            &cfg,
-            &asg,
-            coll.as_ref(),
-            device,
-            &progress,
-        )
+        train_rank(&rt, &mut coord, &cfg, &asg, &coll, device, &progress)
     })();
 
     heartbeat.abort();
@@ -135,15 +129,19 @@ fn train_rank(
     coord: &mut Coordinator,
     cfg: &JobConfig,
     asg: &client::Assignment,
-    coll: &dyn Collective,
+    coll: &Arc<dyn Collective>,
     device: tch::Device,
     progress: &Arc<Progress>,
 ) -> Result<()> {
     // Same seed on every rank: identical initial parameters without a broadcast.
     tch::manual_seed(cfg.train.seed as i64);
     let captions = caption_tokens(rt, cfg)?;
-    let mut model =
-        ContrastiveModel::for_job(cfg, captions.as_ref().map(|c| c.tokenizer.as_ref()), device)?;
+    let mut model = ContrastiveModel::for_job_on(
+        cfg,
+        captions.as_ref().map(|c| c.tokenizer.as_ref()),
+        device,
+        Some((coll.clone(), asg.placement.clone())),
+    )?;
     if !cfg.model.init_weights.is_empty() && asg.resume_checkpoint.is_empty() {
         let url = &cfg.model.init_weights;
         let bytes = fetch_bytes(rt, url, &cfg.data.s3_endpoint)
@@ -176,8 +174,13 @@ fn train_rank(
                 &cfg.data.s3_endpoint,
             ))
             .with_context(|| format!("resuming from {}", asg.resume_checkpoint))?;
-        model.load_named(&tensors.model)?;
-        opt.load_state(&tensors.optim)?;
+        // A checkpoint holds every expert; this rank loads the ones its placement gives it.
+        let (model_tensors, optim_tensors) = match model.moe() {
+            Some(rt) => (rt.keep_local(tensors.model), rt.keep_local(tensors.optim)),
+            None => (tensors.model, tensors.optim),
+        };
+        model.load_named(&model_tensors)?;
+        opt.load_state(&optim_tensors)?;
         start = StartPoint {
             epoch: asg.resume_epoch,
             step: asg.resume_step,
@@ -206,7 +209,7 @@ fn train_rank(
         &model,
         opt.as_mut(),
         objective.as_mut(),
-        coll,
+        coll.as_ref(),
         &mut hooks,
         start,
     )?;

@@ -36,6 +36,10 @@ pub struct StepEvent {
     pub global_samples: i64,
     pub lr: f64,
     pub step_seconds: f64,
+    /// MoE blocks: the step's expert load over all ranks (empty without MoE).
+    pub expert_load: Vec<crate::moe::BlockLoad>,
+    /// Version of the expert placement the step ran with (0 without MoE).
+    pub placement_version: u64,
 }
 
 /// Hooks the loop calls; the worker runtime implements them with coordinator RPCs.
@@ -157,6 +161,8 @@ pub fn train(
                     global_samples: outcome.global_samples,
                     lr,
                     step_seconds: started.elapsed().as_secs_f64(),
+                    placement_version: model.moe().map_or(0, |m| m.placement().version),
+                    expert_load: outcome.expert_load,
                 })?;
                 let every = cfg.checkpoint.every_steps;
                 if every > 0 && step.is_multiple_of(every) && !max_steps_reached(step) {
