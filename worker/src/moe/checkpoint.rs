@@ -15,11 +15,7 @@ impl MoeRuntime {
     /// Every rank calls this with its model variables and optimizer state; returns both with
     /// the experts of all ranks (each broadcast from its first holder). Collective: every rank
     /// must call it at the same step. With one rank the inputs come back unchanged.
-    pub fn full_state(
-        &self,
-        variables: Named,
-        optim: Named,
-    ) -> Result<(Named, Named)> {
+    pub fn full_state(&self, variables: Named, optim: Named) -> Result<(Named, Named)> {
         let coll = self.coll();
         if coll.world_size() == 1 {
             return Ok((variables, optim));

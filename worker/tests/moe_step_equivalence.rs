@@ -1,0 +1,215 @@
+//! Whole training steps of models with MoE blocks, split over ranks (experts spread over
+//! them) and micro-batches, must give what one rank holding every expert gives with the whole
+//! batch: every rank's variables (its own experts included) match the single rank's.
+//!
+//! Routing is per token only without capacity dropping (capacity counts a worker's tokens)
+//! and without jitter, and the auxiliary losses are per forward pass; so the exact comparison
+//! runs dropless with the auxiliary coefficients at 0 — `moe_expert_parallel.rs` checks
+//! dropping and the auxiliary gradients at the layer level. The plans include ranks without
+//! samples and ranks with fewer micro-batches than others: they must still serve their
+//! experts in every pass (idle passes), or the others would wait forever.
+
+mod support;
+
+use contrail_common::JobConfig;
+use contrail_worker::dist::local::LocalGroup;
+use contrail_worker::dist::Collective;
+use contrail_worker::model::ContrastiveModel;
+use contrail_worker::optim::Sgd;
+use contrail_worker::text::ByteTokenizer;
+use contrail_worker::train::objectives::build_objective;
+use contrail_worker::train::step::{train_step, StepClock};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use support::{model_config, seeded};
+use tch::{Device, Kind, Tensor};
+
+const SAMPLES: i64 = 8;
+const STEPS: u64 = 2;
+const TOLERANCE: f64 = 1e-5;
+
+fn config(kind: &str) -> JobConfig {
+    let mut cfg = JobConfig {
+        model: model_config(),
+        ..Default::default()
+    };
+    cfg.data.image_size = 16;
+    cfg.model.encoder = "vit".into();
+    cfg.model.vit.patch_size = 8;
+    cfg.model.vit.width = 16;
+    cfg.model.vit.layers = 2;
+    cfg.model.vit.heads = 2;
+    cfg.objective.kind = kind.into();
+    cfg.moe.experts = 4;
+    cfg.moe.vit_blocks = vec![1];
+    cfg.moe.top_k = 2;
+    cfg.moe.dropless = true;
+    cfg.moe.balance_loss_coef = 0.0;
+    cfg.moe.z_loss_coef = 0.0;
+    if kind == "clip" {
+        cfg.model.text.context_length = 8;
+        cfg.model.text.width = 16;
+        cfg.model.text.layers = 2;
+        cfg.model.text.heads = 2;
+        cfg.moe.vit_blocks = vec![0];
+        cfg.moe.text_blocks = vec![1];
+    }
+    cfg
+}
+
+fn batches(cfg: &JobConfig) -> Vec<(Tensor, Tensor)> {
+    let clip = cfg.objective.kind == "clip";
+    seeded(41, || {
+        (0..STEPS)
+            .map(|_| {
+                let v1 = Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu));
+                let v2 = if clip {
+                    let body =
+                        Tensor::randint_low(1, 257, [SAMPLES, 6], (Kind::Int64, Device::Cpu));
+                    let sot = Tensor::full([SAMPLES, 1], 257, (Kind::Int64, Device::Cpu));
+                    let eot = Tensor::full([SAMPLES, 1], 258, (Kind::Int64, Device::Cpu));
+                    Tensor::cat(&[sot, body, eot], 1)
+                } else {
+                    &v1 * 0.8
+                        + Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.3
+                };
+                (v1, v2)
+            })
+            .collect()
+    })
+}
+
+/// Every rank's variables after `STEPS` steps, rank r's micro-batches sized `plan[r]`.
+fn run(cfg: &JobConfig, plan: &[Vec<i64>]) -> Vec<BTreeMap<String, Tensor>> {
+    let group = LocalGroup::new(plan.len());
+    let lr = if cfg.objective.kind == "clip" {
+        0.05
+    } else {
+        0.5
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = group
+            .into_iter()
+            .enumerate()
+            .map(|(rank, coll)| {
+                let data = batches(cfg);
+                scope.spawn(move || {
+                    tch::set_num_threads(1);
+                    let coll: Arc<dyn Collective> = Arc::new(coll);
+                    let model = seeded(5, || {
+                        ContrastiveModel::for_job_on(
+                            cfg,
+                            Some(&ByteTokenizer::new()),
+                            Device::Cpu,
+                            Some((coll.clone(), None)),
+                        )
+                        .unwrap()
+                    });
+                    let mut opt = Sgd::new(&model, 0.9, 1e-3);
+                    let mut objective = build_objective(cfg).unwrap();
+                    let counts: Vec<i64> = plan.iter().map(|p| p.iter().sum()).collect();
+                    let mut at: i64 = counts[..rank].iter().sum();
+                    let mut ranges = Vec::new();
+                    for &b in &plan[rank] {
+                        ranges.push((at, b));
+                        at += b;
+                    }
+                    for (step, (v1, v2)) in data.iter().enumerate() {
+                        let micro: Vec<(Tensor, Tensor)> = ranges
+                            .iter()
+                            .map(|&(from, b)| (v1.narrow(0, from, b), v2.narrow(0, from, b)))
+                            .collect();
+                        let clock = StepClock {
+                            step: step as u64,
+                            total_steps: 10,
+                        };
+                        let out = train_step(
+                            &model,
+                            &mut opt,
+                            objective.as_mut(),
+                            &micro,
+                            lr,
+                            coll.as_ref(),
+                            &counts,
+                            clock,
+                        )
+                        .unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
+                        let blocks = if cfg.objective.kind == "clip" { 2 } else { 1 };
+                        assert_eq!(out.expert_load.len(), blocks);
+                        for l in &out.expert_load {
+                            // Every sample's tokens, k = 2 assignments each, over all ranks.
+                            let routed: i64 = l.routed.iter().sum();
+                            assert!(routed > 0 && routed % (2 * SAMPLES) == 0, "{routed}");
+                            assert_eq!(l.dropped, 0, "dropless");
+                        }
+                    }
+                    model
+                        .named_variables()
+                        .into_iter()
+                        .map(|(n, t)| (n, t.detach().copy()))
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn assert_plans_match(kind: &str, plans: &[Vec<Vec<i64>>]) {
+    let cfg = config(kind);
+    let reference = run(&cfg, &[vec![SAMPLES]]).remove(0);
+    let initial = seeded(5, || {
+        ContrastiveModel::for_job(&cfg, Some(&ByteTokenizer::new()), Device::Cpu).unwrap()
+    });
+    let moved = initial
+        .named_variables()
+        .iter()
+        .map(|(n, t)| (t - &reference[n]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(moved > 1e-3, "{kind}: training must move the parameters");
+    for plan in plans {
+        for (rank, vars) in run(&cfg, plan).iter().enumerate() {
+            let experts = vars.keys().filter(|n| n.contains(".moe.experts.")).count();
+            assert_eq!(
+                experts,
+                4 * 4 / plan.len() * if kind == "clip" { 2 } else { 1 },
+                "{kind} {plan:?} rank {rank}: 4 experts × 4 tensors spread over the ranks"
+            );
+            let mut worst = (0.0, String::new());
+            for (name, t) in vars {
+                let d = (t - &reference[name]).abs().max().double_value(&[]);
+                if d > worst.0 {
+                    worst = (d, name.clone());
+                }
+            }
+            println!(
+                "{kind} {plan:?} rank {rank}: max |Δ| {:.2e} ({})",
+                worst.0, worst.1
+            );
+            assert!(
+                worst.0 <= TOLERANCE,
+                "{kind} {plan:?} rank {rank}: max |Δ| {} at {}",
+                worst.0,
+                worst.1
+            );
+        }
+    }
+}
+
+#[test]
+fn simclr_vit_with_experts_spread_over_ranks_matches_one_rank() {
+    assert_plans_match(
+        "simclr",
+        &[
+            vec![vec![5], vec![3]],                   // 2 experts per rank
+            vec![vec![0], vec![8]],                   // an idle rank serves its experts
+            vec![vec![3], vec![2, 3]],                // an idle pass during accumulation
+            vec![vec![2], vec![2], vec![0], vec![4]], // one expert per rank
+        ],
+    );
+}
+
+#[test]
+fn clip_with_experts_in_both_towers_matches_one_rank() {
+    assert_plans_match("clip", &[vec![vec![3], vec![0, 5]], vec![vec![6], vec![2]]]);
+}
