@@ -323,4 +323,41 @@ mod tests {
         assert!(j.min().double_value(&[]) >= 0.9 && j.max().double_value(&[]) <= 1.1);
         assert!(j.std(true).double_value(&[]) > 0.01, "noise was drawn");
     }
+
+    #[test]
+    fn the_balance_loss_spreads_a_skewed_router() {
+        // Tokens share a common direction that the gate maps to expert 0: nearly all of
+        // them choose it. Descending the balance loss alone must spread them.
+        tch::manual_seed(3);
+        let (tokens, dim, experts) = (512, 16, 4);
+        let common = Tensor::randn([1, dim], (Kind::Float, tch::Device::Cpu));
+        let x = &common * 0.6 + Tensor::randn([tokens, dim], (Kind::Float, tch::Device::Cpu));
+        let mut w = Tensor::randn([experts, dim], (Kind::Float, tch::Device::Cpu)) * 0.1;
+        let _ = w.get(0).copy_(&(common.squeeze() * 0.5));
+        let w = w.set_requires_grad(true);
+        let ratio = |r: &Routing| {
+            let load: Vec<f64> = r.routed_per_expert.iter().map(|&c| c as f64).collect();
+            contrail_common::experts::max_mean_ratio(&load)
+        };
+        let before = ratio(&route(
+            &x.linear::<Tensor>(&w, None),
+            1,
+            Capacity::Unlimited,
+        ));
+        for _ in 0..200 {
+            let r = route(&x.linear::<Tensor>(&w, None), 1, Capacity::Unlimited);
+            let _ = w.grad().defined().then(|| w.grad().zero_());
+            r.balance_loss.backward();
+            tch::no_grad(|| {
+                let _ = w.shallow_clone().g_sub_(&(w.grad() * 0.1));
+            });
+        }
+        let after = ratio(&route(
+            &x.linear::<Tensor>(&w, None),
+            1,
+            Capacity::Unlimited,
+        ));
+        assert!(before > 2.5, "the router starts skewed: max/mean {before}");
+        assert!(after < 1.5, "max/mean {before} -> {after}");
+    }
 }
