@@ -369,8 +369,12 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
 
 /// Runs `contrail local` to completion and returns its stdout lines.
 fn run_local(dir: &Path, job: &Path, extra: &[&str]) -> Vec<String> {
+    run_local_on(dir, job, 2, extra)
+}
+
+fn run_local_on(dir: &Path, job: &Path, workers: u32, extra: &[&str]) -> Vec<String> {
     let out = Command::new(CONTRAIL)
-        .args(["local", "--workers", "2", "--config"])
+        .args(["local", "--workers", &workers.to_string(), "--config"])
         .arg(job)
         .args(extra)
         .current_dir(dir)
@@ -723,5 +727,167 @@ fn a_job_starts_from_initial_weights() {
             && line.contains("0 tensors of the file unused"),
         "{line}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Overrides of [`write_job`]'s file for the MoE runs: its [model] is the ResNet's, and SGD at
+/// its 0.2 makes the router oscillate between experts where AdamW settles.
+const MOE_SETS: [&str; 6] = [
+    "--set",
+    "model.encoder=vit",
+    "--set",
+    "optim.kind=adamw",
+    "--set",
+    "optim.lr=0.002",
+];
+
+/// A SimCLR job with an MoE ViT (top-1, 4 experts) on 2 workers, trained 120 steps with the
+/// given balance-loss coefficient. Returns rank 0's per-step load ratio (max/mean over the
+/// experts), the expert part of `/status` seen while it ran, and `contrail status`'s text.
+fn run_moe_job(
+    dir: &Path,
+    balance_loss_coef: f64,
+) -> (
+    Vec<f64>,
+    Option<contrail_common::status::ExpertStatus>,
+    String,
+) {
+    let moe = format!(
+        "[model.vit]\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\n\
+         [moe]\nexperts = 4\nvit_blocks = [1]\ntop_k = 1\n\
+         balance_loss_coef = {balance_loss_coef}\n"
+    );
+    let job = write_job(dir, 1024, 5, &moe);
+    let mut child = Command::new(CONTRAIL)
+        .args(["local", "--workers", "2", "--config"])
+        .arg(&job)
+        .args(MOE_SETS)
+        .args(["--set", "train.log_every=1", "--set", "train.max_steps=120"])
+        .args(["--set", "checkpoint.every_steps=60"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting contrail local");
+    let lines = lines_of(&mut child);
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut http_addr, mut all_lines) = (None, Vec::new());
+    let (mut expert_status, mut status_text) = (None, String::new());
+    loop {
+        assert!(Instant::now() < deadline, "MoE job did not finish in time");
+        while let Ok(line) = lines.try_recv() {
+            if let Some(rest) = line.split("status http://").nth(1) {
+                http_addr = Some(rest.trim_end_matches("/status").trim().to_string());
+            }
+            all_lines.push(line);
+        }
+        if let (Some(addr), None) = (&http_addr, &expert_status) {
+            if let Some(s) = status(addr).filter(|s| s.step > 2) {
+                expert_status = s.experts.clone();
+                let out = Command::new(CONTRAIL)
+                    .args(["status", "--coordinator", &format!("http://{addr}")])
+                    .output()
+                    .unwrap();
+                status_text = String::from_utf8_lossy(&out.stdout).to_string();
+            }
+        }
+        if let Ok(Some(code)) = child.0.try_wait() {
+            std::thread::sleep(Duration::from_millis(200));
+            while let Ok(line) = lines.try_recv() {
+                all_lines.push(line);
+            }
+            assert!(code.success(), "MoE job failed\n{}", all_lines.join("\n"));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // "moe step load: block 0 max/mean 1.42 dropped 3.1%" after every step's progress line.
+    let ratios: Vec<f64> = all_lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("moe step load: block 0 max/mean "))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(ratios.len(), 120, "one load line per step");
+    (ratios, expert_status, status_text)
+}
+
+/// MoE end to end: the expert load reaches `/status` and `contrail status`; the balance loss
+/// pulls the load ratio down over training and below a run without it; and the
+/// checkpoint (every expert by global id, with its optimizer state) resumes on 4 workers and
+/// on 1.
+#[test]
+fn moe_job_reports_expert_load_balances_and_resumes_on_4_and_1_workers() {
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let unbalanced_dir = temp_dir("moe-unbalanced");
+    let (unbalanced, _, _) = run_moe_job(&unbalanced_dir, 0.0);
+    let _ = std::fs::remove_dir_all(&unbalanced_dir);
+    let dir = temp_dir("moe");
+    let (balanced, experts, text) = run_moe_job(&dir, 0.5);
+    let (free, held) = (mean(&unbalanced[80..]), mean(&balanced[80..]));
+    eprintln!(
+        "expert load max/mean over the last 20 steps: {free:.3} without the balance loss, \
+         {held:.3} with it (first 10 steps {:.3} / {:.3})",
+        mean(&unbalanced[..10]),
+        mean(&balanced[..10])
+    );
+    assert!(
+        held < free,
+        "the balance loss did not even out the load: {held:.3} with it, {free:.3} without"
+    );
+    let start = mean(&balanced[..10]);
+    assert!(
+        held < start - 0.1,
+        "the balance loss did not pull the load ratio down: {start:.3} -> {held:.3}"
+    );
+
+    let experts = experts.expect("/status never showed the expert load");
+    assert_eq!(experts.blocks.len(), 1);
+    let block = &experts.blocks[0];
+    assert_eq!(block.load.len(), 4, "{block:?}");
+    assert!(
+        (block.load.iter().sum::<f64>() - 1.0).abs() < 1e-6,
+        "{block:?}"
+    );
+    assert!(block.load_max_mean >= 1.0, "{block:?}");
+    assert!(text.contains("moe block 0"), "{text}");
+
+    let ckpt = dir.join("ckpt").join("step-00000120");
+    let names = |file: &str| -> Vec<String> {
+        tch::Tensor::read_safetensors(ckpt.join(file))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    };
+    let (model, optim) = (names("model.safetensors"), names("optim.safetensors"));
+    for e in 0..4 {
+        let w = format!("transformer.resblocks.1.moe.experts.{e}.c_fc.weight");
+        assert!(model.contains(&w), "checkpoint lacks {w}");
+        assert!(
+            optim.contains(&format!("exp_avg.{w}")),
+            "checkpoint lacks the optimizer state of {w}"
+        );
+    }
+    let job = dir.join("job.toml");
+    for (workers, micro, until, trained) in [(4, "4", "130", "10"), (1, "16", "135", "5")] {
+        let sets = [
+            "--set".to_string(),
+            format!("train.micro_batch={micro}"),
+            "--set".to_string(),
+            format!("train.max_steps={until}"),
+        ];
+        let mut args: Vec<&str> = MOE_SETS.to_vec();
+        args.extend(sets.iter().map(String::as_str));
+        let out = run_local_on(&dir, &job, workers, &args);
+        assert!(
+            out.iter().any(|l| l.contains("resumed from")),
+            "{workers} workers did not resume: {out:#?}"
+        );
+        assert!(
+            out.iter()
+                .any(|l| l.starts_with(&format!("rank 0 finished: {trained} steps"))),
+            "{workers} workers: {out:#?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

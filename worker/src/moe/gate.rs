@@ -332,8 +332,8 @@ mod tests {
         let (tokens, dim, experts) = (512, 16, 4);
         let common = Tensor::randn([1, dim], (Kind::Float, tch::Device::Cpu));
         let x = &common * 0.6 + Tensor::randn([tokens, dim], (Kind::Float, tch::Device::Cpu));
-        let mut w = Tensor::randn([experts, dim], (Kind::Float, tch::Device::Cpu)) * 0.1;
-        let _ = w.get(0).copy_(&(common.squeeze() * 0.5));
+        let w = Tensor::randn([experts, dim], (Kind::Float, tch::Device::Cpu)) * 0.1;
+        w.get(0).copy_(&(common.squeeze() * 0.5));
         let w = w.set_requires_grad(true);
         let ratio = |r: &Routing| {
             let load: Vec<f64> = r.routed_per_expert.iter().map(|&c| c as f64).collect();
