@@ -10,6 +10,8 @@
 
 mod support;
 
+use contrail_common::experts::{max_mean_ratio, BlockPlacement, ExpertPlacement};
+use contrail_coordinator::experts::plan_placement;
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::Collective;
 use contrail_worker::moe::ExpertInit;
@@ -315,5 +317,141 @@ fn moe_rank_child() {
             ref_load[b].routed,
             "block {b} load"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rebalancing: ranks as threads (the exchange is the same code; only the load matters here).
+
+/// Rows each rank's experts receive when every rank routes `tokens` through one MoE block
+/// whose gate sends most tokens to the experts `hot`, under `placement`; and the global
+/// assignments per expert.
+fn received_rows(
+    experts: u32,
+    hot: &[i64],
+    placement: &ExpertPlacement,
+    world: usize,
+) -> (Vec<i64>, Vec<f64>) {
+    let settings = MoeSettings {
+        experts,
+        top_k: 1,
+        capacity_factor: 1.0,
+        eval_capacity_factor: 0.0,
+        min_capacity: 0,
+        dropless: true,
+        jitter: 0.0,
+        balance_loss_coef: 0.0,
+        z_loss_coef: 0.0,
+    };
+    let results: Vec<(i64, Vec<i64>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = LocalGroup::new(world)
+            .into_iter()
+            .map(|coll| {
+                let (settings, placement) = (settings.clone(), placement.clone());
+                scope.spawn(move || {
+                    tch::set_num_threads(1);
+                    let rank = coll.rank();
+                    let coll: Arc<dyn Collective> = Arc::new(coll);
+                    let rt = MoeRuntime::new(coll, settings, placement).unwrap();
+                    let vs = nn::VarStore::new(Device::Cpu);
+                    let ln = nn::layer_norm(vs.root() / "ln", vec![WIDTH], Default::default());
+                    let init = ExpertInit {
+                        fc_weight: Init::Const(0.01),
+                        fc_bias: Init::Const(0.0),
+                        proj_weight: Init::Const(0.01),
+                        proj_bias: Init::Const(0.0),
+                    };
+                    let block = MoeFeedForward::new(&(vs.root() / "moe"), &rt, WIDTH, HIDDEN, init)
+                        .unwrap();
+                    // Tokens share a direction that the gate rows of the hot experts favour.
+                    let (x, gate) = seeded_tokens_and_gate(experts as i64, hot, rank);
+                    tch::no_grad(|| {
+                        for (n, t) in vs.variables() {
+                            if n.ends_with("gate.weight") {
+                                t.shallow_clone().copy_(&gate);
+                            }
+                        }
+                    });
+                    rt.begin_pass(Pass {
+                        train: true,
+                        record: false,
+                        count_load: true,
+                        aux_weight: 0.0,
+                    });
+                    let _ = tch::no_grad(|| block.forward_residual(&x, &ln));
+                    (rt.take_received()[0], rt.take_load().remove(0).routed)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let received = results.iter().map(|(r, _)| *r).collect();
+    let mut load = vec![0.0; experts as usize];
+    for (_, routed) in &results {
+        for (l, r) in load.iter_mut().zip(routed) {
+            *l += *r as f64;
+        }
+    }
+    (received, load)
+}
+
+fn seeded_tokens_and_gate(experts: i64, hot: &[i64], rank: usize) -> (Tensor, Tensor) {
+    // One unit prototype per expert (centred, as the block's LayerNorm centres tokens); the
+    // gate scores a token by its prototype, so a token built from prototype e goes to e.
+    tch::manual_seed(500);
+    let p = Tensor::randn([experts, WIDTH], (Kind::Float, Device::Cpu));
+    let p = &p - p.mean_dim(1, true, Kind::Float);
+    let p = &p / p.norm_scalaropt_dim(2.0, [1], true);
+    // Nine tokens in ten come from the hot experts' prototypes, the rest from any expert's.
+    let ids: Vec<i64> = (0..200i64)
+        .map(|t| {
+            if t % 10 == 9 {
+                t % experts
+            } else {
+                hot[(t as usize / 10) % hot.len()]
+            }
+        })
+        .collect();
+    tch::manual_seed(600 + rank as i64);
+    let noise = Tensor::randn([200, WIDTH], (Kind::Float, Device::Cpu)) * 0.05;
+    let x = p.index_select(0, &Tensor::from_slice(&ids)) * 3.0 + noise;
+    (x, p * 4.0)
+}
+
+fn max_mean(v: &[i64]) -> f64 {
+    let f: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    max_mean_ratio(&f)
+}
+
+/// A skewed workload, routed through the real exchange: the coordinator's planner (fed the
+/// measured per-expert load) gives a placement under which the busiest worker receives
+/// fewer rows relative to the mean.
+#[test]
+fn rebalancing_lowers_the_busiest_workers_load_under_skewed_routing() {
+    for (experts, world, hot) in [(8u32, 4usize, vec![0i64, 1]), (2, 4, vec![0])] {
+        let spread = ExpertPlacement {
+            version: 1,
+            blocks: vec![BlockPlacement::spread(experts, world as u32)],
+        };
+        let (before, load) = received_rows(experts, &hot, &spread, world);
+        let expert_ratio = max_mean_ratio(&load);
+        assert!(expert_ratio > 1.5, "the workload must be skewed: {load:?}");
+        let slots = (experts / world as u32).max(1);
+        let planned = ExpertPlacement {
+            version: 2,
+            blocks: vec![plan_placement(&load, world as u32, slots)],
+        };
+        let (after, load_again) = received_rows(experts, &hot, &planned, world);
+        assert_eq!(
+            load, load_again,
+            "the routing does not depend on the placement"
+        );
+        let (b, a) = (max_mean(&before), max_mean(&after));
+        eprintln!(
+            "E={experts} W={world}: rows per worker {before:?} (max/mean {b:.2}) -> {after:?} \
+             (max/mean {a:.2}) with holders {:?}",
+            planned.blocks[0].holders
+        );
+        assert!(a < b - 0.2, "rebalancing did not help: {b:.2} -> {a:.2}");
     }
 }

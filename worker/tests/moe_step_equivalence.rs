@@ -11,11 +11,13 @@
 
 mod support;
 
+use contrail_common::experts::{BlockPlacement, ExpertPlacement};
 use contrail_common::JobConfig;
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::Collective;
 use contrail_worker::model::ContrastiveModel;
-use contrail_worker::optim::Sgd;
+use contrail_worker::moe::rebalance::move_experts;
+use contrail_worker::optim;
 use contrail_worker::text::ByteTokenizer;
 use contrail_worker::train::objectives::build_objective;
 use contrail_worker::train::step::{train_step, StepClock};
@@ -40,6 +42,8 @@ fn config(kind: &str) -> JobConfig {
     cfg.model.vit.layers = 2;
     cfg.model.vit.heads = 2;
     cfg.objective.kind = kind.into();
+    cfg.optim.momentum = 0.9;
+    cfg.optim.weight_decay = 1e-3;
     cfg.moe.experts = 4;
     cfg.moe.vit_blocks = vec![1];
     cfg.moe.top_k = 2;
@@ -81,6 +85,15 @@ fn batches(cfg: &JobConfig) -> Vec<(Tensor, Tensor)> {
 
 /// Every rank's variables after `STEPS` steps, rank r's micro-batches sized `plan[r]`.
 fn run(cfg: &JobConfig, plan: &[Vec<i64>]) -> Vec<BTreeMap<String, Tensor>> {
+    run_moving_experts(cfg, plan, None)
+}
+
+/// [`run`], moving the experts to `placement` after the first step when it is given.
+fn run_moving_experts(
+    cfg: &JobConfig,
+    plan: &[Vec<i64>],
+    placement: Option<&ExpertPlacement>,
+) -> Vec<BTreeMap<String, Tensor>> {
     let group = LocalGroup::new(plan.len());
     let lr = if cfg.objective.kind == "clip" {
         0.05
@@ -96,16 +109,16 @@ fn run(cfg: &JobConfig, plan: &[Vec<i64>]) -> Vec<BTreeMap<String, Tensor>> {
                 scope.spawn(move || {
                     tch::set_num_threads(1);
                     let coll: Arc<dyn Collective> = Arc::new(coll);
-                    let model = seeded(5, || {
+                    let build = |p: Option<ExpertPlacement>| {
                         ContrastiveModel::for_job_on(
                             cfg,
                             Some(&ByteTokenizer::new()),
                             Device::Cpu,
-                            Some((coll.clone(), None)),
+                            Some((coll.clone(), p)),
                         )
-                        .unwrap()
-                    });
-                    let mut opt = Sgd::new(&model, 0.9, 1e-3);
+                    };
+                    let mut model = seeded(5, || build(None).unwrap());
+                    let mut opt = optim::build(&cfg.optim, &model).unwrap();
                     let mut objective = build_objective(cfg).unwrap();
                     let counts: Vec<i64> = plan.iter().map(|p| p.iter().sum()).collect();
                     let mut at: i64 = counts[..rank].iter().sum();
@@ -123,9 +136,16 @@ fn run(cfg: &JobConfig, plan: &[Vec<i64>]) -> Vec<BTreeMap<String, Tensor>> {
                             step: step as u64,
                             total_steps: 10,
                         };
+                        if let (1, Some(p)) = (step, placement) {
+                            move_experts(&mut model, &mut opt, p.clone(), &cfg.optim, &mut |p| {
+                                build(Some(p))
+                            })
+                            .unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
+                            assert_eq!(model.moe().unwrap().placement(), p);
+                        }
                         let out = train_step(
                             &model,
-                            &mut opt,
+                            opt.as_mut(),
                             objective.as_mut(),
                             &micro,
                             lr,
@@ -156,7 +176,17 @@ fn run(cfg: &JobConfig, plan: &[Vec<i64>]) -> Vec<BTreeMap<String, Tensor>> {
 }
 
 fn assert_plans_match(kind: &str, plans: &[Vec<Vec<i64>>]) {
-    let cfg = config(kind);
+    assert_runs_match(&config(kind), plans, None);
+}
+
+/// Every plan's ranks end with the single rank's variables (experts compared by global id).
+fn assert_runs_match(
+    cfg: &JobConfig,
+    plans: &[Vec<Vec<i64>>],
+    placement: Option<&ExpertPlacement>,
+) {
+    let kind = cfg.objective.kind.as_str();
+    let cfg = cfg.clone();
     let reference = run(&cfg, &[vec![SAMPLES]]).remove(0);
     let initial = seeded(5, || {
         ContrastiveModel::for_job(&cfg, Some(&ByteTokenizer::new()), Device::Cpu).unwrap()
@@ -168,12 +198,23 @@ fn assert_plans_match(kind: &str, plans: &[Vec<Vec<i64>>]) {
         .fold(0.0, f64::max);
     assert!(moved > 1e-3, "{kind}: training must move the parameters");
     for plan in plans {
-        for (rank, vars) in run(&cfg, plan).iter().enumerate() {
+        for (rank, vars) in run_moving_experts(&cfg, plan, placement).iter().enumerate() {
+            let held: usize = match placement {
+                Some(p) => p
+                    .blocks
+                    .iter()
+                    .map(|b| b.local_experts(rank as u32).len())
+                    .sum(),
+                None => {
+                    let blocks = cfg.moe.vit_blocks.len() + cfg.moe.text_blocks.len();
+                    blocks * (cfg.moe.experts as usize / plan.len()).max(1)
+                }
+            };
             let experts = vars.keys().filter(|n| n.contains(".moe.experts.")).count();
             assert_eq!(
                 experts,
-                4 * 4 / plan.len() * if kind == "clip" { 2 } else { 1 },
-                "{kind} {plan:?} rank {rank}: 4 experts × 4 tensors spread over the ranks"
+                4 * held,
+                "{kind} {plan:?} rank {rank}: 4 tensors for each expert it holds"
             );
             let mut worst = (0.0, String::new());
             for (name, t) in vars {
@@ -212,4 +253,30 @@ fn simclr_vit_with_experts_spread_over_ranks_matches_one_rank() {
 #[test]
 fn clip_with_experts_in_both_towers_matches_one_rank() {
     assert_plans_match("clip", &[vec![vec![3], vec![0, 5]], vec![vec![6], vec![2]]]);
+}
+
+#[test]
+fn moving_experts_between_steps_changes_only_where_they_live() {
+    // 4 experts on 2 ranks: each expert changes rank, weights and momentum with it.
+    let swap = ExpertPlacement {
+        version: 2,
+        blocks: vec![BlockPlacement {
+            holders: vec![vec![1], vec![0], vec![1], vec![0]],
+        }],
+    };
+    assert_runs_match(&config("simclr"), &[vec![vec![5], vec![3]]], Some(&swap));
+    // 2 experts on 4 ranks: expert 0 goes from 2 replicas to 3, expert 1 from 2 to 1.
+    let mut cfg = config("simclr");
+    cfg.moe.experts = 2;
+    let hot = ExpertPlacement {
+        version: 2,
+        blocks: vec![BlockPlacement {
+            holders: vec![vec![0, 1, 2], vec![3]],
+        }],
+    };
+    assert_runs_match(
+        &cfg,
+        &[vec![vec![2], vec![3], vec![0], vec![3]]],
+        Some(&hot),
+    );
 }

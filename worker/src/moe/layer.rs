@@ -257,6 +257,9 @@ impl MoeFeedForward {
             .all_to_all(&send_rows.detach(), &send_counts)
             .with_context(|| format!("rank {rank}: dispatching tokens"))?;
         let recv_leaf = leaf(&recv.to_device(h.device()));
+        if self.runtime.pass().count_load {
+            self.runtime.count_received(self.block, recv.size()[0]);
+        }
 
         let per_expert = dispatch::rows_per_local_expert(&recv_header, world, self.local.len());
         let expert_out = self.run_local_experts(&recv_leaf, &per_expert);

@@ -103,6 +103,8 @@ struct State {
     tape: Vec<Record>,
     aux: Vec<Tensor>,
     load: Vec<BlockLoad>,
+    /// Rows this rank's experts received per block (its share of the work).
+    received: Vec<i64>,
 }
 
 /// Where a block's parameters live, for the replica gradient sync.
@@ -195,10 +197,12 @@ impl MoeRuntime {
             self.placement.blocks.len()
         );
         blocks.push(BlockInfo { prefix, shapes });
-        lock(&self.state).load.push(BlockLoad {
+        let mut state = lock(&self.state);
+        state.load.push(BlockLoad {
             routed: vec![0; self.settings.experts as usize],
             dropped: 0,
         });
+        state.received.push(0);
         Ok(b)
     }
 
@@ -243,6 +247,18 @@ impl MoeRuntime {
             *a += r;
         }
         l.dropped += dropped;
+    }
+
+    pub(crate) fn count_received(&self, block: usize, rows: i64) {
+        lock(&self.state).received[block] += rows;
+    }
+
+    /// Rows this rank's experts received per block since the last call (counted in passes
+    /// that count load), and resets them: the worker load the placement gives this rank.
+    pub fn take_received(&self) -> Vec<i64> {
+        let mut s = lock(&self.state);
+        let fresh = vec![0; s.received.len()];
+        std::mem::replace(&mut s.received, fresh)
     }
 
     /// This rank's load per block since the last call, and resets it.

@@ -170,17 +170,19 @@ impl Coordinator {
         Ok(())
     }
 
-    pub async fn report_step(&mut self, report: proto::StepReport) -> Result<()> {
+    /// Reports a step; the reply may carry a new expert placement (rank 0 only).
+    pub async fn report_step(&mut self, report: proto::StepReport) -> Result<proto::StepReply> {
         let report = proto::StepReport {
             worker_id: self.worker_id,
             generation: self.generation,
             ..report
         };
-        self.client
+        let reply = self
+            .client
             .report_step(report)
             .await
             .context("reporting step progress")?;
-        Ok(())
+        Ok(reply.into_inner())
     }
 
     pub async fn shard_state_json(&mut self) -> Result<String> {

@@ -4,17 +4,20 @@
 use super::client::{Assignment, Coordinator};
 use super::feed::{CaptionTokens, EpochFeed};
 use super::Progress;
+use crate::dist::Collective;
 use crate::model::ContrastiveModel;
 use crate::optim::Optimizer;
+use crate::text::Tokenizer;
 use crate::train::checkpoint::{tensors_to_safetensors, write_checkpoint};
 use crate::train::trainer::{BatchSource, StepEvent, TrainHooks};
 use anyhow::{Context, Result};
 use contrail_common::checkpoint::CheckpointMeta;
+use contrail_common::experts::ExpertPlacement;
 use contrail_common::proto;
 use contrail_common::shards::ShardStateSnapshot;
 use contrail_common::JobConfig;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Heartbeats until aborted. A stop order from the coordinator, or a coordinator that stays
@@ -61,6 +64,17 @@ pub struct WorkerHooks<'a> {
     last_log: Instant,
     samples_since_log: i64,
     captions: Option<CaptionTokens>,
+    model_builder: ModelBuilder,
+    /// Rank 0: the newest expert placement the coordinator's step replies carried.
+    offered: Arc<Mutex<Option<ExpertPlacement>>>,
+}
+
+/// What building the job's model takes besides the config (to rebuild it for a new expert
+/// placement).
+pub struct ModelBuilder {
+    pub tokenizer: Option<Arc<dyn Tokenizer>>,
+    pub device: tch::Device,
+    pub coll: Arc<dyn Collective>,
 }
 
 impl<'a> WorkerHooks<'a> {
@@ -71,6 +85,7 @@ impl<'a> WorkerHooks<'a> {
         asg: &Assignment,
         progress: Arc<Progress>,
         captions: Option<CaptionTokens>,
+        model_builder: ModelBuilder,
     ) -> Self {
         Self {
             rt,
@@ -82,6 +97,8 @@ impl<'a> WorkerHooks<'a> {
             last_log: Instant::now(),
             samples_since_log: 0,
             captions,
+            model_builder,
+            offered: Arc::new(Mutex::new(None)),
         }
     }
 }
@@ -114,9 +131,20 @@ impl TrainHooks for WorkerHooks<'_> {
             placement_version: ev.placement_version,
             ..Default::default()
         };
+        let offered = (self.rank == 0).then(|| self.offered.clone());
         self.rt.spawn(async move {
-            if let Err(e) = coord.report_step(report).await {
-                tracing::debug!("step report failed: {e:#}");
+            match coord.report_step(report).await {
+                Ok(reply) => {
+                    // Only rank 0's replies carry a new placement; it passes it on in-band.
+                    if let (Some(slot), Some(p)) = (offered, reply.placement.as_ref()) {
+                        let p = ExpertPlacement::from(p);
+                        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                        if slot.as_ref().is_none_or(|old| old.version < p.version) {
+                            *slot = Some(p);
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!("step report failed: {e:#}"),
             }
         });
         self.samples_since_log += ev.global_samples;
@@ -192,6 +220,23 @@ impl TrainHooks for WorkerHooks<'_> {
 
     fn stop_reason(&self) -> Option<String> {
         self.progress.stop_reason()
+    }
+
+    fn offered_placement(&mut self) -> Option<ExpertPlacement> {
+        self.offered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn build_model(&mut self, placement: ExpertPlacement) -> Result<ContrastiveModel> {
+        let b = &self.model_builder;
+        ContrastiveModel::for_job_on(
+            self.cfg,
+            b.tokenizer.as_deref(),
+            b.device,
+            Some((b.coll.clone(), Some(placement))),
+        )
     }
 }
 

@@ -201,13 +201,25 @@ fn train_rank(
             }
         }
     }
-    let mut hooks =
-        hooks::WorkerHooks::new(rt, coord.clone(), cfg, asg, progress.clone(), captions);
+    let rebuild = hooks::ModelBuilder {
+        tokenizer: captions.as_ref().map(|c| c.tokenizer.clone()),
+        device,
+        coll: coll.clone(),
+    };
+    let mut hooks = hooks::WorkerHooks::new(
+        rt,
+        coord.clone(),
+        cfg,
+        asg,
+        progress.clone(),
+        captions,
+        rebuild,
+    );
     let mut objective = build_objective(cfg)?;
     let summary = train(
         cfg,
-        &model,
-        opt.as_mut(),
+        &mut model,
+        &mut opt,
         objective.as_mut(),
         coll.as_ref(),
         &mut hooks,

@@ -8,10 +8,12 @@
 
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::ContrastiveModel;
+use crate::moe::rebalance::{agree_on_placement, move_experts};
 use crate::optim::{lr_at, scaled_peak_lr, Optimizer};
 use crate::train::objectives::StepObjective;
 use crate::train::step::{train_step, StepClock};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use contrail_common::experts::ExpertPlacement;
 use contrail_common::JobConfig;
 use std::time::Instant;
 use tch::Tensor;
@@ -58,6 +60,15 @@ pub trait TrainHooks {
     ) -> Result<()>;
     /// Why training must stop now (e.g. the coordinator declared the job failed), if it must.
     fn stop_reason(&self) -> Option<String>;
+    /// Rank 0: the newest expert placement the coordinator has adopted (the loop switches to
+    /// it if it is newer than the one in force). Other ranks and jobs without MoE: None.
+    fn offered_placement(&mut self) -> Option<ExpertPlacement> {
+        None
+    }
+    /// The job's model on `placement` (freshly initialised; the loop loads the state).
+    fn build_model(&mut self, _placement: ExpertPlacement) -> Result<ContrastiveModel> {
+        bail!("this training loop cannot rebuild its model for a new expert placement")
+    }
 }
 
 /// Where training starts (a fresh job, or a checkpoint).
@@ -77,8 +88,8 @@ pub struct TrainSummary {
 /// Runs epochs until `train.epochs` are done or `train.max_steps` is reached.
 pub fn train(
     cfg: &JobConfig,
-    model: &ContrastiveModel,
-    opt: &mut dyn Optimizer,
+    model: &mut ContrastiveModel,
+    opt: &mut Box<dyn Optimizer>,
     objective: &mut dyn StepObjective,
     coll: &dyn Collective,
     hooks: &mut dyn TrainHooks,
@@ -142,7 +153,16 @@ pub fn train(
                     step,
                     total_steps: total,
                 };
-                let outcome = train_step(model, opt, objective, &micro, lr, coll, &counts, clock)?;
+                let outcome = train_step(
+                    model,
+                    opt.as_mut(),
+                    objective,
+                    &micro,
+                    lr,
+                    coll,
+                    &counts,
+                    clock,
+                )?;
                 step += 1;
                 steps_this_epoch += 1;
                 summary.steps += 1;
@@ -166,8 +186,11 @@ pub fn train(
                 })?;
                 let every = cfg.checkpoint.every_steps;
                 if every > 0 && step.is_multiple_of(every) && !max_steps_reached(step) {
-                    hooks.checkpoint(model, &*opt, epoch, step)?;
+                    hooks.checkpoint(model, opt.as_ref(), epoch, step)?;
                     last_checkpoint = Some(step);
+                }
+                if cfg.moe.rebalance && coll.world_size() > 1 {
+                    switch_placement_if_offered(cfg, model, opt, hooks, coll, step)?;
                 }
                 if max_steps_reached(step) {
                     break 'epochs;
@@ -183,9 +206,41 @@ pub fn train(
     // The final state, unless the last periodic checkpoint already holds it (an epoch ended
     // right after one).
     if last_checkpoint != Some(step) {
-        hooks.checkpoint(model, &*opt, epoch, step)?;
+        hooks.checkpoint(model, opt.as_ref(), epoch, step)?;
     }
     Ok(summary)
+}
+
+/// Between steps: every rank learns from rank 0 whether the coordinator adopted a newer
+/// expert placement, and if so all move their experts to it now.
+fn switch_placement_if_offered(
+    cfg: &JobConfig,
+    model: &mut ContrastiveModel,
+    opt: &mut Box<dyn Optimizer>,
+    hooks: &mut dyn TrainHooks,
+    coll: &dyn Collective,
+    step: u64,
+) -> Result<()> {
+    let Some(rt) = model.moe() else {
+        return Ok(());
+    };
+    let offer = if coll.rank() == 0 {
+        hooks.offered_placement()
+    } else {
+        None
+    };
+    let Some(placement) = agree_on_placement(rt, offer, coll)? else {
+        return Ok(());
+    };
+    let (from, to) = (rt.placement().version, placement.version);
+    move_experts(model, opt, placement, &cfg.optim, &mut |p| {
+        hooks.build_model(p)
+    })
+    .with_context(|| format!("moving the experts to placement v{to} after step {step}"))?;
+    if coll.rank() == 0 {
+        println!("expert placement v{from} -> v{to} after step {step}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -248,7 +303,8 @@ mod tests {
                 .map(|(coll, sizes)| {
                     s.spawn(move || {
                         tch::manual_seed(0);
-                        let model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+                        let mut model =
+                            ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
                         let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
                         let mut hooks = Record {
                             sizes: sizes.clone(),
@@ -257,8 +313,8 @@ mod tests {
                         let mut objective = crate::train::objectives::build_objective(cfg).unwrap();
                         let summary = train(
                             cfg,
-                            &model,
-                            opt.as_mut(),
+                            &mut model,
+                            &mut opt,
                             objective.as_mut(),
                             &coll,
                             &mut hooks,
@@ -334,7 +390,7 @@ mod tests {
         cfg.train.max_steps = 2;
         let coll = LocalGroup::new(1).pop().unwrap();
         tch::manual_seed(0);
-        let model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+        let mut model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
         let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
         let mut hooks = Record {
             sizes: vec![4, 4, 4],
@@ -343,8 +399,8 @@ mod tests {
         let mut objective = crate::train::objectives::build_objective(&cfg).unwrap();
         let summary = train(
             &cfg,
-            &model,
-            opt.as_mut(),
+            &mut model,
+            &mut opt,
             objective.as_mut(),
             &coll,
             &mut hooks,
