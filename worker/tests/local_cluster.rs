@@ -891,3 +891,67 @@ fn moe_job_reports_expert_load_balances_and_resumes_on_4_and_1_workers() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Live rebalancing on 4 workers: initial weights make every token choose expert 0 of 2 (the
+/// block's LayerNorm bias points along expert 0's gate row), so under the default placement
+/// (each expert on 2 workers) half the workers idle. The coordinator adopts a placement with
+/// more replicas of expert 0, rank 0 passes it on in-band, and every worker moves its experts
+/// after the same step; training goes on to the end on the new placement.
+#[test]
+fn moe_rebalancing_moves_experts_while_training() {
+    let dir = temp_dir("moe-rebalance");
+    let width = 32;
+    let init = dir.join("skewed.safetensors");
+    let block = "transformer.resblocks.1";
+    let bias = tch::Tensor::ones([width], (tch::Kind::Float, tch::Device::Cpu));
+    let gate = tch::Tensor::cat(
+        &[
+            tch::Tensor::full([1, width], 3.0, (tch::Kind::Float, tch::Device::Cpu)),
+            tch::Tensor::zeros([1, width], (tch::Kind::Float, tch::Device::Cpu)),
+        ],
+        0,
+    );
+    tch::Tensor::write_safetensors(
+        &[
+            (format!("{block}.ln_2.bias"), bias),
+            (format!("{block}.moe.gate.weight"), gate),
+        ],
+        &init,
+    )
+    .unwrap();
+    let moe = format!(
+        "[model.vit]\npatch_size = 8\nwidth = {width}\nlayers = 2\nheads = 2\n\
+         [moe]\nexperts = 2\nvit_blocks = [1]\ntop_k = 1\nrebalance = true\n\
+         rebalance_every_steps = 5\n"
+    );
+    let job = write_job(&dir, 1024, 5, &moe);
+    let init_url = format!("model.init_weights=file://{}", init.display());
+    let mut args: Vec<&str> = MOE_SETS.to_vec();
+    args.extend([
+        "--set",
+        &init_url,
+        "--set",
+        "train.micro_batch=4",
+        "--set",
+        "train.max_steps=30",
+    ]);
+    let out = run_local_on(&dir, &job, 4, &args);
+    let switch = out
+        .iter()
+        .find(|l| l.starts_with("expert placement v1 -> v2 after step"))
+        .unwrap_or_else(|| panic!("no placement switch: {out:#?}"));
+    eprintln!("{switch}");
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("rank 0 finished: 30 steps")),
+        "{out:#?}"
+    );
+    // The final status: the coordinator's placement is the workers' (acknowledged).
+    assert!(
+        out.iter().any(|l| l.starts_with("moe block 0")
+            && l.contains("placement v2")
+            && !l.contains("pending")),
+        "{out:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
