@@ -104,6 +104,20 @@ fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
+/// `contrail local --workers 2` on `job` in `dir`, its stdout lines streamed.
+fn spawn_local(dir: &Path, job: &Path, extra: &[&str]) -> (mpsc::Receiver<String>, KillOnDrop) {
+    let mut child = Command::new(CONTRAIL)
+        .args(["local", "--workers", "2", "--config"])
+        .arg(job)
+        .args(extra)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting contrail local");
+    let lines = lines_of(&mut child);
+    (lines, KillOnDrop(child))
+}
+
 struct KillOnDrop(Child);
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -117,17 +131,8 @@ fn local_cluster_trains_and_reports_status() {
     let dir = temp_dir("train");
     // 1024 samples / 16 per step = 64 steps per epoch; 2 epochs = 128 steps.
     let job = write_job(&dir, 1024, 2, "");
-    let mut child = Command::new(CONTRAIL)
-        .args(["local", "--workers", "2", "--config"])
-        .arg(&job)
-        // A progress line every step: the loss curve below averages over many steps.
-        .args(["--set", "train.log_every=1"])
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting contrail local");
-    let lines = lines_of(&mut child);
-    let mut child = KillOnDrop(child);
+    // A progress line every step: the loss curve below averages over many steps.
+    let (lines, mut child) = spawn_local(&dir, &job, &["--set", "train.log_every=1"]);
 
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut http_addr = None;
@@ -758,18 +763,10 @@ fn run_moe_job(
          balance_loss_coef = {balance_loss_coef}\n"
     );
     let job = write_job(dir, 1024, 5, &moe);
-    let mut child = Command::new(CONTRAIL)
-        .args(["local", "--workers", "2", "--config"])
-        .arg(&job)
-        .args(MOE_SETS)
-        .args(["--set", "train.log_every=1", "--set", "train.max_steps=120"])
-        .args(["--set", "checkpoint.every_steps=60"])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting contrail local");
-    let lines = lines_of(&mut child);
-    let mut child = KillOnDrop(child);
+    let mut args = MOE_SETS.to_vec();
+    args.extend(["--set", "train.log_every=1", "--set", "train.max_steps=120"]);
+    args.extend(["--set", "checkpoint.every_steps=60"]);
+    let (lines, mut child) = spawn_local(dir, &job, &args);
     let deadline = Instant::now() + Duration::from_secs(600);
     let (mut http_addr, mut all_lines) = (None, Vec::new());
     let (mut expert_status, mut status_text) = (None, String::new());

@@ -10,19 +10,16 @@
 //! priorities (`<case>.ordered.*`), and the RTS-off output is checked on everything the tie
 //! does not decide.
 
+mod support;
+
 use contrail_worker::moe::gate::{capacity, route, Capacity, Routing};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 const WEIGHT_TOL: f64 = 1e-6;
 const L_AUX_TOL: f64 = 1e-6;
 const Z_LOSS_TOL: f64 = 1e-5;
-
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/deepspeed_gating")
-}
 
 #[derive(Debug)]
 struct Case {
@@ -63,17 +60,11 @@ struct Fixtures {
 
 impl Fixtures {
     fn load() -> Self {
-        let dir = fixture_dir();
-        let path = dir.join("gating.safetensors");
-        let tensors = Tensor::read_safetensors(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-            .into_iter()
-            .collect();
-        let json_path = dir.join("cases.json");
-        let text = std::fs::read_to_string(&json_path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", json_path.display()));
-        let doc: Value = serde_json::from_str(&text).expect("cases.json is JSON");
-        let cases = doc["cases"]
+        let (tensors, cases) = support::read_fixture(
+            &support::fixture_dir("deepspeed_gating"),
+            "gating.safetensors",
+        );
+        let cases = cases
             .as_array()
             .expect("cases.json has a \"cases\" array")
             .iter()

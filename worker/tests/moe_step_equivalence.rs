@@ -24,7 +24,7 @@ use contrail_worker::train::step::{train_step, StepClock};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use support::{model_config, seeded};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 const SAMPLES: i64 = 8;
 const STEPS: u64 = 2;
@@ -62,25 +62,7 @@ fn config(kind: &str) -> JobConfig {
 }
 
 fn batches(cfg: &JobConfig) -> Vec<(Tensor, Tensor)> {
-    let clip = cfg.objective.kind == "clip";
-    seeded(41, || {
-        (0..STEPS)
-            .map(|_| {
-                let v1 = Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu));
-                let v2 = if clip {
-                    let body =
-                        Tensor::randint_low(1, 257, [SAMPLES, 6], (Kind::Int64, Device::Cpu));
-                    let sot = Tensor::full([SAMPLES, 1], 257, (Kind::Int64, Device::Cpu));
-                    let eot = Tensor::full([SAMPLES, 1], 258, (Kind::Int64, Device::Cpu));
-                    Tensor::cat(&[sot, body, eot], 1)
-                } else {
-                    &v1 * 0.8
-                        + Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.3
-                };
-                (v1, v2)
-            })
-            .collect()
-    })
+    support::step_batches(cfg.objective.kind == "clip", STEPS, SAMPLES, 6, 0)
 }
 
 /// Every rank's variables after `STEPS` steps, rank r's micro-batches sized `plan[r]`.

@@ -17,7 +17,7 @@ use contrail_worker::text::ByteTokenizer;
 use contrail_worker::train::objectives::{build_objective, Moco, StepObjective, Swav};
 use contrail_worker::train::step::{train_step, StepClock};
 use support::{max_abs_diff, model_config, seeded};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 const SAMPLES: i64 = 8;
 const STEPS: u64 = 2;
@@ -48,26 +48,7 @@ fn config(kind: &str) -> JobConfig {
 /// `steps` batches of (view1, view2), `SAMPLES` each; for CLIP the second half is caption
 /// tokens (start, 5 random bytes, end, pad).
 fn batches(cfg: &JobConfig, steps: u64) -> Vec<(Tensor, Tensor)> {
-    let clip = cfg.objective.kind == "clip";
-    seeded(41, || {
-        (0..steps)
-            .map(|_| {
-                let v1 = Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu));
-                let v2 = if clip {
-                    let body =
-                        Tensor::randint_low(1, 257, [SAMPLES, 5], (Kind::Int64, Device::Cpu));
-                    let sot = Tensor::full([SAMPLES, 1], 257, (Kind::Int64, Device::Cpu));
-                    let eot = Tensor::full([SAMPLES, 1], 258, (Kind::Int64, Device::Cpu));
-                    let pad = Tensor::zeros([SAMPLES, 1], (Kind::Int64, Device::Cpu));
-                    Tensor::cat(&[sot, body, eot, pad], 1)
-                } else {
-                    &v1 * 0.8
-                        + Tensor::randn([SAMPLES, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.3
-                };
-                (v1, v2)
-            })
-            .collect()
-    })
+    support::step_batches(cfg.objective.kind == "clip", steps, SAMPLES, 5, 1)
 }
 
 /// The job's model, identical on every rank and run.

@@ -3,18 +3,15 @@
 //! `tests/fixtures/reference/optim/make_fixtures.py`: parameters `w` (4×3) and `b` (3), three
 //! fixed gradient pairs and learning rates, and the reference parameters after every step.
 
+mod support;
+
 use contrail_worker::optim::{AdamW, AdamWOptions, Lars, LarsOptions, Optimizer};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-6;
 const STEPS: usize = 3;
-
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/reference/optim")
-}
 
 struct Fixtures {
     tensors: HashMap<String, Tensor>,
@@ -23,20 +20,11 @@ struct Fixtures {
 
 impl Fixtures {
     fn load() -> Self {
-        let dir = fixture_dir();
-        let path = dir.join("optim_fixtures.safetensors");
-        let tensors = Tensor::read_safetensors(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-            .into_iter()
-            .collect();
-        let json_path = dir.join("cases.json");
-        let text = std::fs::read_to_string(&json_path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", json_path.display()));
-        let doc: Value = serde_json::from_str(&text).expect("cases.json is JSON");
-        let cases = doc["cases"]
-            .as_object()
-            .expect("cases.json has \"cases\"")
-            .clone();
+        let (tensors, cases) = support::read_fixture(
+            &support::fixture_dir("reference/optim"),
+            "optim_fixtures.safetensors",
+        );
+        let cases = cases.as_object().expect("cases.json has \"cases\"").clone();
         Self { tensors, cases }
     }
 

@@ -82,3 +82,64 @@ pub fn seeded<T>(seed: i64, f: impl FnOnce() -> T) -> T {
     tch::manual_seed(seed);
     f()
 }
+
+/// A fixture folder under `tests/fixtures/` (relative to the repository root).
+pub fn fixture_dir(relative: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(relative)
+}
+
+/// A fixture written by a reference script: the tensors of `tensors_file` by name and the
+/// `cases` of `cases.json` in the same folder.
+pub fn read_fixture(
+    dir: &std::path::Path,
+    tensors_file: &str,
+) -> (std::collections::HashMap<String, Tensor>, serde_json::Value) {
+    let path = dir.join(tensors_file);
+    let tensors = Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .into_iter()
+        .collect();
+    let json_path = dir.join("cases.json");
+    let text = std::fs::read_to_string(&json_path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", json_path.display()));
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("cases.json is JSON");
+    (tensors, doc["cases"].clone())
+}
+
+/// `samples` captions of byte tokens: start (257), `body` random bytes, end (258), then `pad`
+/// padding zeros.
+pub fn random_captions(samples: i64, body: i64, pad: i64) -> Tensor {
+    let body = Tensor::randint_low(1, 257, [samples, body], (Kind::Int64, Device::Cpu));
+    let sot = Tensor::full([samples, 1], 257, (Kind::Int64, Device::Cpu));
+    let eot = Tensor::full([samples, 1], 258, (Kind::Int64, Device::Cpu));
+    let pad = Tensor::zeros([samples, pad], (Kind::Int64, Device::Cpu));
+    Tensor::cat(&[sot, body, eot, pad], 1)
+}
+
+/// `steps` batches of `samples` pairs drawn under the RNG lock (seed 41): two 16×16 views (the
+/// second a noisy copy of the first), or for CLIP images and [`random_captions`] with `body`
+/// random bytes and `pad` padding.
+pub fn step_batches(
+    clip: bool,
+    steps: u64,
+    samples: i64,
+    body: i64,
+    pad: i64,
+) -> Vec<(Tensor, Tensor)> {
+    seeded(41, || {
+        (0..steps)
+            .map(|_| {
+                let v1 = Tensor::randn([samples, 3, 16, 16], (Kind::Float, Device::Cpu));
+                let v2 = if clip {
+                    random_captions(samples, body, pad)
+                } else {
+                    &v1 * 0.8
+                        + Tensor::randn([samples, 3, 16, 16], (Kind::Float, Device::Cpu)) * 0.3
+                };
+                (v1, v2)
+            })
+            .collect()
+    })
+}
