@@ -343,14 +343,18 @@ fn received_rows(
         balance_loss_coef: 0.0,
         z_loss_coef: 0.0,
     };
+    // Drawn here, not in the rank threads, which share libtorch's one RNG.
+    let inputs: Vec<(Tensor, Tensor)> = (0..world)
+        .map(|rank| seeded_tokens_and_gate(experts as i64, hot, rank))
+        .collect();
     let results: Vec<(i64, Vec<i64>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = LocalGroup::new(world)
             .into_iter()
-            .map(|coll| {
+            .zip(inputs)
+            .map(|(coll, (x, gate))| {
                 let (settings, placement) = (settings.clone(), placement.clone());
                 scope.spawn(move || {
                     tch::set_num_threads(1);
-                    let rank = coll.rank();
                     let coll: Arc<dyn Collective> = Arc::new(coll);
                     let rt = MoeRuntime::new(coll, settings, placement).unwrap();
                     let vs = nn::VarStore::new(Device::Cpu);
@@ -363,8 +367,6 @@ fn received_rows(
                     };
                     let block = MoeFeedForward::new(&(vs.root() / "moe"), &rt, WIDTH, HIDDEN, init)
                         .unwrap();
-                    // Tokens share a direction that the gate rows of the hot experts favour.
-                    let (x, gate) = seeded_tokens_and_gate(experts as i64, hot, rank);
                     tch::no_grad(|| {
                         for (n, t) in vs.variables() {
                             if n.ends_with("gate.weight") {

@@ -119,8 +119,10 @@ fn run_moving_experts(
                             total_steps: 10,
                         };
                         if let (1, Some(p)) = (step, placement) {
+                            // Under the RNG lock: building draws initial values (then
+                            // overwritten), which must not disturb other tests' draws.
                             move_experts(&mut model, &mut opt, p.clone(), &cfg.optim, &mut |p| {
-                                build(Some(p))
+                                seeded(0, || build(Some(p)))
                             })
                             .unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
                             assert_eq!(model.moe().unwrap().placement(), p);
