@@ -819,7 +819,7 @@ fn moe_job_reports_expert_load_balances_and_resumes_on_4_and_1_workers() {
     let (unbalanced, _, _) = run_moe_job(&unbalanced_dir, 0.0);
     let _ = std::fs::remove_dir_all(&unbalanced_dir);
     let dir = temp_dir("moe");
-    let (balanced, experts, text) = run_moe_job(&dir, 0.5);
+    let (balanced, experts, text) = run_moe_job(&dir, 2.0);
     let (free, held) = (mean(&unbalanced[80..]), mean(&balanced[80..]));
     eprintln!(
         "expert load max/mean over the last 20 steps: {free:.3} without the balance loss, \
