@@ -120,10 +120,11 @@ pub fn block_labels(moe: &MoeConfig) -> Vec<String> {
     let vit = sorted(&moe.vit_blocks)
         .into_iter()
         .map(|l| format!("vit {l}"));
+    let head = moe.projector.then(|| "projector".to_string());
     let text = sorted(&moe.text_blocks)
         .into_iter()
         .map(|l| format!("text {l}"));
-    vit.chain(text).collect()
+    vit.chain(head).chain(text).collect()
 }
 
 impl From<&ExpertPlacement> for proto::Placement {
@@ -234,6 +235,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(block_labels(&moe), vec!["vit 1", "vit 5", "text 0"]);
+        let with_head = MoeConfig {
+            projector: true,
+            ..moe
+        };
+        assert_eq!(
+            block_labels(&with_head),
+            vec!["vit 1", "vit 5", "projector", "text 0"]
+        );
         assert!(block_labels(&MoeConfig::default()).is_empty());
     }
 }

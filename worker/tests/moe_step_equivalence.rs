@@ -138,8 +138,7 @@ fn run_moving_experts(
                             clock,
                         )
                         .unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
-                        let blocks = if cfg.objective.kind == "clip" { 2 } else { 1 };
-                        assert_eq!(out.expert_load.len(), blocks);
+                        assert_eq!(out.expert_load.len(), cfg.moe.block_count());
                         for l in &out.expert_load {
                             // Every sample's tokens, k = 2 assignments each, over all ranks.
                             let routed: i64 = l.routed.iter().sum();
@@ -190,8 +189,7 @@ fn assert_runs_match(
                     .map(|b| b.local_experts(rank as u32).len())
                     .sum(),
                 None => {
-                    let blocks = cfg.moe.vit_blocks.len() + cfg.moe.text_blocks.len();
-                    blocks * (cfg.moe.experts as usize / plan.len()).max(1)
+                    cfg.moe.block_count() * (cfg.moe.experts as usize / plan.len()).max(1)
                 }
             };
             let experts = vars.keys().filter(|n| n.contains(".moe.experts.")).count();
@@ -231,6 +229,24 @@ fn simclr_vit_with_experts_spread_over_ranks_matches_one_rank() {
             vec![vec![3], vec![2, 3]],                // an idle pass during accumulation
             vec![vec![2], vec![2], vec![0], vec![4]], // one expert per rank
         ],
+    );
+}
+
+#[test]
+fn resnet_with_a_mixture_of_experts_projector_matches_one_rank() {
+    let mut cfg = config("simclr");
+    cfg.model.encoder = "resnet".into();
+    cfg.moe.vit_blocks.clear();
+    cfg.moe.projector = true;
+    assert_runs_match(
+        &cfg,
+        &[
+            vec![vec![5], vec![3]],
+            vec![vec![0], vec![8]],
+            vec![vec![3], vec![2, 3]],
+            vec![vec![2], vec![2], vec![0], vec![4]],
+        ],
+        None,
     );
 }
 

@@ -831,8 +831,16 @@ impl JobConfig {
         }
         let vit_layers = (m.encoder == "vit").then_some(m.vit.layers);
         let text_layers = (obj.kind == "clip").then_some(m.text.layers);
-        self.moe
-            .validate(vit_layers, text_layers, &obj.kind, c.world_size)?;
+        // A CLIP ViT's own projection gives its embedding; every other image tower can carry
+        // the MLP projector.
+        let has_projector = m.projector && !(obj.kind == "clip" && m.encoder == "vit");
+        self.moe.validate(
+            vit_layers,
+            text_layers,
+            has_projector,
+            &obj.kind,
+            c.world_size,
+        )?;
         Ok(())
     }
 }
@@ -1031,5 +1039,13 @@ mod tests {
         }
         let e = JobConfig::from_toml("[moe]\nexperts = 2\nvit_blocks = [0]\n").unwrap_err();
         assert_eq!(e.path, "moe.vit_blocks", "a ResNet has no ViT blocks: {e}");
+        // A ResNet's projector can be the mixture; without a projector it cannot.
+        let head = JobConfig::from_toml("[moe]\nexperts = 2\nprojector = true\n").unwrap();
+        assert_eq!(head.moe.block_count(), 1);
+        let e = JobConfig::from_toml(
+            "[model]\nprojector = false\n[moe]\nexperts = 2\nprojector = true\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "moe.projector", "{e}");
     }
 }

@@ -13,6 +13,9 @@ pub struct MoeConfig {
     pub vit_blocks: Vec<u32>,
     /// Indices (0-based) of the CLIP text-tower blocks whose MLP becomes an MoE block.
     pub text_blocks: Vec<u32>,
+    /// Make the MLP projector a mixture of `projector_hidden`-wide MLP experts (no norm
+    /// inside); needs `model.projector`.
+    pub projector: bool,
     /// Experts each token is sent to: 1 (Switch) or 2 (GShard; the two gate weights are
     /// renormalised to sum to 1).
     pub top_k: u32,
@@ -50,6 +53,7 @@ impl Default for MoeConfig {
             experts: 0,
             vit_blocks: Vec::new(),
             text_blocks: Vec::new(),
+            projector: false,
             top_k: 2,
             expert_hidden: 0,
             capacity_factor: 1.25,
@@ -71,20 +75,37 @@ impl MoeConfig {
         self.experts > 0
     }
 
+    /// MoE blocks in the model, in the order the model runs them: the ViT's, the projector,
+    /// the text tower's.
+    pub fn block_count(&self) -> usize {
+        if !self.enabled() {
+            return 0;
+        }
+        self.vit_blocks.len() + usize::from(self.projector) + self.text_blocks.len()
+    }
+
     /// Checks the section against the model it modifies; `vit_layers` is None when the image
-    /// encoder is not a ViT, `text_layers` None without a text tower.
+    /// encoder is not a ViT, `text_layers` None without a text tower, `has_projector` whether
+    /// the model has an MLP projector.
     pub(super) fn validate(
         &self,
         vit_layers: Option<u32>,
         text_layers: Option<u32>,
+        has_projector: bool,
         objective: &str,
         world_size: u32,
     ) -> Result<(), ConfigError> {
         if !self.enabled() {
-            if !self.vit_blocks.is_empty() || !self.text_blocks.is_empty() {
+            if !self.vit_blocks.is_empty() || !self.text_blocks.is_empty() || self.projector {
                 return Err(err("moe.experts", "is 0 but MoE blocks are listed"));
             }
             return Ok(());
+        }
+        if self.projector && !has_projector {
+            return Err(err(
+                "moe.projector",
+                "the model has no MLP projector (model.projector = false, or a CLIP ViT)",
+            ));
         }
         if !matches!(self.top_k, 1 | 2) || self.top_k > self.experts {
             return Err(err(
@@ -118,10 +139,11 @@ impl MoeConfig {
                 return Err(err(path, "lists a block twice"));
             }
         }
-        if self.vit_blocks.is_empty() && self.text_blocks.is_empty() {
+        if self.block_count() == 0 {
             return Err(err(
                 "moe.vit_blocks",
-                "moe.experts > 0 but no block is listed in moe.vit_blocks or moe.text_blocks",
+                "moe.experts > 0 but no block is listed in moe.vit_blocks or moe.text_blocks, \
+                 and moe.projector is off",
             ));
         }
         if objective == "moco" {

@@ -15,7 +15,7 @@ pub mod vit;
 
 use crate::dist::local::LocalGroup;
 use crate::dist::Collective;
-use crate::moe::{MoeRuntime, MoeSettings};
+use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime, MoeSettings};
 use crate::objective::clip::{clamp_logit_scale_, LOGIT_SCALE_INIT};
 use crate::objective::swav::Prototypes;
 use crate::text::Tokenizer;
@@ -26,6 +26,7 @@ use contrail_common::JobConfig;
 use std::sync::Arc;
 use tch::{nn, Device, Tensor};
 use text::{TextConfig, TextMode, TextTransformer};
+use transformer::torch_default_uniform;
 use transformer::MoeBlocks;
 use vit::{VisionTransformer, VitConfig};
 
@@ -34,20 +35,25 @@ pub use momentum::MomentumBranch;
 pub use projector::Projector;
 pub use resnet::{Norm, ResNet};
 
-/// A ResNet under `root` and, with `model.projector` on, the MLP projector under
-/// `root/projector`: the query network's layout, which MoCo's key encoder copies.
-pub(crate) fn resnet_and_projector(
-    root: &nn::Path,
-    cfg: &ModelConfig,
-) -> (ResNet, Option<Projector>) {
-    let encoder = ResNet::new(
+/// The ResNet `model.*` describes, under `root`.
+fn resnet(root: &nn::Path, cfg: &ModelConfig) -> ResNet {
+    ResNet::new(
         root,
         &cfg.layers,
         cfg.width as i64,
         cfg.block,
         cfg.norm,
         cfg.stem,
-    );
+    )
+}
+
+/// A ResNet under `root` and, with `model.projector` on, the MLP projector under
+/// `root/projector`: the query network's layout, which MoCo's key encoder copies.
+pub(crate) fn resnet_and_projector(
+    root: &nn::Path,
+    cfg: &ModelConfig,
+) -> (ResNet, Option<Projector>) {
+    let encoder = resnet(root, cfg);
     let projector = cfg.projector.then(|| {
         Projector::new(
             &(root / "projector"),
@@ -58,6 +64,57 @@ pub(crate) fn resnet_and_projector(
         )
     });
     (encoder, projector)
+}
+
+/// The head on the pooled image features: the MLP projector, or a mixture of MLP experts.
+#[derive(Debug)]
+pub enum Head {
+    Mlp(Projector),
+    Experts(MoeFeedForward),
+}
+
+impl Head {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            Head::Mlp(p) => p.forward_t(xs, train),
+            Head::Experts(m) => m.forward_head(xs),
+        }
+    }
+}
+
+/// With `model.projector` on, the head under `root/projector` on `in_dim` features: the MLP
+/// projector, or (`experts` given) a mixture of `projector_hidden`-wide MLP experts under
+/// `root/projector/moe`, each drawn as `nn.Linear` defaults.
+fn projection_head(
+    root: &nn::Path,
+    in_dim: i64,
+    cfg: &ModelConfig,
+    experts: Option<&Arc<MoeRuntime>>,
+) -> anyhow::Result<Option<Head>> {
+    if !cfg.projector {
+        return Ok(None);
+    }
+    let (hidden, out) = (cfg.projector_hidden as i64, cfg.projector_out as i64);
+    let p = root / "projector";
+    Ok(Some(match experts {
+        None => Head::Mlp(Projector::new(&p, in_dim, hidden, out, cfg.norm)),
+        Some(rt) => {
+            let init = ExpertInit {
+                fc_weight: torch_default_uniform(in_dim),
+                fc_bias: torch_default_uniform(in_dim),
+                proj_weight: torch_default_uniform(hidden),
+                proj_bias: torch_default_uniform(hidden),
+            };
+            Head::Experts(MoeFeedForward::head(
+                &(p / "moe"),
+                rt,
+                in_dim,
+                hidden,
+                out,
+                init,
+            )?)
+        }
+    }))
 }
 
 /// What [`ContrastiveModel::load_matching`] did.
@@ -103,9 +160,9 @@ pub struct ClipText {
 pub struct ContrastiveModel {
     vs: nn::VarStore,
     encoder: ImageEncoder,
-    /// The MLP head on the image features (absent for a CLIP ViT, whose own projection
-    /// gives the embedding).
-    projector: Option<Projector>,
+    /// The head on the image features (absent for a CLIP ViT, whose own projection gives
+    /// the embedding).
+    projector: Option<Head>,
     embedding_dim: i64,
     /// SwAV: prototypes (`prototypes.weight`, trainable).
     prototypes: Option<Prototypes>,
@@ -127,7 +184,17 @@ impl ContrastiveModel {
         objective: &ObjectiveConfig,
         device: Device,
     ) -> anyhow::Result<Self> {
-        let mut model = Self::new(cfg, device)?;
+        Self::for_objective_with(cfg, objective, device, None)
+    }
+
+    /// [`Self::for_objective`] with the projector a mixture of experts over `experts`.
+    fn for_objective_with(
+        cfg: &ModelConfig,
+        objective: &ObjectiveConfig,
+        device: Device,
+        experts: Option<&Arc<MoeRuntime>>,
+    ) -> anyhow::Result<Self> {
+        let mut model = Self::new_with(cfg, device, experts)?;
         match objective.kind.as_str() {
             "simclr" => {}
             "swav" => {
@@ -150,6 +217,14 @@ impl ContrastiveModel {
     /// Builds the encoder + projector from `model.*` (variables initialised from tch's global
     /// RNG, so `tch::manual_seed` makes it reproducible).
     pub fn new(cfg: &ModelConfig, device: Device) -> anyhow::Result<Self> {
+        Self::new_with(cfg, device, None)
+    }
+
+    fn new_with(
+        cfg: &ModelConfig,
+        device: Device,
+        experts: Option<&Arc<MoeRuntime>>,
+    ) -> anyhow::Result<Self> {
         if cfg.encoder != "resnet" {
             bail!(
                 "model.encoder \"{}\" is not built; expected \"resnet\"",
@@ -185,7 +260,8 @@ impl ContrastiveModel {
             }
         }
         let vs = nn::VarStore::new(device);
-        let (encoder, projector) = resnet_and_projector(&vs.root(), cfg);
+        let encoder = resnet(&vs.root(), cfg);
+        let projector = projection_head(&vs.root(), encoder.out_dim(), cfg, experts)?;
         let embedding_dim = if cfg.projector {
             cfg.projector_out as i64
         } else {
@@ -240,9 +316,12 @@ impl ContrastiveModel {
         };
         let vit_moe = moe_blocks(&cfg.moe.vit_blocks);
         let text_moe = moe_blocks(&cfg.moe.text_blocks);
+        let head_moe = moe.as_ref().filter(|_| cfg.moe.projector);
         let clip = cfg.objective.kind == "clip";
         if !clip && m.encoder == "resnet" {
-            return Self::for_objective(m, &cfg.objective, device);
+            let mut model = Self::for_objective_with(m, &cfg.objective, device, head_moe)?;
+            model.moe = moe;
+            return Ok(model);
         }
         let mut embed = m.projector_out as i64;
         let vs = nn::VarStore::new(device);
@@ -261,21 +340,18 @@ impl ContrastiveModel {
                 output_dim: if clip { embed } else { m.vit.width as i64 },
             };
             let vit = VisionTransformer::with_moe(&image_root, &vit_cfg, vit_moe.as_ref())?;
-            let projector = (!clip && m.projector).then(|| {
-                Projector::new(
-                    &(&root / "projector"),
-                    vit_cfg.output_dim,
-                    m.projector_hidden as i64,
-                    embed,
-                    m.norm,
-                )
-            });
+            let projector = if clip {
+                None
+            } else {
+                projection_head(&root, vit_cfg.output_dim, m, head_moe)?
+            };
             if !clip && !m.projector {
                 embed = vit_cfg.output_dim;
             }
             (ImageEncoder::Vit(vit), projector)
         } else {
-            let (resnet, projector) = resnet_and_projector(&image_root, m);
+            let resnet = resnet(&image_root, m);
+            let projector = projection_head(&image_root, resnet.out_dim(), m, head_moe)?;
             (ImageEncoder::ResNet(resnet), projector)
         };
         let mut clip_text = None;
@@ -387,6 +463,12 @@ impl ContrastiveModel {
         let _ = self.compute.run(&none, |t| {
             if let ImageEncoder::Vit(v) = &self.encoder {
                 v.transformer().moe_idle_pass(device);
+            }
+            if let Some(Head::Experts(m)) = &self.projector {
+                let _ = m.forward_head(&Tensor::zeros(
+                    [0, m.in_width()],
+                    (tch::Kind::Float, device),
+                ));
             }
             if let Some(c) = &self.clip {
                 c.tower.transformer().moe_idle_pass(device);
@@ -603,7 +685,7 @@ fn moe_runtime(
         return Ok(None);
     }
     let settings = MoeSettings::from_config(&cfg.moe);
-    let blocks = cfg.moe.vit_blocks.len() + cfg.moe.text_blocks.len();
+    let blocks = cfg.moe.block_count();
     let (coll, placement) = match experts {
         Some(e) => e,
         None => {

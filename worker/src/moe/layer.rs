@@ -29,16 +29,31 @@ pub(crate) struct ExpertShapes {
     pub device: Device,
 }
 
-/// `c_fc → GELU → c_proj`, as the dense block's MLP.
+/// The nonlinearity between an expert's two layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    /// A transformer block's MLP.
+    Gelu,
+    /// A projection head.
+    Relu,
+}
+
+/// `c_fc → activation → c_proj`, as the dense MLP it replaces.
 #[derive(Debug)]
 struct ExpertMlp {
     c_fc: nn::Linear,
     c_proj: nn::Linear,
+    activation: Activation,
 }
 
 impl ExpertMlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.apply(&self.c_fc).gelu("none").apply(&self.c_proj)
+        let h = x.apply(&self.c_fc);
+        let h = match self.activation {
+            Activation::Gelu => h.gelu("none"),
+            Activation::Relu => h.relu(),
+        };
+        h.apply(&self.c_proj)
     }
 }
 
@@ -58,16 +73,54 @@ pub struct MoeFeedForward {
     gate: Tensor,
     /// The experts this rank holds: (global id, expert), ascending id.
     local: Vec<(u32, ExpertMlp)>,
-    width: i64,
+    in_width: i64,
+    out_width: i64,
+    /// A transformer block (`h + moe(norm(h))`) or a head (`moe(x)`).
+    residual: bool,
 }
 
 impl MoeFeedForward {
-    /// `p` is the block's `moe` path; `hidden` the experts' hidden width.
+    /// A transformer block's mixture (GELU experts, residual); `p` is the block's `moe` path,
+    /// `hidden` the experts' hidden width.
     pub fn new(
         p: &nn::Path,
         runtime: &Arc<MoeRuntime>,
         width: i64,
         hidden: i64,
+        init: ExpertInit,
+    ) -> Result<Self> {
+        Self::build(p, runtime, [width, hidden, width], Activation::Gelu, init)
+    }
+
+    /// A projection head as a mixture of `in_width → hidden → ReLU → out_width` experts,
+    /// without residual or norm: `moe(x)`. A token whose assignments are all dropped maps to
+    /// zero, so heads are best trained dropless.
+    pub fn head(
+        p: &nn::Path,
+        runtime: &Arc<MoeRuntime>,
+        in_width: i64,
+        hidden: i64,
+        out_width: i64,
+        init: ExpertInit,
+    ) -> Result<Self> {
+        Self::build(
+            p,
+            runtime,
+            [in_width, hidden, out_width],
+            Activation::Relu,
+            init,
+        )
+        .map(|m| Self {
+            residual: false,
+            ..m
+        })
+    }
+
+    fn build(
+        p: &nn::Path,
+        runtime: &Arc<MoeRuntime>,
+        [width, hidden, out_width]: [i64; 3],
+        activation: Activation,
         init: ExpertInit,
     ) -> Result<Self> {
         let s = runtime.settings();
@@ -81,8 +134,8 @@ impl MoeFeedForward {
             params: vec![
                 ("c_fc.weight".into(), vec![hidden, width]),
                 ("c_fc.bias".into(), vec![hidden]),
-                ("c_proj.weight".into(), vec![width, hidden]),
-                ("c_proj.bias".into(), vec![width]),
+                ("c_proj.weight".into(), vec![out_width, hidden]),
+                ("c_proj.bias".into(), vec![out_width]),
             ],
             device: p.device(),
         };
@@ -115,8 +168,15 @@ impl MoeFeedForward {
                     )
                 };
                 let c_fc = linear("c_fc", width, hidden, inits[0], inits[1]);
-                let c_proj = linear("c_proj", hidden, width, inits[2], inits[3]);
-                local.push((e, ExpertMlp { c_fc, c_proj }));
+                let c_proj = linear("c_proj", hidden, out_width, inits[2], inits[3]);
+                local.push((
+                    e,
+                    ExpertMlp {
+                        c_fc,
+                        c_proj,
+                        activation,
+                    },
+                ));
             } else {
                 // Same draws as the holder makes (weight before bias, as nn::linear does).
                 for ((_, shape), i) in shapes.params.iter().zip(inits) {
@@ -129,18 +189,40 @@ impl MoeFeedForward {
             block,
             gate,
             local,
-            width,
+            in_width: width,
+            out_width,
+            residual: true,
         })
     }
 
     /// `h + moe(norm(h))` for `h` of shape (…, D); `norm` is the block's `ln_2`.
     pub fn forward_residual(&self, h: &Tensor, norm: &impl Module) -> Tensor {
-        let shape = h.size();
+        assert!(self.residual, "a head has no residual form");
+        let norm = |t: &Tensor| t.apply(norm);
+        self.forward_any(h, Some(&norm))
+    }
+
+    /// Width of the tokens the block takes.
+    pub fn in_width(&self) -> i64 {
+        self.in_width
+    }
+
+    /// `moe(x)` for a head: (…, in_width) → (…, out_width).
+    pub fn forward_head(&self, x: &Tensor) -> Tensor {
+        assert!(
+            !self.residual,
+            "a transformer block's mixture has a residual form"
+        );
+        self.forward_any(x, None)
+    }
+
+    fn forward_any(&self, h: &Tensor, norm: Option<&dyn Fn(&Tensor) -> Tensor>) -> Tensor {
+        let mut shape = h.size();
         let d = *shape.last().expect("MoE input has a feature dimension");
         assert_eq!(
-            d, self.width,
-            "MoE block of width {} got {shape:?}",
-            self.width
+            d, self.in_width,
+            "MoE block of input width {} got {shape:?}",
+            self.in_width
         );
         let h2 = h.reshape([-1, d]);
         let out = if self.runtime.coll().world_size() == 1 {
@@ -149,6 +231,7 @@ impl MoeFeedForward {
             self.forward_distributed(&h2, norm)
                 .unwrap_or_else(|e| panic!("MoE block {}: {e:#}", self.block))
         };
+        *shape.last_mut().expect("non-empty shape") = self.out_width;
         out.view(shape.as_slice())
     }
 
@@ -202,10 +285,10 @@ impl MoeFeedForward {
     }
 
     /// One worker holds every expert: plain autograd.
-    fn forward_local(&self, h: &Tensor, norm: &impl Module) -> Tensor {
-        let y = h.apply(norm);
+    fn forward_local(&self, h: &Tensor, norm: Option<&dyn Fn(&Tensor) -> Tensor>) -> Tensor {
+        let y = norm.map_or_else(|| h.shallow_clone(), |n| n(h));
         let r = self.route(&y, y.requires_grad() || self.gate.requires_grad(), false);
-        let mut out = h.zeros_like();
+        let mut out = Tensor::zeros([h.size()[0], self.out_width], (h.kind(), h.device()));
         let mut start = 0;
         for (e, expert) in &self.local {
             let n = r.kept_per_expert[*e as usize];
@@ -217,10 +300,18 @@ impl MoeFeedForward {
             }
             start += n;
         }
-        h + out
+        if self.residual {
+            h + out
+        } else {
+            out
+        }
     }
 
-    fn forward_distributed(&self, h: &Tensor, norm: &impl Module) -> Result<Tensor> {
+    fn forward_distributed(
+        &self,
+        h: &Tensor,
+        norm: Option<&dyn Fn(&Tensor) -> Tensor>,
+    ) -> Result<Tensor> {
         let coll = self.runtime.coll();
         let (rank, world) = (coll.rank(), coll.world_size());
         let record = self.runtime.pass().record;
@@ -231,8 +322,9 @@ impl MoeFeedForward {
                 t.shallow_clone()
             }
         };
-        let h_leaf = leaf(h);
-        let y_in = h.apply(norm);
+        // Without a residual the input is only the tokens: no separate leaf for it.
+        let h_leaf = self.residual.then(|| leaf(h));
+        let y_in = norm.map_or_else(|| h.shallow_clone(), |n| n(h));
         let y = leaf(&y_in);
         let r = self.route(&y, record, true);
 
@@ -269,12 +361,18 @@ impl MoeFeedForward {
         let c_leaf = leaf(&back.to_device(h.device()));
 
         let combined = (c_leaf.to_kind(h.kind()) * send_weight.unsqueeze(1)).to_kind(h.kind());
-        let out = h.zeros_like().index_add(0, &send_token, &combined);
-        let result = &h_leaf + out;
+        let out = Tensor::zeros([h.size()[0], self.out_width], (h.kind(), h.device())).index_add(
+            0,
+            &send_token,
+            &combined,
+        );
+        let result = match &h_leaf {
+            Some(h_leaf) => h_leaf + out,
+            None => out,
+        };
         if record {
             self.runtime.record(Record {
-                h_in: h.shallow_clone(),
-                h_leaf,
+                h: h_leaf.map(|leaf| (h.shallow_clone(), leaf)),
                 y_in,
                 y_leaf: y,
                 send_token,
@@ -292,7 +390,7 @@ impl MoeFeedForward {
     fn run_local_experts(&self, recv: &Tensor, rows: &[Vec<i64>]) -> Tensor {
         let n = recv.size()[0];
         if n == 0 {
-            return recv.zeros_like();
+            return Tensor::zeros([0, self.out_width], (recv.kind(), recv.device()));
         }
         let mut outputs = Vec::new();
         let mut positions = Vec::new();

@@ -80,9 +80,9 @@ pub struct BlockLoad {
 
 /// One distributed block's forward, kept for the backward (see the module comment).
 pub(crate) struct Record {
-    /// Block input as the previous segment produced it, and its leaf copy.
-    pub h_in: Tensor,
-    pub h_leaf: Tensor,
+    /// Block input as the previous segment produced it, and its leaf copy (the residual
+    /// path; None for a head, whose input is only the tokens).
+    pub h: Option<(Tensor, Tensor)>,
     /// Normalised tokens in the previous segment's graph, and their leaf copy (gate + send).
     pub y_in: Tensor,
     pub y_leaf: Tensor,
@@ -309,9 +309,12 @@ impl MoeRuntime {
                 .with_context(|| format!("rank {rank}: MoE block record {i}, gradient back"))?;
             let g_send = g_send.to_device(r.y_leaf.device()).to_kind(r.y_leaf.kind());
             let g_y = grad_or_zeros(&r.y_leaf).index_add(0, &r.send_token, &g_send);
-            let g_h = grad_or_zeros(&r.h_leaf);
+            let mut terms = vec![(&r.y_in, g_y)];
+            if let Some((h_in, h_leaf)) = &r.h {
+                terms.push((h_in, grad_or_zeros(h_leaf)));
+            }
             // Both into the previous segment in one call (they share its graph).
-            let upstream: Vec<Tensor> = [(&r.y_in, g_y), (&r.h_in, g_h)]
+            let upstream: Vec<Tensor> = terms
                 .into_iter()
                 .filter(|(t, _)| t.requires_grad())
                 .map(|(t, g)| (t * g).sum(Kind::Float))
