@@ -4,7 +4,8 @@
 #   - PyTorch 2.11.0 from PyPI into ./.venv (tch 0.24 needs exactly this libtorch),
 #   - ./libtorch -> the torch package inside .venv (.cargo/config.toml points LIBTORCH here),
 #   - moto's S3-compatible server into .venv, for the object-store tests,
-#   - torchvision into .venv, for the checkpoint-compatibility test.
+#   - torchvision into .venv, for the checkpoint-compatibility test,
+#   - prometheus_client into .venv, whose parser reads /metrics back in a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +53,13 @@ if ! .venv/bin/python -c "import torchvision,safetensors,sys; sys.exit(0 if torc
   .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps \
     "torchvision==$TORCHVISION_VERSION" "pillow==13.0.0" "numpy==2.4.6" \
     "safetensors==$SAFETENSORS_VERSION"
+fi
+# The Prometheus client's text parser reads /metrics back in a test.
+PROMETHEUS_CLIENT_VERSION=0.26.0
+if ! .venv/bin/python -c "import prometheus_client,sys; from importlib.metadata import version; sys.exit(0 if version('prometheus_client')=='$PROMETHEUS_CLIENT_VERSION' else 1)" 2>/dev/null; then
+  echo "setup: installing prometheus_client==$PROMETHEUS_CLIENT_VERSION into .venv (metrics format test)"
+  .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps \
+    "prometheus_client==$PROMETHEUS_CLIENT_VERSION"
 fi
 TORCH_DIR=$(.venv/bin/python -c "import torch,os;print(os.path.dirname(torch.__file__))")
 ln -sfn "$TORCH_DIR" libtorch

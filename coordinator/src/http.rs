@@ -1,4 +1,5 @@
-//! HTTP status: `GET /status` (JSON [`StatusReport`]) and `GET /healthz` ("ok").
+//! HTTP status: `GET /status` (JSON [`StatusReport`]), `GET /metrics` (Prometheus text) and
+//! `GET /healthz` ("ok").
 //!
 //! [`StatusReport`]: contrail_common::status::StatusReport
 
@@ -10,10 +11,21 @@ use std::sync::Arc;
 pub fn router(coord: Arc<Coordinator>) -> Router {
     Router::new()
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(coord)
 }
 
 async fn status(State(coord): State<Arc<Coordinator>>) -> Json<StatusReport> {
     Json(coord.status())
+}
+
+async fn metrics(State(coord): State<Arc<Coordinator>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        crate::metrics::render_metrics(&coord.status()),
+    )
 }

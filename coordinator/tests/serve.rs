@@ -207,6 +207,13 @@ async fn two_workers_train_an_epoch_and_status_adds_up() {
         http_get(served.http, "/healthz").await,
         (200, "ok".to_string())
     );
+    // The Prometheus rendering of the same report (its format: tests/metrics.rs).
+    let (code, metrics) = http_get(served.http, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("contrail_job_state{state=\"waiting_for_workers\"} 1"),
+        "{metrics}"
+    );
 
     let mut workers = join_world(&served, 2).await;
     let beats: Vec<_> = workers.iter().map(heartbeat_loop).collect();

@@ -188,9 +188,7 @@ fn assert_runs_match(
                     .iter()
                     .map(|b| b.local_experts(rank as u32).len())
                     .sum(),
-                None => {
-                    cfg.moe.block_count() * (cfg.moe.experts as usize / plan.len()).max(1)
-                }
+                None => cfg.moe.block_count() * (cfg.moe.experts as usize / plan.len()).max(1),
             };
             let experts = vars.keys().filter(|n| n.contains(".moe.experts.")).count();
             assert_eq!(
