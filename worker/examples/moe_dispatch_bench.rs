@@ -228,6 +228,20 @@ struct Call {
     recv: Vec<i64>,
     /// The values sent, for the Int64 expert-count header.
     values: Option<Vec<i64>>,
+    /// Made with the receive counts known (`all_to_all_known`: no count round).
+    known: bool,
+}
+
+impl Call {
+    /// Replays the call on `c` with `input`; returns what arrived and from whom.
+    fn replay(&self, c: &TcpCollective, input: &Tensor) -> dist::Result<(Tensor, Vec<i64>)> {
+        if self.known {
+            let out = c.all_to_all_known(input, &self.send, &self.recv)?;
+            Ok((out, self.recv.clone()))
+        } else {
+            c.all_to_all(input, &self.send)
+        }
+    }
 }
 
 impl Call {
@@ -256,6 +270,25 @@ impl Timed {
     fn a2a_secs(&self) -> f64 {
         self.a2a_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
+
+    /// Adds the time since `t0` and, while logging, records the call.
+    fn note(&self, t0: Instant, input: &Tensor, send: &[i64], recv: &[i64], known: bool) {
+        self.a2a_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Some(log) = self.log.lock().unwrap().as_mut() {
+            let values = (input.kind() == Kind::Int64 && input.dim() == 1).then(|| {
+                Vec::<i64>::try_from(input).expect("an Int64 tensor converts to Vec<i64>")
+            });
+            log.push(Call {
+                kind: input.kind(),
+                row: input.size()[1..].to_vec(),
+                send: send.to_vec(),
+                recv: recv.to_vec(),
+                values,
+                known,
+            });
+        }
+    }
 }
 
 impl Collective for Timed {
@@ -280,20 +313,20 @@ impl Collective for Timed {
     fn all_to_all(&self, input: &Tensor, send_counts: &[i64]) -> dist::Result<(Tensor, Vec<i64>)> {
         let t0 = Instant::now();
         let out = self.inner.all_to_all(input, send_counts)?;
-        self.a2a_ns
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if let Some(log) = self.log.lock().unwrap().as_mut() {
-            let values = (input.kind() == Kind::Int64 && input.dim() == 1).then(|| {
-                Vec::<i64>::try_from(input).expect("an Int64 tensor converts to Vec<i64>")
-            });
-            log.push(Call {
-                kind: input.kind(),
-                row: input.size()[1..].to_vec(),
-                send: send_counts.to_vec(),
-                recv: out.1.clone(),
-                values,
-            });
-        }
+        self.note(t0, input, send_counts, &out.1, false);
+        Ok(out)
+    }
+    fn all_to_all_known(
+        &self,
+        input: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+    ) -> dist::Result<Tensor> {
+        let t0 = Instant::now();
+        let out = self
+            .inner
+            .all_to_all_known(input, send_counts, recv_counts)?;
+        self.note(t0, input, send_counts, recv_counts, true);
         Ok(out)
     }
     fn barrier(&self) -> dist::Result<()> {
@@ -496,7 +529,7 @@ fn replay_exchange(
 
     // Correctness once: rows from source s hold the value s, and the counts are the logged ones.
     for (call, input) in [(dispatch, &dispatch_in), (combine, &combine_in)] {
-        let (out, recv) = c.all_to_all(input, &call.send)?;
+        let (out, recv) = call.replay(c, input)?;
         ensure!(
             recv == call.recv,
             "rank {rank}: replay received {recv:?} rows, the block {:?}",
@@ -518,11 +551,11 @@ fn replay_exchange(
 
     let once = |phases: &mut [f64; 3]| -> Result<()> {
         let t0 = Instant::now();
-        let _ = c.all_to_all(&header_in, &header.send)?;
+        let _ = header.replay(c, &header_in)?;
         let t1 = Instant::now();
-        let _ = c.all_to_all(&dispatch_in, &dispatch.send)?;
+        let _ = dispatch.replay(c, &dispatch_in)?;
         let t2 = Instant::now();
-        let _ = c.all_to_all(&combine_in, &combine.send)?;
+        let _ = combine.replay(c, &combine_in)?;
         let t3 = Instant::now();
         phases[0] += (t1 - t0).as_secs_f64();
         phases[1] += (t2 - t1).as_secs_f64();

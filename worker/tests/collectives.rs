@@ -272,6 +272,15 @@ fn ops(c: &TcpCollective) {
         want,
         "all_to_all rows"
     );
+    // The same exchange with the receive counts known up front (no count round).
+    let known = c
+        .all_to_all_known(&input, &send_counts, &want_counts)
+        .expect("all_to_all_known");
+    assert_eq!(
+        Vec::<i64>::try_from(&known.flatten(0, -1)).unwrap(),
+        want,
+        "all_to_all_known rows"
+    );
 
     // barrier really waits: rank 0 arrives 400 ms late, so nobody may leave before that.
     let start = Instant::now();

@@ -57,6 +57,24 @@ pub trait Collective: Send + Sync {
     /// received from every rank concatenated in rank order, and how many came from each.
     fn all_to_all(&self, input: &Tensor, send_counts: &[i64]) -> Result<(Tensor, Vec<i64>)>;
 
+    /// [`Collective::all_to_all`] when this rank already knows how many rows each peer sends
+    /// it (`recv_counts`, e.g. from an earlier exchange or the reverse of one): a backend may
+    /// skip its round of counts. Every rank of the call must use this form.
+    fn all_to_all_known(
+        &self,
+        input: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+    ) -> Result<Tensor> {
+        let (out, got) = self.all_to_all(input, send_counts)?;
+        if got != recv_counts {
+            return Err(CollectiveError::Usage(format!(
+                "all_to_all_known: expected {recv_counts:?} rows from the ranks, got {got:?}"
+            )));
+        }
+        Ok(out)
+    }
+
     fn barrier(&self) -> Result<()>;
 }
 

@@ -68,6 +68,18 @@ impl<C: Collective> Collective for HostStaged<C> {
         Ok((out.to_device(input.device()), counts))
     }
 
+    fn all_to_all_known(
+        &self,
+        input: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+    ) -> Result<Tensor> {
+        let out = self
+            .inner
+            .all_to_all_known(&host(input), send_counts, recv_counts)?;
+        Ok(out.to_device(input.device()))
+    }
+
     fn barrier(&self) -> Result<()> {
         self.inner.barrier()
     }

@@ -141,6 +141,106 @@ impl TcpCollective {
     }
 
     /// Takes the operation lock, refusing to start when poisoned, and numbers the operation.
+    /// All-to-all of rows; the round of counts is skipped when `known_recv` gives them.
+    fn all_to_all_rows(
+        &self,
+        input: &Tensor,
+        send_counts: &[i64],
+        known_recv: Option<&[i64]>,
+    ) -> Result<(Tensor, Vec<i64>)> {
+        check_cpu(input, "all_to_all")?;
+        let (send_offs, total) = row_offsets(send_counts, self.world, "all_to_all")?;
+        let rows = dim0(input, "all_to_all")?;
+        if rows != total {
+            return Err(CollectiveError::Usage(format!(
+                "all_to_all: input has {rows} rows but send_counts sum to {total}"
+            )));
+        }
+        let (r, n) = (self.rank, self.world);
+        let input = input.contiguous();
+        let mut recv_counts = vec![0i64; n];
+        recv_counts[r] = send_counts[r];
+        if let Some(known) = known_recv {
+            if known.len() != n || known[r] != send_counts[r] || known.iter().any(|&c| c < 0) {
+                return Err(CollectiveError::Usage(format!(
+                    "all_to_all_known: receive counts {known:?} do not fit rank {r} of {n} \
+                     sending {send_counts:?}"
+                )));
+            }
+            recv_counts.copy_from_slice(known);
+        }
+        let mut st = if n > 1 { Some(self.begin()?) } else { None };
+        if let Some(st) = st.as_mut().filter(|_| known_recv.is_none()) {
+            // Phase 1: every peer learns how many rows it will get from this rank.
+            let mut plan = Plan::default();
+            for p in self.others() {
+                plan.sends.push(SendItem {
+                    peer: p,
+                    lane: 0,
+                    ptr: &send_counts[p] as *const i64 as usize,
+                    len: 8,
+                    after_recv: None,
+                });
+            }
+            for k in 1..n {
+                let p = (r + n - k) % n;
+                plan.recvs.push(RecvItem {
+                    peer: p,
+                    lane: 0,
+                    ptr: &mut recv_counts[p] as *mut i64 as usize,
+                    len: 8,
+                    reduce: None,
+                });
+            }
+            self.execute(st, plan)?;
+            if let Some((p, c)) = recv_counts.iter().enumerate().find(|(_, c)| **c < 0) {
+                let f = Failure::Usage(format!("all_to_all: rank {p} announced {c} rows"));
+                let e = self.to_error(&f);
+                st.poisoned = Some(f);
+                return Err(e);
+            }
+        }
+        let (recv_offs, recv_total) = row_offsets(&recv_counts, n, "all_to_all")?;
+        let out = Tensor::empty(with_rows(&input, recv_total), (input.kind(), Device::Cpu));
+        if send_counts[r] > 0 {
+            out.narrow(0, recv_offs[r] as i64, send_counts[r])
+                .copy_(&input.narrow(0, send_offs[r] as i64, send_counts[r]));
+        }
+        if let Some(st) = st.as_mut() {
+            // Phase 2: at step k send to r+k and receive from r-k, which pairs every sender
+            // with a receiver on the same step and so cannot deadlock.
+            let rb = row_bytes(&input);
+            let (ib, ob) = (input.data_ptr() as usize, out.data_ptr() as usize);
+            let mut plan = Plan::default();
+            for k in 1..n {
+                let p = (r + k) % n;
+                let (o, l) = (send_offs[p] * rb, send_counts[p] as usize * rb);
+                for (so, sl) in segments(ib + o, l) {
+                    plan.sends.push(SendItem {
+                        peer: p,
+                        lane: 0,
+                        ptr: so,
+                        len: sl,
+                        after_recv: None,
+                    });
+                }
+                let q = (r + n - k) % n;
+                let (o, l) = (recv_offs[q] * rb, recv_counts[q] as usize * rb);
+                for (ro, rl) in segments(ob + o, l) {
+                    plan.recvs.push(RecvItem {
+                        peer: q,
+                        lane: 0,
+                        ptr: ro,
+                        len: rl,
+                        reduce: None,
+                    });
+                }
+            }
+            self.execute(st, plan)?;
+        }
+        Ok((out, recv_counts))
+    }
+
     fn begin(&self) -> Result<MutexGuard<'_, OpState>> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = &st.poisoned {
@@ -1215,88 +1315,18 @@ impl Collective for TcpCollective {
     }
 
     fn all_to_all(&self, input: &Tensor, send_counts: &[i64]) -> Result<(Tensor, Vec<i64>)> {
-        check_cpu(input, "all_to_all")?;
-        let (send_offs, total) = row_offsets(send_counts, self.world, "all_to_all")?;
-        let rows = dim0(input, "all_to_all")?;
-        if rows != total {
-            return Err(CollectiveError::Usage(format!(
-                "all_to_all: input has {rows} rows but send_counts sum to {total}"
-            )));
-        }
-        let (r, n) = (self.rank, self.world);
-        let input = input.contiguous();
-        let mut recv_counts = vec![0i64; n];
-        recv_counts[r] = send_counts[r];
-        let mut st = if n > 1 { Some(self.begin()?) } else { None };
-        if let Some(st) = st.as_mut() {
-            // Phase 1: every peer learns how many rows it will get from this rank.
-            let mut plan = Plan::default();
-            for p in self.others() {
-                plan.sends.push(SendItem {
-                    peer: p,
-                    lane: 0,
-                    ptr: &send_counts[p] as *const i64 as usize,
-                    len: 8,
-                    after_recv: None,
-                });
-            }
-            for k in 1..n {
-                let p = (r + n - k) % n;
-                plan.recvs.push(RecvItem {
-                    peer: p,
-                    lane: 0,
-                    ptr: &mut recv_counts[p] as *mut i64 as usize,
-                    len: 8,
-                    reduce: None,
-                });
-            }
-            self.execute(st, plan)?;
-            if let Some((p, c)) = recv_counts.iter().enumerate().find(|(_, c)| **c < 0) {
-                let f = Failure::Usage(format!("all_to_all: rank {p} announced {c} rows"));
-                let e = self.to_error(&f);
-                st.poisoned = Some(f);
-                return Err(e);
-            }
-        }
-        let (recv_offs, recv_total) = row_offsets(&recv_counts, n, "all_to_all")?;
-        let out = Tensor::empty(with_rows(&input, recv_total), (input.kind(), Device::Cpu));
-        if send_counts[r] > 0 {
-            out.narrow(0, recv_offs[r] as i64, send_counts[r])
-                .copy_(&input.narrow(0, send_offs[r] as i64, send_counts[r]));
-        }
-        if let Some(st) = st.as_mut() {
-            // Phase 2: at step k send to r+k and receive from r-k, which pairs every sender
-            // with a receiver on the same step and so cannot deadlock.
-            let rb = row_bytes(&input);
-            let (ib, ob) = (input.data_ptr() as usize, out.data_ptr() as usize);
-            let mut plan = Plan::default();
-            for k in 1..n {
-                let p = (r + k) % n;
-                let (o, l) = (send_offs[p] * rb, send_counts[p] as usize * rb);
-                for (so, sl) in segments(ib + o, l) {
-                    plan.sends.push(SendItem {
-                        peer: p,
-                        lane: 0,
-                        ptr: so,
-                        len: sl,
-                        after_recv: None,
-                    });
-                }
-                let q = (r + n - k) % n;
-                let (o, l) = (recv_offs[q] * rb, recv_counts[q] as usize * rb);
-                for (ro, rl) in segments(ob + o, l) {
-                    plan.recvs.push(RecvItem {
-                        peer: q,
-                        lane: 0,
-                        ptr: ro,
-                        len: rl,
-                        reduce: None,
-                    });
-                }
-            }
-            self.execute(st, plan)?;
-        }
-        Ok((out, recv_counts))
+        self.all_to_all_rows(input, send_counts, None)
+    }
+
+    fn all_to_all_known(
+        &self,
+        input: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+    ) -> Result<Tensor> {
+        Ok(self
+            .all_to_all_rows(input, send_counts, Some(recv_counts))?
+            .0)
     }
 
     fn barrier(&self) -> Result<()> {

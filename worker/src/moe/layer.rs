@@ -344,19 +344,29 @@ impl MoeFeedForward {
             .all_to_all(&Tensor::from_slice(&header), &header_counts)
             .with_context(|| format!("rank {rank}: exchanging expert counts"))?;
         let recv_header = Vec::<i64>::try_from(&recv_header).expect("Int64 counts");
+        // The header already says how many rows each source sends: no second count round.
+        let n_local = self.local.len();
+        let recv_counts: Vec<i64> = recv_header
+            .chunks(n_local.max(1))
+            .map(|c| c.iter().sum())
+            .collect();
         let send_rows = y.index_select(0, &send_token).contiguous();
-        let (recv, recv_counts) = coll
-            .all_to_all(&send_rows.detach(), &send_counts)
+        let recv = coll
+            .all_to_all_known(&send_rows.detach(), &send_counts, &recv_counts)
             .with_context(|| format!("rank {rank}: dispatching tokens"))?;
         let recv_leaf = leaf(&recv.to_device(h.device()));
         if self.runtime.pass().count_load {
             self.runtime.count_received(self.block, recv.size()[0]);
         }
 
-        let per_expert = dispatch::rows_per_local_expert(&recv_header, world, self.local.len());
+        let per_expert = dispatch::rows_per_local_expert(&recv_header, world, n_local);
         let expert_out = self.run_local_experts(&recv_leaf, &per_expert);
-        let (back, _) = coll
-            .all_to_all(&expert_out.detach().contiguous(), &recv_counts)
+        let back = coll
+            .all_to_all_known(
+                &expert_out.detach().contiguous(),
+                &recv_counts,
+                &send_counts,
+            )
             .with_context(|| format!("rank {rank}: returning expert outputs"))?;
         let c_leaf = leaf(&back.to_device(h.device()));
 

@@ -293,9 +293,11 @@ impl MoeRuntime {
         for (i, r) in tape.iter().enumerate().rev() {
             // The incoming gradient of the expert outputs goes to their holders ...
             let g_c = grad_or_zeros(&r.c_leaf);
-            let (g_out, _) = coll.all_to_all(&g_c, &r.send_counts).with_context(|| {
-                format!("rank {rank}: MoE block record {i}, gradient to experts")
-            })?;
+            let g_out = coll
+                .all_to_all_known(&g_c.contiguous(), &r.send_counts, &r.recv_counts)
+                .with_context(|| {
+                    format!("rank {rank}: MoE block record {i}, gradient to experts")
+                })?;
             if r.expert_out.numel() > 0 {
                 let g_out = g_out.to_device(r.expert_out.device());
                 (&r.expert_out * g_out.to_kind(r.expert_out.kind()))
@@ -304,8 +306,8 @@ impl MoeRuntime {
             }
             // ... and the experts' input gradient comes back to the tokens' owners.
             let g_recv = grad_or_zeros(&r.recv_leaf);
-            let (g_send, _) = coll
-                .all_to_all(&g_recv, &r.recv_counts)
+            let g_send = coll
+                .all_to_all_known(&g_recv.contiguous(), &r.recv_counts, &r.send_counts)
                 .with_context(|| format!("rank {rank}: MoE block record {i}, gradient back"))?;
             let g_send = g_send.to_device(r.y_leaf.device()).to_kind(r.y_leaf.kind());
             let g_y = grad_or_zeros(&r.y_leaf).index_add(0, &r.send_token, &g_send);
