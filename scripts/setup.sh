@@ -5,7 +5,8 @@
 #   - ./libtorch -> the torch package inside .venv (.cargo/config.toml points LIBTORCH here),
 #   - moto's S3-compatible server into .venv, for the object-store tests,
 #   - torchvision into .venv, for the checkpoint-compatibility test,
-#   - prometheus_client into .venv, whose parser reads /metrics back in a test.
+#   - prometheus_client into .venv, whose parser reads /metrics back in a test,
+#   - hadolint into .venv, for the Dockerfile check (scripts/check_dockerfiles.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
