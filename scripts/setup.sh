@@ -6,7 +6,8 @@
 #   - moto's S3-compatible server into .venv, for the object-store tests,
 #   - torchvision into .venv, for the checkpoint-compatibility test,
 #   - prometheus_client into .venv, whose parser reads /metrics back in a test,
-#   - hadolint into .venv, for the Dockerfile check (scripts/check_dockerfiles.sh).
+#   - hadolint into .venv, for the Dockerfile check (scripts/check_dockerfiles.sh),
+#   - Chromium (Debian package chromium), for the status page's headless-browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,16 @@ if ! command -v protoc >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+# The status page test (worker/tests/status_page.rs) drives headless Chromium. Any of these
+# on PATH will do; without recommends the package and its libraries take about 400 MB.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+    && ! command -v google-chrome >/dev/null 2>&1; then
+  echo "setup: installing chromium (apt-get, --no-install-recommends, about 400 MB) for the status page test"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
 PY=${PYTHON:-python3}

@@ -3,6 +3,7 @@
 //!
 //! [`StatusReport`]: contrail_common::status::StatusReport
 
+use crate::page::status_page;
 use crate::Coordinator;
 use axum::{extract::State, routing::get, Json, Router};
 use contrail_common::status::StatusReport;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 pub fn router(coord: Arc<Coordinator>) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))

@@ -29,6 +29,7 @@ pub mod job;
 pub mod leases;
 pub mod membership;
 pub mod metrics;
+pub mod page;
 pub mod progress;
 pub mod service;
 pub mod status_text;
