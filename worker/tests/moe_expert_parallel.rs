@@ -343,10 +343,12 @@ fn received_rows(
         balance_loss_coef: 0.0,
         z_loss_coef: 0.0,
     };
-    // Drawn here, not in the rank threads, which share libtorch's one RNG.
-    let inputs: Vec<(Tensor, Tensor)> = (0..world)
-        .map(|rank| seeded_tokens_and_gate(experts as i64, hot, rank))
-        .collect();
+    // Drawn here under the tests' RNG lock, not in the rank threads: libtorch has one RNG.
+    let inputs: Vec<(Tensor, Tensor)> = support::seeded(0, || {
+        (0..world)
+            .map(|rank| seeded_tokens_and_gate(experts as i64, hot, rank))
+            .collect()
+    });
     let results: Vec<(i64, Vec<i64>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = LocalGroup::new(world)
             .into_iter()
@@ -456,4 +458,45 @@ fn rebalancing_lowers_the_busiest_workers_load_under_skewed_routing() {
         );
         assert!(a < b - 0.2, "rebalancing did not help: {b:.2} -> {a:.2}");
     }
+}
+
+/// A peer that never joins the exchange: the forward pass returns (a placeholder), later
+/// blocks skip their exchanges, and the failure comes out of `check` and `backward` as an
+/// error naming the block, instead of a panic in the worker.
+#[test]
+fn a_failed_exchange_is_an_error_not_a_panic() {
+    let mut group = LocalGroup::with_timeout(2, Duration::from_millis(300));
+    let _absent = group.pop().unwrap();
+    let coll: Arc<dyn Collective> = Arc::new(group.pop().unwrap());
+    let settings = MoeSettings {
+        experts: 2,
+        top_k: 1,
+        capacity_factor: 1.0,
+        eval_capacity_factor: 0.0,
+        min_capacity: 0,
+        dropless: true,
+        jitter: 0.0,
+        balance_loss_coef: 0.0,
+        z_loss_coef: 0.0,
+    };
+    let rt = MoeRuntime::spread(coll, settings, 2).unwrap();
+    let (net, x) = support::seeded(7, || {
+        let net = build(&rt);
+        (net, Tensor::randn([5, WIDTH], (Kind::Float, Device::Cpu)))
+    });
+    rt.begin_pass(Pass {
+        train: true,
+        record: true,
+        count_load: true,
+        aux_weight: 0.0,
+    });
+    let started = std::time::Instant::now();
+    let out = net.forward(&x);
+    assert_eq!(out.size(), vec![5, WIDTH]);
+    // Only the first block waited for the timeout; the second skipped its exchange.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = rt.check().unwrap_err().to_string();
+    assert!(err.contains("MoE block 0"), "{err}");
+    let err = rt.backward(&out.sum(Kind::Float)).unwrap_err().to_string();
+    assert!(err.contains("MoE exchange failed"), "{err}");
 }

@@ -227,12 +227,27 @@ impl MoeFeedForward {
         let h2 = h.reshape([-1, d]);
         let out = if self.runtime.coll().world_size() == 1 {
             self.forward_local(&h2, norm)
+        } else if self.runtime.failed() {
+            // An earlier exchange failed: the peers are gone, the step will report it.
+            self.placeholder(&h2)
         } else {
-            self.forward_distributed(&h2, norm)
-                .unwrap_or_else(|e| panic!("MoE block {}: {e:#}", self.block))
+            match self.forward_distributed(&h2, norm) {
+                Ok(out) => out,
+                Err(e) => {
+                    self.runtime
+                        .fail(&e.context(format!("MoE block {}", self.block)));
+                    self.placeholder(&h2)
+                }
+            }
         };
         *shape.last_mut().expect("non-empty shape") = self.out_width;
         out.view(shape.as_slice())
+    }
+
+    /// An output of the right shape for a forward whose exchange failed (never trained on:
+    /// the step checks the runtime before using it).
+    fn placeholder(&self, h: &Tensor) -> Tensor {
+        Tensor::zeros([h.size()[0], self.out_width], (h.kind(), h.device()))
     }
 
     /// Routing of `y` (tokens × D) under the current pass, its load counted, its auxiliary

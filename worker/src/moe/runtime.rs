@@ -120,6 +120,10 @@ pub struct MoeRuntime {
     placement: ExpertPlacement,
     blocks: Mutex<Vec<BlockInfo>>,
     state: Mutex<State>,
+    /// The first exchange that failed (a peer died, a timeout): a forward pass cannot return
+    /// an error, so it is kept here, later blocks skip their exchanges, and the step reports
+    /// it ([`MoeRuntime::check`]).
+    failure: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for MoeRuntime {
@@ -158,6 +162,7 @@ impl MoeRuntime {
             placement,
             blocks: Mutex::new(Vec::new()),
             state: Mutex::new(State::default()),
+            failure: Mutex::new(None),
         }))
     }
 
@@ -217,6 +222,23 @@ impl MoeRuntime {
 
     pub fn block_count(&self) -> usize {
         lock(&self.blocks).len()
+    }
+
+    /// Records a failed exchange (the first one is kept).
+    pub(crate) fn fail(&self, error: &anyhow::Error) {
+        lock(&self.failure).get_or_insert_with(|| format!("{error:#}"));
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        lock(&self.failure).is_some()
+    }
+
+    /// The error of a failed exchange since the runtime was made, if any.
+    pub fn check(&self) -> Result<()> {
+        match lock(&self.failure).as_ref() {
+            Some(e) => Err(anyhow::anyhow!("MoE exchange failed: {e}")),
+            None => Ok(()),
+        }
     }
 
     /// Sets the mode of the following forward passes and forgets any tape not backpropagated.
@@ -280,6 +302,7 @@ impl MoeRuntime {
     /// Every rank must call it after the same recorded passes (a rank without samples passes
     /// a root that needs no gradient).
     pub fn backward(&self, root: &Tensor) -> Result<()> {
+        self.check()?;
         let (tape, aux) = {
             let mut s = lock(&self.state);
             (std::mem::take(&mut s.tape), std::mem::take(&mut s.aux))

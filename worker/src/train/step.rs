@@ -104,6 +104,7 @@ pub fn train_step(
                 Tensor::zeros([0, model.embedding_dim()], (Kind::Float, device))
             }
         };
+        check_moe(model)?;
         let (local_loss, d_local) =
             objective.loss_and_grad(model, &z_local.detach(), counts, clock, coll)?;
         ensure_grads_defined(model);
@@ -150,6 +151,11 @@ fn forward_passes(
     let all = all_gather_counts(coll, non_empty as i64)
         .with_context(|| format!("rank {}: agreeing on the forward passes", coll.rank()))?;
     Ok(all.into_iter().max().unwrap_or(0) as usize)
+}
+
+/// The error of an MoE exchange that failed during a forward pass, if one did.
+fn check_moe(model: &ContrastiveModel) -> Result<()> {
+    model.moe().map_or(Ok(()), |rt| rt.check())
 }
 
 /// Sets the MoE blocks' mode for the next forward pass (nothing without MoE blocks).
@@ -228,6 +234,7 @@ fn accumulated_passes(
         }
         Tensor::cat(&first, 0)
     });
+    check_moe(model)?;
     let (local_loss, d_local) = objective.loss_and_grad(model, &z_local, counts, clock, coll)?;
 
     // Pass 2: re-forward each micro-batch with a graph and backprop its rows of d_local;
