@@ -1,5 +1,5 @@
-//! HTTP status: `GET /status` (JSON [`StatusReport`]), `GET /metrics` (Prometheus text) and
-//! `GET /healthz` ("ok").
+//! HTTP status: `GET /` (the live page for a person), `GET /status` (JSON [`StatusReport`]),
+//! `GET /metrics` (Prometheus text) and `GET /healthz` ("ok").
 //!
 //! [`StatusReport`]: contrail_common::status::StatusReport
 

@@ -8,7 +8,8 @@
 //! - [`experts`]: the MoE expert placement, the router load rank 0 reports, and when to
 //!   re-plan.
 //! - [`service`]: the tonic gRPC service over a shared [`Coordinator`].
-//! - [`http`]: `GET /status` (JSON [`StatusReport`]), `GET /metrics` and `GET /healthz`.
+//! - [`http`]: `GET /` (the live status page, [`page`]), `GET /status` (JSON
+//!   [`StatusReport`]), `GET /metrics` and `GET /healthz`.
 //! - [`metrics`]: the status report in Prometheus' text format.
 //! - [`status_text`]: the person-readable rendering used by `contrail status`.
 //!
