@@ -1,0 +1,663 @@
+//! Kubernetes manifests for a contrail job, built from typed objects (`k8s-openapi` for the
+//! built-in kinds, [`jobset`] for the JobSet CRD), written as a multi-document YAML stream,
+//! and applied or deleted through the Kubernetes API ([`apply`]).
+//!
+//! Two flavours ([`Crd`]):
+//! - `JobSet` (needs the JobSet controller): one JobSet with a `coordinator` replicated job
+//!   (1 pod) and a `workers` replicated job (an Indexed Job of N pods), started in that order;
+//!   plus the job file's ConfigMap and a Service in front of the coordinator's status page.
+//! - `None`: a Deployment + Service for the coordinator, an Indexed Job + headless Service
+//!   for the workers, and the ConfigMap.
+//!
+//! Failure handling mirrors contrail's own: a job fails as a whole when any worker dies (no
+//! elastic restarts), and a job started again resumes from its latest checkpoint. So no pod is
+//! restarted in place (`restartPolicy: Never`, Job `backoffLimit: 0`); instead the JobSet
+//! restarts the whole set (`failurePolicy.maxRestarts`), which resumes from the checkpoint.
+
+pub mod apply;
+pub mod jobset;
+
+use anyhow::{bail, Context, Result};
+use contrail_common::config::JobConfig;
+use jobset::{FailurePolicy, JobSet, JobSetSpec, Network, ReplicatedJob, StartupPolicy};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::batch::v1::{Job, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecretEnvSource, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+/// The Kubernetes API version the built-in objects are typed against (the `k8s-openapi`
+/// feature) and validated against in the tests. Every field used is GA well before it.
+pub const KUBERNETES_VERSION: &str = "1.34";
+/// Ports inside the pods: coordinator gRPC, coordinator HTTP (status), worker collective.
+pub const GRPC_PORT: i32 = 50051;
+pub const HTTP_PORT: i32 = 8080;
+pub const COLLECTIVE_PORT: i32 = 29500;
+/// Where the job file is mounted in the coordinator.
+pub const CONFIG_DIR: &str = "/etc/contrail";
+pub const CONFIG_KEY: &str = "job.toml";
+/// Whole-set restarts before a JobSet is declared failed; each restart resumes from the
+/// latest checkpoint.
+pub const MAX_RESTARTS: i32 = 3;
+/// Longest `--name`: JobSet pod hostnames `<name>-coordinator-0-0` must fit a 63-character
+/// DNS label.
+pub const MAX_NAME_LEN: usize = 40;
+
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// Which objects run the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crd {
+    /// One JobSet (jobset.x-k8s.io/v1alpha2): ordered start-up and whole-set restarts.
+    JobSet,
+    /// Built-in kinds only: Deployment + Service (coordinator), Indexed Job + headless Service.
+    None,
+}
+
+impl FromStr for Crd {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "jobset" => Ok(Crd::JobSet),
+            "none" => Ok(Crd::None),
+            _ => bail!("unknown --crd {s:?}: expected \"jobset\" or \"none\""),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderOptions {
+    /// Prefix of every object's name; a DNS-1035 label of at most [`MAX_NAME_LEN`] characters.
+    pub name: String,
+    pub namespace: String,
+    /// Container image holding `contrail` and `contrail-coordinator` on its PATH.
+    pub image: String,
+    pub workers: u32,
+    /// `nvidia.com/gpu` limit of each worker pod (0: CPU only).
+    pub gpus_per_worker: u32,
+    pub crd: Crd,
+    /// Workers on the node's network (`hostNetwork`, `dnsPolicy: ClusterFirstWithHostNet`),
+    /// for NCCL over the node's interfaces (InfiniBand/RoCE, several NICs).
+    pub host_network: bool,
+    /// Sets NCCL_SOCKET_IFNAME in the workers (unset: NCCL picks the interface).
+    pub nccl_socket_ifname: Option<String>,
+    /// Secret whose keys become environment variables of every pod (AWS_*, GOOGLE_*, AZURE_*
+    /// object-store credentials). The job file never holds credentials.
+    pub secret: Option<String>,
+    /// Service account of every pod (workload identity: IRSA, GKE, Azure).
+    pub service_account: Option<String>,
+}
+
+impl RenderOptions {
+    /// Defaults: namespace "default", JobSet flavour, no GPUs, pod network, no secret.
+    pub fn new(name: &str, image: &str, workers: u32) -> Self {
+        Self {
+            name: name.into(),
+            namespace: "default".into(),
+            image: image.into(),
+            workers,
+            gpus_per_worker: 0,
+            crd: Crd::JobSet,
+            host_network: false,
+            nccl_socket_ifname: None,
+            secret: None,
+            service_account: None,
+        }
+    }
+}
+
+/// One object of the rendered stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Manifest {
+    ConfigMap(ConfigMap),
+    Service(Service),
+    Deployment(Deployment),
+    Job(Job),
+    JobSet(JobSet),
+}
+
+impl Manifest {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Manifest::ConfigMap(_) => "ConfigMap",
+            Manifest::Service(_) => "Service",
+            Manifest::Deployment(_) => "Deployment",
+            Manifest::Job(_) => "Job",
+            Manifest::JobSet(_) => jobset::KIND,
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Manifest::ConfigMap(o) => &o.metadata,
+            Manifest::Service(o) => &o.metadata,
+            Manifest::Deployment(o) => &o.metadata,
+            Manifest::Job(o) => &o.metadata,
+            Manifest::JobSet(o) => &o.metadata,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or("")
+    }
+
+    /// Reads one object, dispatching on its `kind` (and checking its `apiVersion` through the
+    /// typed structs).
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .context("manifest has no `kind`")?
+            .to_string();
+        let m = match kind.as_str() {
+            "ConfigMap" => Manifest::ConfigMap(serde_json::from_value(value)?),
+            "Service" => Manifest::Service(serde_json::from_value(value)?),
+            "Deployment" => Manifest::Deployment(serde_json::from_value(value)?),
+            "Job" => Manifest::Job(serde_json::from_value(value)?),
+            jobset::KIND => {
+                let js: JobSet = serde_json::from_value(value)?;
+                if js.api_version != jobset::API_VERSION {
+                    bail!(
+                        "JobSet has apiVersion {:?}, expected {:?}",
+                        js.api_version,
+                        jobset::API_VERSION
+                    );
+                }
+                Manifest::JobSet(js)
+            }
+            other => bail!("unsupported kind {other:?}"),
+        };
+        Ok(m)
+    }
+}
+
+/// The objects as a multi-document YAML stream (`---` between documents).
+pub fn to_yaml(manifests: &[Manifest]) -> Result<String> {
+    let mut out = String::new();
+    for m in manifests {
+        out.push_str("---\n");
+        out.push_str(
+            &serde_norway::to_string(m)
+                .with_context(|| format!("writing {} {} as YAML", m.kind(), m.name()))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Reads a multi-document YAML stream back into typed objects.
+pub fn from_yaml(text: &str) -> Result<Vec<Manifest>> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = serde_json::Value::deserialize(doc)
+            .with_context(|| format!("YAML document {i} is not valid YAML"))?;
+        if value.is_null() {
+            continue; // an empty document (e.g. a trailing `---`)
+        }
+        out.push(Manifest::from_value(value).with_context(|| format!("in YAML document {i}"))?);
+    }
+    Ok(out)
+}
+
+/// A default object-name prefix from a job file's path: its stem, lower-cased, with every
+/// character outside `[a-z0-9-]` turned into `-`, cut to [`MAX_NAME_LEN`].
+pub fn default_name(config_path: &str) -> String {
+    let stem = std::path::Path::new(config_path)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("contrail");
+    let mut s: String = stem
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    s.truncate(MAX_NAME_LEN);
+    let s = s.trim_matches('-').to_string();
+    if s.is_empty() || !s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        format!("contrail-{s}").trim_end_matches('-').to_string()
+    } else {
+        s
+    }
+}
+
+/// Checks `name` is usable as the prefix of every object and pod hostname.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if name.is_empty()
+        || name.len() > MAX_NAME_LEN
+        || !ok_chars
+        || !name.starts_with(|c: char| c.is_ascii_lowercase())
+        || name.ends_with('-')
+    {
+        bail!(
+            "--name {name:?} must be 1-{MAX_NAME_LEN} characters of a-z, 0-9 and '-', starting \
+             with a letter and not ending with '-' (it prefixes Kubernetes object and pod names)"
+        );
+    }
+    Ok(())
+}
+
+/// The job file the pods run: `cfg` with `cluster.world_size` = the worker count and the
+/// coordinator listening on every interface at the fixed ports.
+pub fn cluster_job_toml(cfg: &JobConfig, opts: &RenderOptions) -> Result<String> {
+    let mut cfg = cfg.clone();
+    cfg.cluster.world_size = opts.workers;
+    cfg.cluster.grpc_addr = format!("0.0.0.0:{GRPC_PORT}");
+    cfg.cluster.http_addr = format!("0.0.0.0:{HTTP_PORT}");
+    cfg.validate().with_context(|| {
+        format!(
+            "the job file with cluster.world_size={} (the --workers count); adjust it with \
+             e.g. --set train.global_batch=...",
+            opts.workers
+        )
+    })?;
+    Ok(cfg.to_toml())
+}
+
+/// Stable DNS name the workers dial the coordinator at.
+///
+/// JobSet: the coordinator pod's own hostname, `<name>-coordinator-0-0.<name>` (replicated
+/// job `coordinator`, job index 0, pod index 0, under the JobSet's headless service `<name>`,
+/// which publishes not-ready pods too). It resolves from the workers' namespace via the
+/// search path. No-CRD flavour: the coordinator's Service, `<name>-coordinator`.
+pub fn coordinator_host(opts: &RenderOptions) -> String {
+    match opts.crd {
+        Crd::JobSet => format!("{0}-coordinator-0-0.{0}", opts.name),
+        Crd::None => format!("{}-coordinator", opts.name),
+    }
+}
+
+/// URL the workers' `--coordinator` (env CONTRAIL_COORDINATOR) is set to.
+pub fn coordinator_url(opts: &RenderOptions) -> String {
+    format!("http://{}:{GRPC_PORT}", coordinator_host(opts))
+}
+
+/// Renders every object of the job. `cfg` is the parsed job file (with any `--set` applied);
+/// the ConfigMap holds it re-serialised with the cluster keys set by [`cluster_job_toml`].
+pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
+    validate_name(&opts.name)?;
+    if opts.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    if opts.image.trim().is_empty() {
+        bail!("--image is required (an image with `contrail` and `contrail-coordinator`)");
+    }
+    if opts.namespace.trim().is_empty() {
+        bail!("--namespace must not be empty");
+    }
+    let device = cfg.cluster.device.as_str();
+    if opts.gpus_per_worker == 0 && (cfg.cluster.backend == "nccl" || device.starts_with("cuda")) {
+        bail!(
+            "the job file asks for GPUs (cluster.backend={:?}, cluster.device={:?}) but \
+             --gpus-per-worker is 0",
+            cfg.cluster.backend,
+            device
+        );
+    }
+    let job_toml = cluster_job_toml(cfg, opts)?;
+
+    let mut out = vec![Manifest::ConfigMap(config_map(opts, job_toml))];
+    out.push(Manifest::Service(coordinator_service(opts)));
+    match opts.crd {
+        Crd::JobSet => out.push(Manifest::JobSet(job_set(opts))),
+        Crd::None => {
+            out.push(Manifest::Deployment(coordinator_deployment(opts)));
+            out.push(Manifest::Service(workers_service(opts)));
+            out.push(Manifest::Job(workers_job(opts)));
+        }
+    }
+    Ok(out)
+}
+
+fn config_map_name(opts: &RenderOptions) -> String {
+    format!("{}-config", opts.name)
+}
+
+fn coordinator_service_name(opts: &RenderOptions) -> String {
+    format!("{}-coordinator", opts.name)
+}
+
+fn workers_name(opts: &RenderOptions) -> String {
+    format!("{}-workers", opts.name)
+}
+
+/// Labels a selector matches: this job's objects of one component.
+fn selector_labels(opts: &RenderOptions, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_NAME.to_string(), "contrail".to_string()),
+        (LABEL_INSTANCE.to_string(), opts.name.clone()),
+        (LABEL_COMPONENT.to_string(), component.to_string()),
+    ])
+}
+
+fn labels(opts: &RenderOptions, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(opts, component);
+    l.insert(LABEL_MANAGED_BY.into(), "contrail".into());
+    l
+}
+
+fn meta(opts: &RenderOptions, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(opts.namespace.clone()),
+        labels: Some(labels(opts, component)),
+        ..Default::default()
+    }
+}
+
+fn config_map(opts: &RenderOptions, job_toml: String) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(opts, config_map_name(opts), "config"),
+        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), job_toml)])),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, p: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: p,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn service_port(name: &str, p: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: p,
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+/// Credentials reach the pods only from the named Secret, as environment variables.
+fn env_from(opts: &RenderOptions) -> Option<Vec<EnvFromSource>> {
+    opts.secret.as_ref().map(|s| {
+        vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: s.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }]
+    })
+}
+
+fn coordinator_pod(opts: &RenderOptions, restart_policy: &str) -> PodTemplateSpec {
+    let container = Container {
+        name: "coordinator".into(),
+        image: Some(opts.image.clone()),
+        command: Some(vec!["contrail-coordinator".into()]),
+        args: Some(vec![
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+        ]),
+        ports: Some(vec![port("grpc", GRPC_PORT), port("http", HTTP_PORT)]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::String("http".into()),
+                ..Default::default()
+            }),
+            period_seconds: Some(5),
+            ..Default::default()
+        }),
+        env_from: env_from(opts),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(opts, "coordinator")),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            restart_policy: Some(restart_policy.into()),
+            service_account_name: opts.service_account.clone(),
+            volumes: Some(vec![Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: config_map_name(opts),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpec {
+    // The worker advertises the address it binds to its peers, so it binds the pod's own IP
+    // (0.0.0.0 would be advertised as is). On the node's network several workers may share a
+    // node, so the port is picked free (0) there.
+    let collective_port = if opts.host_network {
+        0
+    } else {
+        COLLECTIVE_PORT
+    };
+    let mut env = vec![
+        EnvVar {
+            name: "POD_IP".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        EnvVar {
+            name: "CONTRAIL_COORDINATOR".into(),
+            value: Some(coordinator_url(opts)),
+            ..Default::default()
+        },
+    ];
+    if let Some(ifname) = &opts.nccl_socket_ifname {
+        env.push(EnvVar {
+            name: "NCCL_SOCKET_IFNAME".into(),
+            value: Some(ifname.clone()),
+            ..Default::default()
+        });
+    }
+    let resources = (opts.gpus_per_worker > 0).then(|| {
+        let gpus = BTreeMap::from([(
+            "nvidia.com/gpu".to_string(),
+            Quantity(opts.gpus_per_worker.to_string()),
+        )]);
+        ResourceRequirements {
+            limits: Some(gpus),
+            ..Default::default()
+        }
+    });
+    let container = Container {
+        name: "worker".into(),
+        image: Some(opts.image.clone()),
+        command: Some(vec!["contrail".into()]),
+        args: Some(vec![
+            "worker".into(),
+            "--bind".into(),
+            format!("$(POD_IP):{collective_port}"),
+        ]),
+        ports: (!opts.host_network).then(|| vec![port("collective", COLLECTIVE_PORT)]),
+        env: Some(env),
+        env_from: env_from(opts),
+        resources,
+        volume_mounts: Some(vec![VolumeMount {
+            name: "dshm".into(),
+            mount_path: "/dev/shm".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(opts, "worker")),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            // A dead worker fails the job; the restart happens at the level of the whole job.
+            restart_policy: Some("Never".into()),
+            subdomain,
+            service_account_name: opts.service_account.clone(),
+            host_network: opts.host_network.then_some(true),
+            dns_policy: opts
+                .host_network
+                .then(|| "ClusterFirstWithHostNet".to_string()),
+            // Data-loader and NCCL shared memory; the container default is 64 MiB.
+            volumes: Some(vec![Volume {
+                name: "dshm".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+fn workers_job_spec(opts: &RenderOptions, subdomain: Option<String>) -> JobSpec {
+    let n = opts.workers as i32;
+    JobSpec {
+        completion_mode: Some("Indexed".into()),
+        completions: Some(n),
+        parallelism: Some(n),
+        backoff_limit: Some(0),
+        template: worker_pod(opts, subdomain),
+        ..Default::default()
+    }
+}
+
+/// ClusterIP service in front of the coordinator: the status page (`kubectl port-forward
+/// svc/<name>-coordinator 8080`), and the workers' address in the no-CRD flavour.
+fn coordinator_service(opts: &RenderOptions) -> Service {
+    Service {
+        metadata: meta(opts, coordinator_service_name(opts), "coordinator"),
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(opts, "coordinator")),
+            ports: Some(vec![
+                service_port("grpc", GRPC_PORT),
+                service_port("http", HTTP_PORT),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn job_set(opts: &RenderOptions) -> JobSet {
+    let coordinator = ReplicatedJob {
+        name: "coordinator".into(),
+        replicas: Some(1),
+        template: JobTemplateSpec {
+            metadata: None,
+            spec: Some(JobSpec {
+                completions: Some(1),
+                parallelism: Some(1),
+                backoff_limit: Some(0),
+                template: coordinator_pod(opts, "Never"),
+                ..Default::default()
+            }),
+        },
+    };
+    let workers = ReplicatedJob {
+        name: "workers".into(),
+        replicas: Some(1),
+        template: JobTemplateSpec {
+            metadata: None,
+            // JobSet sets the pods' subdomain to its headless service itself.
+            spec: Some(workers_job_spec(opts, None)),
+        },
+    };
+    JobSet::new(
+        meta(opts, opts.name.clone(), "job"),
+        JobSetSpec {
+            replicated_jobs: vec![coordinator, workers],
+            network: Some(Network {
+                enable_dns_hostnames: Some(true),
+                publish_not_ready_addresses: Some(true),
+                ..Default::default()
+            }),
+            // The coordinator's pod is ready (its /healthz answers) before any worker starts.
+            startup_policy: Some(StartupPolicy {
+                startup_policy_order: "InOrder".into(),
+            }),
+            // Any failed child Job restarts the whole set, which resumes from the latest
+            // checkpoint; after MAX_RESTARTS the JobSet fails.
+            failure_policy: Some(FailurePolicy {
+                max_restarts: Some(MAX_RESTARTS),
+            }),
+            success_policy: None,
+        },
+    )
+}
+
+fn coordinator_deployment(opts: &RenderOptions) -> Deployment {
+    Deployment {
+        metadata: meta(opts, coordinator_service_name(opts), "coordinator"),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(opts, "coordinator")),
+                ..Default::default()
+            },
+            // Never two coordinators for one job.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
+            // Deployments only allow restartPolicy Always.
+            template: coordinator_pod(opts, "Always"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Headless service giving the worker pods DNS names `<name>-workers-<index>.<name>-workers`.
+fn workers_service(opts: &RenderOptions) -> Service {
+    Service {
+        metadata: meta(opts, workers_name(opts), "worker"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(opts, "worker")),
+            publish_not_ready_addresses: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn workers_job(opts: &RenderOptions) -> Job {
+    Job {
+        metadata: meta(opts, workers_name(opts), "worker"),
+        spec: Some(workers_job_spec(opts, Some(workers_name(opts)))),
+        ..Default::default()
+    }
+}
