@@ -1,0 +1,413 @@
+//! Rendered objects: YAML round trip into the typed structs, and what each object holds.
+
+mod common;
+
+use common::{cases, job, opts, render_case};
+use contrail_common::config::JobConfig;
+use contrail_k8s::apply::{self, FIELD_MANAGER};
+use contrail_k8s::jobset::JobSet;
+use contrail_k8s::{
+    coordinator_url, default_name, from_yaml, render, to_yaml, validate_name, Crd, Manifest,
+    RenderOptions, GRPC_PORT, HTTP_PORT, MAX_RESTARTS,
+};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+use std::collections::BTreeMap;
+
+#[test]
+fn yaml_round_trip_gives_back_the_same_objects() {
+    for o in cases() {
+        let objs = render_case(&o);
+        let yaml = to_yaml(&objs).unwrap();
+        assert_eq!(yaml.matches("\n---\n").count() + 1, objs.len(), "{yaml}");
+        let back = from_yaml(&yaml).unwrap();
+        assert_eq!(back, objs, "{:?}: YAML round trip changed the objects", o);
+        // And nothing the typed structs do not know is lost: YAML → JSON values agree.
+        for (m, doc) in objs.iter().zip(serde_norway::Deserializer::from_str(&yaml)) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            assert_eq!(v, serde_json::to_value(m).unwrap());
+        }
+    }
+}
+
+#[test]
+fn parse_rejects_unknown_kinds_and_fields() {
+    let err = from_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("unsupported kind \"Pod\""),
+        "{err:#}"
+    );
+    let js = to_yaml(&render_case(&opts(Crd::JobSet, 2, 0))).unwrap();
+    let bad = js.replace("startupPolicyOrder", "startupOrder");
+    assert!(
+        from_yaml(&bad).is_err(),
+        "a misspelt JobSet field was accepted"
+    );
+    let bad = js.replace("jobset.x-k8s.io/v1alpha2", "jobset.x-k8s.io/v1alpha1");
+    assert!(
+        from_yaml(&bad).is_err(),
+        "a JobSet of another apiVersion was accepted"
+    );
+}
+
+fn pod_spec(t: &PodTemplateSpec) -> &PodSpec {
+    t.spec.as_ref().unwrap()
+}
+
+fn env(c: &Container) -> BTreeMap<String, String> {
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect()
+}
+
+fn labels(t: &PodTemplateSpec) -> BTreeMap<String, String> {
+    t.metadata.as_ref().unwrap().labels.clone().unwrap()
+}
+
+fn is_subset(sel: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Pulls the coordinator and worker pod templates and the worker Job spec out of either flavour.
+struct Parts {
+    toml: String,
+    coordinator: PodTemplateSpec,
+    coordinator_selector: BTreeMap<String, String>,
+    worker_job: k8s_openapi::api::batch::v1::JobSpec,
+    jobset: Option<JobSet>,
+}
+
+fn parts(objs: &[Manifest]) -> Parts {
+    let mut toml = None;
+    let mut coordinator = None;
+    let mut worker_job = None;
+    let mut jobset = None;
+    let mut coordinator_selector = None;
+    for m in objs {
+        match m {
+            Manifest::ConfigMap(c) => toml = c.data.as_ref().unwrap().get("job.toml").cloned(),
+            Manifest::Service(s) if m.name().ends_with("-coordinator") => {
+                coordinator_selector = s.spec.as_ref().unwrap().selector.clone()
+            }
+            Manifest::Deployment(d) => {
+                coordinator = Some(d.spec.as_ref().unwrap().template.clone())
+            }
+            Manifest::Job(j) => worker_job = j.spec.clone(),
+            Manifest::JobSet(js) => {
+                for rj in &js.spec.replicated_jobs {
+                    let spec = rj.template.spec.clone().unwrap();
+                    match rj.name.as_str() {
+                        "coordinator" => coordinator = Some(spec.template),
+                        "workers" => worker_job = Some(spec),
+                        other => panic!("unexpected replicated job {other}"),
+                    }
+                }
+                jobset = Some(js.clone());
+            }
+            _ => {}
+        }
+    }
+    Parts {
+        toml: toml.expect("no ConfigMap with job.toml"),
+        coordinator: coordinator.expect("no coordinator pod"),
+        coordinator_selector: coordinator_selector.expect("no coordinator Service"),
+        worker_job: worker_job.expect("no worker Job"),
+        jobset,
+    }
+}
+
+#[test]
+fn objects_carry_the_job_the_cluster_settings_and_the_failure_policy() {
+    for o in cases() {
+        let objs = render_case(&o);
+        let p = parts(&objs);
+        for m in &objs {
+            assert_eq!(m.metadata().namespace.as_deref(), Some("ml"));
+            assert!(m.name().starts_with("simclr-test"), "{}", m.name());
+        }
+
+        // The job file: world size = workers, coordinator on every interface.
+        let cfg = JobConfig::from_toml(&p.toml).unwrap();
+        assert_eq!(cfg.cluster.world_size, o.workers);
+        assert_eq!(cfg.cluster.grpc_addr, format!("0.0.0.0:{GRPC_PORT}"));
+        assert_eq!(cfg.cluster.http_addr, format!("0.0.0.0:{HTTP_PORT}"));
+        let mut expected = job();
+        expected.cluster = cfg.cluster.clone();
+        assert_eq!(cfg, expected, "only cluster keys may change");
+
+        // Coordinator: CPU only, the job file, ports, readiness on /healthz.
+        let cs = pod_spec(&p.coordinator);
+        let c = &cs.containers[0];
+        assert_eq!(
+            c.command.as_deref(),
+            Some(&["contrail-coordinator".to_string()][..])
+        );
+        assert_eq!(
+            c.args.as_deref(),
+            Some(&["--config".to_string(), "/etc/contrail/job.toml".to_string()][..])
+        );
+        assert!(c.resources.is_none(), "the coordinator asks for no GPU");
+        let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+        assert_eq!(ports, vec![GRPC_PORT, HTTP_PORT]);
+        let probe = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(probe.path.as_deref(), Some("/healthz"));
+        assert!(is_subset(&p.coordinator_selector, &labels(&p.coordinator)));
+        assert!(!cs.host_network.unwrap_or(false));
+
+        // Workers: an Indexed Job of N pods, never retried in place.
+        let wj = &p.worker_job;
+        assert_eq!(wj.completion_mode.as_deref(), Some("Indexed"));
+        assert_eq!(wj.completions, Some(o.workers as i32));
+        assert_eq!(wj.parallelism, Some(o.workers as i32));
+        assert_eq!(wj.backoff_limit, Some(0));
+        let ws = pod_spec(&wj.template);
+        assert_eq!(ws.restart_policy.as_deref(), Some("Never"));
+        let w = &ws.containers[0];
+        let e = env(w);
+        assert_eq!(e["CONTRAIL_COORDINATOR"], coordinator_url(&o));
+        assert_eq!(
+            e.get("NCCL_SOCKET_IFNAME"),
+            o.nccl_socket_ifname.as_ref(),
+            "NCCL_SOCKET_IFNAME only when asked for"
+        );
+        let args = w.args.clone().unwrap();
+        assert_eq!(args[..2], ["worker".to_string(), "--bind".to_string()]);
+        assert!(args[2].starts_with("$(POD_IP):"), "{args:?}");
+        let gpu = w
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("nvidia.com/gpu"))
+            .map(|q| q.0.clone());
+        assert_eq!(
+            gpu,
+            (o.gpus_per_worker > 0).then(|| o.gpus_per_worker.to_string())
+        );
+        let shm = ws
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "dshm")
+            .unwrap();
+        assert_eq!(
+            shm.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+        assert!(w
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "dshm" && m.mount_path == "/dev/shm"));
+        assert_eq!(ws.host_network.unwrap_or(false), o.host_network);
+        assert_eq!(
+            ws.dns_policy.as_deref(),
+            o.host_network.then_some("ClusterFirstWithHostNet")
+        );
+
+        // Credentials only by reference, in every pod.
+        for spec in [cs, ws] {
+            assert_eq!(spec.service_account_name, o.service_account);
+            let secrets: Vec<String> = spec.containers[0]
+                .env_from
+                .iter()
+                .flatten()
+                .filter_map(|f| f.secret_ref.as_ref().map(|s| s.name.clone()))
+                .collect();
+            assert_eq!(secrets, o.secret.iter().cloned().collect::<Vec<_>>());
+        }
+        let yaml = to_yaml(&objs).unwrap();
+        for word in ["AWS_", "GOOGLE_", "AZURE_"] {
+            assert!(!yaml.contains(word), "credentials in the manifests: {word}");
+        }
+
+        match o.crd {
+            Crd::JobSet => {
+                let js = p.jobset.unwrap();
+                assert_eq!(js.metadata.name.as_deref(), Some("simclr-test"));
+                let order: Vec<&str> = js
+                    .spec
+                    .replicated_jobs
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect();
+                assert_eq!(
+                    order,
+                    ["coordinator", "workers"],
+                    "coordinator starts first"
+                );
+                assert_eq!(
+                    js.spec.startup_policy.unwrap().startup_policy_order,
+                    "InOrder"
+                );
+                assert_eq!(
+                    js.spec.failure_policy.unwrap().max_restarts,
+                    Some(MAX_RESTARTS)
+                );
+                assert_eq!(
+                    pod_spec(&p.coordinator).restart_policy.as_deref(),
+                    Some("Never")
+                );
+                // The DNS name JobSet gives the coordinator pod: <jobset>-<rjob>-0-0.<jobset>.
+                assert_eq!(
+                    coordinator_url(&o),
+                    "http://simclr-test-coordinator-0-0.simclr-test:50051"
+                );
+                assert_eq!(js.spec.network.unwrap().enable_dns_hostnames, Some(true));
+            }
+            Crd::None => {
+                let svc = objs
+                    .iter()
+                    .find_map(|m| match m {
+                        Manifest::Service(s) if m.name() == "simclr-test-workers" => Some(s),
+                        _ => None,
+                    })
+                    .expect("no headless worker Service");
+                let spec = svc.spec.as_ref().unwrap();
+                assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+                assert_eq!(ws.subdomain.as_deref(), Some("simclr-test-workers"));
+                assert!(is_subset(
+                    spec.selector.as_ref().unwrap(),
+                    &labels(&wj.template)
+                ));
+                let dep = objs
+                    .iter()
+                    .find_map(|m| match m {
+                        Manifest::Deployment(d) => Some(d),
+                        _ => None,
+                    })
+                    .unwrap();
+                let ds = dep.spec.as_ref().unwrap();
+                assert_eq!(ds.replicas, Some(1));
+                assert!(is_subset(
+                    ds.selector.match_labels.as_ref().unwrap(),
+                    &labels(&ds.template)
+                ));
+                // Workers dial the coordinator's Service.
+                assert_eq!(coordinator_url(&o), "http://simclr-test-coordinator:50051");
+            }
+        }
+    }
+}
+
+#[test]
+fn render_refuses_what_cannot_run() {
+    let cfg = job();
+    let o = opts(Crd::JobSet, 2, 0);
+    let mut bad = o.clone();
+    bad.name = "Bad_Name".into();
+    assert!(format!("{:#}", render(&cfg, &bad).unwrap_err()).contains("--name"));
+    let mut bad = o.clone();
+    bad.workers = 0;
+    assert!(render(&cfg, &bad).is_err());
+    // world_size 3 does not divide global_batch 256 by micro_batch 32 × 3.
+    let mut bad = o.clone();
+    bad.workers = 3;
+    let e = format!("{:#}", render(&cfg, &bad).unwrap_err());
+    assert!(e.contains("train.global_batch"), "{e}");
+    // An NCCL job without GPUs.
+    let mut nccl = cfg.clone();
+    nccl.cluster.backend = "nccl".into();
+    let e = format!("{:#}", render(&nccl, &o).unwrap_err());
+    assert!(e.contains("--gpus-per-worker"), "{e}");
+}
+
+#[test]
+fn names() {
+    assert_eq!(default_name("configs/local-simclr.toml"), "local-simclr");
+    assert_eq!(default_name("/x/My_Job.v2.toml"), "my-job-v2");
+    assert_eq!(default_name("2024.toml"), "contrail-2024");
+    validate_name(&default_name(&"a".repeat(100))).unwrap();
+    for bad in ["", "-a", "a-", "A", "a_b", "1abc", &"a".repeat(41)] {
+        assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+    }
+    validate_name(&"a".repeat(40)).unwrap();
+}
+
+#[test]
+fn apply_plan_uses_the_contrail_field_manager_and_the_right_endpoints() {
+    let pp = apply::apply_params();
+    assert_eq!(pp.field_manager.as_deref(), Some(FIELD_MANAGER));
+    assert!(
+        !pp.force,
+        "conflicts with other managers are reported, not taken over"
+    );
+    for crd in [Crd::JobSet, Crd::None] {
+        let objs = render_case(&opts(crd, 2, 1));
+        let plan = apply::to_dynamic(&objs).unwrap();
+        let got: Vec<(String, String, String)> = plan
+            .iter()
+            .map(|(ar, obj)| {
+                assert_eq!(obj.types.as_ref().unwrap().api_version, ar.api_version);
+                assert_eq!(obj.types.as_ref().unwrap().kind, ar.kind);
+                (
+                    ar.api_version.clone(),
+                    ar.plural.clone(),
+                    obj.metadata.name.clone().unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(&str, &str, &str)> = match crd {
+            Crd::JobSet => vec![
+                ("v1", "configmaps", "simclr-test-config"),
+                ("v1", "services", "simclr-test-coordinator"),
+                ("jobset.x-k8s.io/v1alpha2", "jobsets", "simclr-test"),
+            ],
+            Crd::None => vec![
+                ("v1", "configmaps", "simclr-test-config"),
+                ("v1", "services", "simclr-test-coordinator"),
+                ("apps/v1", "deployments", "simclr-test-coordinator"),
+                ("v1", "services", "simclr-test-workers"),
+                ("batch/v1", "jobs", "simclr-test-workers"),
+            ],
+        };
+        let want: Vec<(String, String, String)> = want
+            .into_iter()
+            .map(|(a, b, c)| (a.into(), b.into(), c.into()))
+            .collect();
+        assert_eq!(got, want);
+        // Every applied object carries the labels `delete` selects on.
+        for (_, obj) in &plan {
+            let l = obj.metadata.labels.as_ref().unwrap();
+            let sel = apply::job_selector("simclr-test");
+            for kv in sel.split(',') {
+                let (k, v) = kv.split_once('=').unwrap();
+                assert_eq!(l.get(k).map(String::as_str), Some(v), "{kv}");
+            }
+        }
+    }
+}
+
+/// The client (TLS set-up included) builds from a kubeconfig, and an unreachable API server
+/// gives an error naming what failed rather than a hang or a panic.
+#[test]
+fn apply_against_an_unreachable_server_fails_cleanly() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener); // nothing listens there now
+    let url: http::Uri = format!("https://127.0.0.1:{port}").parse().unwrap();
+    let mut config = kube::Config::new(url);
+    config.connect_timeout = Some(std::time::Duration::from_secs(5));
+    let o: RenderOptions = opts(Crd::None, 1, 0);
+    let objs = render_case(&o);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt
+        .block_on(async {
+            let client = apply::client_from(config)?;
+            apply::apply(client, "ml", &objs).await
+        })
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("applying ConfigMap simclr-test-config"),
+        "{err:#}"
+    );
+}
