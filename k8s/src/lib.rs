@@ -323,6 +323,19 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
     Ok(out)
 }
 
+/// [`render`] for a job file on disk, with `section.key=value` overrides applied first.
+pub fn render_file(
+    config_path: &str,
+    overrides: &[String],
+    opts: &RenderOptions,
+) -> Result<Vec<Manifest>> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("reading job file {config_path}"))?;
+    let cfg = JobConfig::from_toml_with_overrides(&text, overrides)
+        .with_context(|| format!("in job file {config_path}"))?;
+    render(&cfg, opts).with_context(|| format!("rendering job file {config_path}"))
+}
+
 fn config_map_name(opts: &RenderOptions) -> String {
     format!("{}-config", opts.name)
 }

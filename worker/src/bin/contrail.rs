@@ -74,6 +74,128 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         watch: u64,
     },
+    /// Kubernetes: render, launch or delete a job's objects (docs/kubernetes.md).
+    K8s {
+        #[command(subcommand)]
+        command: K8sCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum K8sCommand {
+    /// Print (or write) the job's Kubernetes objects as YAML.
+    Render {
+        #[command(flatten)]
+        job: K8sJob,
+        /// Write the YAML to this file instead of stdout.
+        #[arg(long)]
+        out: Option<String>,
+    },
+    /// Server-side apply the job's objects with the current kubeconfig.
+    Launch {
+        #[command(flatten)]
+        job: K8sJob,
+    },
+    /// Delete every object of a job launched by contrail (its pods with them).
+    Delete {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct K8sJob {
+    /// Job file (TOML).
+    #[arg(long)]
+    config: String,
+    /// Override a config key, e.g. `--set train.max_steps=50` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Container image with `contrail` and `contrail-coordinator` on its PATH.
+    #[arg(long)]
+    image: String,
+    /// Worker pods (sets cluster.world_size).
+    #[arg(long)]
+    workers: u32,
+    /// nvidia.com/gpu limit of each worker pod (0: CPU only).
+    #[arg(long, default_value_t = 0)]
+    gpus_per_worker: u32,
+    /// Prefix of the objects' names (default: from the job file's name).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// `jobset` (needs the JobSet controller) or `none` (Deployment + Indexed Job).
+    #[arg(long, default_value = "jobset")]
+    crd: contrail_k8s::Crd,
+    /// Run the workers on the node's network (hostNetwork), e.g. for NCCL over InfiniBand.
+    #[arg(long)]
+    host_network: bool,
+    /// Set NCCL_SOCKET_IFNAME in the workers (default: unset, NCCL picks).
+    #[arg(long)]
+    nccl_socket_ifname: Option<String>,
+    /// Secret whose keys become the pods' environment (AWS_*, GOOGLE_*, AZURE_* credentials).
+    #[arg(long)]
+    secret: Option<String>,
+    /// Service account of the pods (workload identity).
+    #[arg(long)]
+    service_account: Option<String>,
+}
+
+impl K8sJob {
+    fn render(&self) -> anyhow::Result<(contrail_k8s::RenderOptions, Vec<contrail_k8s::Manifest>)> {
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| contrail_k8s::default_name(&self.config));
+        let mut opts = contrail_k8s::RenderOptions::new(&name, &self.image, self.workers);
+        opts.namespace = self.namespace.clone();
+        opts.gpus_per_worker = self.gpus_per_worker;
+        opts.crd = self.crd;
+        opts.host_network = self.host_network;
+        opts.nccl_socket_ifname = self.nccl_socket_ifname.clone();
+        opts.secret = self.secret.clone();
+        opts.service_account = self.service_account.clone();
+        let objs = contrail_k8s::render_file(&self.config, &self.overrides, &opts)?;
+        Ok((opts, objs))
+    }
+}
+
+fn k8s(command: K8sCommand) -> anyhow::Result<()> {
+    match command {
+        K8sCommand::Render { job, out } => {
+            let yaml = contrail_k8s::to_yaml(&job.render()?.1)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, yaml).with_context(|| format!("writing {path}"))
+                }
+                None => {
+                    print!("{yaml}");
+                    Ok(())
+                }
+            }
+        }
+        K8sCommand::Launch { job } => {
+            let (opts, objs) = job.render()?;
+            for applied in contrail_k8s::apply::launch_blocking(&opts.namespace, &objs)? {
+                println!("applied {applied}");
+            }
+            println!("{}", contrail_k8s::apply::status_hint(&opts));
+            Ok(())
+        }
+        K8sCommand::Delete { name, namespace } => {
+            let deleted = contrail_k8s::apply::delete_blocking(&namespace, &name)?;
+            if deleted.is_empty() {
+                println!("no objects of job {name:?} in namespace {namespace:?}");
+            }
+            for d in deleted {
+                println!("deleted {d}");
+            }
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -134,6 +256,7 @@ fn main() {
                 },
         } => cli_support::synth(&out, samples, shard_size, image_size, seed, &s3_endpoint),
         Command::Status { coordinator, watch } => cli_support::status(&coordinator, watch),
+        Command::K8s { command } => k8s(command),
         Command::Info => {
             cli_support::info();
             Ok(())
