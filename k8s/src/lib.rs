@@ -323,17 +323,38 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
     Ok(out)
 }
 
-/// [`render`] for a job file on disk, with `section.key=value` overrides applied first.
+/// Things in the job file that render but will likely not work on a cluster: local paths,
+/// which the pods do not share (no volume is mounted for them).
+pub fn warnings(cfg: &JobConfig) -> Vec<String> {
+    let local = |u: &str| !u.is_empty() && (u.starts_with("file://") || !u.contains("://"));
+    let mut out = Vec::new();
+    for (key, url) in [
+        ("data.url", &cfg.data.url),
+        ("checkpoint.url", &cfg.checkpoint.url),
+    ] {
+        if local(url) {
+            out.push(format!(
+                "{key} = {url:?} is a local path: each pod sees only its own filesystem; \
+                 point it at object storage (s3://, gs://, az://)"
+            ));
+        }
+    }
+    out
+}
+
+/// [`render`] for a job file on disk, with `section.key=value` overrides applied first;
+/// returns the parsed job too.
 pub fn render_file(
     config_path: &str,
     overrides: &[String],
     opts: &RenderOptions,
-) -> Result<Vec<Manifest>> {
+) -> Result<(JobConfig, Vec<Manifest>)> {
     let text = std::fs::read_to_string(config_path)
         .with_context(|| format!("reading job file {config_path}"))?;
     let cfg = JobConfig::from_toml_with_overrides(&text, overrides)
         .with_context(|| format!("in job file {config_path}"))?;
-    render(&cfg, opts).with_context(|| format!("rendering job file {config_path}"))
+    let objs = render(&cfg, opts).with_context(|| format!("rendering job file {config_path}"))?;
+    Ok((cfg, objs))
 }
 
 fn config_map_name(opts: &RenderOptions) -> String {

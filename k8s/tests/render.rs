@@ -411,3 +411,35 @@ fn apply_against_an_unreachable_server_fails_cleanly() {
         "{err:#}"
     );
 }
+
+#[test]
+fn local_paths_in_the_job_file_are_warned_about() {
+    let mut cfg = job();
+    cfg.data.url = "file://./run/data".into();
+    cfg.checkpoint.url = "run/checkpoints".into();
+    let w = contrail_k8s::warnings(&cfg);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].starts_with("data.url") && w[1].starts_with("checkpoint.url"),
+        "{w:?}"
+    );
+    cfg.data.url = "s3://bucket/shards".into();
+    cfg.checkpoint.url = "gs://bucket/ckpt".into();
+    assert!(contrail_k8s::warnings(&cfg).is_empty());
+}
+
+#[test]
+fn render_file_reads_the_job_file_with_overrides() {
+    let path = common::workspace_root().join("configs/local-simclr.toml");
+    let o = opts(Crd::None, 8, 0);
+    let (cfg, objs) = contrail_k8s::render_file(
+        path.to_str().unwrap(),
+        &["train.global_batch=256".to_string()],
+        &o,
+    )
+    .unwrap();
+    assert_eq!(cfg.train.global_batch, 256);
+    assert_eq!(objs, render(&cfg, &o).unwrap());
+    let e = contrail_k8s::render_file("/nonexistent/job.toml", &[], &o).unwrap_err();
+    assert!(format!("{e:#}").contains("reading job file /nonexistent/job.toml"));
+}

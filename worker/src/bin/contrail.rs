@@ -158,7 +158,10 @@ impl K8sJob {
         opts.nccl_socket_ifname = self.nccl_socket_ifname.clone();
         opts.secret = self.secret.clone();
         opts.service_account = self.service_account.clone();
-        let objs = contrail_k8s::render_file(&self.config, &self.overrides, &opts)?;
+        let (cfg, objs) = contrail_k8s::render_file(&self.config, &self.overrides, &opts)?;
+        for w in contrail_k8s::warnings(&cfg) {
+            eprintln!("warning: {w}");
+        }
         Ok((opts, objs))
     }
 }
