@@ -271,9 +271,9 @@ pub fn cluster_job_toml(cfg: &JobConfig, opts: &RenderOptions) -> Result<String>
 /// Stable DNS name the workers dial the coordinator at.
 ///
 /// JobSet: the coordinator pod's own hostname, `<name>-coordinator-0-0.<name>` (replicated
-/// job `coordinator`, job index 0, pod index 0, under the JobSet's headless service `<name>`,
-/// which publishes not-ready pods too). It resolves from the workers' namespace via the
-/// search path. No-CRD flavour: the coordinator's Service, `<name>-coordinator`.
+/// job `coordinator`, job index 0, pod index 0, under the JobSet's headless service
+/// `<name>`). It resolves from the workers' namespace via the search path. No-CRD flavour:
+/// the coordinator's Service, `<name>-coordinator`.
 pub fn coordinator_host(opts: &RenderOptions) -> String {
     match opts.crd {
         Crd::JobSet => format!("{0}-coordinator-0-0.{0}", opts.name),
@@ -633,9 +633,10 @@ fn job_set(opts: &RenderOptions) -> JobSet {
         meta(opts, opts.name.clone(), "job"),
         JobSetSpec {
             replicated_jobs: vec![coordinator, workers],
+            // Pod hostnames under the JobSet's headless service (not-ready pods are
+            // published by default, so the name resolves before the probe passes).
             network: Some(Network {
                 enable_dns_hostnames: Some(true),
-                publish_not_ready_addresses: Some(true),
                 ..Default::default()
             }),
             // The coordinator's pod is ready (its /healthz answers) before any worker starts.
