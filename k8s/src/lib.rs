@@ -82,8 +82,12 @@ pub struct RenderOptions {
     /// Prefix of every object's name; a DNS-1035 label of at most [`MAX_NAME_LEN`] characters.
     pub name: String,
     pub namespace: String,
-    /// Container image holding `contrail` and `contrail-coordinator` on its PATH.
+    /// The worker image (`k8s/docker/worker.Dockerfile`: `contrail` on its PATH). The
+    /// coordinator runs `contrail coordinator` from it unless `coordinator_image` is given.
     pub image: String,
+    /// A coordinator-only image (`k8s/docker/coordinator.Dockerfile`: `contrail-coordinator`
+    /// on its PATH, no libtorch), for a much smaller coordinator pod.
+    pub coordinator_image: Option<String>,
     pub workers: u32,
     /// `nvidia.com/gpu` limit of each worker pod (0: CPU only).
     pub gpus_per_worker: u32,
@@ -107,6 +111,7 @@ impl RenderOptions {
             name: name.into(),
             namespace: "default".into(),
             image: image.into(),
+            coordinator_image: None,
             workers,
             gpus_per_worker: 0,
             crd: Crd::JobSet,
@@ -294,7 +299,7 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
         bail!("--workers must be at least 1");
     }
     if opts.image.trim().is_empty() {
-        bail!("--image is required (an image with `contrail` and `contrail-coordinator`)");
+        bail!("--image is required (the worker image, with `contrail` on its PATH)");
     }
     if opts.namespace.trim().is_empty() {
         bail!("--namespace must not be empty");
@@ -436,8 +441,16 @@ fn env_from(opts: &RenderOptions) -> Option<Vec<EnvFromSource>> {
 fn coordinator_pod(opts: &RenderOptions, restart_policy: &str) -> PodTemplateSpec {
     let container = Container {
         name: "coordinator".into(),
-        image: Some(opts.image.clone()),
-        command: Some(vec!["contrail-coordinator".into()]),
+        // The same server either way: `contrail coordinator` is `contrail-coordinator`.
+        image: Some(
+            opts.coordinator_image
+                .clone()
+                .unwrap_or_else(|| opts.image.clone()),
+        ),
+        command: Some(match &opts.coordinator_image {
+            Some(_) => vec!["contrail-coordinator".into()],
+            None => vec!["contrail".into(), "coordinator".into()],
+        }),
         args: Some(vec![
             "--config".into(),
             format!("{CONFIG_DIR}/{CONFIG_KEY}"),

@@ -139,9 +139,11 @@ fn objects_carry_the_job_the_cluster_settings_and_the_failure_policy() {
         // Coordinator: CPU only, the job file, ports, readiness on /healthz.
         let cs = pod_spec(&p.coordinator);
         let c = &cs.containers[0];
+        // From the worker image by default: `contrail coordinator`.
+        assert_eq!(c.image.as_ref(), Some(&o.image));
         assert_eq!(
             c.command.as_deref(),
-            Some(&["contrail-coordinator".to_string()][..])
+            Some(&["contrail".to_string(), "coordinator".to_string()][..])
         );
         assert_eq!(
             c.args.as_deref(),
@@ -442,4 +444,21 @@ fn render_file_reads_the_job_file_with_overrides() {
     assert_eq!(objs, render(&cfg, &o).unwrap());
     let e = contrail_k8s::render_file("/nonexistent/job.toml", &[], &o).unwrap_err();
     assert!(format!("{e:#}").contains("reading job file /nonexistent/job.toml"));
+}
+
+#[test]
+fn a_coordinator_image_runs_the_coordinator_binary() {
+    let mut o = cases().remove(0);
+    o.coordinator_image = Some("registry.example/contrail-coordinator:1".into());
+    let objs = render_case(&o);
+    let p = parts(&objs);
+    let c = &pod_spec(&p.coordinator).containers[0];
+    assert_eq!(c.image, o.coordinator_image);
+    assert_eq!(
+        c.command.as_deref(),
+        Some(&["contrail-coordinator".to_string()][..])
+    );
+    // The workers keep the worker image.
+    let w = &pod_spec(&p.worker_job.template).containers[0];
+    assert_eq!(w.image.as_ref(), Some(&o.image));
 }

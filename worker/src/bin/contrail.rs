@@ -113,9 +113,14 @@ struct K8sJob {
     /// Override a config key, e.g. `--set train.max_steps=50` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
-    /// Container image with `contrail` and `contrail-coordinator` on its PATH.
+    /// Worker image (`contrail` on its PATH; k8s/docker/worker.Dockerfile). The coordinator
+    /// runs `contrail coordinator` from it unless --coordinator-image is given.
     #[arg(long)]
     image: String,
+    /// Coordinator-only image (`contrail-coordinator` on its PATH, no libtorch;
+    /// k8s/docker/coordinator.Dockerfile).
+    #[arg(long)]
+    coordinator_image: Option<String>,
     /// Worker pods (sets cluster.world_size).
     #[arg(long)]
     workers: u32,
@@ -152,6 +157,7 @@ impl K8sJob {
             .unwrap_or_else(|| contrail_k8s::default_name(&self.config));
         let mut opts = contrail_k8s::RenderOptions::new(&name, &self.image, self.workers);
         opts.namespace = self.namespace.clone();
+        opts.coordinator_image = self.coordinator_image.clone();
         opts.gpus_per_worker = self.gpus_per_worker;
         opts.crd = self.crd;
         opts.host_network = self.host_network;
