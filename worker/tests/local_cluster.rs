@@ -1,21 +1,19 @@
 //! End to end: real coordinator and worker processes on 127.0.0.1, the synthetic dataset, and
 //! the status endpoint, as a user would run them.
 
-use contrail_common::status::StatusReport;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::cluster::{lines_of, status, KillOnDrop};
+
 const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("contrail-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::cluster::temp_dir("e2e", name)
 }
 
 /// A small, fast job: 16×16 crops, a tiny ResNet, 8 images per worker per step.
@@ -66,44 +64,6 @@ every_steps = 50
     path
 }
 
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n")?.1.to_string();
-    Some((code, body))
-}
-
-fn status(addr: &str) -> Option<StatusReport> {
-    let (code, body) = http_get(addr, "/status")?;
-    if code != 200 {
-        return None;
-    }
-    serde_json::from_str(&body).ok()
-}
-
-/// Streams a child's stdout lines into a channel (and keeps them for the failure message).
-fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            eprintln!("[contrail] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// `contrail local --workers 2` on `job` in `dir`, its stdout lines streamed.
 fn spawn_local(dir: &Path, job: &Path, extra: &[&str]) -> (mpsc::Receiver<String>, KillOnDrop) {
     let mut child = Command::new(CONTRAIL)
@@ -116,14 +76,6 @@ fn spawn_local(dir: &Path, job: &Path, extra: &[&str]) -> (mpsc::Receiver<String
         .expect("starting contrail local");
     let lines = lines_of(&mut child);
     (lines, KillOnDrop(child))
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

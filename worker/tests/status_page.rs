@@ -10,23 +10,24 @@ use contrail_common::status::{
     ExpertBlockStatus, ExpertStatus, JobState, ShardCounts, StatusReport, WorkerLiveness,
     WorkerStatus,
 };
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod support;
+
+use support::cluster::{lines_of, status, KillOnDrop};
+
 const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
-/// How long (virtual time) Chromium lets the page run before dumping it: about four polls.
-const BUDGET_MS: &str = "4000";
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("contrail-page-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::cluster::temp_dir("page", name)
 }
+/// How long (virtual time) Chromium lets the page run before dumping it: about four polls.
+const BUDGET_MS: &str = "4000";
 
 /// The Chromium binary on PATH, or None (after saying why) when the test may be skipped.
 /// Panics when Chromium is missing and skipping was not asked for.
@@ -160,29 +161,6 @@ fn worker_ranks(dom: &str) -> Vec<String> {
         .collect()
 }
 
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n")?.1.to_string();
-    Some((code, body))
-}
-
-fn status(addr: &str) -> Option<StatusReport> {
-    let (code, body) = http_get(addr, "/status")?;
-    if code != 200 {
-        return None;
-    }
-    serde_json::from_str(&body).ok()
-}
-
 /// A tiny MoE job (16×16 crops, a 2-layer ViT with 4 experts in its second block) that would
 /// run for thousands of epochs: the test stops it.
 fn write_job(dir: &Path) -> PathBuf {
@@ -237,29 +215,6 @@ every_steps = 100000
     let path = dir.join("job.toml");
     std::fs::write(&path, job).unwrap();
     path
-}
-
-/// Streams a child's stdout lines into a channel.
-fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            eprintln!("[contrail] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]

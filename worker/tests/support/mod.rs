@@ -2,6 +2,7 @@
 //! RNG lock, model copies, and parameter comparison.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod ranks;
 
 use contrail_common::config::{ModelConfig, NormKind, StemKind};
