@@ -1,5 +1,7 @@
 //! The coordinator served on 127.0.0.1:0, driven by fake workers over gRPC, watched over HTTP.
 
+mod common;
+
 use contrail_common::checkpoint::{join_url, write_bytes, CheckpointMeta, LATEST};
 use contrail_common::config::JobConfig;
 use contrail_common::experts::{BlockPlacement, ExpertPlacement};
@@ -11,7 +13,6 @@ use contrail_coordinator::Coordinator;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
 const SHARDS: usize = 4;
@@ -91,18 +92,8 @@ impl Served {
 
 /// A plain HTTP/1.0 GET; returns (status code, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .expect("HTTP response has a header");
-    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (code, body.to_string())
+    let (code, _, body) = common::http_get(addr, path).await;
+    (code, body)
 }
 
 async fn status(addr: SocketAddr) -> StatusReport {
