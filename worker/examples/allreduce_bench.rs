@@ -6,13 +6,14 @@
 //!
 //!     cargo run --release -p contrail-worker --example allreduce_bench -- --world 2 --mib 64
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use contrail_worker::dist::tcp::TcpCollective;
 use contrail_worker::dist::Collective;
 use tch::{Device, Kind, Tensor};
 
@@ -72,44 +73,12 @@ fn launch(args: &Args) -> Result<()> {
                 .with_context(|| format!("spawning rank {rank}"))
         })
         .collect::<Result<_>>()?;
-    let mut failed = Vec::new();
-    for (rank, mut child) in children.into_iter().enumerate() {
-        if !child.wait()?.success() {
-            failed.push(rank);
-        }
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    if !failed.is_empty() {
-        bail!("ranks {failed:?} failed");
-    }
-    Ok(())
-}
-
-fn rendezvous(dir: &Path, rank: usize, world: usize) -> Result<TcpCollective> {
-    let boot = TcpCollective::bind("127.0.0.1:0")?;
-    let tmp = dir.join(format!("{rank}.tmp"));
-    std::fs::write(&tmp, boot.local_addr()?.to_string())?;
-    std::fs::rename(&tmp, dir.join(format!("{rank}.addr")))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut addrs = Vec::with_capacity(world);
-    for r in 0..world {
-        loop {
-            if let Ok(a) = std::fs::read_to_string(dir.join(format!("{r}.addr"))) {
-                addrs.push(a);
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("rank {r} never published its address");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    Ok(boot.connect(rank, addrs, Duration::from_secs(60))?)
+    common::wait_ranks(children, &dir)
 }
 
 fn run_rank(args: &Args, rank: usize, dir: &Path) -> Result<()> {
     tch::set_num_threads(1);
-    let c = rendezvous(dir, rank, args.world)?;
+    let c = common::rendezvous(dir, rank, args.world, Duration::from_secs(60))?;
     let numel = (args.mib << 20) / 4;
     let bytes = (numel * 4) as f64;
 

@@ -22,6 +22,8 @@
 //! Machine-readable lines for run.sh: `EXCHANGE_MS=`, `BUSBW_GBPS=` (world ≥ 2),
 //! `MOE_STEP_MS=`, `DENSE_STEP_MS=` (world 1).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -183,39 +185,7 @@ fn launch(args: &Args) -> Result<()> {
                 .with_context(|| format!("spawning rank {rank}"))
         })
         .collect::<Result<_>>()?;
-    let mut failed = Vec::new();
-    for (rank, mut child) in children.into_iter().enumerate() {
-        if !child.wait()?.success() {
-            failed.push(rank);
-        }
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    if !failed.is_empty() {
-        bail!("ranks {failed:?} failed");
-    }
-    Ok(())
-}
-
-fn rendezvous(dir: &Path, rank: usize, world: usize) -> Result<TcpCollective> {
-    let boot = TcpCollective::bind("127.0.0.1:0")?;
-    let tmp = dir.join(format!("{rank}.tmp"));
-    std::fs::write(&tmp, boot.local_addr()?.to_string())?;
-    std::fs::rename(&tmp, dir.join(format!("{rank}.addr")))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut addrs = Vec::with_capacity(world);
-    for r in 0..world {
-        loop {
-            if let Ok(a) = std::fs::read_to_string(dir.join(format!("{r}.addr"))) {
-                addrs.push(a);
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("rank {r} never published its address");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    Ok(boot.connect(rank, addrs, Duration::from_secs(120))?)
+    common::wait_ranks(children, &dir)
 }
 
 /// One `all_to_all` the block asked for.
@@ -338,7 +308,7 @@ fn run_rank(args: &Args, rank: usize, dir: &Path) -> Result<()> {
     tch::set_num_threads(args.threads);
     let world = args.world;
     let timed = Arc::new(Timed {
-        inner: rendezvous(dir, rank, world)?,
+        inner: common::rendezvous(dir, rank, world, Duration::from_secs(120))?,
         a2a_ns: AtomicU64::new(0),
         log: Mutex::new(None),
     });
