@@ -89,7 +89,14 @@ impl MoeFeedForward {
         hidden: i64,
         init: ExpertInit,
     ) -> Result<Self> {
-        Self::build(p, runtime, [width, hidden, width], Activation::Gelu, init)
+        Self::build(
+            p,
+            runtime,
+            [width, hidden, width],
+            Activation::Gelu,
+            true,
+            init,
+        )
     }
 
     /// A projection head as a mixture of `in_width → hidden → ReLU → out_width` experts,
@@ -108,12 +115,9 @@ impl MoeFeedForward {
             runtime,
             [in_width, hidden, out_width],
             Activation::Relu,
+            false,
             init,
         )
-        .map(|m| Self {
-            residual: false,
-            ..m
-        })
     }
 
     fn build(
@@ -121,6 +125,7 @@ impl MoeFeedForward {
         runtime: &Arc<MoeRuntime>,
         [width, hidden, out_width]: [i64; 3],
         activation: Activation,
+        residual: bool,
         init: ExpertInit,
     ) -> Result<Self> {
         let s = runtime.settings();
@@ -191,7 +196,7 @@ impl MoeFeedForward {
             local,
             in_width: width,
             out_width,
-            residual: true,
+            residual,
         })
     }
 
