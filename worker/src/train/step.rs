@@ -129,6 +129,10 @@ pub fn train_step(
         objective.frozen(name, clock)
     })?;
     objective.after_update(model, clock, coll)?;
+    if let Some(rt) = model.moe() {
+        // Forward passes outside a step (evaluation) route dropless and record nothing.
+        rt.begin_pass(Pass::default());
+    }
     let expert_load = global_expert_load(model, coll)?;
     Ok(StepOutcome {
         loss,
@@ -170,13 +174,11 @@ fn begin_moe_pass(model: &ContrastiveModel, record: bool, count_load: bool, aux_
     }
 }
 
-/// The step's expert load summed over the ranks (empty without MoE), and the blocks back in
-/// evaluation mode.
+/// The step's expert load summed over the ranks (empty without MoE).
 fn global_expert_load(model: &ContrastiveModel, coll: &dyn Collective) -> Result<Vec<BlockLoad>> {
     let Some(rt) = model.moe() else {
         return Ok(Vec::new());
     };
-    rt.begin_pass(Pass::default());
     let mut load = rt.take_load();
     if coll.world_size() > 1 && !load.is_empty() {
         let flat: Vec<i64> = load
