@@ -3,11 +3,15 @@
 //! family has HELP and TYPE lines; a value that is not known yet (the loss before the first
 //! step) is left out rather than reported as 0.
 
-use contrail_common::status::{ExpertBlockStatus, JobState, StatusReport, WorkerLiveness};
+use contrail_common::status::{
+    ExpertBlockStatus, JobState, StatusReport, WorkerLiveness, WorkerStatus,
+};
 use std::fmt::Write;
 
 /// One number of an MoE block's status.
 type BlockValue = fn(&ExpertBlockStatus) -> f64;
+/// One number of a worker's status.
+type WorkerValue = fn(&WorkerStatus) -> f64;
 
 /// The content type Prometheus expects for this format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -185,39 +189,30 @@ pub fn render_metrics(r: &StatusReport) -> String {
         f.sample("contrail_workers", &[("state", state.as_str())], n as f64);
     }
     // Workers are labelled by rank (empty before the rendezvous) and by id, which is unique.
-    let worker_labels = |w: &contrail_common::status::WorkerStatus| {
+    let worker_labels = |w: &WorkerStatus| {
         (
             w.rank.map(|r| r.to_string()).unwrap_or_default(),
             w.worker_id.to_string(),
         )
     };
-    let mut f = family(
-        o,
-        "contrail_worker_last_heartbeat_seconds",
-        "gauge",
-        "Seconds since the coordinator last heard from the worker.",
-    );
-    for w in &r.workers {
-        let (rank, id) = worker_labels(w);
-        f.sample(
+    let per_worker: [(&str, &str, WorkerValue); 2] = [
+        (
             "contrail_worker_last_heartbeat_seconds",
-            &[("rank", &rank), ("worker_id", &id)],
-            w.last_heartbeat_ms as f64 / 1000.0,
-        );
-    }
-    let mut f = family(
-        o,
-        "contrail_worker_step",
-        "gauge",
-        "The latest step the worker reported.",
-    );
-    for w in &r.workers {
-        let (rank, id) = worker_labels(w);
-        f.sample(
+            "Seconds since the coordinator last heard from the worker.",
+            |w| w.last_heartbeat_ms as f64 / 1000.0,
+        ),
+        (
             "contrail_worker_step",
-            &[("rank", &rank), ("worker_id", &id)],
-            w.step as f64,
-        );
+            "The latest step the worker reported.",
+            |w| w.step as f64,
+        ),
+    ];
+    for (name, help, value) in per_worker {
+        let mut f = family(o, name, "gauge", help);
+        for w in &r.workers {
+            let (rank, id) = worker_labels(w);
+            f.sample(name, &[("rank", &rank), ("worker_id", &id)], value(w));
+        }
     }
 
     if let Some(e) = &r.experts {
