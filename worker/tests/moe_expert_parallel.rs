@@ -83,18 +83,28 @@ fn parse(s: &str) -> Scenario {
     }
 }
 
-fn settings(s: &Scenario) -> MoeSettings {
+/// Routing without jitter or a capacity minimum; dropless unless `capacity_factor` is given;
+/// no auxiliary losses.
+fn routing(experts: u32, top_k: usize, capacity_factor: Option<f64>) -> MoeSettings {
     MoeSettings {
-        experts: s.experts,
-        top_k: s.top_k,
-        capacity_factor: 0.6,
+        experts,
+        top_k,
+        capacity_factor: capacity_factor.unwrap_or(1.0),
         eval_capacity_factor: 0.0,
         min_capacity: 0,
-        dropless: !s.dropping,
+        dropless: capacity_factor.is_none(),
         jitter: 0.0,
+        balance_loss_coef: 0.0,
+        z_loss_coef: 0.0,
+    }
+}
+
+fn settings(s: &Scenario) -> MoeSettings {
+    MoeSettings {
         // Larger than the defaults so the auxiliary gradients are far above the tolerance.
         balance_loss_coef: 0.1,
         z_loss_coef: 0.01,
+        ..routing(s.experts, s.top_k, s.dropping.then_some(0.6))
     }
 }
 
@@ -332,17 +342,7 @@ fn received_rows(
     placement: &ExpertPlacement,
     world: usize,
 ) -> (Vec<i64>, Vec<f64>) {
-    let settings = MoeSettings {
-        experts,
-        top_k: 1,
-        capacity_factor: 1.0,
-        eval_capacity_factor: 0.0,
-        min_capacity: 0,
-        dropless: true,
-        jitter: 0.0,
-        balance_loss_coef: 0.0,
-        z_loss_coef: 0.0,
-    };
+    let settings = routing(experts, 1, None);
     // Drawn here under the tests' RNG lock, not in the rank threads: libtorch has one RNG.
     let inputs: Vec<(Tensor, Tensor)> = support::seeded(0, || {
         (0..world)
@@ -468,17 +468,7 @@ fn a_failed_exchange_is_an_error_not_a_panic() {
     let mut group = LocalGroup::with_timeout(2, Duration::from_millis(300));
     let _absent = group.pop().unwrap();
     let coll: Arc<dyn Collective> = Arc::new(group.pop().unwrap());
-    let settings = MoeSettings {
-        experts: 2,
-        top_k: 1,
-        capacity_factor: 1.0,
-        eval_capacity_factor: 0.0,
-        min_capacity: 0,
-        dropless: true,
-        jitter: 0.0,
-        balance_loss_coef: 0.0,
-        z_loss_coef: 0.0,
-    };
+    let settings = routing(2, 1, None);
     let rt = MoeRuntime::spread(coll, settings, 2).unwrap();
     let (net, x) = support::seeded(7, || {
         let net = build(&rt);

@@ -103,17 +103,9 @@ fn run_moving_experts(
                     let mut opt = optim::build(&cfg.optim, &model).unwrap();
                     let mut objective = build_objective(cfg).unwrap();
                     let counts: Vec<i64> = plan.iter().map(|p| p.iter().sum()).collect();
-                    let mut at: i64 = counts[..rank].iter().sum();
-                    let mut ranges = Vec::new();
-                    for &b in &plan[rank] {
-                        ranges.push((at, b));
-                        at += b;
-                    }
+                    let ranges = support::micro_batch_ranges(plan, rank);
                     for (step, (v1, v2)) in data.iter().enumerate() {
-                        let micro: Vec<(Tensor, Tensor)> = ranges
-                            .iter()
-                            .map(|&(from, b)| (v1.narrow(0, from, b), v2.narrow(0, from, b)))
-                            .collect();
+                        let micro = support::slice_micro_batches(v1, v2, &ranges);
                         let clock = StepClock {
                             step: step as u64,
                             total_steps: 10,

@@ -92,18 +92,10 @@ fn run_steps(
                     let mut objective = make();
                     let counts: Vec<i64> = plan.iter().map(|p| p.iter().sum()).collect();
                     assert_eq!(counts.iter().sum::<i64>(), SAMPLES);
-                    let mut at: i64 = counts[..rank].iter().sum();
-                    let mut micro_ranges = Vec::new();
-                    for &b in &plan[rank] {
-                        micro_ranges.push((at, b));
-                        at += b;
-                    }
+                    let micro_ranges = support::micro_batch_ranges(plan, rank);
                     let mut losses = Vec::new();
                     for (step, (v1, v2)) in data.iter().enumerate() {
-                        let micro: Vec<(Tensor, Tensor)> = micro_ranges
-                            .iter()
-                            .map(|&(from, b)| (v1.narrow(0, from, b), v2.narrow(0, from, b)))
-                            .collect();
+                        let micro = support::slice_micro_batches(v1, v2, &micro_ranges);
                         let clock = StepClock {
                             step: step as u64,
                             total_steps: 10,

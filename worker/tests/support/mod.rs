@@ -144,3 +144,28 @@ pub fn step_batches(
             .collect()
     })
 }
+
+/// Rank `rank`'s micro-batches of a step when rank r takes micro-batches of sizes `plan[r]`
+/// from the step's batch, ranks in order: (first row, rows) of each.
+pub fn micro_batch_ranges(plan: &[Vec<i64>], rank: usize) -> Vec<(i64, i64)> {
+    let mut at: i64 = plan[..rank].iter().flatten().sum();
+    plan[rank]
+        .iter()
+        .map(|&b| {
+            at += b;
+            (at - b, b)
+        })
+        .collect()
+}
+
+/// The views of `ranges` (from [`micro_batch_ranges`]) cut out of a step's batch.
+pub fn slice_micro_batches(
+    v1: &Tensor,
+    v2: &Tensor,
+    ranges: &[(i64, i64)],
+) -> Vec<(Tensor, Tensor)> {
+    ranges
+        .iter()
+        .map(|&(from, b)| (v1.narrow(0, from, b), v2.narrow(0, from, b)))
+        .collect()
+}
