@@ -1,6 +1,6 @@
 //! Offline schema validation of the rendered objects: the built-in kinds with
 //! `kubernetes-validate --strict` (the Kubernetes OpenAPI schemas, unknown fields rejected),
-//! and the JobSet against the JobSet CRD's openAPIV3Schema.
+//! and the JobSet against JobSet's API types (k8s/tests/validate_jobset.py).
 
 mod common;
 
@@ -94,24 +94,13 @@ fn kubernetes_validate_rejects_broken_objects() {
     }
 }
 
-/// Where the JobSet CRD is expected; see k8s/schemas/README.md.
-fn jobset_crd() -> PathBuf {
-    workspace_root().join("k8s/schemas/jobset.x-k8s.io_jobsets.yaml")
-}
-
+/// Runs k8s/tests/validate_jobset.py (JobSet's API types, unknown fields rejected).
 fn validate_jobset(path: &Path) -> Result<(), String> {
-    let crd = jobset_crd();
-    assert!(
-        crd.exists(),
-        "{} is missing: see k8s/schemas/README.md for the pinned JobSet release to take it from",
-        crd.display()
-    );
     let out = Command::new(venv_tool("python"))
-        .arg(workspace_root().join("k8s/tests/validate_crd.py"))
-        .arg(&crd)
+        .arg(workspace_root().join("k8s/tests/validate_jobset.py"))
         .arg(path)
         .output()
-        .expect("running k8s/tests/validate_crd.py");
+        .expect("running k8s/tests/validate_jobset.py");
     if out.status.success() {
         Ok(())
     } else {
@@ -124,8 +113,7 @@ fn validate_jobset(path: &Path) -> Result<(), String> {
 }
 
 #[test]
-#[ignore = "needs the JobSet CRD in k8s/schemas/ (not committed yet: see k8s/schemas/README.md)"]
-fn jobset_passes_the_jobset_crd_schema() {
+fn jobset_passes_the_jobset_api_schema() {
     for (i, o) in cases().iter().enumerate() {
         if o.crd != Crd::JobSet {
             continue;
@@ -140,9 +128,38 @@ fn jobset_passes_the_jobset_crd_schema() {
             panic!("{o:?}: the JobSet does not validate:\n{report}");
         }
     }
-    // And a misspelt field is caught.
-    let yaml = to_yaml(&render_case(&opts(Crd::JobSet, 2, 0))[2..]).unwrap();
-    let path = tmp("jobset-broken.yaml");
-    std::fs::write(&path, yaml.replace("maxRestarts", "maxRestart")).unwrap();
-    validate_jobset(&path).expect_err("a misspelt JobSet field passed");
+}
+
+/// The JobSet validator rejects what the API server would: misspelt fields at the top and
+/// deep in a pod template, and a value of the wrong type.
+#[test]
+fn jobset_validation_rejects_broken_objects() {
+    let js: Vec<Manifest> = render_case(&opts(Crd::JobSet, 2, 1))
+        .into_iter()
+        .filter(|m| matches!(m, Manifest::JobSet(_)))
+        .collect();
+    let yaml = to_yaml(&js).unwrap();
+    for (what, broken, expect) in [
+        (
+            "misspelt JobSet field",
+            yaml.replace("maxRestarts:", "maxRestart:"),
+            "failurePolicy.maxRestart: unknown field",
+        ),
+        (
+            "misspelt pod field",
+            yaml.replace("restartPolicy:", "restartPolicyy:"),
+            "restartPolicyy: unknown field",
+        ),
+        (
+            "wrong type",
+            yaml.replace("completions: 2", "completions: two"),
+            "completions",
+        ),
+    ] {
+        assert_ne!(broken, yaml, "{what}: the replacement did not apply");
+        let path = tmp(&format!("jobset-broken-{}.yaml", what.replace(' ', "-")));
+        std::fs::write(&path, broken).unwrap();
+        let report = validate_jobset(&path).expect_err(what);
+        assert!(report.contains(expect), "{what}: {report}");
+    }
 }
