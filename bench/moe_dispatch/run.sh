@@ -7,6 +7,7 @@
 #   bash bench/moe_dispatch/run.sh [--world 2] [--tokens 8192] [--width 768] [--experts 8]
 #        [--top-k 2] [--capacity-factor 1.25] [--expert-hidden 3072] [--warmup 3] [--iters 20]
 #        [--block-warmup 1] [--block-iters 3] [--threads 1] [--device cpu|cuda] [--bf16]
+# BENCH=path/to/moe_dispatch_bench runs a prebuilt binary (the device machine has no cargo).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
@@ -26,8 +27,10 @@ if ! "$PY" -c "$PINNED"; then
     "$PY" -m pip install -q torch==2.11.0
 fi
 
-cargo build --release -q -p contrail-worker --example moe_dispatch_bench
-BENCH=${CARGO_TARGET_DIR:-target}/release/examples/moe_dispatch_bench
+if [ -z "${BENCH:-}" ]; then
+    cargo build --release -q -p contrail-worker --example moe_dispatch_bench
+    BENCH=${CARGO_TARGET_DIR:-target}/release/examples/moe_dispatch_bench
+fi
 value() { sed -n "s/^$1=//p"; }
 human() { grep -v '^[A-Z_]*='; }
 

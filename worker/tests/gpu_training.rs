@@ -1,6 +1,7 @@
 //! Training on a GPU: every objective with bf16 autocast, channels-last and the NCCL backend at
-//! world size 1; bf16 against fp32; GPU against CPU. Each test prints "skipping: no CUDA GPU"
-//! and returns on machines without one (CI); on a GPU machine they run for real.
+//! world size 1; bf16 against fp32; GPU against CPU; MoE blocks with their token exchange on
+//! NCCL. Each test prints "skipping: no CUDA GPU" and returns on machines without one (CI); on
+//! a GPU machine they run for real.
 
 mod support;
 
@@ -10,10 +11,12 @@ use contrail_worker::dist::nccl::{nccl_unique_id, NcclCollective};
 use contrail_worker::dist::Collective;
 use contrail_worker::model::compute::{is_channels_last, use_bf16_for_cuda_autocast};
 use contrail_worker::model::{Compute, ContrastiveModel};
+use contrail_worker::moe::runtime::is_expert_param;
 use contrail_worker::optim::Sgd;
 use contrail_worker::train::checkpoint::{safetensors_to_tensors, tensors_to_safetensors};
 use contrail_worker::train::objectives::build_objective;
 use contrail_worker::train::step::{train_step, StepClock};
+use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
@@ -212,6 +215,157 @@ fn gpu_step_matches_cpu_step() {
         assert!(
             (g - c).abs() / c < 1e-2,
             "gpu {gpu_losses:?} vs cpu {cpu_losses:?}"
+        );
+    }
+}
+
+/// A small ViT with MoE blocks in both its blocks (4 experts, top-2, dropless so the CPU and
+/// GPU routings are comparable) and an MoE projector head.
+fn moe_config() -> JobConfig {
+    let mut cfg = config("simclr");
+    cfg.model.encoder = "vit".into();
+    cfg.model.vit.patch_size = 8;
+    cfg.model.vit.width = 32;
+    cfg.model.vit.layers = 2;
+    cfg.model.vit.heads = 2;
+    cfg.moe.experts = 4;
+    cfg.moe.vit_blocks = vec![0, 1];
+    cfg.moe.projector = true;
+    cfg.moe.top_k = 2;
+    cfg.moe.dropless = true;
+    cfg
+}
+
+/// Trains an MoE model `steps` steps at world size 1, its experts' tokens exchanged through
+/// the NCCL backend on a GPU (grouped send/receive to itself) or the in-process group on the
+/// CPU; returns the losses, the per-step expert loads and the model.
+fn train_moe(
+    cfg: &JobConfig,
+    device: Device,
+    bf16: bool,
+    steps: u64,
+) -> (Vec<f64>, Vec<Vec<i64>>, ContrastiveModel) {
+    let coll: Arc<dyn Collective> = if device.is_cuda() {
+        Arc::from(nccl(device))
+    } else {
+        Arc::new(contrail_worker::dist::local::LocalGroup::new(1).remove(0))
+    };
+    let build = |d: Device| ContrastiveModel::for_job_on(cfg, None, d, Some((coll.clone(), None)));
+    // Initialised on the CPU (CUDA's RNG draws different numbers), then moved.
+    let initial = support::seeded(5, || build(Device::Cpu).unwrap());
+    let mut model = build(device).unwrap();
+    model.load_named(&initial.named_variables()).unwrap();
+    if bf16 {
+        use_bf16_for_cuda_autocast();
+    }
+    model.set_compute(Compute {
+        bf16,
+        channels_last: false,
+    });
+    let mut opt = Sgd::new(&model, 0.9, 1e-5);
+    let mut objective = build_objective(cfg).unwrap();
+    let (v1, v2) = images(device);
+    let micro = [(v1, v2)];
+    let mut losses = Vec::new();
+    let mut loads = Vec::new();
+    for step in 0..steps {
+        let out = train_step(
+            &model,
+            &mut opt,
+            objective.as_mut(),
+            &micro,
+            0.05,
+            coll.as_ref(),
+            &[SAMPLES],
+            StepClock {
+                step,
+                total_steps: 10,
+            },
+        )
+        .unwrap();
+        losses.push(out.loss);
+        loads.push(
+            out.expert_load
+                .iter()
+                .flat_map(|l| l.routed.clone())
+                .collect(),
+        );
+    }
+    (losses, loads, model)
+}
+
+fn expert_variables(model: &ContrastiveModel) -> Vec<(String, Tensor)> {
+    let experts: Vec<_> = model
+        .named_variables()
+        .into_iter()
+        .filter(|(n, _)| is_expert_param(n))
+        .collect();
+    assert!(
+        !experts.is_empty(),
+        "the MoE model has no expert parameters"
+    );
+    experts
+}
+
+/// MoE blocks train on the GPU with bf16 autocast: every token's two assignments reach an
+/// expert through the NCCL exchange, every expert moves, weights stay float32.
+#[test]
+fn moe_trains_on_gpu_with_bf16_and_the_nccl_exchange() {
+    let Some(device) = gpu() else { return };
+    let cfg = moe_config();
+    let (losses, loads, model) = train_moe(&cfg, device, true, 3);
+    println!("checked: MoE on {device:?} bf16 nccl: losses {losses:?}, loads {loads:?}");
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    // Tokens per sample: (32 / 8)² patches + the class token in each ViT block, one per
+    // sample in the head; two views, top-2.
+    let tokens = 2 * SAMPLES * (2 * 17 + 1);
+    for load in &loads {
+        assert_eq!(load.iter().sum::<i64>(), 2 * tokens, "{load:?}");
+    }
+    let initial = support::seeded(5, || {
+        let coll: Arc<dyn Collective> =
+            Arc::new(contrail_worker::dist::local::LocalGroup::new(1).remove(0));
+        ContrastiveModel::for_job_on(&cfg, None, Device::Cpu, Some((coll, None))).unwrap()
+    });
+    let before: std::collections::BTreeMap<_, _> = expert_variables(&initial).into_iter().collect();
+    for (name, t) in expert_variables(&model) {
+        assert_eq!(
+            t.kind(),
+            Kind::Float,
+            "{name}: master weights must stay float32"
+        );
+        let moved = (t.to_device(Device::Cpu) - &before[&name])
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(moved > 0.0, "{name} did not move in 3 steps");
+    }
+}
+
+/// The same fp32 MoE steps on the GPU (NCCL exchange) and on the CPU give the same losses,
+/// routings and expert weights, up to TF32 and kernel differences.
+#[test]
+fn moe_gpu_steps_match_cpu_steps() {
+    let Some(device) = gpu() else { return };
+    let cfg = moe_config();
+    let (gl, gload, gpu_model) = train_moe(&cfg, device, false, 2);
+    let (cl, cload, cpu_model) = train_moe(&cfg, Device::Cpu, false, 2);
+    println!("checked: MoE gpu {gl:?} vs cpu {cl:?}; loads {gload:?} vs {cload:?}");
+    for (g, c) in gl.iter().zip(&cl) {
+        assert!((g - c).abs() / c < 1e-2, "gpu {gl:?} vs cpu {cl:?}");
+    }
+    // Routing is an argmax over gate logits: near-ties may flip, so compare the loads loosely.
+    for (g, c) in gload.iter().flatten().zip(cload.iter().flatten()) {
+        assert!((g - c).abs() <= 2 + c / 20, "{gload:?} vs {cload:?}");
+    }
+    let cpu: std::collections::BTreeMap<_, _> = expert_variables(&cpu_model).into_iter().collect();
+    for (name, t) in expert_variables(&gpu_model) {
+        let c = &cpu[&name];
+        let diff = (t.to_device(Device::Cpu) - c).abs().max().double_value(&[]);
+        let scale = c.abs().max().double_value(&[]);
+        assert!(
+            diff <= 2e-2 * scale,
+            "{name}: gpu and cpu differ by {diff} (scale {scale})"
         );
     }
 }
