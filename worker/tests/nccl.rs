@@ -252,6 +252,20 @@ fn all_to_all_sends_rows_to_itself_through_nccl() {
     let (got, _) = c.all_to_all(&want, &[4]).unwrap();
     assert_eq!(got.device(), Device::Cpu);
     assert_same(&got, &want, "all_to_all of a CPU tensor");
+    // With the receive counts known (MoE's dispatch and combine) there is no round of counts.
+    let want = sample(6, 4, Kind::BFloat16, 80);
+    let got = c
+        .all_to_all_known(&want.to_device(cuda()), &[6], &[6])
+        .unwrap();
+    assert_same(&got, &want, "all_to_all_known send [6] receive [6]");
+    let err = c
+        .all_to_all_known(&want.to_device(cuda()), &[6], &[5])
+        .unwrap_err();
+    assert!(
+        matches!(err, CollectiveError::Usage(_)),
+        "a receive count that cannot match: {err}"
+    );
+    eprintln!("checked: all_to_all_known, and its check of this rank's own count");
 }
 
 #[test]

@@ -37,7 +37,8 @@
 //! **Shapes.** Data-moving operations send bytes (`ncclUint8`), so they work for every kind;
 //! sums use the tensor's NCCL type. Uneven `counts` in gathers and reduce-scatters are padded
 //! to the largest count so NCCL's ring collectives still apply (memory `world * max_count`
-//! rows); all-to-all is grouped `ncclSend`/`ncclRecv`, this rank's own rows included. CPU
+//! rows); all-to-all is grouped `ncclSend`/`ncclRecv`, this rank's own rows included, after an
+//! all-gather of the counts that `all_to_all_known` skips (no device-to-host sync). CPU
 //! tensors (such as the counts in [`super::all_gather_counts`]) are staged through the GPU and
 //! results come back on the CPU.
 
@@ -1307,7 +1308,47 @@ impl Collective for NcclCollective {
     }
 
     fn all_to_all(&self, input: &Tensor, send_counts: &[i64]) -> Result<(Tensor, Vec<i64>)> {
-        let what = "all_to_all";
+        self.all_to_all_rows(input, send_counts, None)
+    }
+
+    fn all_to_all_known(
+        &self,
+        input: &Tensor,
+        send_counts: &[i64],
+        recv_counts: &[i64],
+    ) -> Result<Tensor> {
+        Ok(self
+            .all_to_all_rows(input, send_counts, Some(recv_counts))?
+            .0)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let mut st = self.begin()?;
+        // A one-element sum completes on a rank only once every rank has entered it.
+        let t = Tensor::zeros([1], (Kind::Float, self.device()));
+        let ptr = t.data_ptr();
+        self.run(&mut st, "barrier", |lib, comm| unsafe {
+            (lib.all_reduce)(ptr, ptr, 1, ffi::FLOAT32, ffi::SUM, comm, null_mut())
+        })
+    }
+}
+
+impl NcclCollective {
+    /// All-to-all of rows. With `known_recv` (what each peer sends this rank) the round of
+    /// counts, and the device-to-host copy it needs, are skipped; NCCL cannot check that the
+    /// peers really send that much, so a wrong count is undefined (the caller derives it from
+    /// an earlier exchange).
+    fn all_to_all_rows(
+        &self,
+        input: &Tensor,
+        send_counts: &[i64],
+        known_recv: Option<&[i64]>,
+    ) -> Result<(Tensor, Vec<i64>)> {
+        let what = if known_recv.is_some() {
+            "all_to_all_known"
+        } else {
+            "all_to_all"
+        };
         let (send_offs, total) = row_offsets(send_counts, self.world, what)?;
         let rows = dim0(input, what)?;
         if rows != total {
@@ -1315,20 +1356,33 @@ impl Collective for NcclCollective {
                 "{what}: input has {rows} rows but send_counts sum to {total}"
             )));
         }
+        let (n, r) = (self.world, self.rank);
+        if let Some(known) = known_recv {
+            if known.len() != n || known[r] != send_counts[r] {
+                return Err(CollectiveError::Usage(format!(
+                    "{what}: receive counts {known:?} do not fit rank {r} of {n} sending \
+                     {send_counts:?}"
+                )));
+            }
+        }
         let (staged, copied) = self.stage(input, what)?;
         let work = staged.contiguous();
-        let (n, r) = (self.world, self.rank);
         let mut st = self.begin()?;
-        // Phase 1: every rank's send counts, so each knows what it receives from whom.
-        let mine = Tensor::from_slice(send_counts).to_device(self.device());
-        let gathered = Tensor::empty([(n * n) as i64], (Kind::Int64, self.device()));
-        let (sp, rp) = (mine.data_ptr(), gathered.data_ptr());
-        self.run(&mut st, "all_to_all (counts)", |lib, comm| unsafe {
-            (lib.all_gather)(sp, rp, n, ffi::INT64, comm, null_mut())
-        })?;
-        let matrix = Vec::<i64>::try_from(&gathered.to_device(Device::Cpu))
-            .expect("an Int64 tensor converts to Vec<i64>");
-        let recv_counts = received_counts(&matrix, n, r);
+        let recv_counts = match known_recv {
+            Some(known) => known.to_vec(),
+            None => {
+                // Phase 1: every rank's send counts, so each knows what it receives from whom.
+                let mine = Tensor::from_slice(send_counts).to_device(self.device());
+                let gathered = Tensor::empty([(n * n) as i64], (Kind::Int64, self.device()));
+                let (sp, rp) = (mine.data_ptr(), gathered.data_ptr());
+                self.run(&mut st, "all_to_all (counts)", |lib, comm| unsafe {
+                    (lib.all_gather)(sp, rp, n, ffi::INT64, comm, null_mut())
+                })?;
+                let matrix = Vec::<i64>::try_from(&gathered.to_device(Device::Cpu))
+                    .expect("an Int64 tensor converts to Vec<i64>");
+                received_counts(&matrix, n, r)
+            }
+        };
         let (recv_offs, recv_total) = match row_offsets(&recv_counts, n, what) {
             Ok(v) => v,
             Err(CollectiveError::Usage(m)) => {
@@ -1404,16 +1458,6 @@ impl Collective for NcclCollective {
             out
         };
         Ok((out, recv_counts))
-    }
-
-    fn barrier(&self) -> Result<()> {
-        let mut st = self.begin()?;
-        // A one-element sum completes on a rank only once every rank has entered it.
-        let t = Tensor::zeros([1], (Kind::Float, self.device()));
-        let ptr = t.data_ptr();
-        self.run(&mut st, "barrier", |lib, comm| unsafe {
-            (lib.all_reduce)(ptr, ptr, 1, ffi::FLOAT32, ffi::SUM, comm, null_mut())
-        })
     }
 }
 
