@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds what a GPU machine without cargo needs to run contrail's GPU tests and benchmarks,
+# stripped, into ./carry (git-ignored): the `contrail` CLI, the GPU test binaries
+# (gpu_training, nccl) and the benchmark examples. On the GPU machine, with PyTorch 2.11.0 in
+# its python3:
+#
+#   export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+#   carry/gpu_training --test-threads 1 && carry/nccl --test-threads 1
+#   BENCH=carry/moe_dispatch_bench PYTHON=python3 bash bench/moe_dispatch/run.sh --world 1 --device cuda --bf16
+#   BENCH=carry/train_step_bench PYTHON=python3 bash bench/train_step/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+TARGET=${CARGO_TARGET_DIR:-target}
+mkdir -p carry
+cargo build --release -p contrail-worker --bin contrail \
+    --example moe_dispatch_bench --example train_step_bench
+for t in gpu_training nccl; do
+    # The test binary's path is the last "executable" cargo reports for it.
+    bin=$(cargo test --release -p contrail-worker --test "$t" --no-run --message-format=json \
+        | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+    [ -n "$bin" ] || { echo "gpu_carry: no test binary for $t" >&2; exit 1; }
+    cp "$bin" "carry/$t"
+done
+cp "$TARGET/release/contrail" "$TARGET/release/examples/moe_dispatch_bench" \
+    "$TARGET/release/examples/train_step_bench" carry/
+strip carry/*
+du -ch carry/* | tail -n 1
+echo "gpu_carry: carry/ is ready (name it in the device run's carry list)"
