@@ -15,7 +15,7 @@ use contrail_worker::moe::runtime::is_expert_param;
 use contrail_worker::optim::Sgd;
 use contrail_worker::train::checkpoint::{safetensors_to_tensors, tensors_to_safetensors};
 use contrail_worker::train::objectives::build_objective;
-use contrail_worker::train::step::{train_step, StepClock};
+use contrail_worker::train::step::{train_step, StepClock, StepOutcome};
 use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -78,45 +78,59 @@ fn train(
     compute: Compute,
     steps: u64,
 ) -> (Vec<f64>, ContrastiveModel) {
-    // Initialised on the CPU (CUDA's RNG draws different numbers), then moved.
-    let initial = support::seeded(5, || {
-        ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap()
-    });
-    let mut model = ContrastiveModel::for_objective(&cfg.model, &cfg.objective, device).unwrap();
+    // Initialised on the CPU (CUDA's RNG draws different numbers), then moved. Building the
+    // model on `device` draws too: under the lock, so other tests' seeded draws stay intact.
+    let build = |d| ContrastiveModel::for_objective(&cfg.model, &cfg.objective, d).unwrap();
+    let initial = support::seeded(5, || build(Device::Cpu));
+    let mut model = support::seeded(0, || build(device));
     model.load_named(&initial.named_variables()).unwrap();
     if compute.bf16 {
         use_bf16_for_cuda_autocast();
     }
     model.set_compute(compute);
-    let mut opt = Sgd::new(&model, 0.9, 1e-5);
-    let mut objective = build_objective(cfg).unwrap();
     let coll = if device.is_cuda() {
         nccl(device)
     } else {
         Box::new(contrail_worker::dist::local::LocalGroup::new(1).remove(0)) as Box<dyn Collective>
     };
+    let losses = run_steps(&model, cfg, device, coll.as_ref(), steps)
+        .iter()
+        .map(|o| o.loss)
+        .collect();
+    (losses, model)
+}
+
+/// `steps` SGD steps of `model` on the fixed images, at world size 1 over `coll`.
+fn run_steps(
+    model: &ContrastiveModel,
+    cfg: &JobConfig,
+    device: Device,
+    coll: &dyn Collective,
+    steps: u64,
+) -> Vec<StepOutcome> {
+    let mut opt = Sgd::new(model, 0.9, 1e-5);
+    let mut objective = build_objective(cfg).unwrap();
     let (v1, v2) = images(device);
     let micro = [(v1, v2)];
-    let losses = (0..steps)
+    (0..steps)
         .map(|step| {
+            let clock = StepClock {
+                step,
+                total_steps: 10,
+            };
             train_step(
-                &model,
+                model,
                 &mut opt,
                 objective.as_mut(),
                 &micro,
                 0.05,
-                coll.as_ref(),
+                coll,
                 &[SAMPLES],
-                StepClock {
-                    step,
-                    total_steps: 10,
-                },
+                clock,
             )
             .unwrap()
-            .loss
         })
-        .collect();
-    (losses, model)
+        .collect()
 }
 
 #[test]
@@ -144,8 +158,9 @@ fn every_objective_trains_on_gpu_with_bf16_channels_last_and_nccl() {
         // The checkpoint holds ordinary NCHW float32 tensors that load into a CPU model.
         let bytes = tensors_to_safetensors(&model.named_variables()).unwrap();
         let saved = safetensors_to_tensors(&bytes).unwrap();
-        let mut cpu =
-            ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap();
+        let mut cpu = support::seeded(0, || {
+            ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap()
+        });
         cpu.load_named(&saved).unwrap();
         let on_cpu = cpu.var_store().variables()["conv1.weight"].copy();
         let diff = (on_cpu - conv1.to_device(Device::Cpu))
@@ -253,7 +268,7 @@ fn train_moe(
     let build = |d: Device| ContrastiveModel::for_job_on(cfg, None, d, Some((coll.clone(), None)));
     // Initialised on the CPU (CUDA's RNG draws different numbers), then moved.
     let initial = support::seeded(5, || build(Device::Cpu).unwrap());
-    let mut model = build(device).unwrap();
+    let mut model = support::seeded(0, || build(device).unwrap());
     model.load_named(&initial.named_variables()).unwrap();
     if bf16 {
         use_bf16_for_cuda_autocast();
@@ -262,35 +277,17 @@ fn train_moe(
         bf16,
         channels_last: false,
     });
-    let mut opt = Sgd::new(&model, 0.9, 1e-5);
-    let mut objective = build_objective(cfg).unwrap();
-    let (v1, v2) = images(device);
-    let micro = [(v1, v2)];
-    let mut losses = Vec::new();
-    let mut loads = Vec::new();
-    for step in 0..steps {
-        let out = train_step(
-            &model,
-            &mut opt,
-            objective.as_mut(),
-            &micro,
-            0.05,
-            coll.as_ref(),
-            &[SAMPLES],
-            StepClock {
-                step,
-                total_steps: 10,
-            },
-        )
-        .unwrap();
-        losses.push(out.loss);
-        loads.push(
-            out.expert_load
+    let outcomes = run_steps(&model, cfg, device, coll.as_ref(), steps);
+    let losses = outcomes.iter().map(|o| o.loss).collect();
+    let loads = outcomes
+        .iter()
+        .map(|o| {
+            o.expert_load
                 .iter()
                 .flat_map(|l| l.routed.clone())
-                .collect(),
-        );
-    }
+                .collect()
+        })
+        .collect();
     (losses, loads, model)
 }
 
