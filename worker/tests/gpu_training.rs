@@ -1,6 +1,6 @@
 //! Training on a GPU: every objective with bf16 autocast, channels-last and the NCCL backend at
-//! world size 1; bf16 against fp32; GPU against CPU; MoE blocks with their token exchange on
-//! NCCL. Each test prints "skipping: no CUDA GPU" and returns on machines without one (CI); on
+//! world size 1; bf16 against fp32; GPU against CPU; MoE blocks (at world size 1 every expert
+//! is local, so no token exchange: `moe_expert_parallel.rs` runs that on the GPU). Each test prints "skipping: no CUDA GPU" and returns on machines without one (CI); on
 //! a GPU machine they run for real.
 
 mod support;
@@ -251,9 +251,9 @@ fn moe_config() -> JobConfig {
     cfg
 }
 
-/// Trains an MoE model `steps` steps at world size 1, its experts' tokens exchanged through
-/// the NCCL backend on a GPU (grouped send/receive to itself) or the in-process group on the
-/// CPU; returns the losses, the per-step expert loads and the model.
+/// Trains an MoE model `steps` steps at world size 1 (NCCL on a GPU, the in-process group on
+/// the CPU, for the data-parallel collectives); returns the losses, the per-step expert loads
+/// and the model.
 fn train_moe(
     cfg: &JobConfig,
     device: Device,
@@ -305,13 +305,13 @@ fn expert_variables(model: &ContrastiveModel) -> Vec<(String, Tensor)> {
 }
 
 /// MoE blocks train on the GPU with bf16 autocast: every token's two assignments reach an
-/// expert through the NCCL exchange, every expert moves, weights stay float32.
+/// expert, every expert moves, weights stay float32.
 #[test]
-fn moe_trains_on_gpu_with_bf16_and_the_nccl_exchange() {
+fn moe_trains_on_gpu_with_bf16() {
     let Some(device) = gpu() else { return };
     let cfg = moe_config();
     let (losses, loads, model) = train_moe(&cfg, device, true, 3);
-    println!("checked: MoE on {device:?} bf16 nccl: losses {losses:?}, loads {loads:?}");
+    println!("checked: MoE on {device:?} bf16: losses {losses:?}, loads {loads:?}");
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     // Tokens per sample: (32 / 8)² patches + the class token in each ViT block, one per
     // sample in the head; two views, top-2.
@@ -339,7 +339,7 @@ fn moe_trains_on_gpu_with_bf16_and_the_nccl_exchange() {
     }
 }
 
-/// The same fp32 MoE steps on the GPU (NCCL exchange) and on the CPU give the same losses,
+/// The same fp32 MoE steps on the GPU and on the CPU give the same losses,
 /// routings and expert weights, up to TF32 and kernel differences.
 #[test]
 fn moe_gpu_steps_match_cpu_steps() {

@@ -7,12 +7,17 @@
 //!
 //! Each child rank builds the reference itself (a one-rank runtime) from the same seed, so it
 //! also checks that expert e starts with the same values whichever rank holds it.
+//!
+//! On a GPU machine the same scenarios also run with every tensor on the GPU: two processes
+//! share it over the TCP backend with host staging (NCCL refuses two ranks on one GPU), so the
+//! exchange, the explicit backward and the expert kernels run on CUDA tensors.
 
 mod support;
 
 use contrail_common::experts::{max_mean_ratio, BlockPlacement, ExpertPlacement};
 use contrail_coordinator::experts::plan_placement;
 use contrail_worker::dist::local::LocalGroup;
+use contrail_worker::dist::staged::HostStaged;
 use contrail_worker::dist::Collective;
 use contrail_worker::moe::ExpertInit;
 use contrail_worker::moe::{is_expert_param, MoeFeedForward, MoeRuntime, MoeSettings, Pass};
@@ -26,6 +31,9 @@ use tch::{Device, Kind, Tensor};
 const WIDTH: i64 = 8;
 const HIDDEN: i64 = 12;
 const TOLERANCE: f64 = 1e-5;
+/// On a GPU the one-process reference and the ranks run their experts' matmuls on differently
+/// shaped batches, so kernels round differently.
+const GPU_TOLERANCE: f64 = 1e-4;
 
 fn run(scenario: &str, world: usize) {
     assert_all_succeeded(&run_ranks("moe_rank_child", scenario, world));
@@ -65,6 +73,17 @@ fn four_workers_replicated_experts() {
     run("e2-k1-dropless", 4);
 }
 
+#[test]
+fn two_workers_on_one_gpu() {
+    if !tch::Cuda::is_available() {
+        println!("skipping: no CUDA GPU");
+        return;
+    }
+    run("e4-k2-drop-cuda", 2);
+    run("e4-k1-dropless-cuda", 2);
+    run("e2-k2-drop-cuda", 4);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Child side.
 
@@ -72,14 +91,20 @@ struct Scenario {
     experts: u32,
     top_k: usize,
     dropping: bool,
+    device: Device,
 }
 
+/// `e<experts>-k<top_k>-drop|dropless[-cuda]`.
 fn parse(s: &str) -> Scenario {
     let parts: Vec<&str> = s.split('-').collect();
     Scenario {
         experts: parts[0][1..].parse().expect("experts"),
         top_k: parts[1][1..].parse().expect("top_k"),
         dropping: parts[2] == "drop",
+        device: match parts.get(3) {
+            Some(&"cuda") => Device::Cuda(0),
+            _ => Device::Cpu,
+        },
     }
 }
 
@@ -123,9 +148,10 @@ struct Net {
     moe: Vec<MoeFeedForward>,
 }
 
-fn build(runtime: &Arc<MoeRuntime>) -> Net {
+/// Built on the CPU (CUDA's generator draws other numbers), then moved to `device`.
+fn build(runtime: &Arc<MoeRuntime>, device: Device) -> Net {
     tch::manual_seed(7);
-    let vs = nn::VarStore::new(Device::Cpu);
+    let mut vs = nn::VarStore::new(Device::Cpu);
     let root = vs.root();
     let pre = root.var(
         "pre",
@@ -168,6 +194,8 @@ fn build(runtime: &Arc<MoeRuntime>) -> Net {
             }
         }
     });
+    // The modules hold shallow clones of the variables, which follow them to the device.
+    vs.set_device(device);
     Net { vs, pre, ln, moe }
 }
 
@@ -197,7 +225,7 @@ impl Net {
     }
 }
 
-fn group_inputs(world: usize) -> Vec<(Tensor, Tensor)> {
+fn group_inputs(world: usize, device: Device) -> Vec<(Tensor, Tensor)> {
     token_counts(world)
         .into_iter()
         .enumerate()
@@ -205,7 +233,7 @@ fn group_inputs(world: usize) -> Vec<(Tensor, Tensor)> {
             tch::manual_seed(100 + r as i64);
             let x = Tensor::randn([n, WIDTH], (Kind::Float, Device::Cpu));
             let w = Tensor::randn([n, WIDTH], (Kind::Float, Device::Cpu));
-            (x, w)
+            (x.to_device(device), w.to_device(device))
         })
         .collect()
 }
@@ -214,7 +242,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     if a.numel() == 0 {
         return 0.0;
     }
-    (a - b).abs().max().double_value(&[])
+    (a - b.to_device(a.device())).abs().max().double_value(&[])
 }
 
 /// One training pass over `x` with loss sum(out · w) + the auxiliary losses.
@@ -237,14 +265,20 @@ fn moe_rank_child() {
     };
     tch::set_num_threads(1);
     let scenario = parse(&env.scenario);
+    let device = scenario.device;
+    let tolerance = if device.is_cuda() {
+        GPU_TOLERANCE
+    } else {
+        TOLERANCE
+    };
     let (rank, world) = (env.rank, env.world);
-    let groups = group_inputs(world);
+    let groups = group_inputs(world, device);
     let total: i64 = token_counts(world).iter().sum();
 
     // Reference: one process holding every expert, each rank's group routed on its own.
     let single: Arc<dyn Collective> = Arc::new(LocalGroup::new(1).pop().unwrap());
     let ref_rt = MoeRuntime::spread(single, settings(&scenario), 2).unwrap();
-    let ref_net = build(&ref_rt);
+    let ref_net = build(&ref_rt, device);
     let ref_init: BTreeMap<String, Tensor> = ref_net
         .vs
         .variables()
@@ -266,10 +300,14 @@ fn moe_rank_child() {
     }
 
     // Expert parallel.
-    let coll: Arc<dyn Collective> =
-        Arc::new(rendezvous(&env.dir, rank, world, Duration::from_secs(60)));
+    let tcp = rendezvous(&env.dir, rank, world, Duration::from_secs(60));
+    let coll: Arc<dyn Collective> = if device.is_cuda() {
+        Arc::new(HostStaged::new(tcp))
+    } else {
+        Arc::new(tcp)
+    };
     let rt = MoeRuntime::spread(coll.clone(), settings(&scenario), 2).unwrap();
-    let net = build(&rt);
+    let net = build(&rt, device);
     for (name, t) in net.vs.variables() {
         assert_eq!(
             max_diff(&t, &ref_init[&name]),
@@ -280,7 +318,7 @@ fn moe_rank_child() {
     let (x, w) = &groups[rank];
     let out = train_pass(&rt, &net, x, w, x.size()[0] as f64 / total as f64);
     let d = max_diff(&out, &ref_out[rank]);
-    assert!(d <= TOLERANCE, "rank {rank}: outputs differ by {d}");
+    assert!(d <= tolerance, "rank {rank}: outputs differ by {d}");
 
     // Data-parallel sum of the shared parameters, replica sum of the experts.
     let mut grads = net.grads();
@@ -311,7 +349,7 @@ fn moe_rank_child() {
         let scale = ref_grads[name].abs().max().double_value(&[]);
         println!("rank {rank}: {name}: |grad| max {scale:.3e}, diff {d:.3e}");
         assert!(
-            d <= TOLERANCE,
+            d <= tolerance,
             "rank {rank}: gradient of {name} differs by {d}"
         );
     }
@@ -471,7 +509,7 @@ fn a_failed_exchange_is_an_error_not_a_panic() {
     let settings = routing(2, 1, None);
     let rt = MoeRuntime::spread(coll, settings, 2).unwrap();
     let (net, x) = support::seeded(7, || {
-        let net = build(&rt);
+        let net = build(&rt, Device::Cpu);
         (net, Tensor::randn([5, WIDTH], (Kind::Float, Device::Cpu)))
     });
     rt.begin_pass(Pass {
