@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds what a GPU machine without cargo needs to run contrail's GPU tests and benchmarks,
 # stripped, into ./carry (git-ignored): the `contrail` CLI, the GPU test binaries
-# (gpu_training, nccl, moe_expert_parallel) and the benchmark examples. On the GPU machine, with PyTorch 2.11.0 in
-# its python3:
+# (gpu_training, nccl, moe_expert_parallel) and the benchmark examples. On the GPU machine,
+# with PyTorch 2.11.0 in its python3:
 #
 #   export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
 #   carry/gpu_training --test-threads 1 && carry/nccl --test-threads 1

@@ -1358,7 +1358,9 @@ impl NcclCollective {
         }
         let (n, r) = (self.world, self.rank);
         if let Some(known) = known_recv {
-            if known.len() != n || known[r] != send_counts[r] {
+            // Checked before the communicator is entered: a bad count here is this rank's own
+            // mistake, not a peer's, and must not poison the communicator.
+            if known.len() != n || known[r] != send_counts[r] || known.iter().any(|&c| c < 0) {
                 return Err(CollectiveError::Usage(format!(
                     "{what}: receive counts {known:?} do not fit rank {r} of {n} sending \
                      {send_counts:?}"
