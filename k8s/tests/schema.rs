@@ -14,14 +14,11 @@ fn tmp(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
-/// Runs kubernetes-validate on one file; Ok(()) or its report.
-fn kubernetes_validate(path: &Path) -> Result<(), String> {
-    let out = Command::new(venv_tool("kubernetes-validate"))
-        .args(["--strict", "--quiet", "-k"])
-        .arg(format!("{KUBERNETES_VERSION}.0"))
-        .arg(path)
+/// Runs a validator; Ok(()) when it accepts, else its report (stdout and stderr).
+fn run_validator(cmd: &mut Command, what: &str) -> Result<(), String> {
+    let out = cmd
         .output()
-        .expect("running kubernetes-validate");
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
     if out.status.success() {
         Ok(())
     } else {
@@ -31,6 +28,17 @@ fn kubernetes_validate(path: &Path) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr)
         ))
     }
+}
+
+/// Runs kubernetes-validate on one file.
+fn kubernetes_validate(path: &Path) -> Result<(), String> {
+    run_validator(
+        Command::new(venv_tool("kubernetes-validate"))
+            .args(["--strict", "--quiet", "-k"])
+            .arg(format!("{KUBERNETES_VERSION}.0"))
+            .arg(path),
+        "kubernetes-validate",
+    )
 }
 
 /// The built-in objects of a render; a JobSet contributes each replicated job's template as
@@ -96,20 +104,12 @@ fn kubernetes_validate_rejects_broken_objects() {
 
 /// Runs k8s/tests/validate_jobset.py (JobSet's API types, unknown fields rejected).
 fn validate_jobset(path: &Path) -> Result<(), String> {
-    let out = Command::new(venv_tool("python"))
-        .arg(workspace_root().join("k8s/tests/validate_jobset.py"))
-        .arg(path)
-        .output()
-        .expect("running k8s/tests/validate_jobset.py");
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+    run_validator(
+        Command::new(venv_tool("python"))
+            .arg(workspace_root().join("k8s/tests/validate_jobset.py"))
+            .arg(path),
+        "k8s/tests/validate_jobset.py",
+    )
 }
 
 #[test]
