@@ -56,6 +56,10 @@ pub fn render_status_text(s: &StatusReport) -> String {
                 progress_bar(s.step, total)
             );
         }
+        // The estimate comes from finished shards; a job that has ended needs none.
+        None if matches!(s.state, JobState::Finished | JobState::Failed) => {
+            let _ = write!(out, "step {}", s.step);
+        }
         None => {
             let _ = write!(
                 out,
@@ -236,6 +240,13 @@ mod tests {
         let text = render_status_text(&s);
         assert!(text.contains("reason: rank 1 (10.0.0.2:29500)"), "{text}");
         assert!(!text.contains("ETA"), "{text}");
+        // Without an estimate, only a running job says the total is still unknown.
+        s.total_steps_estimate = None;
+        let text = render_status_text(&s);
+        assert!(text.contains("step 45  epoch"), "{text}");
+        s.state = JobState::Running;
+        let text = render_status_text(&s);
+        assert!(text.contains("step 45 (total not known"), "{text}");
     }
 
     #[test]

@@ -226,13 +226,16 @@ fn train_rank(
         start,
     )?;
     if asg.rank == 0 {
-        println!(
-            "rank 0 finished: {} steps, {} epochs, loss {:.4} -> {:.4}",
-            summary.steps,
-            summary.epochs_completed,
-            summary.first_loss.unwrap_or(f64::NAN),
-            summary.last_loss.unwrap_or(f64::NAN)
-        );
+        match (summary.first_loss, summary.last_loss) {
+            (Some(first), Some(last)) => println!(
+                "rank 0 finished: {} steps, {} epochs, loss {first:.4} -> {last:.4}",
+                summary.steps, summary.epochs_completed
+            ),
+            _ => println!(
+                "rank 0 finished: no steps trained (at step {}, epoch {})",
+                start.step, start.epoch
+            ),
+        }
     }
     Ok(())
 }

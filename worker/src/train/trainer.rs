@@ -109,7 +109,8 @@ pub fn train(
     // counts the same steps, so every rank computes the same learning rate.
     let mut steps_per_epoch: Option<u64> = None;
     let max_steps_reached = |s: u64| t.max_steps > 0 && s >= t.max_steps;
-    let mut last_checkpoint: Option<u64> = None;
+    // A resumed job's checkpoint already holds its starting state.
+    let mut last_checkpoint: Option<u64> = (start.step > 0).then_some(start.step);
     let peak_lr = scaled_peak_lr(&cfg.optim, t.global_batch);
     let accumulation = t.accumulation_steps(cfg.cluster.world_size) as usize;
 
@@ -203,8 +204,8 @@ pub fn train(
         epoch += 1;
         summary.epochs_completed += 1;
     }
-    // The final state, unless the last periodic checkpoint already holds it (an epoch ended
-    // right after one).
+    // The final state, unless the last periodic checkpoint (or the one resumed from, when
+    // nothing was left to train) already holds it.
     if last_checkpoint != Some(step) {
         hooks.checkpoint(model, opt.as_ref(), epoch, step)?;
     }
@@ -412,5 +413,34 @@ mod tests {
         assert_eq!(hooks.steps.len(), 2);
         // The regular checkpoint at step 2 is skipped in favour of the final one.
         assert_eq!(hooks.checkpoints, vec![2]);
+    }
+
+    /// Resuming from a checkpoint that already reached max_steps trains nothing and does not
+    /// write that checkpoint again.
+    #[test]
+    fn resuming_a_finished_job_trains_and_writes_nothing() {
+        let mut cfg = tiny_config(1);
+        cfg.train.max_steps = 2;
+        let coll = LocalGroup::new(1).pop().unwrap();
+        let mut model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
+        let mut hooks = Record {
+            sizes: vec![4, 4, 4],
+            ..Default::default()
+        };
+        let mut objective = crate::train::objectives::build_objective(&cfg).unwrap();
+        let summary = train(
+            &cfg,
+            &mut model,
+            &mut opt,
+            objective.as_mut(),
+            &coll,
+            &mut hooks,
+            StartPoint { epoch: 0, step: 2 },
+        )
+        .unwrap();
+        assert_eq!(summary.steps, 0);
+        assert!(hooks.steps.is_empty());
+        assert!(hooks.checkpoints.is_empty(), "{:?}", hooks.checkpoints);
     }
 }
