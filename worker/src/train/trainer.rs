@@ -293,6 +293,35 @@ mod tests {
         }
     }
 
+    /// Trains `cfg` from `start` on one rank of `coll`, reading batches of `sizes` each epoch;
+    /// returns the summary and what the hooks saw.
+    fn train_rank(
+        cfg: &JobConfig,
+        coll: &dyn Collective,
+        sizes: &[i64],
+        start: StartPoint,
+    ) -> (TrainSummary, Record) {
+        tch::manual_seed(0);
+        let mut model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
+        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
+        let mut hooks = Record {
+            sizes: sizes.to_vec(),
+            ..Default::default()
+        };
+        let mut objective = crate::train::objectives::build_objective(cfg).unwrap();
+        let summary = train(
+            cfg,
+            &mut model,
+            &mut opt,
+            objective.as_mut(),
+            coll,
+            &mut hooks,
+            start,
+        )
+        .unwrap();
+        (summary, hooks)
+    }
+
     /// Trains `cfg` on one thread per rank (in-process collective), rank r reading batches of
     /// the sizes `per_rank[r]` each epoch; returns what each rank's hooks saw.
     fn train_ranks(cfg: &JobConfig, per_rank: &[Vec<i64>]) -> Vec<Record> {
@@ -303,25 +332,7 @@ mod tests {
                 .zip(per_rank)
                 .map(|(coll, sizes)| {
                     s.spawn(move || {
-                        tch::manual_seed(0);
-                        let mut model =
-                            ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
-                        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
-                        let mut hooks = Record {
-                            sizes: sizes.clone(),
-                            ..Default::default()
-                        };
-                        let mut objective = crate::train::objectives::build_objective(cfg).unwrap();
-                        let summary = train(
-                            cfg,
-                            &mut model,
-                            &mut opt,
-                            objective.as_mut(),
-                            &coll,
-                            &mut hooks,
-                            StartPoint::default(),
-                        )
-                        .unwrap();
+                        let (summary, hooks) = train_rank(cfg, &coll, sizes, StartPoint::default());
                         assert_eq!(summary.epochs_completed, cfg.train.epochs);
                         hooks
                     })
@@ -390,24 +401,7 @@ mod tests {
         let mut cfg = tiny_config(1);
         cfg.train.max_steps = 2;
         let coll = LocalGroup::new(1).pop().unwrap();
-        tch::manual_seed(0);
-        let mut model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
-        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
-        let mut hooks = Record {
-            sizes: vec![4, 4, 4],
-            ..Default::default()
-        };
-        let mut objective = crate::train::objectives::build_objective(&cfg).unwrap();
-        let summary = train(
-            &cfg,
-            &mut model,
-            &mut opt,
-            objective.as_mut(),
-            &coll,
-            &mut hooks,
-            StartPoint::default(),
-        )
-        .unwrap();
+        let (summary, hooks) = train_rank(&cfg, &coll, &[4, 4, 4], StartPoint::default());
         assert_eq!(summary.steps, 2);
         assert_eq!(summary.epochs_completed, 0);
         assert_eq!(hooks.steps.len(), 2);
@@ -422,23 +416,8 @@ mod tests {
         let mut cfg = tiny_config(1);
         cfg.train.max_steps = 2;
         let coll = LocalGroup::new(1).pop().unwrap();
-        let mut model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
-        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
-        let mut hooks = Record {
-            sizes: vec![4, 4, 4],
-            ..Default::default()
-        };
-        let mut objective = crate::train::objectives::build_objective(&cfg).unwrap();
-        let summary = train(
-            &cfg,
-            &mut model,
-            &mut opt,
-            objective.as_mut(),
-            &coll,
-            &mut hooks,
-            StartPoint { epoch: 0, step: 2 },
-        )
-        .unwrap();
+        let (summary, hooks) =
+            train_rank(&cfg, &coll, &[4, 4, 4], StartPoint { epoch: 0, step: 2 });
         assert_eq!(summary.steps, 0);
         assert!(hooks.steps.is_empty());
         assert!(hooks.checkpoints.is_empty(), "{:?}", hooks.checkpoints);
