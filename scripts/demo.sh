@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# .cargo/config.toml points LIBTORCH at ./libtorch, and worker/build.rs records its lib folder
+# .cargo/config.toml points LIBTORCH at ./libtorch, and build-support/libtorch_link.rs records its lib folder
 # as an rpath, so no environment is needed here.
 cargo build --release --bin contrail
 exec target/release/contrail local --workers 2 --config configs/local-simclr.toml "$@"

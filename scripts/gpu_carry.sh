@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds what a GPU machine without cargo needs to run contrail's GPU tests and benchmarks,
-# stripped, into ./carry (git-ignored): the `contrail` CLI, the GPU test binaries
-# (gpu_training, nccl, moe_expert_parallel) and the benchmark examples. On the GPU machine,
-# with PyTorch 2.11.0 in its python3:
+# stripped, into ./carry (git-ignored): the `contrail` CLI, the worker's test suites (cpu, gpu)
+# and the benchmark examples. On the GPU machine, with PyTorch 2.11.0 in its python3:
 #
 #   export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-#   carry/gpu_training --test-threads 1 && carry/nccl --test-threads 1
-#   carry/moe_expert_parallel two_workers_on_one_gpu --nocapture
+#   carry/gpu --include-ignored --test-threads 1
+#   carry/cpu --include-ignored --exact moe_expert_parallel::two_workers_on_one_gpu --nocapture
+#   carry/cpu --include-ignored clip_towers_conformance::f32_and_bf16_agree_with_open_clip::cuda
 #   BENCH=carry/moe_dispatch_bench PYTHON=python3 bash bench/moe_dispatch/run.sh --world 1 --device cuda --bf16
 #   BENCH=carry/train_step_bench PYTHON=python3 bash bench/train_step/run.sh
 set -euo pipefail
@@ -14,9 +14,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 TARGET=${CARGO_TARGET_DIR:-target}
 mkdir -p carry
-cargo build --release -p contrail-worker --bin contrail \
-    --example moe_dispatch_bench --example train_step_bench
-for t in gpu_training nccl moe_expert_parallel; do
+cargo build --release -p contrail-cli --bin contrail
+cargo build --release -p contrail-worker --example moe_dispatch_bench --example train_step_bench
+for t in cpu gpu; do
     # The test binary's path is the last "executable" cargo reports for it.
     bin=$(cargo test --release -p contrail-worker --test "$t" --no-run --message-format=json \
         | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)

@@ -1,23 +1,7 @@
-// Keeps libtorch_cuda linked (the linker would drop it as unused, and then tch never sees a
-// GPU: checked with `contrail info` on an H100), and records libtorch's lib folder as an rpath so binaries run without LD_LIBRARY_PATH.
+// libtorch_cuda kept linked and libtorch's rpath, for this package's binaries and tests.
+#[path = "../build-support/libtorch_link.rs"]
+mod libtorch_link;
+
 fn main() {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    if let Ok(libtorch) = std::env::var("LIBTORCH") {
-        let lib = std::path::Path::new(&libtorch).join("lib");
-        if !lib.join("libtorch_cpu.so").exists() {
-            panic!(
-                "libtorch was not found at {} (LIBTORCH={libtorch}). Run `bash scripts/setup.sh`, \
-                 which installs PyTorch 2.11.0 into .venv and links it to ./libtorch.",
-                lib.display()
-            );
-        }
-        // torch-sys links torch_cuda with a plain -l, and rustc places link args after the
-        // libraries, so a bare --no-as-needed would come too late: name the library again
-        // inside the --no-as-needed region so its NEEDED entry survives.
-        if lib.join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-        }
-        let lib = lib.canonicalize().unwrap_or(lib);
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    }
+    libtorch_link::emit();
 }

@@ -9,7 +9,7 @@ use crate::error::RpcError;
 use crate::experts::ExpertBook;
 use crate::leases::{Completion, ShardBook};
 use crate::membership::{Membership, Worker};
-use crate::progress::Progress;
+use crate::progress::JobProgress;
 use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::config::JobConfig;
 use contrail_common::proto;
@@ -31,7 +31,7 @@ pub struct JobBook {
     reason: String,
     members: Membership,
     shards: ShardBook,
-    progress: Progress,
+    progress: JobProgress,
     resume: Option<ResumePoint>,
     /// Expert placement and router load; None when MoE is off.
     experts: Option<ExpertBook>,
@@ -53,9 +53,9 @@ impl JobBook {
                     epoch: meta.epoch,
                 }),
                 Some(meta.shard_state.clone()),
-                Progress::resumed(meta.step, meta.epoch, meta.shard_state.samples_seen),
+                JobProgress::resumed(meta.step, meta.epoch, meta.shard_state.samples_seen),
             ),
-            None => (None, None, Progress::default()),
+            None => (None, None, JobProgress::default()),
         };
         let experts = ExpertBook::new(
             &cfg.moe,

@@ -11,7 +11,6 @@
 //! - [`http`]: `GET /` (the live status page, [`page`]), `GET /status` (JSON
 //!   [`StatusReport`]), `GET /metrics` and `GET /healthz`.
 //! - [`metrics`]: the status report in Prometheus' text format.
-//! - [`status_text`]: the person-readable rendering used by `contrail status`.
 //!
 //! ```no_run
 //! # async fn demo(cfg: contrail_common::JobConfig, toml: String) -> anyhow::Result<()> {
@@ -33,14 +32,12 @@ pub mod metrics;
 pub mod page;
 pub mod progress;
 pub mod service;
-pub mod status_text;
 
 use anyhow::{bail, Context, Result};
 use contrail_common::checkpoint::{read_latest, CheckpointMeta};
 use contrail_common::config::JobConfig;
 pub use contrail_common::status::{JobState, StatusReport};
 use job::JobBook;
-pub use status_text::render_status_text;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -286,7 +283,7 @@ pub async fn run_standalone(cfg: JobConfig) -> Result<i32> {
     coord.clone().serve(grpc, http, shutdown).await?;
 
     let status = coord.status();
-    println!("{}", render_status_text(&status));
+    println!("{}", contrail_common::status::render_status_text(&status));
     if *interrupted_rx.borrow_and_update() {
         return Ok(130);
     }

@@ -55,7 +55,7 @@ impl LossHistory {
 }
 
 #[derive(Debug, Default)]
-pub struct Progress {
+pub struct JobProgress {
     pub step: u64,
     pub epoch: u32,
     pub samples_seen: u64,
@@ -72,7 +72,7 @@ pub struct Progress {
     first_seen_epoch: Option<u32>,
 }
 
-impl Progress {
+impl JobProgress {
     /// Starts from a checkpoint's step, epoch and sample count (all zero for a fresh job).
     pub fn resumed(step: u64, epoch: u32, samples_seen: u64) -> Self {
         Self {
@@ -207,7 +207,7 @@ mod tests {
 
     #[test]
     fn step_is_the_max_and_samples_come_from_rank_zero_once() {
-        let mut p = Progress::default();
+        let mut p = JobProgress::default();
         p.report(1, 0, 1, 9.0, 64, 0.1, 0.5, 100);
         assert_eq!((p.step, p.samples_seen, p.loss), (1, 0, None));
         p.report(0, 0, 1, 2.0, 64, 0.1, 0.5, 110);
@@ -223,7 +223,7 @@ mod tests {
 
     #[test]
     fn wall_clock_is_used_without_step_timings() {
-        let mut p = Progress::default();
+        let mut p = JobProgress::default();
         for s in 1..=5 {
             p.report(0, 0, s, 1.0, 10, 0.1, 0.0, s * 200);
         }
@@ -233,7 +233,7 @@ mod tests {
 
     #[test]
     fn total_steps_prefers_measured_epochs_then_dataset_size() {
-        let mut p = Progress::default();
+        let mut p = JobProgress::default();
         let t = train(10, 3, 0);
         assert_eq!(p.total_steps_estimate(&t, None), None);
         // 95 samples in batches of 10: 10 steps per epoch (the last one holds 5).

@@ -578,7 +578,7 @@ async fn moe_placement_at_rendezvous_and_expert_load_in_status() {
     assert_eq!(block["worker_load_max_mean"], 1.5);
     assert_eq!(block["holders"], serde_json::json!([[0], [0], [1], [1]]));
     assert_eq!(json["experts"]["placement_version"], 1);
-    let text = contrail_coordinator::render_status_text(&status(served.http).await);
+    let text = contrail_common::status::render_status_text(&status(served.http).await);
     assert!(
         text.contains("moe block 0 (vit 1): load max/mean 2.50 (experts 0..3: 62% 12% 12% 12%)"),
         "{text}"

@@ -19,9 +19,12 @@ COPY common common
 COPY coordinator coordinator
 COPY data data
 COPY worker worker
+COPY k8s k8s
+COPY cli cli
+COPY build-support build-support
 
-# The worker crate is copied only because Cargo loads every workspace member's manifest; it is
-# not compiled, so no libtorch is needed. Cache mounts keep downloads and the target folder.
+# The worker, k8s and cli crates are copied only because Cargo loads every workspace member's
+# manifest; they are not compiled, so no libtorch is needed. Cache mounts keep downloads and the target folder.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p contrail-coordinator --bin contrail-coordinator \

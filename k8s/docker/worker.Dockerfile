@@ -41,6 +41,9 @@ COPY common common
 COPY coordinator coordinator
 COPY data data
 COPY worker worker
+COPY k8s k8s
+COPY cli cli
+COPY build-support build-support
 
 # LIBTORCH from the environment wins over .cargo/config.toml (not copied here anyway).
 # Cache mounts keep the crate downloads and the target folder between builds, so the binary is
@@ -48,7 +51,7 @@ COPY worker worker
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     LIBTORCH="$(/opt/venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
-    cargo build --release --locked -p contrail-worker --bin contrail \
+    cargo build --release --locked -p contrail-cli --bin contrail \
     && install -D -m 0755 target/release/contrail /out/contrail
 
 # --- runtime: CUDA 13.0 base (driver hooks, NVIDIA_* variables); every CUDA library the worker

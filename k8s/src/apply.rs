@@ -62,13 +62,6 @@ pub fn status_hint(opts: &RenderOptions) -> String {
     )
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 /// A client from the user's kubeconfig (KUBECONFIG, ~/.kube/config) or the in-cluster
 /// service account.
 pub async fn default_client() -> Result<Client> {
@@ -132,14 +125,4 @@ pub async fn delete(client: Client, namespace: &str, name: &str) -> Result<Vec<S
         }
     }
     Ok(done)
-}
-
-/// [`apply`] with the default client, for synchronous callers.
-pub fn launch_blocking(namespace: &str, manifests: &[Manifest]) -> Result<Vec<String>> {
-    runtime()?.block_on(async { apply(default_client().await?, namespace, manifests).await })
-}
-
-/// [`delete`] with the default client, for synchronous callers.
-pub fn delete_blocking(namespace: &str, name: &str) -> Result<Vec<String>> {
-    runtime()?.block_on(async { delete(default_client().await?, namespace, name).await })
 }

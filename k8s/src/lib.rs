@@ -354,10 +354,7 @@ pub fn render_file(
     overrides: &[String],
     opts: &RenderOptions,
 ) -> Result<(JobConfig, Vec<Manifest>)> {
-    let text = std::fs::read_to_string(config_path)
-        .with_context(|| format!("reading job file {config_path}"))?;
-    let cfg = JobConfig::from_toml_with_overrides(&text, overrides)
-        .with_context(|| format!("in job file {config_path}"))?;
+    let cfg = JobConfig::from_file(config_path, overrides)?;
     let objs = render(&cfg, opts).with_context(|| format!("rendering job file {config_path}"))?;
     Ok((cfg, objs))
 }

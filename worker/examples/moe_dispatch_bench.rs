@@ -36,9 +36,9 @@ use contrail_common::config::MoeConfig;
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::tcp::TcpCollective;
 use contrail_worker::dist::{self, all_gather_counts, Collective};
-use contrail_worker::model::compute::use_bf16_for_cuda_autocast;
-use contrail_worker::model::Compute;
 use contrail_worker::moe::{ExpertInit, MoeFeedForward, MoeRuntime, MoeSettings, Pass};
+use contrail_worker::nn::compute::use_bf16_for_cuda_autocast;
+use contrail_worker::nn::Compute;
 use tch::nn::{self, Init, Module};
 use tch::{Device, Kind, Tensor};
 

@@ -23,11 +23,12 @@ use contrail_common::JobConfig;
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::nccl::{nccl_unique_id, NcclCollective};
 use contrail_worker::dist::Collective;
-use contrail_worker::model::compute::use_bf16_for_cuda_autocast;
-use contrail_worker::model::{Compute, ContrastiveModel};
+use contrail_worker::model::ContrastiveModel;
+use contrail_worker::nn::compute::use_bf16_for_cuda_autocast;
+use contrail_worker::nn::Compute;
+use contrail_worker::objective::build_objective;
 use contrail_worker::optim::{AdamW, AdamWOptions, Optimizer, Sgd};
-use contrail_worker::text::ByteTokenizer;
-use contrail_worker::train::objectives::build_objective;
+use contrail_worker::tokenize::ByteTokenizer;
 use contrail_worker::train::step::{train_step, StepClock};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -141,9 +142,12 @@ fn main() -> Result<()> {
     });
     // SimCLR-style runs use SGD with momentum, CLIP AdamW, as their references do.
     let mut opt: Box<dyn Optimizer> = if a.objective == "clip" {
-        Box::new(AdamW::new(&model, AdamWOptions::from_config(&cfg.optim)))
+        Box::new(AdamW::new(
+            model.named_parameters(),
+            AdamWOptions::from_config(&cfg.optim),
+        ))
     } else {
-        Box::new(Sgd::new(&model, 0.9, 1e-6))
+        Box::new(Sgd::new(model.named_parameters(), 0.9, 1e-6))
     };
     let mut objective = build_objective(&cfg)?;
     let coll: Box<dyn Collective> = match (a.backend.as_str(), device) {

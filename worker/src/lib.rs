@@ -1,26 +1,36 @@
-//! contrail-worker: everything that runs on a training machine, and the `contrail` CLI.
+//! contrail-worker: what links libtorch, everything that runs on a training machine.
 //!
-//! - [`dist`]: the `Collective` trait; NCCL, the TCP ring (with host staging for GPU tensors)
-//!   and an in-process backend for tests.
-//! - [`model`]: ResNet (torchvision names), ViT and text towers (open_clip names), projector,
-//!   SwAV prototypes, MoCo momentum branch; bf16 autocast and channels-last.
-//! - [`objective`]: the losses: NT-Xent (SimCLR), MoCo v2, SwAV, CLIP.
-//! - [`optim`]: optimizers over named parameters, learning-rate schedules.
-//! - [`train`]: one distributed step, the epoch loop with in-band epoch agreement, checkpoints.
-//! - [`text`]: caption tokenizers (built-in byte-level, or a Hugging Face `tokenizer.json`).
-//! - [`runtime`]: a worker process: coordinator RPCs, heartbeats, leased shards → batches.
-//! - [`local_cluster`], [`cli_support`]: the `contrail` subcommands.
+//! The modules form a one-way stack: each may use the ones on the lines above it, never one
+//! on its own line or below (the `layering` test below reads every `crate::` path and fails
+//! on an upward or sideways one).
+//!
+//! 1. [`dist`]: the `Collective` trait; NCCL, the TCP ring (with host staging for GPU
+//!    tensors) and an in-process backend for tests.
+//! 2. [`nn`]: building blocks (bf16 autocast and channels-last, PyTorch's default init, row
+//!    normalisation, ring buffers); [`tokenize`]: caption tokenizers (built-in byte-level,
+//!    or a Hugging Face `tokenizer.json`).
+//! 3. [`optim`]: optimizers over named parameters, learning-rate schedules.
+//! 4. [`moe`]: mixture-of-experts blocks: routing, the token exchange, expert checkpoints.
+//! 5. [`model`]: ResNet (torchvision names), ViT and text towers (open_clip names), projector,
+//!    SwAV prototypes, MoCo momentum branch, CLIP's logit scale; one way to build from config.
+//! 6. [`objective`]: SimCLR, MoCo v2, SwAV, CLIP, each its loss and its distributed step form.
+//! 7. [`train`]: one distributed step, the epoch loop with in-band epoch agreement, expert
+//!    moves, checkpoints.
+//! 8. [`process`]: a worker process: coordinator RPCs, heartbeats, leased shards → batches.
 //!
 //! The data pipeline (tar streaming, decoding, augmentation) is the `contrail-data` crate, and
-//! the coordinator is `contrail-coordinator`; neither links libtorch.
+//! the coordinator is `contrail-coordinator`; neither links libtorch. The `contrail` command is
+//! the `contrail-cli` crate, which puts these together.
 
-pub mod cli_support;
 pub mod dist;
-pub mod local_cluster;
 pub mod model;
 pub mod moe;
+pub mod nn;
 pub mod objective;
 pub mod optim;
-pub mod runtime;
-pub mod text;
+pub mod process;
+pub mod tokenize;
 pub mod train;
+
+#[cfg(test)]
+mod layering;

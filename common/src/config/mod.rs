@@ -519,6 +519,20 @@ impl JobConfig {
         Self::from_toml_with_overrides(text, &[])
     }
 
+    /// Reads the job file at `path` and applies `--set` overrides: the one loader of the
+    /// `contrail` commands, the coordinator binary and the Kubernetes renderer.
+    pub fn from_file(
+        path: impl AsRef<std::path::Path>,
+        overrides: &[String],
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading job file {}", path.display()))?;
+        Self::from_toml_with_overrides(&text, overrides)
+            .with_context(|| format!("in job file {}", path.display()))
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("JobConfig always serializes")
     }

@@ -1,7 +1,7 @@
 //! `contrail-coordinator --config JOB.toml [--set section.key=value ...]`: runs a job's
 //! coordinator standalone. Exits 0 when the job finishes, 1 when it fails, 130 on Ctrl-C.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use contrail_common::config::JobConfig;
 
@@ -45,10 +45,7 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<i32> {
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading job file {}", args.config.display()))?;
-    let mut cfg = JobConfig::from_toml_with_overrides(&text, &args.set)
-        .with_context(|| format!("in job file {}", args.config.display()))?;
+    let mut cfg = JobConfig::from_file(&args.config, &args.set)?;
     if let Some(a) = args.grpc_addr {
         cfg.cluster.grpc_addr = a;
     }

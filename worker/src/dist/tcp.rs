@@ -294,7 +294,7 @@ impl TcpCollective {
     /// Runs every lane's sends and receives on threads of their own (the last task on the
     /// calling thread), so all streams move data in both directions at once.
     fn run_plan(&self, plan: &Plan, seq: u32) -> std::result::Result<(), Failure> {
-        let progress = Progress {
+        let progress = TransferProgress {
             state: Mutex::new((vec![false; plan.recvs.len()], None)),
             cv: Condvar::new(),
         };
@@ -337,7 +337,7 @@ impl TcpCollective {
         failure.map_or(Ok(()), Err)
     }
 
-    fn run_sends(&self, plan: &Plan, items: &[usize], progress: &Progress, seq: u32) {
+    fn run_sends(&self, plan: &Plan, items: &[usize], progress: &TransferProgress, seq: u32) {
         for (k, &i) in items.iter().enumerate() {
             let item = &plan.sends[i];
             if let Err(f) = progress.wait_for(item.after_recv) {
@@ -378,7 +378,7 @@ impl TcpCollective {
         }
     }
 
-    fn run_recvs(&self, plan: &Plan, items: &[usize], progress: &Progress, seq: u32) {
+    fn run_recvs(&self, plan: &Plan, items: &[usize], progress: &TransferProgress, seq: u32) {
         let needs_scratch = items.iter().any(|&i| plan.recvs[i].reduce.is_some());
         // u64 storage keeps the scratch aligned for every element type.
         let mut scratch = vec![
@@ -879,13 +879,13 @@ fn decode_abort(p: &[u8], from: usize) -> Failure {
 
 /// Sender/receiver rendezvous of one operation: how many receive items are done, and the
 /// first failure either side saw.
-struct Progress {
+struct TransferProgress {
     /// Which receive items are done (lanes finish them out of order), and the first failure.
     state: Mutex<(Vec<bool>, Option<Failure>)>,
     cv: Condvar,
 }
 
-impl Progress {
+impl TransferProgress {
     fn lock(&self) -> MutexGuard<'_, (Vec<bool>, Option<Failure>)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

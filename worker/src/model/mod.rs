@@ -5,9 +5,10 @@
 //! the optimizer and checkpoints address parameters by those names, and the gradient
 //! all-reduce walks them in name order so every rank packs its buckets identically.
 
-pub mod compute;
+pub mod logit_scale;
 pub mod momentum;
 pub mod projector;
+pub mod prototypes;
 pub mod resnet;
 pub mod text;
 pub mod transformer;
@@ -16,9 +17,8 @@ pub mod vit;
 use crate::dist::local::LocalGroup;
 use crate::dist::Collective;
 use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime, MoeSettings};
-use crate::objective::clip::{clamp_logit_scale_, LOGIT_SCALE_INIT};
-use crate::objective::swav::Prototypes;
-use crate::text::Tokenizer;
+use crate::nn::torch_default_uniform;
+use crate::tokenize::Tokenizer;
 use anyhow::{bail, Context};
 use contrail_common::config::{ModelConfig, NormKind, ObjectiveConfig};
 use contrail_common::experts::ExpertPlacement;
@@ -26,13 +26,14 @@ use contrail_common::JobConfig;
 use std::sync::Arc;
 use tch::{nn, Device, Tensor};
 use text::{TextConfig, TextMode, TextTransformer};
-use transformer::torch_default_uniform;
 use transformer::MoeBlocks;
 use vit::{VisionTransformer, VitConfig};
 
-pub use compute::Compute;
+use crate::nn::compute::{self, Compute};
+use logit_scale::{clamp_logit_scale_, LOGIT_SCALE_INIT};
 pub use momentum::MomentumBranch;
 pub use projector::Projector;
+pub use prototypes::Prototypes;
 pub use resnet::{Norm, ResNet};
 
 /// The ResNet `model.*` describes, under `root`.

@@ -5,11 +5,10 @@
 //! parameters nor part of the gradient all-reduce; the model reports them under the prefix
 //! `momentum.` so checkpoints hold them (and the queue) next to the query network.
 
-use super::compute::{self, Compute};
 use super::projector::Projector;
 use super::resnet::ResNet;
-use crate::objective::l2_normalize;
-use crate::objective::swav::write_ring;
+use crate::nn::compute::{self, Compute};
+use crate::nn::{l2_normalize, write_ring};
 use anyhow::{bail, Context, Result};
 use contrail_common::config::ModelConfig;
 use tch::{nn, Device, Kind, Tensor};

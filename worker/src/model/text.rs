@@ -13,7 +13,7 @@
 //! `use_pad_mask`) and the output is the mean over positions up to and including it.
 
 use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Transformer};
-use crate::text::Tokenizer;
+use crate::tokenize::Tokenizer;
 use anyhow::ensure;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -254,7 +254,7 @@ impl TextTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::text::ByteTokenizer;
+    use crate::tokenize::ByteTokenizer;
     use tch::{nn::VarStore, Device};
 
     fn tiny(mode: TextMode) -> TextConfig {

@@ -7,6 +7,7 @@
 //! `scaled_dot_product_attention`, which picks flash / memory-efficient kernels on GPU.
 
 use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime};
+use crate::nn::torch_default_uniform;
 use std::sync::Arc;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -14,16 +15,6 @@ use tch::{Kind, Tensor};
 /// LayerNorm as in open_clip (eps 1e-5, affine): `weight` and `bias` under `p`.
 pub(crate) fn layer_norm(p: nn::Path, width: i64) -> nn::LayerNorm {
     nn::layer_norm(p, vec![width], Default::default())
-}
-
-/// PyTorch's default `nn.Linear`/`nn.Conv2d` init (kaiming-uniform with a = sqrt(5)), which
-/// reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)); tch's own default uses a ReLU gain instead.
-pub(crate) fn torch_default_uniform(fan_in: i64) -> Init {
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    Init::Uniform {
-        lo: -bound,
-        up: bound,
-    }
 }
 
 fn linear(p: nn::Path, c_in: i64, c_out: i64, weight: Init, bias: Init) -> nn::Linear {

@@ -6,9 +6,8 @@
 //! `visual.class_embedding`, `visual.positional_embedding`, `visual.ln_pre.*`,
 //! `visual.transformer.resblocks.N.*`, `visual.ln_post.*`, `visual.proj`.
 
-use super::transformer::{
-    layer_norm, torch_default_uniform, AttentionMask, BlockInit, MoeBlocks, Transformer,
-};
+use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Transformer};
+use crate::nn::torch_default_uniform;
 use anyhow::{bail, ensure};
 use tch::nn::{self, Init};
 use tch::Tensor;

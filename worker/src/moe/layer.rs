@@ -16,7 +16,7 @@
 use super::dispatch::{self, DispatchPlan};
 use super::gate::{self, Capacity, Routing};
 use super::runtime::{MoeRuntime, Record};
-use crate::model::compute::without_autocast;
+use crate::nn::compute::without_autocast;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use tch::nn::{self, Init, Module};
@@ -133,7 +133,7 @@ impl MoeFeedForward {
         let gate = (p / "gate").var(
             "weight",
             &[experts, width],
-            crate::model::transformer::torch_default_uniform(width),
+            crate::nn::torch_default_uniform(width),
         );
         let shapes = ExpertShapes {
             params: vec![

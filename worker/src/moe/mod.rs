@@ -4,7 +4,6 @@
 //! - [`dispatch`]: which rank each routed token goes to, and the counts that travel first.
 //! - [`layer`]: the block itself (gate, local experts, the exchanges).
 //! - [`checkpoint`]: every expert under its global id in the checkpoint, whatever the placement.
-//! - [`rebalance`]: agreeing on a new placement in-band and moving the experts to it.
 //! - [`runtime`]: what the blocks of a model share: collective, placement, pass mode, the
 //!   backward across the exchange cuts, load counts and the replica gradient sync.
 
@@ -12,7 +11,6 @@ pub mod checkpoint;
 pub mod dispatch;
 pub mod gate;
 pub mod layer;
-pub mod rebalance;
 pub mod runtime;
 
 pub use layer::{ExpertInit, MoeFeedForward};

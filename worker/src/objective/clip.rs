@@ -5,7 +5,7 @@
 //! the text→image one (columns):
 //! `L = 1/(2N) · Σ_i [lse_j(s·img_i·txt_j) + lse_j(s·txt_i·img_j) − 2·s·img_i·txt_i]`.
 //!
-//! Distributed form ("local anchors", as NT-Xent in `info_nce`): each rank gets the gathered
+//! Distributed form ("local anchors", as NT-Xent in `simclr`): each rank gets the gathered
 //! image and text embeddings of all ranks and adds only the terms of its own pairs, already
 //! divided by the global 2N, so the ranks' values sum to `L`. The gradients of the gathered
 //! tensors, reduce-scattered (sum), and of `logit_scale`, all-reduced (sum), are then exactly
@@ -13,31 +13,15 @@
 //!
 //! `logit_scale` is the learnable log of the temperature's inverse. Like open_clip it is not
 //! clamped inside the loss (which would zero its gradient at the bound) but in place after each
-//! optimizer step, with [`clamp_logit_scale_`].
+//! optimizer step, with `model::logit_scale::clamp_logit_scale_`.
 
-use super::l2_normalize;
-use anyhow::{bail, Result};
-use tch::{Device, Kind, Tensor};
-
-/// ln(1/0.07): CLIP's initial logit scale (temperature 0.07).
-pub const LOGIT_SCALE_INIT: f64 = 2.659_260_036_932_778;
-/// ln(100): open_clip clamps the logit scale to `[0, ln 100]` so logits stay at most 100·cos.
-pub const LOGIT_SCALE_MAX: f64 = 4.605_170_185_988_092;
-
-/// A fresh learnable logit scale: a 0-d f32 leaf at [`LOGIT_SCALE_INIT`] with gradient.
-pub fn init_logit_scale(device: Device) -> Tensor {
-    Tensor::from(LOGIT_SCALE_INIT as f32)
-        .to_device(device)
-        .set_requires_grad(true)
-}
-
-/// Clamps the logit scale in place to `[0, ln 100]`, as open_clip's training loop does after
-/// every optimizer step. Keeps the tensor a leaf that requires grad.
-pub fn clamp_logit_scale_(logit_scale: &Tensor) {
-    tch::no_grad(|| {
-        let _ = logit_scale.shallow_clone().clamp_(0.0, LOGIT_SCALE_MAX);
-    });
-}
+use super::gather::{block_layout, gather_rows, scatter_back};
+use super::{StepClock, StepObjective};
+use crate::dist::Collective;
+use crate::model::ContrastiveModel;
+use crate::nn::l2_normalize;
+use anyhow::{bail, Context, Result};
+use tch::{Kind, Tensor};
 
 /// Single-process CLIP loss of `img` and `txt` (N × d each, pair i = row i, not yet
 /// normalised) with `logit_scale` (0-d, the log of the logit multiplier). Differentiable in all
@@ -108,9 +92,72 @@ pub fn clip_local_loss(
     Ok(per_pair.sum(per_pair.kind()) / (2 * n.max(1)) as f64)
 }
 
+// ---------------------------------------------------------------------------------------------
+// The distributed step form.
+
+/// CLIP's symmetric image–text loss over every rank's pairs. `z_local` holds this rank's image
+/// embeddings, then its caption embeddings.
+pub struct Clip;
+
+impl StepObjective for Clip {
+    fn loss_and_grad(
+        &mut self,
+        model: &ContrastiveModel,
+        z_local: &Tensor,
+        counts: &[i64],
+        _clock: StepClock,
+        coll: &dyn Collective,
+    ) -> Result<(Tensor, Tensor)> {
+        let rank = coll.rank();
+        let logit_scale = model
+            .logit_scale()
+            .context("objective \"clip\" needs a CLIP model (text tower and logit scale)")?;
+        let (rows, _) = block_layout(counts, rank);
+        let device = z_local.device();
+        let gathered = gather_rows(z_local, &rows, coll)?;
+        let (mut images, mut texts) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        for &c in counts {
+            images.extend(start..start + c);
+            texts.extend(start + c..start + 2 * c);
+            start += 2 * c;
+        }
+        let pick =
+            |rows: &[i64]| gathered.index_select(0, &Tensor::from_slice(rows).to_device(device));
+        let pairs = LocalPairs {
+            offset: counts[..rank].iter().sum(),
+            count: counts[rank],
+        };
+        let loss = clip_local_loss(&pick(&images), &pick(&texts), logit_scale, pairs)?;
+        // Fills the gathered rows' gradient and adds this rank's share to the logit scale's.
+        loss.backward();
+        let grad = gathered.grad();
+        let d_gathered = if grad.defined() {
+            grad
+        } else {
+            gathered.zeros_like()
+        };
+        Ok((loss.detach(), scatter_back(d_gathered, &rows, coll)?))
+    }
+
+    fn after_update(
+        &mut self,
+        model: &ContrastiveModel,
+        _clock: StepClock,
+        _coll: &dyn Collective,
+    ) -> Result<()> {
+        model.clamp_logit_scale();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::logit_scale::{
+        clamp_logit_scale_, init_logit_scale, LOGIT_SCALE_INIT, LOGIT_SCALE_MAX,
+    };
+    use tch::Device;
 
     /// Textbook CLIP loss in f64 with explicit loops (no logsumexp trick).
     fn reference(img: &Tensor, txt: &Tensor, logit_scale: f64) -> f64 {

@@ -12,10 +12,12 @@
 //! per-sample terms divided by the global batch size), so the ranks' values sum to `L` and the
 //! local gradients are exactly the rows of the single-process gradients.
 
-use super::l2_normalize;
+use super::{StepClock, StepObjective};
 use crate::dist::Collective;
+use crate::model::ContrastiveModel;
+use crate::nn::{l2_normalize, write_ring};
 use anyhow::{bail, Context, Result};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Sums `t` across ranks. Collectives take CPU tensors, so the (small) value makes a round trip.
 fn all_reduce(coll: &dyn Collective, t: &Tensor, what: &str) -> Result<Tensor> {
@@ -237,75 +239,12 @@ pub fn swav_loss_with_queue(
     Ok(loss / high_res.len() as f64)
 }
 
-/// SwAV's prototype layer: a bias-free linear map `d → K` whose weight rows are L2-normalised
-/// in place (without gradient) before every forward, so the scores are cosine similarities
-/// when the input rows are unit vectors.
-#[derive(Debug)]
-pub struct Prototypes {
-    /// K × d; a trainable variable of the `VarStore` it was created in.
-    pub weight: Tensor,
-}
-
-impl Prototypes {
-    /// `n_prototypes` prototypes of dimension `dim` under `path` (variable `weight`), with
-    /// PyTorch's default `nn.Linear` initialisation (Kaiming uniform), as lightly, and the
-    /// rows normalised, so the stored values are what the first forward uses.
-    pub fn new(path: &nn::Path, dim: i64, n_prototypes: i64) -> Self {
-        let cfg = nn::LinearConfig {
-            bias: false,
-            ..Default::default()
-        };
-        let prototypes = Self {
-            weight: nn::linear(path, dim, n_prototypes, cfg).ws,
-        };
-        prototypes.normalize_();
-        prototypes
-    }
-
-    /// Normalises the weight rows in place (no gradient), as SwAV does before each forward.
-    pub fn normalize_(&self) {
-        tch::no_grad(|| {
-            let mut w = self.weight.shallow_clone();
-            let unit = l2_normalize(&w);
-            w.copy_(&unit);
-        });
-    }
-
-    /// Scores `z · Wᵀ` (B × K) after normalising the prototypes; `z` should be L2-normalised.
-    pub fn forward(&self, z: &Tensor) -> Tensor {
-        self.normalize_();
-        z.matmul(&self.weight.tr())
-    }
-}
-
 /// Whether the prototypes stay fixed at optimizer step `step` (0-based): SwAV freezes them for
 /// the first `freeze_steps` iterations so the codes do not collapse while features are random.
 /// The optimizer then skips them entirely (see `Optimizer::step_skipping`), as lightly and
 /// SwAV do by dropping their gradient.
 pub fn prototypes_frozen(step: u64, freeze_steps: u64) -> bool {
     step < freeze_steps
-}
-
-/// Writes the rows of `rows` (n × d) into the ring buffer `bank` (size × d) starting at row
-/// `next`, wrapping at the end; of more rows than the buffer holds only the last ones are
-/// kept. Returns how many rows were written. Used by SwAV's and MoCo's queues.
-pub fn write_ring(bank: &Tensor, next: i64, rows: &Tensor) -> i64 {
-    let size = bank.size()[0];
-    let n = rows.size()[0];
-    let take = n.min(size);
-    let rows = rows
-        .narrow(0, n - take, take)
-        .detach()
-        .to_kind(Kind::Float)
-        .to_device(bank.device());
-    // At most two contiguous pieces: up to the end of the buffer, then from its start.
-    let first = take.min(size - next);
-    tch::no_grad(|| {
-        bank.narrow(0, next, first).copy_(&rows.narrow(0, 0, first));
-        bank.narrow(0, 0, take - first)
-            .copy_(&rows.narrow(0, first, take - first));
-    });
-    take
 }
 
 /// A FIFO of past high-resolution features (one per high-res crop), SwAV's queue: the
@@ -351,10 +290,122 @@ impl FeatureQueue {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The distributed step form.
+
+/// SwAV over the two views, each predicting the other's codes.
+pub struct Swav {
+    temperature: f64,
+    epsilon: f64,
+    iterations: usize,
+    freeze_steps: u64,
+    /// Per-view queues of this rank's earlier features (None without a queue).
+    queues: Option<[FeatureQueue; 2]>,
+    queue_size: i64,
+    /// Samples every rank has pushed so far (every rank knows every rank's counts), so all
+    /// agree on the step from which every queue is full and used.
+    filled: Vec<i64>,
+}
+
+impl Swav {
+    pub fn new(
+        temperature: f64,
+        epsilon: f64,
+        iterations: usize,
+        freeze_steps: u64,
+        queue_size: i64,
+    ) -> Self {
+        Self {
+            temperature,
+            epsilon,
+            iterations,
+            freeze_steps,
+            queues: None,
+            queue_size,
+            filled: Vec::new(),
+        }
+    }
+}
+
+impl StepObjective for Swav {
+    fn loss_and_grad(
+        &mut self,
+        model: &ContrastiveModel,
+        z_local: &Tensor,
+        counts: &[i64],
+        _clock: StepClock,
+        coll: &dyn Collective,
+    ) -> Result<(Tensor, Tensor)> {
+        let protos = model
+            .prototypes()
+            .context("objective \"swav\" needs a model built with prototypes")?;
+        let b = counts[coll.rank()];
+        let z = z_local.detach().set_requires_grad(true);
+        let zn = l2_normalize(&z);
+        let scores = protos.forward(&zn);
+        let views = [scores.narrow(0, 0, b), scores.narrow(0, b, b)];
+
+        let mut queue_scores = None;
+        if self.queue_size > 0 {
+            if self.filled.is_empty() {
+                self.filled = vec![0; counts.len()];
+            } else if self.filled.len() != counts.len() {
+                bail!(
+                    "SwAV queue bookkeeping for {} ranks, step has {}",
+                    self.filled.len(),
+                    counts.len()
+                );
+            }
+            let use_queue = self.filled.iter().all(|&f| f >= self.queue_size);
+            for (f, c) in self.filled.iter_mut().zip(counts) {
+                *f += c;
+            }
+            let dim = zn.size()[1];
+            if self.queues.is_none() {
+                let make = || FeatureQueue::new(self.queue_size, dim, z.device());
+                self.queues = Some([make()?, make()?]);
+            }
+            let queues = self.queues.as_mut().expect("created above");
+            let mut banks = Vec::with_capacity(2);
+            for (v, queue) in queues.iter_mut().enumerate() {
+                banks.push(queue.push(&zn.narrow(0, v as i64 * b, b).detach())?);
+            }
+            if use_queue {
+                let w = protos.weight.detach();
+                let scored: Option<Vec<Tensor>> = banks
+                    .into_iter()
+                    .map(|bank| bank.map(|f| f.matmul(&w.tr())))
+                    .collect();
+                queue_scores =
+                    Some(scored.context("SwAV queue not full although every rank filled it")?);
+            }
+        }
+        let loss = swav_loss_with_queue(
+            &views,
+            &[],
+            queue_scores.as_deref(),
+            self.temperature,
+            self.epsilon,
+            self.iterations,
+            coll,
+        )?;
+        loss.backward();
+        let grad = z.grad();
+        let d_local = if grad.defined() { grad } else { z.zeros_like() };
+        Ok((loss.detach(), d_local))
+    }
+
+    fn frozen(&self, name: &str, clock: StepClock) -> bool {
+        name.starts_with("prototypes.") && prototypes_frozen(clock.step, self.freeze_steps)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dist::local::LocalGroup;
+    use crate::model::prototypes::Prototypes;
+    use tch::nn;
 
     fn rows(t: &Tensor) -> Vec<Vec<f64>> {
         Vec::<Vec<f64>>::try_from(&t.to_kind(Kind::Double)).unwrap()

@@ -12,7 +12,6 @@
 
 use super::flat::FlatParams;
 use super::{copy_into, split_state, zero_grads, Optimizer};
-use crate::model::ContrastiveModel;
 use anyhow::{bail, Context};
 use contrail_common::config::OptimConfig;
 use tch::{Device, Kind, Tensor};
@@ -64,13 +63,9 @@ struct FlatAdam {
 }
 
 impl AdamW {
-    /// Over every trainable parameter of `model`.
-    pub fn new(model: &ContrastiveModel, opts: AdamWOptions) -> Self {
-        Self::from_params(model.named_parameters(), opts)
-    }
-
-    /// Over explicit (name, parameter) pairs; the tensors must share storage with the model.
-    pub fn from_params(params: Vec<(String, Tensor)>, opts: AdamWOptions) -> Self {
+    /// Over named parameters (the model's `named_parameters()`, sorted by name); the tensors
+    /// share storage with the model, which they update in place.
+    pub fn new(params: Vec<(String, Tensor)>, opts: AdamWOptions) -> Self {
         let flat = FlatParams::new(&params).map(|fp| {
             let decay: Vec<f64> = params.iter().map(|(_, p)| decay_of(p, &opts)).collect();
             FlatAdam {
@@ -256,7 +251,7 @@ mod tests {
         let lr = 0.01;
         let o = opts(false);
         let p = param(&[1.0, -2.0]);
-        let mut opt = AdamW::from_params(vec![("w".into(), p.shallow_clone())], o);
+        let mut opt = AdamW::new(vec![("w".into(), p.shallow_clone())], o);
         let (mut w, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
         for (t, g) in [[0.3f32, -0.1], [0.2, 0.4], [-0.5, 0.05]]
             .iter()
@@ -289,7 +284,7 @@ mod tests {
         let w = Tensor::from_slice(&[2.0f32, 2.0])
             .reshape([1, 2])
             .set_requires_grad(true);
-        let mut opt = AdamW::from_params(
+        let mut opt = AdamW::new(
             vec![
                 ("b".into(), b.shallow_clone()),
                 ("w".into(), w.shallow_clone()),
@@ -307,7 +302,7 @@ mod tests {
     #[test]
     fn state_round_trip_and_errors_name_the_key() {
         let p = param(&[1.0, 2.0]);
-        let mut a = AdamW::from_params(vec![("w".into(), p.shallow_clone())], opts(false));
+        let mut a = AdamW::new(vec![("w".into(), p.shallow_clone())], opts(false));
         set_grad(&p, &[1.0, -1.0]);
         a.step(0.1);
         a.step(0.1);
@@ -316,7 +311,7 @@ mod tests {
         assert_eq!(keys, ["exp_avg.w", "exp_avg_sq.w", "step.w"]);
 
         let q = param(&[0.0, 0.0]);
-        let mut b = AdamW::from_params(vec![("w".into(), q.shallow_clone())], opts(false));
+        let mut b = AdamW::new(vec![("w".into(), q.shallow_clone())], opts(false));
         b.load_state(&state).unwrap();
         assert_eq!(b.steps, vec![2]);
         for ((_, x), (_, y)) in b.state_tensors().iter().zip(&state) {

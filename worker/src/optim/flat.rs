@@ -124,7 +124,7 @@ impl FlatParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::compute::{channels_last, is_channels_last};
+    use crate::nn::compute::{channels_last, is_channels_last};
     use tch::Device;
 
     #[test]

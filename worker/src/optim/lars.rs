@@ -17,7 +17,6 @@
 
 use super::sgd::momentum_update;
 use super::{load_momentum_state, momentum_state, zero_grads, Optimizer};
-use crate::model::ContrastiveModel;
 use contrail_common::config::OptimConfig;
 use tch::Tensor;
 
@@ -64,13 +63,9 @@ pub struct Lars {
 }
 
 impl Lars {
-    /// Over every trainable parameter of `model`.
-    pub fn new(model: &ContrastiveModel, opts: LarsOptions) -> Self {
-        Self::from_params(model.named_parameters(), opts)
-    }
-
-    /// Over explicit (name, parameter) pairs; the tensors must share storage with the model.
-    pub fn from_params(params: Vec<(String, Tensor)>, opts: LarsOptions) -> Self {
+    /// Over named parameters (the model's `named_parameters()`, sorted by name); the tensors
+    /// share storage with the model, which they update in place.
+    pub fn new(params: Vec<(String, Tensor)>, opts: LarsOptions) -> Self {
         let buffers = params.iter().map(|(_, p)| p.zeros_like()).collect();
         Self {
             params,
@@ -172,7 +167,7 @@ mod tests {
     fn one_step_follows_the_trust_ratio_formula() {
         // ‖w‖ = 5, ‖g‖ = 1: r = 0.1·5/(1 + 0.5·5) = 1/7; d = r·(g + 0.5·w).
         let w = param(&[3.0, 4.0, 0.0, 0.0], &[2, 2]);
-        let mut opt = Lars::from_params(vec![("w".into(), w.shallow_clone())], opts());
+        let mut opt = Lars::new(vec![("w".into(), w.shallow_clone())], opts());
         set_grad(&w, &[0.6, 0.8, 0.0, 0.0]);
         opt.step(1.0);
         let r = 1.0 / 7.0;
@@ -195,7 +190,7 @@ mod tests {
                 exclude_1d_from_adaptation: adapt_off,
                 ..opts()
             };
-            let mut opt = Lars::from_params(vec![("b".into(), b.shallow_clone())], o);
+            let mut opt = Lars::new(vec![("b".into(), b.shallow_clone())], o);
             set_grad(&b, &[0.6, 0.8]);
             opt.step(1.0);
             Vec::<f32>::try_from(&b.detach()).unwrap()[0] as f64
@@ -219,7 +214,7 @@ mod tests {
             clip: true,
             ..opts()
         };
-        let mut opt = Lars::from_params(vec![("w".into(), w.shallow_clone())], o);
+        let mut opt = Lars::new(vec![("w".into(), w.shallow_clone())], o);
         set_grad(&w, &[0.6, 0.8]);
         opt.step(0.1);
         let got = Vec::<f32>::try_from(&w.detach().flatten(0, -1)).unwrap();
@@ -229,7 +224,7 @@ mod tests {
     #[test]
     fn zero_weight_norm_takes_the_raw_gradient() {
         let w = param(&[0.0, 0.0], &[1, 2]);
-        let mut opt = Lars::from_params(vec![("w".into(), w.shallow_clone())], opts());
+        let mut opt = Lars::new(vec![("w".into(), w.shallow_clone())], opts());
         set_grad(&w, &[1.0, -2.0]);
         opt.step(0.5);
         assert_eq!(
@@ -245,7 +240,7 @@ mod tests {
             momentum: 0.9,
             ..opts()
         };
-        let mut a = Lars::from_params(vec![("w".into(), w.shallow_clone())], o);
+        let mut a = Lars::new(vec![("w".into(), w.shallow_clone())], o);
         set_grad(&w, &[1.0, 1.0]);
         a.step(0.1);
         let state = a.state_tensors();
@@ -253,7 +248,7 @@ mod tests {
         assert!(state[0].1.abs().sum(Kind::Float).double_value(&[]) > 0.0);
 
         let q = param(&[0.0, 0.0], &[1, 2]);
-        let mut b = Lars::from_params(vec![("w".into(), q.shallow_clone())], o);
+        let mut b = Lars::new(vec![("w".into(), q.shallow_clone())], o);
         b.load_state(&state).unwrap();
         assert!(b.state_tensors()[0].1.equal(&state[0].1));
         let bad = vec![(

@@ -11,7 +11,6 @@ pub mod scaling;
 pub mod schedule;
 pub mod sgd;
 
-use crate::model::ContrastiveModel;
 use anyhow::{bail, Context};
 use contrail_common::config::OptimConfig;
 use std::collections::HashMap;
@@ -46,12 +45,15 @@ pub trait Optimizer: Send {
     fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()>;
 }
 
-/// The optimizer named by `optim.kind` over the model's parameters.
-pub fn build(cfg: &OptimConfig, model: &ContrastiveModel) -> anyhow::Result<Box<dyn Optimizer>> {
+/// The optimizer named by `optim.kind` over `params` (a model's `named_parameters()`).
+pub fn build(
+    cfg: &OptimConfig,
+    params: Vec<(String, Tensor)>,
+) -> anyhow::Result<Box<dyn Optimizer>> {
     match cfg.kind.as_str() {
-        "sgd" => Ok(Box::new(Sgd::new(model, cfg.momentum, cfg.weight_decay))),
-        "lars" => Ok(Box::new(Lars::new(model, LarsOptions::from_config(cfg)))),
-        "adamw" => Ok(Box::new(AdamW::new(model, AdamWOptions::from_config(cfg)))),
+        "sgd" => Ok(Box::new(Sgd::new(params, cfg.momentum, cfg.weight_decay))),
+        "lars" => Ok(Box::new(Lars::new(params, LarsOptions::from_config(cfg)))),
+        "adamw" => Ok(Box::new(AdamW::new(params, AdamWOptions::from_config(cfg)))),
         other => anyhow::bail!(
             "optim.kind \"{other}\" is not built; expected \"sgd\", \"lars\" or \"adamw\""
         ),

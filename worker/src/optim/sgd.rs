@@ -3,7 +3,6 @@
 
 use super::flat::FlatParams;
 use super::{load_momentum_state, momentum_state, zero_grads, Optimizer};
-use crate::model::ContrastiveModel;
 use tch::Tensor;
 
 /// Optimizer-state slot of the momentum buffers: keys are `momentum.<param>`.
@@ -22,13 +21,9 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    /// Over every trainable parameter of `model`.
-    pub fn new(model: &ContrastiveModel, momentum: f64, weight_decay: f64) -> Self {
-        Self::from_params(model.named_parameters(), momentum, weight_decay)
-    }
-
-    /// Over explicit (name, parameter) pairs; the tensors must share storage with the model.
-    pub fn from_params(params: Vec<(String, Tensor)>, momentum: f64, weight_decay: f64) -> Self {
+    /// Over named parameters (the model's `named_parameters()`, sorted by name); the tensors
+    /// share storage with the model, which they update in place.
+    pub fn new(params: Vec<(String, Tensor)>, momentum: f64, weight_decay: f64) -> Self {
         let flat = FlatParams::new(&params).map(|fp| {
             let buffer = fp.zeros();
             (fp, buffer)
@@ -142,7 +137,7 @@ mod tests {
         // Scalar recurrence written out: d = g + wd p; buf = m buf + d; p -= lr buf.
         let (lr, m, wd) = (0.5, 0.9, 0.1);
         let p = param(&[1.0, -2.0]);
-        let mut opt = Sgd::from_params(vec![("w".into(), p.shallow_clone())], m, wd);
+        let mut opt = Sgd::new(vec![("w".into(), p.shallow_clone())], m, wd);
         let grads = [[0.3f32, -0.1], [0.2, 0.4], [-0.5, 0.0]];
         let (mut pw, mut buf) = ([1.0f64, -2.0], [0.0f64; 2]);
         for g in grads {
@@ -169,7 +164,7 @@ mod tests {
     #[test]
     fn parameters_without_gradient_are_left_alone() {
         let p = param(&[1.0, 2.0]);
-        let mut opt = Sgd::from_params(vec![("w".into(), p.shallow_clone())], 0.9, 0.1);
+        let mut opt = Sgd::new(vec![("w".into(), p.shallow_clone())], 0.9, 0.1);
         opt.step(1.0);
         assert_eq!(Vec::<f32>::try_from(&p.detach()).unwrap(), vec![1.0, 2.0]);
     }
@@ -177,14 +172,14 @@ mod tests {
     #[test]
     fn state_round_trip_and_errors_name_the_key() {
         let p = param(&[1.0, 2.0]);
-        let mut a = Sgd::from_params(vec![("w".into(), p.shallow_clone())], 0.9, 0.0);
+        let mut a = Sgd::new(vec![("w".into(), p.shallow_clone())], 0.9, 0.0);
         set_grad(&p, &[1.0, 1.0]);
         a.step(0.1);
         let state = a.state_tensors();
         assert_eq!(state[0].0, "momentum.w");
 
         let q = param(&[0.0, 0.0]);
-        let mut b = Sgd::from_params(vec![("w".into(), q.shallow_clone())], 0.9, 0.0);
+        let mut b = Sgd::new(vec![("w".into(), q.shallow_clone())], 0.9, 0.0);
         b.load_state(&state).unwrap();
         assert!(b.state_tensors()[0].1.equal(&state[0].1));
 

@@ -1,7 +1,7 @@
-//! Training: one step for any objective ([`step`], [`objectives`]), the epoch loop
-//! ([`trainer`]) and checkpoints ([`checkpoint`]).
+//! Training: one step for any objective ([`step`]), the epoch loop ([`trainer`]), moving
+//! experts to a new placement between steps ([`rebalance`]) and checkpoints ([`checkpoint`]).
 
 pub mod checkpoint;
-pub mod objectives;
+pub mod rebalance;
 pub mod step;
 pub mod trainer;

@@ -1,5 +1,5 @@
 //! One distributed training step over K ≥ 1 micro-batches per rank, for any objective that
-//! works on the two views' embeddings (SimCLR, MoCo v2, SwAV; see [`super::objectives`]).
+//! works on the two views' embeddings (SimCLR, MoCo v2, SwAV; see [`crate::objective`]).
 //!
 //! tch has no custom autograd functions, so a loss that couples samples across ranks is
 //! differentiated by hand (ARCHITECTURE.md, "Data flow of one step", items 3–4):
@@ -24,10 +24,12 @@
 //! independent (GroupNorm); BatchNorm normalises each micro-batch with its own statistics,
 //! and with K > 1 its running averages take two updates per micro-batch.
 
-use super::objectives::{NtXent, StepObjective};
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::ContrastiveModel;
 use crate::moe::{is_expert_param, BlockLoad, Pass};
+use crate::objective::simclr::NtXent;
+pub use crate::objective::StepClock;
+use crate::objective::StepObjective;
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
@@ -45,15 +47,6 @@ pub struct StepOutcome {
     /// MoE blocks: assignments routed to each expert and dropped in this step, summed over
     /// all ranks (empty without MoE).
     pub expert_load: Vec<BlockLoad>,
-}
-
-/// Where the step sits in the run (schedules such as MoCo's momentum follow it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StepClock {
-    /// 0-based index of this step.
-    pub step: u64,
-    /// Length of the run in steps, 0 while unknown.
-    pub total_steps: u64,
 }
 
 /// One step of `objective` over this rank's `micro_batches` (`(view1, view2)` pairs of

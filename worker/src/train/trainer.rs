@@ -8,9 +8,9 @@
 
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::ContrastiveModel;
-use crate::moe::rebalance::{agree_on_placement, move_experts};
+use crate::objective::StepObjective;
 use crate::optim::{lr_at, scaled_peak_lr, Optimizer};
-use crate::train::objectives::StepObjective;
+use crate::train::rebalance::{agree_on_placement, move_experts};
 use crate::train::step::{train_step, StepClock};
 use anyhow::{bail, Context, Result};
 use contrail_common::experts::ExpertPlacement;
@@ -18,10 +18,14 @@ use contrail_common::JobConfig;
 use std::time::Instant;
 use tch::Tensor;
 
-/// One rank's share of a step: two augmented views, `b × 3 × S × S` each (b may be 0).
+/// One rank's share of a step, `b` samples (b may be 0), the pair that
+/// `ContrastiveModel::embed_pair` embeds.
 pub struct LocalBatch {
-    pub view1: Tensor,
-    pub view2: Tensor,
+    /// `b × 3 × S × S` images (the first augmented view).
+    pub images: Tensor,
+    /// The second view (`b × 3 × S × S`) for image objectives; `b × context_length` caption
+    /// tokens for CLIP.
+    pub pair: Tensor,
 }
 
 /// Where a rank's batches come from in one epoch.
@@ -135,7 +139,7 @@ pub fn train(
                     match source.next_batch()? {
                         // Micro-batches stay in host memory until their forward pass: with K of
                         // them per step, device memory holds one at a time.
-                        Some(b) => micro.push((b.view1, b.view2)),
+                        Some(b) => micro.push((b.images, b.pair)),
                         None => break,
                     }
                 }
@@ -257,8 +261,8 @@ mod tests {
             Ok(self.0.next().map(|b| {
                 let v = Tensor::rand([b, 3, self.1, self.1], (tch::Kind::Float, tch::Device::Cpu));
                 LocalBatch {
-                    view1: v.shallow_clone(),
-                    view2: v.flip([3]),
+                    images: v.shallow_clone(),
+                    pair: v.flip([3]),
                 }
             }))
         }
@@ -303,12 +307,12 @@ mod tests {
     ) -> (TrainSummary, Record) {
         tch::manual_seed(0);
         let mut model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
-        let mut opt = crate::optim::build(&cfg.optim, &model).unwrap();
+        let mut opt = crate::optim::build(&cfg.optim, model.named_parameters()).unwrap();
         let mut hooks = Record {
             sizes: sizes.to_vec(),
             ..Default::default()
         };
-        let mut objective = crate::train::objectives::build_objective(cfg).unwrap();
+        let mut objective = crate::objective::build_objective(cfg).unwrap();
         let summary = train(
             cfg,
             &mut model,

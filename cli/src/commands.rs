@@ -1,0 +1,80 @@
+//! The small subcommands of `contrail`: `coordinator`, `data synth`, `info`; and the process
+//! set-up they share (logging, the one async runtime).
+
+use anyhow::{Context, Result};
+use contrail_common::JobConfig;
+use tokio::runtime::Runtime;
+
+/// Logs go to stderr, filtered by `CONTRAIL_LOG` (default: warnings only).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CONTRAIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The process's async runtime: coordinator RPCs, heartbeats, shard readers and HTTP all run on
+/// it while training keeps the main thread (tch is synchronous), so two threads suffice.
+pub fn async_runtime() -> Result<Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// `contrail coordinator`: the coordinator alone, as the `contrail-coordinator` binary.
+pub fn run_coordinator(rt: &Runtime, path: &str, overrides: &[String]) -> Result<()> {
+    let cfg = JobConfig::from_file(path, overrides)?;
+    let code = rt.block_on(contrail_coordinator::run_standalone(cfg))?;
+    if code != 0 {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+/// `contrail data synth`: the built-in dataset of drawn shapes.
+pub fn synth(
+    rt: &Runtime,
+    out: &str,
+    samples: u64,
+    shard_size: u64,
+    image_size: u32,
+    seed: u64,
+    s3_endpoint: &str,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let summary = rt.block_on(contrail_data::synth::write_synth_dataset(
+        out,
+        s3_endpoint,
+        samples,
+        shard_size,
+        image_size,
+        seed,
+    ))?;
+    println!(
+        "wrote {} samples in {} shards to {} ({:.1}s)",
+        summary.samples,
+        summary.shards,
+        out,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `contrail info`: what the linked libtorch can see. A GPU machine that prints
+/// `cuda available: false` usually means libtorch_cuda was dropped at link time.
+pub fn info() {
+    println!("contrail {}", env!("CARGO_PKG_VERSION"));
+    println!("libtorch intra-op threads: {}", tch::get_num_threads());
+    println!("cuda available: {}", tch::Cuda::is_available());
+    println!("cuda devices: {}", tch::Cuda::device_count());
+    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+    if tch::Cuda::is_available() {
+        let t = tch::Tensor::ones([1024, 1024], (tch::Kind::Float, tch::Device::Cuda(0)));
+        let s = t.matmul(&t).sum(tch::Kind::Float).double_value(&[]);
+        println!("cuda matmul check: {s} (expected {})", 1024.0f64.powi(3));
+    }
+}

@@ -1,0 +1,16 @@
+//! contrail-cli: the `contrail` command. It puts the other crates together; each subcommand is
+//! a thin call into one of them.
+//!
+//! - [`args`]: every subcommand and flag.
+//! - [`local_cluster`]: `contrail local`, a coordinator in this process and N worker processes.
+//! - [`status_client`]: `contrail status`, the coordinator's `/status` for people.
+//! - [`k8s`]: `contrail k8s render|launch|delete` (the `contrail-k8s` crate).
+//! - [`commands`]: `coordinator`, `data synth`, `info`, and the process set-up they share.
+//!
+//! `contrail worker` is `contrail_worker::worker::run_worker`, on the runtime made here.
+
+pub mod args;
+pub mod commands;
+pub mod k8s;
+pub mod local_cluster;
+pub mod status_client;

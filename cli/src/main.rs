@@ -1,0 +1,68 @@
+//! `contrail`: the user-facing command. Thin: parse, make the one async runtime, call into the
+//! library (`contrail_cli`) or the worker crate.
+
+use anyhow::Context;
+use clap::Parser;
+use contrail_cli::args::{Cli, Command, DataCommand};
+use contrail_cli::{commands, k8s, local_cluster, status_client};
+use contrail_worker::process::{run_worker, WorkerOptions};
+use std::time::Duration;
+
+fn main() {
+    commands::init_tracing();
+    let cli = Cli::parse();
+    let result = commands::async_runtime().and_then(|rt| match cli.command {
+        Command::Local {
+            workers,
+            config,
+            overrides,
+            verbose,
+        } => local_cluster::run_local(&rt, &config, workers, &overrides, verbose),
+        Command::Worker {
+            coordinator,
+            bind,
+            connect_wait_secs,
+            threads,
+        } => run_worker(
+            &rt,
+            &WorkerOptions {
+                torch_threads: threads,
+                coordinator,
+                collective_bind: bind,
+                connect_wait: Duration::from_secs(connect_wait_secs),
+            },
+        ),
+        Command::Coordinator { config, overrides } => {
+            commands::run_coordinator(&rt, &config, &overrides)
+        }
+        Command::Data {
+            command:
+                DataCommand::Synth {
+                    out,
+                    samples,
+                    shard_size,
+                    image_size,
+                    seed,
+                    s3_endpoint,
+                },
+        } => commands::synth(
+            &rt,
+            &out,
+            samples,
+            shard_size,
+            image_size,
+            seed,
+            &s3_endpoint,
+        ),
+        Command::Status { coordinator, watch } => status_client::status(&rt, &coordinator, watch),
+        Command::K8s { command } => k8s::run(&rt, command),
+        Command::Info => {
+            commands::info();
+            Ok(())
+        }
+    });
+    if let Err(e) = result.context("contrail failed") {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

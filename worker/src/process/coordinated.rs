@@ -1,0 +1,280 @@
+//! The training loop's hooks, backed by the coordinator: progress reports, checkpoints, heartbeats
+//! and the per-epoch data feed, all through the coordinator.
+
+use super::client::{Assignment, Coordinator};
+use super::feed::{CaptionTokens, EpochFeed};
+use super::HeartbeatState;
+use crate::dist::Collective;
+use crate::model::ContrastiveModel;
+use crate::optim::Optimizer;
+use crate::tokenize::Tokenizer;
+use crate::train::checkpoint::{tensors_to_safetensors, write_checkpoint};
+use crate::train::trainer::{BatchSource, StepEvent, TrainHooks};
+use anyhow::{Context, Result};
+use contrail_common::checkpoint::CheckpointMeta;
+use contrail_common::experts::ExpertPlacement;
+use contrail_common::proto;
+use contrail_common::shards::ShardStateSnapshot;
+use contrail_common::JobConfig;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Heartbeats until aborted. A stop order from the coordinator, or a coordinator that stays
+/// unreachable for `give_up_after`, is recorded in `progress.stop` for the training thread.
+pub async fn heartbeat_loop(
+    mut coord: Coordinator,
+    progress: Arc<HeartbeatState>,
+    every: Duration,
+    give_up_after: Duration,
+) {
+    let mut last_ok = Instant::now();
+    loop {
+        let step = progress.step.load(Ordering::Relaxed);
+        let shard = progress.shard.lock().map(|s| s.clone()).unwrap_or_default();
+        match coord.heartbeat(step, "training", &shard).await {
+            Ok(Some(reason)) => {
+                if let Ok(mut s) = progress.stop.lock() {
+                    s.get_or_insert(format!("the coordinator stopped the job: {reason}"));
+                }
+            }
+            Ok(None) => last_ok = Instant::now(),
+            Err(e) if last_ok.elapsed() > give_up_after => {
+                if let Ok(mut s) = progress.stop.lock() {
+                    s.get_or_insert(format!(
+                        "the coordinator at {} has not answered for {:?}: {e:#}",
+                        coord.endpoint,
+                        last_ok.elapsed()
+                    ));
+                }
+            }
+            Err(e) => tracing::debug!("heartbeat failed (will retry): {e:#}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+pub struct CoordinatedHooks<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    coord: Coordinator,
+    cfg: &'a JobConfig,
+    rank: usize,
+    world_size: usize,
+    progress: Arc<HeartbeatState>,
+    last_log: Instant,
+    samples_since_log: i64,
+    captions: Option<CaptionTokens>,
+    model_builder: ModelBuilder,
+    /// Rank 0: the newest expert placement the coordinator's step replies carried.
+    offered: Arc<Mutex<Option<ExpertPlacement>>>,
+}
+
+/// What building the job's model takes besides the config (to rebuild it for a new expert
+/// placement).
+pub struct ModelBuilder {
+    pub tokenizer: Option<Arc<dyn Tokenizer>>,
+    pub device: tch::Device,
+    pub coll: Arc<dyn Collective>,
+}
+
+impl<'a> CoordinatedHooks<'a> {
+    pub fn new(
+        rt: &'a tokio::runtime::Runtime,
+        coord: Coordinator,
+        cfg: &'a JobConfig,
+        asg: &Assignment,
+        progress: Arc<HeartbeatState>,
+        captions: Option<CaptionTokens>,
+        model_builder: ModelBuilder,
+    ) -> Self {
+        Self {
+            rt,
+            coord,
+            cfg,
+            rank: asg.rank,
+            world_size: asg.world_size,
+            progress,
+            last_log: Instant::now(),
+            samples_since_log: 0,
+            captions,
+            model_builder,
+            offered: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+impl TrainHooks for CoordinatedHooks<'_> {
+    fn epoch_source(&mut self, epoch: u32) -> Result<Box<dyn BatchSource>> {
+        Ok(Box::new(EpochFeed::start(
+            self.rt.handle().clone(),
+            self.coord.clone(),
+            self.cfg,
+            self.rank,
+            epoch,
+            self.progress.clone(),
+            self.captions.clone(),
+        )?))
+    }
+
+    fn after_step(&mut self, ev: &StepEvent) -> Result<()> {
+        self.progress.step.store(ev.step, Ordering::Relaxed);
+        // Fire and forget: a slow coordinator must not slow the step loop.
+        let mut coord = self.coord.clone();
+        let report = proto::StepReport {
+            epoch: ev.epoch,
+            step: ev.step,
+            loss: ev.loss,
+            global_samples: ev.global_samples as u64,
+            learning_rate: ev.lr,
+            step_seconds: ev.step_seconds,
+            expert_load: expert_load_report(&ev.expert_load),
+            placement_version: ev.placement_version,
+            ..Default::default()
+        };
+        let offered = (self.rank == 0).then(|| self.offered.clone());
+        self.rt.spawn(async move {
+            match coord.report_step(report).await {
+                Ok(reply) => {
+                    // Only rank 0's replies carry a new placement; it passes it on in-band.
+                    if let (Some(slot), Some(p)) = (offered, reply.placement.as_ref()) {
+                        let p = ExpertPlacement::from(p);
+                        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                        if slot.as_ref().is_none_or(|old| old.version < p.version) {
+                            *slot = Some(p);
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!("step report failed: {e:#}"),
+            }
+        });
+        self.samples_since_log += ev.global_samples;
+        if self.rank == 0 && ev.step.is_multiple_of(self.cfg.train.log_every) {
+            let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
+            println!(
+                "epoch {:>3} step {:>6}  loss {:.4}  lr {:.4}  {:.1} samples/s ({} workers)",
+                ev.epoch,
+                ev.step,
+                ev.loss,
+                ev.lr,
+                self.samples_since_log as f64 / secs,
+                self.world_size
+            );
+            if let Some(line) = expert_load_line(&ev.expert_load) {
+                println!("{line}");
+            }
+            self.last_log = Instant::now();
+            self.samples_since_log = 0;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(
+        &mut self,
+        model: &ContrastiveModel,
+        opt: &dyn Optimizer,
+        epoch: u32,
+        step: u64,
+    ) -> Result<()> {
+        let ck = &self.cfg.checkpoint;
+        if ck.url.is_empty() {
+            return Ok(());
+        }
+        let (variables, optim) = (model.named_variables(), opt.state_tensors());
+        // Experts live on several ranks: all of them take part in collecting every expert.
+        let (variables, optim) = match model.moe() {
+            Some(rt) => rt
+                .full_state(variables, optim)
+                .context("collecting the experts for the checkpoint")?,
+            None => (variables, optim),
+        };
+        if self.rank != 0 {
+            return Ok(());
+        }
+        let model_bytes = tensors_to_safetensors(&variables)?;
+        let optim_bytes = tensors_to_safetensors(&optim)?;
+        let shard_json = self.rt.block_on(self.coord.shard_state_json())?;
+        let shard_state: ShardStateSnapshot =
+            serde_json::from_str(&shard_json).context("parsing the coordinator's shard state")?;
+        let meta = CheckpointMeta {
+            step,
+            epoch,
+            world_size: self.world_size as u32,
+            shard_state,
+            config_toml: self.cfg.to_toml(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        let dir = self.rt.block_on(write_checkpoint(
+            &ck.url,
+            &self.cfg.data.s3_endpoint,
+            ck.keep,
+            &meta,
+            model_bytes,
+            optim_bytes,
+        ))?;
+        println!("checkpoint written: {dir}");
+        Ok(())
+    }
+
+    fn stop_reason(&self) -> Option<String> {
+        self.progress.stop_reason()
+    }
+
+    fn offered_placement(&mut self) -> Option<ExpertPlacement> {
+        self.offered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn build_model(&mut self, placement: ExpertPlacement) -> Result<ContrastiveModel> {
+        let b = &self.model_builder;
+        ContrastiveModel::for_job_on(
+            self.cfg,
+            b.tokenizer.as_deref(),
+            b.device,
+            Some((b.coll.clone(), Some(placement))),
+        )
+    }
+}
+
+/// The step's expert load as the coordinator takes it (blocks in model order; counts are never
+/// negative).
+fn expert_load_report(load: &[crate::moe::BlockLoad]) -> Vec<proto::ExpertLoad> {
+    load.iter()
+        .enumerate()
+        .map(|(b, l)| proto::ExpertLoad {
+            block: b as u32,
+            routed: l.routed.iter().map(|&r| r.max(0) as u64).collect(),
+            dropped: l.dropped.max(0) as u64,
+        })
+        .collect()
+}
+
+/// `moe step load: block 0 max/mean 1.42 dropped 3.1%, block 1 ...` for the step, or None
+/// without MoE blocks.
+fn expert_load_line(load: &[crate::moe::BlockLoad]) -> Option<String> {
+    if load.is_empty() {
+        return None;
+    }
+    let blocks: Vec<String> = load
+        .iter()
+        .enumerate()
+        .map(|(b, l)| {
+            let routed: Vec<f64> = l.routed.iter().map(|&r| r as f64).collect();
+            let total: f64 = routed.iter().sum();
+            let dropped = if total > 0.0 {
+                100.0 * l.dropped as f64 / total
+            } else {
+                0.0
+            };
+            format!(
+                "block {b} max/mean {:.2} dropped {dropped:.1}%",
+                contrail_common::experts::max_mean_ratio(&routed)
+            )
+        })
+        .collect();
+    Some(format!("moe step load: {}", blocks.join(", ")))
+}

@@ -1,0 +1,143 @@
+//! Where a worker computes and how it talks to its peers: the device (`cluster.device`), the
+//! collective backend (`cluster.backend`) and the compute settings (`train.precision`,
+//! `train.channels_last`), decided from the config and what libtorch sees.
+
+use crate::dist::nccl::{nccl_unique_id, NcclCollective, NCCL_UNIQUE_ID_BYTES, NO_GPU_MESSAGE};
+use crate::dist::staged::HostStaged;
+use crate::dist::tcp::TcpCollective;
+use crate::dist::Collective;
+use crate::nn::compute::{use_bf16_for_cuda_autocast, Compute};
+use anyhow::{bail, Context, Result};
+use contrail_common::JobConfig;
+use std::time::Duration;
+use tch::{Device, Kind, Tensor};
+
+/// The device `cluster.device` names for `rank`, given `gpus` visible CUDA devices.
+pub fn choose_device(setting: &str, rank: usize, gpus: usize) -> Result<Device> {
+    let cuda = |i: usize| -> Result<Device> {
+        if gpus == 0 {
+            bail!("cluster.device = \"{setting}\" but libtorch sees no CUDA GPU on this machine");
+        }
+        if i >= gpus {
+            bail!("cluster.device = \"{setting}\" but this machine has only {gpus} GPU(s)");
+        }
+        Ok(Device::Cuda(i))
+    };
+    match setting {
+        "auto" if gpus > 0 => Ok(Device::Cuda(rank % gpus)),
+        "auto" | "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i),
+            _ => bail!(
+                "cluster.device (\"{other}\") must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""
+            ),
+        },
+    }
+}
+
+/// Whether the job runs on NCCL: `"auto"` means NCCL when the worker's device is a GPU.
+pub fn use_nccl(backend: &str, device: Device) -> Result<bool> {
+    match (backend, device) {
+        ("nccl", Device::Cuda(_)) => Ok(true),
+        ("nccl", _) => bail!("{NO_GPU_MESSAGE} (cluster.device chose the CPU)"),
+        ("auto", Device::Cuda(_)) => Ok(true),
+        _ => Ok(false),
+    }
+}
+
+/// bf16 and channels-last as `train.*` ask, for `device`.
+pub fn choose_compute(cfg: &JobConfig, device: Device) -> Result<Compute> {
+    let gpu = device.is_cuda();
+    let bf16 = match (cfg.train.precision.as_str(), gpu) {
+        ("fp32", _) | ("auto", false) => false,
+        ("bf16", true) | ("auto", true) => true,
+        ("bf16", false) => bail!(
+            "train.precision = \"bf16\" needs a CUDA device (bf16 autocast runs on GPUs); this \
+             worker computes on the CPU: use \"auto\" or \"fp32\""
+        ),
+        (other, _) => bail!("train.precision (\"{other}\") must be \"auto\", \"fp32\" or \"bf16\""),
+    };
+    if bf16 {
+        use_bf16_for_cuda_autocast();
+    }
+    Ok(Compute {
+        bf16,
+        channels_last: gpu && cfg.train.channels_last,
+    })
+}
+
+/// The collective the worker trains with. The TCP mesh is always connected first (it is the
+/// bootstrap: NCCL's unique id travels over it from rank 0, so no extra coordinator round is
+/// needed); with NCCL it then stays idle.
+pub fn connect_collective(
+    tcp: TcpCollective,
+    nccl: bool,
+    device: Device,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    let rank = tcp.rank();
+    let world = tcp.world_size();
+    if !nccl {
+        return Ok(if device.is_cuda() {
+            Box::new(HostStaged::new(tcp))
+        } else {
+            Box::new(tcp)
+        });
+    }
+    let Device::Cuda(index) = device else {
+        bail!("{NO_GPU_MESSAGE}");
+    };
+    let mut id = if rank == 0 {
+        Tensor::from_slice(&nccl_unique_id().context("creating the NCCL unique id")?)
+    } else {
+        Tensor::zeros([NCCL_UNIQUE_ID_BYTES as i64], (Kind::Uint8, Device::Cpu))
+    };
+    tcp.broadcast(&mut id, 0)
+        .context("sending the NCCL unique id from rank 0")?;
+    let id: Vec<u8> = Vec::try_from(&id).context("reading the NCCL unique id")?;
+    let nccl = NcclCollective::new(rank, world, &id, index, timeout)
+        .with_context(|| format!("rank {rank}: joining the NCCL communicator on cuda:{index}"))?;
+    Ok(Box::new(nccl))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_follow_the_setting() {
+        assert_eq!(choose_device("auto", 3, 0).unwrap(), Device::Cpu);
+        assert_eq!(choose_device("auto", 3, 2).unwrap(), Device::Cuda(1));
+        assert_eq!(choose_device("cpu", 0, 8).unwrap(), Device::Cpu);
+        assert_eq!(choose_device("cuda:1", 0, 2).unwrap(), Device::Cuda(1));
+        let e = choose_device("cuda", 0, 0).unwrap_err().to_string();
+        assert!(e.contains("no CUDA GPU"), "{e}");
+        let e = choose_device("cuda:4", 0, 2).unwrap_err().to_string();
+        assert!(e.contains("only 2 GPU"), "{e}");
+        let e = choose_device("gpu", 0, 2).unwrap_err().to_string();
+        assert!(e.contains("cuda:N"), "{e}");
+    }
+
+    #[test]
+    fn nccl_only_on_gpus() {
+        assert!(use_nccl("auto", Device::Cuda(0)).unwrap());
+        assert!(!use_nccl("auto", Device::Cpu).unwrap());
+        assert!(!use_nccl("tcp", Device::Cuda(0)).unwrap());
+        let e = use_nccl("nccl", Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("needs a CUDA GPU"), "{e}");
+    }
+
+    #[test]
+    fn precision_auto_is_fp32_on_the_cpu_and_bf16_is_refused_there() {
+        let mut cfg = JobConfig::default();
+        let c = choose_compute(&cfg, Device::Cpu).unwrap();
+        assert_eq!(c, Compute::default());
+        cfg.train.precision = "bf16".into();
+        let e = choose_compute(&cfg, Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("needs a CUDA device"), "{e}");
+        cfg.train.precision = "fp32".into();
+        let c = choose_compute(&cfg, Device::Cuda(0)).unwrap();
+        assert!(!c.bf16 && c.channels_last);
+    }
+}

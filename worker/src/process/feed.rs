@@ -1,0 +1,225 @@
+//! One epoch of data for one rank: lease shards from the coordinator, stream them, and run the
+//! decode/augment pipeline.
+//!
+//! ```text
+//!  tokio task: lease ─► read_shard ─samples─► (bounded channel) ─► EpochPipeline ─► batches
+//!        ▲                                                              │
+//!        └──────── CompleteShard(lease, good, bad) ◄── shard reports ◄──┘
+//! ```
+//! A shard is reported complete only after the pipeline has processed every one of its
+//! samples, so the counts the coordinator records are final.
+
+use super::client::{Coordinator, Lease};
+use super::HeartbeatState;
+use crate::tokenize::Tokenizer;
+use crate::train::trainer::{BatchSource, LocalBatch};
+use anyhow::{Context, Result};
+use contrail_common::JobConfig;
+use contrail_data::pipeline::{EpochPipeline, PipelineInput, PipelineOptions, ShardReport};
+use contrail_data::shard_reader::read_shard;
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+use tch::Tensor;
+
+/// Samples buffered between the shard reader and the pipeline.
+const READ_AHEAD_SAMPLES: usize = 256;
+
+/// What the feed remembers about a leased shard until its report comes out of the pipeline.
+struct OpenLease {
+    lease_id: u64,
+    /// Set when reading failed after all retries: the shard is reported failed.
+    error: String,
+}
+
+pub struct EpochFeed {
+    rt: tokio::runtime::Handle,
+    coord: Coordinator,
+    pipeline: EpochPipeline,
+    reader: tokio::task::JoinHandle<()>,
+    leases: Arc<Mutex<HashMap<String, OpenLease>>>,
+    image_size: i64,
+    /// CLIP: captions become the batch's second half as tokens.
+    captions: Option<CaptionTokens>,
+}
+
+/// How a CLIP job turns captions into token ids.
+#[derive(Clone)]
+pub struct CaptionTokens {
+    pub tokenizer: Arc<dyn Tokenizer>,
+    pub context_length: usize,
+}
+
+impl EpochFeed {
+    pub fn start(
+        rt: tokio::runtime::Handle,
+        coord: Coordinator,
+        cfg: &JobConfig,
+        rank: usize,
+        epoch: u32,
+        progress: Arc<HeartbeatState>,
+        captions: Option<CaptionTokens>,
+    ) -> Result<Self> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<PipelineInput>(READ_AHEAD_SAMPLES);
+        let leases: Arc<Mutex<HashMap<String, OpenLease>>> = Arc::default();
+        let reader = rt.spawn(lease_and_read(
+            coord.clone(),
+            epoch,
+            cfg.data.s3_endpoint.clone(),
+            cfg.data.read_retries,
+            tx,
+            leases.clone(),
+            progress,
+        ));
+        let pipeline = EpochPipeline::spawn(
+            std::iter::from_fn(move || rx.blocking_recv()),
+            &cfg.data,
+            PipelineOptions {
+                micro_batch: cfg.train.micro_batch as usize,
+                seed: cfg.train.seed,
+                rank: rank as u32,
+                epoch,
+            },
+        );
+        Ok(Self {
+            rt,
+            coord,
+            pipeline,
+            reader,
+            leases,
+            image_size: i64::from(cfg.data.image_size),
+            captions,
+        })
+    }
+
+    fn complete(&self, report: ShardReport) {
+        let Some(open) = self
+            .leases
+            .lock()
+            .ok()
+            .and_then(|mut l| l.remove(&report.shard))
+        else {
+            tracing::warn!(
+                "pipeline reported shard {} that this worker never leased",
+                report.shard
+            );
+            return;
+        };
+        let mut coord = self.coord.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = coord
+                .complete_shard(open.lease_id, report.good, report.bad, open.error)
+                .await
+            {
+                tracing::warn!("could not report shard {} complete: {e:#}", report.shard);
+            }
+        });
+    }
+}
+
+impl BatchSource for EpochFeed {
+    fn next_batch(&mut self) -> Result<Option<LocalBatch>> {
+        let batch = self.pipeline.next_batch();
+        // The pipeline closes its report channel only after its last batch, so at the end of
+        // the epoch this drains every remaining report.
+        let reports: Vec<ShardReport> = if batch.is_some() {
+            self.pipeline.shard_reports().try_iter().collect()
+        } else {
+            self.pipeline.shard_reports().iter().collect()
+        };
+        for r in reports {
+            self.complete(r);
+        }
+        let Some(b) = batch else { return Ok(None) };
+        let shape = [b.len as i64, 3, self.image_size, self.image_size];
+        let images = Tensor::from_slice(&b.view1).view(shape);
+        let pair = match &self.captions {
+            None => Tensor::from_slice(&b.view2).view(shape),
+            Some(c) => {
+                let texts: Vec<&str> = b.captions.iter().map(String::as_str).collect();
+                c.tokenizer
+                    .encode_batch(&texts, c.context_length)
+                    .context("tokenizing captions")?
+            }
+        };
+        Ok(Some(LocalBatch { images, pair }))
+    }
+}
+
+impl Drop for EpochFeed {
+    fn drop(&mut self) {
+        // Training may stop mid-epoch (max_steps); the shards still leased simply expire.
+        self.reader.abort();
+    }
+}
+
+async fn lease_and_read(
+    mut coord: Coordinator,
+    epoch: u32,
+    s3_endpoint: String,
+    retries: u32,
+    tx: tokio::sync::mpsc::Sender<PipelineInput>,
+    leases: Arc<Mutex<HashMap<String, OpenLease>>>,
+    progress: Arc<HeartbeatState>,
+) {
+    loop {
+        let (url, lease_id) = match coord.lease_shard(epoch).await {
+            Ok(Lease::Shard { url, lease_id }) => (url, lease_id),
+            Ok(Lease::Exhausted) => break,
+            Err(e) => {
+                // The heartbeat task decides when the coordinator is gone for good; this rank
+                // just has no more data, and the in-band step agreement keeps the others safe.
+                tracing::warn!("leasing a shard of epoch {epoch} failed: {e:#}");
+                break;
+            }
+        };
+        if let Ok(mut s) = progress.shard.lock() {
+            s.clone_from(&url);
+        }
+        if let Ok(mut l) = leases.lock() {
+            l.insert(
+                url.clone(),
+                OpenLease {
+                    lease_id,
+                    error: String::new(),
+                },
+            );
+        }
+        let sent = read_shard(&url, &s3_endpoint, retries, |sample| {
+            let tx = tx.clone();
+            async move {
+                match tx.send(PipelineInput::Sample(sample)).await {
+                    Ok(()) => ControlFlow::Continue(()),
+                    // The pipeline is gone (training stopped): stop downloading.
+                    Err(_) => ControlFlow::Break(()),
+                }
+            }
+        })
+        .await;
+        let reader_bad = match sent {
+            Ok(stats) => stats.bad,
+            Err(e) => {
+                tracing::warn!("shard {url} failed: {e:#}");
+                if let Ok(mut l) = leases.lock() {
+                    if let Some(open) = l.get_mut(&url) {
+                        open.error = format!("{e:#}");
+                    }
+                }
+                Default::default()
+            }
+        };
+        if tx
+            .send(PipelineInput::ShardEnd {
+                shard: url,
+                reader_bad,
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    if let Ok(mut s) = progress.shard.lock() {
+        s.clear();
+    }
+}

@@ -1,0 +1,279 @@
+//! A worker process from start to exit: register, rendezvous, connect the collective, train,
+//! report, leave.
+//!
+//! Training runs on the calling thread (tch is synchronous); the caller's tokio runtime
+//! carries the coordinator RPCs, the heartbeat task and the shard readers.
+
+pub mod client;
+mod coordinated;
+pub mod device;
+pub mod feed;
+
+use crate::dist::tcp::TcpCollective;
+use crate::dist::Collective;
+use crate::model::ContrastiveModel;
+use crate::objective::build_objective;
+use crate::optim;
+use crate::tokenize::{ByteTokenizer, HfTokenizer, Tokenizer};
+use crate::train::checkpoint::{read_checkpoint, safetensors_to_tensors};
+use crate::train::trainer::{train, StartPoint};
+use anyhow::{Context, Result};
+use client::Coordinator;
+use contrail_common::JobConfig;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// gRPC endpoint of the coordinator, e.g. `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// Address the collective backend listens on (port 0 picks a free one).
+    pub collective_bind: String,
+    /// How long to keep trying to reach the coordinator at start-up.
+    pub connect_wait: Duration,
+    /// libtorch intra-op threads; 0 keeps libtorch's default.
+    pub torch_threads: i32,
+}
+
+/// State shared between the training thread and the heartbeat task.
+#[derive(Default)]
+pub struct HeartbeatState {
+    pub step: AtomicU64,
+    pub shard: Mutex<String>,
+    /// Set when the coordinator tells this worker to stop, or it can no longer be reached.
+    pub stop: Mutex<Option<String>>,
+}
+
+impl HeartbeatState {
+    pub fn stop_reason(&self) -> Option<String> {
+        self.stop.lock().map(|s| s.clone()).unwrap_or(None)
+    }
+}
+
+/// One worker from registration to leaving, training on this thread; `rt` (a multi-thread
+/// runtime, as `Coordinator::serve` takes its listeners) carries everything asynchronous.
+pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<()> {
+    if opts.torch_threads > 0 {
+        tch::set_num_threads(opts.torch_threads);
+    }
+    let bootstrap = TcpCollective::bind(&opts.collective_bind).with_context(|| {
+        format!(
+            "binding the collective listener on {}",
+            opts.collective_bind
+        )
+    })?;
+    let collective_addr = bootstrap
+        .local_addr()
+        .context("reading the collective listener's address")?
+        .to_string();
+    let mut coord = rt.block_on(Coordinator::register(
+        &opts.coordinator,
+        &collective_addr,
+        opts.connect_wait,
+    ))?;
+    let asg = rt.block_on(coord.rendezvous())?;
+    let cfg = JobConfig::from_toml(&asg.job_toml)
+        .context("the coordinator sent a job config this worker rejects")?;
+    tracing::info!(
+        rank = asg.rank,
+        world = asg.world_size,
+        collective = %collective_addr,
+        "joined the job"
+    );
+    let progress = Arc::new(HeartbeatState::default());
+    progress.step.store(asg.resume_step, Ordering::Relaxed);
+    let heartbeat = rt.spawn(coordinated::heartbeat_loop(
+        coord.clone(),
+        progress.clone(),
+        Duration::from_millis(cfg.cluster.heartbeat_ms),
+        Duration::from_millis(cfg.cluster.worker_timeout_ms),
+    ));
+
+    let result = (|| -> Result<()> {
+        let gpus = tch::Cuda::device_count().max(0) as usize;
+        let device = device::choose_device(&cfg.cluster.device, asg.rank, gpus)?;
+        let nccl = device::use_nccl(&cfg.cluster.backend, device)?;
+        let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
+        let tcp = bootstrap
+            .connect(asg.rank, asg.peers.clone(), timeout)
+            .context("connecting to the other workers")?;
+        // Shared: the MoE blocks of the model exchange tokens through it too.
+        let coll: Arc<dyn Collective> =
+            Arc::from(device::connect_collective(tcp, nccl, device, timeout)?);
+        tracing::info!(
+            rank = asg.rank,
+            ?device,
+            backend = if nccl { "nccl" } else { "tcp" },
+            "collective ready"
+        );
+        train_rank(rt, &mut coord, &cfg, &asg, &coll, device, &progress)
+    })();
+
+    heartbeat.abort();
+    let leave = match &result {
+        Ok(()) => rt.block_on(coord.leave(true, String::new())),
+        Err(e) => rt.block_on(coord.leave(false, format!("rank {}: {e:#}", asg.rank))),
+    };
+    if let Err(e) = leave {
+        tracing::warn!("could not tell the coordinator this worker is leaving: {e:#}");
+    }
+    result
+}
+
+fn train_rank(
+    rt: &tokio::runtime::Runtime,
+    coord: &mut Coordinator,
+    cfg: &JobConfig,
+    asg: &client::Assignment,
+    coll: &Arc<dyn Collective>,
+    device: tch::Device,
+    progress: &Arc<HeartbeatState>,
+) -> Result<()> {
+    // Same seed on every rank: identical initial parameters without a broadcast.
+    tch::manual_seed(cfg.train.seed as i64);
+    let captions = caption_tokens(rt, cfg)?;
+    let mut model = ContrastiveModel::for_job_on(
+        cfg,
+        captions.as_ref().map(|c| c.tokenizer.as_ref()),
+        device,
+        Some((coll.clone(), asg.placement.clone())),
+    )?;
+    if !cfg.model.init_weights.is_empty() && asg.resume_checkpoint.is_empty() {
+        let url = &cfg.model.init_weights;
+        let bytes = fetch_bytes(rt, url, &cfg.data.s3_endpoint)
+            .with_context(|| format!("reading model.init_weights {url}"))?;
+        let tensors = safetensors_to_tensors(&bytes)
+            .with_context(|| format!("model.init_weights {url} is not a safetensors file"))?;
+        let report = model
+            .load_matching(&tensors)
+            .with_context(|| format!("loading model.init_weights {url}"))?;
+        if asg.rank == 0 {
+            println!(
+                "initial weights from {url}: {} tensors loaded; {} model tensors kept their \
+                 initialisation{}; {} tensors of the file unused{}",
+                report.loaded,
+                report.kept.len(),
+                preview(&report.kept),
+                report.unused.len(),
+                preview(&report.unused)
+            );
+        }
+    }
+    // Before the optimizer exists, so its state takes the weights' layout.
+    model.set_compute(device::choose_compute(cfg, device)?);
+    let mut opt = optim::build(&cfg.optim, model.named_parameters())?;
+    let mut start = StartPoint::default();
+    if !asg.resume_checkpoint.is_empty() {
+        let tensors = rt
+            .block_on(read_checkpoint(
+                &asg.resume_checkpoint,
+                &cfg.data.s3_endpoint,
+            ))
+            .with_context(|| format!("resuming from {}", asg.resume_checkpoint))?;
+        // A checkpoint holds every expert; this rank loads the ones its placement gives it.
+        let (model_tensors, optim_tensors) = match model.moe() {
+            Some(rt) => (rt.keep_local(tensors.model), rt.keep_local(tensors.optim)),
+            None => (tensors.model, tensors.optim),
+        };
+        model.load_named(&model_tensors)?;
+        opt.load_state(&optim_tensors)?;
+        start = StartPoint {
+            epoch: asg.resume_epoch,
+            step: asg.resume_step,
+        };
+        if asg.rank == 0 {
+            println!(
+                "resumed from {} (epoch {}, step {})",
+                asg.resume_checkpoint, start.epoch, start.step
+            );
+            let t = &cfg.train;
+            if (t.epochs > 0 && start.epoch >= t.epochs)
+                || (t.max_steps > 0 && start.step >= t.max_steps)
+            {
+                println!(
+                    "that checkpoint already completed this job's train.epochs / train.max_steps: \
+                     nothing to train (raise them, or point checkpoint.url elsewhere to start over)"
+                );
+            }
+        }
+    }
+    let rebuild = coordinated::ModelBuilder {
+        tokenizer: captions.as_ref().map(|c| c.tokenizer.clone()),
+        device,
+        coll: coll.clone(),
+    };
+    let mut hooks = coordinated::CoordinatedHooks::new(
+        rt,
+        coord.clone(),
+        cfg,
+        asg,
+        progress.clone(),
+        captions,
+        rebuild,
+    );
+    let mut objective = build_objective(cfg)?;
+    let summary = train(
+        cfg,
+        &mut model,
+        &mut opt,
+        objective.as_mut(),
+        coll.as_ref(),
+        &mut hooks,
+        start,
+    )?;
+    if asg.rank == 0 {
+        match (summary.first_loss, summary.last_loss) {
+            (Some(first), Some(last)) => println!(
+                "rank 0 finished: {} steps, {} epochs, loss {first:.4} -> {last:.4}",
+                summary.steps, summary.epochs_completed
+            ),
+            _ => println!(
+                "rank 0 finished: no steps trained (at step {}, epoch {})",
+                start.step, start.epoch
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// The caption tokenizer of a CLIP job (`model.text.tokenizer`): the built-in byte-level one,
+/// or a `tokenizer.json` read from any storage URL.
+fn caption_tokens(
+    rt: &tokio::runtime::Runtime,
+    cfg: &JobConfig,
+) -> Result<Option<feed::CaptionTokens>> {
+    if cfg.objective.kind != "clip" {
+        return Ok(None);
+    }
+    let spec = &cfg.model.text.tokenizer;
+    let tokenizer: Arc<dyn Tokenizer> = if spec == "byte" {
+        Arc::new(ByteTokenizer::new())
+    } else {
+        let bytes = fetch_bytes(rt, spec, &cfg.data.s3_endpoint)
+            .with_context(|| format!("reading the tokenizer model.text.tokenizer {spec}"))?;
+        Arc::new(
+            HfTokenizer::from_bytes(&bytes)
+                .with_context(|| format!("loading the tokenizer {spec}"))?,
+        )
+    };
+    Ok(Some(feed::CaptionTokens {
+        tokenizer,
+        context_length: cfg.model.text.context_length as usize,
+    }))
+}
+
+/// The whole object at `url` (any storage URL contrail reads).
+fn fetch_bytes(rt: &tokio::runtime::Runtime, url: &str, s3_endpoint: &str) -> Result<bytes::Bytes> {
+    let loc = contrail_common::storage::resolve(url, s3_endpoint)?;
+    Ok(rt.block_on(async { loc.store.get(&loc.path).await?.bytes().await })?)
+}
+
+/// " (a, b, c, ...)" for a log line, or "" for an empty list.
+fn preview(names: &[String]) -> String {
+    match names.len() {
+        0 => String::new(),
+        n if n <= 3 => format!(" ({})", names.join(", ")),
+        n => format!(" ({}, ... {} more)", names[..3].join(", "), n - 3),
+    }
+}

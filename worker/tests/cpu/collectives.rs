@@ -1,0 +1,352 @@
+//! TCP collective across real processes: each multi-rank test re-runs this test binary once per
+//! rank (filtered to `tcp_rank_child`, with the rank, world size, scenario and a rendezvous
+//! folder in the environment). Every child checks its results against values it computes
+//! itself from the deterministic inputs of all ranks and panics (non-zero exit) on a mismatch;
+//! the parent asserts every child exited as its scenario requires.
+
+use contrail_test_support as support;
+
+use std::time::{Duration, Instant};
+use support::ranks::{assert_all_succeeded, child_env, rendezvous};
+
+use contrail_worker::dist::tcp::TcpCollective;
+use contrail_worker::dist::{Collective, CollectiveError};
+use tch::{Kind, Tensor};
+
+/// Runs the child ranks of this file.
+fn run_ranks(scenario: &str, world: usize) -> Vec<(Option<i32>, String)> {
+    support::ranks::run_ranks("collectives::tcp_rank_child", scenario, world)
+}
+/// Exit code of the rank that the failure scenario kills.
+const DYING_EXIT: i32 = 17;
+
+// ---------------------------------------------------------------------------------------------
+// Parent side.
+
+#[test]
+fn two_ranks_all_operations() {
+    assert_all_succeeded(&run_ranks("ops", 2));
+}
+
+#[test]
+fn three_ranks_all_operations() {
+    assert_all_succeeded(&run_ranks("ops", 3));
+}
+
+#[test]
+fn killed_rank_is_named_quickly_by_survivors() {
+    let results = run_ranks("die", 3);
+    for (rank, (_, log)) in results.iter().enumerate().take(2) {
+        eprintln!(
+            "rank {rank}: {}",
+            log.lines()
+                .filter(|l| l.contains("got after"))
+                .collect::<String>()
+        );
+    }
+    let (code, log) = &results[2];
+    assert_eq!(
+        *code,
+        Some(DYING_EXIT),
+        "the dying rank should exit abruptly; output:\n{log}"
+    );
+    assert_all_succeeded(&results[..2]);
+}
+
+#[test]
+fn silent_rank_times_out_with_its_name() {
+    let results = run_ranks("silent", 2);
+    assert_all_succeeded(&results);
+}
+
+#[test]
+fn world_of_one_needs_no_sockets() {
+    let c = TcpCollective::bind("127.0.0.1:0")
+        .expect("bind")
+        .connect(0, vec!["unused:1".into()], Duration::from_secs(1))
+        .expect("world of one");
+    let mut t = Tensor::from_slice(&[1.5f32, 2.5]);
+    c.all_reduce_sum(&mut t).expect("all_reduce");
+    assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![1.5, 2.5]);
+    let g = c
+        .all_gather(&Tensor::from_slice(&[4i64, 5]), &[2])
+        .expect("all_gather");
+    assert_eq!(Vec::<i64>::try_from(&g).unwrap(), vec![4, 5]);
+    let (a, counts) = c
+        .all_to_all(&Tensor::from_slice(&[7i64]), &[1])
+        .expect("all_to_all");
+    assert_eq!(
+        (Vec::<i64>::try_from(&a).unwrap(), counts),
+        (vec![7], vec![1])
+    );
+    c.barrier().expect("barrier");
+    let err = c
+        .all_gather(&Tensor::from_slice(&[1i64]), &[2])
+        .unwrap_err();
+    assert!(matches!(err, CollectiveError::Usage(_)), "{err}");
+}
+
+#[test]
+fn peer_with_another_job_token_is_refused() {
+    let b0 = TcpCollective::bind("127.0.0.1:0")
+        .expect("bind")
+        .with_token(1);
+    let b1 = TcpCollective::bind("127.0.0.1:0")
+        .expect("bind")
+        .with_token(2);
+    let addrs = vec![
+        b0.local_addr().unwrap().to_string(),
+        b1.local_addr().unwrap().to_string(),
+    ];
+    let a2 = addrs.clone();
+    let t = std::thread::spawn(move || b0.connect(0, a2, Duration::from_millis(800)).err());
+    let started = Instant::now();
+    let e1 = b1
+        .connect(1, addrs, Duration::from_millis(800))
+        .err()
+        .expect("rank 1 must fail");
+    let e0 = t.join().unwrap().expect("rank 0 must fail");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        e1.to_string().contains("rank 0") && e1.to_string().contains("token"),
+        "{e1}"
+    );
+    assert!(e0.to_string().contains("rank 1"), "{e0}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child side.
+
+/// Entry point of a child rank; a no-op when the test harness runs it directly.
+#[test]
+fn tcp_rank_child() {
+    let Some(env) = child_env() else {
+        return;
+    };
+    let timeout = match env.scenario.as_str() {
+        "silent" => Duration::from_millis(1500),
+        _ => Duration::from_secs(60),
+    };
+    let c = rendezvous(&env.dir, env.rank, env.world, timeout);
+    let scenario = env.scenario;
+    match scenario.as_str() {
+        "ops" => ops(&c),
+        "die" => die(&c),
+        "silent" => silent(&c),
+        other => panic!("unknown scenario {other}"),
+    }
+}
+
+/// Deterministic value of element `i` on rank `r`, exactly representable so sums in any order
+/// are exact.
+fn val(i: usize, r: usize) -> f64 {
+    ((i * 7 + r * 13) % 101) as f64 * 0.25 - 5.0
+}
+
+fn ops(c: &TcpCollective) {
+    let (rank, world) = (c.rank(), c.world_size());
+
+    for len in [1usize, 7, 1_000_003] {
+        // f32
+        let mut t = Tensor::from_slice(&(0..len).map(|i| val(i, rank) as f32).collect::<Vec<_>>());
+        c.all_reduce_sum(&mut t).expect("all_reduce f32");
+        let got = Vec::<f32>::try_from(&t).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let want: f32 = (0..world).map(|r| val(i, r) as f32).sum();
+            assert_eq!(*g, want, "f32 len {len} element {i}");
+        }
+        // f64 with an offset f32 could not hold exactly.
+        let mut t = Tensor::from_slice(&(0..len).map(|i| 1e12 + val(i, rank)).collect::<Vec<_>>());
+        c.all_reduce_sum(&mut t).expect("all_reduce f64");
+        let got = Vec::<f64>::try_from(&t).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let want: f64 = (0..world).map(|r| 1e12 + val(i, r)).sum();
+            assert_eq!(*g, want, "f64 len {len} element {i}");
+        }
+        // i64 beyond 32 bits.
+        let v64 = |i: usize, r: usize| (i as i64) * (r as i64 + 1) + (r as i64) * 5_000_000_007;
+        let mut t = Tensor::from_slice(&(0..len).map(|i| v64(i, rank)).collect::<Vec<_>>());
+        c.all_reduce_sum(&mut t).expect("all_reduce i64");
+        let got = Vec::<i64>::try_from(&t).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let want: i64 = (0..world).map(|r| v64(i, r)).sum();
+            assert_eq!(*g, want, "i64 len {len} element {i}");
+        }
+    }
+
+    // i32, 2-D and non-contiguous (a transpose): the result must land in the caller's view.
+    let base: Vec<i32> = (0..12).map(|i| i * (rank as i32 + 1)).collect();
+    let mut t = Tensor::from_slice(&base).view([3, 4]).tr();
+    assert!(!t.is_contiguous());
+    c.all_reduce_sum(&mut t).expect("all_reduce i32 transposed");
+    let tri: i32 = (1..=world as i32).sum();
+    let want = Tensor::from_slice(&(0..12).map(|i| i * tri).collect::<Vec<i32>>())
+        .view([3, 4])
+        .tr();
+    assert!(t.equal(&want), "i32 transposed all-reduce");
+
+    // Reductions refuse kinds they cannot sum, without poisoning the collective.
+    let mut b = Tensor::from_slice(&[true, false]);
+    assert!(matches!(
+        c.all_reduce_sum(&mut b),
+        Err(CollectiveError::Usage(_))
+    ));
+
+    // all_gather with uneven counts and a rank with zero rows.
+    let counts: Vec<i64> = if world == 2 {
+        vec![0, 3]
+    } else {
+        vec![2, 0, 5]
+    };
+    let rows = |r: usize| -> Vec<f32> {
+        (0..counts[r] as usize * 3)
+            .map(|k| (r * 1000 + k) as f32)
+            .collect()
+    };
+    let local = Tensor::from_slice(&rows(rank)).view([counts[rank], 3]);
+    let g = c.all_gather(&local, &counts).expect("all_gather");
+    let total: i64 = counts.iter().sum();
+    assert_eq!(g.size(), vec![total, 3]);
+    let want: Vec<f32> = (0..world).flat_map(rows).collect();
+    assert_eq!(
+        Vec::<f32>::try_from(&g.flatten(0, -1)).unwrap(),
+        want,
+        "all_gather"
+    );
+
+    // reduce_scatter with the same uneven counts (Double and Int64).
+    let fv = |row: usize, col: usize, r: usize| (row * 3 + col) as f64 * 0.5 + (r * 100) as f64;
+    let full: Vec<f64> = (0..total as usize)
+        .flat_map(|row| (0..3).map(move |col| fv(row, col, rank)))
+        .collect();
+    let full = Tensor::from_slice(&full).view([total, 3]);
+    let mine = c
+        .reduce_scatter_sum(&full, &counts)
+        .expect("reduce_scatter f64");
+    assert_eq!(mine.size(), vec![counts[rank], 3]);
+    let first: usize = counts[..rank].iter().sum::<i64>() as usize;
+    let want: Vec<f64> = (first..first + counts[rank] as usize)
+        .flat_map(|row| (0..3).map(move |col| (0..world).map(|r| fv(row, col, r)).sum::<f64>()))
+        .collect();
+    assert_eq!(
+        Vec::<f64>::try_from(&mine.flatten(0, -1)).unwrap(),
+        want,
+        "reduce_scatter"
+    );
+    let full_i = (&full * 2).to_kind(Kind::Int64);
+    let mine_i = c
+        .reduce_scatter_sum(&full_i, &counts)
+        .expect("reduce_scatter i64");
+    let want_i: Vec<i64> = want.iter().map(|v| (v * 2.0) as i64).collect();
+    assert_eq!(
+        Vec::<i64>::try_from(&mine_i.flatten(0, -1)).unwrap(),
+        want_i
+    );
+
+    // broadcast from a non-zero root, large enough to be pipelined in several segments.
+    let root = 1;
+    let payload: Vec<f32> = (0..300_001).map(|i| val(i, 99) as f32).collect();
+    let mut t = if rank == root {
+        Tensor::from_slice(&payload)
+    } else {
+        Tensor::zeros([300_001], (Kind::Float, tch::Device::Cpu))
+    };
+    c.broadcast(&mut t, root).expect("broadcast");
+    assert_eq!(Vec::<f32>::try_from(&t).unwrap(), payload, "broadcast");
+
+    // all_to_all with uneven per-peer counts, zeros included; a row encodes (src, dst, k).
+    let sends = |src: usize, dst: usize| ((src + 2 * dst) % 3) as i64;
+    let send_counts: Vec<i64> = (0..world).map(|p| sends(rank, p)).collect();
+    let input: Vec<i64> = (0..world)
+        .flat_map(|p| (0..sends(rank, p)).flat_map(move |k| [rank as i64, p as i64, k]))
+        .collect();
+    let input = Tensor::from_slice(&input).view([-1, 3]);
+    let (out, recv_counts) = c.all_to_all(&input, &send_counts).expect("all_to_all");
+    let want_counts: Vec<i64> = (0..world).map(|q| sends(q, rank)).collect();
+    assert_eq!(recv_counts, want_counts, "all_to_all counts");
+    let want: Vec<i64> = (0..world)
+        .flat_map(|q| (0..sends(q, rank)).flat_map(move |k| [q as i64, rank as i64, k]))
+        .collect();
+    assert_eq!(
+        Vec::<i64>::try_from(&out.flatten(0, -1)).unwrap(),
+        want,
+        "all_to_all rows"
+    );
+    // The same exchange with the receive counts known up front (no count round).
+    let known = c
+        .all_to_all_known(&input, &send_counts, &want_counts)
+        .expect("all_to_all_known");
+    assert_eq!(
+        Vec::<i64>::try_from(&known.flatten(0, -1)).unwrap(),
+        want,
+        "all_to_all_known rows"
+    );
+
+    // barrier really waits: rank 0 arrives 400 ms late, so nobody may leave before that.
+    let start = Instant::now();
+    if rank == 0 {
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    c.barrier().expect("barrier");
+    assert!(
+        start.elapsed() >= Duration::from_millis(350),
+        "barrier returned early on rank {rank}"
+    );
+    c.barrier().expect("second barrier");
+}
+
+fn die(c: &TcpCollective) {
+    c.barrier().expect("barrier before the failure");
+    if c.rank() == 2 {
+        // Dies in the middle of the all-reduce loop below, without closing anything cleanly.
+        std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            std::process::exit(DYING_EXIT);
+        });
+    }
+    let start = Instant::now();
+    let mut t = Tensor::ones([1 << 20], (Kind::Float, tch::Device::Cpu));
+    for _ in 0..100_000 {
+        if let Err(e) = c.all_reduce_sum(&mut t) {
+            let elapsed = start.elapsed();
+            let msg = e.to_string();
+            eprintln!("rank {} got after {elapsed:?}: {msg}", c.rank());
+            assert!(msg.contains("rank 2"), "error should name rank 2: {msg}");
+            assert!(
+                elapsed < Duration::from_secs(10),
+                "took {elapsed:?} to notice"
+            );
+            // Poisoned: the next call fails at once with the same peer.
+            let again = c.barrier().expect_err("poisoned collective must fail");
+            assert!(again.to_string().contains("rank 2"), "{again}");
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "rank 2 never died?"
+        );
+    }
+    panic!("all-reduce kept succeeding although rank 2 died");
+}
+
+fn silent(c: &TcpCollective) {
+    if c.rank() == 1 {
+        // Stays alive but never enters the collective.
+        std::thread::sleep(Duration::from_millis(4000));
+        return;
+    }
+    let start = Instant::now();
+    let mut t = Tensor::ones([1000], (Kind::Float, tch::Device::Cpu));
+    let e = c
+        .all_reduce_sum(&mut t)
+        .expect_err("silent peer must time out");
+    let elapsed = start.elapsed();
+    assert!(
+        matches!(e, CollectiveError::Timeout { rank: 1, .. }),
+        "expected a timeout naming rank 1, got {e}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_millis(3500),
+        "timed out after {elapsed:?}, configured 1500 ms"
+    );
+}
