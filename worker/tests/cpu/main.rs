@@ -14,4 +14,3 @@ mod objective_conformance;
 mod objective_equivalence;
 mod optim_conformance;
 mod swav_conformance;
-mod torchvision_compat;
