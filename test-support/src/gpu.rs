@@ -1,4 +1,5 @@
-//! GPU tests. Each carries `#[ignore = "needs a CUDA GPU ..."]`, so a machine without a GPU
+//! GPU tests. Each carries `#[ignore = "needs a CUDA GPU ..."]` (written out at every test:
+//! `#[ignore]` takes only a literal), so a machine without a GPU
 //! reports it as ignored, never as passed; on a GPU machine run the suite with
 //! `--include-ignored` (scripts/gpu_carry.sh lists the commands). Run there without CUDA, a
 //! GPU test fails at once instead of passing vacuously.
@@ -7,9 +8,6 @@
 //! test runs everywhere, the CUDA one is a GPU test.
 
 use tch::Device;
-
-/// The reason every GPU test gives in its `#[ignore]`.
-pub const NEEDS_GPU: &str = "needs a CUDA GPU: run with --include-ignored on a GPU machine";
 
 /// The first CUDA device; panics (failing the test) where there is none.
 pub fn cuda() -> Device {
