@@ -5,6 +5,7 @@
 
 use crate::commands::synth;
 use anyhow::{bail, Context, Result};
+use contrail_common::config::Backend;
 use contrail_common::status::{render_status_text, JobState};
 use contrail_common::storage::list_shards;
 use contrail_common::JobConfig;
@@ -24,11 +25,11 @@ pub fn run_local(
     let mut cfg = JobConfig::from_file(config_path, &overrides)?;
     // NCCL refuses two ranks on one GPU: workers that must share GPUs talk over TCP.
     let gpus = tch::Cuda::device_count().max(0) as u32;
-    if cfg.cluster.backend == "auto" && gpus > 0 && workers > gpus {
+    if cfg.cluster.backend == Backend::Auto && gpus > 0 && workers > gpus {
         println!(
             "{workers} workers share {gpus} GPU(s): collectives go over TCP (cluster.backend = \"tcp\")"
         );
-        cfg.cluster.backend = "tcp".into();
+        cfg.cluster.backend = Backend::Tcp;
     }
 
     // Bind first, so `:0` in the config becomes a real port that the workers are given.

@@ -304,13 +304,12 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
     if opts.namespace.trim().is_empty() {
         bail!("--namespace must not be empty");
     }
-    let device = cfg.cluster.device.as_str();
-    if opts.gpus_per_worker == 0 && (cfg.cluster.backend == "nccl" || device.starts_with("cuda")) {
+    if opts.gpus_per_worker == 0 && cfg.cluster.requires_gpu() {
         bail!(
-            "the job file asks for GPUs (cluster.backend={:?}, cluster.device={:?}) but \
+            "the job file asks for GPUs (cluster.backend=\"{}\", cluster.device=\"{}\") but \
              --gpus-per-worker is 0",
             cfg.cluster.backend,
-            device
+            cfg.cluster.device
         );
     }
     let job_toml = cluster_job_toml(cfg, opts)?;

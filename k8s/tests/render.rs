@@ -3,7 +3,7 @@
 mod common;
 
 use common::{cases, job, opts, render_case};
-use contrail_common::config::JobConfig;
+use contrail_common::config::{Backend, JobConfig};
 use contrail_k8s::apply::{self, FIELD_MANAGER};
 use contrail_k8s::jobset::JobSet;
 use contrail_k8s::{
@@ -315,7 +315,7 @@ fn render_refuses_what_cannot_run() {
     assert!(e.contains("train.global_batch"), "{e}");
     // An NCCL job without GPUs.
     let mut nccl = cfg.clone();
-    nccl.cluster.backend = "nccl".into();
+    nccl.cluster.backend = Backend::Nccl;
     let e = format!("{:#}", render(&nccl, &o).unwrap_err());
     assert!(e.contains("--gpus-per-worker"), "{e}");
 }

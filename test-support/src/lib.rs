@@ -15,7 +15,8 @@ pub mod gpu;
 pub mod ranks;
 
 use contrail_common::config::{ModelConfig, NormKind, StemKind};
-use contrail_worker::model::ContrastiveModel;
+use contrail_common::JobConfig;
+use contrail_worker::model::{BuildOptions, ContrastiveModel};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -34,6 +35,15 @@ pub fn model_config() -> ModelConfig {
     }
 }
 
+/// The model of [`model_config`], built the one way models are built: as a SimCLR job's.
+pub fn build_model() -> ContrastiveModel {
+    let job = JobConfig {
+        model: model_config(),
+        ..Default::default()
+    };
+    ContrastiveModel::build(&job, Device::Cpu, BuildOptions::default()).unwrap()
+}
+
 pub struct Setup {
     pub initial: ContrastiveModel,
     pub view1: Tensor,
@@ -49,7 +59,7 @@ pub fn setup(seed: i64, samples: i64) -> Setup {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::set_num_threads(1);
     tch::manual_seed(seed);
-    let initial = ContrastiveModel::new(&model_config(), Device::Cpu).unwrap();
+    let initial = build_model();
     let shape = [samples, 3, 16, 16];
     let view1 = Tensor::randn(shape, (Kind::Float, Device::Cpu));
     let view2 = &view1 * 0.8 + Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.3;
@@ -64,7 +74,7 @@ pub fn fresh_copy(of: &ContrastiveModel) -> ContrastiveModel {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     // A different seed, so only the copy can make the models identical.
     tch::manual_seed(99);
-    let mut m = ContrastiveModel::new(&model_config(), Device::Cpu).unwrap();
+    let mut m = build_model();
     m.copy_from(of).unwrap();
     m
 }

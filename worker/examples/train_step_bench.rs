@@ -18,12 +18,14 @@
 //! context and libtorch's cache, so it is an upper bound of what the step needs).
 
 use anyhow::{bail, Context, Result};
-use contrail_common::config::{BlockKind, NormKind, StemKind};
+use contrail_common::config::{
+    Backend, BlockKind, EncoderKind, NormKind, ObjectiveKind, Precision, StemKind,
+};
 use contrail_common::JobConfig;
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::nccl::{nccl_unique_id, NcclCollective};
 use contrail_worker::dist::Collective;
-use contrail_worker::model::ContrastiveModel;
+use contrail_worker::model::{BuildOptions, ContrastiveModel};
 use contrail_worker::nn::compute::use_bf16_for_cuda_autocast;
 use contrail_worker::nn::Compute;
 use contrail_worker::objective::build_objective;
@@ -39,10 +41,10 @@ struct Args {
     image_size: i64,
     steps: u64,
     warmup: u64,
-    precision: String,
+    precision: Precision,
     channels_last: bool,
-    objective: String,
-    backend: String,
+    objective: ObjectiveKind,
+    backend: Backend,
     micro_batch: i64,
 }
 
@@ -53,10 +55,10 @@ fn parse() -> Result<Args> {
         image_size: 224,
         steps: 20,
         warmup: 5,
-        precision: "bf16".into(),
+        precision: Precision::Bf16,
         channels_last: true,
-        objective: "simclr".into(),
-        backend: "nccl".into(),
+        objective: ObjectiveKind::Simclr,
+        backend: Backend::Nccl,
         micro_batch: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -71,10 +73,10 @@ fn parse() -> Result<Args> {
             "--image-size" => a.image_size = v.parse()?,
             "--steps" => a.steps = v.parse()?,
             "--warmup" => a.warmup = v.parse()?,
-            "--precision" => a.precision = v.into(),
+            "--precision" => a.precision = v.parse().map_err(anyhow::Error::msg)?,
             "--channels-last" => a.channels_last = v == "1" || v == "true",
-            "--objective" => a.objective = v.into(),
-            "--backend" => a.backend = v.into(),
+            "--objective" => a.objective = v.parse().map_err(anyhow::Error::msg)?,
+            "--backend" => a.backend = v.parse().map_err(anyhow::Error::msg)?,
             "--micro-batch" => a.micro_batch = v.parse()?,
             other => bail!("unknown argument {other}"),
         }
@@ -90,8 +92,8 @@ fn main() -> Result<()> {
         Device::Cpu
     };
     let mut cfg = JobConfig::default();
-    cfg.objective.kind = a.objective.clone();
-    cfg.objective.moco_queue_size = 65_536;
+    cfg.objective.kind = a.objective;
+    cfg.objective.moco.queue_size = 65_536;
     cfg.model.norm = NormKind::Batch;
     cfg.model.projector_hidden = 2048;
     cfg.model.projector_out = 128;
@@ -104,7 +106,7 @@ fn main() -> Result<()> {
         }
         "resnet18" => cfg.model.layers = vec![2, 2, 2, 2],
         "vit-b-16" | "vit-b-32" => {
-            cfg.model.encoder = "vit".into();
+            cfg.model.encoder = EncoderKind::Vit;
             cfg.model.vit.patch_size = if a.model == "vit-b-16" { 16 } else { 32 };
             cfg.model.projector_out = 512;
         }
@@ -131,8 +133,15 @@ fn main() -> Result<()> {
 
     tch::manual_seed(0);
     let tokenizer = ByteTokenizer::new();
-    let mut model = ContrastiveModel::for_job(&cfg, Some(&tokenizer), device)?;
-    let bf16 = a.precision == "bf16";
+    let mut model = ContrastiveModel::build(
+        &cfg,
+        device,
+        BuildOptions {
+            tokenizer: Some(&tokenizer),
+            ..Default::default()
+        },
+    )?;
+    let bf16 = a.precision == Precision::Bf16;
     if bf16 {
         use_bf16_for_cuda_autocast();
     }
@@ -141,7 +150,7 @@ fn main() -> Result<()> {
         channels_last: a.channels_last,
     });
     // SimCLR-style runs use SGD with momentum, CLIP AdamW, as their references do.
-    let mut opt: Box<dyn Optimizer> = if a.objective == "clip" {
+    let mut opt: Box<dyn Optimizer> = if a.objective == ObjectiveKind::Clip {
         Box::new(AdamW::new(
             model.named_parameters(),
             AdamWOptions::from_config(&cfg.optim),
@@ -149,9 +158,9 @@ fn main() -> Result<()> {
     } else {
         Box::new(Sgd::new(model.named_parameters(), 0.9, 1e-6))
     };
-    let mut objective = build_objective(&cfg)?;
-    let coll: Box<dyn Collective> = match (a.backend.as_str(), device) {
-        ("nccl", Device::Cuda(i)) => Box::new(NcclCollective::new(
+    let mut objective = build_objective(&cfg);
+    let coll: Box<dyn Collective> = match (a.backend, device) {
+        (Backend::Nccl, Device::Cuda(i)) => Box::new(NcclCollective::new(
             0,
             1,
             &nccl_unique_id()?,
@@ -164,7 +173,7 @@ fn main() -> Result<()> {
     // With accumulation the micro-batches stay on the host, as the trainer keeps them.
     let home = if k > 1 { Device::Cpu } else { device };
     let v1 = Tensor::randn(shape, (Kind::Float, home));
-    let v2 = if a.objective == "clip" {
+    let v2 = if a.objective == ObjectiveKind::Clip {
         Tensor::randint_low(1, 257, [micro_batch, 77], (Kind::Int64, home))
     } else {
         Tensor::randn(shape, (Kind::Float, home))

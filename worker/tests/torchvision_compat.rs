@@ -12,9 +12,10 @@
 //! some test there changes libtorch state it depends on. Until that is found it keeps its own
 //! process.
 
-use contrail_common::config::{BlockKind, ModelConfig, NormKind, ObjectiveConfig, StemKind};
+use contrail_common::config::{BlockKind, ModelConfig, NormKind, StemKind};
+use contrail_common::JobConfig;
 use contrail_worker::dist::local::LocalGroup;
-use contrail_worker::model::ContrastiveModel;
+use contrail_worker::model::{BuildOptions, ContrastiveModel};
 use contrail_worker::optim::Sgd;
 use contrail_worker::train::checkpoint::tensors_to_safetensors;
 use contrail_worker::train::step::simclr_train_step;
@@ -45,9 +46,11 @@ fn trained_resnet50_checkpoint_loads_into_torchvision() {
         python.display()
     );
     tch::manual_seed(3);
-    let model =
-        ContrastiveModel::for_objective(&resnet50(), &ObjectiveConfig::default(), Device::Cpu)
-            .unwrap();
+    let job = JobConfig {
+        model: resnet50(),
+        ..Default::default()
+    };
+    let model = ContrastiveModel::build(&job, Device::Cpu, BuildOptions::default()).unwrap();
     assert_eq!(
         model
             .encode_t(

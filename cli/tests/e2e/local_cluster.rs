@@ -572,7 +572,7 @@ fn moco_swav_and_clip_jobs_train_checkpoint_and_resume() {
     for (kind, objective, sets, expect) in [
         (
             "moco",
-            "[objective]\nkind = \"moco\"\nmoco_queue_size = 96\n",
+            "[objective]\nkind = \"moco\"\n[objective.moco]\nqueue_size = 96\n",
             vec![],
             [
                 "momentum.queue",
@@ -582,8 +582,8 @@ fn moco_swav_and_clip_jobs_train_checkpoint_and_resume() {
         ),
         (
             "swav",
-            "[objective]\nkind = \"swav\"\ntemperature = 0.1\nswav_prototypes = 24\n\
-             swav_freeze_prototypes_steps = 3\nswav_queue_size = 16\n",
+            "[objective]\nkind = \"swav\"\ntemperature = 0.1\n[objective.swav]\nprototypes = 24\n\
+             freeze_prototypes_steps = 3\nqueue_size = 16\n",
             vec![],
             ["prototypes.weight", "conv1.weight", "projector.0.weight"],
         ),

@@ -1,7 +1,7 @@
 //! `[moe]`: mixture-of-experts feed-forward blocks, their routing, and how the experts are
 //! spread over the workers.
 
-use super::{err, ConfigError};
+use super::{err, ConfigError, ObjectiveKind};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -92,7 +92,7 @@ impl MoeConfig {
         vit_layers: Option<u32>,
         text_layers: Option<u32>,
         has_projector: bool,
-        objective: &str,
+        objective: ObjectiveKind,
         world_size: u32,
     ) -> Result<(), ConfigError> {
         if !self.enabled() {
@@ -146,7 +146,7 @@ impl MoeConfig {
                  and moe.projector is off",
             ));
         }
-        if objective == "moco" {
+        if objective == ObjectiveKind::Moco {
             return Err(err(
                 "moe.experts",
                 "MoE blocks are not supported with objective.kind = \"moco\" (the momentum key \

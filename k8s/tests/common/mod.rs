@@ -1,6 +1,6 @@
 #![allow(dead_code)]
 
-use contrail_common::config::JobConfig;
+use contrail_common::config::{Backend, JobConfig};
 use contrail_k8s::{render, Crd, Manifest, RenderOptions};
 use std::path::{Path, PathBuf};
 
@@ -49,7 +49,7 @@ pub fn cases() -> Vec<RenderOptions> {
 pub fn render_case(o: &RenderOptions) -> Vec<Manifest> {
     let mut cfg = job();
     if o.gpus_per_worker > 0 {
-        cfg.cluster.backend = "nccl".into();
+        cfg.cluster.backend = Backend::Nccl;
     }
     render(&cfg, o).unwrap()
 }

@@ -20,12 +20,12 @@ use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime, MoeSettings};
 use crate::nn::torch_default_uniform;
 use crate::tokenize::Tokenizer;
 use anyhow::{bail, Context};
-use contrail_common::config::{ModelConfig, NormKind, ObjectiveConfig};
+use contrail_common::config::{EncoderKind, ModelConfig, ObjectiveKind};
 use contrail_common::experts::ExpertPlacement;
 use contrail_common::JobConfig;
 use std::sync::Arc;
 use tch::{nn, Device, Tensor};
-use text::{TextConfig, TextMode, TextTransformer};
+use text::{TextConfig, TextTransformer};
 use transformer::MoeBlocks;
 use vit::{VisionTransformer, VitConfig};
 
@@ -156,6 +156,23 @@ pub struct ClipText {
     context_length: i64,
 }
 
+/// What an objective adds to the image network.
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per model, built once and never moved in a hot path"
+)]
+enum ObjectiveParts {
+    /// SimCLR: nothing.
+    None,
+    /// SwAV: prototypes (`prototypes.weight`, trainable).
+    Swav(Prototypes),
+    /// MoCo: key encoder and queue (not trainable).
+    Moco(MomentumBranch),
+    /// CLIP: text tower and logit scale.
+    Clip(ClipText),
+}
+
 /// Encoder + projector with their variables, plus the objective's extra parts.
 #[derive(Debug)]
 pub struct ContrastiveModel {
@@ -165,147 +182,37 @@ pub struct ContrastiveModel {
     /// the embedding).
     projector: Option<Head>,
     embedding_dim: i64,
-    /// SwAV: prototypes (`prototypes.weight`, trainable).
-    prototypes: Option<Prototypes>,
-    /// MoCo: key encoder and queue (not trainable).
-    momentum: Option<MomentumBranch>,
-    /// CLIP: text tower and logit scale.
-    clip: Option<ClipText>,
+    /// What the objective adds to the image network.
+    parts: ObjectiveParts,
     /// bf16 autocast and channels-last (GPU).
     compute: Compute,
     /// What the MoE blocks share, when the model has any.
     moe: Option<Arc<MoeRuntime>>,
 }
 
+/// What building a model needs besides the job file.
+#[derive(Default)]
+pub struct BuildOptions<'a> {
+    /// CLIP: the caption tokenizer, which fixes the vocabulary and the pad and end ids.
+    pub tokenizer: Option<&'a dyn Tokenizer>,
+    /// With `[moe]` on: the rank's expert group and the placement that says which experts it
+    /// holds (the default spread when None). Without it the model holds every expert itself.
+    pub experts: Option<(Arc<dyn Collective>, Option<ExpertPlacement>)>,
+}
+
 impl ContrastiveModel {
-    /// The network `objective.kind` trains: the plain encoder + projector for SimCLR, with
-    /// prototypes for SwAV, with a momentum branch and queue for MoCo.
-    pub fn for_objective(
-        cfg: &ModelConfig,
-        objective: &ObjectiveConfig,
-        device: Device,
-    ) -> anyhow::Result<Self> {
-        Self::for_objective_with(cfg, objective, device, None)
-    }
-
-    /// [`Self::for_objective`] with the projector a mixture of experts over `experts`.
-    fn for_objective_with(
-        cfg: &ModelConfig,
-        objective: &ObjectiveConfig,
-        device: Device,
-        experts: Option<&Arc<MoeRuntime>>,
-    ) -> anyhow::Result<Self> {
-        let mut model = Self::new_with(cfg, device, experts)?;
-        match objective.kind.as_str() {
-            "simclr" => {}
-            "swav" => {
-                model.prototypes = Some(Prototypes::new(
-                    &(&model.vs.root() / "prototypes"),
-                    model.embedding_dim,
-                    objective.swav_prototypes as i64,
-                ));
-            }
-            "moco" => {
-                let branch = MomentumBranch::new(cfg, objective.moco_queue_size as i64, device)?;
-                branch.copy_from_query(&model.named_variables())?;
-                model.momentum = Some(branch);
-            }
-            other => bail!("objective.kind \"{other}\" has no model"),
-        }
-        Ok(model)
-    }
-
-    /// Builds the encoder + projector from `model.*` (variables initialised from tch's global
-    /// RNG, so `tch::manual_seed` makes it reproducible).
-    pub fn new(cfg: &ModelConfig, device: Device) -> anyhow::Result<Self> {
-        Self::new_with(cfg, device, None)
-    }
-
-    fn new_with(
-        cfg: &ModelConfig,
-        device: Device,
-        experts: Option<&Arc<MoeRuntime>>,
-    ) -> anyhow::Result<Self> {
-        if cfg.encoder != "resnet" {
-            bail!(
-                "model.encoder \"{}\" is not built; expected \"resnet\"",
-                cfg.encoder
-            );
-        }
-        if cfg.layers.is_empty() || cfg.layers.len() > 4 || cfg.layers.contains(&0) {
-            bail!(
-                "model.layers {:?} must list 1 to 4 stages of at least one block",
-                cfg.layers
-            );
-        }
-        if cfg.width == 0 || cfg.projector_hidden == 0 || cfg.projector_out == 0 {
-            bail!("model.width, projector_hidden and projector_out must be positive");
-        }
-        if cfg.norm == NormKind::Group {
-            let g = resnet::GROUP_NORM_GROUPS as u32;
-            if !cfg.width.is_multiple_of(g) {
-                bail!(
-                    "model.width ({}) must be a multiple of {g} with norm = \"group\"",
-                    cfg.width
-                );
-            }
-            // The projector's GroupNorm sees hidden/8 features per group and sample; with
-            // fewer than 8 it degenerates into a sign pattern with vanishing gradients.
-            if !cfg.projector_hidden.is_multiple_of(g) || cfg.projector_hidden < 8 * g {
-                bail!(
-                    "model.projector_hidden ({}) must be a multiple of {g} and at least {} with \
-                     norm = \"group\"",
-                    cfg.projector_hidden,
-                    8 * g
-                );
-            }
-        }
-        let vs = nn::VarStore::new(device);
-        let encoder = resnet(&vs.root(), cfg);
-        let projector = projection_head(&vs.root(), encoder.out_dim(), cfg, experts)?;
-        let embedding_dim = if cfg.projector {
-            cfg.projector_out as i64
-        } else {
-            encoder.out_dim()
-        };
-        Ok(Self {
-            vs,
-            encoder: ImageEncoder::ResNet(encoder),
-            projector,
-            embedding_dim,
-            prototypes: None,
-            momentum: None,
-            clip: None,
-            compute: Compute::default(),
-            moe: None,
-        })
-    }
-
-    /// The model a whole job trains: [`ContrastiveModel::for_objective`] for a ResNet image
-    /// objective; a ViT image encoder (`model.encoder = "vit"`, at the root with the MLP
-    /// projector on top); or, for `objective.kind = "clip"`, an image tower under `visual.`
-    /// and open_clip's text tower and `logit_scale` at the root, both towers ending in
-    /// `model.projector_out` dimensions. `tokenizer` (CLIP only) fixes the vocabulary and the
-    /// pad and end ids.
-    pub fn for_job(
-        cfg: &JobConfig,
-        tokenizer: Option<&dyn Tokenizer>,
-        device: Device,
-    ) -> anyhow::Result<Self> {
-        Self::for_job_on(cfg, tokenizer, device, None)
-    }
-
-    /// [`Self::for_job`] for one rank of `experts.0`'s group, holding the experts the
-    /// placement `experts.1` gives it (the default spread when None). Without `experts` the
-    /// model holds every expert itself.
-    pub fn for_job_on(
-        cfg: &JobConfig,
-        tokenizer: Option<&dyn Tokenizer>,
-        device: Device,
-        experts: Option<(Arc<dyn Collective>, Option<ExpertPlacement>)>,
-    ) -> anyhow::Result<Self> {
+    /// The model a job trains, the one way to build one. The image tower is a ResNet or a
+    /// ViT with the MLP projector on top (for CLIP under `visual.`; a CLIP ViT ends in its
+    /// own projection instead); then the objective's parts: SwAV's prototypes, MoCo's
+    /// momentum branch and queue (starting equal to the query network), or CLIP's text tower
+    /// and `logit_scale` at the root. Variables are drawn from tch's global RNG in that order,
+    /// so `tch::manual_seed` makes a build reproducible. The config is validated first.
+    pub fn build(cfg: &JobConfig, device: Device, opts: BuildOptions<'_>) -> anyhow::Result<Self> {
+        cfg.validate()?;
         let m = &cfg.model;
-        let moe = moe_runtime(cfg, experts)?;
+        let kind = cfg.objective.kind;
+        let clip = kind == ObjectiveKind::Clip;
+        let moe = moe_runtime(cfg, opts.experts)?;
         let moe_blocks = |blocks: &[u32]| {
             moe.as_ref()
                 .filter(|_| !blocks.is_empty())
@@ -315,113 +222,119 @@ impl ContrastiveModel {
                     expert_hidden: cfg.moe.expert_hidden as i64,
                 })
         };
-        let vit_moe = moe_blocks(&cfg.moe.vit_blocks);
-        let text_moe = moe_blocks(&cfg.moe.text_blocks);
         let head_moe = moe.as_ref().filter(|_| cfg.moe.projector);
-        let clip = cfg.objective.kind == "clip";
-        if !clip && m.encoder == "resnet" {
-            let mut model = Self::for_objective_with(m, &cfg.objective, device, head_moe)?;
-            model.moe = moe;
-            return Ok(model);
-        }
-        let mut embed = m.projector_out as i64;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let image_root = if clip { &root / "visual" } else { root.clone() };
-        let (encoder, projector) = if m.encoder == "vit" {
-            let vit_cfg = VitConfig {
-                image_size: i64::from(cfg.data.image_size),
-                patch_size: m.vit.patch_size as i64,
-                width: m.vit.width as i64,
-                layers: m.vit.layers as i64,
-                heads: m.vit.heads as i64,
-                mlp_ratio: m.vit.mlp_ratio,
-                // CLIP: the tower's own projection gives the embedding; image objectives put
-                // the MLP projector on the pooled features.
-                output_dim: if clip { embed } else { m.vit.width as i64 },
-            };
-            let vit = VisionTransformer::with_moe(&image_root, &vit_cfg, vit_moe.as_ref())?;
-            let projector = if clip {
-                None
-            } else {
-                projection_head(&root, vit_cfg.output_dim, m, head_moe)?
-            };
-            if !clip && !m.projector {
-                embed = vit_cfg.output_dim;
-            }
-            (ImageEncoder::Vit(vit), projector)
-        } else {
-            let resnet = resnet(&image_root, m);
-            let projector = projection_head(&image_root, resnet.out_dim(), m, head_moe)?;
-            (ImageEncoder::ResNet(resnet), projector)
-        };
-        let mut clip_text = None;
-        let mut prototypes = None;
-        if clip {
-            let tokenizer = tokenizer.context("a CLIP model needs the caption tokenizer")?;
-            let t = &m.text;
-            let text_cfg = TextConfig {
-                context_length: t.context_length as i64,
-                width: t.width as i64,
-                layers: t.layers as i64,
-                heads: t.heads as i64,
-                mlp_ratio: t.mlp_ratio,
-                output_dim: embed,
-                mode: if t.mode == "bidirectional" {
-                    TextMode::Bidirectional
+        let (encoder, projector) = match m.encoder {
+            EncoderKind::Vit => {
+                let vit_cfg = VitConfig {
+                    image_size: i64::from(cfg.data.image_size),
+                    patch_size: m.vit.patch_size as i64,
+                    width: m.vit.width as i64,
+                    layers: m.vit.layers as i64,
+                    heads: m.vit.heads as i64,
+                    mlp_ratio: m.vit.mlp_ratio,
+                    // CLIP: the tower's own projection gives the embedding; image objectives
+                    // put the MLP projector on the pooled features.
+                    output_dim: if clip {
+                        m.projector_out as i64
+                    } else {
+                        m.vit.width as i64
+                    },
+                };
+                let vit_moe = moe_blocks(&cfg.moe.vit_blocks);
+                let vit = VisionTransformer::with_moe(&image_root, &vit_cfg, vit_moe.as_ref())?;
+                let projector = if m.has_projector(kind) {
+                    projection_head(&image_root, vit_cfg.output_dim, m, head_moe)?
                 } else {
-                    TextMode::Causal
-                },
-                ..TextConfig::clip_b()
+                    None
+                };
+                (ImageEncoder::Vit(vit), projector)
             }
-            .with_tokenizer(tokenizer);
-            let tower = TextTransformer::with_moe(&root, &text_cfg, text_moe.as_ref())?;
-            let logit_scale = root.var("logit_scale", &[], nn::Init::Const(LOGIT_SCALE_INIT));
-            clip_text = Some(ClipText {
-                tower,
-                logit_scale,
-                context_length: text_cfg.context_length,
-            });
-        } else if cfg.objective.kind == "swav" {
-            prototypes = Some(Prototypes::new(
+            EncoderKind::Resnet => {
+                let resnet = resnet(&image_root, m);
+                let projector = projection_head(&image_root, resnet.out_dim(), m, head_moe)?;
+                (ImageEncoder::ResNet(resnet), projector)
+            }
+        };
+        let embedding_dim = match (&projector, &encoder) {
+            (Some(_), _) => m.projector_out as i64,
+            (None, ImageEncoder::ResNet(r)) => r.out_dim(),
+            (None, ImageEncoder::Vit(v)) => v.output_dim(),
+        };
+        let parts = match kind {
+            ObjectiveKind::Simclr | ObjectiveKind::Moco => ObjectiveParts::None,
+            ObjectiveKind::Swav => ObjectiveParts::Swav(Prototypes::new(
                 &(&root / "prototypes"),
-                embed,
-                cfg.objective.swav_prototypes as i64,
-            ));
-        } else if cfg.objective.kind != "simclr" {
-            bail!(
-                "objective.kind \"{}\" needs model.encoder = \"resnet\"",
-                cfg.objective.kind
-            );
-        }
-        Ok(Self {
+                embedding_dim,
+                cfg.objective.swav.prototypes as i64,
+            )),
+            ObjectiveKind::Clip => {
+                let tokenizer = opts
+                    .tokenizer
+                    .context("a CLIP model needs the caption tokenizer")?;
+                let t = &m.text;
+                let text_cfg = TextConfig {
+                    context_length: t.context_length as i64,
+                    width: t.width as i64,
+                    layers: t.layers as i64,
+                    heads: t.heads as i64,
+                    mlp_ratio: t.mlp_ratio,
+                    output_dim: embedding_dim,
+                    mode: t.mode,
+                    ..TextConfig::clip_b()
+                }
+                .with_tokenizer(tokenizer);
+                let text_moe = moe_blocks(&cfg.moe.text_blocks);
+                let tower = TextTransformer::with_moe(&root, &text_cfg, text_moe.as_ref())?;
+                let logit_scale = root.var("logit_scale", &[], nn::Init::Const(LOGIT_SCALE_INIT));
+                ObjectiveParts::Clip(ClipText {
+                    tower,
+                    logit_scale,
+                    context_length: text_cfg.context_length,
+                })
+            }
+        };
+        let mut model = Self {
             vs,
             encoder,
             projector,
-            embedding_dim: embed,
-            prototypes,
-            momentum: None,
-            clip: clip_text,
+            embedding_dim,
+            parts,
             compute: Compute::default(),
             moe,
-        })
+        };
+        if kind == ObjectiveKind::Moco {
+            let branch = MomentumBranch::new(m, cfg.objective.moco.queue_size as i64, device)?;
+            branch.copy_from_query(&model.named_variables())?;
+            model.parts = ObjectiveParts::Moco(branch);
+        }
+        Ok(model)
+    }
+
+    fn clip(&self) -> Option<&ClipText> {
+        match &self.parts {
+            ObjectiveParts::Clip(c) => Some(c),
+            _ => None,
+        }
     }
 
     /// CLIP's learnable log logit scale, when the model is a CLIP model.
     pub fn logit_scale(&self) -> Option<&Tensor> {
-        self.clip.as_ref().map(|c| &c.logit_scale)
+        self.clip().map(|c| &c.logit_scale)
     }
 
     /// Clamps CLIP's logit scale to [0, ln 100] (after each optimizer step, as open_clip).
     pub fn clamp_logit_scale(&self) {
-        if let Some(c) = &self.clip {
+        if let Some(c) = self.clip() {
             clamp_logit_scale_(&c.logit_scale);
         }
     }
 
     /// Tokens per caption of a CLIP model.
     pub fn context_length(&self) -> Option<i64> {
-        self.clip.as_ref().map(|c| c.context_length)
+        self.clip().map(|c| c.context_length)
     }
 
     /// Embeddings of one step's pair of inputs, `2 b` rows: the image model embeds two views
@@ -429,7 +342,7 @@ impl ContrastiveModel {
     /// caption tokens (`second`, `b × context_length` int64).
     pub fn embed_pair(&self, first: &Tensor, second: &Tensor, train: bool) -> Tensor {
         let device = self.device();
-        match &self.clip {
+        match self.clip() {
             None => {
                 let x = Tensor::cat(&[first, second], 0)
                     .to_device(device)
@@ -471,7 +384,7 @@ impl ContrastiveModel {
                     (tch::Kind::Float, device),
                 ));
             }
-            if let Some(c) = &self.clip {
+            if let Some(c) = self.clip() {
                 c.tower.transformer().moe_idle_pass(device);
             }
             t.shallow_clone()
@@ -499,7 +412,7 @@ impl ContrastiveModel {
         if compute.channels_last && !self.compute.channels_last {
             compute::convert_to_channels_last(&self.vs);
         }
-        if let Some(m) = &mut self.momentum {
+        if let ObjectiveParts::Moco(m) = &mut self.parts {
             m.set_compute(compute);
         }
         self.compute = compute;
@@ -511,12 +424,18 @@ impl ContrastiveModel {
 
     /// SwAV's prototypes, when the model has them.
     pub fn prototypes(&self) -> Option<&Prototypes> {
-        self.prototypes.as_ref()
+        match &self.parts {
+            ObjectiveParts::Swav(p) => Some(p),
+            _ => None,
+        }
     }
 
     /// MoCo's key encoder and queue, when the model has them.
     pub fn momentum(&self) -> Option<&MomentumBranch> {
-        self.momentum.as_ref()
+        match &self.parts {
+            ObjectiveParts::Moco(m) => Some(m),
+            _ => None,
+        }
     }
 
     /// Image embeddings (N, `projector_out`) for images (N, 3, H, W); not normalised.
@@ -576,7 +495,7 @@ impl ContrastiveModel {
 
     fn all_variables(&self) -> std::collections::HashMap<String, Tensor> {
         let mut vars = self.vs.variables();
-        if let Some(m) = &self.momentum {
+        if let Some(m) = self.momentum() {
             vars.extend(
                 m.variables()
                     .into_iter()
@@ -665,7 +584,12 @@ impl ContrastiveModel {
         self.vs.copy(&other.vs).context(
             "copying model variables: the two models were built from different model configs",
         )?;
-        match (&mut self.momentum, &other.momentum) {
+        let theirs = other.momentum();
+        let mine = match &mut self.parts {
+            ObjectiveParts::Moco(m) => Some(m),
+            _ => None,
+        };
+        match (mine, theirs) {
             (Some(mine), Some(theirs)) => mine
                 .var_store_mut()
                 .copy(theirs.vs_ref())
@@ -704,7 +628,16 @@ fn moe_runtime(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use contrail_common::config::StemKind;
+    use contrail_common::config::{NormKind, StemKind};
+
+    /// A SimCLR job with this model, built on the CPU.
+    fn build(model: &ModelConfig) -> anyhow::Result<ContrastiveModel> {
+        let job = JobConfig {
+            model: model.clone(),
+            ..Default::default()
+        };
+        ContrastiveModel::build(&job, Device::Cpu, BuildOptions::default())
+    }
 
     fn cfg(norm: NormKind, stem: StemKind) -> ModelConfig {
         ModelConfig {
@@ -720,7 +653,7 @@ mod tests {
 
     #[test]
     fn names_follow_torchvision() {
-        let m = ContrastiveModel::new(&cfg(NormKind::Batch, StemKind::Cifar), Device::Cpu).unwrap();
+        let m = build(&cfg(NormKind::Batch, StemKind::Cifar)).unwrap();
         let vars = m.var_store().variables();
         for name in [
             "conv1.weight",
@@ -760,7 +693,7 @@ mod tests {
             (NormKind::Batch, StemKind::Cifar),
             (NormKind::Group, StemKind::Imagenet),
         ] {
-            let m = ContrastiveModel::new(&cfg(norm, stem), Device::Cpu).unwrap();
+            let m = build(&cfg(norm, stem)).unwrap();
             let x = Tensor::randn([3, 3, 16, 16], (tch::Kind::Float, Device::Cpu));
             assert_eq!(m.forward_t(&x, true).size(), vec![3, 4]);
             assert_eq!(m.encode_t(&x, false).size(), vec![3, 16]);
@@ -771,9 +704,9 @@ mod tests {
     fn load_named_round_trip_and_errors() {
         let c = cfg(NormKind::Batch, StemKind::Cifar);
         tch::manual_seed(1);
-        let a = ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        let a = build(&c).unwrap();
         tch::manual_seed(2);
-        let mut b = ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        let mut b = build(&c).unwrap();
         let saved = a.named_variables();
         let conv1 = |m: &ContrastiveModel| m.var_store().variables()["conv1.weight"].copy();
         assert!(
@@ -802,7 +735,7 @@ mod tests {
     fn projector_can_be_left_out() {
         let mut c = cfg(NormKind::Batch, StemKind::Cifar);
         c.projector = false;
-        let m = ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        let m = build(&c).unwrap();
         let x = Tensor::randn([3, 3, 16, 16], (tch::Kind::Float, Device::Cpu));
         assert_eq!(m.embedding_dim(), 16);
         assert_eq!(m.forward_t(&x, true).size(), vec![3, 16]);
@@ -817,9 +750,9 @@ mod tests {
     fn load_matching_takes_what_fits_and_reports_the_rest() {
         let c = cfg(NormKind::Batch, StemKind::Cifar);
         tch::manual_seed(1);
-        let a = ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        let a = build(&c).unwrap();
         tch::manual_seed(2);
-        let mut b = ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        let mut b = build(&c).unwrap();
         // The encoder of `a`, as a torchvision state dict would hold it, plus a classifier.
         let mut file: Vec<(String, Tensor)> = a
             .named_variables()
@@ -855,12 +788,10 @@ mod tests {
     fn group_norm_needs_multiples_of_eight() {
         let mut c = cfg(NormKind::Group, StemKind::Cifar);
         c.projector_hidden = 72;
-        ContrastiveModel::new(&c, Device::Cpu).unwrap();
+        build(&c).unwrap();
         for bad in [12, 16] {
             c.projector_hidden = bad;
-            let e = ContrastiveModel::new(&c, Device::Cpu)
-                .unwrap_err()
-                .to_string();
+            let e = build(&c).unwrap_err().to_string();
             assert!(e.contains(&format!("projector_hidden ({bad})")), "{e}");
         }
     }

@@ -32,7 +32,7 @@ impl MomentumBranch {
     /// training so that the key encoder starts equal to the query encoder.
     pub fn new(cfg: &ModelConfig, queue_size: i64, device: Device) -> Result<Self> {
         if queue_size <= 0 {
-            bail!("objective.moco_queue_size must be at least 1, got {queue_size}");
+            bail!("objective.moco.queue_size must be at least 1, got {queue_size}");
         }
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();

@@ -18,14 +18,10 @@ use anyhow::ensure;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-/// Attention pattern and the pooling that goes with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TextMode {
-    /// CLIP: causal self-attention, the end-of-text token's state is the caption's.
-    Causal,
-    /// Every token sees every non-pad token; mean over the non-pad tokens.
-    Bidirectional,
-}
+/// Attention pattern and the pooling that goes with it (`model.text.mode`): causal
+/// self-attention pooled at the end-of-text token (CLIP), or every token seeing every non-pad
+/// token with the mean over them.
+pub use contrail_common::config::TextMode;
 
 /// Sizes and token conventions of a text tower.
 #[derive(Debug, Clone, PartialEq)]

@@ -181,15 +181,15 @@ impl VisionTransformer {
         })
     }
 
-    /// Images N × 3 × image_size × image_size → N × output_dim (not normalised).
-    ///
-    /// Panics (libtorch shape error) on another image size: the positional embedding is
-    /// learned for one grid and is not interpolated.
     /// The block stack (for the MoE idle pass).
     pub fn transformer(&self) -> &Transformer {
         &self.transformer
     }
 
+    /// Images N × 3 × image_size × image_size → N × output_dim (not normalised).
+    ///
+    /// Panics (libtorch shape error) on another image size: the positional embedding is
+    /// learned for one grid and is not interpolated.
     pub fn forward(&self, images: &Tensor) -> Tensor {
         let pooled = self.forward_tokens(images).select(1, 0);
         pooled.matmul(&self.proj)

@@ -10,24 +10,18 @@
 //! one-process model.
 //!
 //! With one worker the block is ordinary autograd. With several, tokens travel to the
-//! experts' holders and back through two all-to-alls, and the graph is cut there (see
-//! [`super::runtime`]).
+//! experts' holders and back through the all-to-alls of [`super::exchange`], where the graph is cut
+//! (see [`super::runtime`]).
 
 use super::dispatch::{self, DispatchPlan};
+use super::exchange::{self, Outgoing};
 use super::gate::{self, Capacity, Routing};
-use super::runtime::{MoeRuntime, Record};
+use super::runtime::{ExpertShapes, MoeRuntime, Record};
 use crate::nn::compute::without_autocast;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use tch::nn::{self, Init, Module};
-use tch::{Device, Kind, Tensor};
-
-/// Shapes of one expert's parameters (name suffix, shape), for the replica gradient sync.
-#[derive(Debug, Clone)]
-pub(crate) struct ExpertShapes {
-    pub params: Vec<(String, Vec<i64>)>,
-    pub device: Device,
-}
+use tch::{Kind, Tensor};
 
 /// The nonlinearity between an expert's two layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,7 +327,7 @@ impl MoeFeedForward {
         norm: Option<&dyn Fn(&Tensor) -> Tensor>,
     ) -> Result<Tensor> {
         let coll = self.runtime.coll();
-        let (rank, world) = (coll.rank(), coll.world_size());
+        let world = coll.world_size();
         let record = self.runtime.pass().record;
         let leaf = |t: &Tensor| {
             if record {
@@ -358,37 +352,22 @@ impl MoeFeedForward {
         let order = Tensor::from_slice(&order).to_device(h.device());
         let send_token = r.token.index_select(0, &order);
         let send_weight = r.weight.index_select(0, &order);
-
-        // Counts first, so each holder knows which received rows belong to which expert.
-        let (recv_header, _) = coll
-            .all_to_all(&Tensor::from_slice(&header), &header_counts)
-            .with_context(|| format!("rank {rank}: exchanging expert counts"))?;
-        let recv_header = Vec::<i64>::try_from(&recv_header).expect("Int64 counts");
-        // The header already says how many rows each source sends: no second count round.
-        let n_local = self.local.len();
-        let recv_counts: Vec<i64> = recv_header
-            .chunks(n_local.max(1))
-            .map(|c| c.iter().sum())
-            .collect();
-        let send_rows = y.index_select(0, &send_token).contiguous();
-        let recv = coll
-            .all_to_all_known(&send_rows.detach(), &send_counts, &recv_counts)
-            .with_context(|| format!("rank {rank}: dispatching tokens"))?;
-        let recv_leaf = leaf(&recv.to_device(h.device()));
+        let send_rows = y.index_select(0, &send_token);
+        let outgoing = Outgoing {
+            rows: &send_rows,
+            send_counts,
+            header,
+            header_counts,
+            local_experts: self.local.len(),
+        };
+        let tape = exchange::forward(coll, outgoing, record, |recv, rows| {
+            self.run_local_experts(recv, rows)
+        })?;
         if self.runtime.pass().count_load {
-            self.runtime.count_received(self.block, recv.size()[0]);
+            self.runtime
+                .count_received(self.block, tape.recv_leaf.size()[0]);
         }
-
-        let per_expert = dispatch::rows_per_local_expert(&recv_header, world, n_local);
-        let expert_out = self.run_local_experts(&recv_leaf, &per_expert);
-        let back = coll
-            .all_to_all_known(
-                &expert_out.detach().contiguous(),
-                &recv_counts,
-                &send_counts,
-            )
-            .with_context(|| format!("rank {rank}: returning expert outputs"))?;
-        let c_leaf = leaf(&back.to_device(h.device()));
+        let c_leaf = &tape.returned;
 
         let combined = (c_leaf.to_kind(h.kind()) * send_weight.unsqueeze(1)).to_kind(h.kind());
         let out = Tensor::zeros([h.size()[0], self.out_width], (h.kind(), h.device())).index_add(
@@ -406,11 +385,7 @@ impl MoeFeedForward {
                 y_in,
                 y_leaf: y,
                 send_token,
-                send_counts,
-                recv_counts,
-                recv_leaf,
-                expert_out,
-                c_leaf,
+                exchange: tape,
             });
         }
         Ok(result)

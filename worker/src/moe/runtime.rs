@@ -2,8 +2,9 @@
 //! placement, the mode of the current forward pass, the backward tape, and the step's load.
 //!
 //! tch has no custom autograd function, so a distributed MoE block cuts the autograd graph
-//! at its exchanges (FasterMoE's pattern) and the step differentiates through the cuts by
-//! hand, in [`MoeRuntime::backward`]:
+//! at its exchanges (FasterMoE's pattern; the exchange itself, both directions, is
+//! [`super::exchange`]) and the step differentiates through the cuts by hand, in
+//! [`MoeRuntime::backward`]:
 //!
 //! - forward: the block input `h` and its normalised tokens `y` are detached into leaves;
 //!   the expert outputs come back from the other workers as a third leaf `c`. The rest of
@@ -18,13 +19,13 @@
 //! [`crate::model::ContrastiveModel::moe_idle_pass`] with zero tokens), so every exchange of
 //! the backward finds its peers.
 
-use super::layer::ExpertShapes;
+use super::exchange::{self, grad_or_zeros, ExchangeTape};
 use crate::dist::Collective;
 use anyhow::{Context, Result};
 use contrail_common::config::MoeConfig;
 use contrail_common::experts::{BlockPlacement, ExpertPlacement};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The `[moe]` settings a block needs at run time.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,13 +89,15 @@ pub(crate) struct Record {
     pub y_leaf: Tensor,
     /// Token index of every sent row, in send order.
     pub send_token: Tensor,
-    pub send_counts: Vec<i64>,
-    pub recv_counts: Vec<i64>,
-    /// Rows received for the local experts (a leaf) and the experts' outputs for them.
-    pub recv_leaf: Tensor,
-    pub expert_out: Tensor,
-    /// The expert outputs back at this rank, in send order (a leaf).
-    pub c_leaf: Tensor,
+    /// The exchange to the experts' holders and back (its leaves hold the expert outputs).
+    pub exchange: ExchangeTape,
+}
+
+/// Shapes of one expert's parameters (name suffix, shape), for the replica gradient sync.
+#[derive(Debug, Clone)]
+pub(crate) struct ExpertShapes {
+    pub params: Vec<(String, Vec<i64>)>,
+    pub device: Device,
 }
 
 #[derive(Default)]
@@ -312,26 +315,9 @@ impl MoeRuntime {
             total.backward();
         }
         let coll = self.coll.as_ref();
-        let rank = coll.rank();
         for (i, r) in tape.iter().enumerate().rev() {
-            // The incoming gradient of the expert outputs goes to their holders ...
-            let g_c = grad_or_zeros(&r.c_leaf);
-            let g_out = coll
-                .all_to_all_known(&g_c.contiguous(), &r.send_counts, &r.recv_counts)
-                .with_context(|| {
-                    format!("rank {rank}: MoE block record {i}, gradient to experts")
-                })?;
-            if r.expert_out.numel() > 0 {
-                let g_out = g_out.to_device(r.expert_out.device());
-                (&r.expert_out * g_out.to_kind(r.expert_out.kind()))
-                    .sum(Kind::Float)
-                    .backward();
-            }
-            // ... and the experts' input gradient comes back to the tokens' owners.
-            let g_recv = grad_or_zeros(&r.recv_leaf);
-            let g_send = coll
-                .all_to_all_known(&g_recv.contiguous(), &r.recv_counts, &r.send_counts)
-                .with_context(|| format!("rank {rank}: MoE block record {i}, gradient back"))?;
+            let label = format!("MoE block record {i}");
+            let g_send = exchange::backward(coll, &r.exchange, &label)?;
             let g_send = g_send.to_device(r.y_leaf.device()).to_kind(r.y_leaf.kind());
             let g_y = grad_or_zeros(&r.y_leaf).index_add(0, &r.send_token, &g_send);
             let mut terms = vec![(&r.y_in, g_y)];
@@ -416,15 +402,6 @@ impl MoeRuntime {
 /// Whether a parameter belongs to an expert (reduced among its replicas, not data-parallel).
 pub fn is_expert_param(name: &str) -> bool {
     name.contains(".moe.experts.")
-}
-
-fn grad_or_zeros(t: &Tensor) -> Tensor {
-    let g = t.grad();
-    if g.defined() {
-        g
-    } else {
-        t.detach().zeros_like()
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -22,8 +22,8 @@ pub mod swav;
 
 use crate::dist::Collective;
 use crate::model::ContrastiveModel;
-use anyhow::{bail, Result};
-use contrail_common::config::NormKind;
+use anyhow::Result;
+use contrail_common::config::{NormKind, ObjectiveKind};
 use contrail_common::JobConfig;
 use tch::Tensor;
 
@@ -85,28 +85,27 @@ pub trait StepObjective {
 }
 
 /// The objective `objective.kind` names, configured from the job.
-pub fn build_objective(cfg: &JobConfig) -> Result<Box<dyn StepObjective>> {
+pub fn build_objective(cfg: &JobConfig) -> Box<dyn StepObjective> {
     let o = &cfg.objective;
-    Ok(match o.kind.as_str() {
-        "simclr" => Box::new(NtXent {
+    match o.kind {
+        ObjectiveKind::Simclr => Box::new(NtXent {
             temperature: o.temperature,
         }),
-        "moco" => Box::new(Moco::new(
+        ObjectiveKind::Moco => Box::new(Moco::new(
             o.temperature,
-            o.moco_momentum,
-            o.moco_shuffle_bn && cfg.model.norm == NormKind::Batch,
+            o.moco.momentum,
+            o.moco.shuffle_bn && cfg.model.norm == NormKind::Batch,
             cfg.train.micro_batch as i64,
             cfg.data.image_size as i64,
             cfg.train.seed,
         )),
-        "swav" => Box::new(Swav::new(
+        ObjectiveKind::Swav => Box::new(Swav::new(
             o.temperature,
-            o.swav_epsilon,
-            o.swav_sinkhorn_iterations as usize,
-            o.swav_freeze_prototypes_steps,
-            o.swav_queue_size as i64,
+            o.swav.epsilon,
+            o.swav.sinkhorn_iterations as usize,
+            o.swav.freeze_prototypes_steps,
+            o.swav.queue_size as i64,
         )),
-        "clip" => Box::new(Clip),
-        other => bail!("objective.kind \"{other}\" is not a training objective"),
-    })
+        ObjectiveKind::Clip => Box::new(Clip),
+    }
 }

@@ -34,9 +34,9 @@ pub struct AdamWOptions {
 impl AdamWOptions {
     pub fn from_config(cfg: &OptimConfig) -> Self {
         Self {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_eps,
+            beta1: cfg.adamw.beta1,
+            beta2: cfg.adamw.beta2,
+            eps: cfg.adamw.eps,
             weight_decay: cfg.weight_decay,
             exclude_1d_from_decay: cfg.exclude_1d_from_decay,
         }

@@ -39,11 +39,11 @@ impl LarsOptions {
         Self {
             momentum: cfg.momentum,
             weight_decay: cfg.weight_decay,
-            eta: cfg.lars_eta,
-            eps: cfg.lars_eps,
-            clip: cfg.lars_clip,
+            eta: cfg.lars.eta,
+            eps: cfg.lars.eps,
+            clip: cfg.lars.clip,
             exclude_1d_from_decay: cfg.exclude_1d_from_decay,
-            exclude_1d_from_adaptation: cfg.lars_exclude_1d_from_adaptation,
+            exclude_1d_from_adaptation: cfg.lars.exclude_1d_from_adaptation,
         }
     }
 }

@@ -12,7 +12,7 @@ pub mod schedule;
 pub mod sgd;
 
 use anyhow::{bail, Context};
-use contrail_common::config::OptimConfig;
+use contrail_common::config::{OptimConfig, OptimKind};
 use std::collections::HashMap;
 use tch::Tensor;
 
@@ -46,17 +46,11 @@ pub trait Optimizer: Send {
 }
 
 /// The optimizer named by `optim.kind` over `params` (a model's `named_parameters()`).
-pub fn build(
-    cfg: &OptimConfig,
-    params: Vec<(String, Tensor)>,
-) -> anyhow::Result<Box<dyn Optimizer>> {
-    match cfg.kind.as_str() {
-        "sgd" => Ok(Box::new(Sgd::new(params, cfg.momentum, cfg.weight_decay))),
-        "lars" => Ok(Box::new(Lars::new(params, LarsOptions::from_config(cfg)))),
-        "adamw" => Ok(Box::new(AdamW::new(params, AdamWOptions::from_config(cfg)))),
-        other => anyhow::bail!(
-            "optim.kind \"{other}\" is not built; expected \"sgd\", \"lars\" or \"adamw\""
-        ),
+pub fn build(cfg: &OptimConfig, params: Vec<(String, Tensor)>) -> Box<dyn Optimizer> {
+    match cfg.kind {
+        OptimKind::Sgd => Box::new(Sgd::new(params, cfg.momentum, cfg.weight_decay)),
+        OptimKind::Lars => Box::new(Lars::new(params, LarsOptions::from_config(cfg))),
+        OptimKind::Adamw => Box::new(AdamW::new(params, AdamWOptions::from_config(cfg))),
     }
 }
 

@@ -5,7 +5,7 @@ use super::client::{Assignment, Coordinator};
 use super::feed::{CaptionTokens, EpochFeed};
 use super::HeartbeatState;
 use crate::dist::Collective;
-use crate::model::ContrastiveModel;
+use crate::model::{BuildOptions, ContrastiveModel};
 use crate::optim::Optimizer;
 use crate::tokenize::Tokenizer;
 use crate::train::checkpoint::{tensors_to_safetensors, write_checkpoint};
@@ -231,12 +231,11 @@ impl TrainHooks for CoordinatedHooks<'_> {
 
     fn build_model(&mut self, placement: ExpertPlacement) -> Result<ContrastiveModel> {
         let b = &self.model_builder;
-        ContrastiveModel::for_job_on(
-            self.cfg,
-            b.tokenizer.as_deref(),
-            b.device,
-            Some((b.coll.clone(), Some(placement))),
-        )
+        let opts = BuildOptions {
+            tokenizer: b.tokenizer.as_deref(),
+            experts: Some((b.coll.clone(), Some(placement))),
+        };
+        ContrastiveModel::build(self.cfg, b.device, opts)
     }
 }
 

@@ -8,40 +8,32 @@ use crate::dist::tcp::TcpCollective;
 use crate::dist::Collective;
 use crate::nn::compute::{use_bf16_for_cuda_autocast, Compute};
 use anyhow::{bail, Context, Result};
+use contrail_common::config::{Backend, DeviceSetting, Precision};
 use contrail_common::JobConfig;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
 /// The device `cluster.device` names for `rank`, given `gpus` visible CUDA devices.
-pub fn choose_device(setting: &str, rank: usize, gpus: usize) -> Result<Device> {
-    let cuda = |i: usize| -> Result<Device> {
-        if gpus == 0 {
-            bail!("cluster.device = \"{setting}\" but libtorch sees no CUDA GPU on this machine");
-        }
-        if i >= gpus {
-            bail!("cluster.device = \"{setting}\" but this machine has only {gpus} GPU(s)");
-        }
-        Ok(Device::Cuda(i))
-    };
+pub fn choose_device(setting: DeviceSetting, rank: usize, gpus: usize) -> Result<Device> {
     match setting {
-        "auto" if gpus > 0 => Ok(Device::Cuda(rank % gpus)),
-        "auto" | "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => cuda(i),
-            _ => bail!(
-                "cluster.device (\"{other}\") must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""
-            ),
-        },
+        DeviceSetting::Auto if gpus > 0 => Ok(Device::Cuda(rank % gpus)),
+        DeviceSetting::Auto | DeviceSetting::Cpu => Ok(Device::Cpu),
+        DeviceSetting::Cuda(_) if gpus == 0 => {
+            bail!("cluster.device = \"{setting}\" but libtorch sees no CUDA GPU on this machine")
+        }
+        DeviceSetting::Cuda(i) if i as usize >= gpus => {
+            bail!("cluster.device = \"{setting}\" but this machine has only {gpus} GPU(s)")
+        }
+        DeviceSetting::Cuda(i) => Ok(Device::Cuda(i as usize)),
     }
 }
 
 /// Whether the job runs on NCCL: `"auto"` means NCCL when the worker's device is a GPU.
-pub fn use_nccl(backend: &str, device: Device) -> Result<bool> {
+pub fn use_nccl(backend: Backend, device: Device) -> Result<bool> {
     match (backend, device) {
-        ("nccl", Device::Cuda(_)) => Ok(true),
-        ("nccl", _) => bail!("{NO_GPU_MESSAGE} (cluster.device chose the CPU)"),
-        ("auto", Device::Cuda(_)) => Ok(true),
+        (Backend::Nccl, Device::Cuda(_)) => Ok(true),
+        (Backend::Nccl, _) => bail!("{NO_GPU_MESSAGE} (cluster.device chose the CPU)"),
+        (Backend::Auto, Device::Cuda(_)) => Ok(true),
         _ => Ok(false),
     }
 }
@@ -49,14 +41,13 @@ pub fn use_nccl(backend: &str, device: Device) -> Result<bool> {
 /// bf16 and channels-last as `train.*` ask, for `device`.
 pub fn choose_compute(cfg: &JobConfig, device: Device) -> Result<Compute> {
     let gpu = device.is_cuda();
-    let bf16 = match (cfg.train.precision.as_str(), gpu) {
-        ("fp32", _) | ("auto", false) => false,
-        ("bf16", true) | ("auto", true) => true,
-        ("bf16", false) => bail!(
+    let bf16 = match (cfg.train.precision, gpu) {
+        (Precision::Fp32, _) | (Precision::Auto, false) => false,
+        (Precision::Bf16, true) | (Precision::Auto, true) => true,
+        (Precision::Bf16, false) => bail!(
             "train.precision = \"bf16\" needs a CUDA device (bf16 autocast runs on GPUs); this \
              worker computes on the CPU: use \"auto\" or \"fp32\""
         ),
-        (other, _) => bail!("train.precision (\"{other}\") must be \"auto\", \"fp32\" or \"bf16\""),
     };
     if bf16 {
         use_bf16_for_cuda_autocast();
@@ -107,24 +98,28 @@ mod tests {
 
     #[test]
     fn devices_follow_the_setting() {
-        assert_eq!(choose_device("auto", 3, 0).unwrap(), Device::Cpu);
-        assert_eq!(choose_device("auto", 3, 2).unwrap(), Device::Cuda(1));
-        assert_eq!(choose_device("cpu", 0, 8).unwrap(), Device::Cpu);
-        assert_eq!(choose_device("cuda:1", 0, 2).unwrap(), Device::Cuda(1));
-        let e = choose_device("cuda", 0, 0).unwrap_err().to_string();
+        let choose = |s: &str, rank, gpus| choose_device(s.parse().unwrap(), rank, gpus);
+        assert_eq!(choose("auto", 3, 0).unwrap(), Device::Cpu);
+        assert_eq!(choose("auto", 3, 2).unwrap(), Device::Cuda(1));
+        assert_eq!(choose("cpu", 0, 8).unwrap(), Device::Cpu);
+        assert_eq!(choose("cuda:1", 0, 2).unwrap(), Device::Cuda(1));
+        let e = choose("cuda", 0, 0).unwrap_err().to_string();
         assert!(e.contains("no CUDA GPU"), "{e}");
-        let e = choose_device("cuda:4", 0, 2).unwrap_err().to_string();
+        let e = choose("cuda:4", 0, 2).unwrap_err().to_string();
         assert!(e.contains("only 2 GPU"), "{e}");
-        let e = choose_device("gpu", 0, 2).unwrap_err().to_string();
+        // A name outside the choices never reaches the worker: the job file is refused.
+        let e = "gpu".parse::<DeviceSetting>().unwrap_err();
         assert!(e.contains("cuda:N"), "{e}");
     }
 
     #[test]
     fn nccl_only_on_gpus() {
-        assert!(use_nccl("auto", Device::Cuda(0)).unwrap());
-        assert!(!use_nccl("auto", Device::Cpu).unwrap());
-        assert!(!use_nccl("tcp", Device::Cuda(0)).unwrap());
-        let e = use_nccl("nccl", Device::Cpu).unwrap_err().to_string();
+        assert!(use_nccl(Backend::Auto, Device::Cuda(0)).unwrap());
+        assert!(!use_nccl(Backend::Auto, Device::Cpu).unwrap());
+        assert!(!use_nccl(Backend::Tcp, Device::Cuda(0)).unwrap());
+        let e = use_nccl(Backend::Nccl, Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("needs a CUDA GPU"), "{e}");
     }
 
@@ -133,10 +128,10 @@ mod tests {
         let mut cfg = JobConfig::default();
         let c = choose_compute(&cfg, Device::Cpu).unwrap();
         assert_eq!(c, Compute::default());
-        cfg.train.precision = "bf16".into();
+        cfg.train.precision = Precision::Bf16;
         let e = choose_compute(&cfg, Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("needs a CUDA device"), "{e}");
-        cfg.train.precision = "fp32".into();
+        cfg.train.precision = Precision::Fp32;
         let c = choose_compute(&cfg, Device::Cuda(0)).unwrap();
         assert!(!c.bf16 && c.channels_last);
     }

@@ -11,7 +11,7 @@ pub mod feed;
 
 use crate::dist::tcp::TcpCollective;
 use crate::dist::Collective;
-use crate::model::ContrastiveModel;
+use crate::model::{BuildOptions, ContrastiveModel};
 use crate::objective::build_objective;
 use crate::optim;
 use crate::tokenize::{ByteTokenizer, HfTokenizer, Tokenizer};
@@ -19,6 +19,7 @@ use crate::train::checkpoint::{read_checkpoint, safetensors_to_tensors};
 use crate::train::trainer::{train, StartPoint};
 use anyhow::{Context, Result};
 use client::Coordinator;
+use contrail_common::config::{ObjectiveKind, TokenizerSource};
 use contrail_common::JobConfig;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -92,8 +93,8 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
 
     let result = (|| -> Result<()> {
         let gpus = tch::Cuda::device_count().max(0) as usize;
-        let device = device::choose_device(&cfg.cluster.device, asg.rank, gpus)?;
-        let nccl = device::use_nccl(&cfg.cluster.backend, device)?;
+        let device = device::choose_device(cfg.cluster.device, asg.rank, gpus)?;
+        let nccl = device::use_nccl(cfg.cluster.backend, device)?;
         let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
         let tcp = bootstrap
             .connect(asg.rank, asg.peers.clone(), timeout)
@@ -133,12 +134,11 @@ fn train_rank(
     // Same seed on every rank: identical initial parameters without a broadcast.
     tch::manual_seed(cfg.train.seed as i64);
     let captions = caption_tokens(rt, cfg)?;
-    let mut model = ContrastiveModel::for_job_on(
-        cfg,
-        captions.as_ref().map(|c| c.tokenizer.as_ref()),
-        device,
-        Some((coll.clone(), asg.placement.clone())),
-    )?;
+    let opts = BuildOptions {
+        tokenizer: captions.as_ref().map(|c| c.tokenizer.as_ref()),
+        experts: Some((coll.clone(), asg.placement.clone())),
+    };
+    let mut model = ContrastiveModel::build(cfg, device, opts)?;
     if !cfg.model.init_weights.is_empty() && asg.resume_checkpoint.is_empty() {
         let url = &cfg.model.init_weights;
         let bytes = fetch_bytes(rt, url, &cfg.data.s3_endpoint)
@@ -162,7 +162,7 @@ fn train_rank(
     }
     // Before the optimizer exists, so its state takes the weights' layout.
     model.set_compute(device::choose_compute(cfg, device)?);
-    let mut opt = optim::build(&cfg.optim, model.named_parameters())?;
+    let mut opt = optim::build(&cfg.optim, model.named_parameters());
     let mut start = StartPoint::default();
     if !asg.resume_checkpoint.is_empty() {
         let tensors = rt
@@ -212,7 +212,7 @@ fn train_rank(
         captions,
         rebuild,
     );
-    let mut objective = build_objective(cfg)?;
+    let mut objective = build_objective(cfg);
     let summary = train(
         cfg,
         &mut model,
@@ -243,19 +243,19 @@ fn caption_tokens(
     rt: &tokio::runtime::Runtime,
     cfg: &JobConfig,
 ) -> Result<Option<feed::CaptionTokens>> {
-    if cfg.objective.kind != "clip" {
+    if cfg.objective.kind != ObjectiveKind::Clip {
         return Ok(None);
     }
-    let spec = &cfg.model.text.tokenizer;
-    let tokenizer: Arc<dyn Tokenizer> = if spec == "byte" {
-        Arc::new(ByteTokenizer::new())
-    } else {
-        let bytes = fetch_bytes(rt, spec, &cfg.data.s3_endpoint)
-            .with_context(|| format!("reading the tokenizer model.text.tokenizer {spec}"))?;
-        Arc::new(
-            HfTokenizer::from_bytes(&bytes)
-                .with_context(|| format!("loading the tokenizer {spec}"))?,
-        )
+    let tokenizer: Arc<dyn Tokenizer> = match &cfg.model.text.tokenizer {
+        TokenizerSource::Byte => Arc::new(ByteTokenizer::new()),
+        TokenizerSource::Url(url) => {
+            let bytes = fetch_bytes(rt, url, &cfg.data.s3_endpoint)
+                .with_context(|| format!("reading the tokenizer model.text.tokenizer {url}"))?;
+            Arc::new(
+                HfTokenizer::from_bytes(&bytes)
+                    .with_context(|| format!("loading the tokenizer {url}"))?,
+            )
+        }
     };
     Ok(Some(feed::CaptionTokens {
         tokenizer,

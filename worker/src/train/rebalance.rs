@@ -71,7 +71,7 @@ pub fn move_experts(
         .context("the rebuilt model has no MoE blocks")?
         .clone();
     next.load_named(&next_rt.keep_local(variables))?;
-    let mut next_opt = optim::build(optim_cfg, next.named_parameters())?;
+    let mut next_opt = optim::build(optim_cfg, next.named_parameters());
     next_opt.load_state(&next_rt.keep_local(state))?;
     *model = next;
     *opt = next_opt;

@@ -306,13 +306,15 @@ mod tests {
         start: StartPoint,
     ) -> (TrainSummary, Record) {
         tch::manual_seed(0);
-        let mut model = ContrastiveModel::new(&cfg.model, tch::Device::Cpu).unwrap();
-        let mut opt = crate::optim::build(&cfg.optim, model.named_parameters()).unwrap();
+        let mut model =
+            ContrastiveModel::build(cfg, tch::Device::Cpu, crate::model::BuildOptions::default())
+                .unwrap();
+        let mut opt = crate::optim::build(&cfg.optim, model.named_parameters());
         let mut hooks = Record {
             sizes: sizes.to_vec(),
             ..Default::default()
         };
-        let mut objective = crate::objective::build_objective(cfg).unwrap();
+        let mut objective = crate::objective::build_objective(cfg);
         let summary = train(
             cfg,
             &mut model,

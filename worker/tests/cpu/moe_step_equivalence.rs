@@ -11,11 +11,12 @@
 
 use contrail_test_support as support;
 
+use contrail_common::config::{EncoderKind, ObjectiveKind};
 use contrail_common::experts::{BlockPlacement, ExpertPlacement};
 use contrail_common::JobConfig;
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::Collective;
-use contrail_worker::model::ContrastiveModel;
+use contrail_worker::model::{BuildOptions, ContrastiveModel};
 use contrail_worker::objective::build_objective;
 use contrail_worker::optim;
 use contrail_worker::tokenize::ByteTokenizer;
@@ -36,12 +37,12 @@ fn config(kind: &str) -> JobConfig {
         ..Default::default()
     };
     cfg.data.image_size = 16;
-    cfg.model.encoder = "vit".into();
+    cfg.model.encoder = EncoderKind::Vit;
     cfg.model.vit.patch_size = 8;
     cfg.model.vit.width = 16;
     cfg.model.vit.layers = 2;
     cfg.model.vit.heads = 2;
-    cfg.objective.kind = kind.into();
+    cfg.objective.kind = kind.parse().unwrap();
     cfg.optim.momentum = 0.9;
     cfg.optim.weight_decay = 1e-3;
     cfg.moe.experts = 4;
@@ -62,7 +63,13 @@ fn config(kind: &str) -> JobConfig {
 }
 
 fn batches(cfg: &JobConfig) -> Vec<(Tensor, Tensor)> {
-    support::step_batches(cfg.objective.kind == "clip", STEPS, SAMPLES, 6, 0)
+    support::step_batches(
+        cfg.objective.kind == ObjectiveKind::Clip,
+        STEPS,
+        SAMPLES,
+        6,
+        0,
+    )
 }
 
 /// Every rank's variables after `STEPS` steps, rank r's micro-batches sized `plan[r]`.
@@ -77,7 +84,7 @@ fn run_moving_experts(
     placement: Option<&ExpertPlacement>,
 ) -> Vec<BTreeMap<String, Tensor>> {
     let group = LocalGroup::new(plan.len());
-    let lr = if cfg.objective.kind == "clip" {
+    let lr = if cfg.objective.kind == ObjectiveKind::Clip {
         0.05
     } else {
         0.5
@@ -92,16 +99,15 @@ fn run_moving_experts(
                     tch::set_num_threads(1);
                     let coll: Arc<dyn Collective> = Arc::new(coll);
                     let build = |p: Option<ExpertPlacement>| {
-                        ContrastiveModel::for_job_on(
-                            cfg,
-                            Some(&ByteTokenizer::new()),
-                            Device::Cpu,
-                            Some((coll.clone(), p)),
-                        )
+                        let opts = BuildOptions {
+                            tokenizer: Some(&ByteTokenizer::new()),
+                            experts: Some((coll.clone(), p)),
+                        };
+                        ContrastiveModel::build(cfg, Device::Cpu, opts)
                     };
                     let mut model = seeded(5, || build(None).unwrap());
-                    let mut opt = optim::build(&cfg.optim, model.named_parameters()).unwrap();
-                    let mut objective = build_objective(cfg).unwrap();
+                    let mut opt = optim::build(&cfg.optim, model.named_parameters());
+                    let mut objective = build_objective(cfg);
                     let counts: Vec<i64> = plan.iter().map(|p| p.iter().sum()).collect();
                     let ranges = support::micro_batch_ranges(plan, rank);
                     for (step, (v1, v2)) in data.iter().enumerate() {
@@ -164,7 +170,15 @@ fn assert_runs_match(
     let cfg = cfg.clone();
     let reference = run(&cfg, &[vec![SAMPLES]]).remove(0);
     let initial = seeded(5, || {
-        ContrastiveModel::for_job(&cfg, Some(&ByteTokenizer::new()), Device::Cpu).unwrap()
+        ContrastiveModel::build(
+            &cfg,
+            Device::Cpu,
+            BuildOptions {
+                tokenizer: Some(&ByteTokenizer::new()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
     });
     let moved = initial
         .named_variables()
@@ -225,7 +239,7 @@ fn simclr_vit_with_experts_spread_over_ranks_matches_one_rank() {
 #[test]
 fn resnet_with_a_mixture_of_experts_projector_matches_one_rank() {
     let mut cfg = config("simclr");
-    cfg.model.encoder = "resnet".into();
+    cfg.model.encoder = EncoderKind::Resnet;
     cfg.moe.vit_blocks.clear();
     cfg.moe.projector = true;
     assert_runs_match(

@@ -8,10 +8,11 @@
 
 use contrail_test_support as support;
 
+use contrail_common::config::{EncoderKind, ObjectiveKind};
 use contrail_common::JobConfig;
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::Collective;
-use contrail_worker::model::ContrastiveModel;
+use contrail_worker::model::{BuildOptions, ContrastiveModel};
 use contrail_worker::objective::{build_objective, Moco, StepObjective, Swav};
 use contrail_worker::optim::Sgd;
 use contrail_worker::tokenize::ByteTokenizer;
@@ -34,13 +35,13 @@ fn config(kind: &str) -> JobConfig {
         ..Default::default()
     };
     cfg.data.image_size = 16;
-    cfg.objective.kind = kind.into();
-    cfg.objective.moco_queue_size = 24;
-    cfg.objective.moco_momentum = 0.9;
-    cfg.objective.swav_prototypes = 10;
-    cfg.objective.swav_freeze_prototypes_steps = 1;
+    cfg.objective.kind = kind.parse().unwrap();
+    cfg.objective.moco.queue_size = 24;
+    cfg.objective.moco.momentum = 0.9;
+    cfg.objective.swav.prototypes = 10;
+    cfg.objective.swav.freeze_prototypes_steps = 1;
     // SwAV's queue holds each rank's own past features, which legitimately depend on the split.
-    cfg.objective.swav_queue_size = 0;
+    cfg.objective.swav.queue_size = 0;
     cfg.train.micro_batch = 2;
     cfg
 }
@@ -48,13 +49,27 @@ fn config(kind: &str) -> JobConfig {
 /// `steps` batches of (view1, view2), `SAMPLES` each; for CLIP the second half is caption
 /// tokens (start, 5 random bytes, end, pad).
 fn batches(cfg: &JobConfig, steps: u64) -> Vec<(Tensor, Tensor)> {
-    support::step_batches(cfg.objective.kind == "clip", steps, SAMPLES, 5, 1)
+    support::step_batches(
+        cfg.objective.kind == ObjectiveKind::Clip,
+        steps,
+        SAMPLES,
+        5,
+        1,
+    )
 }
 
 /// The job's model, identical on every rank and run.
 fn model(cfg: &JobConfig) -> ContrastiveModel {
     seeded(5, || {
-        ContrastiveModel::for_job(cfg, Some(&ByteTokenizer::new()), Device::Cpu).unwrap()
+        ContrastiveModel::build(
+            cfg,
+            Device::Cpu,
+            BuildOptions {
+                tokenizer: Some(&ByteTokenizer::new()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
     })
 }
 
@@ -105,7 +120,7 @@ fn run_steps(
                             &mut opt,
                             objective.as_mut(),
                             &micro,
-                            if cfg.objective.kind == "clip" {
+                            if cfg.objective.kind == ObjectiveKind::Clip {
                                 CLIP_LR
                             } else {
                                 LR
@@ -177,11 +192,11 @@ fn var<'a>(vars: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
 #[test]
 fn moco_split_over_ranks_and_micro_batches_equals_one_rank() {
     let cfg = config("moco");
-    let make = || build_objective(&cfg).unwrap();
+    let make = || build_objective(&cfg);
     let after = assert_plans_match("moco", &cfg, &plans(), &make);
     // The comparison means something only if the steps moved the key encoder and the queue.
     let initial = seeded(5, || {
-        ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap()
+        ContrastiveModel::build(&cfg, Device::Cpu, BuildOptions::default()).unwrap()
     })
     .named_variables();
     for name in ["conv1.weight", "momentum.conv1.weight", "momentum.queue"] {
@@ -206,10 +221,10 @@ fn moco_shuffle_bn_puts_keys_back_in_place() {
 #[test]
 fn swav_split_over_ranks_and_micro_batches_equals_one_rank() {
     let cfg = config("swav");
-    let make = || build_objective(&cfg).unwrap();
+    let make = || build_objective(&cfg);
     let after = assert_plans_match("swav", &cfg, &plans(), &make);
     let initial = seeded(5, || {
-        ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap()
+        ContrastiveModel::build(&cfg, Device::Cpu, BuildOptions::default()).unwrap()
     })
     .named_variables();
     let moved = (var(&after, "prototypes.weight") - var(&initial, "prototypes.weight"))
@@ -227,11 +242,11 @@ fn swav_split_over_ranks_and_micro_batches_equals_one_rank() {
 #[test]
 fn swav_frozen_prototypes_do_not_move() {
     let mut cfg = config("swav");
-    cfg.objective.swav_freeze_prototypes_steps = 5;
+    cfg.objective.swav.freeze_prototypes_steps = 5;
     let make = || -> Box<dyn StepObjective> { Box::new(Swav::new(0.1, 0.05, 3, 5, 0)) };
     let (after, _) = run(&cfg, &[vec![SAMPLES]], &make).remove(0);
     let initial = seeded(5, || {
-        ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap()
+        ContrastiveModel::build(&cfg, Device::Cpu, BuildOptions::default()).unwrap()
     })
     .named_variables();
     let diff = |name: &str| {
@@ -254,7 +269,7 @@ fn swav_frozen_prototypes_do_not_move() {
 #[test]
 fn moco_ranks_stay_identical() {
     let cfg = config("moco");
-    let make = || build_objective(&cfg).unwrap();
+    let make = || build_objective(&cfg);
     let out = run(&cfg, &[vec![5], vec![3]], &make);
     let (diff, name) = max_abs_diff(&out[0].0, &out[1].0);
     assert_eq!(diff, 0.0, "ranks differ at {name}");
@@ -280,7 +295,7 @@ fn swav_queue_joins_once_full() {
 
 fn clip_config() -> JobConfig {
     let mut cfg = config("clip");
-    cfg.model.encoder = "vit".into();
+    cfg.model.encoder = EncoderKind::Vit;
     cfg.model.vit.patch_size = 8;
     cfg.model.vit.width = 16;
     cfg.model.vit.layers = 1;
@@ -298,7 +313,7 @@ fn clip_config() -> JobConfig {
 fn clip_split_over_ranks_and_micro_batches_equals_one_rank() {
     let cfg = clip_config();
     cfg.validate().unwrap();
-    let make = || build_objective(&cfg).unwrap();
+    let make = || build_objective(&cfg);
     let after = assert_plans_match("clip", &cfg, &plans(), &make);
     let initial = model(&cfg).named_variables();
     for name in [

@@ -5,11 +5,11 @@
 
 use contrail_test_support as support;
 
-use contrail_common::config::{ModelConfig, NormKind, StemKind};
+use contrail_common::config::{EncoderKind, ModelConfig, NormKind, StemKind};
 use contrail_common::JobConfig;
 use contrail_worker::dist::nccl::{nccl_unique_id, NcclCollective};
 use contrail_worker::dist::Collective;
-use contrail_worker::model::ContrastiveModel;
+use contrail_worker::model::{BuildOptions, ContrastiveModel};
 use contrail_worker::moe::runtime::is_expert_param;
 use contrail_worker::nn::compute::{is_channels_last, use_bf16_for_cuda_autocast};
 use contrail_worker::nn::Compute;
@@ -36,10 +36,10 @@ fn config(kind: &str) -> JobConfig {
         },
         ..Default::default()
     };
-    cfg.objective.kind = kind.into();
-    cfg.objective.moco_queue_size = 64;
-    cfg.objective.swav_prototypes = 16;
-    cfg.objective.swav_freeze_prototypes_steps = 1;
+    cfg.objective.kind = kind.parse().unwrap();
+    cfg.objective.moco.queue_size = 64;
+    cfg.objective.swav.prototypes = 16;
+    cfg.objective.swav.freeze_prototypes_steps = 1;
     cfg.data.image_size = 32;
     cfg.train.micro_batch = SAMPLES as u64;
     cfg.train.global_batch = SAMPLES as u64;
@@ -72,7 +72,7 @@ fn train(
 ) -> (Vec<f64>, ContrastiveModel) {
     // Initialised on the CPU (CUDA's RNG draws different numbers), then moved. Building the
     // model on `device` draws too: under the lock, so other tests' seeded draws stay intact.
-    let build = |d| ContrastiveModel::for_objective(&cfg.model, &cfg.objective, d).unwrap();
+    let build = |d| ContrastiveModel::build(cfg, d, BuildOptions::default()).unwrap();
     let initial = support::seeded(5, || build(Device::Cpu));
     let mut model = support::seeded(0, || build(device));
     model.load_named(&initial.named_variables()).unwrap();
@@ -101,7 +101,7 @@ fn run_steps(
     steps: u64,
 ) -> Vec<StepOutcome> {
     let mut opt = Sgd::new(model.named_parameters(), 0.9, 1e-5);
-    let mut objective = build_objective(cfg).unwrap();
+    let mut objective = build_objective(cfg);
     let (v1, v2) = images(device);
     let micro = [(v1, v2)];
     (0..steps)
@@ -152,7 +152,7 @@ fn every_objective_trains_on_gpu_with_bf16_channels_last_and_nccl() {
         let bytes = tensors_to_safetensors(&model.named_variables()).unwrap();
         let saved = safetensors_to_tensors(&bytes).unwrap();
         let mut cpu = support::seeded(0, || {
-            ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap()
+            ContrastiveModel::build(&cfg, Device::Cpu, BuildOptions::default()).unwrap()
         });
         cpu.load_named(&saved).unwrap();
         let on_cpu = cpu.var_store().variables()["conv1.weight"].copy();
@@ -190,7 +190,7 @@ fn bf16_steps_follow_fp32_steps() {
         2,
     );
     let init = support::seeded(5, || {
-        ContrastiveModel::for_objective(&cfg.model, &cfg.objective, Device::Cpu).unwrap()
+        ContrastiveModel::build(&cfg, Device::Cpu, BuildOptions::default()).unwrap()
     });
     let w0 = init.var_store().variables()["layer2.0.conv1.weight"].copy();
     let d = |m: &ContrastiveModel| {
@@ -233,7 +233,7 @@ fn gpu_step_matches_cpu_step() {
 /// GPU routings are comparable) and an MoE projector head.
 fn moe_config() -> JobConfig {
     let mut cfg = config("simclr");
-    cfg.model.encoder = "vit".into();
+    cfg.model.encoder = EncoderKind::Vit;
     cfg.model.vit.patch_size = 8;
     cfg.model.vit.width = 32;
     cfg.model.vit.layers = 2;
@@ -260,7 +260,13 @@ fn train_moe(
     } else {
         Arc::new(contrail_worker::dist::local::LocalGroup::new(1).remove(0))
     };
-    let build = |d: Device| ContrastiveModel::for_job_on(cfg, None, d, Some((coll.clone(), None)));
+    let build = |d: Device| {
+        let opts = BuildOptions {
+            tokenizer: None,
+            experts: Some((coll.clone(), None)),
+        };
+        ContrastiveModel::build(cfg, d, opts)
+    };
     // Initialised on the CPU (CUDA's RNG draws different numbers), then moved.
     let initial = support::seeded(5, || build(Device::Cpu).unwrap());
     let mut model = support::seeded(0, || build(device).unwrap());
@@ -318,7 +324,13 @@ fn moe_trains_on_gpu_with_bf16() {
     let initial = support::seeded(5, || {
         let coll: Arc<dyn Collective> =
             Arc::new(contrail_worker::dist::local::LocalGroup::new(1).remove(0));
-        ContrastiveModel::for_job_on(&cfg, None, Device::Cpu, Some((coll, None))).unwrap()
+        {
+            let opts = BuildOptions {
+                tokenizer: None,
+                experts: Some((coll, None)),
+            };
+            ContrastiveModel::build(&cfg, Device::Cpu, opts).unwrap()
+        }
     });
     let before: std::collections::BTreeMap<_, _> = expert_variables(&initial).into_iter().collect();
     for (name, t) in expert_variables(&model) {

@@ -1,0 +1,156 @@
+//! `[cluster]`: how many workers, where each computes, how they talk to each other and to
+//! the coordinator.
+
+use super::choice::choice;
+use super::{err, ConfigError};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+choice! {
+    /// The collective backend.
+    pub enum Backend default Tcp {
+        /// Ring over TCP; GPU tensors are staged through host memory.
+        Tcp = "tcp",
+        /// NCCL (GPUs only).
+        Nccl = "nccl",
+        /// NCCL when the worker computes on a GPU, TCP otherwise.
+        Auto = "auto",
+    }
+}
+
+/// Where a worker computes: `"auto"`, `"cpu"`, `"cuda"` (GPU 0) or `"cuda:N"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DeviceSetting {
+    /// GPU `rank mod #GPUs` when libtorch sees one, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// This GPU index on every worker.
+    Cuda(u32),
+}
+
+impl DeviceSetting {
+    /// Whether the setting asks for a GPU whatever the machine has.
+    pub fn requires_gpu(self) -> bool {
+        matches!(self, DeviceSetting::Cuda(_))
+    }
+}
+
+impl fmt::Display for DeviceSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSetting::Auto => f.write_str("auto"),
+            DeviceSetting::Cpu => f.write_str("cpu"),
+            DeviceSetting::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceSetting::Auto),
+            "cpu" => Ok(DeviceSetting::Cpu),
+            "cuda" => Ok(DeviceSetting::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(DeviceSetting::Cuda)
+                .ok_or_else(|| {
+                    format!("(\"{other}\") must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
+                }),
+        }
+    }
+}
+
+impl Serialize for DeviceSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub world_size: u32,
+    pub backend: Backend,
+    pub device: DeviceSetting,
+    /// Address the coordinator's gRPC server binds (workers dial `http://` + this).
+    pub grpc_addr: String,
+    /// Address of the HTTP status server (`/status`, `/healthz`).
+    pub http_addr: String,
+    pub heartbeat_ms: u64,
+    /// A worker silent for this long is declared dead and its leases return to the pool.
+    pub worker_timeout_ms: u64,
+    /// A shard lease not renewed (by heartbeats) within this time returns to the pool.
+    pub lease_ttl_ms: u64,
+    /// A collective that makes no progress for this long fails, naming the silent peer.
+    pub collective_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            world_size: 2,
+            backend: Backend::Tcp,
+            device: DeviceSetting::Auto,
+            grpc_addr: "127.0.0.1:50051".into(),
+            http_addr: "127.0.0.1:8080".into(),
+            heartbeat_ms: 500,
+            worker_timeout_ms: 5_000,
+            lease_ttl_ms: 10_000,
+            collective_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether the job file asks for GPUs on every worker (NCCL, or a CUDA device).
+    pub fn requires_gpu(&self) -> bool {
+        self.backend == Backend::Nccl || self.device.requires_gpu()
+    }
+
+    /// `world_size` is checked first (in `JobConfig::validate`), as the batch relation in
+    /// `[train]` divides by it.
+    pub(super) fn validate_world_size(&self) -> Result<(), ConfigError> {
+        if self.world_size == 0 {
+            return Err(err("cluster.world_size", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let c = self;
+        if c.heartbeat_ms == 0 || c.worker_timeout_ms <= c.heartbeat_ms * 2 {
+            return Err(err(
+                "cluster.worker_timeout_ms",
+                format!(
+                    "({}) must exceed twice cluster.heartbeat_ms ({})",
+                    c.worker_timeout_ms, c.heartbeat_ms
+                ),
+            ));
+        }
+        if c.lease_ttl_ms <= c.heartbeat_ms * 2 {
+            return Err(err(
+                "cluster.lease_ttl_ms",
+                format!(
+                    "({}) must exceed twice cluster.heartbeat_ms ({})",
+                    c.lease_ttl_ms, c.heartbeat_ms
+                ),
+            ));
+        }
+        if c.collective_timeout_ms == 0 {
+            return Err(err("cluster.collective_timeout_ms", "must be positive"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! `[train]` and `[checkpoint]`: batch sizes, run length, precision, and where the run's
+//! state is saved.
+
+use super::choice::choice;
+use super::{err, ConfigError};
+use serde::{Deserialize, Serialize};
+
+choice! {
+    /// Numeric precision of the forward and backward passes.
+    pub enum Precision default Auto {
+        /// bf16 on a GPU, fp32 on the CPU.
+        Auto = "auto",
+        Fp32 = "fp32",
+        /// CUDA autocast with bf16 (GPU only); weights, optimizer state and the loss stay fp32.
+        Bf16 = "bf16",
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Samples (images, each giving two views) per optimizer step across all workers.
+    pub global_batch: u64,
+    /// Samples per worker per forward pass.
+    pub micro_batch: u64,
+    /// Passes over the dataset.
+    pub epochs: u32,
+    /// Stop after this many steps even if epochs remain (0: no limit).
+    pub max_steps: u64,
+    pub seed: u64,
+    /// Print a progress line every this many steps.
+    pub log_every: u64,
+    pub precision: Precision,
+    /// Conv nets on a GPU keep weights and activations in channels-last (NHWC) layout, which
+    /// tensor cores run about 1.8× faster; no effect on the CPU.
+    pub channels_last: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            global_batch: 64,
+            micro_batch: 32,
+            epochs: 4,
+            max_steps: 0,
+            seed: 0,
+            log_every: 10,
+            precision: Precision::Auto,
+            channels_last: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// K: micro-batches each worker accumulates per optimizer step; `validate` guarantees the
+    /// division is exact and K ≥ 1.
+    pub fn accumulation_steps(&self, world_size: u32) -> u64 {
+        self.global_batch / (self.micro_batch * world_size as u64)
+    }
+
+    pub(super) fn validate(&self, world_size: u32) -> Result<(), ConfigError> {
+        let t = self;
+        if t.micro_batch == 0 {
+            return Err(err("train.micro_batch", "must be at least 1"));
+        }
+        let per_round = world_size as u64 * t.micro_batch;
+        if t.global_batch == 0 || !t.global_batch.is_multiple_of(per_round) {
+            return Err(err(
+                "train.global_batch",
+                format!(
+                    "({}) must be a multiple of world_size × micro_batch ({} × {} = {})",
+                    t.global_batch, world_size, t.micro_batch, per_round
+                ),
+            ));
+        }
+        // global_batch > 0 and a multiple of per_round, so accumulation_steps() = K ≥ 1: each
+        // worker runs K micro-batches per optimizer step (train::accumulate).
+        if t.epochs == 0 && t.max_steps == 0 {
+            return Err(err(
+                "train.epochs",
+                "is 0 and train.max_steps is 0: nothing to train",
+            ));
+        }
+        if t.log_every == 0 {
+            return Err(err("train.log_every", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory URL for checkpoints; empty disables them. A job started again with the same
+    /// URL resumes from the latest one.
+    pub url: String,
+    /// Write a checkpoint every this many steps (and at the end); 0 only at the end.
+    pub every_steps: u64,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep: u32,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            url: "file://./run/checkpoints".into(),
+            every_steps: 100,
+            keep: 2,
+        }
+    }
+}
+
+impl CheckpointConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if !self.url.is_empty() && self.keep == 0 {
+            return Err(err(
+                "checkpoint.keep",
+                "must be at least 1 when checkpoint.url is set",
+            ));
+        }
+        Ok(())
+    }
+}
