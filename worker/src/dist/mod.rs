@@ -9,6 +9,7 @@ use tch::Tensor;
 
 pub mod local;
 pub mod nccl;
+mod rows;
 pub mod staged;
 pub mod tcp;
 

@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use tch::{Device, Kind, Tensor};
 
+use super::rows::{dim0, row_bytes, row_elems, row_offsets, with_rows};
 use super::{Collective, CollectiveError, Result};
 
 /// Length of the id every rank passes to [`NcclCollective::new`] (`NCCL_UNIQUE_ID_BYTES`).
@@ -1067,47 +1068,6 @@ impl Drop for NcclCollective {
     }
 }
 
-/// Validates per-rank row counts and returns their row offsets and total.
-fn row_offsets(counts: &[i64], world: usize, what: &str) -> Result<(Vec<i64>, i64)> {
-    if counts.len() != world {
-        return Err(CollectiveError::Usage(format!(
-            "{what}: {} counts for a world of {world}",
-            counts.len()
-        )));
-    }
-    let mut offs = Vec::with_capacity(world);
-    let mut total = 0i64;
-    for (r, &c) in counts.iter().enumerate() {
-        if c < 0 {
-            return Err(CollectiveError::Usage(format!(
-                "{what}: count {c} for rank {r} is negative"
-            )));
-        }
-        offs.push(total);
-        total += c;
-    }
-    Ok((offs, total))
-}
-
-fn dim0(t: &Tensor, what: &str) -> Result<i64> {
-    t.size().first().copied().ok_or_else(|| {
-        CollectiveError::Usage(format!(
-            "{what}: needs a tensor with at least one dimension (rows), got a scalar"
-        ))
-    })
-}
-
-/// Elements per dim-0 row (the product of the other dimensions).
-fn row_elems(t: &Tensor) -> usize {
-    t.size()[1..].iter().product::<i64>() as usize
-}
-
-fn with_rows(t: &Tensor, rows: i64) -> Vec<i64> {
-    let mut shape = t.size();
-    shape[0] = rows;
-    shape
-}
-
 /// `rows` rows of which the first `t.size()[0]` are `t` and the rest zeros.
 fn pad_rows(t: &Tensor, rows: i64) -> Tensor {
     let n = t.size()[0];
@@ -1213,7 +1173,7 @@ impl Collective for NcclCollective {
         }
         let (staged, copied) = self.stage(local, what)?;
         let work = staged.contiguous();
-        let row_bytes = row_elems(&work) * work.kind().elt_size_in_bytes();
+        let row_bytes = row_bytes(&work);
         let max = counts.iter().copied().max().unwrap_or(0);
         let even = counts.iter().all(|&c| c == max);
         let mut st = self.begin()?;
@@ -1394,7 +1354,7 @@ impl NcclCollective {
         };
         let out = Tensor::empty(with_rows(&work, recv_total), (work.kind(), self.device()));
         // Phase 2: one grouped send and receive per peer, this rank included.
-        let rb = row_elems(&work) * work.kind().elt_size_in_bytes();
+        let rb = row_bytes(&work);
         let (ib, ob) = (work.data_ptr() as usize, out.data_ptr() as usize);
         let sends: Vec<(usize, usize, usize)> = (0..n)
             .map(|p| {
@@ -1793,16 +1753,5 @@ mod tests {
         assert_eq!(received_counts(&matrix, 3, 0), [1, 4, 7]);
         assert_eq!(received_counts(&matrix, 3, 2), [3, 6, 9]);
         assert_eq!(received_counts(&[5], 1, 0), [5]);
-    }
-
-    #[test]
-    fn counts_are_validated() {
-        assert_eq!(row_offsets(&[2, 0, 3], 3, "x").unwrap(), (vec![0, 2, 2], 5));
-        assert!(
-            matches!(row_offsets(&[1, 2], 3, "x"), Err(CollectiveError::Usage(m)) if m.contains("2 counts for a world of 3"))
-        );
-        assert!(
-            matches!(row_offsets(&[1, -1], 2, "x"), Err(CollectiveError::Usage(m)) if m.contains("negative"))
-        );
     }
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
+use super::rows::{self, row_bytes};
 use super::{Collective, CollectiveError, Result};
 
 const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CTRLRING");
@@ -1077,46 +1078,21 @@ fn check_cpu(t: &Tensor, what: &str) -> Result<()> {
     }
 }
 
-/// Validates per-rank row counts and returns their row offsets and total.
+/// [`rows::row_offsets`] as byte-addressing `usize`s.
 fn row_offsets(counts: &[i64], world: usize, what: &str) -> Result<(Vec<usize>, usize)> {
-    if counts.len() != world {
-        return Err(CollectiveError::Usage(format!(
-            "{what}: {} counts for a world of {world}",
-            counts.len()
-        )));
-    }
-    let mut offs = Vec::with_capacity(world);
-    let mut total = 0usize;
-    for (r, &c) in counts.iter().enumerate() {
-        if c < 0 {
-            return Err(CollectiveError::Usage(format!(
-                "{what}: count {c} for rank {r} is negative"
-            )));
-        }
-        offs.push(total);
-        total += c as usize;
-    }
-    Ok((offs, total))
-}
-
-/// Bytes per dim-0 row of `t` (the product of the other dimensions times the element size).
-fn row_bytes(t: &Tensor) -> usize {
-    t.size()[1..].iter().product::<i64>() as usize * t.kind().elt_size_in_bytes()
-}
-
-fn with_rows(t: &Tensor, rows: usize) -> Vec<i64> {
-    let mut shape = t.size();
-    shape[0] = rows as i64;
-    shape
+    let (offs, total) = rows::row_offsets(counts, world, what)?;
+    Ok((
+        offs.into_iter().map(|o| o as usize).collect(),
+        total as usize,
+    ))
 }
 
 fn dim0(t: &Tensor, what: &str) -> Result<usize> {
-    match t.size().first() {
-        Some(&n) => Ok(n as usize),
-        None => Err(CollectiveError::Usage(format!(
-            "{what}: needs a tensor with at least one dimension (rows), got a scalar"
-        ))),
-    }
+    rows::dim0(t, what).map(|n| n as usize)
+}
+
+fn with_rows(t: &Tensor, rows: usize) -> Vec<i64> {
+    rows::with_rows(t, rows as i64)
 }
 
 impl Collective for TcpCollective {
