@@ -3,7 +3,7 @@
 //! matches variants, never strings.
 
 /// Declares a string-valued choice: the enum, its names, `Display`/`FromStr`, and serde as a
-/// string. A wrong name is rejected as `("lamb") must be one of "sgd", "lars", "adamw"`, which
+/// string ([`serde_via_str`]). A wrong name is rejected as `("lamb") must be one of "sgd", "lars", "adamw"`, which
 /// the loader prefixes with the key path.
 macro_rules! choice {
     (
@@ -55,9 +55,18 @@ macro_rules! choice {
             }
         }
 
+        $crate::config::choice::serde_via_str!($name);
+    };
+}
+pub(crate) use choice;
+
+/// Serde for a type written in the job file as one string: out through `Display`, in through
+/// `FromStr`, whose error message follows the key path.
+macro_rules! serde_via_str {
+    ($name:ty) => {
         impl serde::Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.as_str())
+                s.collect_str(self)
             }
         }
 
@@ -69,7 +78,7 @@ macro_rules! choice {
         }
     };
 }
-pub(crate) use choice;
+pub(crate) use serde_via_str;
 
 /// `"a", "b", "c"`: the allowed names in an error message.
 pub(crate) fn quoted<'a>(names: impl Iterator<Item = &'a str>) -> String {

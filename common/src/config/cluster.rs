@@ -1,7 +1,7 @@
 //! `[cluster]`: how many workers, where each computes, how they talk to each other and to
 //! the coordinator.
 
-use super::choice::choice;
+use super::choice::{choice, serde_via_str};
 use super::{err, ConfigError};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -64,19 +64,7 @@ impl std::str::FromStr for DeviceSetting {
     }
 }
 
-impl Serialize for DeviceSetting {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for DeviceSetting {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+serde_via_str!(DeviceSetting);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -1,7 +1,7 @@
 //! `[model]`, `[model.vit]` and `[model.text]`: the image encoder (ResNet or ViT), the MLP
 //! projector, and CLIP's text tower.
 
-use super::choice::choice;
+use super::choice::{choice, serde_via_str};
 use super::objective::ObjectiveKind;
 use super::{err, ConfigError};
 use serde::{Deserialize, Serialize};
@@ -146,24 +146,18 @@ impl std::fmt::Display for TokenizerSource {
     }
 }
 
-impl Serialize for TokenizerSource {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for TokenizerSource {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+impl std::str::FromStr for TokenizerSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
         match s.trim() {
             "byte" => Ok(TokenizerSource::Byte),
-            "" => Err(serde::de::Error::custom(
-                "must be \"byte\" or the URL of a tokenizer.json",
-            )),
-            _ => Ok(TokenizerSource::Url(s)),
+            "" => Err("must be \"byte\" or the URL of a tokenizer.json".into()),
+            _ => Ok(TokenizerSource::Url(s.to_string())),
         }
     }
 }
+
+serde_via_str!(TokenizerSource);
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]

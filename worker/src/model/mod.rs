@@ -412,7 +412,7 @@ impl ContrastiveModel {
         if compute.channels_last && !self.compute.channels_last {
             compute::convert_to_channels_last(&self.vs);
         }
-        if let ObjectiveParts::Moco(m) = &mut self.parts {
+        if let Some(m) = self.momentum_mut() {
             m.set_compute(compute);
         }
         self.compute = compute;
@@ -433,6 +433,13 @@ impl ContrastiveModel {
     /// MoCo's key encoder and queue, when the model has them.
     pub fn momentum(&self) -> Option<&MomentumBranch> {
         match &self.parts {
+            ObjectiveParts::Moco(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn momentum_mut(&mut self) -> Option<&mut MomentumBranch> {
+        match &mut self.parts {
             ObjectiveParts::Moco(m) => Some(m),
             _ => None,
         }
@@ -584,12 +591,7 @@ impl ContrastiveModel {
         self.vs.copy(&other.vs).context(
             "copying model variables: the two models were built from different model configs",
         )?;
-        let theirs = other.momentum();
-        let mine = match &mut self.parts {
-            ObjectiveParts::Moco(m) => Some(m),
-            _ => None,
-        };
-        match (mine, theirs) {
+        match (self.momentum_mut(), other.momentum()) {
             (Some(mine), Some(theirs)) => mine
                 .var_store_mut()
                 .copy(theirs.vs_ref())

@@ -10,8 +10,8 @@
 //! one-process model.
 //!
 //! With one worker the block is ordinary autograd. With several, tokens travel to the
-//! experts' holders and back through the all-to-alls of [`super::exchange`], where the graph is cut
-//! (see [`super::runtime`]).
+//! experts' holders and back through the all-to-alls of [`super::exchange`], where the graph
+//! is cut (see [`super::runtime`]).
 
 use super::dispatch::{self, DispatchPlan};
 use super::exchange::{self, Outgoing};
