@@ -1,0 +1,355 @@
+//! Building the mesh: bind, then dial every lower rank and accept every higher one. Each
+//! connection opens with a hello (rank, world size, stream index and the job token) so a stale
+//! or foreign process cannot join.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::tuning::{socket_buffer_bytes, streams_per_peer};
+use super::{Failure, OpState, TcpCollective};
+use crate::dist::{CollectiveError, Result};
+
+const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CTRLRING");
+
+/// A bound listener waiting for the peer list; see [`TcpCollective::bind`].
+pub struct TcpBootstrap {
+    listener: TcpListener,
+    token: u64,
+}
+
+impl TcpCollective {
+    /// Binds the listener peers will dial (`"0.0.0.0:0"` or `"127.0.0.1:0"` pick a free port).
+    pub fn bind(addr: &str) -> io::Result<TcpBootstrap> {
+        Ok(TcpBootstrap {
+            listener: TcpListener::bind(addr)?,
+            token: 0,
+        })
+    }
+}
+
+impl TcpBootstrap {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Sets the job/generation token every peer must present (default 0). Use a value that
+    /// changes with each restart of the job so a process from an earlier attempt cannot join.
+    pub fn with_token(mut self, token: u64) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Builds the mesh. `peer_addrs[r]` is where rank r listens (this rank's own entry is not
+    /// used). Dialing retries until `timeout` has passed, since peers start at different times;
+    /// `timeout` is also how long a peer may stay silent during an operation.
+    pub fn connect(
+        self,
+        rank: usize,
+        peer_addrs: Vec<String>,
+        timeout: Duration,
+    ) -> Result<TcpCollective> {
+        let world = peer_addrs.len();
+        if rank >= world {
+            return Err(CollectiveError::Usage(format!(
+                "rank {rank} is outside a world of {world} peer addresses"
+            )));
+        }
+        if timeout.is_zero() {
+            return Err(CollectiveError::Usage(
+                "collective timeout must be positive".into(),
+            ));
+        }
+        let deadline = Instant::now() + timeout;
+        let token = self.token;
+        let listener = self.listener;
+        let peer_addrs_ref = &peer_addrs;
+        let lanes = streams_per_peer();
+        let mut links: Vec<Vec<Option<TcpStream>>> = (0..world)
+            .map(|p| {
+                (0..if p == rank { 0 } else { lanes })
+                    .map(|_| None)
+                    .collect()
+            })
+            .collect();
+        let fail =
+            |f: Failure| f.to_error(|r: usize| peer_addrs_ref.get(r).cloned().unwrap_or_default());
+        let (accepted, dialed) = thread::scope(|s| {
+            let acceptor =
+                s.spawn(|| accept_higher(&listener, rank, world, lanes, token, deadline));
+            let mut dialed = Vec::new();
+            for (peer, addr) in peer_addrs.iter().enumerate().take(rank) {
+                for lane in 0..lanes {
+                    let me = Hello {
+                        rank,
+                        world,
+                        lane,
+                        lanes,
+                        token,
+                    };
+                    match dial(addr, &me, peer, deadline) {
+                        Ok(stream) => dialed.push((peer, lane, stream)),
+                        Err(f) => return (Ok(Vec::new()), Err(f)),
+                    }
+                }
+            }
+            let accepted = acceptor.join().unwrap_or_else(|_| {
+                Err(Failure::Usage(
+                    "the connection acceptor thread panicked".into(),
+                ))
+            });
+            (accepted, Ok(dialed))
+        });
+        for (peer, lane, stream) in dialed
+            .map_err(fail)?
+            .into_iter()
+            .chain(accepted.map_err(fail)?)
+        {
+            configure(&stream, timeout).map_err(|e| {
+                fail(Failure::Peer {
+                    rank: peer,
+                    reason: format!("could not configure the socket: {e}"),
+                })
+            })?;
+            links[peer][lane] = Some(stream);
+        }
+        Ok(TcpCollective {
+            rank,
+            world,
+            addrs: peer_addrs,
+            links: links
+                .into_iter()
+                .map(|l| {
+                    l.into_iter()
+                        .map(|s| s.expect("every lane connected"))
+                        .collect()
+                })
+                .collect(),
+            lanes,
+            timeout,
+            state: Mutex::new(OpState {
+                seq: 0,
+                poisoned: None,
+            }),
+        })
+    }
+}
+
+fn configure(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let sock = socket2::SockRef::from(stream);
+    // Failing to enlarge the buffers costs speed, not correctness.
+    let buf = socket_buffer_bytes();
+    if buf > 0 {
+        let _ = sock.set_send_buffer_size(buf);
+        let _ = sock.set_recv_buffer_size(buf);
+    }
+    Ok(())
+}
+
+/// What a dialing rank says first on every connection.
+struct Hello {
+    rank: usize,
+    world: usize,
+    lane: usize,
+    lanes: usize,
+    token: u64,
+}
+
+const HELLO_LEN: usize = 32;
+
+impl Hello {
+    fn encode(&self, to: usize) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[0..8].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        b[8..16].copy_from_slice(&self.token.to_le_bytes());
+        for (k, v) in [self.world, self.rank, to, self.lane | (self.lanes << 16)]
+            .iter()
+            .enumerate()
+        {
+            b[16 + 4 * k..20 + 4 * k].copy_from_slice(&(*v as u32).to_le_bytes());
+        }
+        b
+    }
+
+    /// Returns the hello and the rank it was addressed to, or None if the magic is wrong.
+    fn decode(b: &[u8; HELLO_LEN]) -> Option<(Hello, usize)> {
+        let u32_at = |k: usize| {
+            u32::from_le_bytes(b[16 + 4 * k..20 + 4 * k].try_into().expect("4")) as usize
+        };
+        if u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")) != HELLO_MAGIC {
+            return None;
+        }
+        let hello = Hello {
+            token: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            world: u32_at(0),
+            rank: u32_at(1),
+            lane: u32_at(3) & 0xFFFF,
+            lanes: u32_at(3) >> 16,
+        };
+        Some((hello, u32_at(2)))
+    }
+}
+
+/// Dials `peer` until it answers the handshake with the right rank and token, or the deadline.
+fn dial(
+    addr: &str,
+    me: &Hello,
+    peer: usize,
+    deadline: Instant,
+) -> std::result::Result<TcpStream, Failure> {
+    let token = me.token;
+    let mut last_err = String::from("no attempt finished");
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Failure::Peer {
+                rank: peer,
+                reason: format!("could not connect before the deadline; last error: {last_err}"),
+            });
+        }
+        let attempt = (|| -> io::Result<TcpStream> {
+            let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "address resolved to nothing")
+            })?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let stream = TcpStream::connect_timeout(
+                &sa,
+                left.clamp(Duration::from_millis(1), Duration::from_secs(2)),
+            )?;
+            stream.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
+            (&stream).write_all(&me.encode(peer))?;
+            let mut reply = [0u8; 20];
+            (&stream).read_exact(&mut reply).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("no handshake reply ({e}): wrong token, world size or stream count?"),
+                )
+            })?;
+            let magic = u64::from_le_bytes(reply[0..8].try_into().expect("8 bytes"));
+            let their_token = u64::from_le_bytes(reply[8..16].try_into().expect("8 bytes"));
+            let their_rank = u32::from_le_bytes(reply[16..20].try_into().expect("4 bytes"));
+            if magic != HELLO_MAGIC || their_token != token || their_rank as usize != peer {
+                return Err(io::Error::other(format!(
+                    "answered as rank {their_rank} with token {their_token:#x} (wanted rank \
+                     {peer}, token {token:#x}): a stale or foreign process"
+                )));
+            }
+            Ok(stream)
+        })();
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_err = e.to_string(),
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Accepts `lanes` connections from every rank above `me`, rejecting strangers, until the
+/// deadline.
+fn accept_higher(
+    listener: &TcpListener,
+    me: usize,
+    world: usize,
+    lanes: usize,
+    token: u64,
+    deadline: Instant,
+) -> std::result::Result<Vec<(usize, usize, TcpStream)>, Failure> {
+    let mut got: Vec<(usize, usize, TcpStream)> = Vec::new();
+    let want = (world - me - 1) * lanes;
+    if want == 0 {
+        return Ok(got);
+    }
+    let io_err = |e: io::Error| Failure::Usage(format!("rank {me} could not accept peers: {e}"));
+    listener.set_nonblocking(true).map_err(io_err)?;
+    while got.len() < want {
+        if Instant::now() >= deadline {
+            let missing = (me + 1..world)
+                .find(|r| got.iter().filter(|(g, _, _)| g == r).count() < lanes)
+                .unwrap_or(me + 1);
+            return Err(Failure::Peer {
+                rank: missing,
+                reason: format!("never connected to rank {me} before the deadline"),
+            });
+        }
+        let (stream, from) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(e)),
+        };
+        match handshake_accepted(&stream, me, world, lanes, token, deadline, &got) {
+            Ok((peer, lane)) => got.push((peer, lane, stream)),
+            Err(reason) => {
+                tracing::warn!(%from, rank = me, "rejected a collective connection: {reason}")
+            }
+        }
+    }
+    let _ = listener.set_nonblocking(false);
+    Ok(got)
+}
+
+fn handshake_accepted(
+    stream: &TcpStream,
+    me: usize,
+    world: usize,
+    lanes: usize,
+    token: u64,
+    deadline: Instant,
+    got: &[(usize, usize, TcpStream)],
+) -> std::result::Result<(usize, usize), String> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .clamp(Duration::from_millis(1), Duration::from_secs(5));
+    stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(left))
+        .map_err(|e| e.to_string())?;
+    let mut raw = [0u8; HELLO_LEN];
+    (&*stream)
+        .read_exact(&mut raw)
+        .map_err(|e| format!("no hello: {e}"))?;
+    let Some((h, to)) = Hello::decode(&raw) else {
+        return Err("not a contrail collective hello".into());
+    };
+    if h.token != token {
+        return Err(format!(
+            "token {:#x} is not this job's {token:#x} (stale peer?)",
+            h.token
+        ));
+    }
+    if h.world != world || to != me || h.rank <= me || h.rank >= world {
+        return Err(format!(
+            "rank {} of world {} dialed rank {to}; this is rank {me} of {world}",
+            h.rank, h.world
+        ));
+    }
+    if h.lanes != lanes || h.lane >= lanes {
+        return Err(format!(
+            "rank {} uses {} streams per peer, this rank {lanes} (set CONTRAIL_TCP_STREAMS alike)",
+            h.rank, h.lanes
+        ));
+    }
+    if got.iter().any(|(g, l, _)| *g == h.rank && *l == h.lane) {
+        return Err(format!("rank {} connected stream {} twice", h.rank, h.lane));
+    }
+    let mut reply = Vec::with_capacity(20);
+    reply.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
+    reply.extend_from_slice(&token.to_le_bytes());
+    reply.extend_from_slice(&(me as u32).to_le_bytes());
+    (&*stream)
+        .write_all(&reply)
+        .map_err(|e| format!("reply failed: {e}"))?;
+    Ok((h.rank, h.lane))
+}
