@@ -5,7 +5,7 @@
 const LAYERS: &[&[&str]] = &[
     &["dist"],
     &["nn", "tokenize"],
-    &["optim"],
+    &["optim", "eval"],
     &["moe"],
     &["model"],
     &["objective"],

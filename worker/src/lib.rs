@@ -9,7 +9,8 @@
 //! 2. [`nn`]: building blocks (bf16 autocast and channels-last, PyTorch's default init, row
 //!    normalisation, ring buffers); [`tokenize`]: caption tokenizers (built-in byte-level,
 //!    or a Hugging Face `tokenizer.json`).
-//! 3. [`optim`]: optimizers over named parameters, learning-rate schedules.
+//! 3. [`optim`]: optimizers over named parameters, learning-rate schedules; [`eval`]: kNN
+//!    (with whitening), linear probe, zero-shot and retrieval metrics over embedding banks.
 //! 4. [`moe`]: mixture-of-experts blocks: routing, the token exchange, expert checkpoints.
 //! 5. [`model`]: ResNet (torchvision names), ViT and text towers (open_clip names), projector,
 //!    SwAV prototypes, MoCo momentum branch, CLIP's logit scale; one way to build from config.
@@ -23,6 +24,7 @@
 //! the `contrail-cli` crate, which puts these together.
 
 pub mod dist;
+pub mod eval;
 pub mod model;
 pub mod moe;
 pub mod nn;

@@ -6,6 +6,7 @@
 mod accumulation_equivalence;
 mod clip_towers_conformance;
 mod collectives;
+mod eval_conformance;
 mod gradient_equivalence;
 mod moe_expert_parallel;
 mod moe_gating_conformance;
