@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the test-only tools on top of scripts/setup.sh (run that first), idempotently:
 #   - Chromium (Debian package chromium), for the status page's headless-browser test,
+#   - Fashion-MNIST (Debian package dataset-fashion-mnist), the real dataset of the tests,
 #   - requirements-test.txt into .venv: moto's S3 server, torchvision, prometheus_client,
 #     hadolint, kubernetes-validate and the JobSet API models (what each is for is listed there).
 set -euo pipefail
@@ -16,6 +17,15 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+
+# Real data for the import test and the benchmarks: Fashion-MNIST (70,000 28x28 images, IDX
+# files under /usr/share/datasets/fashion-mnist, about 30 MB).
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  echo "setup-test: installing dataset-fashion-mnist (apt-get, about 30 MB)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null
 fi
 
 # The file is the whole pinned closure, so --no-deps keeps pip away from torch. A stamp with the

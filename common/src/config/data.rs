@@ -11,7 +11,7 @@ pub struct DataConfig {
     /// `s3://bucket/data-{000000..000099}.tar`. Plain paths mean `file://`.
     pub url: String,
     /// Samples that `contrail local` writes with the synthetic generator when `url` holds no
-    /// shards yet.
+    /// shards yet; 0 never writes them (an empty `url` is then an error).
     pub synth_samples: u64,
     /// Samples per synthetic shard.
     pub synth_shard_size: u64,

@@ -1,0 +1,222 @@
+//! `contrail data import`: a dataset in a layout users have, written as WebDataset shards with
+//! a `dataset.json` manifest (class names, per-split sample and class counts, skipped input).
+//!
+//! Layouts: MNIST-style IDX files ([`idx`]; Fashion-MNIST from the Debian package
+//! `dataset-fashion-mnist` is the real dataset of our tests and benchmarks). Each sample becomes
+//! `KEY.png` (lossless; grayscale stays one channel, the decoder replicates it), `KEY.cls` (the
+//! class index) and, with a caption template, `KEY.txt`. The image-folder and CSV layouts are
+//! not built yet.
+
+pub mod idx;
+pub mod shards;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use image::codecs::png::PngEncoder;
+use image::{ExtendedColorType, ImageEncoder};
+use object_store::PutPayload;
+use serde::Serialize;
+
+use contrail_common::storage::resolve;
+use shards::{ImportedSample, ShardWriter};
+
+/// Fashion-MNIST's class names, in label order (its README).
+pub const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// What every importer is told.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    pub out: String,
+    pub s3_endpoint: String,
+    pub shard_size: usize,
+    /// Class names in label order; labels at or past its end are skipped as unknown classes.
+    pub classes: Vec<String>,
+    /// Caption per sample from its class name: `{}` is replaced by the name.
+    pub caption_template: Option<String>,
+    /// At most this many samples per split (for quick runs and tests).
+    pub limit: Option<usize>,
+}
+
+/// One split in `dataset.json`.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct SplitManifest {
+    pub samples: u64,
+    pub shards: Vec<String>,
+    pub bytes: u64,
+    /// Samples per class, in class order.
+    pub per_class: Vec<u64>,
+}
+
+/// `dataset.json`: written last, after every shard.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct DatasetManifest {
+    /// The layout imported from ("idx", ...) and from where.
+    pub format: String,
+    pub source: String,
+    pub classes: Vec<String>,
+    pub caption_template: Option<String>,
+    pub splits: BTreeMap<String, SplitManifest>,
+    /// Input that was skipped, by reason.
+    pub skipped: BTreeMap<String, u64>,
+}
+
+/// Prints `import: <split> n/total` every few seconds, and at the end.
+struct Progress {
+    split: String,
+    total: usize,
+    last: Instant,
+}
+
+impl Progress {
+    /// Prints when `last` or when two seconds have passed since the previous line.
+    fn tick(&mut self, done: usize, shards: usize, last: bool) {
+        if last || self.last.elapsed().as_secs_f64() >= 2.0 {
+            eprintln!(
+                "import: {} {done}/{} samples ({:.0}%), {shards} shards",
+                self.split,
+                self.total,
+                100.0 * done as f64 / self.total.max(1) as f64
+            );
+            self.last = Instant::now();
+        }
+    }
+}
+
+fn png_gray(pixels: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    PngEncoder::new(&mut out)
+        .write_image(pixels, w, h, ExtendedColorType::L8)
+        .context("encoding a PNG")?;
+    Ok(out)
+}
+
+/// Imports an MNIST-style IDX folder (train and t10k files, plain or gzipped).
+pub async fn import_idx(dir: &Path, options: &ImportOptions) -> Result<DatasetManifest> {
+    check(options)?;
+    let mut manifest = DatasetManifest {
+        format: "idx".into(),
+        source: dir.display().to_string(),
+        classes: options.classes.clone(),
+        caption_template: options.caption_template.clone(),
+        ..Default::default()
+    };
+    for split in ["train", "test"] {
+        let (img_path, lbl_path) = idx::split_files(dir, split)?;
+        let images = idx::parse_images(
+            &idx::read_maybe_gz(&img_path)?,
+            &img_path.display().to_string(),
+        )?;
+        let labels = idx::parse_labels(
+            &idx::read_maybe_gz(&lbl_path)?,
+            &lbl_path.display().to_string(),
+        )?;
+        if labels.len() != images.count {
+            bail!(
+                "{} holds {} images but {} holds {} labels",
+                img_path.display(),
+                images.count,
+                lbl_path.display(),
+                labels.len()
+            );
+        }
+        let total = options.limit.unwrap_or(usize::MAX).min(images.count);
+        let mut writer = ShardWriter::new(
+            &options.out,
+            split,
+            &options.s3_endpoint,
+            options.shard_size,
+        );
+        let mut progress = Progress {
+            split: split.into(),
+            total,
+            last: Instant::now(),
+        };
+        for (i, &label) in labels.iter().enumerate().take(total) {
+            let label = label as usize;
+            let Some(class) = options.classes.get(label) else {
+                *manifest.skipped.entry("unknown class".into()).or_default() += 1;
+                continue;
+            };
+            let png = png_gray(images.image(i), images.cols as u32, images.rows as u32)?;
+            let mut members = vec![("png", png), ("cls", label.to_string().into_bytes())];
+            if let Some(t) = &options.caption_template {
+                members.push(("txt", t.replace("{}", class).into_bytes()));
+            }
+            writer
+                .push(ImportedSample {
+                    key: format!("{split}-{i:06}"),
+                    members,
+                    label: Some(label),
+                })
+                .await?;
+            progress.tick(i + 1, writer.shards.len(), false);
+        }
+        writer.finish().await?;
+        progress.tick(total, writer.shards.len(), true);
+        let mut per_class = writer.per_class.clone();
+        per_class.resize(options.classes.len(), 0);
+        manifest.splits.insert(
+            split.into(),
+            SplitManifest {
+                samples: writer.samples,
+                shards: writer.shards.clone(),
+                bytes: writer.bytes,
+                per_class,
+            },
+        );
+    }
+    write_manifest(&options.out, &options.s3_endpoint, &manifest).await?;
+    Ok(manifest)
+}
+
+fn check(options: &ImportOptions) -> Result<()> {
+    if options.classes.is_empty() {
+        bail!("import: no class names");
+    }
+    if let Some(t) = &options.caption_template {
+        if !t.contains("{}") {
+            bail!("import: caption template {t:?} has no {{}} for the class name");
+        }
+    }
+    Ok(())
+}
+
+/// Writes `OUT/dataset.json`.
+pub async fn write_manifest(out: &str, s3_endpoint: &str, m: &DatasetManifest) -> Result<()> {
+    let url = format!("{}/dataset.json", out.trim_end_matches('/'));
+    let loc = resolve(&url, s3_endpoint)?;
+    let body = serde_json::to_vec_pretty(m)?;
+    loc.store
+        .put(&loc.path, PutPayload::from(body))
+        .await
+        .with_context(|| format!("writing {}", loc.url))?;
+    Ok(())
+}
+
+/// Reads `OUT/dataset.json` back.
+pub async fn read_manifest(out: &str, s3_endpoint: &str) -> Result<DatasetManifest> {
+    let url = format!("{}/dataset.json", out.trim_end_matches('/'));
+    let loc = resolve(&url, s3_endpoint)?;
+    let bytes = loc
+        .store
+        .get(&loc.path)
+        .await
+        .with_context(|| format!("reading {}", loc.url))?
+        .bytes()
+        .await?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", loc.url))
+}
