@@ -1,6 +1,9 @@
 //! The `contrail` command line: every subcommand and flag (`--help` prints them).
 
 use clap::{Parser, Subcommand};
+use contrail_common::config::DeviceSetting;
+use contrail_data::embeddings::Tower;
+use contrail_worker::eval::knn::Metric;
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +73,11 @@ pub enum Command {
         /// Refresh every N seconds until the job ends (0: print once).
         #[arg(long, default_value_t = 0)]
         watch: u64,
+    },
+    /// Evaluate embeddings: kNN (with whitening), linear probe, retrieval (docs/evaluation.md).
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
     },
     /// Kubernetes: render, launch or delete a job's objects (docs/kubernetes.md).
     K8s {
@@ -148,6 +156,33 @@ pub struct K8sJob {
 
 #[derive(Subcommand)]
 pub enum DataCommand {
+    /// Import a dataset as WebDataset shards (OUT/train/, OUT/test/) with OUT/dataset.json
+    /// (class names, per-split counts, skipped input); see docs/data.md.
+    Import {
+        /// Source layout: `idx` (MNIST-style IDX files, plain or gzipped).
+        #[arg(long, default_value = "idx")]
+        format: String,
+        /// Source folder, e.g. /usr/share/datasets/fashion-mnist.
+        #[arg(long)]
+        source: String,
+        /// Destination URL (file://, s3://, gs://, az://, or a plain path).
+        #[arg(long)]
+        out: String,
+        /// Class names in label order, comma-separated, or `fashion-mnist` for its ten.
+        #[arg(long, default_value = "fashion-mnist")]
+        classes: String,
+        /// Caption per sample from its class name (`{}`), e.g. "a photo of a {}." for CLIP.
+        #[arg(long)]
+        caption_template: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        shard_size: usize,
+        /// At most this many samples per split.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Endpoint override for S3-compatible servers.
+        #[arg(long, default_value = "")]
+        s3_endpoint: String,
+    },
     /// Write the built-in synthetic image-caption dataset as WebDataset shards.
     Synth {
         /// Destination URL (file://, s3://, gs://, az://, or a plain path).
@@ -166,4 +201,87 @@ pub enum DataCommand {
         #[arg(long, default_value = "")]
         s3_endpoint: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Weighted kNN top-1/top-5 of the test embeddings against the labelled train embeddings
+    /// (the voting of lightly's knn_predict / solo-learn's WeightedKNNClassifier).
+    Knn {
+        #[command(flatten)]
+        source: EvalSource,
+        /// Neighbours that vote.
+        #[arg(long, default_value_t = 200)]
+        k: i64,
+        /// Vote weight exp(similarity / T) (cosine only).
+        #[arg(long, default_value_t = 0.1)]
+        temperature: f64,
+        /// `cosine` (normalised rows) or `euclidean` (raw rows, weight 1/distance).
+        #[arg(long, default_value = "cosine")]
+        metric: Metric,
+        /// Also report kNN after BERT-whitening fitted on the train embeddings.
+        #[arg(long)]
+        whiten: bool,
+        /// Dimensions kept by the whitening (default: all; implies --whiten).
+        #[arg(long)]
+        whiten_dim: Option<i64>,
+    },
+    /// Linear probe: multinomial logistic regression with L2 on the train embeddings
+    /// (scikit-learn's LogisticRegression objective, L-BFGS), top-1/top-5 on the test ones.
+    Linear {
+        #[command(flatten)]
+        source: EvalSource,
+        /// Inverse regularisation strength (scikit-learn's C).
+        #[arg(long, default_value_t = 1.0)]
+        c: f64,
+        /// L-BFGS iterations at most.
+        #[arg(long, default_value_t = 1000)]
+        max_iter: usize,
+    },
+    /// Image→text and text→image recall@1/5/10 over the paired img_emb/ and text_emb/ rows of
+    /// one embedding folder (as OpenCLIP's get_clip_metrics).
+    Retrieval {
+        /// Embedding folder holding both towers (`contrail embed --tower both`).
+        #[arg(long)]
+        embeddings: String,
+        #[arg(long, default_value = "auto")]
+        device: DeviceSetting,
+        #[arg(long, default_value = "")]
+        s3_endpoint: String,
+        /// Also write the numbers to this JSON file.
+        #[arg(long)]
+        json: Option<String>,
+    },
+}
+
+/// The labelled train and test embedding folders of a classification evaluation.
+#[derive(clap::Args)]
+pub struct EvalSource {
+    /// Embedding folder of the train split (clip-retrieval layout: img_emb/, text_emb/,
+    /// metadata/ with a label column), any storage URL.
+    #[arg(long)]
+    pub train: String,
+    /// Embedding folder of the test split.
+    #[arg(long)]
+    pub test: String,
+    /// Which tower's embeddings: `image` (img_emb/) or `text` (text_emb/).
+    #[arg(long, default_value = "image", value_parser = parse_tower)]
+    pub tower: Tower,
+    /// `auto` (GPU 0 when there is one), `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSetting,
+    /// Endpoint override for S3-compatible servers.
+    #[arg(long, default_value = "")]
+    pub s3_endpoint: String,
+    /// Also write the numbers to this JSON file.
+    #[arg(long)]
+    pub json: Option<String>,
+}
+
+fn parse_tower(s: &str) -> Result<Tower, String> {
+    match s {
+        "image" => Ok(Tower::Image),
+        "text" => Ok(Tower::Text),
+        _ => Err(format!("tower {s:?} must be \"image\" or \"text\"")),
+    }
 }

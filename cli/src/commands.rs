@@ -1,8 +1,9 @@
-//! The small subcommands of `contrail`: `coordinator`, `data synth`, `info`; and the process
-//! set-up they share (logging, the one async runtime).
+//! The small subcommands of `contrail`: `coordinator`, `data synth`, `data import`, `info`; and
+//! the process set-up they share (logging, the one async runtime).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use contrail_common::JobConfig;
+use contrail_data::import::{import_idx, ImportOptions, FASHION_MNIST_CLASSES};
 use tokio::runtime::Runtime;
 
 /// Logs go to stderr, filtered by `CONTRAIL_LOG` (default: warnings only).
@@ -62,6 +63,46 @@ pub fn synth(
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `contrail data import`: a dataset in a layout users have, as WebDataset shards.
+pub fn import(rt: &Runtime, format: &str, source: &str, options: ImportOptions) -> Result<()> {
+    let started = std::time::Instant::now();
+    let manifest = match format {
+        "idx" => rt.block_on(import_idx(std::path::Path::new(source), &options))?,
+        other => bail!(
+            "data import: format {other:?} is not supported (supported: idx; the image-folder \
+             and CSV layouts are not built yet)"
+        ),
+    };
+    for (split, s) in &manifest.splits {
+        println!(
+            "{split}: {} samples in {} shards ({:.1} MB)",
+            s.samples,
+            s.shards.len(),
+            s.bytes as f64 / 1e6
+        );
+    }
+    for (reason, n) in &manifest.skipped {
+        println!("skipped: {n} ({reason})");
+    }
+    println!(
+        "wrote {}/dataset.json in {:.1} s",
+        options.out.trim_end_matches('/'),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Class names from `--classes`: a comma-separated list, or a known dataset's name.
+pub fn class_names(arg: &str) -> Vec<String> {
+    match arg {
+        "fashion-mnist" => FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        list => list.split(',').map(|s| s.trim().to_string()).collect(),
+    }
 }
 
 /// `contrail info`: what the linked libtorch can see. A GPU machine that prints

@@ -5,12 +5,14 @@
 //! - [`local_cluster`]: `contrail local`, a coordinator in this process and N worker processes.
 //! - [`status_client`]: `contrail status`, the coordinator's `/status` for people.
 //! - [`k8s`]: `contrail k8s render|launch|delete` (the `contrail-k8s` crate).
+//! - [`eval`]: `contrail eval knn|linear|retrieval` over embedding folders.
 //! - [`commands`]: `coordinator`, `data synth`, `info`, and the process set-up they share.
 //!
 //! `contrail worker` is `contrail_worker::worker::run_worker`, on the runtime made here.
 
 pub mod args;
 pub mod commands;
+pub mod eval;
 pub mod k8s;
 pub mod local_cluster;
 pub mod status_client;

@@ -48,6 +48,13 @@ pub fn run_local(
     cfg.cluster.http_addr = http.local_addr()?.to_string();
 
     let shards = rt.block_on(list_shards(&cfg.data.url, &cfg.data.s3_endpoint))?;
+    if shards.is_empty() && cfg.data.synth_samples == 0 {
+        bail!(
+            "no shards at {} (data.synth_samples = 0, so no synthetic data is written; import a \
+             dataset there first, e.g. `contrail data import`)",
+            cfg.data.url
+        );
+    }
     if shards.is_empty() {
         println!(
             "no shards at {}: writing the synthetic dataset ({} samples, {} per shard)",

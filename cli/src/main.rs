@@ -4,7 +4,8 @@
 use anyhow::Context;
 use clap::Parser;
 use contrail_cli::args::{Cli, Command, DataCommand};
-use contrail_cli::{commands, k8s, local_cluster, status_client};
+use contrail_cli::{commands, eval, k8s, local_cluster, status_client};
+use contrail_data::import::ImportOptions;
 use contrail_worker::process::{run_worker, WorkerOptions};
 use std::time::Duration;
 
@@ -54,7 +55,33 @@ fn main() {
             seed,
             &s3_endpoint,
         ),
+        Command::Data {
+            command:
+                DataCommand::Import {
+                    format,
+                    source,
+                    out,
+                    classes,
+                    caption_template,
+                    shard_size,
+                    limit,
+                    s3_endpoint,
+                },
+        } => commands::import(
+            &rt,
+            &format,
+            &source,
+            ImportOptions {
+                out,
+                s3_endpoint,
+                shard_size,
+                classes: commands::class_names(&classes),
+                caption_template,
+                limit,
+            },
+        ),
         Command::Status { coordinator, watch } => status_client::status(&rt, &coordinator, watch),
+        Command::Eval { command } => eval::run(&rt, command),
         Command::K8s { command } => k8s::run(&rt, command),
         Command::Info => {
             commands::info();

@@ -1,9 +1,10 @@
 //! The end-to-end suite: the `contrail` binary as a user runs it (local clusters of real
 //! coordinator and worker processes, `contrail status`, the status page in a browser, the
-//! binary's link to libtorch_cuda).
+//! binary's link to libtorch_cuda, `contrail eval` on embedding folders).
 //!
 //! `cargo test -p contrail-cli --test e2e [FILTER]`
 
+mod eval_cli;
 mod link;
 mod local_cluster;
 mod status_page;

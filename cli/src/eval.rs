@@ -1,0 +1,193 @@
+//! `contrail eval knn|linear|retrieval`: evaluation of embedding folders written in
+//! clip-retrieval's layout (`contrail embed`, or any `img_emb/*.npy` + `metadata/*.parquet`).
+//! Each prints a table and, with `--json`, writes the same numbers as JSON.
+
+use anyhow::{Context, Result};
+use contrail_common::config::DeviceSetting;
+use contrail_data::embeddings::{self, Tower};
+use contrail_worker::eval::knn::{self, KnnOptions};
+use contrail_worker::eval::linear::{LinearOptions, LinearProbe};
+use contrail_worker::eval::whiten::Whitening;
+use contrail_worker::eval::{retrieval, Bank};
+use contrail_worker::process::device::choose_device;
+use serde_json::json;
+use tch::{Device, Tensor};
+use tokio::runtime::Runtime;
+
+use crate::args::{EvalCommand, EvalSource};
+
+/// Runs one `contrail eval` subcommand.
+pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
+    match command {
+        EvalCommand::Knn {
+            source,
+            k,
+            temperature,
+            metric,
+            whiten,
+            whiten_dim,
+        } => {
+            let device = device_for(source.device)?;
+            let train = load_bank(rt, &source, &source.train, true, device)?;
+            let test = load_bank(rt, &source, &source.test, true, device)?;
+            let options = KnnOptions {
+                k,
+                temperature,
+                metric,
+                ..Default::default()
+            };
+            let plain = knn::classify(&train, &test, options)?;
+            let mut rows = vec![("kNN".to_string(), plain)];
+            let mut report = json!({
+                "train": source.train, "test": source.test, "k": k,
+                "temperature": temperature, "metric": metric.as_str(),
+                "train_rows": train.rows(), "test_rows": test.rows(), "dim": train.dim(),
+                "knn": plain,
+            });
+            if whiten || whiten_dim.is_some() {
+                let w = Whitening::fit(&train, whiten_dim)?;
+                let white = knn::classify(&w.apply_bank(&train)?, &w.apply_bank(&test)?, options)?;
+                let d = whiten_dim.unwrap_or(train.dim());
+                rows.push((format!("kNN, whitened to {d} dims"), white));
+                report["knn_whitened"] = json!(white);
+                report["whiten_dim"] = json!(d);
+            }
+            println!(
+                "kNN (k = {k}, {metric}{}) on {} test rows against {} train rows of dim {}",
+                if metric == knn::Metric::Cosine {
+                    format!(", T = {temperature}")
+                } else {
+                    String::new()
+                },
+                test.rows(),
+                train.rows(),
+                train.dim()
+            );
+            print_table(&rows);
+            write_json(source.json.as_deref(), &report)
+        }
+        EvalCommand::Linear {
+            source,
+            c,
+            max_iter,
+        } => {
+            let device = device_for(source.device)?;
+            let train = load_bank(rt, &source, &source.train, true, device)?;
+            let test = load_bank(rt, &source, &source.test, true, device)?;
+            train.same_dim(&test)?;
+            let options = LinearOptions {
+                c,
+                max_iter,
+                ..Default::default()
+            };
+            eprintln!(
+                "fitting a {}-class linear probe on {} rows of dim {} (C = {c})",
+                train.classes()?,
+                train.rows(),
+                train.dim()
+            );
+            let (probe, fit) = LinearProbe::fit(&train, options)?;
+            if !fit.converged {
+                eprintln!(
+                    "warning: L-BFGS stopped after {max_iter} iterations before converging \
+                     (raise --max-iter)"
+                );
+            }
+            let acc = probe.evaluate(&test)?;
+            print_table(&[("linear probe".to_string(), acc)]);
+            let report = json!({
+                "train": source.train, "test": source.test, "c": c,
+                "train_rows": train.rows(), "test_rows": test.rows(), "dim": train.dim(),
+                "linear": acc, "fit": fit,
+            });
+            write_json(source.json.as_deref(), &report)
+        }
+        EvalCommand::Retrieval {
+            embeddings,
+            device: setting,
+            s3_endpoint,
+            json,
+        } => {
+            let device = device_for(setting)?;
+            let read = |tower| -> Result<Bank> {
+                let e = rt.block_on(embeddings::read(&embeddings, &s3_endpoint, tower))?;
+                bank(&embeddings, &e, None, device)
+            };
+            let (images, texts) = (read(Tower::Image)?, read(Tower::Text)?);
+            let r = retrieval::evaluate(&images, &texts, None)?;
+            println!("retrieval over {} image–text pairs", r.pairs);
+            println!(
+                "{:<16} {:>7} {:>7} {:>7} {:>10}",
+                "", "R@1", "R@5", "R@10", "mean rank"
+            );
+            for (name, d) in [
+                ("image → text", r.image_to_text),
+                ("text → image", r.text_to_image),
+            ] {
+                println!(
+                    "{name:<16} {:>7.2} {:>7.2} {:>7.2} {:>10.2}",
+                    100.0 * d.recall[0],
+                    100.0 * d.recall[1],
+                    100.0 * d.recall[2],
+                    d.mean_rank
+                );
+            }
+            println!("mean recall {:.2}", 100.0 * r.mean_recall);
+            write_json(
+                json.as_deref(),
+                &json!({ "embeddings": embeddings, "retrieval": r }),
+            )
+        }
+    }
+}
+
+fn device_for(setting: DeviceSetting) -> Result<Device> {
+    choose_device(setting, 0, tch::Cuda::device_count() as usize)
+}
+
+/// The `tower` embeddings (and labels, when `labelled`) of an embedding folder as a bank.
+fn load_bank(
+    rt: &Runtime,
+    source: &EvalSource,
+    url: &str,
+    labelled: bool,
+    device: Device,
+) -> Result<Bank> {
+    let e = rt.block_on(embeddings::read(url, &source.s3_endpoint, source.tower))?;
+    let labels = if labelled { Some(e.labels(url)?) } else { None };
+    bank(url, &e, labels, device)
+}
+
+fn bank(
+    url: &str,
+    e: &embeddings::Embeddings,
+    labels: Option<Vec<i64>>,
+    device: Device,
+) -> Result<Bank> {
+    let m = &e.matrix;
+    let x = Tensor::from_slice(&m.data)
+        .view([m.rows as i64, m.dim as i64])
+        .to_device(device);
+    let labels = labels.map(|l| Tensor::from_slice(&l));
+    Bank::new(url, x, labels).with_context(|| format!("checking {url}"))
+}
+
+fn print_table(rows: &[(String, contrail_worker::eval::TopK)]) {
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(6);
+    println!("{:<width$}  {:>7}  {:>7}", "", "top-1", "top-5");
+    for (name, acc) in rows {
+        println!(
+            "{name:<width$}  {:>7.2}  {:>7.2}",
+            100.0 * acc.top1,
+            100.0 * acc.top5
+        );
+    }
+}
+
+fn write_json(path: Option<&str>, report: &serde_json::Value) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    std::fs::write(path, text).with_context(|| format!("writing {path}"))?;
+    eprintln!("wrote {path}");
+    Ok(())
+}
