@@ -225,6 +225,12 @@ pub enum EvalCommand {
         /// Dimensions kept by the whitening (default: all; implies --whiten).
         #[arg(long)]
         whiten_dim: Option<i64>,
+        /// Test rows scored at once (memory: 4 × this × --bank-chunk-rows bytes).
+        #[arg(long, default_value_t = 1024)]
+        chunk_rows: i64,
+        /// Train rows scored at once against a chunk of test rows.
+        #[arg(long, default_value_t = 65536)]
+        bank_chunk_rows: i64,
     },
     /// Linear probe: multinomial logistic regression with L2 on the train embeddings
     /// (scikit-learn's LogisticRegression objective, L-BFGS), top-1/top-5 on the test ones.

@@ -26,6 +26,8 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
             metric,
             whiten,
             whiten_dim,
+            chunk_rows,
+            bank_chunk_rows,
         } => {
             let device = device_for(source.device)?;
             let train = load_bank(rt, &source, &source.train, true, device)?;
@@ -34,15 +36,18 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
                 k,
                 temperature,
                 metric,
-                ..Default::default()
+                chunk_rows,
+                bank_chunk_rows,
             };
+            let started = std::time::Instant::now();
             let plain = knn::classify(&train, &test, options)?;
+            let seconds = started.elapsed().as_secs_f64();
             let mut rows = vec![("kNN".to_string(), plain)];
             let mut report = json!({
                 "train": source.train, "test": source.test, "k": k,
                 "temperature": temperature, "metric": metric.as_str(),
                 "train_rows": train.rows(), "test_rows": test.rows(), "dim": train.dim(),
-                "knn": plain,
+                "knn": plain, "knn_seconds": seconds,
             });
             if whiten || whiten_dim.is_some() {
                 let w = Whitening::fit(&train, whiten_dim)?;
@@ -64,6 +69,7 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
                 train.dim()
             );
             print_table(&rows);
+            eprintln!("kNN took {seconds:.2} s (after reading the folders)");
             write_json(source.json.as_deref(), &report)
         }
         EvalCommand::Linear {
