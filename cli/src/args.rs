@@ -74,6 +74,38 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         watch: u64,
     },
+    /// Write a dataset's image embeddings (encoder features) from a job's latest checkpoint as
+    /// an embedding folder: img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet
+    /// (docs/evaluation.md). One process; not spread over a cluster yet.
+    Embed {
+        /// Job file (TOML): the model to build.
+        #[arg(long)]
+        config: String,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Checkpoint base URL whose LATEST is loaded (default: the job's checkpoint.url).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Embed with a freshly initialised model instead (the untrained baseline).
+        #[arg(long, conflicts_with = "checkpoint")]
+        random_init: bool,
+        /// Shards to embed (default: the job's data.url).
+        #[arg(long)]
+        data: Option<String>,
+        /// Destination folder URL.
+        #[arg(long)]
+        out: String,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Rows per .npy part.
+        #[arg(long, default_value_t = 100_000)]
+        part_rows: usize,
+        /// `auto`, `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "auto")]
+        device: DeviceSetting,
+    },
     /// Evaluate embeddings: kNN (with whitening), linear probe, retrieval (docs/evaluation.md).
     Eval {
         #[command(subcommand)]

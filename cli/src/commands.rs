@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use contrail_common::JobConfig;
 use contrail_data::import::{import_idx, ImportOptions, FASHION_MNIST_CLASSES};
+use contrail_worker::embed::{load_model, write_embeddings, EmbedOptions};
 use tokio::runtime::Runtime;
 
 /// Logs go to stderr, filtered by `CONTRAIL_LOG` (default: warnings only).
@@ -103,6 +104,46 @@ pub fn class_names(arg: &str) -> Vec<String> {
             .collect(),
         list => list.split(',').map(|s| s.trim().to_string()).collect(),
     }
+}
+
+/// `contrail embed`: a dataset's image embeddings as an embedding folder.
+pub fn embed(
+    rt: &Runtime,
+    config: &str,
+    overrides: &[String],
+    checkpoint: Option<String>,
+    random_init: bool,
+    options: impl FnOnce(&JobConfig) -> Result<EmbedOptions>,
+) -> Result<()> {
+    let cfg = JobConfig::from_file(config, overrides)?;
+    let options = options(&cfg)?;
+    let base = if random_init {
+        None
+    } else {
+        let base = checkpoint.unwrap_or_else(|| cfg.checkpoint.url.clone());
+        if base.is_empty() {
+            bail!("embed: no checkpoint (give --checkpoint, set checkpoint.url, or --random-init)");
+        }
+        Some(base)
+    };
+    let started = std::time::Instant::now();
+    let (model, loaded) = load_model(rt, &cfg, base.as_deref(), options.device)?;
+    let summary = write_embeddings(rt, &cfg, &model, &options)?;
+    println!(
+        "wrote {} rows of dim {} in {} parts to {} ({} skipped, {} shards) in {:.1} s{}",
+        summary.rows,
+        summary.dim,
+        summary.parts,
+        options.out,
+        summary.skipped,
+        summary.shards,
+        started.elapsed().as_secs_f64(),
+        match loaded {
+            Some(dir) => format!(", from {dir}"),
+            None => ", randomly initialised model".into(),
+        }
+    );
+    Ok(())
 }
 
 /// `contrail info`: what the linked libtorch can see. A GPU machine that prints

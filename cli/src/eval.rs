@@ -147,7 +147,8 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
     }
 }
 
-fn device_for(setting: DeviceSetting) -> Result<Device> {
+/// The device a `--device` setting names on this machine.
+pub fn device_for(setting: DeviceSetting) -> Result<Device> {
     choose_device(setting, 0, tch::Cuda::device_count() as usize)
 }
 

@@ -6,6 +6,7 @@ use clap::Parser;
 use contrail_cli::args::{Cli, Command, DataCommand};
 use contrail_cli::{commands, eval, k8s, local_cluster, status_client};
 use contrail_data::import::ImportOptions;
+use contrail_worker::embed::EmbedOptions;
 use contrail_worker::process::{run_worker, WorkerOptions};
 use std::time::Duration;
 
@@ -81,6 +82,25 @@ fn main() {
             },
         ),
         Command::Status { coordinator, watch } => status_client::status(&rt, &coordinator, watch),
+        Command::Embed {
+            config,
+            overrides,
+            checkpoint,
+            random_init,
+            data,
+            out,
+            batch,
+            part_rows,
+            device,
+        } => commands::embed(&rt, &config, &overrides, checkpoint, random_init, |cfg| {
+            Ok(EmbedOptions {
+                data: data.unwrap_or_else(|| cfg.data.url.clone()),
+                out,
+                batch,
+                part_rows,
+                device: eval::device_for(device)?,
+            })
+        }),
         Command::Eval { command } => eval::run(&rt, command),
         Command::K8s { command } => k8s::run(&rt, command),
         Command::Info => {

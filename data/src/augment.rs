@@ -282,6 +282,26 @@ impl Augmenter {
         self.apply(img, &params, out)
     }
 
+    /// The deterministic view evaluation and export use (torchvision's `Resize` +
+    /// `CenterCrop` + `Normalize`, in one step): the centred square of the shorter side,
+    /// resized to `size`, normalised; no flip, jitter, grayscale or blur.
+    pub fn eval_view(&mut self, img: &RgbImage, out: &mut [f32]) -> Result<(), AugmentError> {
+        let side = img.width.min(img.height);
+        let params = ViewParams {
+            crop: CropBox {
+                top: (img.height - side) / 2,
+                left: (img.width - side) / 2,
+                height: side,
+                width: side,
+            },
+            flip: false,
+            jitter: Vec::new(),
+            grayscale: false,
+            blur_sigma: None,
+        };
+        self.apply(img, &params, out)
+    }
+
     /// Applies drawn parameters; `out` must hold `view_len()` floats.
     pub fn apply(
         &mut self,

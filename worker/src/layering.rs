@@ -10,7 +10,7 @@ const LAYERS: &[&[&str]] = &[
     &["model"],
     &["objective"],
     &["train"],
-    &["process"],
+    &["process", "embed"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -6,6 +6,7 @@
 mod accumulation_equivalence;
 mod clip_towers_conformance;
 mod collectives;
+mod embed_export;
 mod eval_conformance;
 mod gradient_equivalence;
 mod moe_expert_parallel;
