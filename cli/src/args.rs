@@ -191,18 +191,22 @@ pub enum DataCommand {
     /// Import a dataset as WebDataset shards (OUT/train/, OUT/test/) with OUT/dataset.json
     /// (class names, per-split counts, skipped input); see docs/data.md.
     Import {
-        /// Source layout: `idx` (MNIST-style IDX files, plain or gzipped).
+        /// Source layout: `idx` (MNIST-style IDX files, plain or gzipped), `folder`
+        /// (ROOT/<class>/<image>, with optional ROOT/train and ROOT/test|val) or `csv` (a
+        /// CSV/TSV of `image path, caption[, label]`).
         #[arg(long, default_value = "idx")]
         format: String,
-        /// Source folder, e.g. /usr/share/datasets/fashion-mnist.
+        /// Source folder (idx, folder) or listing file (csv), e.g.
+        /// /usr/share/datasets/fashion-mnist.
         #[arg(long)]
         source: String,
         /// Destination URL (file://, s3://, gs://, az://, or a plain path).
         #[arg(long)]
         out: String,
         /// Class names in label order, comma-separated, or `fashion-mnist` for its ten.
-        #[arg(long, default_value = "fashion-mnist")]
-        classes: String,
+        /// Default: idx `0`..`9`; folder the sorted folder names; csv the distinct labels.
+        #[arg(long)]
+        classes: Option<String>,
         /// Caption per sample from its class name (`{}`), e.g. "a photo of a {}." for CLIP.
         #[arg(long)]
         caption_template: Option<String>,

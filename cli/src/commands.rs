@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use contrail_common::JobConfig;
-use contrail_data::import::{import_idx, ImportOptions, FASHION_MNIST_CLASSES};
+use contrail_data::import::{import_idx, import_listing, ImportOptions, FASHION_MNIST_CLASSES};
 use contrail_worker::embed::{load_model, write_embeddings, EmbedOptions};
 use tokio::runtime::Runtime;
 
@@ -70,11 +70,20 @@ pub fn synth(
 pub fn import(rt: &Runtime, format: &str, source: &str, options: ImportOptions) -> Result<()> {
     let started = std::time::Instant::now();
     let manifest = match format {
-        "idx" => rt.block_on(import_idx(std::path::Path::new(source), &options))?,
-        other => bail!(
-            "data import: format {other:?} is not supported (supported: idx; the image-folder \
-             and CSV layouts are not built yet)"
-        ),
+        "idx" => {
+            let mut options = options.clone();
+            if options.classes.is_empty() {
+                options.classes = (0..10).map(|d| d.to_string()).collect();
+            }
+            rt.block_on(import_idx(std::path::Path::new(source), &options))?
+        }
+        "folder" | "csv" => rt.block_on(import_listing(
+            format,
+            std::path::Path::new(source),
+            &options,
+            JobConfig::default().data.max_image_pixels,
+        ))?,
+        other => bail!("data import: format {other:?} must be one of idx, folder, csv"),
     };
     for (split, s) in &manifest.splits {
         println!(
@@ -95,14 +104,16 @@ pub fn import(rt: &Runtime, format: &str, source: &str, options: ImportOptions) 
     Ok(())
 }
 
-/// Class names from `--classes`: a comma-separated list, or a known dataset's name.
-pub fn class_names(arg: &str) -> Vec<String> {
+/// Class names from `--classes`: a comma-separated list, or a known dataset's name; empty
+/// (the layout's default) when not given.
+pub fn class_names(arg: Option<&str>) -> Vec<String> {
     match arg {
-        "fashion-mnist" => FASHION_MNIST_CLASSES
+        None => Vec::new(),
+        Some("fashion-mnist") => FASHION_MNIST_CLASSES
             .iter()
             .map(|s| s.to_string())
             .collect(),
-        list => list.split(',').map(|s| s.trim().to_string()).collect(),
+        Some(list) => list.split(',').map(|s| s.trim().to_string()).collect(),
     }
 }
 

@@ -76,7 +76,7 @@ fn main() {
                 out,
                 s3_endpoint,
                 shard_size,
-                classes: commands::class_names(&classes),
+                classes: commands::class_names(classes.as_deref()),
                 caption_template,
                 limit,
             },

@@ -2,12 +2,14 @@
 //! a `dataset.json` manifest (class names, per-split sample and class counts, skipped input).
 //!
 //! Layouts: MNIST-style IDX files ([`idx`]; Fashion-MNIST from the Debian package
-//! `dataset-fashion-mnist` is the real dataset of our tests and benchmarks). Each sample becomes
-//! `KEY.png` (lossless; grayscale stays one channel, the decoder replicates it), `KEY.cls` (the
-//! class index) and, with a caption template, `KEY.txt`. The image-folder and CSV layouts are
-//! not built yet.
+//! `dataset-fashion-mnist` is the real dataset of our tests and benchmarks), an image folder
+//! tree and a CSV/TSV listing ([`listing`]). An IDX sample becomes `KEY.png` (lossless;
+//! grayscale stays one channel, the decoder replicates it); a listed image keeps its file's
+//! bytes (`KEY.jpg|png|webp`) once it decodes. Beside it: `KEY.cls` (the class index) and
+//! `KEY.txt` (the listing's caption, or one from the caption template).
 
 pub mod idx;
+pub mod listing;
 pub mod shards;
 
 use std::collections::BTreeMap;
@@ -21,6 +23,7 @@ use object_store::PutPayload;
 use serde::Serialize;
 
 use contrail_common::storage::resolve;
+use listing::Listed;
 use shards::{ImportedSample, ShardWriter};
 
 /// Fashion-MNIST's class names, in label order (its README).
@@ -219,4 +222,145 @@ pub async fn read_manifest(out: &str, s3_endpoint: &str) -> Result<DatasetManife
         .bytes()
         .await?;
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", loc.url))
+}
+
+/// The class list a listing's samples are labelled against: `options.classes` when given,
+/// else the folder names found, else (CSV) the distinct labels: `0..=max` when all are
+/// integers, their sorted names otherwise.
+fn listing_classes(options: &ImportOptions, found: Vec<String>, listed: &[&Listed]) -> Vec<String> {
+    if !options.classes.is_empty() {
+        return options.classes.clone();
+    }
+    if !found.is_empty() {
+        return found;
+    }
+    let labels: std::collections::BTreeSet<&str> =
+        listed.iter().filter_map(|l| l.class.as_deref()).collect();
+    let ints: Option<Vec<usize>> = labels.iter().map(|l| l.parse().ok()).collect();
+    match ints {
+        Some(v) if !v.is_empty() => (0..=*v.iter().max().expect("not empty"))
+            .map(|i| i.to_string())
+            .collect(),
+        _ => labels.into_iter().map(str::to_string).collect(),
+    }
+}
+
+/// A listed class (a name, or an index) as its index in `classes`.
+fn class_index(classes: &[String], class: &str) -> Option<usize> {
+    classes
+        .iter()
+        .position(|c| c == class)
+        .or_else(|| class.parse().ok().filter(|&i: &usize| i < classes.len()))
+}
+
+/// Imports an image folder (`folder`) or a CSV/TSV listing (`csv`); see [`listing`].
+pub async fn import_listing(
+    format: &str,
+    source: &Path,
+    options: &ImportOptions,
+    max_image_pixels: u64,
+) -> Result<DatasetManifest> {
+    let (splits, found) = match format {
+        "folder" => listing::image_folder(source)?,
+        "csv" => (
+            BTreeMap::from([("train".to_string(), listing::csv_listing(source)?)]),
+            Vec::new(),
+        ),
+        other => bail!("import: format {other:?} is not a listing (folder, csv)"),
+    };
+    let all: Vec<&Listed> = splits.values().flatten().collect();
+    let classes = listing_classes(options, found, &all);
+    if let Some(t) = &options.caption_template {
+        if !t.contains("{}") {
+            bail!("import: caption template {t:?} has no {{}} for the class name");
+        }
+    }
+    let mut manifest = DatasetManifest {
+        format: format.into(),
+        source: source.display().to_string(),
+        classes: classes.clone(),
+        caption_template: options.caption_template.clone(),
+        ..Default::default()
+    };
+    for (split, listed) in &splits {
+        let total = options.limit.unwrap_or(usize::MAX).min(listed.len());
+        let mut writer = ShardWriter::new(
+            &options.out,
+            split,
+            &options.s3_endpoint,
+            options.shard_size,
+        );
+        let mut progress = Progress {
+            split: split.clone(),
+            total,
+            last: Instant::now(),
+        };
+        for (i, item) in listed.iter().take(total).enumerate() {
+            let mut skip = |reason: &str| {
+                tracing::warn!(path = %item.path.display(), "import: skipped ({reason})");
+                *manifest.skipped.entry(reason.to_string()).or_default() += 1;
+            };
+            let label = match &item.class {
+                None => None,
+                Some(c) => match class_index(&classes, c) {
+                    Some(i) => Some(i),
+                    None => {
+                        skip("unknown class");
+                        continue;
+                    }
+                },
+            };
+            let Ok(bytes) = std::fs::read(&item.path) else {
+                skip("missing file");
+                continue;
+            };
+            let ext = match crate::decode::sniff_format(&bytes) {
+                Some(crate::decode::ImageFormat::Jpeg) => "jpg",
+                Some(crate::decode::ImageFormat::Png) => "png",
+                Some(crate::decode::ImageFormat::WebP) => "webp",
+                None => {
+                    skip("unreadable image");
+                    continue;
+                }
+            };
+            if crate::decode::decode_rgb(&bytes, max_image_pixels).is_err() {
+                skip("unreadable image");
+                continue;
+            }
+            let caption = item.caption.clone().or_else(|| {
+                let t = options.caption_template.as_ref()?;
+                Some(t.replace("{}", &classes[label?]))
+            });
+            let mut members = vec![(ext, bytes)];
+            if let Some(l) = label {
+                members.push(("cls", l.to_string().into_bytes()));
+            }
+            if let Some(c) = caption {
+                members.push(("txt", c.into_bytes()));
+            }
+            writer
+                .push(ImportedSample {
+                    key: format!("{split}-{i:06}"),
+                    members,
+                    label,
+                })
+                .await?;
+            progress.tick(i + 1, writer.shards.len(), false);
+        }
+        writer.finish().await?;
+        progress.tick(total, writer.shards.len(), true);
+        let mut per_class = writer.per_class.clone();
+        per_class.resize(classes.len(), 0);
+        manifest.splits.insert(
+            split.clone(),
+            SplitManifest {
+                samples: writer.samples,
+                shards: writer.shards.clone(),
+                bytes: writer.bytes,
+                per_class,
+            },
+        );
+    }
+    write_manifest(&options.out, &options.s3_endpoint, &manifest).await?;
+    Ok(manifest)
 }
