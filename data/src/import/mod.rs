@@ -170,17 +170,9 @@ pub async fn import_idx(dir: &Path, options: &ImportOptions) -> Result<DatasetMa
         }
         writer.finish().await?;
         progress.tick(total, writer.shards.len(), true);
-        let mut per_class = writer.per_class.clone();
-        per_class.resize(options.classes.len(), 0);
-        manifest.splits.insert(
-            split.into(),
-            SplitManifest {
-                samples: writer.samples,
-                shards: writer.shards.clone(),
-                bytes: writer.bytes,
-                per_class,
-            },
-        );
+        manifest
+            .splits
+            .insert(split.into(), writer.manifest(options.classes.len()));
     }
     write_manifest(&options.out, &options.s3_endpoint, &manifest).await?;
     Ok(manifest)
@@ -349,17 +341,9 @@ pub async fn import_listing(
         }
         writer.finish().await?;
         progress.tick(total, writer.shards.len(), true);
-        let mut per_class = writer.per_class.clone();
-        per_class.resize(classes.len(), 0);
-        manifest.splits.insert(
-            split.clone(),
-            SplitManifest {
-                samples: writer.samples,
-                shards: writer.shards.clone(),
-                bytes: writer.bytes,
-                per_class,
-            },
-        );
+        manifest
+            .splits
+            .insert(split.clone(), writer.manifest(classes.len()));
     }
     write_manifest(&options.out, &options.s3_endpoint, &manifest).await?;
     Ok(manifest)

@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use object_store::PutPayload;
 
+use super::SplitManifest;
 use crate::tar_stream::TarBuilder;
 use contrail_common::storage::resolve;
 
@@ -85,6 +86,18 @@ impl ShardWriter {
         self.shards.push(loc.url);
         self.in_shard = 0;
         Ok(())
+    }
+
+    /// This split's entry in the manifest, with a count for each of `classes` classes.
+    pub fn manifest(&self, classes: usize) -> SplitManifest {
+        let mut per_class = self.per_class.clone();
+        per_class.resize(classes.max(per_class.len()), 0);
+        SplitManifest {
+            samples: self.samples,
+            shards: self.shards.clone(),
+            bytes: self.bytes,
+            per_class,
+        }
     }
 
     /// Puts the last, partial shard.

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use tch::{Kind, Tensor};
 
 use super::bank::{Bank, EvalError, Result};
-use super::{count_top_k, TopK, DEFAULT_CHUNK_ROWS};
+use super::{top_k_accuracy, TopK, DEFAULT_CHUNK_ROWS};
 use crate::nn::l2_normalize;
 
 /// solo-learn's guard against a zero distance in the euclidean weight.
@@ -202,27 +202,13 @@ pub fn classify(train: &Bank, test: &Bank, options: KnnOptions) -> Result<TopK> 
     let index = KnnIndex::new(train, options)?;
     let labels = test.labels()?;
     let device = train.device();
-    let (mut top1, mut top5) = (0, 0);
-    let n = test.rows();
-    let mut start = 0;
-    while start < n {
-        let len = options.chunk_rows.min(n - start);
-        let q = test.embeddings.narrow(0, start, len).to_device(device);
-        let ranked = index.predict(&q);
-        let (a, b) = count_top_k(
-            &ranked,
-            &labels.narrow(0, start, len).to_device(device),
-            options.k.min(5),
-        );
-        top1 += a;
-        top5 += b;
-        start += len;
-    }
-    Ok(TopK {
-        top1: top1 as f64 / n as f64,
-        top5: top5 as f64 / n as f64,
-        samples: n as usize,
-    })
+    Ok(top_k_accuracy(
+        test.rows(),
+        options.chunk_rows,
+        labels,
+        options.k.min(5),
+        |start, len| index.predict(&test.embeddings.narrow(0, start, len).to_device(device)),
+    ))
 }
 
 #[cfg(test)]

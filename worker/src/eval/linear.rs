@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use tch::{Device, Kind, Tensor};
 
 use super::bank::{Bank, EvalError, Result};
-use super::{count_top_k, TopK, DEFAULT_CHUNK_ROWS};
+use super::{top_k_accuracy, TopK, DEFAULT_CHUNK_ROWS};
 
 /// L-BFGS curvature pairs kept (scipy's default `maxcor`).
 const HISTORY: usize = 10;
@@ -164,22 +164,13 @@ impl LinearProbe {
             self.weight.to_device(test.device()),
             self.bias.to_device(test.device()),
         );
-        let n = test.rows();
-        let (mut top1, mut top5) = (0, 0);
-        let mut start = 0;
-        while start < n {
-            let len = DEFAULT_CHUNK_ROWS.min(n - start);
-            let logits = test.embeddings.narrow(0, start, len).matmul(&w) + &b;
-            let (a, c) = count_top_k(&logits.argsort(1, true), &labels.narrow(0, start, len), 5);
-            top1 += a;
-            top5 += c;
-            start += len;
-        }
-        Ok(TopK {
-            top1: top1 as f64 / n as f64,
-            top5: top5 as f64 / n as f64,
-            samples: n as usize,
-        })
+        Ok(top_k_accuracy(
+            test.rows(),
+            DEFAULT_CHUNK_ROWS,
+            labels,
+            5,
+            |start, len| (test.embeddings.narrow(0, start, len).matmul(&w) + &b).argsort(1, true),
+        ))
     }
 }
 

@@ -34,21 +34,36 @@ pub struct TopK {
 /// very large banks pass a smaller one).
 pub const DEFAULT_CHUNK_ROWS: i64 = 1024;
 
-/// How many of `predictions`' rows (each a ranking of classes, best first) have `labels` in
-/// their first column, and in their first `top5_width` columns (5, or fewer when fewer are
-/// meaningful: solo-learn's kNN counts at most k). `predictions` is `(n, ≥1)` Int64.
-pub(crate) fn count_top_k(
-    predictions: &tch::Tensor,
+/// Top-1/top-5 accuracy over `n` labelled rows taken `chunk` at a time: `rank(start, len)`
+/// gives the classes ranked best first (`(len, ≥1)` Int64) for rows `start..start + len`.
+/// Top-5 counts the first `top5_width` places (5, or fewer when fewer are meaningful:
+/// solo-learn's kNN counts at most k).
+pub(crate) fn top_k_accuracy(
+    n: i64,
+    chunk: i64,
     labels: &tch::Tensor,
     top5_width: i64,
-) -> (i64, i64) {
-    let hits = predictions.eq_tensor(&labels.unsqueeze(1));
-    let width = predictions.size()[1].min(top5_width);
-    let top1 = hits.narrow(1, 0, 1).sum(tch::Kind::Int64).int64_value(&[]);
-    let top5 = hits
-        .narrow(1, 0, width)
-        .any_dim(1, false)
-        .sum(tch::Kind::Int64)
-        .int64_value(&[]);
-    (top1, top5)
+    mut rank: impl FnMut(i64, i64) -> tch::Tensor,
+) -> TopK {
+    let (mut top1, mut top5) = (0, 0);
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let ranked = rank(start, len);
+        let want = labels.narrow(0, start, len).to_device(ranked.device());
+        let hits = ranked.eq_tensor(&want.unsqueeze(1));
+        let width = ranked.size()[1].min(top5_width);
+        top1 += hits.narrow(1, 0, 1).sum(tch::Kind::Int64).int64_value(&[]);
+        top5 += hits
+            .narrow(1, 0, width)
+            .any_dim(1, false)
+            .sum(tch::Kind::Int64)
+            .int64_value(&[]);
+        start += len;
+    }
+    TopK {
+        top1: top1 as f64 / n as f64,
+        top5: top5 as f64 / n as f64,
+        samples: n as usize,
+    }
 }

@@ -6,7 +6,7 @@
 use tch::{Kind, Tensor};
 
 use super::bank::{Bank, EvalError, Result};
-use super::{count_top_k, TopK, DEFAULT_CHUNK_ROWS};
+use super::{top_k_accuracy, TopK, DEFAULT_CHUNK_ROWS};
 use crate::nn::l2_normalize;
 
 /// The prompt used when none is given; `{}` is the class name.
@@ -59,22 +59,17 @@ pub fn evaluate(images: &Bank, classifier: &Tensor) -> Result<TopK> {
     images.labels_within(classes)?;
     let labels = images.labels()?;
     let w = classifier.to_device(images.device());
-    let n = images.rows();
-    let (mut top1, mut top5) = (0, 0);
-    let mut start = 0;
-    while start < n {
-        let len = DEFAULT_CHUNK_ROWS.min(n - start);
-        let logits = l2_normalize(&images.embeddings.narrow(0, start, len)).matmul(&w);
-        let (a, b) = count_top_k(&logits.argsort(1, true), &labels.narrow(0, start, len), 5);
-        top1 += a;
-        top5 += b;
-        start += len;
-    }
-    Ok(TopK {
-        top1: top1 as f64 / n as f64,
-        top5: top5 as f64 / n as f64,
-        samples: n as usize,
-    })
+    Ok(top_k_accuracy(
+        images.rows(),
+        DEFAULT_CHUNK_ROWS,
+        labels,
+        5,
+        |start, len| {
+            l2_normalize(&images.embeddings.narrow(0, start, len))
+                .matmul(&w)
+                .argsort(1, true)
+        },
+    ))
 }
 
 #[cfg(test)]
