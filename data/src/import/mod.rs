@@ -109,7 +109,10 @@ fn png_gray(pixels: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
 
 /// Imports an MNIST-style IDX folder (train and t10k files, plain or gzipped).
 pub async fn import_idx(dir: &Path, options: &ImportOptions) -> Result<DatasetManifest> {
-    check(options)?;
+    if options.classes.is_empty() {
+        bail!("import: no class names");
+    }
+    check_template(options)?;
     let mut manifest = DatasetManifest {
         format: "idx".into(),
         source: dir.display().to_string(),
@@ -178,16 +181,14 @@ pub async fn import_idx(dir: &Path, options: &ImportOptions) -> Result<DatasetMa
     Ok(manifest)
 }
 
-fn check(options: &ImportOptions) -> Result<()> {
-    if options.classes.is_empty() {
-        bail!("import: no class names");
-    }
-    if let Some(t) = &options.caption_template {
-        if !t.contains("{}") {
-            bail!("import: caption template {t:?} has no {{}} for the class name");
+/// Refuses a caption template without the `{}` the class name goes into.
+fn check_template(options: &ImportOptions) -> Result<()> {
+    match &options.caption_template {
+        Some(t) if !t.contains("{}") => {
+            bail!("import: caption template {t:?} has no {{}} for the class name")
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Writes `OUT/dataset.json`.
@@ -252,6 +253,7 @@ pub async fn import_listing(
     options: &ImportOptions,
     max_image_pixels: u64,
 ) -> Result<DatasetManifest> {
+    check_template(options)?;
     let (splits, found) = match format {
         "folder" => listing::image_folder(source)?,
         "csv" => (
@@ -262,11 +264,6 @@ pub async fn import_listing(
     };
     let all: Vec<&Listed> = splits.values().flatten().collect();
     let classes = listing_classes(options, found, &all);
-    if let Some(t) = &options.caption_template {
-        if !t.contains("{}") {
-            bail!("import: caption template {t:?} has no {{}} for the class name");
-        }
-    }
     let mut manifest = DatasetManifest {
         format: format.into(),
         source: source.display().to_string(),

@@ -156,7 +156,7 @@ impl Bank {
         Ok(())
     }
 
-    /// Refuses a label of `other` that this bank's classes do not include.
+    /// Refuses a label of this bank at or past `classes` (the classes a classifier knows).
     pub fn labels_within(&self, classes: i64) -> Result<()> {
         let l = self.labels()?;
         let max = l.max().int64_value(&[]);
