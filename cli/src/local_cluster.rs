@@ -71,6 +71,10 @@ pub fn run_local(
         )?;
     }
 
+    if cfg.eval.enabled() {
+        write_held_out_if_missing(rt, &cfg)?;
+    }
+
     let toml = cfg.to_toml();
     let coordinator = rt.block_on(contrail_coordinator::Coordinator::new(cfg.clone(), toml))?;
     let mut state = coordinator.watch_state();
@@ -188,4 +192,34 @@ pub fn run_local(
             bail!("the job did not finish: {reason}")
         }
     }
+}
+
+/// `[eval]` with `synth_samples`: a synthetic held-out set at `eval.url` when it holds no
+/// shards, drawn with the next seed so none of its samples is one of the training data's.
+fn write_held_out_if_missing(rt: &Runtime, cfg: &JobConfig) -> Result<()> {
+    let ev = &cfg.eval;
+    let shards = rt.block_on(list_shards(&ev.url, &cfg.data.s3_endpoint))?;
+    if !shards.is_empty() {
+        return Ok(());
+    }
+    if ev.synth_samples == 0 {
+        bail!(
+            "no shards at eval.url {} (eval.synth_samples = 0, so no synthetic held-out set is \
+             written; import the test split there, e.g. `contrail data import`)",
+            ev.url
+        );
+    }
+    println!(
+        "no shards at {}: writing a synthetic held-out set ({} samples)",
+        ev.url, ev.synth_samples
+    );
+    synth(
+        rt,
+        &ev.url,
+        ev.synth_samples,
+        cfg.data.synth_shard_size,
+        64,
+        cfg.train.seed + 1,
+        &cfg.data.s3_endpoint,
+    )
 }

@@ -13,7 +13,7 @@ use crate::progress::JobProgress;
 use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::config::JobConfig;
 use contrail_common::proto;
-use contrail_common::status::{JobState, StatusReport, WorkerLiveness, WorkerStatus};
+use contrail_common::status::{EvalPoint, JobState, StatusReport, WorkerLiveness, WorkerStatus};
 
 /// The checkpoint a job resumes from, as told to every worker at rendezvous.
 #[derive(Debug, Clone, PartialEq)]
@@ -362,6 +362,49 @@ impl JobBook {
         Ok(reply)
     }
 
+    /// Records rank 0's round of online evaluation; other ranks never send one.
+    pub fn report_eval(&mut self, req: &proto::EvalReport, now_ms: u64) -> Result<(), RpcError> {
+        let w = self.admit(req.worker_id, req.generation, now_ms)?;
+        if w.rank != Some(0) {
+            return Err(RpcError::InvalidArgument(format!(
+                "{} sent an evaluation; only rank 0 reports them",
+                w.describe()
+            )));
+        }
+        let voted = req.error.is_empty();
+        for (name, v) in [("knn_top1", req.knn_top1), ("knn_top5", req.knn_top5)] {
+            if voted && !(0.0..=1.0).contains(&v) {
+                return Err(RpcError::InvalidArgument(format!(
+                    "evaluation at step {}: {name} = {v} is not a fraction in [0, 1]",
+                    req.step
+                )));
+            }
+        }
+        let point = EvalPoint {
+            step: req.step,
+            epoch: req.epoch,
+            knn_top1: voted.then_some(req.knn_top1),
+            knn_top5: voted.then_some(req.knn_top5),
+            bank_samples: req.bank_samples,
+            test_samples: req.test_samples,
+            skipped: req.skipped,
+            seconds: if req.seconds.is_finite() {
+                req.seconds.max(0.0)
+            } else {
+                0.0
+            },
+            error: req.error.clone(),
+        };
+        match point.knn_top1 {
+            Some(top1) => tracing::info!(step = point.step, top1, "held-out kNN"),
+            None => {
+                tracing::warn!(step = point.step, error = %point.error, "evaluation did not vote")
+            }
+        }
+        self.progress.eval_history.push(point);
+        Ok(())
+    }
+
     /// The epoch whose shard state a checkpoint of the latest step belongs to.
     fn checkpoint_epoch(&self) -> u32 {
         self.progress.epoch
@@ -469,6 +512,7 @@ impl JobBook {
             bad_samples: self.shards.bad_samples().clone(),
             loss_history: self.progress.loss_history.points().to_vec(),
             experts: self.experts.as_ref().map(ExpertBook::status),
+            eval_history: self.progress.eval_history.points().to_vec(),
         }
     }
 }

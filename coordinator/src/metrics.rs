@@ -150,6 +150,42 @@ pub fn render_metrics(r: &StatusReport) -> String {
         Some(r.uptime_seconds),
     );
 
+    // The latest round that voted; a round that could not vote only counts as a round.
+    let voted = r.eval_history.iter().rev().find(|p| p.knn_top1.is_some());
+    if !r.eval_history.is_empty() {
+        single(
+            o,
+            "contrail_eval_rounds_total",
+            "counter",
+            "Rounds of online evaluation reported (voted or not).",
+            Some(r.eval_history.len() as f64),
+        );
+    }
+    for (name, help, value) in [
+        (
+            "contrail_eval_knn_top1",
+            "Held-out weighted-kNN top-1 accuracy (fraction) of the latest evaluation.",
+            voted.and_then(|p| p.knn_top1),
+        ),
+        (
+            "contrail_eval_knn_top5",
+            "Held-out weighted-kNN top-5 accuracy (fraction) of the latest evaluation.",
+            voted.and_then(|p| p.knn_top5),
+        ),
+        (
+            "contrail_eval_step",
+            "Training step of the model the latest evaluation measured.",
+            voted.map(|p| p.step as f64),
+        ),
+        (
+            "contrail_eval_duration_seconds",
+            "Wall time of the latest evaluation (embedding, gathering, voting).",
+            voted.map(|p| p.seconds),
+        ),
+    ] {
+        single(o, name, "gauge", help, value);
+    }
+
     let mut f = family(
         o,
         "contrail_shards",

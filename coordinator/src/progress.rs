@@ -5,6 +5,7 @@
 //! `global_samples` once per step keeps `samples_seen` exact).
 
 use contrail_common::config::TrainConfig;
+use contrail_common::status::EvalPoint;
 use std::collections::{BTreeMap, VecDeque};
 
 /// Steps kept for the throughput estimate: long enough to smooth per-step noise, short enough
@@ -54,6 +55,36 @@ impl LossHistory {
     }
 }
 
+/// Bound on the evaluation history; past it the oldest rounds after the first are dropped
+/// (the first is the baseline a run is compared with).
+pub const EVAL_HISTORY_CAP: usize = 1024;
+
+/// Rounds of online evaluation in the order they were reported.
+#[derive(Debug, Default)]
+pub struct EvalHistory {
+    points: Vec<EvalPoint>,
+}
+
+impl EvalHistory {
+    /// Records a round; a repeated report of a step (a retried RPC) replaces the earlier one.
+    pub fn push(&mut self, point: EvalPoint) {
+        if let Some(last) = self.points.last_mut() {
+            if last.step == point.step {
+                *last = point;
+                return;
+            }
+        }
+        self.points.push(point);
+        if self.points.len() > EVAL_HISTORY_CAP {
+            self.points.remove(1);
+        }
+    }
+
+    pub fn points(&self) -> &[EvalPoint] {
+        &self.points
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct JobProgress {
     pub step: u64,
@@ -65,6 +96,7 @@ pub struct JobProgress {
     counted_step: u64,
     window: VecDeque<StepSample>,
     pub loss_history: LossHistory,
+    pub eval_history: EvalHistory,
     /// First step reported in each epoch, to measure steps per epoch.
     epoch_first_step: BTreeMap<u32, u64>,
     /// The epoch of the first report this coordinator saw; its first step is not the epoch's
@@ -266,5 +298,26 @@ mod tests {
         assert_eq!(pts[0].0, 1);
         assert!(pts.last().unwrap().0 > 9_900, "{:?}", pts.last());
         assert!(pts.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+
+    #[test]
+    fn eval_history_keeps_the_baseline_and_replaces_retries() {
+        let at = |step: u64, top1: f64| EvalPoint {
+            step,
+            knn_top1: Some(top1),
+            ..Default::default()
+        };
+        let mut h = EvalHistory::default();
+        h.push(at(0, 0.1));
+        h.push(at(10, 0.2));
+        h.push(at(10, 0.3));
+        assert_eq!(h.points().len(), 2);
+        assert_eq!(h.points()[1].knn_top1, Some(0.3));
+        for s in 2..5000u64 {
+            h.push(at(s * 10, 0.5));
+        }
+        assert_eq!(h.points().len(), EVAL_HISTORY_CAP);
+        assert_eq!(h.points()[0].step, 0);
+        assert_eq!(h.points().last().unwrap().step, 49_990);
     }
 }

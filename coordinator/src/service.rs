@@ -113,6 +113,15 @@ impl CoordinatorRpc for CoordinatorService {
         Ok(Response::new(proto::ShardStateReply { json }))
     }
 
+    async fn report_eval(
+        &self,
+        req: Request<proto::EvalReport>,
+    ) -> Result<Response<proto::EvalReply>, Status> {
+        let r = req.into_inner();
+        self.coord.with_book(|b, now| b.report_eval(&r, now))?;
+        Ok(Response::new(proto::EvalReply {}))
+    }
+
     async fn leave(
         &self,
         req: Request<proto::LeaveRequest>,

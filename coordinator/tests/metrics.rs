@@ -2,8 +2,8 @@
 //! (`prometheus_client.parser`, pinned and installed into .venv by `scripts/setup.sh`).
 
 use contrail_common::status::{
-    ExpertBlockStatus, ExpertStatus, JobState, ShardCounts, StatusReport, WorkerLiveness,
-    WorkerStatus,
+    EvalPoint, ExpertBlockStatus, ExpertStatus, JobState, ShardCounts, StatusReport,
+    WorkerLiveness, WorkerStatus,
 };
 use contrail_coordinator::metrics::render_metrics;
 use serde_json::Value;
@@ -133,8 +133,31 @@ fn metrics_parse_with_the_conventional_names_and_values() {
             ..Default::default()
         }],
     });
+    let round = |step: u64, top1: Option<f64>| EvalPoint {
+        step,
+        knn_top1: top1,
+        knn_top5: top1.map(|t| t + 0.25),
+        seconds: 2.5,
+        error: if top1.is_none() {
+            "no labels".into()
+        } else {
+            String::new()
+        },
+        ..Default::default()
+    };
+    // The latest round that voted is the one reported; the one after it only counts.
+    r.eval_history = vec![
+        round(0, Some(0.25)),
+        round(100, Some(0.5)),
+        round(120, None),
+    ];
     let text = render_metrics(&r);
     let s = parse(&text);
+    assert_eq!(value(&s, "contrail_eval_knn_top1", &[]), 0.5);
+    assert_eq!(value(&s, "contrail_eval_knn_top5", &[]), 0.75);
+    assert_eq!(value(&s, "contrail_eval_step", &[]), 100.0);
+    assert_eq!(value(&s, "contrail_eval_duration_seconds", &[]), 2.5);
+    assert_eq!(value(&s, "contrail_eval_rounds_total", &[]), 3.0);
     assert_eq!(value(&s, "contrail_step", &[]), 120.0);
     assert_eq!(value(&s, "contrail_samples_total", &[]), 7680.0);
     assert_eq!(value(&s, "contrail_samples_per_second", &[]), 812.5);
@@ -209,6 +232,7 @@ fn unknown_values_are_left_out_before_the_first_step() {
     let s = parse(&text);
     assert!(!text.contains("contrail_loss "), "{text}");
     assert!(s.iter().all(|(n, _, _)| n != "contrail_expert_load"));
+    assert!(!text.contains("contrail_eval_"), "{text}");
     assert_eq!(
         value(
             &s,

@@ -653,3 +653,44 @@ fn moe_off_has_no_experts_and_a_malformed_report_is_refused_whole() {
     let s = b.status(0);
     assert_eq!((s.step, s.samples_seen), (0, 0));
 }
+
+/// Rank 0's evaluation rounds land in the status history; another rank's, or a top-1 that is
+/// not a fraction, are refused whole; a round that could not vote keeps its reason.
+#[test]
+fn evaluations_from_rank_zero_build_the_history() {
+    let (mut b, ids) = running(2, 2);
+    let g = b.generation();
+    let report = |id: u64, step: u64, top1: f64, error: &str| proto::EvalReport {
+        worker_id: id,
+        generation: g,
+        step,
+        knn_top1: top1,
+        knn_top5: 0.9,
+        bank_samples: 2048,
+        test_samples: 1024,
+        seconds: 1.5,
+        error: error.into(),
+        ..Default::default()
+    };
+    b.report_eval(&report(ids[0], 0, 0.5, ""), 0).unwrap();
+    let e = b.report_eval(&report(ids[1], 10, 0.6, ""), 0).unwrap_err();
+    assert!(matches!(e, RpcError::InvalidArgument(_)), "{e:?}");
+    assert!(e.to_string().contains("only rank 0"), "{e}");
+    let e = b.report_eval(&report(ids[0], 10, 1.5, ""), 0).unwrap_err();
+    assert!(e.to_string().contains("knn_top1 = 1.5"), "{e}");
+    b.report_eval(&report(ids[0], 10, 0.7, ""), 0).unwrap();
+    // NaN is only "not a fraction" when the round claims to have voted.
+    b.report_eval(&report(ids[0], 20, f64::NAN, "no labelled sample"), 0)
+        .unwrap();
+    let h = b.status(0).eval_history;
+    assert_eq!(h.len(), 3, "{h:?}");
+    assert_eq!(
+        (h[0].step, h[0].knn_top1, h[0].bank_samples),
+        (0, Some(0.5), 2048)
+    );
+    assert_eq!((h[1].step, h[1].knn_top1), (10, Some(0.7)));
+    assert_eq!(
+        (h[2].knn_top1, h[2].error.as_str()),
+        (None, "no labelled sample")
+    );
+}

@@ -81,8 +81,14 @@ fn spawn_local(dir: &Path, job: &Path, extra: &[&str]) -> (mpsc::Receiver<String
 #[test]
 fn local_cluster_trains_and_reports_status() {
     let dir = temp_dir("train");
-    // 1024 samples / 16 per step = 64 steps per epoch; 2 epochs = 128 steps.
-    let job = write_job(&dir, 1024, 2, "");
+    // 1024 samples / 16 per step = 64 steps per epoch; 2 epochs = 128 steps. Online
+    // evaluation before the first step, after 64 and at the end, on a synthetic held-out set.
+    let eval = format!(
+        "[eval]\nurl = \"file://{}\"\nsynth_samples = 128\nbank_samples = 512\nk = 20\n\
+         every_steps = 64\n",
+        dir.join("held-out").display()
+    );
+    let job = write_job(&dir, 1024, 2, &eval);
     // A progress line every step: the loss curve below averages over many steps.
     let (lines, mut child) = spawn_local(&dir, &job, &["--set", "train.log_every=1"]);
 
@@ -93,6 +99,7 @@ fn local_cluster_trains_and_reports_status() {
     let mut saw_two_workers = false;
     let mut shard_totals_ok = false;
     let mut status_text: Option<String> = None;
+    let mut eval_history = Vec::new();
     loop {
         assert!(
             Instant::now() < deadline,
@@ -112,6 +119,9 @@ fn local_cluster_trains_and_reports_status() {
                 let sh = &s.shards;
                 if sh.total == 16 && sh.pending + sh.leased + sh.done + sh.failed == sh.total {
                     shard_totals_ok = true;
+                }
+                if s.eval_history.len() >= eval_history.len() {
+                    eval_history = s.eval_history.clone();
                 }
                 if s.state.as_str() == "running" {
                     seen_steps.push(s.step);
@@ -211,6 +221,38 @@ fn local_cluster_trains_and_reports_status() {
         dir.join("ckpt").join("LATEST").exists(),
         "no checkpoint written"
     );
+
+    // Online evaluation: one log line per round, the comparison at the end, and the rounds
+    // in /status with the sets' sizes (the final round may land after the last poll).
+    for step in [0, 64, 128] {
+        let prefix = format!("eval step {step}: held-out kNN top-1 ");
+        assert!(
+            all_lines.iter().any(|l| l.starts_with(&prefix)),
+            "no {prefix:?} line:\n{}",
+            all_lines.join("\n")
+        );
+    }
+    let summary = all_lines
+        .iter()
+        .find(|l| l.starts_with("held-out kNN top-1: "))
+        .unwrap_or_else(|| panic!("no evaluation summary:\n{}", all_lines.join("\n")));
+    assert!(
+        summary.contains("after 128 steps vs ") && summary.contains("randomly initialised"),
+        "{summary}"
+    );
+    assert!(eval_history.len() >= 2, "/status showed {eval_history:?}");
+    assert_eq!((eval_history[0].step, eval_history[1].step), (0, 64));
+    for p in &eval_history {
+        assert_eq!(
+            (p.bank_samples, p.test_samples, p.skipped),
+            (512, 128, 0),
+            "{p:?}"
+        );
+        assert!(
+            p.knn_top1.is_some_and(|t| (0.0..=1.0).contains(&t)),
+            "{p:?}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -7,8 +7,8 @@
 //! (that is how `docs/status_page.png` is made).
 
 use contrail_common::status::{
-    ExpertBlockStatus, ExpertStatus, JobState, ShardCounts, StatusReport, WorkerLiveness,
-    WorkerStatus,
+    EvalPoint, ExpertBlockStatus, ExpertStatus, JobState, ShardCounts, StatusReport,
+    WorkerLiveness, WorkerStatus,
 };
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -398,6 +398,19 @@ fn serve_fake(report: Arc<Mutex<Option<StatusReport>>>) -> String {
     addr
 }
 
+fn eval_round(step: u64, top1: Option<f64>, error: &str) -> EvalPoint {
+    EvalPoint {
+        step,
+        knn_top1: top1,
+        knn_top5: top1.map(|t| (t + 0.2).min(1.0)),
+        bank_samples: 2048,
+        test_samples: 1024,
+        seconds: 3.0,
+        error: error.into(),
+        ..Default::default()
+    }
+}
+
 fn worker(rank: Option<u32>, state: WorkerLiveness, shard: &str) -> WorkerStatus {
     WorkerStatus {
         worker_id: rank.map_or(9, |r| r as u64 + 1),
@@ -450,6 +463,7 @@ fn status_page_shows_each_job_state() {
     );
     assert_eq!(worker_ranks(&dom), [""], "{dom}");
     assert!(is_hidden(&dom, "experts"), "{dom}");
+    assert!(is_hidden(&dom, "eval"), "{dom}");
     assert_eq!(text_of(&dom, "shards-pending"), "16");
 
     // Failed: a dead worker, bad samples, MoE with a placement not yet acknowledged.
@@ -478,6 +492,11 @@ fn status_page_shows_each_job_state() {
             failed: 2,
         },
         loss_history: (1..=50).map(|i| (i * 20, 3.0 - i as f64 * 0.03)).collect(),
+        eval_history: vec![
+            eval_round(0, Some(0.412), ""),
+            eval_round(1000, Some(0.7555), ""),
+            eval_round(1200, None, "the bank has no labelled sample"),
+        ],
         experts: Some(ExpertStatus {
             placement_version: 3,
             acknowledged_version: 2,
@@ -535,6 +554,16 @@ fn status_page_shows_each_job_state() {
     for (k, n) in [("done", 35), ("leased", 3), ("pending", 60), ("failed", 2)] {
         assert_eq!(text_of(&dom, &format!("shards-{k}")), n.to_string());
     }
+    // The latest round that voted, the baseline beside it, and why the last one did not.
+    assert!(!is_hidden(&dom, "eval"), "{dom}");
+    assert_eq!(text_of(&dom, "eval-top1"), "75.5%");
+    assert_eq!(text_of(&dom, "eval-step"), "1000");
+    assert_eq!(text_of(&dom, "eval-first"), "41.2% at step 0");
+    assert_eq!(text_of(&dom, "eval-sets"), "2048 / 1024");
+    assert_eq!(
+        text_of(&dom, "eval-error"),
+        "step 1200: not measured (the bank has no labelled sample)"
+    );
     assert!(!is_hidden(&dom, "experts"), "{dom}");
     let summary = text_of(&dom, "experts-summary");
     assert!(

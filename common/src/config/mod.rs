@@ -10,6 +10,7 @@ use std::fmt;
 pub(crate) mod choice;
 mod cluster;
 mod data;
+mod eval;
 mod model;
 mod moe;
 mod objective;
@@ -18,6 +19,7 @@ mod train;
 
 pub use cluster::{Backend, ClusterConfig, DeviceSetting};
 pub use data::{AugmentConfig, DataConfig};
+pub use eval::{EvalConfig, KnnMetric};
 pub use model::{
     BlockKind, EncoderKind, ModelConfig, NormKind, StemKind, TextMode, TextSettings,
     TokenizerSource, VitSettings,
@@ -47,6 +49,8 @@ pub struct JobConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub moe: MoeConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
 }
 
 /// A rejected job file: which key, and why.
@@ -127,6 +131,7 @@ impl JobConfig {
         self.optim.validate()?;
         self.cluster.validate()?;
         self.checkpoint.validate()?;
+        self.eval.validate()?;
         let (m, kind) = (&self.model, self.objective.kind);
         let vit_layers = (m.encoder == EncoderKind::Vit).then_some(m.vit.layers);
         let text_layers = (kind == ObjectiveKind::Clip).then_some(m.text.layers);

@@ -123,6 +123,27 @@ pub struct StatusReport {
     /// Mixture-of-experts routing and placement; None when MoE is off.
     #[serde(default)]
     pub experts: Option<ExpertStatus>,
+    /// Rounds of online evaluation (`[eval]`), oldest first; empty when it is off.
+    #[serde(default)]
+    pub eval_history: Vec<EvalPoint>,
+}
+
+/// One round of online evaluation: held-out weighted kNN on the encoder's features.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EvalPoint {
+    /// Steps the evaluated model had trained (0: the initial model).
+    pub step: u64,
+    pub epoch: u32,
+    /// Fractions in [0, 1]; None when the round could not vote (`error` says why).
+    pub knn_top1: Option<f64>,
+    pub knn_top5: Option<f64>,
+    pub bank_samples: u64,
+    pub test_samples: u64,
+    /// Samples skipped (undecodable, unlabelled) over both sets.
+    pub skipped: u64,
+    pub seconds: f64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// The MoE blocks' load (from rank 0's per-step router counts) and where their experts live.

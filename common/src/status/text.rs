@@ -1,6 +1,6 @@
 //! The person-readable view of a [`StatusReport`], printed by `contrail status`.
 
-use super::{ExpertStatus, JobState, StatusReport};
+use super::{EvalPoint, ExpertStatus, JobState, StatusReport};
 use std::fmt::Write;
 
 const BAR_WIDTH: usize = 20;
@@ -105,6 +105,9 @@ pub fn render_status_text(s: &StatusReport) -> String {
             .collect();
         let _ = writeln!(out, "bad samples: {total} ({})", parts.join(", "));
     }
+    if let Some(line) = eval_line(&s.eval_history) {
+        let _ = writeln!(out, "{line}");
+    }
     if let Some(x) = &s.experts {
         render_experts(&mut out, x);
     }
@@ -125,6 +128,34 @@ pub fn render_status_text(s: &StatusReport) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `held-out kNN top-1 68.0% at step 0 -> 75.6% at step 150 (top-5 99.1%; bank 2048, test
+/// 1024)`: the first round that voted next to the latest one; None before any round.
+pub fn eval_line(history: &[EvalPoint]) -> Option<String> {
+    let latest = history.last()?;
+    let (Some(top1), Some(top5)) = (latest.knn_top1, latest.knn_top5) else {
+        return Some(format!(
+            "held-out kNN at step {}: not measured ({})",
+            latest.step, latest.error
+        ));
+    };
+    let sets = format!("bank {}, test {}", latest.bank_samples, latest.test_samples);
+    let first = history.iter().find(|p| p.knn_top1.is_some())?;
+    let now = format!("{:.1}% at step {}", 100.0 * top1, latest.step);
+    Some(if std::ptr::eq(first, latest) {
+        format!(
+            "held-out kNN top-1 {now} (top-5 {:.1}%; {sets})",
+            100.0 * top5
+        )
+    } else {
+        format!(
+            "held-out kNN top-1 {:.1}% at step {} -> {now} (top-5 {:.1}%; {sets})",
+            100.0 * first.knn_top1.unwrap_or(0.0),
+            first.step,
+            100.0 * top5
+        )
+    })
 }
 
 /// One line per MoE block: `moe block 0 (vit 1): load max/mean 1.83 (experts 0..7: 31% 12%
@@ -286,5 +317,40 @@ mod tests {
         }
         s.experts = None;
         assert!(!render_status_text(&s).contains("moe"));
+    }
+
+    #[test]
+    fn eval_line_shows_the_first_vote_next_to_the_latest() {
+        let point = |step: u64, top1: Option<f64>, error: &str| EvalPoint {
+            step,
+            knn_top1: top1,
+            knn_top5: top1.map(|t| (t + 0.2).min(1.0)),
+            bank_samples: 2048,
+            test_samples: 1024,
+            error: error.into(),
+            ..Default::default()
+        };
+        assert_eq!(eval_line(&[]), None);
+        let mut history = vec![point(0, Some(0.68), "")];
+        assert_eq!(
+            eval_line(&history).unwrap(),
+            "held-out kNN top-1 68.0% at step 0 (top-5 88.0%; bank 2048, test 1024)"
+        );
+        history.push(point(150, Some(0.756), ""));
+        assert_eq!(
+            eval_line(&history).unwrap(),
+            "held-out kNN top-1 68.0% at step 0 -> 75.6% at step 150 (top-5 95.6%; bank 2048, \
+             test 1024)"
+        );
+        history.push(point(200, None, "the bank has no labels"));
+        assert_eq!(
+            eval_line(&history).unwrap(),
+            "held-out kNN at step 200: not measured (the bank has no labels)"
+        );
+        let s = StatusReport {
+            eval_history: history[..2].to_vec(),
+            ..Default::default()
+        };
+        assert!(render_status_text(&s).contains("-> 75.6% at step 150"));
     }
 }

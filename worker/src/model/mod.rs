@@ -368,6 +368,16 @@ impl ContrastiveModel {
     /// order a real pass makes them (image tower, then text tower), so the ranks that do
     /// have samples find their peers. Nothing without MoE blocks.
     pub fn moe_idle_pass(&self) {
+        self.idle_exchanges(false);
+    }
+
+    /// [`Self::moe_idle_pass`] for an [`Self::encode_t`] pass: the image encoder's exchanges
+    /// only (evaluation embeds encoder features, without the projector or the text tower).
+    pub fn moe_idle_encode(&self) {
+        self.idle_exchanges(true);
+    }
+
+    fn idle_exchanges(&self, encoder_only: bool) {
         if self.moe.is_none() {
             return;
         }
@@ -377,6 +387,9 @@ impl ContrastiveModel {
         let _ = self.compute.run(&none, |t| {
             if let ImageEncoder::Vit(v) = &self.encoder {
                 v.transformer().moe_idle_pass(device);
+            }
+            if encoder_only {
+                return t.shallow_clone();
             }
             if let Some(Head::Experts(m)) = &self.projector {
                 let _ = m.forward_head(&Tensor::zeros(

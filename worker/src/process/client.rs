@@ -185,6 +185,20 @@ impl Coordinator {
         Ok(reply.into_inner())
     }
 
+    /// Reports one round of online evaluation (rank 0).
+    pub async fn report_eval(&mut self, report: proto::EvalReport) -> Result<()> {
+        let report = proto::EvalReport {
+            worker_id: self.worker_id,
+            generation: self.generation,
+            ..report
+        };
+        self.client
+            .report_eval(report)
+            .await
+            .context("reporting an evaluation")?;
+        Ok(())
+    }
+
     pub async fn shard_state_json(&mut self) -> Result<String> {
         Ok(self
             .client

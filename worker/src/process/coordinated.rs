@@ -2,6 +2,7 @@
 //! and the per-epoch data feed, all through the coordinator.
 
 use super::client::{Assignment, Coordinator};
+use super::evaluation::{round_line, OnlineEval};
 use super::feed::{CaptionTokens, EpochFeed};
 use super::HeartbeatState;
 use crate::dist::Collective;
@@ -67,6 +68,9 @@ pub struct CoordinatedHooks<'a> {
     model_builder: ModelBuilder,
     /// Rank 0: the newest expert placement the coordinator's step replies carried.
     offered: Arc<Mutex<Option<ExpertPlacement>>>,
+    /// `[eval]`: the rank's shares and (rank 0) the rounds so far.
+    online_eval: OnlineEval,
+    coll: Arc<dyn Collective>,
 }
 
 /// What building the job's model takes besides the config (to rebuild it for a new expert
@@ -97,9 +101,16 @@ impl<'a> CoordinatedHooks<'a> {
             last_log: Instant::now(),
             samples_since_log: 0,
             captions,
+            online_eval: OnlineEval::new(cfg),
+            coll: model_builder.coll.clone(),
             model_builder,
             offered: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Rank 0 after training: the trained model's held-out kNN next to the first round's.
+    pub fn eval_summary(&self) -> Option<String> {
+        self.online_eval.summary()
     }
 }
 
@@ -220,6 +231,33 @@ impl TrainHooks for CoordinatedHooks<'_> {
 
     fn stop_reason(&self) -> Option<String> {
         self.progress.stop_reason()
+    }
+
+    fn evaluate(&mut self, model: &ContrastiveModel, epoch: u32, step: u64) -> Result<()> {
+        let Some(point) =
+            self.online_eval
+                .round(self.rt, model, self.coll.as_ref(), epoch, step)?
+        else {
+            return Ok(());
+        };
+        println!("{}", round_line(&point));
+        let report = proto::EvalReport {
+            epoch,
+            step,
+            knn_top1: point.knn_top1.unwrap_or(f64::NAN),
+            knn_top5: point.knn_top5.unwrap_or(f64::NAN),
+            bank_samples: point.bank_samples,
+            test_samples: point.test_samples,
+            skipped: point.skipped,
+            seconds: point.seconds,
+            error: point.error.clone(),
+            ..Default::default()
+        };
+        // The round is in the log either way; a lost report only leaves /status short.
+        if let Err(e) = self.rt.block_on(self.coord.report_eval(report)) {
+            tracing::warn!("could not report the evaluation at step {step}: {e:#}");
+        }
+        Ok(())
     }
 
     fn offered_placement(&mut self) -> Option<ExpertPlacement> {

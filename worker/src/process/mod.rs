@@ -7,6 +7,7 @@
 pub mod client;
 mod coordinated;
 pub mod device;
+pub mod evaluation;
 pub mod feed;
 
 use crate::dist::tcp::TcpCollective;
@@ -222,6 +223,9 @@ fn train_rank(
         &mut hooks,
         start,
     )?;
+    if let Some(line) = hooks.eval_summary() {
+        println!("{line}");
+    }
     if asg.rank == 0 {
         match (summary.first_loss, summary.last_loss) {
             (Some(first), Some(last)) => println!(

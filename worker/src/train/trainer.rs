@@ -64,6 +64,12 @@ pub trait TrainHooks {
     ) -> Result<()>;
     /// Why training must stop now (e.g. the coordinator declared the job failed), if it must.
     fn stop_reason(&self) -> Option<String>;
+    /// Called when an online evaluation is due (`[eval]`: before the first step with
+    /// `at_start`, every `every_steps`, and when training ends), on every rank at the same
+    /// step: the ranks embed their shares together. `step` is the steps `model` has trained.
+    fn evaluate(&mut self, _model: &ContrastiveModel, _epoch: u32, _step: u64) -> Result<()> {
+        Ok(())
+    }
     /// Rank 0: the newest expert placement the coordinator has adopted (the loop switches to
     /// it if it is newer than the one in force). Other ranks and jobs without MoE: None.
     fn offered_placement(&mut self) -> Option<ExpertPlacement> {
@@ -117,6 +123,12 @@ pub fn train(
     let mut last_checkpoint: Option<u64> = (start.step > 0).then_some(start.step);
     let peak_lr = scaled_peak_lr(&cfg.optim, t.global_batch);
     let accumulation = t.accumulation_steps(cfg.cluster.world_size) as usize;
+    let ev = &cfg.eval;
+    let mut last_eval: Option<u64> = None;
+    if ev.enabled() && ev.at_start {
+        hooks.evaluate(model, epoch, step)?;
+        last_eval = Some(step);
+    }
 
     'epochs: loop {
         if (t.epochs > 0 && epoch >= t.epochs) || max_steps_reached(step) {
@@ -194,6 +206,14 @@ pub fn train(
                     hooks.checkpoint(model, opt.as_ref(), epoch, step)?;
                     last_checkpoint = Some(step);
                 }
+                if ev.enabled()
+                    && ev.every_steps > 0
+                    && step.is_multiple_of(ev.every_steps)
+                    && !max_steps_reached(step)
+                {
+                    hooks.evaluate(model, epoch, step)?;
+                    last_eval = Some(step);
+                }
                 if cfg.moe.rebalance && coll.world_size() > 1 {
                     switch_placement_if_offered(cfg, model, opt, hooks, coll, step)?;
                 }
@@ -212,6 +232,10 @@ pub fn train(
     // nothing was left to train) already holds it.
     if last_checkpoint != Some(step) {
         hooks.checkpoint(model, opt.as_ref(), epoch, step)?;
+    }
+    // The trained model, unless the last round already measured it.
+    if ev.enabled() && last_eval != Some(step) {
+        hooks.evaluate(model, epoch, step)?;
     }
     Ok(summary)
 }
@@ -273,6 +297,7 @@ mod tests {
         sizes: Vec<i64>,
         steps: Vec<(u32, u64, i64)>,
         checkpoints: Vec<u64>,
+        evaluations: Vec<(u32, u64)>,
     }
     impl TrainHooks for Record {
         fn epoch_source(&mut self, _epoch: u32) -> Result<Box<dyn BatchSource>> {
@@ -294,6 +319,10 @@ mod tests {
         }
         fn stop_reason(&self) -> Option<String> {
             None
+        }
+        fn evaluate(&mut self, _: &ContrastiveModel, epoch: u32, step: u64) -> Result<()> {
+            self.evaluations.push((epoch, step));
+            Ok(())
         }
     }
 
@@ -427,5 +456,29 @@ mod tests {
         assert_eq!(summary.steps, 0);
         assert!(hooks.steps.is_empty());
         assert!(hooks.checkpoints.is_empty(), "{:?}", hooks.checkpoints);
+    }
+
+    /// Online evaluation runs before the first step, every `every_steps` and once more at
+    /// the end (not twice when the last periodic round already measured the final model),
+    /// on every rank at the same steps; without `[eval]` never.
+    #[test]
+    fn evaluations_run_at_start_periodically_and_at_the_end() {
+        let mut cfg = tiny_config(2);
+        cfg.eval.url = "memory://held-out".into();
+        cfg.eval.every_steps = 2;
+        cfg.eval.k = 1;
+        // 3 steps per epoch, 2 epochs: rounds at 0, 2, 4 and the final 6 (also a multiple).
+        let results = train_ranks(&cfg, &[vec![4, 4, 2], vec![3]]);
+        for r in &results {
+            assert_eq!(r.evaluations, vec![(0, 0), (0, 2), (1, 4), (1, 6)]);
+        }
+        cfg.eval.every_steps = 4;
+        cfg.eval.at_start = false;
+        let results = train_ranks(&cfg, &[vec![4, 4, 2], vec![3]]);
+        // The epoch counter has moved past the last epoch when the final round runs.
+        assert_eq!(results[0].evaluations, vec![(1, 4), (2, 6)]);
+        cfg.eval.url.clear();
+        let results = train_ranks(&cfg, &[vec![4, 4, 2], vec![3]]);
+        assert!(results[0].evaluations.is_empty());
     }
 }

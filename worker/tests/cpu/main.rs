@@ -14,5 +14,6 @@ mod moe_gating_conformance;
 mod moe_step_equivalence;
 mod objective_conformance;
 mod objective_equivalence;
+mod online_eval;
 mod optim_conformance;
 mod swav_conformance;
