@@ -47,32 +47,39 @@ pub fn run_local(
     cfg.cluster.grpc_addr = grpc.local_addr()?.to_string();
     cfg.cluster.http_addr = http.local_addr()?.to_string();
 
-    let shards = rt.block_on(list_shards(&cfg.data.url, &cfg.data.s3_endpoint))?;
-    if shards.is_empty() && cfg.data.synth_samples == 0 {
-        bail!(
-            "no shards at {} (data.synth_samples = 0, so no synthetic data is written; import a \
-             dataset there first, e.g. `contrail data import`)",
-            cfg.data.url
-        );
-    }
-    if shards.is_empty() {
-        println!(
-            "no shards at {}: writing the synthetic dataset ({} samples, {} per shard)",
-            cfg.data.url, cfg.data.synth_samples, cfg.data.synth_shard_size
-        );
-        synth(
-            rt,
-            &cfg.data.url,
-            cfg.data.synth_samples,
-            cfg.data.synth_shard_size,
-            64,
-            cfg.train.seed,
-            &cfg.data.s3_endpoint,
-        )?;
-    }
-
+    synth_if_empty(
+        rt,
+        &cfg,
+        &cfg.data.url,
+        cfg.data.synth_samples,
+        cfg.train.seed,
+        "the synthetic dataset",
+        || {
+            format!(
+                "no shards at {} (data.synth_samples = 0, so no synthetic data is written; \
+                 import a dataset there first, e.g. `contrail data import`)",
+                cfg.data.url
+            )
+        },
+    )?;
+    // The held-out set is drawn with the next seed, so none of its samples is one of the
+    // training data's.
     if cfg.eval.enabled() {
-        write_held_out_if_missing(rt, &cfg)?;
+        synth_if_empty(
+            rt,
+            &cfg,
+            &cfg.eval.url,
+            cfg.eval.synth_samples,
+            cfg.train.seed + 1,
+            "a synthetic held-out set",
+            || {
+                format!(
+                    "no shards at eval.url {} (eval.synth_samples = 0, so no synthetic held-out \
+                     set is written; import the test split there, e.g. `contrail data import`)",
+                    cfg.eval.url
+                )
+            },
+        )?;
     }
 
     let toml = cfg.to_toml();
@@ -194,32 +201,35 @@ pub fn run_local(
     }
 }
 
-/// `[eval]` with `synth_samples`: a synthetic held-out set at `eval.url` when it holds no
-/// shards, drawn with the next seed so none of its samples is one of the training data's.
-fn write_held_out_if_missing(rt: &Runtime, cfg: &JobConfig) -> Result<()> {
-    let ev = &cfg.eval;
-    let shards = rt.block_on(list_shards(&ev.url, &cfg.data.s3_endpoint))?;
-    if !shards.is_empty() {
+/// Writes `samples` synthetic samples (`what`, for the progress line) at `url` when it holds
+/// no shards; with none to write (`samples = 0`) an empty `url` is the error `missing`.
+fn synth_if_empty(
+    rt: &Runtime,
+    cfg: &JobConfig,
+    url: &str,
+    samples: u64,
+    seed: u64,
+    what: &str,
+    missing: impl FnOnce() -> String,
+) -> Result<()> {
+    if !rt
+        .block_on(list_shards(url, &cfg.data.s3_endpoint))?
+        .is_empty()
+    {
         return Ok(());
     }
-    if ev.synth_samples == 0 {
-        bail!(
-            "no shards at eval.url {} (eval.synth_samples = 0, so no synthetic held-out set is \
-             written; import the test split there, e.g. `contrail data import`)",
-            ev.url
-        );
+    if samples == 0 {
+        bail!(missing());
     }
-    println!(
-        "no shards at {}: writing a synthetic held-out set ({} samples)",
-        ev.url, ev.synth_samples
-    );
+    let shard_size = cfg.data.synth_shard_size;
+    println!("no shards at {url}: writing {what} ({samples} samples, {shard_size} per shard)");
     synth(
         rt,
-        &ev.url,
-        ev.synth_samples,
-        cfg.data.synth_shard_size,
+        url,
+        samples,
+        shard_size,
         64,
-        cfg.train.seed + 1,
+        seed,
         &cfg.data.s3_endpoint,
     )
 }

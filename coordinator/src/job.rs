@@ -9,7 +9,7 @@ use crate::error::RpcError;
 use crate::experts::ExpertBook;
 use crate::leases::{Completion, ShardBook};
 use crate::membership::{Membership, Worker};
-use crate::progress::JobProgress;
+use crate::progress::{reported_seconds, JobProgress};
 use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::config::JobConfig;
 use contrail_common::proto;
@@ -388,11 +388,7 @@ impl JobBook {
             bank_samples: req.bank_samples,
             test_samples: req.test_samples,
             skipped: req.skipped,
-            seconds: if req.seconds.is_finite() {
-                req.seconds.max(0.0)
-            } else {
-                0.0
-            },
+            seconds: reported_seconds(req.seconds),
             error: req.error.clone(),
         };
         match point.knn_top1 {

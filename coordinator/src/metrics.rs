@@ -4,7 +4,7 @@
 //! step) is left out rather than reported as 0.
 
 use contrail_common::status::{
-    ExpertBlockStatus, JobState, StatusReport, WorkerLiveness, WorkerStatus,
+    voted_rounds, ExpertBlockStatus, JobState, StatusReport, WorkerLiveness, WorkerStatus,
 };
 use std::fmt::Write;
 
@@ -151,7 +151,7 @@ pub fn render_metrics(r: &StatusReport) -> String {
     );
 
     // The latest round that voted; a round that could not vote only counts as a round.
-    let voted = r.eval_history.iter().rev().find(|p| p.knn_top1.is_some());
+    let voted = voted_rounds(&r.eval_history).map(|(_, latest)| latest);
     if !r.eval_history.is_empty() {
         single(
             o,

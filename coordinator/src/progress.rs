@@ -55,6 +55,15 @@ impl LossHistory {
     }
 }
 
+/// A duration a worker reported, as a usable number: negative or non-finite ones count as 0.
+pub fn reported_seconds(s: f64) -> f64 {
+    if s.is_finite() {
+        s.max(0.0)
+    } else {
+        0.0
+    }
+}
+
 /// Bound on the evaluation history; past it the oldest rounds after the first are dropped
 /// (the first is the baseline a run is compared with).
 pub const EVAL_HISTORY_CAP: usize = 1024;
@@ -150,11 +159,7 @@ impl JobProgress {
             step,
             at_ms: now_ms,
             samples: global_samples,
-            seconds: if step_seconds.is_finite() {
-                step_seconds.max(0.0)
-            } else {
-                0.0
-            },
+            seconds: reported_seconds(step_seconds),
         });
         while self.window.len() > RATE_WINDOW {
             self.window.pop_front();

@@ -282,6 +282,14 @@ impl Augmenter {
         self.apply(img, &params, out)
     }
 
+    /// [`Self::eval_view`] of an encoded image: false when the bytes do not decode (or claim
+    /// more than `max_pixels`) or give no view, and the sample is to be skipped.
+    pub fn eval_view_of(&mut self, bytes: &[u8], max_pixels: u64, out: &mut [f32]) -> bool {
+        crate::decode::decode_rgb(bytes, max_pixels)
+            .ok()
+            .is_some_and(|img| self.eval_view(&img, out).is_ok())
+    }
+
     /// The deterministic view evaluation and export use (torchvision's `Resize` +
     /// `CenterCrop` + `Normalize`, in one step): the centred square of the shorter side,
     /// resized to `size`, normalised; no flip, jitter, grayscale or blur.

@@ -15,10 +15,9 @@ use contrail_common::checkpoint::read_latest;
 use contrail_common::storage::list_shards;
 use contrail_common::JobConfig;
 use contrail_data::augment::Augmenter;
-use contrail_data::decode::decode_rgb;
 use contrail_data::embeddings::{write_part, Matrix, Part, Record};
 use contrail_data::shard_reader::read_shard;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 use tokio::runtime::Runtime;
 
 use crate::model::{BuildOptions, ContrastiveModel};
@@ -109,15 +108,11 @@ pub fn write_embeddings(
         .with_context(|| format!("reading {url}"))?;
         let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
         for s in samples {
-            let decoded = s
-                .image()
-                .map(|(_, bytes)| decode_rgb(bytes, cfg.data.max_image_pixels));
-            let Some(Ok(img)) = decoded else {
-                summary.skipped += 1;
-                continue;
-            };
             let mut pixels = vec![0f32; view];
-            if augmenter.eval_view(&img, &mut pixels).is_err() {
+            let usable = s.image().is_some_and(|(_, bytes)| {
+                augmenter.eval_view_of(bytes, cfg.data.max_image_pixels, &mut pixels)
+            });
+            if !usable {
                 summary.skipped += 1;
                 continue;
             }
@@ -192,17 +187,12 @@ fn forward(
     if pending.is_empty() {
         return Ok(());
     }
-    let b = pending.len() as i64;
     let flat: Vec<f32> = pending
         .iter()
         .flat_map(|(_, p)| p.iter().copied())
         .collect();
-    let s = size as i64;
-    let x = Tensor::from_slice(&flat)
-        .view([b, 3, s, s])
-        .to_device(model.device());
-    let z = tch::no_grad(|| model.encode_t(&x, false))
-        .to_kind(Kind::Float)
+    let z = model
+        .encode_views(&flat, i64::from(size))
         .to_device(Device::Cpu)
         .contiguous();
     summary.dim = z.size()[1] as usize;

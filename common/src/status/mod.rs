@@ -187,6 +187,16 @@ pub struct ExpertBlockStatus {
     pub holders: Vec<Vec<u32>>,
 }
 
+/// The first and the latest rounds of `history` that voted (the baseline and the newest
+/// measurement), or None before any did.
+pub fn voted_rounds(history: &[EvalPoint]) -> Option<(&EvalPoint, &EvalPoint)> {
+    let voted = |p: &&EvalPoint| p.knn_top1.is_some();
+    Some((
+        history.iter().find(voted)?,
+        history.iter().rev().find(voted)?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

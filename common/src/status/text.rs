@@ -141,7 +141,7 @@ pub fn eval_line(history: &[EvalPoint]) -> Option<String> {
         ));
     };
     let sets = format!("bank {}, test {}", latest.bank_samples, latest.test_samples);
-    let first = history.iter().find(|p| p.knn_top1.is_some())?;
+    let (first, _) = super::voted_rounds(history)?;
     let now = format!("{:.1}% at step {}", 100.0 * top1, latest.step);
     Some(if std::ptr::eq(first, latest) {
         format!(

@@ -474,6 +474,16 @@ impl ContrastiveModel {
         self.compute.run(xs, |xs| self.encoder.forward_t(xs, train))
     }
 
+    /// Encoder features (float32, on the model's device, without autograd) of evaluation
+    /// views given as flat `n × 3 × size × size` pixels: what evaluation and export embed.
+    pub fn encode_views(&self, pixels: &[f32], size: i64) -> Tensor {
+        let n = pixels.len() as i64 / (3 * size * size);
+        let x = Tensor::from_slice(pixels)
+            .view([n, 3, size, size])
+            .to_device(self.device());
+        tch::no_grad(|| self.encode_t(&x, false)).to_kind(tch::Kind::Float)
+    }
+
     pub fn embedding_dim(&self) -> i64 {
         self.embedding_dim
     }

@@ -16,11 +16,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use contrail_common::config::{EvalConfig, KnnMetric};
-use contrail_common::status::EvalPoint;
+use contrail_common::status::{voted_rounds, EvalPoint};
 use contrail_common::storage::list_shards;
 use contrail_common::JobConfig;
 use contrail_data::augment::Augmenter;
-use contrail_data::decode::decode_rgb;
 use contrail_data::shard_reader::read_shard;
 use tch::{Device, Kind, Tensor};
 
@@ -110,14 +109,9 @@ pub async fn load_share(
         // What the reader itself skipped (no image member, a truncated tar, ...).
         share.lock().unwrap_or_else(|p| p.into_inner()).unusable += stats.bad.values().sum::<u64>();
     }
-    let share = std::mem::replace(
-        &mut *share.lock().unwrap_or_else(|p| p.into_inner()),
-        Share {
-            samples: Vec::new(),
-            unusable: 0,
-        },
-    );
-    Ok(share)
+    // Every reader callback (each held a clone) has returned.
+    let share = Arc::into_inner(share).context("an evaluation shard reader outlived its shard")?;
+    Ok(share.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// A set's features over all ranks, on rank 0.
@@ -171,12 +165,7 @@ impl Embedder<'_> {
                 model.moe_idle_encode();
                 continue;
             }
-            let s = self.image_size;
-            let x = Tensor::from_slice(&pixels)
-                .view([local, 3, s, s])
-                .to_device(model.device());
-            let z = tch::no_grad(|| model.encode_t(&x, false)).to_kind(Kind::Float);
-            rows.push(z);
+            rows.push(model.encode_views(&pixels, self.image_size));
             labels.extend(batch_labels);
         }
         let local = match rows.is_empty() {
@@ -204,10 +193,10 @@ impl Embedder<'_> {
                 break;
             }
             used += 1;
-            let ok = decode_rgb(&s.image, self.max_image_pixels)
-                .ok()
-                .is_some_and(|img| self.augmenter.eval_view(&img, &mut out).is_ok());
-            if ok {
+            if self
+                .augmenter
+                .eval_view_of(&s.image, self.max_image_pixels, &mut out)
+            {
                 pixels.extend_from_slice(&out);
                 labels.push(s.label);
             } else {
@@ -385,12 +374,7 @@ impl OnlineEval {
     /// Rank 0, when training ends: the trained model's top-1 next to the first round's (the
     /// initial model with `at_start`), or None before two rounds voted.
     pub fn summary(&self) -> Option<String> {
-        let voted: Vec<&EvalPoint> = self
-            .history
-            .iter()
-            .filter(|p| p.knn_top1.is_some())
-            .collect();
-        let (first, last) = (voted.first()?, voted.last()?);
+        let (first, last) = voted_rounds(&self.history)?;
         if first.step == last.step {
             return None;
         }

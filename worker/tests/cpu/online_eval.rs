@@ -26,6 +26,27 @@ fn file_url(dir: &Path, p: &str) -> String {
     format!("file://{}", dir.join(p).display())
 }
 
+/// `samples` synthetic samples (24-pixel images, seed `seed`) in shards of `shard_size` under
+/// `dir/name`.
+fn write_set(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    name: &str,
+    samples: u64,
+    shard_size: u64,
+    seed: u64,
+) {
+    rt.block_on(write_synth_dataset(
+        &file_url(dir, name),
+        "",
+        samples,
+        shard_size,
+        24,
+        seed,
+    ))
+    .unwrap();
+}
+
 /// A job whose bank is `bank` and held-out set `test`, with the tiny test ResNet.
 fn job(dir: &Path, k: u32) -> JobConfig {
     let mut cfg = JobConfig {
@@ -115,24 +136,8 @@ fn two_ranks_vote_as_one_process_embedding_everything() {
     let dir = support::cluster::temp_dir("cpu", "online-eval-equal");
     let rt = tokio::runtime::Runtime::new().unwrap();
     // 7 bank shards (the last partial) and 3 held-out shards: uneven shares on 2 ranks.
-    rt.block_on(write_synth_dataset(
-        &file_url(&dir, "bank"),
-        "",
-        200,
-        32,
-        24,
-        1,
-    ))
-    .unwrap();
-    rt.block_on(write_synth_dataset(
-        &file_url(&dir, "test"),
-        "",
-        90,
-        32,
-        24,
-        2,
-    ))
-    .unwrap();
+    write_set(&rt, &dir, "bank", 200, 32, 1);
+    write_set(&rt, &dir, "test", 90, 32, 2);
     let cfg = job(&dir, 10);
 
     let model = support::seeded(3, || {
@@ -182,24 +187,8 @@ fn budgets_split_over_ranks_and_unusable_samples_are_counted() {
 
     let dir = support::cluster::temp_dir("cpu", "online-eval-budget");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(write_synth_dataset(
-        &file_url(&dir, "bank"),
-        "",
-        200,
-        32,
-        24,
-        1,
-    ))
-    .unwrap();
-    rt.block_on(write_synth_dataset(
-        &file_url(&dir, "test"),
-        "",
-        40,
-        32,
-        24,
-        2,
-    ))
-    .unwrap();
+    write_set(&rt, &dir, "bank", 200, 32, 1);
+    write_set(&rt, &dir, "test", 40, 32, 2);
     // One more held-out shard: a sample whose image is garbage, one without a label, and one
     // without an image; the good sample beside them still counts.
     let good = std::fs::read(dir.join("test/synth-000000.tar")).unwrap();
@@ -236,24 +225,8 @@ fn moe_ranks_embed_uneven_shares_in_lock_step() {
     let dir = support::cluster::temp_dir("cpu", "online-eval-moe");
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Shards of 64: the bank's ranks hold 128 and 72 samples, the held-out set's 64 and 6.
-    rt.block_on(write_synth_dataset(
-        &file_url(&dir, "bank"),
-        "",
-        200,
-        64,
-        24,
-        1,
-    ))
-    .unwrap();
-    rt.block_on(write_synth_dataset(
-        &file_url(&dir, "test"),
-        "",
-        70,
-        64,
-        24,
-        2,
-    ))
-    .unwrap();
+    write_set(&rt, &dir, "bank", 200, 64, 1);
+    write_set(&rt, &dir, "test", 70, 64, 2);
     let mut cfg = job(&dir, 5);
     cfg.model.encoder = EncoderKind::Vit;
     cfg.model.vit.patch_size = 8;
