@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use contrail_common::config::DeviceSetting;
 use contrail_data::embeddings::Tower;
+use contrail_worker::embed::EmbedTower;
 use contrail_worker::eval::knn::Metric;
 
 #[derive(Parser)]
@@ -74,39 +75,43 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         watch: u64,
     },
-    /// Write a dataset's image embeddings (encoder features) from a job's latest checkpoint as
-    /// an embedding folder: img_emb/img_emb_{i}.npy + metadata/metadata_{i}.parquet
-    /// (docs/evaluation.md). One process; not spread over a cluster yet.
+    /// Write a dataset's embeddings from a job's latest checkpoint as an embedding folder
+    /// (img_emb/, text_emb/, metadata/; one part per shard; docs/evaluation.md), in this
+    /// process or spread over N local worker processes through a coordinator's leases.
     Embed {
-        /// Job file (TOML): the model to build.
-        #[arg(long)]
-        config: String,
-        /// Override a config key (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Checkpoint base URL whose LATEST is loaded (default: the job's checkpoint.url).
-        #[arg(long)]
-        checkpoint: Option<String>,
-        /// Embed with a freshly initialised model instead (the untrained baseline).
-        #[arg(long, conflicts_with = "checkpoint")]
-        random_init: bool,
-        /// Shards to embed (default: the job's data.url).
-        #[arg(long)]
-        data: Option<String>,
+        #[command(flatten)]
+        args: EmbedArgs,
+    },
+    /// One worker of a distributed export: join the coordinator, embed leased shards until
+    /// none is left (`contrail embed --workers N` and the Kubernetes export job start these).
+    EmbedWorker {
+        /// gRPC address of the coordinator (which serves the job: data.url is the dataset).
+        #[arg(long, env = "CONTRAIL_COORDINATOR")]
+        coordinator: String,
         /// Destination folder URL.
         #[arg(long)]
         out: String,
-        /// Images per forward pass.
+        /// `image`, `text` (CLIP) or `both` (CLIP).
+        #[arg(long, default_value = "image")]
+        tower: EmbedTower,
+        /// Samples per forward pass.
         #[arg(long, default_value_t = 256)]
         batch: usize,
-        /// Rows per .npy part.
-        #[arg(long, default_value_t = 100_000)]
-        part_rows: usize,
-        /// `auto`, `cpu`, `cuda` or `cuda:N`.
-        #[arg(long, default_value = "auto")]
-        device: DeviceSetting,
+        /// Checkpoint base URL whose LATEST is loaded (default: the job's checkpoint.url).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Embed with a freshly initialised model instead.
+        #[arg(long, conflicts_with = "checkpoint")]
+        random_init: bool,
+        /// Seconds to keep trying to reach the coordinator at start-up.
+        #[arg(long, default_value_t = 120)]
+        connect_wait_secs: u64,
+        /// libtorch intra-op threads (0: libtorch's default).
+        #[arg(long, env = "CONTRAIL_TORCH_THREADS", default_value_t = 0)]
+        threads: i32,
     },
-    /// Evaluate embeddings: kNN (with whitening), linear probe, retrieval (docs/evaluation.md).
+    /// Evaluate embeddings: kNN (with whitening), linear probe, zero-shot, retrieval
+    /// (docs/evaluation.md).
     Eval {
         #[command(subcommand)]
         command: EvalCommand,
@@ -215,6 +220,10 @@ pub enum DataCommand {
         /// At most this many samples per split.
         #[arg(long)]
         limit: Option<usize>,
+        /// Hold out this fraction of every class as the test split (folder and csv layouts
+        /// without one), chosen by a hash of each image's path.
+        #[arg(long)]
+        test_fraction: Option<f64>,
         /// Endpoint override for S3-compatible servers.
         #[arg(long, default_value = "")]
         s3_endpoint: String,
@@ -280,6 +289,39 @@ pub enum EvalCommand {
         #[arg(long, default_value_t = 1000)]
         max_iter: usize,
     },
+    /// Zero-shot classification of labelled image embeddings of a CLIP model (`contrail embed`
+    /// of a test split): each class's prompts embedded by the model's text tower, averaged,
+    /// and the images ranked against them (OpenCLIP's zero-shot classifier).
+    Zeroshot {
+        /// Embedding folder of the labelled images (img_emb/ + metadata/ with labels).
+        #[arg(long)]
+        images: String,
+        /// The CLIP job's file (TOML): the model and tokenizer.
+        #[arg(long)]
+        config: String,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Checkpoint base URL whose LATEST is loaded (default: the job's checkpoint.url).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Use a freshly initialised model instead (the chance baseline).
+        #[arg(long, conflicts_with = "checkpoint")]
+        random_init: bool,
+        /// Class names in label order: comma-separated, `fashion-mnist`, or the URL of an
+        /// imported dataset's dataset.json (its `classes`).
+        #[arg(long)]
+        classes: String,
+        /// Prompt template with `{}` for the class name (repeatable; default "a photo of a {}.").
+        #[arg(long = "template")]
+        templates: Vec<String>,
+        #[arg(long, default_value = "auto")]
+        device: DeviceSetting,
+        #[arg(long, default_value = "")]
+        s3_endpoint: String,
+        /// Also write the numbers to this JSON file.
+        #[arg(long)]
+        json: Option<String>,
+    },
     /// Image→text and text→image recall@1/5/10 over the paired img_emb/ and text_emb/ rows of
     /// one embedding folder (as OpenCLIP's get_clip_metrics).
     Retrieval {
@@ -294,6 +336,42 @@ pub enum EvalCommand {
         #[arg(long)]
         json: Option<String>,
     },
+}
+
+/// `contrail embed`'s flags.
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    /// Job file (TOML): the model to build.
+    #[arg(long)]
+    pub config: String,
+    /// Override a config key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Checkpoint base URL whose LATEST is loaded (default: the job's checkpoint.url).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// Embed with a freshly initialised model instead (the untrained baseline).
+    #[arg(long, conflicts_with = "checkpoint")]
+    pub random_init: bool,
+    /// Shards to embed (default: the job's data.url).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Destination folder URL.
+    #[arg(long)]
+    pub out: String,
+    /// `image` (img_emb/), `text` (text_emb/, CLIP) or `both` (CLIP).
+    #[arg(long, default_value = "image")]
+    pub tower: EmbedTower,
+    /// Samples per forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Worker processes sharing the shards through a local coordinator's leases (0: embed in
+    /// this process). The coordinator listens on the job's cluster.grpc_addr/http_addr.
+    #[arg(long, default_value_t = 0)]
+    pub workers: u32,
+    /// `auto`, `cpu`, `cuda` or `cuda:N` (with --workers: the job's cluster.device is set to it).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSetting,
 }
 
 /// The labelled train and test embedding folders of a classification evaluation.

@@ -1,10 +1,13 @@
-//! The small subcommands of `contrail`: `coordinator`, `data synth`, `data import`, `info`; and
+//! The small subcommands of `contrail`: `coordinator`, `data synth`, `data import`, `embed`,
+//! `info`; and
 //! the process set-up they share (logging, the one async runtime).
 
 use anyhow::{bail, Context, Result};
 use contrail_common::JobConfig;
 use contrail_data::import::{import_idx, import_listing, ImportOptions, FASHION_MNIST_CLASSES};
 use contrail_worker::embed::{load_model, write_embeddings, EmbedOptions};
+
+use crate::args::EmbedArgs;
 use tokio::runtime::Runtime;
 
 /// Logs go to stderr, filtered by `CONTRAIL_LOG` (default: warnings only).
@@ -117,36 +120,73 @@ pub fn class_names(arg: Option<&str>) -> Vec<String> {
     }
 }
 
-/// `contrail embed`: a dataset's image embeddings as an embedding folder.
-pub fn embed(
-    rt: &Runtime,
-    config: &str,
-    overrides: &[String],
-    checkpoint: Option<String>,
-    random_init: bool,
-    options: impl FnOnce(&JobConfig) -> Result<EmbedOptions>,
-) -> Result<()> {
-    let cfg = JobConfig::from_file(config, overrides)?;
-    let options = options(&cfg)?;
-    let base = if random_init {
+/// `contrail embed`: in this process, or (`--workers N`) through a local coordinator whose job
+/// is the dataset, with N `contrail embed-worker` processes sharing its shards.
+pub fn embed(rt: &Runtime, args: EmbedArgs) -> Result<()> {
+    let mut cfg = JobConfig::from_file(&args.config, &args.overrides)?;
+    if let Some(data) = &args.data {
+        cfg.data.url = data.clone();
+    }
+    let base = if args.random_init {
         None
     } else {
-        let base = checkpoint.unwrap_or_else(|| cfg.checkpoint.url.clone());
+        let base = args
+            .checkpoint
+            .clone()
+            .unwrap_or_else(|| cfg.checkpoint.url.clone());
         if base.is_empty() {
             bail!("embed: no checkpoint (give --checkpoint, set checkpoint.url, or --random-init)");
         }
         Some(base)
     };
     let started = std::time::Instant::now();
+    if args.workers > 0 {
+        // The coordinator's job is the export: its data.url is the dataset, its lease book
+        // the work list; nothing else of the training job runs.
+        cfg.cluster.device = args.device;
+        cfg.eval.url.clear();
+        // Nothing trains, so the training batch must not refuse this world size.
+        cfg.train.global_batch = cfg.train.micro_batch * u64::from(args.workers);
+        let batch = args.batch.to_string();
+        let mut child: Vec<&str> = vec![
+            "embed-worker",
+            "--out",
+            &args.out,
+            "--tower",
+            args.tower.as_str(),
+            "--batch",
+            &batch,
+        ];
+        match &base {
+            Some(b) => child.extend(["--checkpoint", b.as_str()]),
+            None => child.push("--random-init"),
+        }
+        crate::local_cluster::run_cluster(rt, &cfg, args.workers, &child, false)?;
+        println!(
+            "embedded {} with {} workers into {} in {:.1} s",
+            cfg.data.url,
+            args.workers,
+            args.out,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let options = EmbedOptions {
+        data: cfg.data.url.clone(),
+        out: args.out.clone(),
+        batch: args.batch,
+        tower: args.tower,
+        device: crate::eval::device_for(args.device)?,
+    };
     let (model, loaded) = load_model(rt, &cfg, base.as_deref(), options.device)?;
     let summary = write_embeddings(rt, &cfg, &model, &options)?;
     println!(
-        "wrote {} rows of dim {} in {} parts to {} ({} skipped, {} shards) in {:.1} s{}",
+        "wrote {} rows in {} parts to {} ({} skipped{}, {} shards) in {:.1} s{}",
         summary.rows,
-        summary.dim,
         summary.parts,
         options.out,
-        summary.skipped,
+        summary.skipped_total(),
+        skipped_reasons(&summary.skipped),
         summary.shards,
         started.elapsed().as_secs_f64(),
         match loaded {
@@ -155,6 +195,15 @@ pub fn embed(
         }
     );
     Ok(())
+}
+
+/// ": 3 no caption, 1 no decodable image" for a summary line, or "" when nothing was skipped.
+fn skipped_reasons(skipped: &std::collections::BTreeMap<String, u64>) -> String {
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = skipped.iter().map(|(r, n)| format!("{n} {r}")).collect();
+    format!(": {}", parts.join(", "))
 }
 
 /// `contrail info`: what the linked libtorch can see. A GPU machine that prints

@@ -1,14 +1,17 @@
-//! `contrail eval knn|linear|retrieval`: evaluation of embedding folders written in
+//! `contrail eval knn|linear|zeroshot|retrieval`: evaluation of embedding folders written in
 //! clip-retrieval's layout (`contrail embed`, or any `img_emb/*.npy` + `metadata/*.parquet`).
 //! Each prints a table and, with `--json`, writes the same numbers as JSON.
 
 use anyhow::{Context, Result};
 use contrail_common::config::DeviceSetting;
+use contrail_common::JobConfig;
 use contrail_data::embeddings::{self, Tower};
+use contrail_worker::embed::load_model;
 use contrail_worker::eval::knn::{self, KnnOptions};
 use contrail_worker::eval::linear::{LinearOptions, LinearProbe};
 use contrail_worker::eval::whiten::Whitening;
-use contrail_worker::eval::{retrieval, Bank};
+use contrail_worker::eval::{retrieval, zeroshot, Bank};
+use contrail_worker::process::caption_tokens;
 use contrail_worker::process::device::choose_device;
 use serde_json::json;
 use tch::{Device, Tensor};
@@ -108,6 +111,83 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
             });
             write_json(source.json.as_deref(), &report)
         }
+        EvalCommand::Zeroshot {
+            images,
+            config,
+            overrides,
+            checkpoint,
+            random_init,
+            classes,
+            templates,
+            device: setting,
+            s3_endpoint,
+            json,
+        } => {
+            let device = device_for(setting)?;
+            let cfg = JobConfig::from_file(&config, &overrides)?;
+            let names = zeroshot_classes(rt, &classes, &s3_endpoint)?;
+            let templates = if templates.is_empty() {
+                zeroshot::DEFAULT_TEMPLATES
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect()
+            } else {
+                templates
+            };
+            zeroshot::check_templates(&templates)?;
+            let base = match (checkpoint, random_init) {
+                (_, true) => None,
+                (Some(url), false) => Some(url),
+                (None, false) if !cfg.checkpoint.url.is_empty() => Some(cfg.checkpoint.url.clone()),
+                (None, false) => anyhow::bail!(
+                    "zeroshot: no checkpoint (give --checkpoint, set checkpoint.url, or --random-init)"
+                ),
+            };
+            let (model, loaded) = load_model(rt, &cfg, base.as_deref(), device)?;
+            let captions = caption_tokens(rt, &cfg)?.with_context(|| {
+                format!(
+                    "zeroshot: {config} trains objective.kind = {}, which has no text tower (only clip)",
+                    cfg.objective.kind.as_str()
+                )
+            })?;
+            let per_class = names
+                .iter()
+                .map(|name| {
+                    let prompts = zeroshot::prompts(name, &templates);
+                    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                    let ids = captions
+                        .tokenizer
+                        .encode_batch(&refs, captions.context_length)
+                        .with_context(|| format!("tokenizing the prompts of class {name:?}"))?;
+                    model
+                        .export_texts(&ids)
+                        .context("the model has no text tower")
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let classifier = zeroshot::classifier(&per_class)?;
+            let e = rt.block_on(embeddings::read(&images, &s3_endpoint, Tower::Image))?;
+            let bank = bank(&images, &e, Some(e.labels(&images)?), device)?;
+            let acc = zeroshot::evaluate(&bank, &classifier)?;
+            println!(
+                "zero-shot over {} images, {} classes, {} template(s){}",
+                bank.rows(),
+                names.len(),
+                templates.len(),
+                if loaded.is_none() {
+                    ", randomly initialised model"
+                } else {
+                    ""
+                }
+            );
+            print_table(&[("zero-shot".to_string(), acc)]);
+            write_json(
+                json.as_deref(),
+                &json!({
+                    "images": images, "classes": names, "templates": templates,
+                    "checkpoint": loaded, "rows": bank.rows(), "zeroshot": acc,
+                }),
+            )
+        }
         EvalCommand::Retrieval {
             embeddings,
             device: setting,
@@ -145,6 +225,22 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
             )
         }
     }
+}
+
+/// Class names for zero-shot: the `classes` of a dataset.json (a URL ending in it), or what
+/// `contrail data import --classes` takes.
+fn zeroshot_classes(rt: &Runtime, arg: &str, s3_endpoint: &str) -> Result<Vec<String>> {
+    let names = match arg.strip_suffix("dataset.json") {
+        Some(folder) => {
+            rt.block_on(contrail_data::import::read_manifest(folder, s3_endpoint))?
+                .classes
+        }
+        None => crate::commands::class_names(Some(arg)),
+    };
+    if names.is_empty() || names.iter().any(|n| n.is_empty()) {
+        anyhow::bail!("zeroshot: --classes {arg:?} gives no usable class names");
+    }
+    Ok(names)
 }
 
 /// The device a `--device` setting names on this machine.

@@ -1,7 +1,8 @@
 //! `contrail local`: a coordinator in this process and N worker processes on 127.0.0.1.
 //!
 //! The workers are real processes (this same binary, `contrail worker`), so the local cluster
-//! exercises the same gRPC, collective and failure paths as a multi-machine job.
+//! exercises the same gRPC, collective and failure paths as a multi-machine job. The same
+//! harness runs the workers of a distributed export (`contrail embed --workers N`).
 
 use crate::commands::synth;
 use anyhow::{bail, Context, Result};
@@ -31,21 +32,6 @@ pub fn run_local(
         );
         cfg.cluster.backend = Backend::Tcp;
     }
-
-    // Bind first, so `:0` in the config becomes a real port that the workers are given.
-    let grpc = rt
-        .block_on(tokio::net::TcpListener::bind(&cfg.cluster.grpc_addr))
-        .with_context(|| {
-            format!(
-                "binding the coordinator's gRPC address {}",
-                cfg.cluster.grpc_addr
-            )
-        })?;
-    let http = rt
-        .block_on(tokio::net::TcpListener::bind(&cfg.cluster.http_addr))
-        .with_context(|| format!("binding the status address {}", cfg.cluster.http_addr))?;
-    cfg.cluster.grpc_addr = grpc.local_addr()?.to_string();
-    cfg.cluster.http_addr = http.local_addr()?.to_string();
 
     synth_if_empty(
         rt,
@@ -82,6 +68,37 @@ pub fn run_local(
         )?;
     }
 
+    run_cluster(rt, &cfg, workers, &["worker"], verbose)
+}
+
+/// Serves the job `cfg` from a coordinator in this process and runs `workers` child
+/// processes of this binary (`child_args`, then `--coordinator URL --threads N`) until the job
+/// ends, a child dies, or Ctrl-C; prints the final status. `contrail local` runs training
+/// workers this way, `contrail embed --workers N` embedding workers.
+pub fn run_cluster(
+    rt: &Runtime,
+    cfg: &JobConfig,
+    workers: u32,
+    child_args: &[&str],
+    verbose: bool,
+) -> Result<()> {
+    let mut cfg = cfg.clone();
+    cfg.cluster.world_size = workers;
+    // Bind first, so `:0` in the config becomes a real port that the workers are given.
+    let grpc = rt
+        .block_on(tokio::net::TcpListener::bind(&cfg.cluster.grpc_addr))
+        .with_context(|| {
+            format!(
+                "binding the coordinator's gRPC address {}",
+                cfg.cluster.grpc_addr
+            )
+        })?;
+    let http = rt
+        .block_on(tokio::net::TcpListener::bind(&cfg.cluster.http_addr))
+        .with_context(|| format!("binding the status address {}", cfg.cluster.http_addr))?;
+    cfg.cluster.grpc_addr = grpc.local_addr()?.to_string();
+    cfg.cluster.http_addr = http.local_addr()?.to_string();
+
     let toml = cfg.to_toml();
     let coordinator = rt.block_on(contrail_coordinator::Coordinator::new(cfg.clone(), toml))?;
     let mut state = coordinator.watch_state();
@@ -108,13 +125,13 @@ pub fn run_local(
     let mut children: Vec<Child> = Vec::new();
     for i in 0..workers {
         let mut cmd = Command::new(&exe);
-        cmd.args([
-            "worker",
-            "--coordinator",
-            &format!("http://{}", cfg.cluster.grpc_addr),
-        ])
-        .args(["--threads", &threads])
-        .stdin(Stdio::null());
+        cmd.args(child_args)
+            .args([
+                "--coordinator",
+                &format!("http://{}", cfg.cluster.grpc_addr),
+            ])
+            .args(["--threads", &threads])
+            .stdin(Stdio::null());
         // Only rank 0 prints progress lines, so every worker can share this terminal.
         if verbose {
             cmd.env("CONTRAIL_LOG", "info");

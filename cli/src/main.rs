@@ -6,7 +6,7 @@ use clap::Parser;
 use contrail_cli::args::{Cli, Command, DataCommand};
 use contrail_cli::{commands, eval, k8s, local_cluster, status_client};
 use contrail_data::import::ImportOptions;
-use contrail_worker::embed::EmbedOptions;
+use contrail_worker::embed::leased::{run_embed_worker, EmbedWorkerOptions};
 use contrail_worker::process::{run_worker, WorkerOptions};
 use std::time::Duration;
 
@@ -66,6 +66,7 @@ fn main() {
                     caption_template,
                     shard_size,
                     limit,
+                    test_fraction,
                     s3_endpoint,
                 },
         } => commands::import(
@@ -79,27 +80,40 @@ fn main() {
                 classes: commands::class_names(classes.as_deref()),
                 caption_template,
                 limit,
+                test_fraction,
             },
         ),
         Command::Status { coordinator, watch } => status_client::status(&rt, &coordinator, watch),
-        Command::Embed {
-            config,
-            overrides,
+        Command::Embed { args } => commands::embed(&rt, args),
+        Command::EmbedWorker {
+            coordinator,
+            out,
+            tower,
+            batch,
             checkpoint,
             random_init,
-            data,
-            out,
-            batch,
-            part_rows,
-            device,
-        } => commands::embed(&rt, &config, &overrides, checkpoint, random_init, |cfg| {
-            Ok(EmbedOptions {
-                data: data.unwrap_or_else(|| cfg.data.url.clone()),
+            connect_wait_secs,
+            threads,
+        } => run_embed_worker(
+            &rt,
+            &EmbedWorkerOptions {
+                coordinator,
                 out,
+                tower,
                 batch,
-                part_rows,
-                device: eval::device_for(device)?,
-            })
+                checkpoint,
+                random_init,
+                connect_wait: Duration::from_secs(connect_wait_secs),
+                torch_threads: threads,
+            },
+        )
+        .map(|summary| {
+            println!(
+                "embed worker: {} parts, {} rows, {} skipped",
+                summary.parts,
+                summary.rows,
+                summary.skipped_total()
+            )
         }),
         Command::Eval { command } => eval::run(&rt, command),
         Command::K8s { command } => k8s::run(&rt, command),

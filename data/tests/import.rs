@@ -31,6 +31,7 @@ fn options(out: &Path, limit: usize) -> ImportOptions {
             .collect(),
         caption_template: Some("a photo of a {}.".into()),
         limit: Some(limit),
+        test_fraction: None,
     }
 }
 

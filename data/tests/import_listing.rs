@@ -35,6 +35,7 @@ fn options(out: &Path, classes: &[&str], template: Option<&str>) -> ImportOption
         classes: classes.iter().map(|s| s.to_string()).collect(),
         caption_template: template.map(str::to_string),
         limit: None,
+        test_fraction: None,
     }
 }
 
@@ -50,6 +51,22 @@ async fn members(shards: &[String]) -> Vec<(Option<String>, Option<String>)> {
                     .map(|b| String::from_utf8(b.to_vec()).unwrap())
             };
             sink.lock().unwrap().push((text("cls"), text("txt")));
+            async { ControlFlow::Continue(()) }
+        })
+        .await
+        .unwrap();
+    }
+    let v = got.lock().unwrap().clone();
+    v
+}
+
+/// The image bytes of every sample in the split's shards, in order.
+async fn images(shards: &[String]) -> Vec<Vec<u8>> {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    for url in shards {
+        let sink = got.clone();
+        read_shard(url, "", 0, move |s| {
+            sink.lock().unwrap().push(s.members["png"].to_vec());
             async { ControlFlow::Continue(()) }
         })
         .await
@@ -147,4 +164,51 @@ async fn csv_rows_with_missing_files_and_unknown_classes_are_counted() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("bad.tsv line 1"), "{err}");
+}
+
+#[tokio::test]
+async fn a_flat_folder_gets_a_held_out_test_split_per_class() {
+    let src = scratch("holdout-src");
+    for i in 0..10 {
+        png(&src.join(format!("cat/{i}.png")), i);
+    }
+    for i in 0..5 {
+        png(&src.join(format!("dog/{i}.png")), 100 + i);
+    }
+    let out = scratch("holdout-out");
+    let mut opts = options(&out, &[], None);
+    opts.test_fraction = Some(0.2);
+    let m = import_listing("folder", &src, &opts, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(m.splits["train"].per_class, [8, 4]);
+    assert_eq!(m.splits["test"].per_class, [2, 1]);
+    let train = members(&m.splits["train"].shards).await;
+    let test = members(&m.splits["test"].shards).await;
+    assert_eq!((train.len(), test.len()), (12, 3));
+    // A second import holds out the same samples (keys carry the position in the split).
+    let again = import_listing("folder", &src, &opts, 1 << 20)
+        .await
+        .unwrap();
+    let held = images(&m.splits["test"].shards).await;
+    assert_eq!(images(&again.splits["test"].shards).await, held);
+    assert!(images(&m.splits["train"].shards)
+        .await
+        .iter()
+        .all(|t| !held.contains(t)));
+    // A source that has its own test split, and a fraction outside (0, 1), are refused.
+    png(&src.join("test/cat/t.png"), 7);
+    std::fs::create_dir_all(src.join("train")).unwrap();
+    let err = import_listing("folder", &src, &opts, 1 << 20)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("already has a test split"),
+        "{err}"
+    );
+    opts.test_fraction = Some(1.0);
+    let err = import_listing("folder", &src, &opts, 1 << 20)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--test-fraction (1)"), "{err}");
 }

@@ -10,7 +10,8 @@ const LAYERS: &[&[&str]] = &[
     &["model"],
     &["objective"],
     &["train"],
-    &["process", "embed"],
+    &["process"],
+    &["embed"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

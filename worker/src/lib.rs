@@ -17,8 +17,9 @@
 //! 6. [`objective`]: SimCLR, MoCo v2, SwAV, CLIP, each its loss and its distributed step form.
 //! 7. [`train`]: one distributed step, the epoch loop with in-band epoch agreement, expert
 //!    moves, checkpoints.
-//! 8. [`process`]: a worker process: coordinator RPCs, heartbeats, leased shards → batches;
-//!    [`embed`]: a dataset's image embeddings from a job's checkpoint, as an embedding folder.
+//! 8. [`process`]: a worker process: coordinator RPCs, heartbeats, leased shards → batches.
+//! 9. [`embed`]: a dataset's image and caption embeddings from a job's checkpoint, as an
+//!    embedding folder, in one process or spread over workers through shard leases.
 //!
 //! The data pipeline (tar streaming, decoding, augmentation) is the `contrail-data` crate, and
 //! the coordinator is `contrail-coordinator`; neither links libtorch. The `contrail` command is

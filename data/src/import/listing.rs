@@ -7,6 +7,10 @@
 //! - CSV/TSV (the listing img2dataset reads): `image path, caption[, label]`, one sample per
 //!   row; `.tsv` files are tab-separated; a first row naming the columns is skipped; relative
 //!   paths are taken from the listing's folder; a label is a class index or a class name.
+//!
+//! A layout without a test split can have one held out ([`hold_out`]): a fixed fraction of
+//! every class, chosen by a hash of the image's path, so a re-import picks the same samples
+//! whatever the listing's order.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -173,9 +177,89 @@ pub fn csv_listing(file: &Path) -> Result<Vec<Listed>> {
     Ok(out)
 }
 
+/// FNV-1a over the path's bytes: fixed forever, so a held-out split never moves between
+/// versions or machines.
+fn path_hash(path: &Path) -> u64 {
+    path.as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
+/// Splits `listed` into (train, test) with `round(fraction × n)` of each class's `n` samples
+/// in test (samples without a class form one group), so every class is evaluated in
+/// proportion. Which samples go is decided by [`path_hash`]; both parts keep the listing's
+/// order.
+pub fn hold_out(listed: Vec<Listed>, fraction: f64) -> (Vec<Listed>, Vec<Listed>) {
+    let mut groups: BTreeMap<Option<&str>, Vec<(u64, usize)>> = BTreeMap::new();
+    for (i, item) in listed.iter().enumerate() {
+        groups
+            .entry(item.class.as_deref())
+            .or_default()
+            .push((path_hash(&item.path), i));
+    }
+    let mut to_test = vec![false; listed.len()];
+    for members in groups.values_mut() {
+        members.sort_unstable();
+        let take = (fraction * members.len() as f64).round() as usize;
+        for &(_, i) in members.iter().take(take) {
+            to_test[i] = true;
+        }
+    }
+    let (test, train): (Vec<_>, Vec<_>) =
+        listed.into_iter().zip(to_test).partition(|(_, held)| *held);
+    (
+        train.into_iter().map(|(l, _)| l).collect(),
+        test.into_iter().map(|(l, _)| l).collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listed(path: &str, class: Option<&str>) -> Listed {
+        Listed {
+            path: PathBuf::from(path),
+            caption: None,
+            class: class.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn hold_out_takes_the_fraction_of_every_class_whatever_the_order() {
+        let mut all: Vec<Listed> = (0..40)
+            .map(|i| listed(&format!("cat/{i}.png"), Some("cat")))
+            .chain((0..10).map(|i| listed(&format!("dog/{i}.png"), Some("dog"))))
+            .chain((0..5).map(|i| listed(&format!("x/{i}.png"), None)))
+            .collect();
+        let (train, test) = hold_out(all.clone(), 0.2);
+        let count =
+            |v: &[Listed], c: Option<&str>| v.iter().filter(|l| l.class.as_deref() == c).count();
+        assert_eq!(
+            [
+                count(&test, Some("cat")),
+                count(&test, Some("dog")),
+                count(&test, None)
+            ],
+            [8, 2, 1]
+        );
+        assert_eq!(train.len() + test.len(), 55);
+        assert!(test.iter().all(|t| !train.contains(t)));
+        // The listing's order is kept inside each part.
+        let pos = |l: &Listed| all.iter().position(|a| a == l).unwrap();
+        assert!(test.windows(2).all(|w| pos(&w[0]) < pos(&w[1])));
+        // Reversing the listing holds out the very same samples.
+        all.reverse();
+        let (_, again) = hold_out(all, 0.2);
+        let mut a: Vec<_> = test.iter().map(|l| l.path.clone()).collect();
+        let mut b: Vec<_> = again.iter().map(|l| l.path.clone()).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+    }
 
     #[test]
     fn csv_fields_follow_rfc_4180_quoting() {

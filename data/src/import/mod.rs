@@ -52,6 +52,9 @@ pub struct ImportOptions {
     pub caption_template: Option<String>,
     /// At most this many samples per split (for quick runs and tests).
     pub limit: Option<usize>,
+    /// Folder and CSV layouts without a test split: hold out this fraction of every class as
+    /// the test split ([`listing::hold_out`]).
+    pub test_fraction: Option<f64>,
 }
 
 /// One split in `dataset.json`.
@@ -111,6 +114,9 @@ fn png_gray(pixels: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
 pub async fn import_idx(dir: &Path, options: &ImportOptions) -> Result<DatasetManifest> {
     if options.classes.is_empty() {
         bail!("import: no class names");
+    }
+    if options.test_fraction.is_some() {
+        bail!("import: IDX files have their own test split (t10k-*); --test-fraction is for folder and csv");
     }
     check_template(options)?;
     let mut manifest = DatasetManifest {
@@ -254,7 +260,7 @@ pub async fn import_listing(
     max_image_pixels: u64,
 ) -> Result<DatasetManifest> {
     check_template(options)?;
-    let (splits, found) = match format {
+    let (mut splits, found) = match format {
         "folder" => listing::image_folder(source)?,
         "csv" => (
             BTreeMap::from([("train".to_string(), listing::csv_listing(source)?)]),
@@ -262,6 +268,21 @@ pub async fn import_listing(
         ),
         other => bail!("import: format {other:?} is not a listing (folder, csv)"),
     };
+    if let Some(fraction) = options.test_fraction {
+        if !(fraction > 0.0 && fraction < 1.0) {
+            bail!("import: --test-fraction ({fraction}) must lie strictly between 0 and 1");
+        }
+        if splits.contains_key("test") {
+            bail!(
+                "import: {} already has a test split (test/ or val/); --test-fraction is for layouts without one",
+                source.display()
+            );
+        }
+        let listed = splits.remove("train").unwrap_or_default();
+        let (train, test) = listing::hold_out(listed, fraction);
+        splits.insert("train".into(), train);
+        splits.insert("test".into(), test);
+    }
     let all: Vec<&Listed> = splits.values().flatten().collect();
     let classes = listing_classes(options, found, &all);
     let mut manifest = DatasetManifest {

@@ -484,6 +484,31 @@ impl ContrastiveModel {
         tch::no_grad(|| self.encode_t(&x, false)).to_kind(tch::Kind::Float)
     }
 
+    /// The image embeddings a downstream user takes (float32, without autograd) of evaluation
+    /// views given as flat `n × 3 × size × size` pixels: a CLIP model's joint image–text space
+    /// (what zero-shot and retrieval compare with captions), the encoder's features otherwise.
+    pub fn export_images(&self, pixels: &[f32], size: i64) -> Tensor {
+        if self.clip().is_none() {
+            return self.encode_views(pixels, size);
+        }
+        let n = pixels.len() as i64 / (3 * size * size);
+        let x = Tensor::from_slice(pixels)
+            .view([n, 3, size, size])
+            .to_device(self.device());
+        tch::no_grad(|| self.forward_t(&x, false)).to_kind(tch::Kind::Float)
+    }
+
+    /// A CLIP model's caption embeddings (float32, without autograd) of `n × context_length`
+    /// token ids; None for a model without a text tower.
+    pub fn export_texts(&self, tokens: &Tensor) -> Option<Tensor> {
+        let c = self.clip()?;
+        let ids = tokens.to_device(self.device());
+        Some(
+            tch::no_grad(|| self.compute.run(&ids, |t| c.tower.forward(t)))
+                .to_kind(tch::Kind::Float),
+        )
+    }
+
     pub fn embedding_dim(&self) -> i64 {
         self.embedding_dim
     }

@@ -10,6 +10,8 @@ pub mod device;
 pub mod evaluation;
 pub mod feed;
 
+pub use coordinated::heartbeat_loop;
+
 use crate::dist::tcp::TcpCollective;
 use crate::dist::Collective;
 use crate::model::{BuildOptions, ContrastiveModel};
@@ -243,7 +245,7 @@ fn train_rank(
 
 /// The caption tokenizer of a CLIP job (`model.text.tokenizer`): the built-in byte-level one,
 /// or a `tokenizer.json` read from any storage URL.
-fn caption_tokens(
+pub fn caption_tokens(
     rt: &tokio::runtime::Runtime,
     cfg: &JobConfig,
 ) -> Result<Option<feed::CaptionTokens>> {

@@ -1,0 +1,183 @@
+//! `contrail embed` and `contrail eval zeroshot|retrieval` as a user runs them, on a CLIP
+//! model: two embedding workers sharing the shards through a local coordinator's leases write
+//! the very folder one process writes (every key once, the same rows), and the zero-shot and
+//! retrieval commands read it; a model without a text tower is refused by name.
+
+use std::path::Path;
+use std::process::Command;
+
+use contrail_data::embeddings::{self, Embeddings, Tower};
+use contrail_test_support as support;
+
+const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
+const CLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-clip.toml");
+const SIMCLR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-simclr.toml");
+
+/// A tiny CLIP model on 16-pixel images, and coordinator ports chosen by the OS.
+const SMALL: [&str; 11] = [
+    "data.image_size=16",
+    "model.vit.patch_size=8",
+    "model.vit.width=32",
+    "model.vit.layers=1",
+    "model.vit.heads=2",
+    "model.text.width=32",
+    "model.text.layers=1",
+    "model.text.heads=2",
+    "model.projector_out=16",
+    "cluster.grpc_addr=127.0.0.1:0",
+    "cluster.http_addr=127.0.0.1:0",
+];
+
+fn contrail(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(CONTRAIL)
+        .args(args)
+        .output()
+        .expect("runs contrail");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn embed(config: &str, data: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "embed",
+        "--config",
+        config,
+        "--random-init",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch",
+        "8",
+    ];
+    for s in SMALL {
+        args.extend(["--set", s]);
+    }
+    args.extend(extra);
+    contrail(&args)
+}
+
+fn read(dir: &Path, tower: Tower) -> Embeddings {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(embeddings::read(dir.to_str().unwrap(), "", tower))
+        .unwrap()
+}
+
+#[test]
+fn two_leased_workers_write_every_key_once_and_zero_shot_reads_it() {
+    let dir = support::cluster::temp_dir("e2e", "embed-cli");
+    let data = dir.join("data");
+    let (ok, _, err) = contrail(&[
+        "data",
+        "synth",
+        "--out",
+        data.to_str().unwrap(),
+        "--samples",
+        "90",
+        "--shard-size",
+        "16",
+        "--image-size",
+        "24",
+    ]);
+    assert!(ok, "{err}");
+
+    let single = dir.join("single");
+    let (ok, out, err) = embed(CLIP, &data, &single, &["--tower", "both"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("wrote 90 rows in 6 parts"), "{out}");
+    let spread = dir.join("spread");
+    let (ok, out, err) = embed(CLIP, &data, &spread, &["--tower", "both", "--workers", "2"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("with 2 workers"), "{out}");
+
+    for tower in [Tower::Image, Tower::Text] {
+        let (a, b) = (read(&single, tower), read(&spread, tower));
+        assert_eq!((a.matrix.rows, a.parts), (90, 6));
+        assert_eq!((b.matrix.rows, b.parts), (90, 6), "{tower:?}");
+        let keys: std::collections::BTreeSet<_> = b.records.iter().map(|r| &r.key).collect();
+        assert_eq!(keys.len(), 90, "every key once");
+        assert_eq!(a.records, b.records);
+        let diff = a
+            .matrix
+            .data
+            .iter()
+            .zip(&b.matrix.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-5,
+            "{tower:?}: the workers' rows differ by {diff}"
+        );
+    }
+
+    // Zero-shot over the exported images with the shapes as classes, and retrieval over the
+    // exported pairs; a random model scores anything, but every image is counted.
+    let json = dir.join("zeroshot.json");
+    let mut args = vec![
+        "eval",
+        "zeroshot",
+        "--images",
+        single.to_str().unwrap(),
+        "--config",
+        CLIP,
+        "--random-init",
+        "--classes",
+        "circle,square,triangle,cross,ring,diamond",
+        "--template",
+        "a {}",
+        "--template",
+        "a photo of a {}.",
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    for s in &SMALL[..9] {
+        args.extend(["--set", s]);
+    }
+    let (ok, out, err) = contrail(&args);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("zero-shot over 90 images, 6 classes, 2 template(s)"),
+        "{out}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (top1, top5) = (
+        report["zeroshot"]["top1"].as_f64().unwrap(),
+        report["zeroshot"]["top5"].as_f64().unwrap(),
+    );
+    assert!((0.0..=1.0).contains(&top1) && top5 >= top1, "{report}");
+    assert_eq!(report["rows"], 90);
+    let (ok, out, err) = contrail(&[
+        "eval",
+        "retrieval",
+        "--embeddings",
+        spread.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("retrieval over 90 image–text pairs"), "{out}");
+
+    // SimCLR has no text tower: both commands say so.
+    let (ok, _, err) = embed(SIMCLR, &data, &dir.join("none"), &["--tower", "text"]);
+    assert!(!ok);
+    assert!(err.contains("has none (only clip)"), "{err}");
+    let (ok, _, err) = contrail(&[
+        "eval",
+        "zeroshot",
+        "--images",
+        single.to_str().unwrap(),
+        "--config",
+        SIMCLR,
+        "--random-init",
+        "--classes",
+        "a,b",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("no text tower"), "{err}");
+}
