@@ -14,6 +14,16 @@ use tch::Tensor;
 /// GroupNorm always uses this many groups (widths are validated to be multiples of it).
 pub const GROUP_NORM_GROUPS: i64 = 8;
 
+/// PyTorch's BatchNorm starts as the identity (weight 1, bias 0); tch's default draws the
+/// weight uniformly from [0, 1), which halves every block's output scale on average and is
+/// not the network torchvision, lightly or solo-learn train.
+fn batch_norm_config() -> nn::BatchNormConfig {
+    nn::BatchNormConfig {
+        ws_init: nn::Init::Const(1.0),
+        ..Default::default()
+    }
+}
+
 /// A normalisation layer chosen by `model.norm`.
 #[derive(Debug)]
 pub enum Norm {
@@ -25,7 +35,7 @@ impl Norm {
     /// 2-D (N, C, H, W) norm layer.
     pub fn new_2d(p: nn::Path, kind: NormKind, channels: i64) -> Self {
         match kind {
-            NormKind::Batch => Norm::Batch(nn::batch_norm2d(p, channels, Default::default())),
+            NormKind::Batch => Norm::Batch(nn::batch_norm2d(p, channels, batch_norm_config())),
             NormKind::Group => Norm::Group(nn::group_norm(
                 p,
                 GROUP_NORM_GROUPS,
@@ -38,7 +48,7 @@ impl Norm {
     /// 1-D (N, C) norm layer, used in the projector.
     pub fn new_1d(p: nn::Path, kind: NormKind, channels: i64) -> Self {
         match kind {
-            NormKind::Batch => Norm::Batch(nn::batch_norm1d(p, channels, Default::default())),
+            NormKind::Batch => Norm::Batch(nn::batch_norm1d(p, channels, batch_norm_config())),
             // GroupNorm accepts (N, C) input as well as (N, C, H, W).
             NormKind::Group => Self::new_2d(p, kind, channels),
         }
@@ -244,5 +254,35 @@ impl ResNet {
             h = block.forward_t(&h, train);
         }
         h.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_norm_starts_as_the_identity_as_in_pytorch() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let root = vs.root();
+        let _net = ResNet::new(
+            &root,
+            &[1, 1],
+            8,
+            BlockKind::Basic,
+            NormKind::Batch,
+            StemKind::Cifar,
+        );
+        let _head = Norm::new_1d(&root / "head_bn", NormKind::Batch, 4);
+        let vars = vs.variables();
+        let norms: Vec<_> = vars.iter().filter(|(n, _)| n.contains("bn")).collect();
+        assert!(norms.len() >= 8, "{:?}", vars.keys());
+        for (name, t) in norms {
+            let want = if name.ends_with("weight") { 1.0 } else { 0.0 };
+            if name.ends_with("weight") || name.ends_with("bias") {
+                let off = (t - want).abs().max().double_value(&[]);
+                assert_eq!(off, 0.0, "{name} starts at {want} ± {off}");
+            }
+        }
     }
 }
