@@ -380,6 +380,23 @@ impl JobBook {
                 )));
             }
         }
+        // The CLIP measurements, when the round took them.
+        let optional = [
+            ("zeroshot_top1", req.zeroshot_top1),
+            ("zeroshot_top5", req.zeroshot_top5),
+            ("image_to_text_r1", req.image_to_text_r1),
+            ("text_to_image_r1", req.text_to_image_r1),
+            ("retrieval_mean_recall", req.retrieval_mean_recall),
+        ];
+        for (name, v) in optional {
+            if let Some(v) = v.filter(|v| !(0.0..=1.0).contains(v)) {
+                return Err(RpcError::InvalidArgument(format!(
+                    "evaluation at step {}: {name} = {v} is not a fraction in [0, 1]",
+                    req.step
+                )));
+            }
+        }
+        let [zs1, zs5, i2t, t2i, mean_recall] = optional.map(|(_, v)| v);
         let point = EvalPoint {
             step: req.step,
             epoch: req.epoch,
@@ -390,6 +407,11 @@ impl JobBook {
             skipped: req.skipped,
             seconds: reported_seconds(req.seconds),
             error: req.error.clone(),
+            zeroshot_top1: zs1,
+            zeroshot_top5: zs5,
+            image_to_text_r1: i2t,
+            text_to_image_r1: t2i,
+            retrieval_mean_recall: mean_recall,
         };
         match point.knn_top1 {
             Some(top1) => tracing::info!(step = point.step, top1, "held-out kNN"),

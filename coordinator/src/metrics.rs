@@ -173,6 +173,16 @@ pub fn render_metrics(r: &StatusReport) -> String {
             voted.and_then(|p| p.knn_top5),
         ),
         (
+            "contrail_eval_zeroshot_top1",
+            "Held-out zero-shot top-1 accuracy (fraction) of the latest evaluation (CLIP jobs).",
+            voted.and_then(|p| p.zeroshot_top1),
+        ),
+        (
+            "contrail_eval_retrieval_mean_recall",
+            "Held-out image-text retrieval mean recall (R@1/5/10 both ways) of the latest evaluation (CLIP jobs).",
+            voted.and_then(|p| p.retrieval_mean_recall),
+        ),
+        (
             "contrail_eval_step",
             "Training step of the model the latest evaluation measured.",
             voted.map(|p| p.step as f64),

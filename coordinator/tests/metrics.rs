@@ -148,7 +148,11 @@ fn metrics_parse_with_the_conventional_names_and_values() {
     // The latest round that voted is the one reported; the one after it only counts.
     r.eval_history = vec![
         round(0, Some(0.25)),
-        round(100, Some(0.5)),
+        EvalPoint {
+            zeroshot_top1: Some(0.375),
+            retrieval_mean_recall: Some(0.625),
+            ..round(100, Some(0.5))
+        },
         round(120, None),
     ];
     let text = render_metrics(&r);
@@ -156,6 +160,8 @@ fn metrics_parse_with_the_conventional_names_and_values() {
     assert_eq!(value(&s, "contrail_eval_knn_top1", &[]), 0.5);
     assert_eq!(value(&s, "contrail_eval_knn_top5", &[]), 0.75);
     assert_eq!(value(&s, "contrail_eval_step", &[]), 100.0);
+    assert_eq!(value(&s, "contrail_eval_zeroshot_top1", &[]), 0.375);
+    assert_eq!(value(&s, "contrail_eval_retrieval_mean_recall", &[]), 0.625);
     assert_eq!(value(&s, "contrail_eval_duration_seconds", &[]), 2.5);
     assert_eq!(value(&s, "contrail_eval_rounds_total", &[]), 3.0);
     assert_eq!(value(&s, "contrail_step", &[]), 120.0);

@@ -682,8 +682,30 @@ fn evaluations_from_rank_zero_build_the_history() {
     // NaN is only "not a fraction" when the round claims to have voted.
     b.report_eval(&report(ids[0], 20, f64::NAN, "no labelled sample"), 0)
         .unwrap();
+    // A CLIP round's zero-shot and retrieval: kept when fractions, refused whole otherwise.
+    let clip = |zs: f64| proto::EvalReport {
+        zeroshot_top1: Some(zs),
+        zeroshot_top5: Some(0.95),
+        retrieval_mean_recall: Some(0.4),
+        ..report(ids[0], 30, 0.8, "")
+    };
+    let e = b.report_eval(&clip(-0.1), 0).unwrap_err();
+    assert!(e.to_string().contains("zeroshot_top1 = -0.1"), "{e}");
+    b.report_eval(&clip(0.6), 0).unwrap();
     let h = b.status(0).eval_history;
-    assert_eq!(h.len(), 3, "{h:?}");
+    assert_eq!(h.len(), 4, "{h:?}");
+    assert_eq!(
+        (
+            h[3].zeroshot_top1,
+            h[3].retrieval_mean_recall,
+            h[3].image_to_text_r1
+        ),
+        (Some(0.6), Some(0.4), None)
+    );
+    assert_eq!(
+        h[0].zeroshot_top1, None,
+        "a kNN-only round has no zero-shot"
+    );
     assert_eq!(
         (h[0].step, h[0].knn_top1, h[0].bank_samples),
         (0, Some(0.5), 2048)

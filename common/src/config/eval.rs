@@ -1,5 +1,6 @@
 //! `[eval]`: the job evaluating itself while it trains (held-out weighted kNN on the encoder's
-//! features, as solo-learn's and lightly's online kNN monitors do).
+//! features, as solo-learn's and lightly's online kNN monitors do; for CLIP jobs also
+//! zero-shot classification and image↔text retrieval, as OpenCLIP evaluates during training).
 
 use super::choice::choice;
 use super::{err, ConfigError};
@@ -43,6 +44,14 @@ pub struct EvalConfig {
     /// `contrail local` writes a synthetic held-out set of this many samples at `url` when it
     /// holds no shards (0: never; the set uses a different seed from the training data).
     pub synth_samples: u64,
+    /// CLIP jobs: class names in label order; each round also classifies the held-out images
+    /// zero-shot against these names put into `templates` (empty: no zero-shot).
+    pub classes: Vec<String>,
+    /// Zero-shot prompt templates, `{}` standing for the class name.
+    pub templates: Vec<String>,
+    /// CLIP jobs: each round also measures image↔text retrieval over the held-out set's
+    /// image–caption pairs.
+    pub retrieval: bool,
 }
 
 impl Default for EvalConfig {
@@ -59,6 +68,9 @@ impl Default for EvalConfig {
             metric: KnnMetric::Cosine,
             batch: 256,
             synth_samples: 0,
+            classes: Vec::new(),
+            templates: vec!["a photo of a {}.".into()],
+            retrieval: true,
         }
     }
 }
@@ -106,7 +118,31 @@ impl EvalConfig {
         if self.batch == 0 {
             return Err(err("eval.batch", "must be at least 1"));
         }
+        if let Some(i) = self.classes.iter().position(|c| c.trim().is_empty()) {
+            return Err(err("eval.classes", format!("entry {i} is empty")));
+        }
+        if !self.classes.is_empty() {
+            if self.templates.is_empty() {
+                return Err(err("eval.templates", "must hold a template for zero-shot"));
+            }
+            if let Some(t) = self.templates.iter().find(|t| !t.contains("{}")) {
+                return Err(err(
+                    "eval.templates",
+                    format!("{t:?} has no {{}} for the class name"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether rounds of a job with (`clip`) or without a text tower measure zero-shot and
+    /// retrieval besides kNN.
+    pub fn zeroshot(&self, clip: bool) -> bool {
+        clip && !self.classes.is_empty()
+    }
+
+    pub fn measures_retrieval(&self, clip: bool) -> bool {
+        clip && self.retrieval
     }
 }
 
@@ -155,6 +191,21 @@ mod tests {
                     ..enabled()
                 },
                 "eval.batch",
+            ),
+            (
+                EvalConfig {
+                    classes: vec!["cat".into(), " ".into()],
+                    ..enabled()
+                },
+                "eval.classes",
+            ),
+            (
+                EvalConfig {
+                    classes: vec!["cat".into()],
+                    templates: vec!["a photo".into()],
+                    ..enabled()
+                },
+                "eval.templates",
             ),
         ];
         for (cfg, path) in bad {

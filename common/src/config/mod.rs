@@ -132,6 +132,15 @@ impl JobConfig {
         self.cluster.validate()?;
         self.checkpoint.validate()?;
         self.eval.validate()?;
+        if !self.eval.classes.is_empty() && self.objective.kind != ObjectiveKind::Clip {
+            return Err(err(
+                "eval.classes",
+                format!(
+                    "zero-shot needs a text tower, and objective.kind = {} has none (only clip)",
+                    self.objective.kind.as_str()
+                ),
+            ));
+        }
         let (m, kind) = (&self.model, self.objective.kind);
         let vit_layers = (m.encoder == EncoderKind::Vit).then_some(m.vit.layers);
         let text_layers = (kind == ObjectiveKind::Clip).then_some(m.text.layers);

@@ -128,7 +128,8 @@ pub struct StatusReport {
     pub eval_history: Vec<EvalPoint>,
 }
 
-/// One round of online evaluation: held-out weighted kNN on the encoder's features.
+/// One round of online evaluation: held-out weighted kNN on the encoder's features, and for
+/// CLIP jobs zero-shot and retrieval in the joint embedding space.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct EvalPoint {
     /// Steps the evaluated model had trained (0: the initial model).
@@ -144,6 +145,19 @@ pub struct EvalPoint {
     pub seconds: f64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// CLIP jobs with `eval.classes`: zero-shot accuracy of the held-out images (fractions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zeroshot_top1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zeroshot_top5: Option<f64>,
+    /// CLIP jobs with `eval.retrieval`: R@1 over the held-out image–caption pairs, each way,
+    /// and the mean of R@1/5/10 over both directions (OpenCLIP's mean recall).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_to_text_r1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_to_image_r1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrieval_mean_recall: Option<f64>,
 }
 
 /// The MoE blocks' load (from rank 0's per-step router counts) and where their experts live.

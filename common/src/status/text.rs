@@ -143,7 +143,14 @@ pub fn eval_line(history: &[EvalPoint]) -> Option<String> {
     let sets = format!("bank {}, test {}", latest.bank_samples, latest.test_samples);
     let (first, _) = super::voted_rounds(history)?;
     let now = format!("{:.1}% at step {}", 100.0 * top1, latest.step);
-    Some(if std::ptr::eq(first, latest) {
+    let mut clip = String::new();
+    if let Some(z) = latest.zeroshot_top1 {
+        clip += &format!("; zero-shot top-1 {:.1}%", 100.0 * z);
+    }
+    if let Some(r) = latest.retrieval_mean_recall {
+        clip += &format!("; retrieval mean recall {:.1}%", 100.0 * r);
+    }
+    let line = if std::ptr::eq(first, latest) {
         format!(
             "held-out kNN top-1 {now} (top-5 {:.1}%; {sets})",
             100.0 * top5
@@ -155,7 +162,8 @@ pub fn eval_line(history: &[EvalPoint]) -> Option<String> {
             first.step,
             100.0 * top5
         )
-    })
+    };
+    Some(line + &clip)
 }
 
 /// One line per MoE block: `moe block 0 (vit 1): load max/mean 1.83 (experts 0..7: 31% 12%
@@ -352,5 +360,18 @@ mod tests {
             ..Default::default()
         };
         assert!(render_status_text(&s).contains("-> 75.6% at step 150"));
+        // A CLIP round adds its zero-shot and retrieval.
+        history.push(EvalPoint {
+            zeroshot_top1: Some(0.5),
+            retrieval_mean_recall: Some(0.25),
+            ..point(250, Some(0.8), "")
+        });
+        assert!(
+            eval_line(&history)
+                .unwrap()
+                .ends_with("test 1024); zero-shot top-1 50.0%; retrieval mean recall 25.0%"),
+            "{}",
+            eval_line(&history).unwrap()
+        );
     }
 }

@@ -251,6 +251,11 @@ impl TrainHooks for CoordinatedHooks<'_> {
             skipped: point.skipped,
             seconds: point.seconds,
             error: point.error.clone(),
+            zeroshot_top1: point.zeroshot_top1,
+            zeroshot_top5: point.zeroshot_top5,
+            image_to_text_r1: point.image_to_text_r1,
+            text_to_image_r1: point.text_to_image_r1,
+            retrieval_mean_recall: point.retrieval_mean_recall,
             ..Default::default()
         };
         // The round is in the log either way; a lost report only leaves /status short.

@@ -25,14 +25,19 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dist::Collective;
 use crate::eval::knn::{classify, KnnOptions, Metric};
-use crate::eval::{Bank, TopK};
+use crate::eval::{retrieval, zeroshot, Bank, TopK};
 use crate::model::ContrastiveModel;
 use crate::moe::Pass;
+
+use super::caption_tokens;
+use super::feed::CaptionTokens;
 
 /// One labelled sample of a set, still encoded.
 struct HeldSample {
     image: Bytes,
     label: i64,
+    /// Its caption, for a CLIP job's zero-shot and retrieval rounds.
+    caption: Option<String>,
 }
 
 /// One rank's part of a set (the bank or the held-out samples).
@@ -92,6 +97,7 @@ pub async fn load_share(
                 (Some((_, image)), Some(label)) if label >= 0 => share.samples.push(HeldSample {
                     image: image.clone(),
                     label,
+                    caption: s.caption().and_then(|c| c.ok()).map(str::to_string),
                 }),
                 _ => share.unusable += 1,
             }
@@ -124,6 +130,16 @@ pub struct Embedded {
     pub skipped: u64,
 }
 
+/// What a round computes of each sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalView {
+    /// The encoder's features of the image (kNN).
+    Encoder,
+    /// A CLIP model's joint-space image embedding and caption embedding side by side, for the
+    /// samples that have a caption (zero-shot and retrieval).
+    Joint,
+}
+
 /// How a round turns images into features.
 pub struct Embedder<'a> {
     pub model: &'a ContrastiveModel,
@@ -131,15 +147,40 @@ pub struct Embedder<'a> {
     pub image_size: i64,
     pub batch: usize,
     pub max_image_pixels: u64,
+    /// The caption tokenizer, needed for [`EvalView::Joint`].
+    pub captions: Option<&'a CaptionTokens>,
+}
+
+/// One batch of a share, decoded.
+struct DecodedBatch {
+    pixels: Vec<f32>,
+    labels: Vec<i64>,
+    captions: Vec<String>,
+    /// Samples whose image did not decode.
+    bad: u64,
+    /// Samples of the share consumed (taken, bad, or without the caption a joint view needs).
+    used: usize,
 }
 
 impl Embedder<'_> {
-    /// The encoder features of `share` on every rank, gathered on rank 0 (None on the
-    /// others). Every rank must call it with its share of the same set. A model with MoE
-    /// blocks runs its forward passes in lock-step over the ranks (a rank whose share is done
-    /// keeps taking part in the exchanges), as training does.
-    pub fn embed(&mut self, share: &Share, coll: &dyn Collective) -> Result<Option<Embedded>> {
+    /// The `view` rows of `share` on every rank, gathered on rank 0 (None on the others).
+    /// Every rank must call it with its share of the same set. A model with MoE blocks runs
+    /// its forward passes in lock-step over the ranks (a rank whose share is done keeps taking
+    /// part in the exchanges), as training does.
+    pub fn embed(
+        &mut self,
+        share: &Share,
+        coll: &dyn Collective,
+        view: EvalView,
+    ) -> Result<Option<Embedded>> {
         let model = self.model;
+        let captions = match view {
+            EvalView::Encoder => None,
+            EvalView::Joint => Some(
+                self.captions
+                    .context("a joint-space evaluation needs the caption tokenizer")?,
+            ),
+        };
         if let Some(rt) = model.moe() {
             // Evaluation routing (no jitter, no tape, no load counted).
             rt.begin_pass(Pass::default());
@@ -149,10 +190,10 @@ impl Embedder<'_> {
         let mut undecodable = 0u64;
         let mut next = 0usize;
         loop {
-            let (pixels, batch_labels, bad, used) = self.decode_batch(&share.samples[next..]);
-            next += used;
-            undecodable += bad;
-            let local = batch_labels.len() as i64;
+            let b = self.decode_batch(&share.samples[next..], view);
+            next += b.used;
+            undecodable += b.bad;
+            let local = b.labels.len() as i64;
             if model.moe().is_some() {
                 let counts = crate::dist::all_gather_counts(coll, local)?;
                 if counts.iter().all(|&c| c == 0) {
@@ -162,11 +203,28 @@ impl Embedder<'_> {
                 break;
             }
             if local == 0 {
-                model.moe_idle_encode();
+                match view {
+                    EvalView::Encoder => model.moe_idle_encode(),
+                    EvalView::Joint => model.moe_idle_pass(),
+                }
                 continue;
             }
-            rows.push(model.encode_views(&pixels, self.image_size));
-            labels.extend(batch_labels);
+            rows.push(match captions {
+                None => model.encode_views(&b.pixels, self.image_size),
+                Some(c) => {
+                    let image = model.export_images(&b.pixels, self.image_size);
+                    let texts: Vec<&str> = b.captions.iter().map(String::as_str).collect();
+                    let ids = c
+                        .tokenizer
+                        .encode_batch(&texts, c.context_length)
+                        .context("tokenizing held-out captions")?;
+                    let text = model
+                        .export_texts(&ids)
+                        .context("a joint-space evaluation needs a text tower")?;
+                    Tensor::cat(&[image, text], 1)
+                }
+            });
+            labels.extend(b.labels);
         }
         let local = match rows.is_empty() {
             true => None,
@@ -181,29 +239,37 @@ impl Embedder<'_> {
         )
     }
 
-    /// Decodes up to `batch` usable samples from the front of `samples`: their pixels, labels,
-    /// how many were undecodable, and how many samples were consumed.
-    fn decode_batch(&mut self, samples: &[HeldSample]) -> (Vec<f32>, Vec<i64>, u64, usize) {
-        let view = self.augmenter.view_len();
-        let mut pixels = Vec::with_capacity(view * self.batch.min(samples.len()));
-        let (mut labels, mut bad, mut used) = (Vec::new(), 0u64, 0usize);
-        let mut out = vec![0f32; view];
+    /// Decodes up to `batch` usable samples from the front of `samples`.
+    fn decode_batch(&mut self, samples: &[HeldSample], view: EvalView) -> DecodedBatch {
+        let size = self.augmenter.view_len();
+        let mut b = DecodedBatch {
+            pixels: Vec::with_capacity(size * self.batch.min(samples.len())),
+            labels: Vec::new(),
+            captions: Vec::new(),
+            bad: 0,
+            used: 0,
+        };
+        let mut out = vec![0f32; size];
         for s in samples {
-            if labels.len() == self.batch {
+            if b.labels.len() == self.batch {
                 break;
             }
-            used += 1;
+            b.used += 1;
+            if view == EvalView::Joint && s.caption.is_none() {
+                continue;
+            }
             if self
                 .augmenter
                 .eval_view_of(&s.image, self.max_image_pixels, &mut out)
             {
-                pixels.extend_from_slice(&out);
-                labels.push(s.label);
+                b.pixels.extend_from_slice(&out);
+                b.labels.push(s.label);
+                b.captions.extend(s.caption.clone());
             } else {
-                bad += 1;
+                b.bad += 1;
             }
         }
-        (pixels, labels, bad, used)
+        b
     }
 }
 
@@ -296,6 +362,9 @@ pub struct OnlineEval {
     augmenter: Augmenter,
     shares: Option<(Share, Share)>,
     history: Vec<EvalPoint>,
+    /// The job, for its caption tokenizer (read at the first CLIP round).
+    job: JobConfig,
+    captions: Option<CaptionTokens>,
 }
 
 impl OnlineEval {
@@ -310,12 +379,16 @@ impl OnlineEval {
             augmenter: Augmenter::new(&cfg.data.augment, cfg.data.image_size),
             shares: None,
             history: Vec::new(),
+            job: cfg.clone(),
+            captions: None,
         }
     }
 
     /// One round on every rank (they embed together); rank 0 returns the result, the other
     /// ranks None. A round that cannot vote is a result with `error` set, not an error:
     /// training goes on. Errors are for what stops the job (unreadable data, a collective).
+    /// A CLIP model's round also embeds the held-out image–caption pairs in the joint space
+    /// for zero-shot (`eval.classes`) and retrieval (`eval.retrieval`).
     pub fn round(
         &mut self,
         rt: &tokio::runtime::Runtime,
@@ -342,6 +415,11 @@ impl OnlineEval {
             let test = load(&self.ev.url, self.ev.test_samples, "held-out set")?;
             self.shares = Some((bank, test));
         }
+        let clip = model.context_length().is_some();
+        let (zeroshot, retrieval) = (self.ev.zeroshot(clip), self.ev.measures_retrieval(clip));
+        if (zeroshot || retrieval) && self.captions.is_none() {
+            self.captions = caption_tokens(rt, &self.job)?;
+        }
         let (bank_share, test_share) = self.shares.as_ref().expect("loaded above");
         let mut embedder = Embedder {
             model,
@@ -349,14 +427,24 @@ impl OnlineEval {
             image_size: i64::from(self.image_size),
             batch: self.ev.batch as usize,
             max_image_pixels: self.max_image_pixels,
+            captions: self.captions.as_ref(),
         };
-        let bank = embedder.embed(bank_share, coll)?;
-        let test = embedder.embed(test_share, coll)?;
+        let bank = embedder.embed(bank_share, coll, EvalView::Encoder)?;
+        let test = embedder.embed(test_share, coll, EvalView::Encoder)?;
+        let pairs = match zeroshot || retrieval {
+            true => embedder.embed(test_share, coll, EvalView::Joint)?,
+            false => None,
+        };
+        // Every rank embeds the prompts, so MoE text blocks find their peers.
+        let classifier = match (zeroshot, self.captions.as_ref()) {
+            (true, Some(c)) => Some(prompt_classifier(model, c, &self.ev)?),
+            _ => None,
+        };
         let (Some(bank), Some(test)) = (bank, test) else {
             return Ok(None);
         };
         let voted = vote(&bank, &test, &self.ev);
-        let point = EvalPoint {
+        let mut point = EvalPoint {
             step,
             epoch,
             knn_top1: voted.as_ref().ok().map(|t| t.top1),
@@ -364,9 +452,17 @@ impl OnlineEval {
             bank_samples: bank.features.size()[0] as u64,
             test_samples: test.features.size()[0] as u64,
             skipped: bank.skipped + test.skipped,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: 0.0,
             error: voted.err().unwrap_or_default(),
+            ..Default::default()
         };
+        if let Some(pairs) = pairs {
+            // A joint measurement that cannot be taken is logged; the kNN still counts.
+            if let Err(e) = measure_joint(&mut point, &pairs, classifier.as_ref(), retrieval) {
+                tracing::warn!(step, "zero-shot/retrieval not measured: {e}");
+            }
+        }
+        point.seconds = started.elapsed().as_secs_f64();
         self.history.push(point.clone());
         Ok(Some(point))
     }
@@ -383,15 +479,85 @@ impl OnlineEval {
         } else {
             format!("at step {}", first.step)
         };
-        Some(format!(
+        let mut line = format!(
             "held-out kNN top-1: {:.2}% after {} steps vs {:.2}% {initial} (bank {}, test {})",
             100.0 * last.knn_top1.unwrap_or(0.0),
             last.step,
             100.0 * first.knn_top1.unwrap_or(0.0),
             last.bank_samples,
             last.test_samples
-        ))
+        );
+        if let (Some(a), Some(b)) = (last.zeroshot_top1, first.zeroshot_top1) {
+            line += &format!("; zero-shot top-1 {:.2}% vs {:.2}%", 100.0 * a, 100.0 * b);
+        }
+        if let (Some(a), Some(b)) = (last.retrieval_mean_recall, first.retrieval_mean_recall) {
+            line += &format!(
+                "; retrieval mean recall {:.2}% vs {:.2}%",
+                100.0 * a,
+                100.0 * b
+            );
+        }
+        Some(line)
     }
+}
+
+/// OpenCLIP's zero-shot classifier `(dim, classes)` for `eval.classes` × `eval.templates`.
+fn prompt_classifier(
+    model: &ContrastiveModel,
+    captions: &CaptionTokens,
+    ev: &EvalConfig,
+) -> Result<Tensor> {
+    if let Some(rt) = model.moe() {
+        rt.begin_pass(Pass::default());
+    }
+    let per_class = ev
+        .classes
+        .iter()
+        .map(|name| {
+            let prompts = zeroshot::prompts(name, &ev.templates);
+            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            let ids = captions
+                .tokenizer
+                .encode_batch(&refs, captions.context_length)
+                .with_context(|| format!("tokenizing the zero-shot prompts of {name:?}"))?;
+            model
+                .export_texts(&ids)
+                .context("zero-shot needs a text tower")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(zeroshot::classifier(&per_class)?.to_device(Device::Cpu))
+}
+
+/// Zero-shot and retrieval from the gathered `[image | caption]` rows (rank 0).
+fn measure_joint(
+    point: &mut EvalPoint,
+    pairs: &Embedded,
+    classifier: Option<&Tensor>,
+    retrieval: bool,
+) -> Result<()> {
+    let width = pairs.features.size()[1] / 2;
+    let images = Bank::new(
+        "the held-out images",
+        pairs.features.narrow(1, 0, width),
+        Some(pairs.labels.shallow_clone()),
+    )?;
+    if let Some(w) = classifier {
+        let acc = zeroshot::evaluate(&images, w)?;
+        point.zeroshot_top1 = Some(acc.top1);
+        point.zeroshot_top5 = Some(acc.top5);
+    }
+    if retrieval {
+        let texts = Bank::new(
+            "the held-out captions",
+            pairs.features.narrow(1, width, width),
+            None,
+        )?;
+        let r = retrieval::evaluate(&images, &texts, None)?;
+        point.image_to_text_r1 = Some(r.image_to_text.recall[0]);
+        point.text_to_image_r1 = Some(r.text_to_image.recall[0]);
+        point.retrieval_mean_recall = Some(r.mean_recall);
+    }
+    Ok(())
 }
 
 /// `eval step 150: held-out kNN top-1 75.56% top-5 99.10% (bank 2048, test 1024, 3 skipped,
@@ -401,13 +567,36 @@ pub fn round_line(p: &EvalPoint) -> String {
         "bank {}, test {}, {} skipped, {:.1} s",
         p.bank_samples, p.test_samples, p.skipped, p.seconds
     );
+    let mut clip = String::new();
+    if let (Some(t1), Some(t5)) = (p.zeroshot_top1, p.zeroshot_top5) {
+        clip += &format!(
+            ", zero-shot top-1 {:.2}% top-5 {:.2}%",
+            100.0 * t1,
+            100.0 * t5
+        );
+    }
+    if let (Some(i2t), Some(t2i), Some(mean)) = (
+        p.image_to_text_r1,
+        p.text_to_image_r1,
+        p.retrieval_mean_recall,
+    ) {
+        clip += &format!(
+            ", retrieval R@1 image→text {:.2}% text→image {:.2}% (mean recall {:.2}%)",
+            100.0 * i2t,
+            100.0 * t2i,
+            100.0 * mean
+        );
+    }
     match (p.knn_top1, p.knn_top5) {
         (Some(t1), Some(t5)) => format!(
-            "eval step {}: held-out kNN top-1 {:.2}% top-5 {:.2}% ({sets})",
+            "eval step {}: held-out kNN top-1 {:.2}% top-5 {:.2}%{clip} ({sets})",
             p.step,
             100.0 * t1,
             100.0 * t5
         ),
-        _ => format!("eval step {}: not measured: {} ({sets})", p.step, p.error),
+        _ => format!(
+            "eval step {}: not measured: {}{clip} ({sets})",
+            p.step, p.error
+        ),
     }
 }

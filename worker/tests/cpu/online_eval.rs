@@ -1,7 +1,8 @@
 //! Online evaluation (`process::evaluation`): two ranks embedding their shares and voting on
 //! rank 0 give the numbers of one process embedding everything and calling `eval::knn`
 //! directly; budgets split over the ranks add up; unusable samples are counted, not fatal; an
-//! MoE model with uneven shares does not hang.
+//! MoE model with uneven shares does not hang; a CLIP job's zero-shot and retrieval on two ranks
+//! equal one process's.
 
 use contrail_common::config::EncoderKind;
 use contrail_common::status::EvalPoint;
@@ -15,8 +16,10 @@ use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::Collective;
 use contrail_worker::eval::knn::{classify, KnnOptions};
 use contrail_worker::eval::Bank;
+use contrail_worker::eval::{retrieval, zeroshot};
 use contrail_worker::model::{BuildOptions, ContrastiveModel};
 use contrail_worker::process::evaluation::{quota, OnlineEval};
+use contrail_worker::tokenize::{ByteTokenizer, Tokenizer};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,9 +77,10 @@ fn round_on(cfg: &JobConfig, world: usize) -> EvalPoint {
                 s.spawn(move || {
                     let rt = tokio::runtime::Runtime::new().unwrap();
                     let coll: Arc<dyn Collective> = Arc::new(coll);
+                    let bytes = ByteTokenizer::new();
                     let model = support::seeded(cfg.train.seed as i64, || {
                         let opts = BuildOptions {
-                            tokenizer: None,
+                            tokenizer: Some(&bytes),
                             experts: Some((coll.clone(), None)),
                         };
                         ContrastiveModel::build(cfg, Device::Cpu, opts).unwrap()
@@ -245,4 +249,143 @@ fn moe_ranks_embed_uneven_shares_in_lock_step() {
     let top1 = got.knn_top1.unwrap();
     assert!((0.0..=1.0).contains(&top1), "{top1}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A CLIP job (ViT + causal text tower, byte tokenizer) evaluating zero-shot over the six
+/// shapes and retrieval over the held-out captions: two ranks give one process's numbers.
+#[test]
+fn clip_zero_shot_and_retrieval_on_two_ranks_equal_one_process() {
+    let dir = support::cluster::temp_dir("cpu", "online-eval-clip");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    write_set(&rt, &dir, "bank", 64, 32, 1);
+    write_set(&rt, &dir, "test", 70, 32, 2);
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-clip.toml");
+    let set = [
+        "data.image_size=16",
+        "model.vit.patch_size=8",
+        "model.vit.width=32",
+        "model.vit.layers=1",
+        "model.vit.heads=2",
+        "model.text.width=32",
+        "model.text.layers=1",
+        "model.text.heads=2",
+        "model.projector_out=16",
+        "eval.k=5",
+        "eval.batch=16",
+        "train.seed=3",
+        r#"eval.classes=["circle", "square", "triangle", "cross", "ring", "diamond"]"#,
+        r#"eval.templates=["a {}", "a photo of a {}."]"#,
+    ]
+    .map(String::from);
+    let mut cfg = JobConfig::from_file(path, &set).unwrap();
+    cfg.data.url = file_url(&dir, "bank");
+    cfg.eval.url = file_url(&dir, "test");
+    cfg.validate().unwrap();
+
+    // One process: every held-out image and caption through the model's training forward.
+    let tokenizer = ByteTokenizer::new();
+    let model = support::seeded(3, || {
+        let opts = BuildOptions {
+            tokenizer: Some(&tokenizer),
+            experts: None,
+        };
+        ContrastiveModel::build(&cfg, Device::Cpu, opts).unwrap()
+    });
+    let (pixels, labels, captions) = direct_pairs(&cfg, &cfg.eval.url);
+    let context = cfg.model.text.context_length as usize;
+    let caption_refs: Vec<&str> = captions.iter().map(String::as_str).collect();
+    let ids = tokenizer.encode_batch(&caption_refs, context).unwrap();
+    let both = tch::no_grad(|| model.embed_pair(&pixels, &ids, false));
+    let n = labels.size()[0];
+    let images = Bank::new("images", both.narrow(0, 0, n), Some(labels)).unwrap();
+    let texts = Bank::new("texts", both.narrow(0, n, n), None).unwrap();
+    let per_class: Vec<Tensor> = cfg
+        .eval
+        .classes
+        .iter()
+        .map(|c| {
+            let prompts = zeroshot::prompts(c, &cfg.eval.templates);
+            let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            let ids = tokenizer.encode_batch(&refs, context).unwrap();
+            let dummy = Tensor::zeros(
+                [refs.len() as i64, 3, 16, 16],
+                (tch::Kind::Float, Device::Cpu),
+            );
+            let pair = tch::no_grad(|| model.embed_pair(&dummy, &ids, false));
+            pair.narrow(0, refs.len() as i64, refs.len() as i64)
+        })
+        .collect();
+    let want_zs = zeroshot::evaluate(&images, &zeroshot::classifier(&per_class).unwrap()).unwrap();
+    let want_rt = retrieval::evaluate(&images, &texts, None).unwrap();
+
+    for world in [1, 2] {
+        let got = round_on(&cfg, world);
+        assert_eq!(got.error, "", "world {world}");
+        assert!(got.knn_top1.is_some(), "world {world}: kNN still votes");
+        for (name, g, w) in [
+            ("zero-shot top-1", got.zeroshot_top1, want_zs.top1),
+            ("zero-shot top-5", got.zeroshot_top5, want_zs.top5),
+            (
+                "R@1 image→text",
+                got.image_to_text_r1,
+                want_rt.image_to_text.recall[0],
+            ),
+            (
+                "R@1 text→image",
+                got.text_to_image_r1,
+                want_rt.text_to_image.recall[0],
+            ),
+            (
+                "mean recall",
+                got.retrieval_mean_recall,
+                want_rt.mean_recall,
+            ),
+        ] {
+            let g = g.unwrap_or_else(|| panic!("world {world}: {name} not measured"));
+            assert!(
+                (g - w).abs() <= 1.0 / 70.0 + 1e-12,
+                "world {world}: {name} {g} vs one process {w}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every sample of `url` as (evaluation views `(n, 3, s, s)`, labels, captions).
+fn direct_pairs(cfg: &JobConfig, url: &str) -> (Tensor, Tensor, Vec<String>) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let shards = rt
+        .block_on(contrail_common::storage::list_shards(url, ""))
+        .unwrap();
+    let mut aug = Augmenter::new(&cfg.data.augment, cfg.data.image_size);
+    let (mut pixels, mut labels, mut captions) = (Vec::new(), Vec::new(), Vec::new());
+    for shard in shards {
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = samples.clone();
+        rt.block_on(contrail_data::shard_reader::read_shard(
+            &shard,
+            "",
+            1,
+            move |s| {
+                sink.lock().unwrap().push(s);
+                async { std::ops::ControlFlow::Continue(()) }
+            },
+        ))
+        .unwrap();
+        for s in samples.lock().unwrap().iter() {
+            let img = decode_rgb(s.image().unwrap().1, u64::MAX).unwrap();
+            let mut px = vec![0f32; aug.view_len()];
+            aug.eval_view(&img, &mut px).unwrap();
+            pixels.extend(px);
+            labels.push(s.class_id().unwrap());
+            captions.push(s.caption().unwrap().unwrap().to_string());
+        }
+    }
+    let sz = i64::from(cfg.data.image_size);
+    let n = labels.len() as i64;
+    (
+        Tensor::from_slice(&pixels).view([n, 3, sz, sz]),
+        Tensor::from_slice(&labels),
+        captions,
+    )
 }
