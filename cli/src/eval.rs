@@ -13,6 +13,7 @@ use contrail_worker::eval::whiten::Whitening;
 use contrail_worker::eval::{retrieval, zeroshot, Bank};
 use contrail_worker::process::caption_tokens;
 use contrail_worker::process::device::choose_device;
+use contrail_worker::process::evaluation::prompt_classifier;
 use serde_json::json;
 use tch::{Device, Tensor};
 use tokio::runtime::Runtime;
@@ -150,21 +151,7 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
                     cfg.objective.kind.as_str()
                 )
             })?;
-            let per_class = names
-                .iter()
-                .map(|name| {
-                    let prompts = zeroshot::prompts(name, &templates);
-                    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                    let ids = captions
-                        .tokenizer
-                        .encode_batch(&refs, captions.context_length)
-                        .with_context(|| format!("tokenizing the prompts of class {name:?}"))?;
-                    model
-                        .export_texts(&ids)
-                        .context("the model has no text tower")
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let classifier = zeroshot::classifier(&per_class)?;
+            let classifier = prompt_classifier(&model, &captions, &names, &templates)?;
             let e = rt.block_on(embeddings::read(&images, &s3_endpoint, Tower::Image))?;
             let bank = bank(&images, &e, Some(e.labels(&images)?), device)?;
             let acc = zeroshot::evaluate(&bank, &classifier)?;

@@ -1,7 +1,7 @@
 //! contrail-test-support: what the test suites share, so no helper is written twice.
 //!
-//! - this module: a small GroupNorm model, fixed inputs drawn under one RNG lock
-//!   ([`seeded`]), model copies, parameter comparison, reference fixtures, step batches.
+//! - this module: a small GroupNorm model, a small CLIP job, fixed inputs drawn under one RNG
+//!   lock ([`seeded`]), model copies, parameter comparison, reference fixtures, step batches.
 //! - [`ranks`]: multi-process tests, each rank a re-run of the test binary.
 //! - [`cluster`]: local-cluster processes, their stdout and `/status`.
 //! - [`gpu`]: GPU tests, ignored on a machine without one, and bodies run on CPU and CUDA.
@@ -33,6 +33,34 @@ pub fn model_config() -> ModelConfig {
         stem: StemKind::Cifar,
         ..Default::default()
     }
+}
+
+/// The shipped CLIP job (ViT and causal text tower, byte tokenizer, synthetic data).
+pub const LOCAL_CLIP_CONFIG: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-clip.toml");
+
+/// `--set` overrides that shrink [`LOCAL_CLIP_CONFIG`] to a model tests build in milliseconds:
+/// 16-pixel images, one-layer towers of width 32, 16-wide embeddings.
+pub const SMALL_CLIP: [&str; 9] = [
+    "data.image_size=16",
+    "model.vit.patch_size=8",
+    "model.vit.width=32",
+    "model.vit.layers=1",
+    "model.vit.heads=2",
+    "model.text.width=32",
+    "model.text.layers=1",
+    "model.text.heads=2",
+    "model.projector_out=16",
+];
+
+/// [`LOCAL_CLIP_CONFIG`] with [`SMALL_CLIP`] and then `extra` applied.
+pub fn small_clip_job(extra: &[&str]) -> JobConfig {
+    let set: Vec<String> = SMALL_CLIP
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+    JobConfig::from_file(LOCAL_CLIP_CONFIG, &set).unwrap()
 }
 
 /// The model of [`model_config`], built the one way models are built: as a SimCLR job's.

@@ -10,20 +10,10 @@ use contrail_data::embeddings::{self, Embeddings, Tower};
 use contrail_test_support as support;
 
 const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
-const CLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-clip.toml");
+const CLIP: &str = support::LOCAL_CLIP_CONFIG;
 const SIMCLR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-simclr.toml");
-
-/// A tiny CLIP model on 16-pixel images, and coordinator ports chosen by the OS.
-const SMALL: [&str; 11] = [
-    "data.image_size=16",
-    "model.vit.patch_size=8",
-    "model.vit.width=32",
-    "model.vit.layers=1",
-    "model.vit.heads=2",
-    "model.text.width=32",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.projector_out=16",
+/// The coordinator of `--workers` on ports chosen by the OS.
+const FREE_PORTS: [&str; 2] = [
     "cluster.grpc_addr=127.0.0.1:0",
     "cluster.http_addr=127.0.0.1:0",
 ];
@@ -53,7 +43,7 @@ fn embed(config: &str, data: &Path, out: &Path, extra: &[&str]) -> (bool, String
         "--batch",
         "8",
     ];
-    for s in SMALL {
+    for s in support::SMALL_CLIP.iter().chain(&FREE_PORTS) {
         args.extend(["--set", s]);
     }
     args.extend(extra);
@@ -135,7 +125,7 @@ fn two_leased_workers_write_every_key_once_and_zero_shot_reads_it() {
         "--json",
         json.to_str().unwrap(),
     ];
-    for s in &SMALL[..9] {
+    for s in support::SMALL_CLIP {
         args.extend(["--set", s]);
     }
     let (ok, out, err) = contrail(&args);

@@ -437,7 +437,12 @@ impl OnlineEval {
         };
         // Every rank embeds the prompts, so MoE text blocks find their peers.
         let classifier = match (zeroshot, self.captions.as_ref()) {
-            (true, Some(c)) => Some(prompt_classifier(model, c, &self.ev)?),
+            (true, Some(c)) => Some(prompt_classifier(
+                model,
+                c,
+                &self.ev.classes,
+                &self.ev.templates,
+            )?),
             _ => None,
         };
         let (Some(bank), Some(test)) = (bank, test) else {
@@ -501,20 +506,21 @@ impl OnlineEval {
     }
 }
 
-/// OpenCLIP's zero-shot classifier `(dim, classes)` for `eval.classes` × `eval.templates`.
-fn prompt_classifier(
+/// OpenCLIP's zero-shot classifier `(dim, classes)`, on the CPU: every class name put into
+/// every template, through the model's text tower (`contrail eval zeroshot` and CLIP rounds).
+pub fn prompt_classifier(
     model: &ContrastiveModel,
     captions: &CaptionTokens,
-    ev: &EvalConfig,
+    classes: &[String],
+    templates: &[String],
 ) -> Result<Tensor> {
     if let Some(rt) = model.moe() {
         rt.begin_pass(Pass::default());
     }
-    let per_class = ev
-        .classes
+    let per_class = classes
         .iter()
         .map(|name| {
-            let prompts = zeroshot::prompts(name, &ev.templates);
+            let prompts = zeroshot::prompts(name, templates);
             let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
             let ids = captions
                 .tokenizer

@@ -122,30 +122,12 @@ fn exported_rows_equal_a_direct_forward_of_the_checkpoint() {
     assert_eq!(keys.len(), 70, "every key once");
 }
 
-/// A small CLIP job (ViT + causal text tower, byte tokenizer) from the shipped config.
-fn clip_config() -> JobConfig {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-clip.toml");
-    let set = [
-        "data.image_size=16",
-        "model.vit.patch_size=8",
-        "model.vit.width=32",
-        "model.vit.layers=1",
-        "model.vit.heads=2",
-        "model.text.width=32",
-        "model.text.layers=1",
-        "model.text.heads=2",
-        "model.projector_out=16",
-    ]
-    .map(String::from);
-    JobConfig::from_file(path, &set).unwrap()
-}
-
 #[test]
 fn clip_towers_equal_the_training_forward_and_captionless_samples_are_counted() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = support::cluster::temp_dir("cpu", "embed-clip");
     let url = |p: &str| format!("file://{}", dir.join(p).display());
-    let cfg = clip_config();
+    let cfg = support::small_clip_job(&[]);
     rt.block_on(write_synth_dataset(&url("data"), "", 20, 10, 24, 3))
         .unwrap();
     // A third shard: samples without a caption, without an image, with an image that does

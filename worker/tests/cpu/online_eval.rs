@@ -102,37 +102,8 @@ fn round_on(cfg: &JobConfig, world: usize) -> EvalPoint {
 /// Every sample of the set at `url`, through the evaluation view and the encoder of `model`:
 /// (features, labels).
 fn direct_features(cfg: &JobConfig, model: &ContrastiveModel, url: &str) -> (Tensor, Tensor) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let shards = rt
-        .block_on(contrail_common::storage::list_shards(url, ""))
-        .unwrap();
-    let mut aug = Augmenter::new(&cfg.data.augment, cfg.data.image_size);
-    let mut rows = Vec::new();
-    let mut labels = Vec::new();
-    for shard in shards {
-        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = samples.clone();
-        rt.block_on(contrail_data::shard_reader::read_shard(
-            &shard,
-            "",
-            1,
-            move |s| {
-                sink.lock().unwrap().push(s);
-                async { std::ops::ControlFlow::Continue(()) }
-            },
-        ))
-        .unwrap();
-        for s in samples.lock().unwrap().iter() {
-            let img = decode_rgb(s.image().unwrap().1, u64::MAX).unwrap();
-            let mut px = vec![0f32; aug.view_len()];
-            aug.eval_view(&img, &mut px).unwrap();
-            let sz = i64::from(cfg.data.image_size);
-            let x = Tensor::from_slice(&px).view([1, 3, sz, sz]);
-            rows.push(tch::no_grad(|| model.encode_t(&x, false)));
-            labels.push(s.class_id().unwrap());
-        }
-    }
-    (Tensor::cat(&rows, 0), Tensor::from_slice(&labels))
+    let (views, labels, _) = direct_pairs(cfg, url);
+    (tch::no_grad(|| model.encode_t(&views, false)), labels)
 }
 
 #[test]
@@ -259,25 +230,13 @@ fn clip_zero_shot_and_retrieval_on_two_ranks_equal_one_process() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     write_set(&rt, &dir, "bank", 64, 32, 1);
     write_set(&rt, &dir, "test", 70, 32, 2);
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-clip.toml");
-    let set = [
-        "data.image_size=16",
-        "model.vit.patch_size=8",
-        "model.vit.width=32",
-        "model.vit.layers=1",
-        "model.vit.heads=2",
-        "model.text.width=32",
-        "model.text.layers=1",
-        "model.text.heads=2",
-        "model.projector_out=16",
+    let mut cfg = support::small_clip_job(&[
         "eval.k=5",
         "eval.batch=16",
         "train.seed=3",
         r#"eval.classes=["circle", "square", "triangle", "cross", "ring", "diamond"]"#,
         r#"eval.templates=["a {}", "a photo of a {}."]"#,
-    ]
-    .map(String::from);
-    let mut cfg = JobConfig::from_file(path, &set).unwrap();
+    ]);
     cfg.data.url = file_url(&dir, "bank");
     cfg.eval.url = file_url(&dir, "test");
     cfg.validate().unwrap();
