@@ -9,5 +9,6 @@ pub mod embeddings;
 pub mod import;
 pub mod pipeline;
 pub mod shard_reader;
+pub mod shuffle;
 pub mod synth;
 pub mod tar_stream;

@@ -21,6 +21,10 @@ pub struct DataConfig {
     pub decode_threads: usize,
     /// Ready batches buffered ahead of the training step.
     pub prefetch_batches: usize,
+    /// Samples held in the shuffle buffer that mixes consecutive samples of a worker's shards
+    /// (webdataset's `.shuffle(n)`); 0 (the default) keeps the shards' own order. A worker
+    /// leases about `shuffle_buffer / shard size` shards ahead to fill it.
+    pub shuffle_buffer: usize,
     /// Images whose header claims more pixels than this are skipped as decompression bombs.
     pub max_image_pixels: u64,
     /// Endpoint override for S3-compatible servers (MinIO, Ceph, R2); empty for AWS.
@@ -40,6 +44,7 @@ impl Default for DataConfig {
             image_size: 32,
             decode_threads: 1,
             prefetch_batches: 4,
+            shuffle_buffer: 0,
             max_image_pixels: 64 * 1024 * 1024,
             s3_endpoint: String::new(),
             read_retries: 5,

@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use contrail_common::JobConfig;
 use contrail_data::pipeline::{EpochPipeline, PipelineInput, PipelineOptions, ShardReport};
 use contrail_data::shard_reader::read_shard;
+use contrail_data::shuffle::ShuffleBuffer;
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
@@ -71,8 +72,15 @@ impl EpochFeed {
             leases.clone(),
             progress,
         ));
+        // Seeded per (job, epoch, rank): reproducible for the same lease order.
+        let shuffle_seed =
+            cfg.train.seed ^ (u64::from(epoch) << 32) ^ (rank as u64).wrapping_mul(0x9E37_79B9);
         let pipeline = EpochPipeline::spawn(
-            std::iter::from_fn(move || rx.blocking_recv()),
+            ShuffleBuffer::new(
+                std::iter::from_fn(move || rx.blocking_recv()),
+                cfg.data.shuffle_buffer,
+                shuffle_seed,
+            ),
             &cfg.data,
             PipelineOptions {
                 micro_batch: cfg.train.micro_batch as usize,
