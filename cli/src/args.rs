@@ -189,6 +189,20 @@ pub struct K8sJob {
     /// Service account of the pods (workload identity).
     #[arg(long)]
     pub service_account: Option<String>,
+    /// Render an embedding export instead of training: the worker pods run `contrail
+    /// embed-worker --out URL`, leasing the shards of the job's data.url (set it with
+    /// `--set data.url=...`) from the coordinator.
+    #[arg(long, value_name = "URL")]
+    pub embed_out: Option<String>,
+    /// With --embed-out: `image`, `text` (CLIP) or `both` (CLIP).
+    #[arg(long, default_value = "image", requires = "embed_out")]
+    pub embed_tower: EmbedTower,
+    /// With --embed-out: checkpoint base URL (default: the job's checkpoint.url).
+    #[arg(long, requires = "embed_out")]
+    pub embed_checkpoint: Option<String>,
+    /// With --embed-out: export a freshly initialised model.
+    #[arg(long, requires = "embed_out", conflicts_with = "embed_checkpoint")]
+    pub embed_random_init: bool,
 }
 
 #[derive(Subcommand)]

@@ -22,6 +22,21 @@ impl K8sJob {
         opts.nccl_socket_ifname = self.nccl_socket_ifname.clone();
         opts.secret = self.secret.clone();
         opts.service_account = self.service_account.clone();
+        if let Some(out) = &self.embed_out {
+            let mut args = vec![
+                "--out".to_string(),
+                out.clone(),
+                "--tower".into(),
+                self.embed_tower.as_str().into(),
+            ];
+            if let Some(c) = &self.embed_checkpoint {
+                args.extend(["--checkpoint".into(), c.clone()]);
+            }
+            if self.embed_random_init {
+                args.push("--random-init".into());
+            }
+            opts.workload = contrail_k8s::Workload::Embed { args };
+        }
         let (cfg, objs) = contrail_k8s::render_file(&self.config, &self.overrides, &opts)?;
         for w in contrail_k8s::warnings(&cfg) {
             eprintln!("warning: {w}");

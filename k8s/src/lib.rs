@@ -102,6 +102,20 @@ pub struct RenderOptions {
     pub secret: Option<String>,
     /// Service account of every pod (workload identity: IRSA, GKE, Azure).
     pub service_account: Option<String>,
+    /// What the worker pods run: training (`contrail worker`), or an embedding export.
+    pub workload: Workload,
+}
+
+/// What the worker pods of a rendered job run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Workload {
+    /// `contrail worker`: the job trains.
+    #[default]
+    Train,
+    /// `contrail embed-worker ARGS`: the pods lease the shards of `data.url` from the
+    /// coordinator and write an embedding folder (`--out URL`, `--tower`, `--checkpoint` or
+    /// `--random-init`, as `contrail embed` passes them); nothing trains.
+    Embed { args: Vec<String> },
 }
 
 impl RenderOptions {
@@ -119,6 +133,7 @@ impl RenderOptions {
             nccl_socket_ifname: None,
             secret: None,
             service_account: None,
+            workload: Workload::Train,
         }
     }
 }
@@ -261,6 +276,11 @@ pub fn validate_name(name: &str) -> Result<()> {
 pub fn cluster_job_toml(cfg: &JobConfig, opts: &RenderOptions) -> Result<String> {
     let mut cfg = cfg.clone();
     cfg.cluster.world_size = opts.workers;
+    if let Workload::Embed { .. } = opts.workload {
+        // An export trains nothing: no online evaluation, and any worker count is valid.
+        cfg.eval.url.clear();
+        cfg.train.global_batch = cfg.train.micro_batch * u64::from(opts.workers);
+    }
     cfg.cluster.grpc_addr = format!("0.0.0.0:{GRPC_PORT}");
     cfg.cluster.http_addr = format!("0.0.0.0:{HTTP_PORT}");
     cfg.validate().with_context(|| {
@@ -540,11 +560,16 @@ fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpe
         name: "worker".into(),
         image: Some(opts.image.clone()),
         command: Some(vec!["contrail".into()]),
-        args: Some(vec![
-            "worker".into(),
-            "--bind".into(),
-            format!("$(POD_IP):{collective_port}"),
-        ]),
+        args: Some(match &opts.workload {
+            Workload::Train => vec![
+                "worker".into(),
+                "--bind".into(),
+                format!("$(POD_IP):{collective_port}"),
+            ],
+            Workload::Embed { args } => std::iter::once("embed-worker".to_string())
+                .chain(args.iter().cloned())
+                .collect(),
+        }),
         ports: (!opts.host_network).then(|| vec![port("collective", COLLECTIVE_PORT)]),
         env: Some(env),
         env_from: env_from(opts),

@@ -8,7 +8,7 @@ use contrail_k8s::apply::{self, FIELD_MANAGER};
 use contrail_k8s::jobset::JobSet;
 use contrail_k8s::{
     coordinator_url, default_name, from_yaml, render, to_yaml, validate_name, Crd, Manifest,
-    RenderOptions, GRPC_PORT, HTTP_PORT, MAX_RESTARTS,
+    RenderOptions, Workload, GRPC_PORT, HTTP_PORT, MAX_RESTARTS,
 };
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use std::collections::BTreeMap;
@@ -461,4 +461,46 @@ fn a_coordinator_image_runs_the_coordinator_binary() {
     // The workers keep the worker image.
     let w = &pod_spec(&p.worker_job.template).containers[0];
     assert_eq!(w.image.as_ref(), Some(&o.image));
+}
+
+/// An export renders the same objects, but the worker pods run `contrail embed-worker` with the
+/// export's flags, and the job file trains nothing (no online evaluation, any worker count).
+#[test]
+fn an_embedding_export_runs_embed_workers() {
+    for crd in [Crd::JobSet, Crd::None] {
+        let mut o = opts(crd, 3, 0);
+        o.workload = Workload::Embed {
+            args: ["--out", "s3://bucket/emb", "--tower", "both"]
+                .map(String::from)
+                .to_vec(),
+        };
+        let mut cfg = job();
+        cfg.eval.url = "s3://bucket/held-out".into();
+        let p = parts(&render(&cfg, &o).unwrap());
+        let spec = pod_spec(&p.worker_job.template);
+        let args = spec.containers[0].args.clone().unwrap();
+        assert_eq!(
+            args,
+            [
+                "embed-worker",
+                "--out",
+                "s3://bucket/emb",
+                "--tower",
+                "both"
+            ],
+            "{crd:?}"
+        );
+        assert!(env(&spec.containers[0]).contains_key("CONTRAIL_COORDINATOR"));
+        let rendered = JobConfig::from_toml(&p.toml).unwrap();
+        assert_eq!(rendered.cluster.world_size, 3);
+        assert_eq!(rendered.eval.url, "");
+        assert_eq!(rendered.train.global_batch, 3 * rendered.train.micro_batch);
+        // Training still runs `contrail worker`.
+        let train = parts(&render(&job(), &opts(crd, 2, 0)).unwrap());
+        let args = pod_spec(&train.worker_job.template).containers[0]
+            .args
+            .clone()
+            .unwrap();
+        assert_eq!(args[0], "worker");
+    }
 }
