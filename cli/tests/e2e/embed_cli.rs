@@ -170,4 +170,5 @@ fn two_leased_workers_write_every_key_once_and_zero_shot_reads_it() {
     ]);
     assert!(!ok);
     assert!(err.contains("no text tower"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -120,6 +120,7 @@ fn exported_rows_equal_a_direct_forward_of_the_checkpoint() {
     }
     let keys: std::collections::BTreeSet<_> = e.records.iter().map(|r| &r.key).collect();
     assert_eq!(keys.len(), 70, "every key once");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -247,4 +248,5 @@ fn clip_towers_equal_the_training_forward_and_captionless_samples_are_counted() 
     )
     .unwrap_err();
     assert!(err.to_string().contains("objective.kind = simclr"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
