@@ -1,11 +1,12 @@
 //! The small subcommands of `contrail`: `coordinator`, `data synth`, `data import`, `embed`,
-//! `info`; and
-//! the process set-up they share (logging, the one async runtime).
+//! `info`; and the process set-up they share (logging, the one async runtime).
 
 use anyhow::{bail, Context, Result};
 use contrail_common::JobConfig;
 use contrail_data::import::{import_idx, import_listing, ImportOptions, FASHION_MNIST_CLASSES};
-use contrail_worker::embed::{load_model, write_embeddings, EmbedOptions};
+use contrail_worker::embed::{
+    checkpoint_base, load_model, write_embeddings, EmbedOptions, EmbedTower,
+};
 
 use crate::args::EmbedArgs;
 use tokio::runtime::Runtime;
@@ -127,40 +128,18 @@ pub fn embed(rt: &Runtime, args: EmbedArgs) -> Result<()> {
     if let Some(data) = &args.data {
         cfg.data.url = data.clone();
     }
-    let base = if args.random_init {
-        None
-    } else {
-        let base = args
-            .checkpoint
-            .clone()
-            .unwrap_or_else(|| cfg.checkpoint.url.clone());
-        if base.is_empty() {
-            bail!("embed: no checkpoint (give --checkpoint, set checkpoint.url, or --random-init)");
-        }
-        Some(base)
-    };
+    let base = checkpoint_base(args.checkpoint.as_deref(), args.random_init, &cfg, "embed")?;
     let started = std::time::Instant::now();
     if args.workers > 0 {
         // The coordinator's job is the export: its data.url is the dataset, its lease book
         // the work list; nothing else of the training job runs.
         cfg.cluster.device = args.device;
-        cfg.eval.url.clear();
-        // Nothing trains, so the training batch must not refuse this world size.
-        cfg.train.global_batch = cfg.train.micro_batch * u64::from(args.workers);
-        let batch = args.batch.to_string();
-        let mut child: Vec<&str> = vec![
-            "embed-worker",
-            "--out",
-            &args.out,
-            "--tower",
-            args.tower.as_str(),
-            "--batch",
-            &batch,
-        ];
-        match &base {
-            Some(b) => child.extend(["--checkpoint", b.as_str()]),
-            None => child.push("--random-init"),
-        }
+        cfg.make_export(args.workers);
+        let mut flags = embed_worker_flags(&args.out, args.tower, base.as_deref(), base.is_none());
+        flags.extend(["--batch".into(), args.batch.to_string()]);
+        let child: Vec<&str> = std::iter::once("embed-worker")
+            .chain(flags.iter().map(String::as_str))
+            .collect();
         crate::local_cluster::run_cluster(rt, &cfg, args.workers, &child, false)?;
         println!(
             "embedded {} with {} workers into {} in {:.1} s",
@@ -197,7 +176,31 @@ pub fn embed(rt: &Runtime, args: EmbedArgs) -> Result<()> {
     Ok(())
 }
 
-/// ": 3 no caption, 1 no decodable image" for a summary line, or "" when nothing was skipped.
+/// The flags of `contrail embed-worker` for an export to `out`: the checkpoint base when given
+/// (else the job's `checkpoint.url`), or `--random-init`. `contrail embed --workers` and
+/// `contrail k8s render --embed-out` start their workers with these.
+pub fn embed_worker_flags(
+    out: &str,
+    tower: EmbedTower,
+    checkpoint: Option<&str>,
+    random_init: bool,
+) -> Vec<String> {
+    let mut flags = vec![
+        "--out".to_string(),
+        out.to_string(),
+        "--tower".into(),
+        tower.as_str().into(),
+    ];
+    if let Some(c) = checkpoint {
+        flags.extend(["--checkpoint".into(), c.to_string()]);
+    }
+    if random_init {
+        flags.push("--random-init".into());
+    }
+    flags
+}
+
+/// ": 1 corrupt_image, 3 missing_caption" for a summary line, or "" when nothing was skipped.
 fn skipped_reasons(skipped: &std::collections::BTreeMap<String, u64>) -> String {
     if skipped.is_empty() {
         return String::new();

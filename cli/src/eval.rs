@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use contrail_common::config::DeviceSetting;
 use contrail_common::JobConfig;
 use contrail_data::embeddings::{self, Tower};
-use contrail_worker::embed::load_model;
+use contrail_worker::embed::{checkpoint_base, load_model};
 use contrail_worker::eval::knn::{self, KnnOptions};
 use contrail_worker::eval::linear::{LinearOptions, LinearProbe};
 use contrail_worker::eval::whiten::Whitening;
@@ -136,14 +136,7 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
                 templates
             };
             zeroshot::check_templates(&templates)?;
-            let base = match (checkpoint, random_init) {
-                (_, true) => None,
-                (Some(url), false) => Some(url),
-                (None, false) if !cfg.checkpoint.url.is_empty() => Some(cfg.checkpoint.url.clone()),
-                (None, false) => anyhow::bail!(
-                    "zeroshot: no checkpoint (give --checkpoint, set checkpoint.url, or --random-init)"
-                ),
-            };
+            let base = checkpoint_base(checkpoint.as_deref(), random_init, &cfg, "zeroshot")?;
             let (model, loaded) = load_model(rt, &cfg, base.as_deref(), device)?;
             let captions = caption_tokens(rt, &cfg)?.with_context(|| {
                 format!(

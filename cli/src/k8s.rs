@@ -23,19 +23,14 @@ impl K8sJob {
         opts.secret = self.secret.clone();
         opts.service_account = self.service_account.clone();
         if let Some(out) = &self.embed_out {
-            let mut args = vec![
-                "--out".to_string(),
-                out.clone(),
-                "--tower".into(),
-                self.embed_tower.as_str().into(),
-            ];
-            if let Some(c) = &self.embed_checkpoint {
-                args.extend(["--checkpoint".into(), c.clone()]);
-            }
-            if self.embed_random_init {
-                args.push("--random-init".into());
-            }
-            opts.workload = contrail_k8s::Workload::Embed { args };
+            opts.workload = contrail_k8s::Workload::Embed {
+                args: crate::commands::embed_worker_flags(
+                    out,
+                    self.embed_tower,
+                    self.embed_checkpoint.as_deref(),
+                    self.embed_random_init,
+                ),
+            };
         }
         let (cfg, objs) = contrail_k8s::render_file(&self.config, &self.overrides, &opts)?;
         for w in contrail_k8s::warnings(&cfg) {

@@ -277,9 +277,7 @@ pub fn cluster_job_toml(cfg: &JobConfig, opts: &RenderOptions) -> Result<String>
     let mut cfg = cfg.clone();
     cfg.cluster.world_size = opts.workers;
     if let Workload::Embed { .. } = opts.workload {
-        // An export trains nothing: no online evaluation, and any worker count is valid.
-        cfg.eval.url.clear();
-        cfg.train.global_batch = cfg.train.micro_batch * u64::from(opts.workers);
+        cfg.make_export(opts.workers);
     }
     cfg.cluster.grpc_addr = format!("0.0.0.0:{GRPC_PORT}");
     cfg.cluster.http_addr = format!("0.0.0.0:{HTTP_PORT}");

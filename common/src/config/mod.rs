@@ -80,6 +80,14 @@ pub(crate) fn err(path: &str, reason: impl Into<String>) -> ConfigError {
 }
 
 impl JobConfig {
+    /// Turns the job into an embedding export over `workers` workers (`contrail embed
+    /// --workers`, `contrail k8s render --embed-out`): nothing trains, so online evaluation is
+    /// off and the training batch is sized so that any worker count validates.
+    pub fn make_export(&mut self, workers: u32) {
+        self.eval.url.clear();
+        self.train.global_batch = self.train.micro_batch * u64::from(workers);
+    }
+
     /// Parses a job file, applies `section.key=value` overrides, and validates the result.
     pub fn from_toml_with_overrides(text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
         let mut value: toml::Value =

@@ -17,7 +17,7 @@ use contrail_common::storage::list_shards;
 use contrail_common::JobConfig;
 use tokio::runtime::Runtime;
 
-use super::{load_model, EmbedSummary, EmbedTower, ShardExporter};
+use super::{checkpoint_base, load_model, EmbedSummary, EmbedTower, ShardExporter};
 use crate::process::client::{Coordinator, Lease};
 use crate::process::{caption_tokens, device, heartbeat_loop, HeartbeatState};
 
@@ -29,7 +29,7 @@ pub struct EmbedWorkerOptions {
     pub out: String,
     pub tower: EmbedTower,
     pub batch: usize,
-    /// Checkpoint base URL; None with `random_init`, "" for the job's `checkpoint.url`.
+    /// Checkpoint base URL; None: the job's `checkpoint.url` (unless `random_init`).
     pub checkpoint: Option<String>,
     pub random_init: bool,
     pub connect_wait: Duration,
@@ -80,14 +80,7 @@ fn embed_leased(
 ) -> Result<EmbedSummary> {
     let gpus = tch::Cuda::device_count().max(0) as usize;
     let device = device::choose_device(cfg.cluster.device, rank, gpus)?;
-    let base = match (&opts.checkpoint, opts.random_init) {
-        (_, true) => None,
-        (Some(url), false) if !url.is_empty() => Some(url.clone()),
-        _ if !cfg.checkpoint.url.is_empty() => Some(cfg.checkpoint.url.clone()),
-        _ => anyhow::bail!(
-            "embed: no checkpoint (give --checkpoint, set checkpoint.url, or --random-init)"
-        ),
-    };
+    let base = checkpoint_base(opts.checkpoint.as_deref(), opts.random_init, cfg, "embed")?;
     let (model, loaded) = load_model(rt, cfg, base.as_deref(), device)?;
     let options = super::EmbedOptions {
         data: cfg.data.url.clone(),

@@ -108,6 +108,27 @@ impl EmbedSummary {
     }
 }
 
+/// The checkpoint base an export loads: `checkpoint` (`--checkpoint`), else the job's
+/// `checkpoint.url`; None with `random_init` (the untrained baseline). `what` names the command
+/// in the error.
+pub fn checkpoint_base(
+    checkpoint: Option<&str>,
+    random_init: bool,
+    cfg: &JobConfig,
+    what: &str,
+) -> Result<Option<String>> {
+    if random_init {
+        return Ok(None);
+    }
+    let base = checkpoint.unwrap_or(&cfg.checkpoint.url);
+    if base.is_empty() {
+        anyhow::bail!(
+            "{what}: no checkpoint (give --checkpoint, set checkpoint.url, or --random-init)"
+        );
+    }
+    Ok(Some(base.to_string()))
+}
+
 /// The model of `cfg` on `device`, with the latest checkpoint under `base` loaded if given;
 /// without one, freshly initialised (seeded by `train.seed`): the untrained baseline.
 pub fn load_model(

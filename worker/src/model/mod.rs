@@ -477,11 +477,16 @@ impl ContrastiveModel {
     /// Encoder features (float32, on the model's device, without autograd) of evaluation
     /// views given as flat `n × 3 × size × size` pixels: what evaluation and export embed.
     pub fn encode_views(&self, pixels: &[f32], size: i64) -> Tensor {
-        let n = pixels.len() as i64 / (3 * size * size);
-        let x = Tensor::from_slice(pixels)
-            .view([n, 3, size, size])
-            .to_device(self.device());
+        let x = self.views_tensor(pixels, size);
         tch::no_grad(|| self.encode_t(&x, false)).to_kind(tch::Kind::Float)
+    }
+
+    /// Flat `n × 3 × size × size` pixels as an image batch on the model's device.
+    fn views_tensor(&self, pixels: &[f32], size: i64) -> Tensor {
+        let n = pixels.len() as i64 / (3 * size * size);
+        Tensor::from_slice(pixels)
+            .view([n, 3, size, size])
+            .to_device(self.device())
     }
 
     /// The image embeddings a downstream user takes (float32, without autograd) of evaluation
@@ -491,10 +496,7 @@ impl ContrastiveModel {
         if self.clip().is_none() {
             return self.encode_views(pixels, size);
         }
-        let n = pixels.len() as i64 / (3 * size * size);
-        let x = Tensor::from_slice(pixels)
-            .view([n, 3, size, size])
-            .to_device(self.device());
+        let x = self.views_tensor(pixels, size);
         tch::no_grad(|| self.forward_t(&x, false)).to_kind(tch::Kind::Float)
     }
 
