@@ -2,16 +2,18 @@
 # kNN evaluation speed: `contrail eval knn` vs faiss-cpu exact inner-product search + the same
 # voting, on the raw-pixel Fashion-MNIST banks (60,000 × 784 against 10,000 × 784), same machine,
 # one invocation; prints both accuracies (they must agree), both times and the ratio.
-#   bash bench/eval_knn/run.sh [--k 200] [--temperature 0.1]
+#   bash bench/eval_knn/run.sh [--k 200] [--temperature 0.1] [--device cpu|cuda]
+# (--device picks contrail's device; faiss-cpu always runs on the CPU's cores.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 REF=${EVAL_REF:-/tmp/contrail-eval-knn-ref}   # faiss-cpu goes here, never into .venv
-K=200; T=0.1
+K=200; T=0.1; DEVICE=cpu
 while [ $# -gt 0 ]; do
   case "$1" in
     --k) K=$2; shift 2 ;;
     --temperature) T=$2; shift 2 ;;
+    --device) DEVICE=$2; shift 2 ;;
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
@@ -34,9 +36,9 @@ trap 'rm -rf "$BANKS"' EXIT
 echo "== faiss-cpu (IndexFlatIP, all cores) =="
 REF_OUT=$(PYTHONPATH=$REF "$PY" bench/eval_knn/faiss_ref.py "$BANKS" --k "$K" --temperature "$T")
 echo "$REF_OUT" | grep -v '^SECONDS='
-echo "== contrail eval knn (libtorch, all cores) =="
+echo "== contrail eval knn (libtorch, --device $DEVICE) =="
 "$BIN" eval knn --train "$BANKS/train" --test "$BANKS/test" --k "$K" \
-  --temperature "$T" --device cpu --json "$BANKS/knn.json"
+  --temperature "$T" --device "$DEVICE" --json "$BANKS/knn.json"
 OURS=$("$PY" -c "import json; print(json.load(open('$BANKS/knn.json'))['knn_seconds'])")
 REFS=$(echo "$REF_OUT" | sed -n 's/^SECONDS=//p')
 # Both times cover normalising, searching and voting, not reading the files.

@@ -13,6 +13,7 @@ use contrail_data::augment::Augmenter;
 use contrail_data::embeddings::{write_part, Matrix, Part, Record};
 use contrail_data::sample::Sample;
 use contrail_data::shard_reader::read_shard;
+use rayon::prelude::*;
 use tch::{Device, Tensor};
 use tokio::runtime::Handle;
 
@@ -148,34 +149,48 @@ impl<'a> ShardExporter<'a> {
     }
 
     /// The usable samples of `chunk`: evaluation views and captions, as the tower needs them.
-    fn prepare(&mut self, chunk: &[Sample], skipped: &mut BTreeMap<String, u64>) -> Batch {
+    /// Images decode on all cores (one augmenter per rayon thread): with a GPU, decoding
+    /// one at a time was the whole export's bottleneck.
+    fn prepare(&self, chunk: &[Sample], skipped: &mut BTreeMap<String, u64>) -> Batch {
         let view = self.augmenter.view_len();
+        let want_image = self.options.tower.image();
+        let mut pixels = vec![0f32; if want_image { chunk.len() * view } else { 0 }];
+        let decoded: Vec<bool> = if want_image {
+            let (augment, size) = (&self.cfg.data.augment, self.cfg.data.image_size);
+            let max_pixels = self.cfg.data.max_image_pixels;
+            pixels
+                .par_chunks_mut(view)
+                .zip(chunk.par_iter())
+                .map_init(
+                    || Augmenter::new(augment, size),
+                    |aug, (out, s)| {
+                        s.image()
+                            .is_some_and(|(_, bytes)| aug.eval_view_of(bytes, max_pixels, out))
+                    },
+                )
+                .collect()
+        } else {
+            vec![true; chunk.len()]
+        };
         let mut batch = Batch {
             records: Vec::with_capacity(chunk.len()),
-            pixels: Vec::with_capacity(chunk.len() * view),
+            pixels: Vec::with_capacity(pixels.len()),
             captions: Vec::new(),
         };
-        for s in chunk {
+        for (i, s) in chunk.iter().enumerate() {
             let caption = s.caption().and_then(|c| c.ok()).map(str::to_string);
             if self.options.tower.text() && caption.is_none() {
                 *skipped.entry(MISSING_CAPTION.into()).or_default() += 1;
                 continue;
             }
-            if self.options.tower.image() {
-                let start = batch.pixels.len();
-                batch.pixels.resize(start + view, 0.0);
-                let usable = s.image().is_some_and(|(_, bytes)| {
-                    self.augmenter.eval_view_of(
-                        bytes,
-                        self.cfg.data.max_image_pixels,
-                        &mut batch.pixels[start..],
-                    )
-                });
-                if !usable {
-                    batch.pixels.truncate(start);
-                    *skipped.entry(CORRUPT_IMAGE.into()).or_default() += 1;
-                    continue;
-                }
+            if !decoded[i] {
+                *skipped.entry(CORRUPT_IMAGE.into()).or_default() += 1;
+                continue;
+            }
+            if want_image {
+                batch
+                    .pixels
+                    .extend_from_slice(&pixels[i * view..(i + 1) * view]);
             }
             if self.options.tower.text() {
                 batch.captions.extend(caption.clone());
