@@ -35,7 +35,8 @@ pub enum Command {
         #[arg(long)]
         verbose: bool,
     },
-    /// Run one worker: register with the coordinator, train, leave.
+    /// Run one worker: register with the coordinator, train, leave. Needs the job's token in
+    /// CONTRAIL_JOB_TOKEN (the same as the coordinator's).
     Worker {
         /// gRPC address of the coordinator.
         #[arg(long, env = "CONTRAIL_COORDINATOR")]
@@ -52,7 +53,8 @@ pub enum Command {
         #[arg(long, env = "CONTRAIL_TORCH_THREADS", default_value_t = 0)]
         threads: i32,
     },
-    /// Run the coordinator alone (same as the `contrail-coordinator` binary).
+    /// Run the coordinator alone (same as the `contrail-coordinator` binary). Needs the job's
+    /// token in CONTRAIL_JOB_TOKEN; CONTRAIL_STATUS_TOKEN, if set, guards the status endpoints.
     Coordinator {
         #[arg(long)]
         config: String,
@@ -61,6 +63,8 @@ pub enum Command {
     },
     /// Print what this build of contrail sees: libtorch threads, CUDA devices, cuDNN.
     Info,
+    /// Print a fresh random job token (64 hex digits) for CONTRAIL_JOB_TOKEN.
+    Token,
     /// Datasets.
     Data {
         #[command(subcommand)]

@@ -6,10 +6,12 @@
 
 use crate::commands::synth;
 use anyhow::{bail, Context, Result};
+use contrail_common::auth::{JobToken, TOKEN_ENV};
 use contrail_common::config::Backend;
 use contrail_common::status::{render_status_text, JobState};
 use contrail_common::storage::list_shards;
 use contrail_common::JobConfig;
+use contrail_coordinator::access::Access;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
@@ -100,10 +102,13 @@ pub fn run_cluster(
     cfg.cluster.http_addr = http.local_addr()?.to_string();
 
     let toml = cfg.to_toml();
+    // A fresh token per run: the workers get it in their environment, nobody else has it.
+    let token = JobToken::generate()?;
+    let access = Access::with_job_token(token.clone());
     let coordinator = rt.block_on(contrail_coordinator::Coordinator::new(cfg.clone(), toml))?;
     let mut state = coordinator.watch_state();
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(coordinator.clone().serve(grpc, http, async {
+    let server = rt.spawn(coordinator.clone().serve(grpc, http, access, async {
         let _ = shutdown_rx.await;
     }));
     let status_url = format!("http://{}", cfg.cluster.http_addr);
@@ -131,6 +136,7 @@ pub fn run_cluster(
                 &format!("http://{}", cfg.cluster.grpc_addr),
             ])
             .args(["--threads", &threads])
+            .env(TOKEN_ENV, token.expose())
             .stdin(Stdio::null());
         // Only rank 0 prints progress lines, so every worker can share this terminal.
         if verbose {

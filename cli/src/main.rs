@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use contrail_cli::args::{Cli, Command, DataCommand};
 use contrail_cli::{commands, eval, k8s, local_cluster, status_client};
+use contrail_common::auth::JobToken;
 use contrail_data::import::ImportOptions;
 use contrail_worker::embed::leased::{run_embed_worker, EmbedWorkerOptions};
 use contrail_worker::process::{run_worker, WorkerOptions};
@@ -25,15 +26,20 @@ fn main() {
             bind,
             connect_wait_secs,
             threads,
-        } => run_worker(
-            &rt,
-            &WorkerOptions {
-                torch_threads: threads,
-                coordinator,
-                collective_bind: bind,
-                connect_wait: Duration::from_secs(connect_wait_secs),
-            },
-        ),
+        } => JobToken::require_env()
+            .context("the worker's job token")
+            .and_then(|token| {
+                run_worker(
+                    &rt,
+                    &WorkerOptions {
+                        torch_threads: threads,
+                        coordinator,
+                        collective_bind: bind,
+                        connect_wait: Duration::from_secs(connect_wait_secs),
+                        token,
+                    },
+                )
+            }),
         Command::Coordinator { config, overrides } => {
             commands::run_coordinator(&rt, &config, &overrides)
         }
@@ -94,29 +100,37 @@ fn main() {
             random_init,
             connect_wait_secs,
             threads,
-        } => run_embed_worker(
-            &rt,
-            &EmbedWorkerOptions {
-                coordinator,
-                out,
-                tower,
-                batch,
-                checkpoint,
-                random_init,
-                connect_wait: Duration::from_secs(connect_wait_secs),
-                torch_threads: threads,
-            },
-        )
-        .map(|summary| {
-            println!(
-                "embed worker: {} parts, {} rows, {} skipped",
-                summary.parts,
-                summary.rows,
-                summary.skipped_total()
-            )
-        }),
+        } => JobToken::require_env()
+            .context("the embed worker's job token")
+            .and_then(|token| {
+                run_embed_worker(
+                    &rt,
+                    &EmbedWorkerOptions {
+                        coordinator,
+                        out,
+                        tower,
+                        batch,
+                        checkpoint,
+                        random_init,
+                        connect_wait: Duration::from_secs(connect_wait_secs),
+                        torch_threads: threads,
+                        token,
+                    },
+                )
+            })
+            .map(|summary| {
+                println!(
+                    "embed worker: {} parts, {} rows, {} skipped",
+                    summary.parts,
+                    summary.rows,
+                    summary.skipped_total()
+                )
+            }),
         Command::Eval { command } => eval::run(&rt, command),
         Command::K8s { command } => k8s::run(&rt, command),
+        Command::Token => JobToken::generate()
+            .map(|t| println!("{}", t.expose()))
+            .map_err(Into::into),
         Command::Info => {
             commands::info();
             Ok(())

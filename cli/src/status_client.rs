@@ -3,14 +3,21 @@
 
 use anyhow::{Context, Result};
 use contrail_common::status::{render_status_text, StatusReport};
+use contrail_coordinator::access::STATUS_TOKEN_ENV;
 use std::time::Duration;
 use tokio::runtime::Runtime;
 
-/// Fetches `/status` from the coordinator's HTTP server at `base` (`http://host:port`).
+/// Fetches `/status` from the coordinator's HTTP server at `base` (`http://host:port`),
+/// with `CONTRAIL_STATUS_TOKEN` as the bearer token when it is set.
 pub async fn fetch_status(base: &str) -> Result<StatusReport> {
     let url = format!("{}/status", base.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .get(&url)
+    let mut request = reqwest::Client::new().get(&url);
+    if let Ok(token) = std::env::var(STATUS_TOKEN_ENV) {
+        if !token.is_empty() {
+            request = request.bearer_auth(token);
+        }
+    }
+    let resp = request
         .timeout(Duration::from_secs(5))
         .send()
         .await

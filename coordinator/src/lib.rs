@@ -8,6 +8,7 @@
 //! - [`experts`]: the MoE expert placement, the router load rank 0 reports, and when to
 //!   re-plan.
 //! - [`service`]: the tonic gRPC service over a shared [`Coordinator`].
+//! - [`access`]: the job token on every gRPC call, the optional status bearer token.
 //! - [`http`]: `GET /` (the live status page, [`page`]), `GET /status` (JSON
 //!   [`StatusReport`]), `GET /metrics` and `GET /healthz`.
 //! - [`metrics`]: the status report in Prometheus' text format.
@@ -18,10 +19,12 @@
 //! let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let done = coord.clone();
-//! coord.serve(grpc, http, async move { let _ = done.wait_for_end().await; }).await?;
+//! let access = contrail_coordinator::access::Access::default(); // open: tests only
+//! coord.serve(grpc, http, access, async move { let _ = done.wait_for_end().await; }).await?;
 //! # Ok(()) }
 //! ```
 
+pub mod access;
 pub mod error;
 pub mod experts;
 pub mod http;
@@ -165,11 +168,12 @@ impl Coordinator {
     }
 
     /// Serves gRPC on `grpc` and HTTP status on `http` until `shutdown` resolves, running the
-    /// lease-expiry and dead-worker checks in the background.
+    /// lease-expiry and dead-worker checks in the background. `access` says who may call.
     pub async fn serve(
         self: Arc<Self>,
         grpc: tokio::net::TcpListener,
         http: tokio::net::TcpListener,
+        access: access::Access,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -208,13 +212,19 @@ impl Coordinator {
             .context("reading the HTTP listener's address")?;
         tracing::info!(%grpc_addr, %http_addr, "coordinator serving");
         let grpc_server = tonic::transport::Server::builder()
-            .add_service(service::CoordinatorService::new(self.clone()).into_server())
+            .add_service(
+                service::CoordinatorService::new(self.clone())
+                    .into_server_with(access.grpc_interceptor()),
+            )
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(grpc),
                 stopped(stop_rx.clone()),
             );
-        let http_server = axum::serve(http, http::router(self.clone()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let http_server = axum::serve(
+            http,
+            http::router(self.clone(), access.status_token.clone()),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
         // The first server to fail stops the other (dropping it closes its listener).
         let served = tokio::try_join!(
             async {
@@ -237,6 +247,9 @@ impl Coordinator {
 /// `cluster.http_addr`, serves, prints the final status. Returns the process exit code: 0 when
 /// the job finished, 1 when it failed, 130 when interrupted.
 pub async fn run_standalone(cfg: JobConfig) -> Result<i32> {
+    let access = access::Access::with_job_token(
+        contrail_common::auth::JobToken::require_env().context("the coordinator's job token")?,
+    );
     // Workers get the effective config, overrides included.
     let job_toml = cfg.to_toml();
     let grpc = tokio::net::TcpListener::bind(&cfg.cluster.grpc_addr)
@@ -280,7 +293,7 @@ pub async fn run_standalone(cfg: JobConfig) -> Result<i32> {
             }
         }
     };
-    coord.clone().serve(grpc, http, shutdown).await?;
+    coord.clone().serve(grpc, http, access, shutdown).await?;
 
     let status = coord.status();
     println!("{}", contrail_common::status::render_status_text(&status));

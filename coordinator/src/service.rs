@@ -10,6 +10,7 @@ use contrail_common::proto::{
 };
 use std::sync::Arc;
 use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 pub struct CoordinatorService {
@@ -21,8 +22,12 @@ impl CoordinatorService {
         Self { coord }
     }
 
-    pub fn into_server(self) -> CoordinatorServer<Self> {
-        CoordinatorServer::new(self)
+    /// The tonic server, every call checked by `interceptor` first ([`crate::access`]).
+    pub fn into_server_with(
+        self,
+        interceptor: crate::access::GrpcInterceptor,
+    ) -> InterceptedService<CoordinatorServer<Self>, crate::access::GrpcInterceptor> {
+        CoordinatorServer::with_interceptor(self, interceptor)
     }
 }
 

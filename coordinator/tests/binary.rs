@@ -1,5 +1,6 @@
 //! The `contrail-coordinator` binary: exit codes and a one-worker job run to completion.
 
+use contrail_common::auth::{GrpcProof, JobToken, TOKEN_ENV};
 use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -45,13 +46,43 @@ fn bad_override_names_the_key_and_exits_nonzero() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[test]
+fn refuses_to_start_without_a_job_token() {
+    let (dir, job) = job_dir("notoken", "");
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&job)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .env_remove(TOKEN_ENV)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no job token") && err.contains(TOKEN_ENV),
+        "{err}"
+    );
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&job)
+        .env(TOKEN_ENV, "short")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 16"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exits_zero_when_the_job_finishes() {
     let (dir, job) = job_dir("finish", "");
     let grpc = format!("127.0.0.1:{}", free_port());
+    let token = JobToken::generate().unwrap();
     let child = tokio::process::Command::new(BIN)
         .arg("--config")
         .arg(&job)
+        .env(TOKEN_ENV, token.expose())
         .args(["--grpc-addr", &grpc, "--http-addr", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -60,8 +91,12 @@ async fn exits_zero_when_the_job_finishes() {
         .unwrap();
     let mut client = None;
     for _ in 0..100 {
-        if let Ok(c) = CoordinatorClient::connect(format!("http://{grpc}")).await {
-            client = Some(c);
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap();
+        if let Ok(c) = endpoint.connect().await {
+            client = Some(CoordinatorClient::with_interceptor(
+                c,
+                GrpcProof::new(Some(token.clone())),
+            ));
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -2,6 +2,7 @@
 
 mod common;
 
+use contrail_common::auth::{GrpcProof, JobToken};
 use contrail_common::checkpoint::{join_url, write_bytes, CheckpointMeta, LATEST};
 use contrail_common::config::JobConfig;
 use contrail_common::experts::{BlockPlacement, ExpertPlacement};
@@ -9,11 +10,21 @@ use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
 use contrail_common::shards::{epoch_order, ShardStateSnapshot};
 use contrail_common::status::{JobState, StatusReport, WorkerLiveness};
 use contrail_common::storage::list_shards;
+use contrail_coordinator::access::Access;
 use contrail_coordinator::Coordinator;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// A client whose calls carry proofs made with one token (or none).
+type Client = CoordinatorClient<InterceptedService<Channel, GrpcProof>>;
+
+/// The job token of every coordinator these tests serve.
+fn job_token() -> JobToken {
+    JobToken::parse("the-token-of-the-served-test-job").unwrap()
+}
 
 const SHARDS: usize = 4;
 
@@ -56,12 +67,21 @@ struct Served {
 }
 
 async fn serve(cfg: JobConfig) -> Served {
+    serve_with(cfg, None).await
+}
+
+/// Serves with the test job token and, optionally, a status bearer token.
+async fn serve_with(cfg: JobConfig, status_token: Option<&str>) -> Served {
     let coord = Coordinator::new(cfg.clone(), cfg.to_toml()).await.unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(coord.clone().serve(grpc, http, async move {
+    let access = Access {
+        job_token: Some(job_token()),
+        status_token: status_token.map(str::to_string),
+    };
+    let task = tokio::spawn(coord.clone().serve(grpc, http, access, async move {
         let _ = rx.await;
     }));
     Served {
@@ -83,10 +103,17 @@ impl Served {
             .unwrap();
     }
 
-    async fn client(&self) -> CoordinatorClient<Channel> {
-        CoordinatorClient::connect(format!("http://{}", self.grpc))
-            .await
+    async fn client(&self) -> Client {
+        self.client_with(Some(job_token())).await
+    }
+
+    async fn client_with(&self, token: Option<JobToken>) -> Client {
+        let channel = Endpoint::from_shared(format!("http://{}", self.grpc))
             .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        CoordinatorClient::with_interceptor(channel, GrpcProof::new(token))
     }
 }
 
@@ -103,7 +130,7 @@ async fn status(addr: SocketAddr) -> StatusReport {
 }
 
 struct FakeWorker {
-    client: CoordinatorClient<Channel>,
+    client: Client,
     id: u64,
     generation: u64,
     rank: u32,
@@ -583,5 +610,151 @@ async fn moe_placement_at_rendezvous_and_expert_load_in_status() {
         text.contains("moe block 0 (vit 1): load max/mean 2.50 (experts 0..3: 62% 12% 12% 12%)"),
         "{text}"
     );
+    served.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_the_job_token_are_refused_and_change_nothing() {
+    let data = write_shards("serve-token").await;
+    let served = serve(config(&data, "")).await;
+    let register = |host: &str| proto::RegisterRequest {
+        host: host.into(),
+        collective_address: "127.0.0.1:41000".into(),
+    };
+    for token in [
+        None,
+        Some(JobToken::parse("the-token-of-some-other-job").unwrap()),
+    ] {
+        let mut rogue = served.client_with(token).await;
+        let e = rogue.register(register("rogue")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        let e = rogue
+            .lease_shard(proto::LeaseRequest {
+                worker_id: 1,
+                generation: 1,
+                epoch: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    }
+    let s = status(served.http).await;
+    assert!(s.workers.is_empty(), "{:?}", s.workers);
+    assert_eq!(s.shards.leased, 0);
+    // The job's own token works.
+    let reg = served
+        .client()
+        .await
+        .register(register("worker"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reg.worker_id, 1);
+    served.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_bearer_token_guards_everything_but_healthz() {
+    let data = write_shards("serve-bearer").await;
+    let served = serve_with(config(&data, ""), Some("status-secret")).await;
+    for path in ["/", "/status", "/metrics"] {
+        let (code, body) = common::http_get_with(served.http, path, &[]).await;
+        assert_eq!(code, 401, "{path}: {body}");
+        let (code, _) =
+            common::http_get_with(served.http, path, &["Authorization: Bearer wrong"]).await;
+        assert_eq!(code, 401, "{path}");
+        let (code, _) =
+            common::http_get_with(served.http, path, &["Authorization: Bearer status-secret"])
+                .await;
+        assert_eq!(code, 200, "{path}");
+    }
+    assert_eq!(
+        common::http_get_with(served.http, "/healthz", &[]).await,
+        (200, "ok".to_string())
+    );
+    served.shutdown().await;
+}
+
+/// Random bytes, truncated and oversized frames on both ports, and well-authenticated gRPC
+/// calls with nonsense fields: each is dropped or answered with an error, and afterwards two
+/// workers still join and lease every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_both_ports_changes_nothing() {
+    let data = write_shards("serve-garbage").await;
+    let served = serve(config(&data, "")).await;
+    // An HTTP/2 preface followed by a frame header that promises 16 MiB and stops.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0x00, 0x00, 0, 0, 0, 1]);
+    let cases: Vec<Vec<u8>> = vec![
+        common::noise(1, 64),
+        common::noise(2, 1 << 20),
+        h2,
+        b"PRI * HTTP/2.0\r\n".to_vec(),
+        b"GET /status HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n".to_vec(),
+        b"GET /".repeat(20_000),
+        Vec::new(),
+    ];
+    for bytes in &cases {
+        common::throw_bytes(served.grpc, bytes).await;
+        common::throw_bytes(served.http, bytes).await;
+    }
+
+    let mut c = served.client().await;
+    let bad_lease = c
+        .lease_shard(proto::LeaseRequest {
+            worker_id: 987_654,
+            generation: u64::MAX,
+            epoch: u32::MAX,
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(bad_lease.code(), tonic::Code::Ok);
+    let bad_complete = c
+        .complete_shard(proto::CompleteRequest {
+            worker_id: 0,
+            generation: 0,
+            lease_id: u64::MAX,
+            samples: u64::MAX,
+            bad_samples: [("x".repeat(10_000), u64::MAX)].into_iter().collect(),
+            error: "\u{0}".repeat(100),
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(bad_complete.code(), tonic::Code::Ok);
+    let bad_step = c
+        .report_step(proto::StepReport {
+            worker_id: 5,
+            generation: 9,
+            step: u64::MAX,
+            loss: f64::NAN,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(bad_step.code(), tonic::Code::Ok);
+
+    let s = status(served.http).await;
+    assert_eq!(s.state, JobState::WaitingForWorkers);
+    assert!(s.workers.is_empty());
+    let mut workers = join_world(&served, 2).await;
+    let mut leased = 0;
+    loop {
+        let w = &mut workers[leased % 2];
+        let r = w
+            .client
+            .lease_shard(proto::LeaseRequest {
+                worker_id: w.id,
+                generation: w.generation,
+                epoch: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.exhausted {
+            break;
+        }
+        leased += 1;
+    }
+    assert_eq!(leased, SHARDS);
     served.shutdown().await;
 }

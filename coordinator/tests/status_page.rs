@@ -21,7 +21,8 @@ async fn root_serves_the_self_contained_status_page() {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = http.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(coord.serve(grpc, http, async move {
+    let access = contrail_coordinator::access::Access::default();
+    let server = tokio::spawn(coord.serve(grpc, http, access, async move {
         let _ = stopped.await;
     }));
 

@@ -12,12 +12,13 @@ pub const FIELD_MANAGER: &str = "contrail";
 
 /// Group, version, kind and plural of each kind contrail writes, in deletion order (owners
 /// first, so their children are not recreated meanwhile).
-pub const KINDS: [(&str, &str, &str, &str); 5] = [
+pub const KINDS: [(&str, &str, &str, &str); 6] = [
     (jobset::GROUP, jobset::VERSION, jobset::KIND, jobset::PLURAL),
     ("batch", "v1", "Job", "jobs"),
     ("apps", "v1", "Deployment", "deployments"),
     ("", "v1", "Service", "services"),
     ("", "v1", "ConfigMap", "configmaps"),
+    ("", "v1", "Secret", "secrets"),
 ];
 
 pub fn api_resource(kind: &str) -> ApiResource {

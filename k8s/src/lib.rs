@@ -18,6 +18,7 @@ pub mod apply;
 pub mod jobset;
 
 use anyhow::{bail, Context, Result};
+use contrail_common::auth::{JobToken, TOKEN_ENV};
 use contrail_common::config::JobConfig;
 use jobset::{FailurePolicy, JobSet, JobSetSpec, Network, ReplicatedJob, StartupPolicy};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
@@ -25,8 +26,8 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecretEnvSource, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretEnvSource, SecretKeySelector,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -104,6 +105,9 @@ pub struct RenderOptions {
     pub service_account: Option<String>,
     /// What the worker pods run: training (`contrail worker`), or an embedding export.
     pub workload: Workload,
+    /// The job token the rendered Secret holds (None: a fresh random one per render). The
+    /// coordinator and every worker read it as CONTRAIL_JOB_TOKEN; it is never in the job file.
+    pub job_token: Option<String>,
 }
 
 /// What the worker pods of a rendered job run.
@@ -134,6 +138,7 @@ impl RenderOptions {
             secret: None,
             service_account: None,
             workload: Workload::Train,
+            job_token: None,
         }
     }
 }
@@ -142,6 +147,7 @@ impl RenderOptions {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Manifest {
+    Secret(Secret),
     ConfigMap(ConfigMap),
     Service(Service),
     Deployment(Deployment),
@@ -152,6 +158,7 @@ pub enum Manifest {
 impl Manifest {
     pub fn kind(&self) -> &'static str {
         match self {
+            Manifest::Secret(_) => "Secret",
             Manifest::ConfigMap(_) => "ConfigMap",
             Manifest::Service(_) => "Service",
             Manifest::Deployment(_) => "Deployment",
@@ -162,6 +169,7 @@ impl Manifest {
 
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
+            Manifest::Secret(o) => &o.metadata,
             Manifest::ConfigMap(o) => &o.metadata,
             Manifest::Service(o) => &o.metadata,
             Manifest::Deployment(o) => &o.metadata,
@@ -183,6 +191,7 @@ impl Manifest {
             .context("manifest has no `kind`")?
             .to_string();
         let m = match kind.as_str() {
+            "Secret" => Manifest::Secret(serde_json::from_value(value)?),
             "ConfigMap" => Manifest::ConfigMap(serde_json::from_value(value)?),
             "Service" => Manifest::Service(serde_json::from_value(value)?),
             "Deployment" => Manifest::Deployment(serde_json::from_value(value)?),
@@ -331,8 +340,15 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
         );
     }
     let job_toml = cluster_job_toml(cfg, opts)?;
+    let token = match &opts.job_token {
+        Some(t) => JobToken::parse(t).context("--job-token")?,
+        None => JobToken::generate()?,
+    };
 
-    let mut out = vec![Manifest::ConfigMap(config_map(opts, job_toml))];
+    let mut out = vec![
+        Manifest::Secret(token_secret(opts, &token)),
+        Manifest::ConfigMap(config_map(opts, job_toml)),
+    ];
     out.push(Manifest::Service(coordinator_service(opts)));
     match opts.crd {
         Crd::JobSet => out.push(Manifest::JobSet(job_set(opts))),
@@ -412,6 +428,42 @@ fn meta(opts: &RenderOptions, name: String, component: &str) -> ObjectMeta {
     }
 }
 
+/// Name of the Secret that holds the job token (key [`TOKEN_KEY`]).
+pub fn token_secret_name(opts: &RenderOptions) -> String {
+    format!("{}-token", opts.name)
+}
+
+/// The key of the token in its Secret.
+pub const TOKEN_KEY: &str = "token";
+
+fn token_secret(opts: &RenderOptions, token: &JobToken) -> Secret {
+    Secret {
+        metadata: meta(opts, token_secret_name(opts), "token"),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(
+            TOKEN_KEY.to_string(),
+            token.expose().to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// CONTRAIL_JOB_TOKEN from the job's Secret: every pod of the job gets it, nothing else.
+fn token_env(opts: &RenderOptions) -> EnvVar {
+    EnvVar {
+        name: TOKEN_ENV.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: token_secret_name(opts),
+                key: TOKEN_KEY.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn config_map(opts: &RenderOptions, job_toml: String) -> ConfigMap {
     ConfigMap {
         metadata: meta(opts, config_map_name(opts), "config"),
@@ -479,6 +531,7 @@ fn coordinator_pod(opts: &RenderOptions, restart_policy: &str) -> PodTemplateSpe
             period_seconds: Some(5),
             ..Default::default()
         }),
+        env: Some(vec![token_env(opts)]),
         env_from: env_from(opts),
         volume_mounts: Some(vec![VolumeMount {
             name: "config".into(),
@@ -536,6 +589,7 @@ fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpe
             value: Some(coordinator_url(opts)),
             ..Default::default()
         },
+        token_env(opts),
     ];
     if let Some(ifname) = &opts.nccl_socket_ifname {
         env.push(EnvVar {

@@ -357,11 +357,13 @@ fn apply_plan_uses_the_contrail_field_manager_and_the_right_endpoints() {
             .collect();
         let want: Vec<(&str, &str, &str)> = match crd {
             Crd::JobSet => vec![
+                ("v1", "secrets", "simclr-test-token"),
                 ("v1", "configmaps", "simclr-test-config"),
                 ("v1", "services", "simclr-test-coordinator"),
                 ("jobset.x-k8s.io/v1alpha2", "jobsets", "simclr-test"),
             ],
             Crd::None => vec![
+                ("v1", "secrets", "simclr-test-token"),
                 ("v1", "configmaps", "simclr-test-config"),
                 ("v1", "services", "simclr-test-coordinator"),
                 ("apps/v1", "deployments", "simclr-test-coordinator"),
@@ -409,7 +411,7 @@ fn apply_against_an_unreachable_server_fails_cleanly() {
         })
         .unwrap_err();
     assert!(
-        format!("{err:#}").contains("applying ConfigMap simclr-test-config"),
+        format!("{err:#}").contains("applying Secret simclr-test-token"),
         "{err:#}"
     );
 }
@@ -503,4 +505,55 @@ fn an_embedding_export_runs_embed_workers() {
             .unwrap();
         assert_eq!(args[0], "worker");
     }
+}
+
+/// The job token reaches the coordinator and every worker from the rendered Secret, never
+/// from the ConfigMap; each render without a fixed token makes a new one.
+#[test]
+fn the_job_token_lives_in_a_secret_that_every_pod_reads() {
+    for o in cases() {
+        let objs = render_case(&o);
+        let secret = objs
+            .iter()
+            .find_map(|m| match m {
+                Manifest::Secret(s) => Some(s.clone()),
+                _ => None,
+            })
+            .expect("a Secret");
+        assert_eq!(secret.metadata.name.as_deref(), Some("simclr-test-token"));
+        assert_eq!(
+            secret.string_data.as_ref().unwrap()["token"],
+            common::TEST_TOKEN
+        );
+        let p = parts(&objs);
+        assert!(!p.toml.contains(common::TEST_TOKEN));
+        let pods = [&p.coordinator, &p.worker_job.template];
+        for pod in pods {
+            let c = &pod_spec(pod).containers[0];
+            let from = c
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|e| e.name == "CONTRAIL_JOB_TOKEN")
+                .and_then(|e| e.value_from.as_ref())
+                .and_then(|v| v.secret_key_ref.as_ref())
+                .unwrap_or_else(|| panic!("{} has no CONTRAIL_JOB_TOKEN from a Secret", c.name));
+            assert_eq!(
+                (from.name.as_str(), from.key.as_str()),
+                ("simclr-test-token", "token")
+            );
+        }
+    }
+    let mut o = opts(Crd::JobSet, 2, 0);
+    o.job_token = None;
+    let token = |objs: Vec<Manifest>| match &objs[0] {
+        Manifest::Secret(s) => s.string_data.as_ref().unwrap()["token"].clone(),
+        other => panic!("the first object is a {}", other.kind()),
+    };
+    let (a, b) = (token(render_case(&o)), token(render_case(&o)));
+    assert_ne!(a, b);
+    assert_eq!(a.len(), 64);
+    o.job_token = Some("short".into());
+    assert!(format!("{:#}", render(&job(), &o).unwrap_err()).contains("at least 16"));
 }

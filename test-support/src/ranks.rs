@@ -129,7 +129,7 @@ pub fn child_env() -> Option<ChildEnv> {
 pub fn rendezvous(dir: &Path, rank: usize, world: usize, timeout: Duration) -> TcpCollective {
     let boot = TcpCollective::bind("127.0.0.1:0")
         .expect("bind")
-        .with_token(0xC0FFEE);
+        .with_generation(0xC0FFEE);
     let tmp = dir.join(format!("rank{rank}.tmp"));
     std::fs::write(&tmp, boot.local_addr().expect("local addr").to_string()).expect("write addr");
     std::fs::rename(&tmp, dir.join(format!("rank{rank}.addr"))).expect("publish addr");

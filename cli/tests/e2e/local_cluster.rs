@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use contrail_common::auth::TOKEN_ENV;
 use contrail_test_support as support;
 
 use support::cluster::{lines_of, status, KillOnDrop};
@@ -264,6 +265,59 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The token the coordinator and workers of the hand-started jobs below share.
+const JOB_TOKEN: &str = "e2e-job-token-0123456789";
+
+#[test]
+fn worker_without_the_jobs_token_cannot_join() {
+    let dir = temp_dir("rogue");
+    let job = write_job(&dir, 256, 50, "");
+    write_synth(&dir, 256);
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let _coordinator = KillOnDrop(
+        Command::new(CONTRAIL)
+            .args(["coordinator", "--config"])
+            .arg(&job)
+            .args(["--set", &format!("cluster.grpc_addr={grpc}")])
+            .args(["--set", &format!("cluster.http_addr={http}")])
+            .env(TOKEN_ENV, JOB_TOKEN)
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for (token, says) in [
+        (Some("a-token-of-some-other-job"), "refused this worker"),
+        (None, "no job token"),
+    ] {
+        let mut cmd = Command::new(CONTRAIL);
+        cmd.args(["worker", "--coordinator", &format!("http://{grpc}")])
+            .args(["--connect-wait-secs", "30"])
+            .env_remove(TOKEN_ENV)
+            .current_dir(&dir);
+        if let Some(t) = token {
+            cmd.env(TOKEN_ENV, t);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+    // Nobody joined: the coordinator still waits for its workers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        if let Some(s) = status(&http) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no status");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(s.workers.is_empty(), "{:?}", s.workers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn killed_worker_returns_its_leases_and_fails_the_job() {
     let dir = temp_dir("kill");
@@ -278,6 +332,7 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
             .arg(&job)
             .args(["--set", &format!("cluster.grpc_addr={grpc}")])
             .args(["--set", &format!("cluster.http_addr={http}")])
+            .env(TOKEN_ENV, JOB_TOKEN)
             .current_dir(&dir)
             .spawn()
             .unwrap(),
@@ -285,6 +340,7 @@ fn killed_worker_returns_its_leases_and_fails_the_job() {
     let worker = |name: &str| {
         Command::new(CONTRAIL)
             .args(["worker", "--coordinator", &format!("http://{grpc}")])
+            .env(TOKEN_ENV, JOB_TOKEN)
             .current_dir(&dir)
             .stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap())
             .stdout(Stdio::null())

@@ -23,8 +23,13 @@ pub fn opts(crd: Crd, workers: u32, gpus: u32) -> RenderOptions {
     o.namespace = "ml".into();
     o.crd = crd;
     o.gpus_per_worker = gpus;
+    // Fixed, so that two renders of the same options are equal.
+    o.job_token = Some(TEST_TOKEN.into());
     o
 }
+
+/// The job token of the rendered test jobs.
+pub const TEST_TOKEN: &str = "k8s-test-job-token-0123456789";
 
 /// Every combination the tests cover: both flavours, 1/2/8 workers, with and without GPUs,
 /// and the NCCL / credential options on some.

@@ -35,6 +35,8 @@ pub struct EmbedWorkerOptions {
     pub connect_wait: Duration,
     /// libtorch intra-op threads; 0 keeps libtorch's default.
     pub torch_threads: i32,
+    /// The job's token (the coordinator refuses calls without it).
+    pub token: contrail_common::auth::JobToken,
 }
 
 /// Registers, embeds leased shards until none is left, and leaves (with the error, if any).
@@ -47,6 +49,7 @@ pub fn run_embed_worker(rt: &Runtime, opts: &EmbedWorkerOptions) -> Result<Embed
         &opts.coordinator,
         "",
         opts.connect_wait,
+        Some(opts.token.clone()),
     ))?;
     let asg = rt.block_on(coord.rendezvous())?;
     let cfg = JobConfig::from_toml(&asg.job_toml)

@@ -2,14 +2,19 @@
 //! generation on every call and turns gRPC statuses into errors a person can act on.
 
 use anyhow::{Context, Result};
+use contrail_common::auth::{GrpcProof, JobToken};
 use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// The gRPC client, every call stamped with a job-token proof.
+type Client = CoordinatorClient<InterceptedService<Channel, GrpcProof>>;
 
 #[derive(Clone)]
 pub struct Coordinator {
-    client: CoordinatorClient<Channel>,
+    client: Client,
     pub endpoint: String,
     pub worker_id: u64,
     pub generation: u64,
@@ -36,21 +41,25 @@ pub enum Lease {
 
 impl Coordinator {
     /// Connects (retrying for up to `wait`, since the coordinator may still be starting) and
-    /// registers this worker with its collective address.
+    /// registers this worker with its collective address. Every call carries a proof made
+    /// with `token` (the job's token; see `contrail_common::auth`).
     pub async fn register(
         endpoint: &str,
         collective_address: &str,
         wait: Duration,
+        token: Option<JobToken>,
     ) -> Result<Self> {
         let endpoint = if endpoint.contains("://") {
             endpoint.to_string()
         } else {
             format!("http://{endpoint}")
         };
+        let target = Endpoint::from_shared(endpoint.clone())
+            .with_context(|| format!("the coordinator address {endpoint} is not a URL"))?;
         let deadline = tokio::time::Instant::now() + wait;
         let client = loop {
-            match CoordinatorClient::connect(endpoint.clone()).await {
-                Ok(c) => break c,
+            match target.connect().await {
+                Ok(c) => break CoordinatorClient::with_interceptor(c, GrpcProof::new(token)),
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!("coordinator at {endpoint} not reachable yet: {e}");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -76,7 +85,22 @@ impl Coordinator {
                 collective_address: collective_address.to_string(),
             })
             .await
-            .with_context(|| format!("registering with the coordinator at {}", me.endpoint))?
+            .map_err(|s| {
+                if s.code() == tonic::Code::Unauthenticated {
+                    anyhow::anyhow!(
+                        "the coordinator at {} refused this worker: it needs the job's token in \
+                         {} ({})",
+                        me.endpoint,
+                        contrail_common::auth::TOKEN_ENV,
+                        s.message()
+                    )
+                } else {
+                    anyhow::Error::new(s).context(format!(
+                        "registering with the coordinator at {}",
+                        me.endpoint
+                    ))
+                }
+            })?
             .into_inner();
         me.worker_id = reply.worker_id;
         me.generation = reply.generation;

@@ -22,6 +22,7 @@ use crate::train::checkpoint::{read_checkpoint, safetensors_to_tensors};
 use crate::train::trainer::{train, StartPoint};
 use anyhow::{Context, Result};
 use client::Coordinator;
+use contrail_common::auth::JobToken;
 use contrail_common::config::{ObjectiveKind, TokenizerSource};
 use contrail_common::JobConfig;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,8 @@ pub struct WorkerOptions {
     pub connect_wait: Duration,
     /// libtorch intra-op threads; 0 keeps libtorch's default.
     pub torch_threads: i32,
+    /// The job's token: proves this worker to the coordinator and to its peers.
+    pub token: JobToken,
 }
 
 /// State shared between the training thread and the heartbeat task.
@@ -61,12 +64,14 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
     if opts.torch_threads > 0 {
         tch::set_num_threads(opts.torch_threads);
     }
-    let bootstrap = TcpCollective::bind(&opts.collective_bind).with_context(|| {
-        format!(
-            "binding the collective listener on {}",
-            opts.collective_bind
-        )
-    })?;
+    let bootstrap = TcpCollective::bind(&opts.collective_bind)
+        .with_context(|| {
+            format!(
+                "binding the collective listener on {}",
+                opts.collective_bind
+            )
+        })?
+        .with_token(opts.token.clone());
     let collective_addr = bootstrap
         .local_addr()
         .context("reading the collective listener's address")?
@@ -75,6 +80,7 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
         &opts.coordinator,
         &collective_addr,
         opts.connect_wait,
+        Some(opts.token.clone()),
     ))?;
     let asg = rt.block_on(coord.rendezvous())?;
     let cfg = JobConfig::from_toml(&asg.job_toml)
@@ -100,6 +106,7 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
         let nccl = device::use_nccl(cfg.cluster.backend, device)?;
         let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
         let tcp = bootstrap
+            .with_generation(coord.generation)
             .connect(asg.rank, asg.peers.clone(), timeout)
             .context("connecting to the other workers")?;
         // Shared: the MoE blocks of the model exchange tokens through it too.

@@ -9,7 +9,8 @@ use contrail_test_support as support;
 use std::time::{Duration, Instant};
 use support::ranks::{assert_all_succeeded, child_env, rendezvous};
 
-use contrail_worker::dist::tcp::TcpCollective;
+use contrail_common::auth::JobToken;
+use contrail_worker::dist::tcp::{TcpBootstrap, TcpCollective};
 use contrail_worker::dist::{Collective, CollectiveError};
 use tch::{Kind, Tensor};
 
@@ -86,32 +87,139 @@ fn world_of_one_needs_no_sockets() {
     assert!(matches!(err, CollectiveError::Usage(_)), "{err}");
 }
 
-#[test]
-fn peer_with_another_job_token_is_refused() {
-    let b0 = TcpCollective::bind("127.0.0.1:0")
-        .expect("bind")
-        .with_token(1);
-    let b1 = TcpCollective::bind("127.0.0.1:0")
-        .expect("bind")
-        .with_token(2);
+/// Two ranks whose bootstraps differ by `setup`: both must fail to connect, quickly.
+fn two_ranks_refuse_each_other(
+    a: TcpBootstrap,
+    b: TcpBootstrap,
+) -> (CollectiveError, CollectiveError) {
     let addrs = vec![
-        b0.local_addr().unwrap().to_string(),
-        b1.local_addr().unwrap().to_string(),
+        a.local_addr().unwrap().to_string(),
+        b.local_addr().unwrap().to_string(),
     ];
     let a2 = addrs.clone();
-    let t = std::thread::spawn(move || b0.connect(0, a2, Duration::from_millis(800)).err());
+    let t = std::thread::spawn(move || a.connect(0, a2, Duration::from_millis(800)).err());
     let started = Instant::now();
-    let e1 = b1
+    let e1 = b
         .connect(1, addrs, Duration::from_millis(800))
         .err()
         .expect("rank 1 must fail");
     let e0 = t.join().unwrap().expect("rank 0 must fail");
     assert!(started.elapsed() < Duration::from_secs(5));
+    (e0, e1)
+}
+
+fn bind() -> TcpBootstrap {
+    TcpCollective::bind("127.0.0.1:0").expect("bind")
+}
+
+#[test]
+fn peer_with_another_job_token_is_refused() {
+    let (e0, e1) = two_ranks_refuse_each_other(
+        bind().with_token(JobToken::parse("token-of-the-first-job").unwrap()),
+        bind().with_token(JobToken::parse("token-of-another-job!").unwrap()),
+    );
     assert!(
         e1.to_string().contains("rank 0") && e1.to_string().contains("token"),
         "{e1}"
     );
     assert!(e0.to_string().contains("rank 1"), "{e0}");
+}
+
+#[test]
+fn peer_without_a_token_is_refused_by_a_mesh_with_one() {
+    let (e0, e1) = two_ranks_refuse_each_other(
+        bind().with_token(JobToken::parse("token-of-the-first-job").unwrap()),
+        bind(),
+    );
+    assert!(e1.to_string().contains("token"), "{e1}");
+    assert!(e0.to_string().contains("rank 1"), "{e0}");
+}
+
+#[test]
+fn peer_of_an_earlier_generation_is_refused() {
+    let token = JobToken::parse("the-same-job-token").unwrap();
+    let (e0, e1) = two_ranks_refuse_each_other(
+        bind().with_token(token.clone()).with_generation(3),
+        bind().with_token(token).with_generation(2),
+    );
+    assert!(e1.to_string().contains("rank 0"), "{e1}");
+    assert!(e0.to_string().contains("rank 1"), "{e0}");
+}
+
+/// While rank 0 waits for rank 1, strangers connect to its port: random bytes, a truncated
+/// hello, a well-formed hello for rank 1 without the token (a rogue), a silent connection and
+/// an oversized flood. Rank 0 drops each and the real rank 1 still joins, and the mesh works.
+#[test]
+fn garbage_and_rogues_on_the_collective_port_change_nothing() {
+    use std::io::{Read, Write};
+    let token = JobToken::parse("the-real-job-token-here").unwrap();
+    let b0 = bind().with_token(token.clone());
+    let b1 = bind().with_token(token);
+    let addrs = vec![
+        b0.local_addr().unwrap().to_string(),
+        b1.local_addr().unwrap().to_string(),
+    ];
+    let target = addrs[0].clone();
+    let a0 = addrs.clone();
+    let rank0 = std::thread::spawn(move || b0.connect(0, a0, Duration::from_secs(20)));
+
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    };
+    // A rogue's hello: the right magic and ranks, but it cannot answer the challenge.
+    let mut rogue_hello = Vec::new();
+    rogue_hello.extend_from_slice(b"CTRLRNG2");
+    rogue_hello.extend_from_slice(&0u64.to_le_bytes());
+    for v in [2u32, 1, 0, 1 << 16] {
+        rogue_hello.extend_from_slice(&v.to_le_bytes());
+    }
+    rogue_hello.extend_from_slice(&[7u8; 16]);
+    let attempts: Vec<Vec<u8>> = vec![
+        noise(48),
+        noise(7),
+        rogue_hello[..20].to_vec(),
+        rogue_hello.clone(),
+        Vec::new(),
+        noise(1 << 20),
+    ];
+    for bytes in attempts {
+        let Ok(mut s) = std::net::TcpStream::connect(&target) else {
+            continue;
+        };
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let _ = s.write_all(&bytes);
+        if bytes == rogue_hello {
+            // Rank 0 answers the challenge; the rogue has no proof to send back.
+            let mut reply = [0u8; 60];
+            let _ = s.read_exact(&mut reply);
+            let _ = s.write_all(&[0u8; 32]);
+        }
+        drop(s);
+    }
+
+    let c1 = b1
+        .connect(1, addrs, Duration::from_secs(20))
+        .expect("rank 1 joins");
+    let c0 = rank0.join().unwrap().expect("rank 0 builds the mesh");
+    let mut t0 = Tensor::from_slice(&[1.0f32, 2.0]);
+    let mut t1 = Tensor::from_slice(&[10.0f32, 20.0]);
+    let h = std::thread::spawn(move || {
+        c1.all_reduce_sum(&mut t1).unwrap();
+        t1
+    });
+    c0.all_reduce_sum(&mut t0).unwrap();
+    let t1 = h.join().unwrap();
+    assert_eq!(Vec::<f32>::try_from(&t0).unwrap(), vec![11.0, 22.0]);
+    assert_eq!(Vec::<f32>::try_from(&t1).unwrap(), vec![11.0, 22.0]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,13 @@
 //! Building the mesh: bind, then dial every lower rank and accept every higher one. Each
-//! connection opens with a hello (rank, world size, stream index and the job token) so a stale
-//! or foreign process cannot join.
-
+//! connection opens with a mutual challenge–response under the job token, so a process
+//! without the token cannot join, and the token itself never crosses the wire:
+//!
+//! 1. dialer → acceptor: hello (magic, generation, world, ranks, stream, nonce_d);
+//! 2. acceptor → dialer: magic, its rank, nonce_a, MAC(token; "accept", hello, nonce_a, rank);
+//! 3. dialer → acceptor: MAC(token; "dial", hello, nonce_a).
+//!
+//! Each side checks the other's MAC before the connection carries data. The generation
+//! (in clear: it is no secret) fences a process of an earlier membership of the same job.
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
@@ -11,13 +17,21 @@ use std::time::{Duration, Instant};
 use super::tuning::{socket_buffer_bytes, streams_per_peer};
 use super::{Failure, OpState, TcpCollective};
 use crate::dist::{CollectiveError, Result};
+use contrail_common::auth::{random_bytes, JobToken};
 
-const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CTRLRING");
+const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CTRLRNG2");
 
 /// A bound listener waiting for the peer list; see [`TcpCollective::bind`].
 pub struct TcpBootstrap {
     listener: TcpListener,
-    token: u64,
+    token: JobToken,
+    generation: u64,
+}
+
+/// The key of a mesh built without a job token (tests, single-process tools): the handshake
+/// still runs, but proves nothing a stranger could not also prove.
+fn open_token() -> JobToken {
+    JobToken::parse("contrail-open-mesh-without-a-job-token").expect("a valid token")
 }
 
 impl TcpCollective {
@@ -25,7 +39,8 @@ impl TcpCollective {
     pub fn bind(addr: &str) -> io::Result<TcpBootstrap> {
         Ok(TcpBootstrap {
             listener: TcpListener::bind(addr)?,
-            token: 0,
+            token: open_token(),
+            generation: 0,
         })
     }
 }
@@ -35,10 +50,16 @@ impl TcpBootstrap {
         self.listener.local_addr()
     }
 
-    /// Sets the job/generation token every peer must present (default 0). Use a value that
-    /// changes with each restart of the job so a process from an earlier attempt cannot join.
-    pub fn with_token(mut self, token: u64) -> Self {
+    /// Sets the job token every peer must prove it holds (see the module comment).
+    pub fn with_token(mut self, token: JobToken) -> Self {
         self.token = token;
+        self
+    }
+
+    /// Sets the membership generation every peer must be in (default 0), so a process of an
+    /// earlier membership of the job cannot join this one.
+    pub fn with_generation(mut self, generation: u64) -> Self {
+        self.generation = generation;
         self
     }
 
@@ -63,7 +84,8 @@ impl TcpBootstrap {
             ));
         }
         let deadline = Instant::now() + timeout;
-        let token = self.token;
+        let token = &self.token;
+        let generation = self.generation;
         let listener = self.listener;
         let peer_addrs_ref = &peer_addrs;
         let lanes = streams_per_peer();
@@ -77,8 +99,9 @@ impl TcpBootstrap {
         let fail =
             |f: Failure| f.to_error(|r: usize| peer_addrs_ref.get(r).cloned().unwrap_or_default());
         let (accepted, dialed) = thread::scope(|s| {
-            let acceptor =
-                s.spawn(|| accept_higher(&listener, rank, world, lanes, token, deadline));
+            let acceptor = s.spawn(|| {
+                accept_higher(&listener, rank, world, lanes, token, generation, deadline)
+            });
             let mut dialed = Vec::new();
             for (peer, addr) in peer_addrs.iter().enumerate().take(rank) {
                 for lane in 0..lanes {
@@ -87,9 +110,10 @@ impl TcpBootstrap {
                         world,
                         lane,
                         lanes,
-                        token,
+                        generation,
+                        nonce: [0; 16],
                     };
-                    match dial(addr, &me, peer, deadline) {
+                    match dial(addr, &me, token, peer, deadline) {
                         Ok(stream) => dialed.push((peer, lane, stream)),
                         Err(f) => return (Ok(Vec::new()), Err(f)),
                     }
@@ -157,22 +181,28 @@ struct Hello {
     world: usize,
     lane: usize,
     lanes: usize,
-    token: u64,
+    generation: u64,
+    /// The dialer's challenge (fresh for every attempt).
+    nonce: [u8; 16],
 }
 
-const HELLO_LEN: usize = 32;
+const HELLO_LEN: usize = 48;
+/// The acceptor's answer: magic, rank, its challenge and its MAC.
+const REPLY_LEN: usize = 8 + 4 + 16 + 32;
+const MAC_LEN: usize = 32;
 
 impl Hello {
     fn encode(&self, to: usize) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
         b[0..8].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
-        b[8..16].copy_from_slice(&self.token.to_le_bytes());
+        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
         for (k, v) in [self.world, self.rank, to, self.lane | (self.lanes << 16)]
             .iter()
             .enumerate()
         {
             b[16 + 4 * k..20 + 4 * k].copy_from_slice(&(*v as u32).to_le_bytes());
         }
+        b[32..48].copy_from_slice(&self.nonce);
         b
     }
 
@@ -185,24 +215,35 @@ impl Hello {
             return None;
         }
         let hello = Hello {
-            token: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            generation: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
             world: u32_at(0),
             rank: u32_at(1),
             lane: u32_at(3) & 0xFFFF,
             lanes: u32_at(3) >> 16,
+            nonce: b[32..48].try_into().expect("16 bytes"),
         };
         Some((hello, u32_at(2)))
     }
+}
+
+/// The acceptor's proof: it holds the token and answers this very hello as rank `rank`.
+fn accept_mac(token: &JobToken, hello: &[u8], nonce_a: &[u8], rank: u32) -> [u8; 32] {
+    token.mac(&[b"accept", hello, nonce_a, &rank.to_le_bytes()])
+}
+
+/// The dialer's proof: it holds the token and answers the acceptor's challenge.
+fn dial_mac(token: &JobToken, hello: &[u8], nonce_a: &[u8]) -> [u8; 32] {
+    token.mac(&[b"dial", hello, nonce_a])
 }
 
 /// Dials `peer` until it answers the handshake with the right rank and token, or the deadline.
 fn dial(
     addr: &str,
     me: &Hello,
+    token: &JobToken,
     peer: usize,
     deadline: Instant,
 ) -> std::result::Result<TcpStream, Failure> {
-    let token = me.token;
     let mut last_err = String::from("no attempt finished");
     loop {
         let now = Instant::now();
@@ -223,23 +264,41 @@ fn dial(
             )?;
             stream.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
             stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
-            (&stream).write_all(&me.encode(peer))?;
-            let mut reply = [0u8; 20];
+            let nonce_d = random_bytes::<16>().map_err(io::Error::other)?;
+            let hello = Hello {
+                nonce: nonce_d,
+                ..*me
+            }
+            .encode(peer);
+            (&stream).write_all(&hello)?;
+            let mut reply = [0u8; REPLY_LEN];
             (&stream).read_exact(&mut reply).map_err(|e| {
                 io::Error::new(
                     e.kind(),
-                    format!("no handshake reply ({e}): wrong token, world size or stream count?"),
+                    format!(
+                        "no handshake reply ({e}): another job's token or generation, world \
+                         size or stream count?"
+                    ),
                 )
             })?;
             let magic = u64::from_le_bytes(reply[0..8].try_into().expect("8 bytes"));
-            let their_token = u64::from_le_bytes(reply[8..16].try_into().expect("8 bytes"));
-            let their_rank = u32::from_le_bytes(reply[16..20].try_into().expect("4 bytes"));
-            if magic != HELLO_MAGIC || their_token != token || their_rank as usize != peer {
+            let their_rank = u32::from_le_bytes(reply[8..12].try_into().expect("4 bytes"));
+            let nonce_a = &reply[12..28];
+            if magic != HELLO_MAGIC || their_rank as usize != peer {
                 return Err(io::Error::other(format!(
-                    "answered as rank {their_rank} with token {their_token:#x} (wanted rank \
-                     {peer}, token {token:#x}): a stale or foreign process"
+                    "answered as rank {their_rank} (wanted rank {peer}): a stale or foreign \
+                     process"
                 )));
             }
+            if !token.verify(
+                &[b"accept", &hello, nonce_a, &their_rank.to_le_bytes()],
+                &reply[28..60],
+            ) {
+                return Err(io::Error::other(
+                    "its handshake proof does not match this job's token: a foreign process",
+                ));
+            }
+            (&stream).write_all(&dial_mac(token, &hello, nonce_a))?;
             Ok(stream)
         })();
         match attempt {
@@ -257,7 +316,8 @@ fn accept_higher(
     me: usize,
     world: usize,
     lanes: usize,
-    token: u64,
+    token: &JobToken,
+    generation: u64,
     deadline: Instant,
 ) -> std::result::Result<Vec<(usize, usize, TcpStream)>, Failure> {
     let mut got: Vec<(usize, usize, TcpStream)> = Vec::new();
@@ -286,7 +346,7 @@ fn accept_higher(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_err(e)),
         };
-        match handshake_accepted(&stream, me, world, lanes, token, deadline, &got) {
+        match handshake_accepted(&stream, me, world, lanes, token, generation, deadline, &got) {
             Ok((peer, lane)) => got.push((peer, lane, stream)),
             Err(reason) => {
                 tracing::warn!(%from, rank = me, "rejected a collective connection: {reason}")
@@ -297,12 +357,14 @@ fn accept_higher(
     Ok(got)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn handshake_accepted(
     stream: &TcpStream,
     me: usize,
     world: usize,
     lanes: usize,
-    token: u64,
+    token: &JobToken,
+    generation: u64,
     deadline: Instant,
     got: &[(usize, usize, TcpStream)],
 ) -> std::result::Result<(usize, usize), String> {
@@ -323,10 +385,10 @@ fn handshake_accepted(
     let Some((h, to)) = Hello::decode(&raw) else {
         return Err("not a contrail collective hello".into());
     };
-    if h.token != token {
+    if h.generation != generation {
         return Err(format!(
-            "token {:#x} is not this job's {token:#x} (stale peer?)",
-            h.token
+            "a peer of generation {} (this mesh is generation {generation}): a stale process?",
+            h.generation
         ));
     }
     if h.world != world || to != me || h.rank <= me || h.rank >= world {
@@ -344,12 +406,27 @@ fn handshake_accepted(
     if got.iter().any(|(g, l, _)| *g == h.rank && *l == h.lane) {
         return Err(format!("rank {} connected stream {} twice", h.rank, h.lane));
     }
-    let mut reply = Vec::with_capacity(20);
+    let nonce_a = random_bytes::<16>().map_err(|e| e.to_string())?;
+    let mut reply = Vec::with_capacity(REPLY_LEN);
     reply.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
-    reply.extend_from_slice(&token.to_le_bytes());
     reply.extend_from_slice(&(me as u32).to_le_bytes());
+    reply.extend_from_slice(&nonce_a);
+    reply.extend_from_slice(&accept_mac(token, &raw, &nonce_a, me as u32));
     (&*stream)
         .write_all(&reply)
         .map_err(|e| format!("reply failed: {e}"))?;
+    let mut proof = [0u8; MAC_LEN];
+    (&*stream).read_exact(&mut proof).map_err(|e| {
+        format!(
+            "no handshake proof from rank {} ({e}): another job's token?",
+            h.rank
+        )
+    })?;
+    if !token.verify(&[b"dial", &raw, &nonce_a], &proof) {
+        return Err(format!(
+            "rank {} failed the challenge: it does not hold this job's token",
+            h.rank
+        ));
+    }
     Ok((h.rank, h.lane))
 }

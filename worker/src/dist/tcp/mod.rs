@@ -4,8 +4,9 @@
 //!
 //! Construction has two phases so a worker can register its address before its peers are known:
 //! [`TcpCollective::bind`] opens the listener, [`TcpBootstrap::connect`] builds the mesh (rank i
-//! dials every lower rank and accepts every higher one; a handshake carries the rank, the world
-//! size and a job/generation token so a stale process cannot join).
+//! dials every lower rank and accepts every higher one; a challenge–response handshake under
+//! the job token, with the rank, world size and generation, keeps foreign and stale processes
+//! out).
 //!
 //! Every operation is compiled into a [`Plan`]: an ordered list of segment sends and an ordered
 //! list of segment receives. A sender thread and the calling thread (the receiver) run the two
