@@ -173,6 +173,7 @@ pub fn embed(rt: &Runtime, args: EmbedArgs) -> Result<()> {
             None => ", randomly initialised model".into(),
         }
     );
+    println!("time: {}", summary.phases.describe());
     Ok(())
 }
 

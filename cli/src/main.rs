@@ -120,10 +120,11 @@ fn main() {
             })
             .map(|summary| {
                 println!(
-                    "embed worker: {} parts, {} rows, {} skipped",
+                    "embed worker: {} parts, {} rows, {} skipped ({})",
                     summary.parts,
                     summary.rows,
-                    summary.skipped_total()
+                    summary.skipped_total(),
+                    summary.phases.describe()
                 )
             }),
         Command::Eval { command } => eval::run(&rt, command),

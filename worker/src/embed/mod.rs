@@ -92,12 +92,15 @@ pub struct EmbedSummary {
     pub skipped: BTreeMap<String, u64>,
     /// The checkpoint directory loaded, if any.
     pub checkpoint: Option<String>,
+    /// Where the time went, over all shards.
+    pub phases: shard::Phases,
 }
 
 impl EmbedSummary {
     pub fn add(&mut self, shard: &ShardExport) {
         self.rows += shard.rows;
         self.parts += 1;
+        self.phases.add(&shard.phases);
         for (reason, n) in &shard.skipped {
             *self.skipped.entry(reason.clone()).or_default() += n;
         }
