@@ -120,6 +120,11 @@ pub enum Command {
         #[command(subcommand)]
         command: EvalCommand,
     },
+    /// The sample audit of a job (`[audit] url`): prove every sample was trained once.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Kubernetes: render, launch or delete a job's objects (docs/kubernetes.md).
     K8s {
         #[command(subcommand)]
@@ -422,4 +427,24 @@ fn parse_tower(s: &str) -> Result<Tower, String> {
         "text" => Ok(Tower::Text),
         _ => Err(format!("tower {s:?} must be \"image\" or \"text\"")),
     }
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// For every epoch in the audit: was each sample of the dataset trained exactly once?
+    /// Exit 0 if so; 1 listing the repeated, missing and unknown samples otherwise.
+    Check {
+        /// The job's `[audit] url`.
+        #[arg(long)]
+        audit: String,
+        /// The job's `data.url` (the same spec, so shard names match).
+        #[arg(long)]
+        data: String,
+        /// S3-compatible endpoint for s3:// URLs (as `data.s3_endpoint`).
+        #[arg(long, default_value = "")]
+        s3_endpoint: String,
+        /// Also write the per-epoch result as JSON to this file.
+        #[arg(long)]
+        json: Option<String>,
+    },
 }

@@ -11,6 +11,7 @@
 //! `contrail worker` is `contrail_worker::worker::run_worker`, on the runtime made here.
 
 pub mod args;
+pub mod audit;
 pub mod commands;
 pub mod eval;
 pub mod k8s;

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use contrail_cli::args::{Cli, Command, DataCommand};
-use contrail_cli::{commands, eval, k8s, local_cluster, status_client};
+use contrail_cli::args::{AuditCommand, Cli, Command, DataCommand};
+use contrail_cli::{audit, commands, eval, k8s, local_cluster, status_client};
 use contrail_common::auth::JobToken;
 use contrail_data::import::ImportOptions;
 use contrail_worker::embed::leased::{run_embed_worker, EmbedWorkerOptions};
@@ -128,6 +128,20 @@ fn main() {
                 )
             }),
         Command::Eval { command } => eval::run(&rt, command),
+        Command::Audit {
+            command:
+                AuditCommand::Check {
+                    audit,
+                    data,
+                    s3_endpoint,
+                    json,
+                },
+        } => audit::check_audit(&rt, &audit, &data, &s3_endpoint, json.as_deref()).map(|ok| {
+            if !ok {
+                eprintln!("audit check failed: not every sample was trained exactly once");
+                std::process::exit(1);
+            }
+        }),
         Command::K8s { command } => k8s::run(&rt, command),
         Command::Token => JobToken::generate()
             .map(|t| println!("{}", t.expose()))

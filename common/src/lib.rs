@@ -8,6 +8,7 @@
 //!   checkpoints carry.
 //! - [`status`]: the coordinator's `/status` report, shared with `contrail status`.
 
+pub mod audit;
 pub mod auth;
 pub mod checkpoint;
 pub mod config;

@@ -168,6 +168,13 @@ pub async fn list_shards(spec: &str, s3_endpoint: &str) -> Result<Vec<String>> {
     if loc.url.ends_with(".tar") {
         return Ok(vec![loc.url]);
     }
+    list_objects(spec, s3_endpoint, ".tar").await
+}
+
+/// Every object under the prefix `url` whose name ends with `suffix`, as URLs, sorted; empty
+/// when a local folder does not exist.
+pub async fn list_objects(url: &str, s3_endpoint: &str, suffix: &str) -> Result<Vec<String>> {
+    let loc = resolve(url, s3_endpoint)?;
     if loc.url.starts_with("file://") {
         let dir = loc.url.trim_start_matches("file://");
         if !std::path::Path::new(dir).exists() {
@@ -179,12 +186,12 @@ pub async fn list_shards(spec: &str, s3_endpoint: &str) -> Result<Vec<String>> {
         .list(Some(&loc.path))
         .try_collect()
         .await
-        .with_context(|| format!("listing shards under {}", loc.url))?;
+        .with_context(|| format!("listing {} under {}", suffix, loc.url))?;
     let base = loc.url.trim_end_matches('/');
     let prefix_path = loc.path.as_ref();
     let mut urls: Vec<String> = objects
         .into_iter()
-        .filter(|m| m.location.as_ref().ends_with(".tar"))
+        .filter(|m| m.location.as_ref().ends_with(suffix))
         .map(|m| {
             let rel = m.location.as_ref();
             let rel = rel

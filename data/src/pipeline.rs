@@ -69,6 +69,8 @@ pub struct Batch {
     pub view2: Vec<f32>,
     pub len: usize,
     pub keys: Vec<String>,
+    /// The shard each sample came from (with its key, the sample's identity).
+    pub shards: Vec<String>,
     /// `.cls` value, or -1 when the sample has none.
     pub class_ids: Vec<i64>,
     /// `.txt` caption, or "" when the sample has none.
@@ -407,6 +409,7 @@ impl Assembler {
                 self.batch.view2.extend_from_slice(&views[self.view_len..]);
                 self.batch.len += 1;
                 self.batch.keys.push(key);
+                self.batch.shards.push(shard.clone());
                 self.batch.class_ids.push(class_id);
                 self.batch.captions.push(caption);
                 // The pool has room for every buffer it handed out.

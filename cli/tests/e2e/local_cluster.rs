@@ -84,10 +84,12 @@ fn local_cluster_trains_and_reports_status() {
     let dir = temp_dir("train");
     // 1024 samples / 16 per step = 64 steps per epoch; 2 epochs = 128 steps. Online
     // evaluation before the first step, after 64 and at the end, on a synthetic held-out set.
+    // The audit of which samples each rank trained, a part every 7 steps (and at the end).
     let eval = format!(
         "[eval]\nurl = \"file://{}\"\nsynth_samples = 128\nbank_samples = 512\nk = 20\n\
-         every_steps = 64\n",
-        dir.join("held-out").display()
+         every_steps = 64\n[audit]\nurl = \"file://{}\"\nflush_every_steps = 7\n",
+        dir.join("held-out").display(),
+        dir.join("audit").display()
     );
     let job = write_job(&dir, 1024, 2, &eval);
     // A progress line every step: the loss curve below averages over many steps.
@@ -254,6 +256,40 @@ fn local_cluster_trains_and_reports_status() {
             "{p:?}"
         );
     }
+
+    // The audit proves both epochs trained every sample exactly once ...
+    let audit_url = format!("file://{}", dir.join("audit").display());
+    let data_url = format!("file://{}", dir.join("data").display());
+    let check = |json: &Path| {
+        Command::new(CONTRAIL)
+            .args(["audit", "check", "--audit", &audit_url, "--data", &data_url])
+            .arg("--json")
+            .arg(json)
+            .output()
+            .unwrap()
+    };
+    let out = check(&dir.join("audit-ok.json"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for epoch in [0, 1] {
+        let line = format!("epoch {epoch}: all 1024 samples trained exactly once");
+        assert!(text.contains(&line), "{text}");
+    }
+    // ... and catches a step recorded twice (as a rank restarted without recovery would).
+    let part = std::fs::read_dir(dir.join("audit"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("rank-00001"))
+        .expect("rank 1 wrote audit parts");
+    std::fs::copy(&part, dir.join("audit/rank-00001-replayed-000000.jsonl")).unwrap();
+    let out = check(&dir.join("audit-bad.json"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("repeated: "), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

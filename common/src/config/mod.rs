@@ -27,7 +27,7 @@ pub use model::{
 pub use moe::MoeConfig;
 pub use objective::{MocoSettings, ObjectiveConfig, ObjectiveKind, SwavSettings};
 pub use optim::{AdamWSettings, LarsSettings, LrScaling, OptimConfig, OptimKind};
-pub use train::{CheckpointConfig, Precision, TrainConfig};
+pub use train::{AuditConfig, CheckpointConfig, Precision, TrainConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +51,8 @@ pub struct JobConfig {
     pub moe: MoeConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// A rejected job file: which key, and why.
@@ -139,6 +141,7 @@ impl JobConfig {
         self.optim.validate()?;
         self.cluster.validate()?;
         self.checkpoint.validate()?;
+        self.audit.validate()?;
         self.eval.validate()?;
         if !self.eval.classes.is_empty() && self.objective.kind != ObjectiveKind::Clip {
             return Err(err(

@@ -110,6 +110,38 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// `[audit]`: which samples each rank trained in each committed step (`common::audit`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Folder URL the workers write their audit parts to; empty: no audit.
+    pub url: String,
+    /// A rank writes a part every this many steps (and when it stops).
+    pub flush_every_steps: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            flush_every_steps: 100,
+        }
+    }
+}
+
+impl AuditConfig {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.enabled() && self.flush_every_steps == 0 {
+            return Err(err("audit.flush_every_steps", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
 impl CheckpointConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if !self.url.is_empty() && self.keep == 0 {

@@ -1,6 +1,7 @@
 //! The training loop's hooks, backed by the coordinator: progress reports, checkpoints, heartbeats
 //! and the per-epoch data feed, all through the coordinator.
 
+use super::audit::AuditLog;
 use super::client::{Assignment, Coordinator};
 use super::evaluation::{round_line, OnlineEval};
 use super::feed::{CaptionTokens, EpochFeed};
@@ -71,6 +72,8 @@ pub struct CoordinatedHooks<'a> {
     /// `[eval]`: the rank's shares and (rank 0) the rounds so far.
     online_eval: OnlineEval,
     coll: Arc<dyn Collective>,
+    /// `[audit]`: what this rank trained, step by step.
+    audit: Option<AuditLog>,
 }
 
 /// What building the job's model takes besides the config (to rebuild it for a new expert
@@ -90,8 +93,9 @@ impl<'a> CoordinatedHooks<'a> {
         progress: Arc<HeartbeatState>,
         captions: Option<CaptionTokens>,
         model_builder: ModelBuilder,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        let audit = AuditLog::new(cfg, asg.rank, coord.generation)?;
+        Ok(Self {
             rt,
             coord,
             cfg,
@@ -105,6 +109,15 @@ impl<'a> CoordinatedHooks<'a> {
             coll: model_builder.coll.clone(),
             model_builder,
             offered: Arc::new(Mutex::new(None)),
+            audit,
+        })
+    }
+
+    /// Writes the audit records not yet written (see [`AuditLog::flush`]).
+    pub fn flush_audit(&mut self) -> Result<()> {
+        match &mut self.audit {
+            Some(a) => a.flush(self.rt),
+            None => Ok(()),
         }
     }
 
@@ -129,6 +142,9 @@ impl TrainHooks for CoordinatedHooks<'_> {
 
     fn after_step(&mut self, ev: &StepEvent) -> Result<()> {
         self.progress.step.store(ev.step, Ordering::Relaxed);
+        if let Some(audit) = &mut self.audit {
+            audit.record(self.rt, ev)?;
+        }
         // Fire and forget: a slow coordinator must not slow the step loop.
         let mut coord = self.coord.clone();
         let report = proto::StepReport {

@@ -14,6 +14,7 @@ use super::HeartbeatState;
 use crate::tokenize::Tokenizer;
 use crate::train::trainer::{BatchSource, LocalBatch};
 use anyhow::{Context, Result};
+use contrail_common::audit::SampleRef;
 use contrail_common::JobConfig;
 use contrail_data::pipeline::{EpochPipeline, PipelineInput, PipelineOptions, ShardReport};
 use contrail_data::shard_reader::read_shard;
@@ -150,7 +151,17 @@ impl BatchSource for EpochFeed {
                     .context("tokenizing captions")?
             }
         };
-        Ok(Some(LocalBatch { images, pair }))
+        let samples = b
+            .shards
+            .into_iter()
+            .zip(b.keys)
+            .map(|(shard, key)| SampleRef { shard, key })
+            .collect();
+        Ok(Some(LocalBatch {
+            images,
+            pair,
+            samples,
+        }))
     }
 }
 

@@ -4,6 +4,7 @@
 //! Training runs on the calling thread (tch is synchronous); the caller's tokio runtime
 //! carries the coordinator RPCs, the heartbeat task and the shard readers.
 
+pub mod audit;
 pub mod client;
 mod coordinated;
 pub mod device;
@@ -221,7 +222,7 @@ fn train_rank(
         progress.clone(),
         captions,
         rebuild,
-    );
+    )?;
     let mut objective = build_objective(cfg);
     let summary = train(
         cfg,
@@ -231,7 +232,12 @@ fn train_rank(
         coll.as_ref(),
         &mut hooks,
         start,
-    )?;
+    );
+    // The steps since the last part were committed too: the audit keeps them even when
+    // training failed afterwards.
+    let flushed = hooks.flush_audit();
+    let summary = summary?;
+    flushed?;
     if let Some(line) = hooks.eval_summary() {
         println!("{line}");
     }

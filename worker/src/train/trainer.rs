@@ -13,6 +13,7 @@ use crate::optim::{lr_at, scaled_peak_lr, Optimizer};
 use crate::train::rebalance::{agree_on_placement, move_experts};
 use crate::train::step::{train_step, StepClock};
 use anyhow::{bail, Context, Result};
+use contrail_common::audit::SampleRef;
 use contrail_common::experts::ExpertPlacement;
 use contrail_common::JobConfig;
 use std::time::Instant;
@@ -26,6 +27,8 @@ pub struct LocalBatch {
     /// The second view (`b × 3 × S × S`) for image objectives; `b × context_length` caption
     /// tokens for CLIP.
     pub pair: Tensor,
+    /// Which samples these are, row for row (empty where nobody asks: tests, benchmarks).
+    pub samples: Vec<SampleRef>,
 }
 
 /// Where a rank's batches come from in one epoch.
@@ -46,6 +49,8 @@ pub struct StepEvent {
     pub expert_load: Vec<crate::moe::BlockLoad>,
     /// Version of the expert placement the step ran with (0 without MoE).
     pub placement_version: u64,
+    /// The samples this rank trained in the step (for the audit).
+    pub samples: Vec<SampleRef>,
 }
 
 /// Hooks the loop calls; the worker runtime implements them with coordinator RPCs.
@@ -147,11 +152,15 @@ pub fn train(
                 // Up to K micro-batches make one step; a rank whose data ran out brings fewer
                 // (or none) and still enters every collective.
                 let mut micro: Vec<(Tensor, Tensor)> = Vec::with_capacity(accumulation);
+                let mut samples = Vec::new();
                 while micro.len() < accumulation {
                     match source.next_batch()? {
                         // Micro-batches stay in host memory until their forward pass: with K of
                         // them per step, device memory holds one at a time.
-                        Some(b) => micro.push((b.images, b.pair)),
+                        Some(b) => {
+                            samples.extend(b.samples);
+                            micro.push((b.images, b.pair));
+                        }
                         None => break,
                     }
                 }
@@ -200,6 +209,7 @@ pub fn train(
                     step_seconds: started.elapsed().as_secs_f64(),
                     placement_version: model.moe().map_or(0, |m| m.placement().version),
                     expert_load: outcome.expert_load,
+                    samples,
                 })?;
                 let every = cfg.checkpoint.every_steps;
                 if every > 0 && step.is_multiple_of(every) && !max_steps_reached(step) {
@@ -287,6 +297,7 @@ mod tests {
                 LocalBatch {
                     images: v.shallow_clone(),
                     pair: v.flip([3]),
+                    samples: Vec::new(),
                 }
             }))
         }

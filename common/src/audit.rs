@@ -1,0 +1,211 @@
+//! The sample audit: which samples each rank trained in each committed step, written by the
+//! workers (`[audit] url`) and checked by `contrail audit check`, so that "every sample of
+//! every epoch trained exactly once" is something a user can prove rather than trust.
+//!
+//! Layout: `{url}/rank-{rank:05}-{writer}-{seq:06}.jsonl`, one JSON [`AuditRecord`] per line;
+//! `writer` is random per worker process, so a job restarted from a checkpoint (or a rank
+//! restarted in place) never overwrites an earlier part. A rank writes a new part every
+//! `audit.flush_every_steps` steps and when it stops; parts are never rewritten.
+
+use crate::checkpoint::read_bytes;
+use crate::storage::list_objects;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// One sample: the shard it came from and its key there (keys repeat across shards).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SampleRef {
+    pub shard: String,
+    pub key: String,
+}
+
+/// What one rank trained in one committed step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub epoch: u32,
+    /// The step this record's samples were trained in (1-based, as reported).
+    pub step: u64,
+    pub rank: u32,
+    pub generation: u64,
+    pub samples: Vec<SampleRef>,
+}
+
+/// Name of the `seq`-th audit part of worker process `writer` (rank `rank`) under `url`.
+pub fn part_url(url: &str, rank: u32, writer: &str, seq: u64) -> String {
+    format!(
+        "{}/rank-{rank:05}-{writer}-{seq:06}.jsonl",
+        url.trim_end_matches('/')
+    )
+}
+
+/// Records as JSON lines.
+pub fn encode(records: &[AuditRecord]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in records {
+        serde_json::to_writer(&mut out, r).expect("an audit record always serializes");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Every record under `url` (all parts, all ranks), in no particular order.
+pub async fn read_all(url: &str, s3_endpoint: &str) -> Result<Vec<AuditRecord>> {
+    let mut out = Vec::new();
+    for part in list_objects(url, s3_endpoint, ".jsonl").await? {
+        let bytes = read_bytes(&part, s3_endpoint)
+            .await
+            .with_context(|| format!("reading audit part {part}"))?
+            .with_context(|| format!("audit part {part} vanished while reading"))?;
+        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            out.push(
+                serde_json::from_slice(line)
+                    .with_context(|| format!("{part} line {}: not an audit record", i + 1))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// How one epoch's audit compares with the dataset.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EpochCheck {
+    pub epoch: u32,
+    /// Samples of the dataset.
+    pub expected: usize,
+    /// Distinct samples trained.
+    pub trained: usize,
+    /// Samples trained more than once, with their count (at most 20 listed).
+    pub repeated: Vec<(SampleRef, usize)>,
+    pub repeated_total: usize,
+    /// Samples never trained (at most 20 listed).
+    pub missing: Vec<SampleRef>,
+    pub missing_total: usize,
+    /// Trained samples that are not in the dataset (at most 20 listed).
+    pub unknown: Vec<SampleRef>,
+    pub unknown_total: usize,
+}
+
+impl EpochCheck {
+    pub fn exactly_once(&self) -> bool {
+        self.repeated_total == 0 && self.missing_total == 0 && self.unknown_total == 0
+    }
+}
+
+const LISTED: usize = 20;
+
+/// Compares each epoch of `records` with `dataset` (every sample the epoch should train).
+pub fn check(records: &[AuditRecord], dataset: &[SampleRef]) -> Vec<EpochCheck> {
+    let mut by_epoch: BTreeMap<u32, HashMap<&SampleRef, usize>> = BTreeMap::new();
+    for r in records {
+        let seen = by_epoch.entry(r.epoch).or_default();
+        for s in &r.samples {
+            *seen.entry(s).or_default() += 1;
+        }
+    }
+    let known: std::collections::HashSet<&SampleRef> = dataset.iter().collect();
+    by_epoch
+        .into_iter()
+        .map(|(epoch, seen)| {
+            let mut c = EpochCheck {
+                epoch,
+                expected: known.len(),
+                trained: seen.len(),
+                ..Default::default()
+            };
+            let mut repeated: Vec<(SampleRef, usize)> = seen
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(s, n)| ((*s).clone(), *n))
+                .collect();
+            repeated.sort();
+            c.repeated_total = repeated.len();
+            repeated.truncate(LISTED);
+            c.repeated = repeated;
+            let mut missing: Vec<SampleRef> = dataset
+                .iter()
+                .filter(|s| !seen.contains_key(s))
+                .cloned()
+                .collect();
+            missing.sort();
+            c.missing_total = missing.len();
+            missing.truncate(LISTED);
+            c.missing = missing;
+            let mut unknown: Vec<SampleRef> = seen
+                .keys()
+                .filter(|s| !known.contains(*s))
+                .map(|s| (*s).clone())
+                .collect();
+            unknown.sort();
+            c.unknown_total = unknown.len();
+            unknown.truncate(LISTED);
+            c.unknown = unknown;
+            c
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(shard: &str, key: &str) -> SampleRef {
+        SampleRef {
+            shard: shard.into(),
+            key: key.into(),
+        }
+    }
+
+    fn rec(epoch: u32, step: u64, rank: u32, samples: &[SampleRef]) -> AuditRecord {
+        AuditRecord {
+            epoch,
+            step,
+            rank,
+            generation: 1,
+            samples: samples.to_vec(),
+        }
+    }
+
+    #[test]
+    fn exactly_once_repeats_missing_and_unknown_are_told_apart() {
+        // Key "0" exists in both shards: they are different samples.
+        let data = [s("a", "0"), s("a", "1"), s("b", "0"), s("b", "1")];
+        let records = [
+            rec(0, 1, 0, &[s("a", "0"), s("a", "1")]),
+            rec(0, 1, 1, &[s("b", "0"), s("b", "1")]),
+            rec(1, 3, 0, &[s("a", "0"), s("b", "0")]),
+            rec(1, 4, 1, &[s("a", "0"), s("c", "9")]),
+        ];
+        let checks = check(&records, &data);
+        assert_eq!(checks.len(), 2);
+        assert!(checks[0].exactly_once(), "{:?}", checks[0]);
+        assert_eq!((checks[0].expected, checks[0].trained), (4, 4));
+        let e1 = &checks[1];
+        assert!(!e1.exactly_once());
+        assert_eq!(e1.repeated, vec![(s("a", "0"), 2)]);
+        assert_eq!(e1.missing, vec![s("a", "1"), s("b", "1")]);
+        assert_eq!(e1.unknown, vec![s("c", "9")]);
+    }
+
+    #[test]
+    fn records_round_trip_through_json_lines() {
+        let records = vec![
+            rec(0, 1, 0, &[s("file:///d/s-0.tar", "k\"1")]),
+            rec(0, 2, 3, &[]),
+        ];
+        let bytes = encode(&records);
+        let back: Vec<AuditRecord> = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(back, records);
+        assert_eq!(
+            part_url("memory://x/audit/", 3, "g2-ab12", 7),
+            "memory://x/audit/rank-00003-g2-ab12-000007.jsonl"
+        );
+    }
+}
