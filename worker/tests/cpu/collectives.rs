@@ -222,6 +222,87 @@ fn garbage_and_rogues_on_the_collective_port_change_nothing() {
     assert_eq!(Vec::<f32>::try_from(&t1).unwrap(), vec![11.0, 22.0]);
 }
 
+/// Three ranks build a mesh; rank 2 dies. The survivors' next operation fails naming rank 2;
+/// they then build the next generation's mesh on the same listeners (as ranks 0 and 1 of a
+/// world of two), where the operations work again, and a process of the old generation
+/// cannot join it.
+#[test]
+fn survivors_build_the_next_generations_mesh_on_the_same_listeners() {
+    let token = JobToken::parse("the-token-of-the-regroup-job").unwrap();
+    let boots: Vec<TcpBootstrap> = (0..3)
+        .map(|_| bind().with_token(token.clone()).with_generation(1))
+        .collect();
+    let addrs: Vec<String> = boots
+        .iter()
+        .map(|b| b.local_addr().unwrap().to_string())
+        .collect();
+    let timeout = Duration::from_secs(5);
+    let mut meshes: Vec<TcpCollective> = std::thread::scope(|s| {
+        let hs: Vec<_> = boots
+            .into_iter()
+            .enumerate()
+            .map(|(r, b)| {
+                let a = addrs.clone();
+                s.spawn(move || b.connect(r, a, timeout).expect("generation 1 mesh"))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    drop(meshes.pop()); // rank 2 dies
+    let survivors: Vec<TcpCollective> = std::thread::scope(|s| {
+        let hs: Vec<_> = meshes
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let mut t = Tensor::from_slice(&[1.0f32]);
+                    let e = c.all_reduce_sum(&mut t).expect_err("rank 2 is gone");
+                    assert!(e.to_string().contains("rank 2"), "{e}");
+                    assert_eq!(c.generation(), 1);
+                    c
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    let new_addrs = addrs[..2].to_vec();
+    let stale = new_addrs[0].clone();
+    let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = survivors
+            .into_iter()
+            .enumerate()
+            .map(|(r, c)| {
+                let a = new_addrs.clone();
+                s.spawn(move || {
+                    let c = c
+                        .into_bootstrap()
+                        .with_generation(2)
+                        .connect(r, a, timeout)
+                        .expect("generation 2 mesh");
+                    assert_eq!((c.rank(), c.world_size(), c.generation()), (r, 2, 2));
+                    let mut t = Tensor::from_slice(&[1.0f32 + r as f32, 10.0]);
+                    c.all_reduce_sum(&mut t).unwrap();
+                    Vec::<f32>::try_from(&t).unwrap()
+                })
+            })
+            .collect();
+        // Meanwhile a process of generation 1 (the dead rank restarted with stale state)
+        // dials rank 0 as rank 1 of the old world: refused.
+        let intruder = bind().with_token(token.clone()).with_generation(1);
+        let e = intruder
+            .connect(
+                1,
+                vec![stale, "127.0.0.1:1".into()],
+                Duration::from_millis(600),
+            )
+            .err()
+            .expect("an old-generation process cannot join");
+        assert!(e.to_string().contains("rank 0"), "{e}");
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results, vec![vec![3.0, 20.0], vec![3.0, 20.0]]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Child side.
 

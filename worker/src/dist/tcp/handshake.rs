@@ -46,6 +46,14 @@ impl TcpCollective {
 }
 
 impl TcpBootstrap {
+    pub(super) fn from_parts(listener: TcpListener, token: JobToken, generation: u64) -> Self {
+        Self {
+            listener,
+            token,
+            generation,
+        }
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
@@ -86,7 +94,7 @@ impl TcpBootstrap {
         let deadline = Instant::now() + timeout;
         let token = &self.token;
         let generation = self.generation;
-        let listener = self.listener;
+        let listener = &self.listener;
         let peer_addrs_ref = &peer_addrs;
         let lanes = streams_per_peer();
         let mut links: Vec<Vec<Option<TcpStream>>> = (0..world)
@@ -99,9 +107,8 @@ impl TcpBootstrap {
         let fail =
             |f: Failure| f.to_error(|r: usize| peer_addrs_ref.get(r).cloned().unwrap_or_default());
         let (accepted, dialed) = thread::scope(|s| {
-            let acceptor = s.spawn(|| {
-                accept_higher(&listener, rank, world, lanes, token, generation, deadline)
-            });
+            let acceptor = s
+                .spawn(|| accept_higher(listener, rank, world, lanes, token, generation, deadline));
             let mut dialed = Vec::new();
             for (peer, addr) in peer_addrs.iter().enumerate().take(rank) {
                 for lane in 0..lanes {
@@ -157,6 +164,9 @@ impl TcpBootstrap {
                 seq: 0,
                 poisoned: None,
             }),
+            listener: self.listener,
+            token: self.token,
+            generation: self.generation,
         })
     }
 }

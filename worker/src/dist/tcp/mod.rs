@@ -22,7 +22,7 @@
 //! and poisons the collective on failure) and `ops` (the [`super::Collective`] operations,
 //! each written as a plan).
 
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -48,6 +48,11 @@ pub struct TcpCollective {
     lanes: usize,
     timeout: Duration,
     state: Mutex<OpState>,
+    /// Kept after the mesh is built, so the survivors of a failure can build a new mesh on
+    /// the addresses they registered ([`TcpCollective::into_bootstrap`]).
+    listener: TcpListener,
+    token: contrail_common::auth::JobToken,
+    generation: u64,
 }
 
 struct OpState {
@@ -91,6 +96,19 @@ impl Failure {
 }
 
 impl TcpCollective {
+    /// Closes every link and gives back the listener (same address, same token), ready to
+    /// build the next membership's mesh: `into_bootstrap().with_generation(g).connect(...)`.
+    /// Peers still on the old mesh see their links close; a process of the old generation
+    /// that dials the new mesh is refused by the handshake.
+    pub fn into_bootstrap(self) -> TcpBootstrap {
+        TcpBootstrap::from_parts(self.listener, self.token, self.generation)
+    }
+
+    /// The membership generation this mesh was built for.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The address every peer was reached at, indexed by rank.
     pub fn peer_addrs(&self) -> &[String] {
         &self.addrs
