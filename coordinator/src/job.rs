@@ -173,13 +173,46 @@ impl JobBook {
                 w.reason,
                 returned.len()
             );
-            self.members.generation += 1;
-            if self.state == JobState::Running {
-                self.fail(reason);
-            } else {
-                tracing::warn!("{reason}");
-            }
+            self.lose_member(reason);
         }
+    }
+
+    /// A member died or failed: the survivors regroup as the next generation when
+    /// `cluster.min_workers` allows it, else the job fails with `reason`.
+    fn lose_member(&mut self, reason: String) {
+        if self.state != JobState::Running {
+            self.members.generation += 1;
+            tracing::warn!("{reason}");
+            return;
+        }
+        let min = self.cfg.cluster.min_workers as usize;
+        let left = self.members.alive_members();
+        if min == 0 {
+            self.members.generation += 1;
+            self.fail(reason);
+            return;
+        }
+        if left < min {
+            self.members.generation += 1;
+            self.fail(format!(
+                "{reason}; {left} worker(s) left, fewer than cluster.min_workers = {min}"
+            ));
+            return;
+        }
+        let members = self.members.regroup();
+        // Every member restarts its data feed in the new generation; what it held goes
+        // back to the pool.
+        let returned: usize = members
+            .iter()
+            .map(|id| self.shards.release_worker(*id).len())
+            .sum();
+        tracing::warn!(
+            generation = self.members.generation,
+            workers = members.len(),
+            returned,
+            "{reason}; the {} survivor(s) regroup and train on",
+            members.len()
+        );
     }
 
     pub fn register(
@@ -211,15 +244,31 @@ impl JobBook {
     }
 
     /// The rendezvous reply once the world is complete; None while still waiting.
+    /// `after_generation` > 0: a survivor regrouping, which waits for a newer generation.
     pub fn rendezvous(
         &mut self,
         worker_id: u64,
         generation: u64,
+        after_generation: u64,
         now_ms: u64,
     ) -> Result<Option<proto::RendezvousReply>, RpcError> {
         let current = self.members.generation;
-        let w = self.members.check(worker_id, generation, false)?;
+        let regrouping = after_generation > 0;
+        let terminal = self.state.is_terminal();
+        let w = self.members.check(worker_id, generation, regrouping)?;
         w.last_seen_ms = now_ms;
+        if regrouping && current <= after_generation {
+            if terminal {
+                self.require_running()?;
+            }
+            return Ok(None);
+        }
+        if regrouping && w.rank.is_none() {
+            return Err(RpcError::FailedPrecondition(format!(
+                "{} is not a member of generation {current}",
+                w.describe()
+            )));
+        }
         let Some(rank) = w.rank else {
             if self.state.is_terminal() {
                 self.require_running()?;
@@ -248,10 +297,12 @@ impl JobBook {
         let w = self.members.check(req.worker_id, req.generation, true)?;
         w.last_seen_ms = now_ms;
         w.step = w.step.max(req.step);
+        let member = w.rank.is_some();
         let stop = match self.state {
             JobState::Failed => Some(self.reason.clone()),
             JobState::Finished => Some("the job has finished".to_string()),
-            _ if req.generation != self.members.generation => Some(format!(
+            // A member of a stale generation is a survivor about to regroup.
+            _ if req.generation != self.members.generation && !member => Some(format!(
                 "generation {} is stale (current {})",
                 req.generation, self.members.generation
             )),
@@ -457,20 +508,20 @@ impl JobBook {
         w.reason = req.error.clone();
         let returned = self.shards.release_worker(req.worker_id).len();
         if !req.error.is_empty() {
-            self.members.generation += 1;
-            self.fail(format!("{who} failed: {}", req.error));
+            self.lose_member(format!("{who} failed: {}", req.error));
         } else if !req.finished {
-            self.members.generation += 1;
-            self.fail(format!("{who} left before the job finished"));
+            self.lose_member(format!("{who} left before the job finished"));
         } else {
             if returned > 0 {
                 tracing::warn!(worker = %who, returned, "worker left finished while holding leases");
             }
             tracing::info!(worker = %who, "worker finished");
+            // Workers lost in a regroup have no rank any more: the members decide.
             let all_left = self
                 .members
                 .workers
                 .iter()
+                .filter(|w| w.rank.is_some())
                 .all(|w| w.liveness == WorkerLiveness::Left);
             if all_left && self.state == JobState::Running {
                 self.state = JobState::Finished;

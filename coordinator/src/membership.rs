@@ -150,6 +150,37 @@ impl Membership {
             .collect()
     }
 
+    /// Alive workers of the current membership.
+    pub fn alive_members(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.rank.is_some() && w.liveness == WorkerLiveness::Alive)
+            .count()
+    }
+
+    /// The next generation's membership: the alive members, re-ranked 0..n in their old
+    /// order; everyone else loses their rank. Returns the ids of the members.
+    pub fn regroup(&mut self) -> Vec<u64> {
+        let mut members: Vec<&mut Worker> = self
+            .workers
+            .iter_mut()
+            .filter(|w| w.rank.is_some())
+            .collect();
+        members.sort_by_key(|w| w.rank);
+        let mut ids = Vec::new();
+        for w in members {
+            if w.liveness == WorkerLiveness::Alive {
+                w.rank = Some(ids.len() as u32);
+                ids.push(w.id);
+            } else {
+                w.rank = None;
+            }
+        }
+        self.world_size = ids.len() as u32;
+        self.generation += 1;
+        ids
+    }
+
     /// Collective addresses indexed by rank (only meaningful once complete).
     pub fn peer_addresses(&self) -> Vec<String> {
         let mut ranked: Vec<&Worker> = self.workers.iter().filter(|w| w.rank.is_some()).collect();

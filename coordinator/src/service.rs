@@ -58,10 +58,9 @@ impl CoordinatorRpc for CoordinatorService {
         let period = Duration::from_millis(self.coord.config().cluster.heartbeat_ms.max(10));
         loop {
             state.mark_unchanged();
-            if let Some(reply) = self
-                .coord
-                .with_book(|b, now| b.rendezvous(r.worker_id, r.generation, now))?
-            {
+            if let Some(reply) = self.coord.with_book(|b, now| {
+                b.rendezvous(r.worker_id, r.generation, r.after_generation, now)
+            })? {
                 return Ok(Response::new(reply));
             }
             let _ = tokio::time::timeout(period, state.changed()).await;

@@ -114,6 +114,7 @@ async fn exits_zero_when_the_job_finishes() {
         .rendezvous(proto::RendezvousRequest {
             worker_id: reg.worker_id,
             generation: reg.generation,
+            after_generation: 0,
         })
         .await
         .unwrap()

@@ -156,6 +156,7 @@ async fn join_world(served: &Served, n: u32) -> Vec<FakeWorker> {
                 .rendezvous(proto::RendezvousRequest {
                     worker_id: reg.worker_id,
                     generation: reg.generation,
+                    after_generation: 0,
                 })
                 .await
                 .unwrap()
@@ -527,6 +528,7 @@ async fn new_coordinator_resumes_from_the_latest_checkpoint() {
         .rendezvous(proto::RendezvousRequest {
             worker_id: workers[1].id,
             generation: workers[1].generation,
+            after_generation: 0,
         })
         .await
         .unwrap()

@@ -109,7 +109,7 @@ fn complete(
 fn rendezvous_waits_for_the_world_then_ranks_in_registration_order() {
     let mut b = JobBook::new(config(3), "the job".into(), urls(4), None);
     let (a, g) = b.register("ha", "10.0.0.1:1", 0).unwrap();
-    assert_eq!(b.rendezvous(a, g, 1).unwrap(), None);
+    assert_eq!(b.rendezvous(a, g, 0, 1).unwrap(), None);
     assert_eq!(b.state(), JobState::WaitingForWorkers);
     let e = lease(&mut b, a, 0, 1).unwrap_err();
     assert!(e.to_string().contains("1 of 3 workers registered"), "{e}");
@@ -119,7 +119,10 @@ fn rendezvous_waits_for_the_world_then_ranks_in_registration_order() {
     let e = b.register("late", "10.0.0.9:1", 4).unwrap_err();
     assert!(matches!(e, RpcError::ResourceExhausted(_)), "{e:?}");
     for (id, rank) in [(a, 0), (c, 1), (d, 2)] {
-        let r = b.rendezvous(id, g, 5).unwrap().expect("world is complete");
+        let r = b
+            .rendezvous(id, g, 0, 5)
+            .unwrap()
+            .expect("world is complete");
         assert_eq!(r.rank, rank);
         assert_eq!(r.world_size, 3);
         assert_eq!(
@@ -443,7 +446,7 @@ fn resume_reports_the_checkpoint_and_skips_done_shards() {
     let ids: Vec<u64> = (0..2)
         .map(|r| b.register("h", &format!("a:{r}"), 0).unwrap().0)
         .collect();
-    let r = b.rendezvous(ids[1], b.generation(), 0).unwrap().unwrap();
+    let r = b.rendezvous(ids[1], b.generation(), 0, 0).unwrap().unwrap();
     assert_eq!(
         (r.resume_checkpoint.as_str(), r.resume_step, r.resume_epoch),
         ("memory://ck/step-00000040", 40, 1)
@@ -531,7 +534,7 @@ fn moe_step(
 #[test]
 fn moe_rendezvous_gives_the_spread_and_status_shows_the_load() {
     let (mut b, ids) = running_with(moe_config(false), 4);
-    let r = b.rendezvous(ids[2], b.generation(), 0).unwrap().unwrap();
+    let r = b.rendezvous(ids[2], b.generation(), 0, 0).unwrap().unwrap();
     let p = ExpertPlacement::from(&r.placement.expect("MoE is on"));
     assert_eq!(p.version, 1);
     assert_eq!(p.blocks, vec![BlockPlacement::spread(8, 4); 2]);
@@ -627,7 +630,7 @@ fn moe_balanced_steps_keep_the_placement() {
 fn moe_off_has_no_experts_and_a_malformed_report_is_refused_whole() {
     let (mut b, ids) = running(2, 4);
     assert_eq!(b.status(0).experts, None);
-    let r = b.rendezvous(ids[0], b.generation(), 0).unwrap().unwrap();
+    let r = b.rendezvous(ids[0], b.generation(), 0, 0).unwrap().unwrap();
     assert_eq!(r.placement, None);
 
     let (mut b, ids) = running_with(moe_config(true), 4);
@@ -715,4 +718,104 @@ fn evaluations_from_rank_zero_build_the_history() {
         (h[2].knn_top1, h[2].error.as_str()),
         (None, "no labelled sample")
     );
+}
+
+/// With `cluster.min_workers`, a death starts a new generation of the survivors (re-ranked in
+/// their old order, the dead worker's leases and theirs back in the pool) instead of failing
+/// the job; the survivors' heartbeats are not told to stop, their regroup rendezvous answers
+/// with the new membership, and the job finishes when they do. Below `min_workers` it fails.
+#[test]
+fn survivors_regroup_when_min_workers_allows_and_the_job_finishes_with_them() {
+    let mut cfg = config(3);
+    cfg.cluster.min_workers = 2;
+    cfg.cluster.lease_ttl_ms = 10 * TIMEOUT;
+    cfg.train.global_batch = 24;
+    let (mut b, ids) = running_with(cfg, 6);
+    let g = b.generation();
+    lease(&mut b, ids[0], 0, 0).unwrap();
+    lease(&mut b, ids[1], 0, 0).unwrap();
+    lease(&mut b, ids[1], 0, 0).unwrap();
+    // Before anyone died, a regroup rendezvous waits.
+    assert_eq!(b.rendezvous(ids[0], g, g, 0).unwrap(), None);
+    // Rank 1 (the middle one) goes silent.
+    let mut t = 0;
+    while b.generation() == g {
+        t += HEARTBEAT;
+        for id in [ids[0], ids[2]] {
+            let hb = heartbeat(&mut b, id, g, t).unwrap();
+            assert!(!hb.stop, "{}", hb.reason);
+        }
+        b.tick(t);
+        assert!(t <= TIMEOUT + HEARTBEAT, "rank 1 was never declared dead");
+    }
+    assert_eq!(b.state(), JobState::Running);
+    assert_eq!(b.generation(), g + 1);
+    let s = b.status(t);
+    assert_eq!(
+        (s.shards.pending, s.shards.leased),
+        (6, 0),
+        "every lease returned"
+    );
+    // Heartbeats of the old generation keep the survivors alive, not stopped.
+    let hb = heartbeat(&mut b, ids[2], g, t + 1).unwrap();
+    assert!(!hb.stop, "{}", hb.reason);
+    // Each survivor's regroup rendezvous: old ranks 0 and 2 become 0 and 1 of a world of 2.
+    for (id, rank) in [(ids[0], 0), (ids[2], 1)] {
+        let r = b
+            .rendezvous(id, g, g, t + 2)
+            .unwrap()
+            .expect("a new generation");
+        assert_eq!((r.rank, r.world_size, r.generation), (rank, 2, g + 1));
+        assert_eq!(r.peer_addresses, vec!["10.0.0.0:29500", "10.0.0.2:29502"]);
+    }
+    // The dead worker is fenced from regrouping.
+    assert!(b.rendezvous(ids[1], g, g, t + 2).is_err());
+    // Old-generation leases are refused; the new generation leases.
+    assert!(b
+        .lease(
+            &proto::LeaseRequest {
+                worker_id: ids[0],
+                generation: g,
+                epoch: 0
+            },
+            t + 3
+        )
+        .is_err());
+    lease(&mut b, ids[0], 0, t + 3).unwrap();
+    // Both members finish: the job finishes although a worker died.
+    for id in [ids[0], ids[2]] {
+        b.leave(
+            &proto::LeaveRequest {
+                worker_id: id,
+                generation: g + 1,
+                finished: true,
+                error: String::new(),
+            },
+            t + 4,
+        )
+        .unwrap();
+    }
+    assert_eq!(b.state(), JobState::Finished);
+
+    // Below min_workers: the job fails and says why.
+    let mut cfg = config(2);
+    cfg.cluster.min_workers = 2;
+    let (mut b, ids) = running_with(cfg, 2);
+    b.leave(
+        &proto::LeaveRequest {
+            worker_id: ids[1],
+            generation: b.generation(),
+            finished: false,
+            error: "boom".into(),
+        },
+        1,
+    )
+    .unwrap();
+    assert_eq!(b.state(), JobState::Failed);
+    assert!(
+        b.reason().contains("fewer than cluster.min_workers = 2"),
+        "{}",
+        b.reason()
+    );
+    let _ = ids;
 }

@@ -293,12 +293,22 @@ fn local_cluster_trains_and_reports_status() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A port for a server a child process binds later. Below Linux's ephemeral range (32768+),
+/// so that no outgoing connection of a test running meanwhile can take it between this check
+/// and the child's bind (port 0 would be handed out from that range).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let seed = std::process::id()
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add(n * 7919);
+        let port = 20_000 + (seed % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The token the coordinator and workers of the hand-started jobs below share.
@@ -1035,6 +1045,130 @@ fn moe_rebalancing_moves_experts_while_training() {
             && l.contains("placement v2")
             && !l.contains("pending")),
         "{out:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `cluster.min_workers = 2`: of 3 workers one is SIGKILLed mid-epoch; the other two regroup
+/// as the next generation without restarting, train on with the same global batch, and the job
+/// finishes. (Exactly-once through the failure is not built yet: only that it goes on.)
+#[test]
+fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
+    let dir = temp_dir("regroup");
+    let job = write_job(&dir, 2048, 2, "");
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    write_synth(&dir, 2048);
+    let _coordinator = KillOnDrop(
+        Command::new(CONTRAIL)
+            .args(["coordinator", "--config"])
+            .arg(&job)
+            .args(["--set", &format!("cluster.grpc_addr={grpc}")])
+            .args(["--set", &format!("cluster.http_addr={http}")])
+            .args([
+                "--set",
+                "cluster.world_size=3",
+                "--set",
+                "cluster.min_workers=2",
+            ])
+            .args(["--set", "train.global_batch=48"])
+            .env(TOKEN_ENV, JOB_TOKEN)
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("coordinator.stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let worker = |name: &str| {
+        Command::new(CONTRAIL)
+            .args(["worker", "--coordinator", &format!("http://{grpc}")])
+            .args(["--threads", "1"])
+            .env(TOKEN_ENV, JOB_TOKEN)
+            .current_dir(&dir)
+            .stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap())
+            .stdout(std::fs::File::create(dir.join(format!("{name}.stdout"))).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let mut survivors = [KillOnDrop(worker("w0")), KillOnDrop(worker("w1"))];
+    let mut victim = worker("w2");
+    let logs = || {
+        ["w0", "w1", "w2", "coordinator"]
+            .iter()
+            .map(|n| {
+                let err = std::fs::read_to_string(dir.join(format!("{n}.stderr")));
+                format!("--- {n}:\n{}", err.unwrap_or_default())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let before = loop {
+        assert!(
+            Instant::now() < deadline,
+            "training never started\n{}",
+            logs()
+        );
+        if let Some(s) = status(&http) {
+            if s.step >= 5 && s.workers.len() == 3 {
+                break s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    victim.kill().unwrap(); // SIGKILL, mid-epoch (an epoch is 43 steps)
+    let _ = victim.wait();
+
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = None;
+    let after = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not finish after the kill; last status: {last:#?}\n{}",
+            logs()
+        );
+        if let Some(s) = status(&http) {
+            if s.state.is_terminal() {
+                break s;
+            }
+            last = Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        after.state.as_str(),
+        "finished",
+        "{}\n{}",
+        after.reason,
+        logs()
+    );
+    assert!(after.generation > before.generation, "no new generation");
+    assert!(after.step > before.step);
+    for w in survivors.iter_mut() {
+        let code = w.0.wait().unwrap();
+        assert!(code.success(), "a survivor exited with {code}\n{}", logs());
+    }
+    // Ranks follow registration order, so either survivor may be rank 0 of the new world.
+    let out0: String = ["w0", "w1"]
+        .iter()
+        .map(|n| std::fs::read_to_string(dir.join(format!("{n}.stdout"))).unwrap())
+        .collect();
+    assert!(
+        out0.contains("regrouped as generation") && out0.contains("with 2 workers"),
+        "{out0}"
+    );
+    assert!(out0.contains("rank 0 finished"), "{out0}");
+    eprintln!(
+        "killed at step {}, generation {} -> {}; finished at step {}\n{}",
+        before.step,
+        before.generation,
+        after.generation,
+        after.step,
+        out0.lines()
+            .filter(|l| l.starts_with("regrouped") || l.starts_with("rank 0"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -83,6 +83,9 @@ pub struct ClusterConfig {
     pub lease_ttl_ms: u64,
     /// A collective that makes no progress for this long fails, naming the silent peer.
     pub collective_timeout_ms: u64,
+    /// 0: a worker that dies fails the job. N ≥ 1: the survivors of a failure regroup and
+    /// train on while at least N workers are left (TCP backend on the CPU only, for now).
+    pub min_workers: u32,
 }
 
 impl Default for ClusterConfig {
@@ -97,6 +100,7 @@ impl Default for ClusterConfig {
             worker_timeout_ms: 5_000,
             lease_ttl_ms: 10_000,
             collective_timeout_ms: 60_000,
+            min_workers: 0,
         }
     }
 }
@@ -133,6 +137,15 @@ impl ClusterConfig {
                 format!(
                     "({}) must exceed twice cluster.heartbeat_ms ({})",
                     c.lease_ttl_ms, c.heartbeat_ms
+                ),
+            ));
+        }
+        if c.min_workers > c.world_size {
+            return Err(err(
+                "cluster.min_workers",
+                format!(
+                    "({}) cannot exceed cluster.world_size ({})",
+                    c.min_workers, c.world_size
                 ),
             ));
         }

@@ -9,6 +9,7 @@ use tch::Tensor;
 
 pub mod local;
 pub mod nccl;
+pub mod regroup;
 mod rows;
 pub mod staged;
 pub mod tcp;

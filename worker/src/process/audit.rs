@@ -40,6 +40,13 @@ impl AuditLog {
         }))
     }
 
+    /// A regroup gave this process a new rank and generation; later records carry them
+    /// (parts keep the writer's name, so none is overwritten).
+    pub fn set_membership(&mut self, rank: usize, generation: u64) {
+        self.rank = rank as u32;
+        self.generation = generation;
+    }
+
     /// Notes a committed step; writes a part when `flush_every_steps` have gathered.
     pub fn record(&mut self, rt: &tokio::runtime::Runtime, ev: &StepEvent) -> Result<()> {
         self.pending.push(AuditRecord {

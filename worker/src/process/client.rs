@@ -5,6 +5,8 @@ use anyhow::{Context, Result};
 use contrail_common::auth::{GrpcProof, JobToken};
 use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -17,7 +19,9 @@ pub struct Coordinator {
     client: Client,
     pub endpoint: String,
     pub worker_id: u64,
-    pub generation: u64,
+    /// Shared by every clone (the heartbeat task's too), so a regroup moves them all to the
+    /// new generation at once.
+    generation: Arc<AtomicU64>,
 }
 
 /// What rendezvous tells a worker.
@@ -32,6 +36,8 @@ pub struct Assignment {
     pub resume_epoch: u32,
     /// Where the experts of the MoE blocks live (None without MoE).
     pub placement: Option<contrail_common::experts::ExpertPlacement>,
+    /// The membership generation this assignment belongs to.
+    pub generation: u64,
 }
 
 pub enum Lease {
@@ -75,7 +81,7 @@ impl Coordinator {
             client,
             endpoint,
             worker_id: 0,
-            generation: 0,
+            generation: Arc::new(AtomicU64::new(0)),
         };
         let host = hostname();
         let reply = me
@@ -103,8 +109,36 @@ impl Coordinator {
             })?
             .into_inner();
         me.worker_id = reply.worker_id;
-        me.generation = reply.generation;
+        me.generation.store(reply.generation, Ordering::SeqCst);
         Ok(me)
+    }
+
+    /// The membership generation this worker belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// After a failure: waits (up to `wait`) for the coordinator to start a generation newer
+    /// than this worker's, and returns this worker's place in it. Fails when this worker is
+    /// not a member (it was declared dead) or the job ended.
+    pub async fn regroup(&mut self, wait: Duration) -> Result<Assignment> {
+        let after = self.generation();
+        let request = proto::RendezvousRequest {
+            worker_id: self.worker_id,
+            generation: after,
+            after_generation: after,
+        };
+        let r = tokio::time::timeout(wait, self.client.rendezvous(request))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the coordinator started no new generation within {wait:?} after a \
+                     collective failure"
+                )
+            })?
+            .context("regrouping with the coordinator")?
+            .into_inner();
+        Ok(self.adopt(r))
     }
 
     /// Waits until the whole world has registered and returns this worker's place in it.
@@ -113,13 +147,19 @@ impl Coordinator {
             .client
             .rendezvous(proto::RendezvousRequest {
                 worker_id: self.worker_id,
-                generation: self.generation,
+                generation: self.generation(),
+                after_generation: 0,
             })
             .await
             .context("rendezvous with the coordinator")?
             .into_inner();
-        self.generation = r.generation;
-        Ok(Assignment {
+        Ok(self.adopt(r))
+    }
+
+    /// Takes the generation of a rendezvous reply and reads the assignment from it.
+    fn adopt(&mut self, r: proto::RendezvousReply) -> Assignment {
+        self.generation.store(r.generation, Ordering::SeqCst);
+        Assignment {
             rank: r.rank as usize,
             world_size: r.world_size as usize,
             peers: r.peer_addresses,
@@ -128,7 +168,8 @@ impl Coordinator {
             resume_step: r.resume_step,
             resume_epoch: r.resume_epoch,
             placement: r.placement.as_ref().map(Into::into),
-        })
+            generation: r.generation,
+        }
     }
 
     pub async fn heartbeat(
@@ -141,7 +182,7 @@ impl Coordinator {
             .client
             .heartbeat(proto::HeartbeatRequest {
                 worker_id: self.worker_id,
-                generation: self.generation,
+                generation: self.generation(),
                 step,
                 state: state.to_string(),
                 shard: shard.to_string(),
@@ -157,7 +198,7 @@ impl Coordinator {
             .client
             .lease_shard(proto::LeaseRequest {
                 worker_id: self.worker_id,
-                generation: self.generation,
+                generation: self.generation(),
                 epoch,
             })
             .await
@@ -183,7 +224,7 @@ impl Coordinator {
         self.client
             .complete_shard(proto::CompleteRequest {
                 worker_id: self.worker_id,
-                generation: self.generation,
+                generation: self.generation(),
                 lease_id,
                 samples,
                 bad_samples: bad_samples.into_iter().collect(),
@@ -198,7 +239,7 @@ impl Coordinator {
     pub async fn report_step(&mut self, report: proto::StepReport) -> Result<proto::StepReply> {
         let report = proto::StepReport {
             worker_id: self.worker_id,
-            generation: self.generation,
+            generation: self.generation(),
             ..report
         };
         let reply = self
@@ -213,7 +254,7 @@ impl Coordinator {
     pub async fn report_eval(&mut self, report: proto::EvalReport) -> Result<()> {
         let report = proto::EvalReport {
             worker_id: self.worker_id,
-            generation: self.generation,
+            generation: self.generation(),
             ..report
         };
         self.client
@@ -228,7 +269,7 @@ impl Coordinator {
             .client
             .shard_state(proto::ShardStateRequest {
                 worker_id: self.worker_id,
-                generation: self.generation,
+                generation: self.generation(),
             })
             .await
             .context("fetching the shard state for a checkpoint")?
@@ -240,7 +281,7 @@ impl Coordinator {
         self.client
             .leave(proto::LeaveRequest {
                 worker_id: self.worker_id,
-                generation: self.generation,
+                generation: self.generation(),
                 finished,
                 error,
             })

@@ -74,6 +74,8 @@ pub struct CoordinatedHooks<'a> {
     coll: Arc<dyn Collective>,
     /// `[audit]`: what this rank trained, step by step.
     audit: Option<AuditLog>,
+    /// The epoch of the last committed step (where a regroup resumes).
+    last_epoch: u32,
 }
 
 /// What building the job's model takes besides the config (to rebuild it for a new expert
@@ -94,7 +96,7 @@ impl<'a> CoordinatedHooks<'a> {
         captions: Option<CaptionTokens>,
         model_builder: ModelBuilder,
     ) -> Result<Self> {
-        let audit = AuditLog::new(cfg, asg.rank, coord.generation)?;
+        let audit = AuditLog::new(cfg, asg.rank, coord.generation())?;
         Ok(Self {
             rt,
             coord,
@@ -110,7 +112,26 @@ impl<'a> CoordinatedHooks<'a> {
             model_builder,
             offered: Arc::new(Mutex::new(None)),
             audit,
+            last_epoch: asg.resume_epoch,
         })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The epoch of the last step this rank committed.
+    pub fn last_epoch(&self) -> u32 {
+        self.last_epoch
+    }
+
+    /// After a regroup: this worker's rank and world in the new generation.
+    pub fn set_membership(&mut self, asg: &Assignment) {
+        self.rank = asg.rank;
+        self.world_size = asg.world_size;
+        if let Some(audit) = &mut self.audit {
+            audit.set_membership(asg.rank, asg.generation);
+        }
     }
 
     /// Writes the audit records not yet written (see [`AuditLog::flush`]).
@@ -142,6 +163,7 @@ impl TrainHooks for CoordinatedHooks<'_> {
 
     fn after_step(&mut self, ev: &StepEvent) -> Result<()> {
         self.progress.step.store(ev.step, Ordering::Relaxed);
+        self.last_epoch = ev.epoch;
         if let Some(audit) = &mut self.audit {
             audit.record(self.rt, ev)?;
         }

@@ -10,9 +10,11 @@ mod coordinated;
 pub mod device;
 pub mod evaluation;
 pub mod feed;
+mod recovery;
 
 pub use coordinated::heartbeat_loop;
 
+use crate::dist::regroup::Regroupable;
 use crate::dist::tcp::TcpCollective;
 use crate::dist::Collective;
 use crate::model::{BuildOptions, ContrastiveModel};
@@ -107,19 +109,34 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
         let nccl = device::use_nccl(cfg.cluster.backend, device)?;
         let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
         let tcp = bootstrap
-            .with_generation(coord.generation)
+            .with_generation(coord.generation())
             .connect(asg.rank, asg.peers.clone(), timeout)
             .context("connecting to the other workers")?;
+        // Recovery (cluster.min_workers) rebuilds the TCP mesh in place; NCCL communicators,
+        // host staging and expert placements do not regroup yet.
+        let recoverable =
+            cfg.cluster.min_workers > 0 && !nccl && !device.is_cuda() && cfg.moe.experts == 0;
         // Shared: the MoE blocks of the model exchange tokens through it too.
-        let coll: Arc<dyn Collective> =
-            Arc::from(device::connect_collective(tcp, nccl, device, timeout)?);
+        let (coll, regroup): (Arc<dyn Collective>, Option<Arc<Regroupable>>) = if recoverable {
+            let r = Arc::new(Regroupable::new(tcp));
+            (r.clone(), Some(r))
+        } else {
+            (
+                Arc::from(device::connect_collective(tcp, nccl, device, timeout)?),
+                None,
+            )
+        };
         tracing::info!(
             rank = asg.rank,
             ?device,
             backend = if nccl { "nccl" } else { "tcp" },
             "collective ready"
         );
-        train_rank(rt, &mut coord, &cfg, &asg, &coll, device, &progress)
+        let link = Link {
+            coll: &coll,
+            regroup: regroup.as_deref(),
+        };
+        train_rank(rt, &mut coord, &cfg, &asg, link, device, &progress)
     })();
 
     heartbeat.abort();
@@ -133,15 +150,24 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
     result
 }
 
+/// The collective a rank trains with, and (with `cluster.min_workers`) the handle that
+/// rebuilds it after a failure.
+#[derive(Clone, Copy)]
+struct Link<'a> {
+    coll: &'a Arc<dyn Collective>,
+    regroup: Option<&'a Regroupable>,
+}
+
 fn train_rank(
     rt: &tokio::runtime::Runtime,
     coord: &mut Coordinator,
     cfg: &JobConfig,
     asg: &client::Assignment,
-    coll: &Arc<dyn Collective>,
+    link: Link<'_>,
     device: tch::Device,
     progress: &Arc<HeartbeatState>,
 ) -> Result<()> {
+    let coll = link.coll;
     // Same seed on every rank: identical initial parameters without a broadcast.
     tch::manual_seed(cfg.train.seed as i64);
     let captions = caption_tokens(rt, cfg)?;
@@ -224,15 +250,57 @@ fn train_rank(
         rebuild,
     )?;
     let mut objective = build_objective(cfg);
-    let summary = train(
-        cfg,
-        &mut model,
-        &mut opt,
-        objective.as_mut(),
-        coll.as_ref(),
-        &mut hooks,
-        start,
-    );
+    let mut run_cfg = cfg.clone();
+    let summary = loop {
+        let result = train(
+            &run_cfg,
+            &mut model,
+            &mut opt,
+            objective.as_mut(),
+            coll.as_ref(),
+            &mut hooks,
+            start,
+        );
+        let (Err(e), Some(regroup)) = (&result, link.regroup) else {
+            break result;
+        };
+        if !recovery::is_peer_failure(e) {
+            break result;
+        }
+        // The steps this rank committed stay in its audit; then the survivors regroup.
+        hooks.flush_audit()?;
+        let last = (hooks.last_epoch(), progress.step.load(Ordering::Relaxed));
+        let wait = Duration::from_millis(cfg.cluster.worker_timeout_ms * 3 + 5_000);
+        eprintln!("rank {}: {e:#}; regrouping", hooks.rank());
+        let next = rt
+            .block_on(coord.regroup(wait))
+            .with_context(|| format!("regrouping after: {e:#}"))?;
+        regroup
+            .regroup(
+                next.rank,
+                next.peers.clone(),
+                next.generation,
+                Duration::from_millis(cfg.cluster.collective_timeout_ms),
+            )
+            .context("building the new generation's mesh")?;
+        let (epoch, step) = recovery::agree_on_state(coll.as_ref(), &mut model, opt.as_mut(), last)
+            .context("taking the most advanced survivor's state")?;
+        progress.step.store(step, Ordering::Relaxed);
+        run_cfg.cluster.world_size = next.world_size as u32;
+        run_cfg.eval.at_start = false;
+        run_cfg.validate().map_err(|e| {
+            anyhow::anyhow!("the job cannot go on with {} workers: {e}", next.world_size)
+        })?;
+        hooks.set_membership(&next);
+        if next.rank == 0 {
+            println!(
+                "regrouped as generation {} with {} workers; training on from epoch {epoch} \
+                 step {step}",
+                next.generation, next.world_size
+            );
+        }
+        start = StartPoint { epoch, step };
+    };
     // The steps since the last part were committed too: the audit keeps them even when
     // training failed afterwards.
     let flushed = hooks.flush_audit();
@@ -241,7 +309,8 @@ fn train_rank(
     if let Some(line) = hooks.eval_summary() {
         println!("{line}");
     }
-    if asg.rank == 0 {
+    // After a regroup this worker may hold another rank than it started with.
+    if hooks.rank() == 0 {
         match (summary.first_loss, summary.last_loss) {
             (Some(first), Some(last)) => println!(
                 "rank 0 finished: {} steps, {} epochs, loss {first:.4} -> {last:.4}",

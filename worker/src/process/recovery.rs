@@ -1,0 +1,65 @@
+//! What the survivors of a failure do between the old generation's mesh and the new one's
+//! first step (`cluster.min_workers`): tell a peer failure from other errors, and agree on
+//! one state.
+//!
+//! Which way the state flows: a ring all-reduce can complete on some ranks and fail on
+//! others, so survivors may disagree by one step. The most advanced survivor (the lowest
+//! rank among those with the highest committed step) is the source: every parameter, buffer
+//! and optimizer state tensor is broadcast from it, and everyone continues from its step.
+//! No committed step is discarded, and all ranks continue with identical state.
+
+use crate::dist::{Collective, CollectiveError};
+use crate::model::ContrastiveModel;
+use crate::optim::Optimizer;
+use anyhow::{Context, Result};
+use tch::Tensor;
+
+/// Whether `e` comes from a collective peer that failed or fell silent (what a regroup can
+/// repair), rather than from this rank's own data, model or storage.
+pub fn is_peer_failure(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<CollectiveError>(),
+            Some(CollectiveError::PeerFailed { .. } | CollectiveError::Timeout { .. })
+        )
+    })
+}
+
+/// Agrees on (epoch, step) and state over the new mesh: the most advanced rank's wins.
+/// `mine` is this rank's last committed (epoch, step).
+pub fn agree_on_state(
+    coll: &dyn Collective,
+    model: &mut ContrastiveModel,
+    opt: &mut dyn Optimizer,
+    mine: (u32, u64),
+) -> Result<(u32, u64)> {
+    let world = coll.world_size();
+    let local = Tensor::from_slice(&[mine.1 as i64, i64::from(mine.0)]).view([1, 2]);
+    let all = coll
+        .all_gather(&local, &vec![1; world])
+        .context("gathering every survivor's step")?;
+    let all: Vec<i64> = Vec::try_from(all.flatten(0, -1)).context("reading the steps")?;
+    let (root, step, epoch) = (0..world)
+        .map(|r| (r, all[2 * r], all[2 * r + 1]))
+        .max_by_key(|&(r, step, _)| (step, std::cmp::Reverse(r)))
+        .expect("a world has at least one rank");
+    for (name, var) in model.named_variables() {
+        let mut buf = var.detach().copy();
+        coll.broadcast(&mut buf, root)
+            .with_context(|| format!("broadcasting {name} from rank {root}"))?;
+        tch::no_grad(|| {
+            let mut v = var;
+            v.copy_(&buf);
+        });
+    }
+    let mut state = opt.state_tensors();
+    for (name, t) in state.iter_mut() {
+        let mut buf = t.detach().copy();
+        coll.broadcast(&mut buf, root)
+            .with_context(|| format!("broadcasting optimizer state {name} from rank {root}"))?;
+        *t = buf;
+    }
+    opt.load_state(&state)
+        .context("loading the broadcast optimizer state")?;
+    Ok((epoch as u32, step as u64))
+}
