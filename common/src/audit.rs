@@ -20,6 +20,20 @@ pub struct SampleRef {
     pub key: String,
 }
 
+/// A 128-bit id of a sample (two FNV-1a hashes of "shard\0key" with different offsets):
+/// what the workers exchange to know which samples were trained.
+pub fn sample_id(shard: &str, key: &str) -> [i64; 2] {
+    let hash = |offset: u64| {
+        let mut h = offset;
+        for b in shard.bytes().chain([0u8]).chain(key.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        h as i64
+    };
+    [hash(0xcbf2_9ce4_8422_2325), hash(0x84222325_cbf29ce4)]
+}
+
 /// What one rank trained in one committed step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
@@ -29,6 +43,22 @@ pub struct AuditRecord {
     pub rank: u32,
     pub generation: u64,
     pub samples: Vec<SampleRef>,
+}
+
+/// What the survivors of a failure agreed on: generation `generation` committed its steps
+/// through `step`; its records of later steps describe steps that never committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitPoint {
+    pub generation: u64,
+    pub step: u64,
+}
+
+/// Where the commit point of generation `generation` is written.
+pub fn commit_point_url(url: &str, generation: u64) -> String {
+    format!(
+        "{}/commit-gen-{generation:06}.json",
+        url.trim_end_matches('/')
+    )
 }
 
 /// Name of the `seq`-th audit part of worker process `writer` (rank `rank`) under `url`.
@@ -49,8 +79,18 @@ pub fn encode(records: &[AuditRecord]) -> Vec<u8> {
     out
 }
 
-/// Every record under `url` (all parts, all ranks), in no particular order.
+/// Every committed record under `url` (all parts, all ranks), in no particular order: records
+/// of a generation's steps after its commit point are dropped.
 pub async fn read_all(url: &str, s3_endpoint: &str) -> Result<Vec<AuditRecord>> {
+    let mut points = std::collections::HashMap::new();
+    for part in list_objects(url, s3_endpoint, ".json").await? {
+        let bytes = read_bytes(&part, s3_endpoint)
+            .await?
+            .with_context(|| format!("commit point {part} vanished while reading"))?;
+        let p: CommitPoint = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{part}: not an audit commit point"))?;
+        points.insert(p.generation, p.step);
+    }
     let mut out = Vec::new();
     for part in list_objects(url, s3_endpoint, ".jsonl").await? {
         let bytes = read_bytes(&part, s3_endpoint)
@@ -61,10 +101,12 @@ pub async fn read_all(url: &str, s3_endpoint: &str) -> Result<Vec<AuditRecord>> 
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            out.push(
-                serde_json::from_slice(line)
-                    .with_context(|| format!("{part} line {}: not an audit record", i + 1))?,
-            );
+            let r: AuditRecord = serde_json::from_slice(line)
+                .with_context(|| format!("{part} line {}: not an audit record", i + 1))?;
+            if points.get(&r.generation).is_some_and(|last| r.step > *last) {
+                continue;
+            }
+            out.push(r);
         }
     }
     Ok(out)

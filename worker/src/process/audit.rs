@@ -1,10 +1,12 @@
-//! The worker's side of the sample audit (`[audit]`, `contrail_common::audit`): after each
-//! committed step, what this rank trained; written as a new part every
-//! `audit.flush_every_steps` steps and when training stops.
+//! The worker's side of the sample audit (`[audit]`, `contrail_common::audit`): before each
+//! step, what this rank is about to train; written as a new part every
+//! `audit.flush_every_steps` steps and when training stops. A step that then fails to commit
+//! is cancelled by the commit point the survivors write when they regroup.
 
-use crate::train::trainer::StepEvent;
 use anyhow::{Context, Result};
-use contrail_common::audit::{encode, part_url, AuditRecord};
+use contrail_common::audit::{
+    commit_point_url, encode, part_url, AuditRecord, CommitPoint, SampleRef,
+};
 use contrail_common::auth::{hex, random_bytes};
 use contrail_common::checkpoint::write_bytes;
 use contrail_common::JobConfig;
@@ -47,19 +49,42 @@ impl AuditLog {
         self.generation = generation;
     }
 
-    /// Notes a committed step; writes a part when `flush_every_steps` have gathered.
-    pub fn record(&mut self, rt: &tokio::runtime::Runtime, ev: &StepEvent) -> Result<()> {
+    /// Notes step `step` about to train `samples`; writes a part when `flush_every_steps`
+    /// have gathered.
+    pub fn record(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        epoch: u32,
+        step: u64,
+        samples: &[SampleRef],
+    ) -> Result<()> {
         self.pending.push(AuditRecord {
-            epoch: ev.epoch,
-            step: ev.step,
+            epoch,
+            step,
             rank: self.rank,
             generation: self.generation,
-            samples: ev.samples.clone(),
+            samples: samples.to_vec(),
         });
         if self.pending.len() as u64 >= self.every {
             self.flush(rt)?;
         }
         Ok(())
+    }
+
+    /// Generation `old` committed its steps through `step` (the survivors agreed on it).
+    pub fn write_commit_point(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        old: u64,
+        step: u64,
+    ) -> Result<()> {
+        let url = commit_point_url(&self.url, old);
+        let body = serde_json::to_vec(&CommitPoint {
+            generation: old,
+            step,
+        })?;
+        rt.block_on(write_bytes(&url, &self.s3_endpoint, body))
+            .with_context(|| format!("writing the audit commit point {url}"))
     }
 
     /// Writes what has gathered (nothing when nothing has).

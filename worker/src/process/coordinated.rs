@@ -4,7 +4,8 @@
 use super::audit::AuditLog;
 use super::client::{Assignment, Coordinator};
 use super::evaluation::{round_line, OnlineEval};
-use super::feed::{CaptionTokens, EpochFeed};
+use super::feed::{CaptionTokens, EpochFeed, FeedLinks};
+use super::ledger::{OpenShards, TrainedSet};
 use super::HeartbeatState;
 use crate::dist::Collective;
 use crate::model::{BuildOptions, ContrastiveModel};
@@ -13,6 +14,7 @@ use crate::tokenize::Tokenizer;
 use crate::train::checkpoint::{tensors_to_safetensors, write_checkpoint};
 use crate::train::trainer::{BatchSource, StepEvent, TrainHooks};
 use anyhow::{Context, Result};
+use contrail_common::audit::SampleRef;
 use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::experts::ExpertPlacement;
 use contrail_common::proto;
@@ -76,6 +78,10 @@ pub struct CoordinatedHooks<'a> {
     audit: Option<AuditLog>,
     /// The epoch of the last committed step (where a regroup resumes).
     last_epoch: u32,
+    /// The current epoch's leased shards (completed once their samples are trained).
+    open_shards: Option<Arc<OpenShards>>,
+    /// `cluster.min_workers`: every sample of the epoch trained in a committed step.
+    trained: Arc<Mutex<TrainedSet>>,
 }
 
 /// What building the job's model takes besides the config (to rebuild it for a new expert
@@ -113,6 +119,8 @@ impl<'a> CoordinatedHooks<'a> {
             offered: Arc::new(Mutex::new(None)),
             audit,
             last_epoch: asg.resume_epoch,
+            open_shards: None,
+            trained: Arc::default(),
         })
     }
 
@@ -120,9 +128,23 @@ impl<'a> CoordinatedHooks<'a> {
         self.rank
     }
 
+    /// The samples of the epoch trained so far (kept with `cluster.min_workers`).
+    pub fn trained_set(&self) -> &Mutex<TrainedSet> {
+        &self.trained
+    }
+
     /// The epoch of the last step this rank committed.
     pub fn last_epoch(&self) -> u32 {
         self.last_epoch
+    }
+
+    /// After a regroup (new rank 0): the audit notes that generation `old` committed through
+    /// `step`, so records it wrote for a later step (which never committed) are not counted.
+    pub fn audit_regroup(&mut self, old: u64, step: u64) -> Result<()> {
+        match &mut self.audit {
+            Some(audit) => audit.write_commit_point(self.rt, old, step),
+            None => Ok(()),
+        }
     }
 
     /// After a regroup: this worker's rank and world in the new generation.
@@ -150,23 +172,48 @@ impl<'a> CoordinatedHooks<'a> {
 
 impl TrainHooks for CoordinatedHooks<'_> {
     fn epoch_source(&mut self, epoch: u32) -> Result<Box<dyn BatchSource>> {
+        let open = Arc::new(OpenShards::new(
+            self.rt.handle().clone(),
+            self.coord.clone(),
+        ));
+        self.open_shards = Some(open.clone());
+        let links = FeedLinks {
+            progress: self.progress.clone(),
+            open,
+            trained: self.trained.clone(),
+        };
         Ok(Box::new(EpochFeed::start(
             self.rt.handle().clone(),
             self.coord.clone(),
             self.cfg,
             self.rank,
             epoch,
-            self.progress.clone(),
+            links,
             self.captions.clone(),
         )?))
+    }
+
+    fn before_step(&mut self, epoch: u32, step: u64, samples: &[SampleRef]) -> Result<()> {
+        match &mut self.audit {
+            Some(audit) => audit.record(self.rt, epoch, step, samples),
+            None => Ok(()),
+        }
+    }
+
+    fn record_trained(&mut self, epoch: u32, ids: &[i64]) {
+        self.trained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(epoch, ids);
     }
 
     fn after_step(&mut self, ev: &StepEvent) -> Result<()> {
         self.progress.step.store(ev.step, Ordering::Relaxed);
         self.last_epoch = ev.epoch;
-        if let Some(audit) = &mut self.audit {
-            audit.record(self.rt, ev)?;
+        if let Some(open) = &self.open_shards {
+            open.trained(&ev.samples);
         }
+
         // Fire and forget: a slow coordinator must not slow the step loop.
         let mut coord = self.coord.clone();
         let report = proto::StepReport {

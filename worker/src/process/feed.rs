@@ -7,9 +7,12 @@
 //!        └──────── CompleteShard(lease, good, bad) ◄── shard reports ◄──┘
 //! ```
 //! A shard is reported complete only after the pipeline has processed every one of its
-//! samples, so the counts the coordinator records are final.
+//! samples and every sample it put into a batch was trained in a committed step
+//! ([`OpenShards`]), so the counts the coordinator records are final and a failure never
+//! loses a prefetched sample.
 
 use super::client::{Coordinator, Lease};
+use super::ledger::{OpenShards, TrainedSet};
 use super::HeartbeatState;
 use crate::tokenize::Tokenizer;
 use crate::train::trainer::{BatchSource, LocalBatch};
@@ -19,7 +22,6 @@ use contrail_common::JobConfig;
 use contrail_data::pipeline::{EpochPipeline, PipelineInput, PipelineOptions, ShardReport};
 use contrail_data::shard_reader::read_shard;
 use contrail_data::shuffle::ShuffleBuffer;
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use tch::Tensor;
@@ -27,19 +29,10 @@ use tch::Tensor;
 /// Samples buffered between the shard reader and the pipeline.
 const READ_AHEAD_SAMPLES: usize = 256;
 
-/// What the feed remembers about a leased shard until its report comes out of the pipeline.
-struct OpenLease {
-    lease_id: u64,
-    /// Set when reading failed after all retries: the shard is reported failed.
-    error: String,
-}
-
 pub struct EpochFeed {
-    rt: tokio::runtime::Handle,
-    coord: Coordinator,
     pipeline: EpochPipeline,
     reader: tokio::task::JoinHandle<()>,
-    leases: Arc<Mutex<HashMap<String, OpenLease>>>,
+    open: Arc<OpenShards>,
     image_size: i64,
     /// CLIP: captions become the batch's second half as tokens.
     captions: Option<CaptionTokens>,
@@ -52,6 +45,15 @@ pub struct CaptionTokens {
     pub context_length: usize,
 }
 
+/// What an epoch's feed shares with the rest of the worker.
+pub struct FeedLinks {
+    pub progress: Arc<HeartbeatState>,
+    /// This rank's open leases (the step hook counts trained samples into it).
+    pub open: Arc<OpenShards>,
+    /// Samples of the epoch already trained (by any rank): a shard leased again skips them.
+    pub trained: Arc<Mutex<TrainedSet>>,
+}
+
 impl EpochFeed {
     pub fn start(
         rt: tokio::runtime::Handle,
@@ -59,19 +61,19 @@ impl EpochFeed {
         cfg: &JobConfig,
         rank: usize,
         epoch: u32,
-        progress: Arc<HeartbeatState>,
+        links: FeedLinks,
         captions: Option<CaptionTokens>,
     ) -> Result<Self> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<PipelineInput>(READ_AHEAD_SAMPLES);
-        let leases: Arc<Mutex<HashMap<String, OpenLease>>> = Arc::default();
         let reader = rt.spawn(lease_and_read(
-            coord.clone(),
+            coord,
             epoch,
             cfg.data.s3_endpoint.clone(),
             cfg.data.read_retries,
             tx,
-            leases.clone(),
-            progress,
+            links.open.clone(),
+            links.trained,
+            links.progress,
         ));
         // Seeded per (job, epoch, rank): reproducible for the same lease order.
         let shuffle_seed =
@@ -91,38 +93,12 @@ impl EpochFeed {
             },
         );
         Ok(Self {
-            rt,
-            coord,
             pipeline,
             reader,
-            leases,
+            open: links.open,
             image_size: i64::from(cfg.data.image_size),
             captions,
         })
-    }
-
-    fn complete(&self, report: ShardReport) {
-        let Some(open) = self
-            .leases
-            .lock()
-            .ok()
-            .and_then(|mut l| l.remove(&report.shard))
-        else {
-            tracing::warn!(
-                "pipeline reported shard {} that this worker never leased",
-                report.shard
-            );
-            return;
-        };
-        let mut coord = self.coord.clone();
-        self.rt.spawn(async move {
-            if let Err(e) = coord
-                .complete_shard(open.lease_id, report.good, report.bad, open.error)
-                .await
-            {
-                tracing::warn!("could not report shard {} complete: {e:#}", report.shard);
-            }
-        });
     }
 }
 
@@ -137,7 +113,7 @@ impl BatchSource for EpochFeed {
             self.pipeline.shard_reports().iter().collect()
         };
         for r in reports {
-            self.complete(r);
+            self.open.reported(r);
         }
         let Some(b) = batch else { return Ok(None) };
         let shape = [b.len as i64, 3, self.image_size, self.image_size];
@@ -178,7 +154,8 @@ async fn lease_and_read(
     s3_endpoint: String,
     retries: u32,
     tx: tokio::sync::mpsc::Sender<PipelineInput>,
-    leases: Arc<Mutex<HashMap<String, OpenLease>>>,
+    open: Arc<OpenShards>,
+    trained: Arc<Mutex<TrainedSet>>,
     progress: Arc<HeartbeatState>,
 ) {
     loop {
@@ -195,18 +172,18 @@ async fn lease_and_read(
         if let Ok(mut s) = progress.shard.lock() {
             s.clone_from(&url);
         }
-        if let Ok(mut l) = leases.lock() {
-            l.insert(
-                url.clone(),
-                OpenLease {
-                    lease_id,
-                    error: String::new(),
-                },
-            );
-        }
+        open.opened(&url, lease_id);
         let sent = read_shard(&url, &s3_endpoint, retries, |sample| {
             let tx = tx.clone();
+            // Trained before a failure (by this rank or a dead one): not again.
+            let done = trained
+                .lock()
+                .map(|t| t.contains(epoch, &url, &sample.key))
+                .unwrap_or(false);
             async move {
+                if done {
+                    return ControlFlow::Continue(());
+                }
                 match tx.send(PipelineInput::Sample(sample)).await {
                     Ok(()) => ControlFlow::Continue(()),
                     // The pipeline is gone (training stopped): stop downloading.
@@ -219,11 +196,7 @@ async fn lease_and_read(
             Ok(stats) => stats.bad,
             Err(e) => {
                 tracing::warn!("shard {url} failed: {e:#}");
-                if let Ok(mut l) = leases.lock() {
-                    if let Some(open) = l.get_mut(&url) {
-                        open.error = format!("{e:#}");
-                    }
-                }
+                open.failed(&url, format!("{e:#}"));
                 Default::default()
             }
         };

@@ -10,6 +10,7 @@ mod coordinated;
 pub mod device;
 pub mod evaluation;
 pub mod feed;
+mod ledger;
 mod recovery;
 
 pub use coordinated::heartbeat_loop;
@@ -272,6 +273,7 @@ fn train_rank(
         let last = (hooks.last_epoch(), progress.step.load(Ordering::Relaxed));
         let wait = Duration::from_millis(cfg.cluster.worker_timeout_ms * 3 + 5_000);
         eprintln!("rank {}: {e:#}; regrouping", hooks.rank());
+        let old_generation = coord.generation();
         let next = rt
             .block_on(coord.regroup(wait))
             .with_context(|| format!("regrouping after: {e:#}"))?;
@@ -283,14 +285,25 @@ fn train_rank(
                 Duration::from_millis(cfg.cluster.collective_timeout_ms),
             )
             .context("building the new generation's mesh")?;
-        let (epoch, step) = recovery::agree_on_state(coll.as_ref(), &mut model, opt.as_mut(), last)
-            .context("taking the most advanced survivor's state")?;
+        let (epoch, step) = recovery::agree_on_state(
+            coll.as_ref(),
+            &mut model,
+            opt.as_mut(),
+            hooks.trained_set(),
+            last,
+        )
+        .context("taking the most advanced survivor's state")?;
         progress.step.store(step, Ordering::Relaxed);
         run_cfg.cluster.world_size = next.world_size as u32;
         run_cfg.eval.at_start = false;
         run_cfg.validate().map_err(|e| {
             anyhow::anyhow!("the job cannot go on with {} workers: {e}", next.world_size)
         })?;
+        if next.rank == 0 {
+            hooks
+                .audit_regroup(old_generation, step)
+                .context("writing the audit's commit point")?;
+        }
         hooks.set_membership(&next);
         if next.rank == 0 {
             println!(

@@ -8,10 +8,12 @@
 //! and optimizer state tensor is broadcast from it, and everyone continues from its step.
 //! No committed step is discarded, and all ranks continue with identical state.
 
+use super::ledger::TrainedSet;
 use crate::dist::{Collective, CollectiveError};
 use crate::model::ContrastiveModel;
 use crate::optim::Optimizer;
 use anyhow::{Context, Result};
+use std::sync::Mutex;
 use tch::Tensor;
 
 /// Whether `e` comes from a collective peer that failed or fell silent (what a regroup can
@@ -31,6 +33,7 @@ pub fn agree_on_state(
     coll: &dyn Collective,
     model: &mut ContrastiveModel,
     opt: &mut dyn Optimizer,
+    trained: &Mutex<TrainedSet>,
     mine: (u32, u64),
 ) -> Result<(u32, u64)> {
     let world = coll.world_size();
@@ -61,5 +64,25 @@ pub fn agree_on_state(
     }
     opt.load_state(&state)
         .context("loading the broadcast optimizer state")?;
+    // What was trained of the epoch, as of the source's last committed step.
+    let mut set = trained.lock().unwrap_or_else(|p| p.into_inner());
+    let (set_epoch, ids) = set.export();
+    let mut head = Tensor::from_slice(&[ids.len() as i64, i64::from(set_epoch)]);
+    coll.broadcast(&mut head, root)
+        .context("broadcasting the size of the trained-sample set")?;
+    let head: Vec<i64> = Vec::try_from(&head).context("reading the set's size")?;
+    let ids: Vec<i64> = if head[0] == 0 {
+        Vec::new()
+    } else {
+        let mut buf = if coll.rank() == root {
+            Tensor::from_slice(&ids)
+        } else {
+            Tensor::zeros([head[0]], (tch::Kind::Int64, tch::Device::Cpu))
+        };
+        coll.broadcast(&mut buf, root)
+            .context("broadcasting the trained-sample set")?;
+        Vec::try_from(&buf).context("reading the trained-sample set")?
+    };
+    set.replace(head[1] as u32, &ids);
     Ok((epoch as u32, step as u64))
 }

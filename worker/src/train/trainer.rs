@@ -69,6 +69,15 @@ pub trait TrainHooks {
     ) -> Result<()>;
     /// Why training must stop now (e.g. the coordinator declared the job failed), if it must.
     fn stop_reason(&self) -> Option<String>;
+    /// With `cluster.min_workers`: the ids (`[a0, b0, a1, b1, …]`, `common::audit::sample_id`)
+    /// of every sample all ranks trained in a step of `epoch` that just committed.
+    fn record_trained(&mut self, _epoch: u32, _ids: &[i64]) {}
+    /// Just before step `step` of `epoch` trains `samples` on this rank (it may still fail):
+    /// the audit writes its record here, so a rank that dies cannot take a committed step's
+    /// record with it.
+    fn before_step(&mut self, _epoch: u32, _step: u64, _samples: &[SampleRef]) -> Result<()> {
+        Ok(())
+    }
     /// Called when an online evaluation is due (`[eval]`: before the first step with
     /// `at_start`, every `every_steps`, and when training ends), on every rank at the same
     /// step: the ranks embed their shares together. `step` is the steps `model` has trained.
@@ -128,6 +137,8 @@ pub fn train(
     let mut last_checkpoint: Option<u64> = (start.step > 0).then_some(start.step);
     let peak_lr = scaled_peak_lr(&cfg.optim, t.global_batch);
     let accumulation = t.accumulation_steps(cfg.cluster.world_size) as usize;
+    // Survivors of a failure resume from what every rank trained (`cluster.min_workers`).
+    let track_samples = cfg.cluster.min_workers > 0;
     let ev = &cfg.eval;
     let mut last_eval: Option<u64> = None;
     if ev.enabled() && ev.at_start {
@@ -169,6 +180,14 @@ pub fn train(
                 if counts.iter().sum::<i64>() == 0 {
                     break;
                 }
+                // Gathered before the step and recorded once it committed, so every rank knows
+                // what every other trained even if one dies in the next collective.
+                let step_ids = if track_samples {
+                    Some(gather_sample_ids(coll, &samples)?)
+                } else {
+                    None
+                };
+                hooks.before_step(epoch, step + 1, &samples)?;
                 let total = match (t.max_steps, steps_per_epoch) {
                     (m, _) if m > 0 => m,
                     (_, Some(spe)) => spe * u64::from(t.epochs.max(1)),
@@ -192,6 +211,9 @@ pub fn train(
                 step += 1;
                 steps_this_epoch += 1;
                 summary.steps += 1;
+                if let Some(ids) = &step_ids {
+                    hooks.record_trained(epoch, ids);
+                }
                 summary.first_loss.get_or_insert(outcome.loss);
                 summary.last_loss = Some(outcome.loss);
                 if !outcome.loss.is_finite() {
@@ -248,6 +270,21 @@ pub fn train(
         hooks.evaluate(model, epoch, step)?;
     }
     Ok(summary)
+}
+
+/// Every rank's sample ids of this step, flat (`[a0, b0, …]`), in rank order.
+fn gather_sample_ids(coll: &dyn Collective, samples: &[SampleRef]) -> Result<Vec<i64>> {
+    let flat: Vec<i64> = samples
+        .iter()
+        .flat_map(|s| contrail_common::audit::sample_id(&s.shard, &s.key))
+        .collect();
+    let rows = flat.len() as i64 / 2;
+    let counts = all_gather_counts(coll, rows)?;
+    let local = Tensor::from_slice(&flat).view([rows, 2]);
+    let all = coll
+        .all_gather(&local, &counts)
+        .context("gathering the step's sample ids")?;
+    Vec::<i64>::try_from(all.flatten(0, -1)).context("reading the sample ids")
 }
 
 /// Between steps: every rank learns from rank 0 whether the coordinator adopted a newer
