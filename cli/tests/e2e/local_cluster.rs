@@ -1089,6 +1089,7 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
             .args(["worker", "--coordinator", &format!("http://{grpc}")])
             .args(["--threads", "1"])
             .env(TOKEN_ENV, JOB_TOKEN)
+            .env("CONTRAIL_LOG", "info")
             .current_dir(&dir)
             .stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap())
             .stdout(std::fs::File::create(dir.join(format!("{name}.stdout"))).unwrap())
@@ -1178,6 +1179,22 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
         assert!(audit.contains(&line), "{audit}");
     }
     eprintln!("{audit}");
+    // Both survivors end with bit-identical parameters.
+    let digests: Vec<String> = ["w0", "w1"]
+        .iter()
+        .map(|n| {
+            let raw = std::fs::read_to_string(dir.join(format!("{n}.stderr"))).unwrap();
+            let err = strip_ansi(&raw);
+            let line = err
+                .lines()
+                .find(|l| l.contains("final parameters"))
+                .unwrap_or_else(|| panic!("{n} logged no final parameters:\n{err}"))
+                .to_string();
+            let digest = line.split("digest=").nth(1).expect("a digest field");
+            digest.split_whitespace().next().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1], "the survivors' parameters differ");
     eprintln!(
         "killed at step {}, generation {} -> {}; finished at step {}\n{}",
         before.step,
@@ -1190,4 +1207,22 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
             .join("\n")
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The text of a log without its colour escapes (`ESC [ … m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

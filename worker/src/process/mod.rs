@@ -319,6 +319,15 @@ fn train_rank(
     let flushed = hooks.flush_audit();
     let summary = summary?;
     flushed?;
+    // Every rank ends with the same parameters; the digest lets a log (and the recovery
+    // tests) show it. Hashing the weights costs a pass over them, so only when logged.
+    if tracing::enabled!(tracing::Level::INFO) {
+        tracing::info!(
+            rank = hooks.rank(),
+            digest = %recovery::parameter_digest(&model)?,
+            "final parameters"
+        );
+    }
     if let Some(line) = hooks.eval_summary() {
         println!("{line}");
     }

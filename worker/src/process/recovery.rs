@@ -86,3 +86,31 @@ pub fn agree_on_state(
     set.replace(head[1] as u32, &ids);
     Ok((epoch as u32, step as u64))
 }
+
+/// A digest of every trainable parameter (FNV-1a over their float32 bytes, in name order):
+/// equal on two ranks exactly when their parameters are bit for bit equal (short of a
+/// collision). Buffers are left out: BatchNorm running statistics follow each rank's own
+/// batches (as DDP's with `broadcast_buffers=False`), and checkpoints keep rank 0's.
+pub fn parameter_digest(model: &ContrastiveModel) -> Result<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut params = model.named_parameters();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in params {
+        for b in name.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        let values = Vec::<f32>::try_from(
+            t.detach()
+                .to_device(tch::Device::Cpu)
+                .to_kind(tch::Kind::Float)
+                .flatten(0, -1),
+        )
+        .with_context(|| format!("reading {name}"))?;
+        for v in values {
+            for b in v.to_bits().to_le_bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+            }
+        }
+    }
+    Ok(format!("{h:016x}"))
+}
