@@ -224,6 +224,18 @@ impl JobBook {
         if self.state.is_terminal() {
             self.require_running()?;
         }
+        if self.state == JobState::Running && self.cfg.cluster.min_workers > 0 {
+            let id =
+                self.members
+                    .add_replacement(host, address, now_ms, self.cfg.cluster.world_size)?;
+            tracing::warn!(
+                worker = id,
+                %host,
+                %address,
+                "a replacement registered; it joins when the members regroup at their next step"
+            );
+            return Ok((id, self.members.generation));
+        }
         let id = self.members.add(host, address, now_ms)?;
         tracing::info!(
             worker = id,
@@ -252,17 +264,41 @@ impl JobBook {
         after_generation: u64,
         now_ms: u64,
     ) -> Result<Option<proto::RendezvousReply>, RpcError> {
-        let current = self.members.generation;
         let regrouping = after_generation > 0;
         let terminal = self.state.is_terminal();
-        let w = self.members.check(worker_id, generation, regrouping)?;
-        w.last_seen_ms = now_ms;
-        if regrouping && current <= after_generation {
+        // A replacement registered in an older generation than the one that takes it in.
+        let waiting = self
+            .members
+            .get(worker_id)
+            .is_some_and(|w| w.joined_running);
+        self.members
+            .check(worker_id, generation, regrouping || waiting)?
+            .last_seen_ms = now_ms;
+        if regrouping && self.members.generation <= after_generation {
             if terminal {
                 self.require_running()?;
             }
-            return Ok(None);
+            if self.members.waiting() == 0 || self.state != JobState::Running {
+                return Ok(None);
+            }
+            // A member stopped at a step boundary to let a replacement in.
+            let members = self.members.regroup();
+            let returned: usize = members
+                .iter()
+                .map(|id| self.shards.release_worker(*id).len())
+                .sum();
+            tracing::warn!(
+                generation = self.members.generation,
+                workers = members.len(),
+                returned,
+                "a replacement joins: the members regroup"
+            );
         }
+        let current = self.members.generation;
+        let w = self
+            .members
+            .get(worker_id)
+            .ok_or_else(|| RpcError::NotFound(format!("unknown worker id {worker_id}")))?;
         if regrouping && w.rank.is_none() {
             return Err(RpcError::FailedPrecondition(format!(
                 "{} is not a member of generation {current}",
@@ -275,7 +311,9 @@ impl JobBook {
             }
             return Ok(None);
         };
-        let resume = self.resume.clone();
+        // A replacement takes its state from the members, not from the checkpoint.
+        let joining = w.joined_running;
+        let resume = self.resume.clone().filter(|_| !joining);
         Ok(Some(proto::RendezvousReply {
             rank,
             world_size: self.members.world_size,
@@ -286,6 +324,7 @@ impl JobBook {
             resume_step: resume.as_ref().map_or(0, |r| r.step),
             resume_epoch: resume.as_ref().map_or(0, |r| r.epoch),
             placement: self.experts.as_ref().map(|x| x.placement().into()),
+            joining,
         }))
     }
 
@@ -298,6 +337,7 @@ impl JobBook {
         w.last_seen_ms = now_ms;
         w.step = w.step.max(req.step);
         let member = w.rank.is_some();
+        let regroup = member && self.members.waiting() > 0;
         let stop = match self.state {
             JobState::Failed => Some(self.reason.clone()),
             JobState::Finished => Some("the job has finished".to_string()),
@@ -314,6 +354,7 @@ impl JobBook {
         Ok(proto::HeartbeatReply {
             stop: stop.is_some(),
             reason: stop.unwrap_or_default(),
+            regroup,
         })
     }
 

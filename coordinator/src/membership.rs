@@ -19,6 +19,9 @@ pub struct Worker {
     pub step: u64,
     /// Why the worker is dead or left with an error ("" otherwise).
     pub reason: String,
+    /// Registered while the job was running (a replacement): it takes its state from the
+    /// other members when it joins.
+    pub joined_running: bool,
 }
 
 impl Worker {
@@ -66,7 +69,12 @@ impl Membership {
             )));
         }
         if !address.is_empty() {
-            if let Some(other) = self.workers.iter().find(|w| w.address == address) {
+            // A replacement may come back on a dead worker's address.
+            if let Some(other) = self
+                .workers
+                .iter()
+                .find(|w| w.address == address && w.liveness == WorkerLiveness::Alive)
+            {
                 return Err(RpcError::InvalidArgument(format!(
                     "collective address {address} is already registered by worker {} on {}; \
                      every worker needs its own host:port",
@@ -85,6 +93,7 @@ impl Membership {
             last_seen_ms: now_ms,
             step: 0,
             reason: String::new(),
+            joined_running: false,
         });
         if self.workers.len() == self.world_size as usize {
             for (rank, w) in self.workers.iter_mut().enumerate() {
@@ -150,6 +159,60 @@ impl Membership {
             .collect()
     }
 
+    /// A replacement registering while the job runs (`cluster.min_workers`): it waits without
+    /// a rank until the next regroup takes it in. At most `max_world` members and waiting
+    /// workers together.
+    pub fn add_replacement(
+        &mut self,
+        host: &str,
+        address: &str,
+        now_ms: u64,
+        max_world: u32,
+    ) -> Result<u64, RpcError> {
+        let taken = self
+            .workers
+            .iter()
+            .filter(|w| w.liveness == WorkerLiveness::Alive)
+            .count();
+        if taken >= max_world as usize {
+            return Err(RpcError::ResourceExhausted(format!(
+                "the job already has its {max_world} workers (cluster.world_size)"
+            )));
+        }
+        if let Some(other) = self
+            .workers
+            .iter()
+            .find(|w| w.address == address && w.liveness == WorkerLiveness::Alive)
+        {
+            return Err(RpcError::InvalidArgument(format!(
+                "collective address {address} is already registered by worker {} on {}",
+                other.id, other.host
+            )));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.workers.push(Worker {
+            id,
+            host: host.to_string(),
+            address: address.to_string(),
+            rank: None,
+            liveness: WorkerLiveness::Alive,
+            last_seen_ms: now_ms,
+            step: 0,
+            reason: String::new(),
+            joined_running: true,
+        });
+        Ok(id)
+    }
+
+    /// Replacements registered and waiting for the next regroup.
+    pub fn waiting(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.rank.is_none() && w.liveness == WorkerLiveness::Alive)
+            .count()
+    }
+
     /// Alive workers of the current membership.
     pub fn alive_members(&self) -> usize {
         self.workers
@@ -159,7 +222,8 @@ impl Membership {
     }
 
     /// The next generation's membership: the alive members, re-ranked 0..n in their old
-    /// order; everyone else loses their rank. Returns the ids of the members.
+    /// order, then the waiting replacements in registration order; everyone else loses their
+    /// rank. Returns the ids of the members.
     pub fn regroup(&mut self) -> Vec<u64> {
         let mut members: Vec<&mut Worker> = self
             .workers
@@ -174,6 +238,19 @@ impl Membership {
                 ids.push(w.id);
             } else {
                 w.rank = None;
+            }
+        }
+        let newcomers: Vec<u64> = self
+            .workers
+            .iter()
+            .filter(|w| w.rank.is_none() && w.liveness == WorkerLiveness::Alive)
+            .map(|w| w.id)
+            .filter(|id| !ids.contains(id))
+            .collect();
+        for id in newcomers {
+            if let Some(w) = self.workers.iter_mut().find(|w| w.id == id) {
+                w.rank = Some(ids.len() as u32);
+                ids.push(id);
             }
         }
         self.world_size = ids.len() as u32;

@@ -1051,7 +1051,9 @@ fn moe_rebalancing_moves_experts_while_training() {
 
 /// `cluster.min_workers = 2`: of 3 workers one is SIGKILLed mid-epoch; the other two regroup
 /// as the next generation without restarting, train on with the same global batch, and the job
-/// finishes; the audit proves every sample of both epochs was trained exactly once.
+/// then a replacement joins the running job (taking its state from the members), the job
+/// finishes, the audit proves every sample of every epoch was trained exactly once, and all
+/// three finish with bit-identical parameters.
 #[test]
 fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
     let dir = temp_dir("regroup");
@@ -1071,7 +1073,7 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
                 "--set",
                 "cluster.min_workers=2",
             ])
-            .args(["--set", "train.global_batch=48"])
+            .args(["--set", "train.global_batch=48", "--set", "train.epochs=4"])
             .args([
                 "--set",
                 &format!("audit.url=file://{}", dir.join("audit").display()),
@@ -1099,7 +1101,7 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
     let mut survivors = [KillOnDrop(worker("w0")), KillOnDrop(worker("w1"))];
     let mut victim = worker("w2");
     let logs = || {
-        ["w0", "w1", "w2", "coordinator"]
+        ["w0", "w1", "w2", "w3", "coordinator"]
             .iter()
             .map(|n| {
                 let err = std::fs::read_to_string(dir.join(format!("{n}.stderr")));
@@ -1126,6 +1128,17 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
     victim.kill().unwrap(); // SIGKILL, mid-epoch (an epoch is 43 steps)
     let _ = victim.wait();
 
+    // Once the survivors regrouped, a replacement starts and joins the running job.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "no regroup\n{}", logs());
+        if status(&http).is_some_and(|s| s.generation > before.generation) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut replacement = KillOnDrop(worker("w3"));
+
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut last = None;
     let after = loop {
@@ -1151,10 +1164,12 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
     );
     assert!(after.generation > before.generation, "no new generation");
     assert!(after.step > before.step);
-    for w in survivors.iter_mut() {
+    for w in survivors.iter_mut().chain([&mut replacement]) {
         let code = w.0.wait().unwrap();
-        assert!(code.success(), "a survivor exited with {code}\n{}", logs());
+        assert!(code.success(), "a worker exited with {code}\n{}", logs());
     }
+    let joined = std::fs::read_to_string(dir.join("w3.stderr")).unwrap();
+    assert!(joined.contains("joined the running job"), "{joined}");
     // Ranks follow registration order, so either survivor may be rank 0 of the new world.
     let out0: String = ["w0", "w1"]
         .iter()
@@ -1174,13 +1189,13 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
         .unwrap();
     let audit = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{audit}\n{}", logs());
-    for epoch in [0, 1] {
+    for epoch in 0..4 {
         let line = format!("epoch {epoch}: all 2048 samples trained exactly once");
         assert!(audit.contains(&line), "{audit}");
     }
     eprintln!("{audit}");
-    // Both survivors end with bit-identical parameters.
-    let digests: Vec<String> = ["w0", "w1"]
+    // The survivors and the replacement end with bit-identical parameters.
+    let digests: Vec<String> = ["w0", "w1", "w3"]
         .iter()
         .map(|n| {
             let raw = std::fs::read_to_string(dir.join(format!("{n}.stderr"))).unwrap();
@@ -1194,7 +1209,10 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
             digest.split_whitespace().next().unwrap().to_string()
         })
         .collect();
-    assert_eq!(digests[0], digests[1], "the survivors' parameters differ");
+    assert!(
+        digests.iter().all(|d| *d == digests[0]),
+        "the workers' parameters differ: {digests:?}"
+    );
     eprintln!(
         "killed at step {}, generation {} -> {}; finished at step {}\n{}",
         before.step,

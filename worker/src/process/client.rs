@@ -38,6 +38,8 @@ pub struct Assignment {
     pub placement: Option<contrail_common::experts::ExpertPlacement>,
     /// The membership generation this assignment belongs to.
     pub generation: u64,
+    /// A replacement joining a running job: its state comes from the other members.
+    pub joining: bool,
 }
 
 pub enum Lease {
@@ -167,17 +169,20 @@ impl Coordinator {
             resume_checkpoint: r.resume_checkpoint,
             resume_step: r.resume_step,
             resume_epoch: r.resume_epoch,
+            joining: r.joining,
             placement: r.placement.as_ref().map(Into::into),
             generation: r.generation,
         }
     }
 
+    /// The coordinator's answer: Some(reason) when this worker must stop; the regroup flag
+    /// when a replacement waits to join at the next step boundary.
     pub async fn heartbeat(
         &mut self,
         step: u64,
         state: &str,
         shard: &str,
-    ) -> Result<Option<String>> {
+    ) -> Result<(Option<String>, bool)> {
         let r = self
             .client
             .heartbeat(proto::HeartbeatRequest {
@@ -190,7 +195,7 @@ impl Coordinator {
             .await
             .context("heartbeat to the coordinator")?
             .into_inner();
-        Ok(r.stop.then_some(r.reason))
+        Ok((r.stop.then_some(r.reason), r.regroup))
     }
 
     pub async fn lease_shard(&mut self, epoch: u32) -> Result<Lease> {

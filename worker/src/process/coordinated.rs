@@ -37,12 +37,17 @@ pub async fn heartbeat_loop(
         let step = progress.step.load(Ordering::Relaxed);
         let shard = progress.shard.lock().map(|s| s.clone()).unwrap_or_default();
         match coord.heartbeat(step, "training", &shard).await {
-            Ok(Some(reason)) => {
+            Ok((Some(reason), _)) => {
                 if let Ok(mut s) = progress.stop.lock() {
                     s.get_or_insert(format!("the coordinator stopped the job: {reason}"));
                 }
             }
-            Ok(None) => last_ok = Instant::now(),
+            Ok((None, regroup)) => {
+                last_ok = Instant::now();
+                if regroup {
+                    progress.regroup.store(true, Ordering::SeqCst);
+                }
+            }
             Err(e) if last_ok.elapsed() > give_up_after => {
                 if let Ok(mut s) = progress.stop.lock() {
                     s.get_or_insert(format!(
@@ -191,6 +196,10 @@ impl TrainHooks for CoordinatedHooks<'_> {
             links,
             self.captions.clone(),
         )?))
+    }
+
+    fn regroup_requested(&self) -> bool {
+        self.progress.regroup.load(Ordering::SeqCst)
     }
 
     fn before_step(&mut self, epoch: u32, step: u64, samples: &[SampleRef]) -> Result<()> {

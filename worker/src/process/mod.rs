@@ -54,6 +54,8 @@ pub struct HeartbeatState {
     pub shard: Mutex<String>,
     /// Set when the coordinator tells this worker to stop, or it can no longer be reached.
     pub stop: Mutex<Option<String>>,
+    /// Set when a replacement waits to join: the members regroup at the next step boundary.
+    pub regroup: std::sync::atomic::AtomicBool,
 }
 
 impl HeartbeatState {
@@ -252,6 +254,28 @@ fn train_rank(
     )?;
     let mut objective = build_objective(cfg);
     let mut run_cfg = cfg.clone();
+    if asg.joining {
+        // A replacement: the members' state, step and trained samples, over the new mesh.
+        let (epoch, step) = recovery::agree_on_state(
+            coll.as_ref(),
+            &mut model,
+            opt.as_mut(),
+            hooks.trained_set(),
+            (0, 0),
+        )
+        .context("taking the running job's state from its members")?;
+        progress.step.store(step, Ordering::Relaxed);
+        run_cfg.cluster.world_size = asg.world_size as u32;
+        run_cfg.eval.at_start = false;
+        run_cfg
+            .validate()
+            .map_err(|e| anyhow::anyhow!("cannot join with {} workers: {e}", asg.world_size))?;
+        eprintln!(
+            "rank {}: joined the running job at epoch {epoch} step {step} ({} workers)",
+            asg.rank, asg.world_size
+        );
+        start = StartPoint { epoch, step };
+    }
     let summary = loop {
         let result = train(
             &run_cfg,
@@ -274,6 +298,7 @@ fn train_rank(
         let wait = Duration::from_millis(cfg.cluster.worker_timeout_ms * 3 + 5_000);
         eprintln!("rank {}: {e:#}; regrouping", hooks.rank());
         let old_generation = coord.generation();
+        progress.regroup.store(false, Ordering::SeqCst);
         let next = rt
             .block_on(coord.regroup(wait))
             .with_context(|| format!("regrouping after: {e:#}"))?;

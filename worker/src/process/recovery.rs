@@ -12,6 +12,7 @@ use super::ledger::TrainedSet;
 use crate::dist::{Collective, CollectiveError};
 use crate::model::ContrastiveModel;
 use crate::optim::Optimizer;
+use crate::train::trainer::RegroupRequested;
 use anyhow::{Context, Result};
 use std::sync::Mutex;
 use tch::Tensor;
@@ -23,7 +24,7 @@ pub fn is_peer_failure(e: &anyhow::Error) -> bool {
         matches!(
             c.downcast_ref::<CollectiveError>(),
             Some(CollectiveError::PeerFailed { .. } | CollectiveError::Timeout { .. })
-        )
+        ) || c.downcast_ref::<RegroupRequested>().is_some()
     })
 }
 

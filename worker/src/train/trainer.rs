@@ -69,6 +69,10 @@ pub trait TrainHooks {
     ) -> Result<()>;
     /// Why training must stop now (e.g. the coordinator declared the job failed), if it must.
     fn stop_reason(&self) -> Option<String>;
+    /// A new member waits to join: stop at this step boundary with [`RegroupRequested`].
+    fn regroup_requested(&self) -> bool {
+        false
+    }
     /// With `cluster.min_workers`: the ids (`[a0, b0, a1, b1, …]`, `common::audit::sample_id`)
     /// of every sample all ranks trained in a step of `epoch` that just committed.
     fn record_trained(&mut self, _epoch: u32, _ids: &[i64]) {}
@@ -93,6 +97,14 @@ pub trait TrainHooks {
     fn build_model(&mut self, _placement: ExpertPlacement) -> Result<ContrastiveModel> {
         bail!("this training loop cannot rebuild its model for a new expert placement")
     }
+}
+
+/// Training stopped at a step boundary because the membership is about to change (a
+/// replacement joins); the caller regroups and calls [`train`] again.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped after step {step} to let a new worker join")]
+pub struct RegroupRequested {
+    pub step: u64,
 }
 
 /// Where training starts (a fresh job, or a checkpoint).
@@ -158,6 +170,9 @@ pub fn train(
             loop {
                 if let Some(reason) = hooks.stop_reason() {
                     bail!("stopping at step {step}: {reason}");
+                }
+                if hooks.regroup_requested() {
+                    return Err(RegroupRequested { step }.into());
                 }
                 let started = Instant::now();
                 // Up to K micro-batches make one step; a rank whose data ran out brings fewer
