@@ -819,3 +819,60 @@ fn survivors_regroup_when_min_workers_allows_and_the_job_finishes_with_them() {
     );
     let _ = ids;
 }
+
+/// With `cluster.min_workers`, a worker registering while the job runs waits without a rank;
+/// the members' heartbeats ask them to regroup; the first member's regroup rendezvous starts
+/// the next generation with the members first and the replacement last, whose rendezvous says
+/// `joining` (and carries no checkpoint to resume from). A full world refuses a replacement.
+#[test]
+fn a_replacement_waits_then_joins_at_the_next_regroup() {
+    let mut cfg = config(3);
+    cfg.cluster.min_workers = 2;
+    cfg.train.global_batch = 24;
+    let (mut b, ids) = running_with(cfg, 6);
+    let g = b.generation();
+    // The world is full: no room for another worker.
+    assert!(matches!(
+        b.register("host", "10.0.0.9:29509", 1),
+        Err(RpcError::ResourceExhausted(_))
+    ));
+    // Rank 2 leaves with an error; ranks 0 and 1 regroup as generation g + 1.
+    b.leave(
+        &proto::LeaveRequest {
+            worker_id: ids[2],
+            generation: g,
+            finished: false,
+            error: "oom".into(),
+        },
+        2,
+    )
+    .unwrap();
+    assert_eq!((b.state(), b.generation()), (JobState::Running, g + 1));
+    for id in [ids[0], ids[1]] {
+        b.rendezvous(id, g, g, 3).unwrap().expect("regrouped");
+    }
+    // A replacement registers; it waits, and the members are asked to regroup.
+    let (new, at) = b.register("host", "10.0.0.2:29502", 4).unwrap();
+    assert_eq!(at, g + 1);
+    assert_eq!(b.rendezvous(new, at, 0, 5).unwrap(), None);
+    let hb = heartbeat(&mut b, ids[0], g + 1, 6).unwrap();
+    assert!(hb.regroup && !hb.stop, "{hb:?}");
+    // Member 0 stops at a step boundary and regroups: generation g + 2 takes the replacement.
+    let r0 = b
+        .rendezvous(ids[0], g + 1, g + 1, 7)
+        .unwrap()
+        .expect("regrouped");
+    assert_eq!((r0.rank, r0.world_size, r0.generation), (0, 3, g + 2));
+    assert!(!r0.joining);
+    let r1 = b
+        .rendezvous(ids[1], g + 1, g + 1, 7)
+        .unwrap()
+        .expect("regrouped");
+    assert_eq!(r1.rank, 1);
+    let rn = b.rendezvous(new, at, 0, 8).unwrap().expect("taken in");
+    assert_eq!((rn.rank, rn.world_size, rn.generation), (2, 3, g + 2));
+    assert!(rn.joining && rn.resume_checkpoint.is_empty());
+    assert_eq!(rn.peer_addresses[2], "10.0.0.2:29502");
+    // Nobody waits any more: no regroup request.
+    assert!(!heartbeat(&mut b, ids[0], g + 2, 9).unwrap().regroup);
+}
