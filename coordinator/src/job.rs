@@ -158,15 +158,23 @@ impl JobBook {
             return;
         }
         let timeout = self.cfg.cluster.worker_timeout_ms;
-        for id in self.members.silent(now_ms, timeout) {
+        let grace = 2 * self.cfg.cluster.heartbeat_ms;
+        for id in self.members.silent(now_ms, timeout, grace) {
             let returned = self.shards.release_worker(id);
             let Some(w) = self.members.get_mut(id) else {
                 continue;
             };
             let silent_ms = now_ms.saturating_sub(w.last_seen_ms);
             w.liveness = WorkerLiveness::Dead;
-            w.reason =
-                format!("no heartbeat for {silent_ms} ms (cluster.worker_timeout_ms = {timeout})");
+            w.reason = match w.suspected_at_ms {
+                Some(at) if silent_ms <= timeout => format!(
+                    "a peer lost its connection to it, and it sent no heartbeat in the {} ms since",
+                    now_ms.saturating_sub(at)
+                ),
+                _ => format!(
+                    "no heartbeat for {silent_ms} ms (cluster.worker_timeout_ms = {timeout})"
+                ),
+            };
             let reason = format!(
                 "{} stopped sending heartbeats ({}); {} shard lease(s) returned to the pool",
                 w.describe(),
@@ -264,6 +272,31 @@ impl JobBook {
         after_generation: u64,
         now_ms: u64,
     ) -> Result<Option<proto::RendezvousReply>, RpcError> {
+        self.rendezvous_reporting(worker_id, generation, after_generation, None, now_ms)
+    }
+
+    /// [`JobBook::rendezvous`] with the rank (of the caller's generation) whose connection
+    /// failed: if that worker sends no heartbeat within two heartbeat periods, it is dead.
+    pub fn rendezvous_reporting(
+        &mut self,
+        worker_id: u64,
+        generation: u64,
+        after_generation: u64,
+        suspect_rank: Option<u32>,
+        now_ms: u64,
+    ) -> Result<Option<proto::RendezvousReply>, RpcError> {
+        if let Some(rank) = suspect_rank {
+            if after_generation > 0 && after_generation == self.members.generation {
+                if let Some(w) = self
+                    .members
+                    .workers
+                    .iter_mut()
+                    .find(|w| w.rank == Some(rank) && w.id != worker_id)
+                {
+                    w.suspected_at_ms.get_or_insert(now_ms);
+                }
+            }
+        }
         let regrouping = after_generation > 0;
         let terminal = self.state.is_terminal();
         // A replacement registered in an older generation than the one that takes it in.
@@ -335,6 +368,8 @@ impl JobBook {
     ) -> Result<proto::HeartbeatReply, RpcError> {
         let w = self.members.check(req.worker_id, req.generation, true)?;
         w.last_seen_ms = now_ms;
+        // Alive after all: a peer's report about it was wrong (or about an old connection).
+        w.suspected_at_ms = None;
         w.step = w.step.max(req.step);
         let member = w.rank.is_some();
         let regroup = member && self.members.waiting() > 0;

@@ -22,6 +22,8 @@ pub struct Worker {
     /// Registered while the job was running (a replacement): it takes its state from the
     /// other members when it joins.
     pub joined_running: bool,
+    /// When a peer reported this worker's connection failed (cleared by its next heartbeat).
+    pub suspected_at_ms: Option<u64>,
 }
 
 impl Worker {
@@ -94,6 +96,7 @@ impl Membership {
             step: 0,
             reason: String::new(),
             joined_running: false,
+            suspected_at_ms: None,
         });
         if self.workers.len() == self.world_size as usize {
             for (rank, w) in self.workers.iter_mut().enumerate() {
@@ -146,14 +149,17 @@ impl Membership {
         Ok(w)
     }
 
-    /// Ranked, alive workers silent since before `now_ms - timeout_ms`.
-    pub fn silent(&self, now_ms: u64, timeout_ms: u64) -> Vec<u64> {
+    /// Ranked, alive workers silent since before `now_ms - timeout_ms`, or reported by a peer
+    /// and silent for `suspect_grace_ms` since.
+    pub fn silent(&self, now_ms: u64, timeout_ms: u64, suspect_grace_ms: u64) -> Vec<u64> {
         self.workers
             .iter()
             .filter(|w| {
                 w.rank.is_some()
                     && w.liveness == WorkerLiveness::Alive
-                    && now_ms.saturating_sub(w.last_seen_ms) > timeout_ms
+                    && (now_ms.saturating_sub(w.last_seen_ms) > timeout_ms
+                        || w.suspected_at_ms
+                            .is_some_and(|at| now_ms.saturating_sub(at) > suspect_grace_ms))
             })
             .map(|w| w.id)
             .collect()
@@ -201,6 +207,7 @@ impl Membership {
             step: 0,
             reason: String::new(),
             joined_running: true,
+            suspected_at_ms: None,
         });
         Ok(id)
     }

@@ -59,7 +59,13 @@ impl CoordinatorRpc for CoordinatorService {
         loop {
             state.mark_unchanged();
             if let Some(reply) = self.coord.with_book(|b, now| {
-                b.rendezvous(r.worker_id, r.generation, r.after_generation, now)
+                b.rendezvous_reporting(
+                    r.worker_id,
+                    r.generation,
+                    r.after_generation,
+                    r.suspect_rank,
+                    now,
+                )
             })? {
                 return Ok(Response::new(reply));
             }

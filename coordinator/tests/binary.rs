@@ -115,6 +115,7 @@ async fn exits_zero_when_the_job_finishes() {
             worker_id: reg.worker_id,
             generation: reg.generation,
             after_generation: 0,
+            suspect_rank: None,
         })
         .await
         .unwrap()

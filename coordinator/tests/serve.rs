@@ -157,6 +157,7 @@ async fn join_world(served: &Served, n: u32) -> Vec<FakeWorker> {
                     worker_id: reg.worker_id,
                     generation: reg.generation,
                     after_generation: 0,
+                    suspect_rank: None,
                 })
                 .await
                 .unwrap()
@@ -529,6 +530,7 @@ async fn new_coordinator_resumes_from_the_latest_checkpoint() {
             worker_id: workers[1].id,
             generation: workers[1].generation,
             after_generation: 0,
+            suspect_rank: None,
         })
         .await
         .unwrap()

@@ -876,3 +876,54 @@ fn a_replacement_waits_then_joins_at_the_next_regroup() {
     // Nobody waits any more: no regroup request.
     assert!(!heartbeat(&mut b, ids[0], g + 2, 9).unwrap().regroup);
 }
+
+/// A survivor's regroup names the peer whose connection failed: that worker, silent since,
+/// is declared dead after two heartbeat periods instead of `worker_timeout_ms`; a reported
+/// worker that still heartbeats stays alive.
+#[test]
+fn a_reported_peer_that_stays_silent_dies_after_two_heartbeats() {
+    let mut cfg = config(3);
+    cfg.cluster.min_workers = 2;
+    cfg.train.global_batch = 24;
+    let (mut b, ids) = running_with(cfg, 6);
+    let g = b.generation();
+    // Rank 0 reports rank 1 at t = 0; rank 1 keeps heartbeating: a wrong report.
+    assert_eq!(
+        b.rendezvous_reporting(ids[0], g, g, Some(1), 0).unwrap(),
+        None
+    );
+    let mut t = 0;
+    while t < 4 * HEARTBEAT {
+        t += HEARTBEAT;
+        for id in &ids {
+            heartbeat(&mut b, *id, g, t).unwrap();
+        }
+        b.tick(t);
+    }
+    assert_eq!(b.generation(), g, "a live worker was declared dead");
+    // Now rank 2 falls silent and rank 1 reports it: dead long before the worker timeout.
+    let reported = t;
+    assert_eq!(
+        b.rendezvous_reporting(ids[1], g, g, Some(2), t).unwrap(),
+        None
+    );
+    while b.generation() == g {
+        t += HEARTBEAT / 2;
+        for id in [ids[0], ids[1]] {
+            heartbeat(&mut b, id, g, t).unwrap();
+        }
+        b.tick(t);
+        assert!(
+            t - reported <= 3 * HEARTBEAT,
+            "the reported peer was not declared dead"
+        );
+    }
+    assert!(t - reported < TIMEOUT);
+    let s = b.status(t);
+    let dead = s
+        .workers
+        .iter()
+        .find(|w| w.state == WorkerLiveness::Dead)
+        .unwrap();
+    assert_eq!(dead.worker_id, ids[2]);
+}

@@ -123,12 +123,18 @@ impl Coordinator {
     /// After a failure: waits (up to `wait`) for the coordinator to start a generation newer
     /// than this worker's, and returns this worker's place in it. Fails when this worker is
     /// not a member (it was declared dead) or the job ended.
-    pub async fn regroup(&mut self, wait: Duration) -> Result<Assignment> {
+    /// `suspect_rank`: the peer (rank of this worker's generation) whose connection failed.
+    pub async fn regroup(
+        &mut self,
+        wait: Duration,
+        suspect_rank: Option<usize>,
+    ) -> Result<Assignment> {
         let after = self.generation();
         let request = proto::RendezvousRequest {
             worker_id: self.worker_id,
             generation: after,
             after_generation: after,
+            suspect_rank: suspect_rank.map(|r| r as u32),
         };
         let r = tokio::time::timeout(wait, self.client.rendezvous(request))
             .await
@@ -151,6 +157,7 @@ impl Coordinator {
                 worker_id: self.worker_id,
                 generation: self.generation(),
                 after_generation: 0,
+                suspect_rank: None,
             })
             .await
             .context("rendezvous with the coordinator")?

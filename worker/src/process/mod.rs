@@ -300,7 +300,7 @@ fn train_rank(
         let old_generation = coord.generation();
         progress.regroup.store(false, Ordering::SeqCst);
         let next = rt
-            .block_on(coord.regroup(wait))
+            .block_on(coord.regroup(wait, recovery::failed_peer(e)))
             .with_context(|| format!("regrouping after: {e:#}"))?;
         regroup
             .regroup(

@@ -28,6 +28,17 @@ pub fn is_peer_failure(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The peer a collective failure names (its rank in the failed generation), if any.
+pub fn failed_peer(e: &anyhow::Error) -> Option<usize> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<CollectiveError>() {
+            Some(
+                CollectiveError::PeerFailed { rank, .. } | CollectiveError::Timeout { rank, .. },
+            ) => Some(*rank),
+            _ => None,
+        })
+}
+
 /// Agrees on (epoch, step) and state over the new mesh: the most advanced rank's wins.
 /// `mine` is this rank's last committed (epoch, step).
 pub fn agree_on_state(
