@@ -207,9 +207,13 @@ impl JobBook {
             ));
             return;
         }
+        self.regroup(&format!("{reason}; the survivors regroup and train on"));
+    }
+
+    /// Starts the next generation with the alive members (and any waiting replacement).
+    /// Every member restarts its data feed then, so what it held goes back to the pool.
+    fn regroup(&mut self, why: &str) {
         let members = self.members.regroup();
-        // Every member restarts its data feed in the new generation; what it held goes
-        // back to the pool.
         let returned: usize = members
             .iter()
             .map(|id| self.shards.release_worker(*id).len())
@@ -218,8 +222,7 @@ impl JobBook {
             generation = self.members.generation,
             workers = members.len(),
             returned,
-            "{reason}; the {} survivor(s) regroup and train on",
-            members.len()
+            "{why}"
         );
     }
 
@@ -315,17 +318,7 @@ impl JobBook {
                 return Ok(None);
             }
             // A member stopped at a step boundary to let a replacement in.
-            let members = self.members.regroup();
-            let returned: usize = members
-                .iter()
-                .map(|id| self.shards.release_worker(*id).len())
-                .sum();
-            tracing::warn!(
-                generation = self.members.generation,
-                workers = members.len(),
-                returned,
-                "a replacement joins: the members regroup"
-            );
+            self.regroup("a replacement joins: the members regroup");
         }
         let current = self.members.generation;
         let w = self

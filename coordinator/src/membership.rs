@@ -65,39 +65,13 @@ impl Membership {
     pub fn add(&mut self, host: &str, address: &str, now_ms: u64) -> Result<u64, RpcError> {
         if self.workers.len() >= self.world_size as usize {
             return Err(RpcError::ResourceExhausted(format!(
-                "the job already has its {} workers (cluster.world_size); a worker cannot \
-                 join a running job (recovery after a failure is not built yet)",
+                "the job already has its {} workers (cluster.world_size); a worker joins a \
+                 running job only as a replacement (cluster.min_workers > 0)",
                 self.world_size
             )));
         }
-        if !address.is_empty() {
-            // A replacement may come back on a dead worker's address.
-            if let Some(other) = self
-                .workers
-                .iter()
-                .find(|w| w.address == address && w.liveness == WorkerLiveness::Alive)
-            {
-                return Err(RpcError::InvalidArgument(format!(
-                    "collective address {address} is already registered by worker {} on {}; \
-                     every worker needs its own host:port",
-                    other.id, other.host
-                )));
-            }
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        self.workers.push(Worker {
-            id,
-            host: host.to_string(),
-            address: address.to_string(),
-            rank: None,
-            liveness: WorkerLiveness::Alive,
-            last_seen_ms: now_ms,
-            step: 0,
-            reason: String::new(),
-            joined_running: false,
-            suspected_at_ms: None,
-        });
+        self.check_address_free(address)?;
+        let id = self.push(host, address, now_ms, false);
         if self.workers.len() == self.world_size as usize {
             for (rank, w) in self.workers.iter_mut().enumerate() {
                 w.rank = Some(rank as u32);
@@ -185,16 +159,33 @@ impl Membership {
                 "the job already has its {max_world} workers (cluster.world_size)"
             )));
         }
-        if let Some(other) = self
+        self.check_address_free(address)?;
+        let id = self.push(host, address, now_ms, true);
+        Ok(id)
+    }
+
+    /// Refuses an address an alive worker registered (a replacement may come back on a dead
+    /// worker's address).
+    fn check_address_free(&self, address: &str) -> Result<(), RpcError> {
+        if address.is_empty() {
+            return Ok(());
+        }
+        match self
             .workers
             .iter()
             .find(|w| w.address == address && w.liveness == WorkerLiveness::Alive)
         {
-            return Err(RpcError::InvalidArgument(format!(
-                "collective address {address} is already registered by worker {} on {}",
+            Some(other) => Err(RpcError::InvalidArgument(format!(
+                "collective address {address} is already registered by worker {} on {}; \
+                 every worker needs its own host:port",
                 other.id, other.host
-            )));
+            ))),
+            None => Ok(()),
         }
+    }
+
+    /// A new alive worker without a rank; returns its id.
+    fn push(&mut self, host: &str, address: &str, now_ms: u64, joined_running: bool) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.workers.push(Worker {
@@ -206,10 +197,10 @@ impl Membership {
             last_seen_ms: now_ms,
             step: 0,
             reason: String::new(),
-            joined_running: true,
+            joined_running,
             suspected_at_ms: None,
         });
-        Ok(id)
+        id
     }
 
     /// Replacements registered and waiting for the next regroup.
