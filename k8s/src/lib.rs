@@ -340,6 +340,7 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
         );
     }
     let job_toml = cluster_job_toml(cfg, opts)?;
+    let replace = Replacement::of(cfg);
     let token = match &opts.job_token {
         Some(t) => JobToken::parse(t).context("--job-token")?,
         None => JobToken::generate()?,
@@ -351,11 +352,11 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
     ];
     out.push(Manifest::Service(coordinator_service(opts)));
     match opts.crd {
-        Crd::JobSet => out.push(Manifest::JobSet(job_set(opts))),
+        Crd::JobSet => out.push(Manifest::JobSet(job_set(opts, replace))),
         Crd::None => {
             out.push(Manifest::Deployment(coordinator_deployment(opts)));
             out.push(Manifest::Service(workers_service(opts)));
-            out.push(Manifest::Job(workers_job(opts)));
+            out.push(Manifest::Job(workers_job(opts, replace)));
         }
     }
     Ok(out)
@@ -662,15 +663,54 @@ fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpe
     }
 }
 
-fn workers_job_spec(opts: &RenderOptions, subdomain: Option<String>) -> JobSpec {
+/// Whether a failed worker pod is replaced on its own (the survivors train on and the new
+/// pod joins them) or fails the worker Job (and, with a JobSet, restarts the whole job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replacement {
+    /// `cluster.min_workers = 0`, or a job recovery does not cover yet (GPUs, NCCL, MoE).
+    WholeJob,
+    /// Per-index retries of the Indexed Job, a new pod only once the old one is gone.
+    PerPod,
+}
+
+impl Replacement {
+    fn of(cfg: &JobConfig) -> Self {
+        if cfg.cluster.min_workers > 0 && !cfg.cluster.requires_gpu() && cfg.moe.experts == 0 {
+            Replacement::PerPod
+        } else {
+            Replacement::WholeJob
+        }
+    }
+}
+
+/// How often one worker index may fail and be replaced before the Job gives up on it.
+pub const WORKER_RETRIES_PER_INDEX: i32 = 3;
+
+fn workers_job_spec(
+    opts: &RenderOptions,
+    subdomain: Option<String>,
+    replace: Replacement,
+) -> JobSpec {
     let n = opts.workers as i32;
-    JobSpec {
+    let base = JobSpec {
         completion_mode: Some("Indexed".into()),
         completions: Some(n),
         parallelism: Some(n),
-        backoff_limit: Some(0),
         template: worker_pod(opts, subdomain),
         ..Default::default()
+    };
+    match replace {
+        Replacement::WholeJob => JobSpec {
+            backoff_limit: Some(0),
+            ..base
+        },
+        // A failed index gets a new pod (after the old one has terminated, so two pods of
+        // one index never run at once), which registers as a replacement and joins.
+        Replacement::PerPod => JobSpec {
+            backoff_limit_per_index: Some(WORKER_RETRIES_PER_INDEX),
+            pod_replacement_policy: Some("Failed".into()),
+            ..base
+        },
     }
 }
 
@@ -691,7 +731,7 @@ fn coordinator_service(opts: &RenderOptions) -> Service {
     }
 }
 
-fn job_set(opts: &RenderOptions) -> JobSet {
+fn job_set(opts: &RenderOptions, replace: Replacement) -> JobSet {
     let coordinator = ReplicatedJob {
         name: "coordinator".into(),
         replicas: Some(1),
@@ -712,7 +752,7 @@ fn job_set(opts: &RenderOptions) -> JobSet {
         template: JobTemplateSpec {
             metadata: None,
             // JobSet sets the pods' subdomain to its headless service itself.
-            spec: Some(workers_job_spec(opts, None)),
+            spec: Some(workers_job_spec(opts, None, replace)),
         },
     };
     JobSet::new(
@@ -775,10 +815,10 @@ fn workers_service(opts: &RenderOptions) -> Service {
     }
 }
 
-fn workers_job(opts: &RenderOptions) -> Job {
+fn workers_job(opts: &RenderOptions, replace: Replacement) -> Job {
     Job {
         metadata: meta(opts, workers_name(opts), "worker"),
-        spec: Some(workers_job_spec(opts, Some(workers_name(opts)))),
+        spec: Some(workers_job_spec(opts, Some(workers_name(opts)), replace)),
         ..Default::default()
     }
 }

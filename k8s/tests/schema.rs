@@ -77,6 +77,23 @@ fn built_in_objects_pass_strict_kubernetes_schema_validation() {
     }
 }
 
+/// The per-pod replacement fields (`cluster.min_workers` on a CPU job) validate too.
+#[test]
+fn per_pod_replacement_passes_strict_schema_validation() {
+    for crd in [Crd::JobSet, Crd::None] {
+        let mut cfg = common::job();
+        cfg.train.global_batch = 48;
+        cfg.train.micro_batch = 8;
+        cfg.cluster.min_workers = 2;
+        let objs = built_in_objects(&contrail_k8s::render(&cfg, &common::opts(crd, 3, 0)).unwrap());
+        let path = tmp(&format!("k8s-validate-replace-{crd:?}.yaml"));
+        std::fs::write(&path, to_yaml(&objs).unwrap()).unwrap();
+        if let Err(report) = kubernetes_validate(&path) {
+            panic!("{crd:?}: {} does not validate:\n{report}", path.display());
+        }
+    }
+}
+
 /// The validator does reject what the API server would: a misspelt field and a wrong type.
 #[test]
 fn kubernetes_validate_rejects_broken_objects() {

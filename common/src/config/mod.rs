@@ -87,6 +87,10 @@ impl JobConfig {
     /// off and the training batch is sized so that any worker count validates.
     pub fn make_export(&mut self, workers: u32) {
         self.eval.url.clear();
+        // Export workers never regroup: a dead one fails the export (rerun it; parts are
+        // rewritten whole).
+        self.cluster.min_workers = 0;
+        self.audit.url.clear();
         self.train.global_batch = self.train.micro_batch * u64::from(workers);
     }
 
