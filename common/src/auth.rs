@@ -106,22 +106,21 @@ impl JobToken {
     /// HMAC-SHA256 under the token of the parts, each prefixed by its length so that no two
     /// different part lists give the same input.
     pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        let mut m = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
-        for p in parts {
-            m.update(&(p.len() as u64).to_le_bytes());
-            m.update(p);
-        }
-        m.finalize().into_bytes().into()
+        self.hmac_of(parts).finalize().into_bytes().into()
     }
 
     /// Whether `tag` is the MAC of `parts` (compared in constant time).
     pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        self.hmac_of(parts).verify_slice(tag).is_ok()
+    }
+
+    fn hmac_of(&self, parts: &[&[u8]]) -> HmacSha256 {
         let mut m = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
         for p in parts {
             m.update(&(p.len() as u64).to_le_bytes());
             m.update(p);
         }
-        m.verify_slice(tag).is_ok()
+        m
     }
 
     /// A fresh proof for one gRPC call: `<unix ms>.<nonce hex>.<mac hex>`.
@@ -216,12 +215,8 @@ impl GrpcProof {
 impl tonic::service::Interceptor for GrpcProof {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(token) = &self.token {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
             let proof = token
-                .grpc_proof(now)
+                .grpc_proof(unix_ms())
                 .map_err(|e| tonic::Status::internal(e.to_string()))?;
             let value = proof
                 .parse()
@@ -230,6 +225,14 @@ impl tonic::service::Interceptor for GrpcProof {
         }
         Ok(req)
     }
+}
+
+/// Milliseconds since the Unix epoch (the clock gRPC proofs are stamped and checked with).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// `N` bytes from the operating system's random source.

@@ -8,9 +8,8 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use contrail_common::auth::{GrpcGuard, JobToken, GRPC_HEADER};
+use contrail_common::auth::{unix_ms, GrpcGuard, JobToken, GRPC_HEADER};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The environment variable `contrail coordinator` (and `contrail local`) read the status
 /// bearer token from; `contrail status` sends the same variable's value.
@@ -106,11 +105,4 @@ pub async fn require_status_token(
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

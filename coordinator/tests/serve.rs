@@ -197,6 +197,30 @@ async fn join_world(served: &Served, n: u32) -> Vec<FakeWorker> {
     workers
 }
 
+/// Leases epoch 0's shards round-robin over `workers` until none is left; returns (worker
+/// index, lease id, shard URL) of each lease in order.
+async fn lease_all(workers: &mut [FakeWorker]) -> Vec<(usize, u64, String)> {
+    let mut leased = Vec::new();
+    loop {
+        let k = leased.len() % workers.len();
+        let w = &mut workers[k];
+        let r = w
+            .client
+            .lease_shard(proto::LeaseRequest {
+                worker_id: w.id,
+                generation: w.generation,
+                epoch: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.exhausted {
+            return leased;
+        }
+        leased.push((k, r.lease_id, r.shard_url));
+    }
+}
+
 /// Heartbeats every 50 ms until told to stop by the coordinator; returns the stop reason.
 fn heartbeat_loop(w: &FakeWorker) -> tokio::task::JoinHandle<String> {
     let (mut client, worker_id, generation) = (w.client.clone(), w.id, w.generation);
@@ -241,26 +265,7 @@ async fn two_workers_train_an_epoch_and_status_adds_up() {
     assert_eq!(listed.len(), SHARDS, "README.txt must not be a shard");
 
     // Alternate leases between the ranks; each shard "holds" 10 + its position samples.
-    let mut leased = Vec::new();
-    let mut k = 0;
-    loop {
-        let w = &mut workers[k % 2];
-        let r = w
-            .client
-            .lease_shard(proto::LeaseRequest {
-                worker_id: w.id,
-                generation: w.generation,
-                epoch: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if r.exhausted {
-            break;
-        }
-        leased.push((k % 2, r.lease_id, r.shard_url));
-        k += 1;
-    }
+    let leased = lease_all(&mut workers).await;
     let expected: Vec<String> = epoch_order(SHARDS, 0, 0)
         .into_iter()
         .map(|i| listed[i].clone())
@@ -741,24 +746,6 @@ async fn garbage_on_both_ports_changes_nothing() {
     assert_eq!(s.state, JobState::WaitingForWorkers);
     assert!(s.workers.is_empty());
     let mut workers = join_world(&served, 2).await;
-    let mut leased = 0;
-    loop {
-        let w = &mut workers[leased % 2];
-        let r = w
-            .client
-            .lease_shard(proto::LeaseRequest {
-                worker_id: w.id,
-                generation: w.generation,
-                epoch: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if r.exhausted {
-            break;
-        }
-        leased += 1;
-    }
-    assert_eq!(leased, SHARDS);
+    assert_eq!(lease_all(&mut workers).await.len(), SHARDS);
     served.shutdown().await;
 }

@@ -52,14 +52,6 @@ impl TrainedSet {
         self.epoch = epoch;
         self.ids = ids.chunks_exact(2).map(|p| (p[0], p[1])).collect();
     }
-
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
 }
 
 /// A shard this rank leased, until it is reported complete.

@@ -265,11 +265,7 @@ fn train_rank(
         )
         .context("taking the running job's state from its members")?;
         progress.step.store(step, Ordering::Relaxed);
-        run_cfg.cluster.world_size = asg.world_size as u32;
-        run_cfg.eval.at_start = false;
-        run_cfg
-            .validate()
-            .map_err(|e| anyhow::anyhow!("cannot join with {} workers: {e}", asg.world_size))?;
+        run_cfg = recovery::resized(cfg, asg.world_size)?;
         eprintln!(
             "rank {}: joined the running job at epoch {epoch} step {step} ({} workers)",
             asg.rank, asg.world_size
@@ -319,11 +315,7 @@ fn train_rank(
         )
         .context("taking the most advanced survivor's state")?;
         progress.step.store(step, Ordering::Relaxed);
-        run_cfg.cluster.world_size = next.world_size as u32;
-        run_cfg.eval.at_start = false;
-        run_cfg.validate().map_err(|e| {
-            anyhow::anyhow!("the job cannot go on with {} workers: {e}", next.world_size)
-        })?;
+        run_cfg = recovery::resized(cfg, next.world_size)?;
         if next.rank == 0 {
             hooks
                 .audit_regroup(old_generation, step)

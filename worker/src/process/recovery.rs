@@ -14,18 +14,25 @@ use crate::model::ContrastiveModel;
 use crate::optim::Optimizer;
 use crate::train::trainer::RegroupRequested;
 use anyhow::{Context, Result};
+use contrail_common::JobConfig;
 use std::sync::Mutex;
 use tch::Tensor;
 
 /// Whether `e` comes from a collective peer that failed or fell silent (what a regroup can
 /// repair), rather than from this rank's own data, model or storage.
 pub fn is_peer_failure(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<CollectiveError>(),
-            Some(CollectiveError::PeerFailed { .. } | CollectiveError::Timeout { .. })
-        ) || c.downcast_ref::<RegroupRequested>().is_some()
-    })
+    failed_peer(e).is_some() || e.chain().any(|c| c.is::<RegroupRequested>())
+}
+
+/// The job as it goes on after a membership change: `world` workers (the global batch stays,
+/// so it must divide by the new world), and no evaluation round before the first step again.
+pub fn resized(cfg: &JobConfig, world: usize) -> Result<JobConfig> {
+    let mut cfg = cfg.clone();
+    cfg.cluster.world_size = world as u32;
+    cfg.eval.at_start = false;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("the job cannot go on with {world} workers: {e}"))?;
+    Ok(cfg)
 }
 
 /// The peer a collective failure names (its rank in the failed generation), if any.
