@@ -105,7 +105,11 @@ pub fn run_cluster(
     // A fresh token per run: the workers get it in their environment, nobody else has it.
     let token = JobToken::generate()?;
     let access = Access::with_job_token(token.clone());
-    let coordinator = rt.block_on(contrail_coordinator::Coordinator::new(cfg.clone(), toml))?;
+    let coordinator = rt.block_on(contrail_coordinator::Coordinator::new(
+        cfg.clone(),
+        toml,
+        Some(&token),
+    ))?;
     let mut state = coordinator.watch_state();
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(coordinator.clone().serve(grpc, http, access, async {

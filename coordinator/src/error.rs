@@ -11,6 +11,9 @@ pub enum RpcError {
     InvalidArgument(String),
     /// The world is already complete.
     ResourceExhausted(String),
+    /// The coordinator cannot answer safely right now (its journal cannot be written); the
+    /// worker retries.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -21,6 +24,7 @@ impl RpcError {
             | RpcError::NotFound(m)
             | RpcError::InvalidArgument(m)
             | RpcError::ResourceExhausted(m)
+            | RpcError::Unavailable(m)
             | RpcError::Internal(m) => m,
         }
     }
@@ -41,6 +45,7 @@ impl From<RpcError> for tonic::Status {
             RpcError::NotFound(m) => tonic::Status::not_found(m),
             RpcError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             RpcError::ResourceExhausted(m) => tonic::Status::resource_exhausted(m),
+            RpcError::Unavailable(m) => tonic::Status::unavailable(m),
             RpcError::Internal(m) => tonic::Status::internal(m),
         }
     }

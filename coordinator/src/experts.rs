@@ -10,6 +10,7 @@ use contrail_common::config::MoeConfig;
 use contrail_common::experts::{block_labels, max_mean_ratio, BlockPlacement, ExpertPlacement};
 use contrail_common::proto;
 use contrail_common::status::{ExpertBlockStatus, ExpertStatus};
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 /// A new plan for a block is adopted only when it cuts the worker load's excess over a perfect
@@ -179,7 +180,7 @@ impl Workers {
 
 /// One block's reported load: the last `window` steps (running sums kept beside them) and
 /// totals since the coordinator started.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct BlockLoad {
     steps: VecDeque<(Vec<u64>, u64)>,
     window_routed: Vec<u64>,
@@ -231,7 +232,7 @@ pub struct BlockChange {
 }
 
 /// The coordinator's expert bookkeeping for a job with MoE blocks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExpertBook {
     experts: u32,
     world: u32,

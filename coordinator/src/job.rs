@@ -2,8 +2,12 @@
 //! milliseconds so tests can drive expiry and timeouts without sleeping.
 //!
 //! Job states: `waiting_for_workers` → `running` (world complete) → `finished` (every rank
-//! left finished) or `failed` (a rank died, reported an error, or left early). Recovery after
-//! a failure is not built: a failed job stays failed and every survivor is told to stop.
+//! left finished) or `failed` (a rank died, reported an error, or left early, and
+//! `cluster.min_workers` does not let the survivors regroup).
+//!
+//! The whole book is journaled (`crate::journal`): every method that changes what a restarted
+//! coordinator must know calls `touch`, and the RPCs whose answer a worker acts on wait for
+//! the journal to hold the change before they reply.
 
 use crate::error::RpcError;
 use crate::experts::ExpertBook;
@@ -14,9 +18,10 @@ use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::config::JobConfig;
 use contrail_common::proto;
 use contrail_common::status::{EvalPoint, JobState, StatusReport, WorkerLiveness, WorkerStatus};
+use serde::{Deserialize, Serialize};
 
 /// The checkpoint a job resumes from, as told to every worker at rendezvous.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResumePoint {
     /// Checkpoint directory URL.
     pub dir: String,
@@ -24,7 +29,10 @@ pub struct ResumePoint {
     pub epoch: u32,
 }
 
+#[derive(Serialize, Deserialize)]
 pub struct JobBook {
+    /// Taken from the job file again when a journal is recovered.
+    #[serde(skip)]
     cfg: JobConfig,
     job_toml: String,
     state: JobState,
@@ -35,6 +43,9 @@ pub struct JobBook {
     resume: Option<ResumePoint>,
     /// Expert placement and router load; None when MoE is off.
     experts: Option<ExpertBook>,
+    /// Counts changes worth journaling (this coordinator's, not journaled itself).
+    #[serde(skip)]
+    changes: u64,
 }
 
 impl JobBook {
@@ -77,7 +88,46 @@ impl JobBook {
             reason: String::new(),
             cfg,
             job_toml,
+            changes: 0,
         }
+    }
+
+    /// A journaled book taken over by a restarted coordinator. Refused when the job file or
+    /// the listed dataset changed since it was written. Every worker and lease gets a fresh
+    /// timeout on this coordinator's clock.
+    pub fn recovered(
+        mut self,
+        cfg: JobConfig,
+        job_toml: &str,
+        shard_urls: &[String],
+        now_ms: u64,
+    ) -> Result<Self, String> {
+        if self.job_toml != job_toml {
+            return Err(
+                "the job's config differs from the one the journal was written with".into(),
+            );
+        }
+        if self.shards.urls() != shard_urls {
+            return Err(format!(
+                "data.url now lists {} shards, not the {} the journal was written with",
+                shard_urls.len(),
+                self.shards.urls().len()
+            ));
+        }
+        self.cfg = cfg;
+        self.members.restart_clock(now_ms);
+        self.shards.restart_clock(now_ms);
+        Ok(self)
+    }
+
+    /// Changes worth journaling so far; grows on every one.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Notes a change the journal must hold.
+    fn touch(&mut self) {
+        self.changes += 1;
     }
 
     pub fn state(&self) -> JobState {
@@ -99,6 +149,7 @@ impl JobBook {
         tracing::error!(%reason, "job failed");
         self.state = JobState::Failed;
         self.reason = reason;
+        self.touch();
     }
 
     fn require_running(&self) -> Result<(), RpcError> {
@@ -144,7 +195,11 @@ impl JobBook {
 
     /// Housekeeping on the clock: expired leases go back to the pool, silent workers die.
     pub fn tick(&mut self, now_ms: u64) {
-        for lease in self.shards.expire(now_ms) {
+        let expired = self.shards.expire(now_ms);
+        if !expired.is_empty() {
+            self.touch();
+        }
+        for lease in expired {
             tracing::warn!(
                 shard = %self.shards.url(lease.shard),
                 epoch = lease.epoch,
@@ -183,11 +238,21 @@ impl JobBook {
             );
             self.lose_member(reason);
         }
+        // A replacement that died while waiting to join must not be taken into a generation.
+        for id in self.members.silent_waiting(now_ms, timeout) {
+            if let Some(w) = self.members.get_mut(id) {
+                w.liveness = WorkerLiveness::Dead;
+                w.reason = format!("went silent while waiting to join (no call for {timeout} ms)");
+                tracing::warn!(worker = %w.describe(), "a waiting replacement went silent; it will not join");
+            }
+            self.touch();
+        }
     }
 
     /// A member died or failed: the survivors regroup as the next generation when
     /// `cluster.min_workers` allows it, else the job fails with `reason`.
     fn lose_member(&mut self, reason: String) {
+        self.touch();
         if self.state != JobState::Running {
             self.members.generation += 1;
             tracing::warn!("{reason}");
@@ -213,6 +278,7 @@ impl JobBook {
     /// Starts the next generation with the alive members (and any waiting replacement).
     /// Every member restarts its data feed then, so what it held goes back to the pool.
     fn regroup(&mut self, why: &str) {
+        self.touch();
         let members = self.members.regroup();
         let returned: usize = members
             .iter()
@@ -232,13 +298,33 @@ impl JobBook {
         address: &str,
         now_ms: u64,
     ) -> Result<(u64, u64), RpcError> {
+        self.register_instance(host, address, 0, now_ms)
+    }
+
+    /// [`JobBook::register`] by a worker process with a random `instance` id: the same
+    /// instance registering again (its first reply was lost) gets the same worker id.
+    pub fn register_instance(
+        &mut self,
+        host: &str,
+        address: &str,
+        instance: u64,
+        now_ms: u64,
+    ) -> Result<(u64, u64), RpcError> {
+        if let Some(w) = self.members.by_instance(instance) {
+            return Ok((w.id, self.members.generation));
+        }
         if self.state.is_terminal() {
             self.require_running()?;
         }
+        self.touch();
         if self.state == JobState::Running && self.cfg.cluster.min_workers > 0 {
-            let id =
-                self.members
-                    .add_replacement(host, address, now_ms, self.cfg.cluster.world_size)?;
+            let id = self.members.add_replacement(
+                host,
+                address,
+                instance,
+                now_ms,
+                self.cfg.cluster.world_size,
+            )?;
             tracing::warn!(
                 worker = id,
                 %host,
@@ -247,7 +333,7 @@ impl JobBook {
             );
             return Ok((id, self.members.generation));
         }
-        let id = self.members.add(host, address, now_ms)?;
+        let id = self.members.add(host, address, instance, now_ms)?;
         tracing::info!(
             worker = id,
             %host,
@@ -258,6 +344,7 @@ impl JobBook {
         );
         if self.members.is_complete() {
             self.state = JobState::Running;
+            self.touch();
             tracing::info!(
                 generation = self.members.generation,
                 "rendezvous complete; job running"
@@ -392,7 +479,11 @@ impl JobBook {
         now_ms: u64,
     ) -> Result<proto::LeaseReply, RpcError> {
         self.admit(req.worker_id, req.generation, now_ms)?;
-        Ok(match self.shards.lease(req.worker_id, req.epoch, now_ms) {
+        let grant = self
+            .shards
+            .lease_once(req.worker_id, req.epoch, req.request_id, now_ms);
+        self.touch();
+        Ok(match grant {
             Some(g) => proto::LeaseReply {
                 exhausted: false,
                 shard_url: g.shard_url,
@@ -414,6 +505,7 @@ impl JobBook {
         let who = self
             .admit(req.worker_id, req.generation, now_ms)?
             .describe();
+        self.touch();
         let (lease, outcome) = self.shards.complete(
             req.worker_id,
             req.lease_id,
@@ -461,6 +553,7 @@ impl JobBook {
         if let Some(w) = self.members.get_mut(req.worker_id) {
             w.step = w.step.max(req.step);
         }
+        self.touch();
         self.progress.report(
             rank,
             req.epoch,
@@ -540,6 +633,7 @@ impl JobBook {
             }
         }
         self.progress.eval_history.push(point);
+        self.touch();
         Ok(())
     }
 
@@ -567,6 +661,7 @@ impl JobBook {
         let w = self.members.check(req.worker_id, req.generation, true)?;
         w.last_seen_ms = now_ms;
         let who = w.describe();
+        self.changes += 1;
         if w.rank.is_none() {
             // Left before the world formed: it never had a rank, so just forget it.
             self.members.workers.retain(|w| w.id != req.worker_id);

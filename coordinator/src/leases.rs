@@ -10,10 +10,11 @@
 use crate::error::RpcError;
 use contrail_common::shards::{epoch_order, ShardStateSnapshot};
 use contrail_common::status::ShardCounts;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// One outstanding lease.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
     pub id: u64,
     pub epoch: u32,
@@ -40,7 +41,7 @@ pub enum Completion {
     Duplicate,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct EpochShards {
     pending: VecDeque<usize>,
     /// shard index → lease id
@@ -57,6 +58,8 @@ impl EpochShards {
     }
 }
 
+/// Journaled whole (see `crate::journal`).
+#[derive(Serialize, Deserialize)]
 pub struct ShardBook {
     urls: Vec<String>,
     seed: u64,
@@ -71,6 +74,10 @@ pub struct ShardBook {
     /// Shard state of the checkpoint being resumed; applied when its epoch is created.
     resume: Option<ShardStateSnapshot>,
     bad_samples: BTreeMap<String, u64>,
+    /// worker id → (request id, lease id) of its latest grant: a lease request repeated
+    /// after its reply was lost gets the same lease.
+    #[serde(default)]
+    granted: HashMap<u64, (u64, u64)>,
 }
 
 impl ShardBook {
@@ -94,6 +101,19 @@ impl ShardBook {
             next_lease_id: 1,
             resume,
             bad_samples,
+            granted: HashMap::new(),
+        }
+    }
+
+    /// The shard URLs the book indexes into (a journal must match the listed dataset).
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// A restarted coordinator's clock starts again: every live lease gets a full TTL.
+    pub fn restart_clock(&mut self, now_ms: u64) {
+        for l in self.leases.values_mut() {
+            l.expires_at_ms = now_ms + self.lease_ttl_ms;
         }
     }
 
@@ -159,6 +179,30 @@ impl ShardBook {
     /// Next pending shard of `epoch`, or None when the epoch's pool is empty (other shards
     /// may still be leased: the worker then ends its epoch).
     pub fn lease(&mut self, worker_id: u64, epoch: u32, now_ms: u64) -> Option<LeaseGrant> {
+        self.lease_once(worker_id, epoch, 0, now_ms)
+    }
+
+    /// [`ShardBook::lease`] that answers a repeated `request_id` (non-zero) with the lease it
+    /// already granted, while that lease is live.
+    pub fn lease_once(
+        &mut self,
+        worker_id: u64,
+        epoch: u32,
+        request_id: u64,
+        now_ms: u64,
+    ) -> Option<LeaseGrant> {
+        if let Some(&(req, lease_id)) = self.granted.get(&worker_id) {
+            if request_id != 0 && req == request_id {
+                if let Some(l) = self.leases.get_mut(&lease_id) {
+                    l.expires_at_ms = now_ms + self.lease_ttl_ms;
+                    return Some(LeaseGrant {
+                        lease_id,
+                        shard_url: self.urls[l.shard].clone(),
+                        expires_in_ms: self.lease_ttl_ms,
+                    });
+                }
+            }
+        }
         let id = self.next_lease_id;
         let ttl = self.lease_ttl_ms;
         let book = self.epoch_mut(epoch);
@@ -175,6 +219,9 @@ impl ShardBook {
                 expires_at_ms: now_ms + ttl,
             },
         );
+        if request_id != 0 {
+            self.granted.insert(worker_id, (request_id, id));
+        }
         Some(LeaseGrant {
             lease_id: id,
             shard_url: self.urls[shard].clone(),

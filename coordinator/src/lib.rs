@@ -12,10 +12,11 @@
 //! - [`http`]: `GET /` (the live status page, [`page`]), `GET /status` (JSON
 //!   [`StatusReport`]), `GET /metrics` and `GET /healthz`.
 //! - [`metrics`]: the status report in Prometheus' text format.
+//! - [`journal`]: the books on object storage, so a restarted coordinator takes the job over.
 //!
 //! ```no_run
 //! # async fn demo(cfg: contrail_common::JobConfig, toml: String) -> anyhow::Result<()> {
-//! let coord = contrail_coordinator::Coordinator::new(cfg, toml).await?;
+//! let coord = contrail_coordinator::Coordinator::new(cfg, toml, None).await?;
 //! let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let done = coord.clone();
@@ -29,6 +30,7 @@ pub mod error;
 pub mod experts;
 pub mod http;
 pub mod job;
+pub mod journal;
 pub mod leases;
 pub mod membership;
 pub mod metrics;
@@ -37,10 +39,13 @@ pub mod progress;
 pub mod service;
 
 use anyhow::{bail, Context, Result};
+use contrail_common::auth::JobToken;
 use contrail_common::checkpoint::{read_latest, CheckpointMeta};
 use contrail_common::config::JobConfig;
 pub use contrail_common::status::{JobState, StatusReport};
+use error::RpcError;
 use job::JobBook;
+use journal::{Found, Journal};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -53,17 +58,61 @@ pub struct Coordinator {
     started: Instant,
     book: Mutex<JobBook>,
     state_tx: watch::Sender<JobState>,
+    journal: Option<Journal>,
+    /// The book's change count the journal holds.
+    journaled: watch::Sender<u64>,
+    /// Wakes the journal writer at once (an RPC waits for its change to be journaled).
+    journal_now: tokio::sync::Notify,
 }
 
 impl Coordinator {
-    /// Lists the dataset's shards and loads the latest checkpoint (if `checkpoint.url` has
-    /// one) so a restarted job resumes where it stopped.
-    pub async fn new(cfg: JobConfig, job_toml: String) -> Result<Arc<Self>> {
+    /// Lists the dataset's shards, then takes the running job over from its journal
+    /// (`cluster.journal_url`) when a coordinator of this run (same `token`) wrote one, else
+    /// loads the latest checkpoint (if `checkpoint.url` has one) so a restarted job resumes
+    /// where it stopped.
+    pub async fn new(
+        cfg: JobConfig,
+        job_toml: String,
+        token: Option<&JobToken>,
+    ) -> Result<Arc<Self>> {
         let shards = contrail_common::storage::list_shards(&cfg.data.url, &cfg.data.s3_endpoint)
             .await
             .with_context(|| {
                 format!("listing the dataset's shards (data.url = {})", cfg.data.url)
             })?;
+        let journal = cfg
+            .cluster
+            .journal(&cfg.checkpoint.url)
+            .map(|url| Journal::new(url, &cfg.data.s3_endpoint, token));
+        if let Some(j) = &journal {
+            match j.load().await? {
+                Found::Nothing => tracing::info!(journal = %j.url, "no journal yet; a new run"),
+                Found::Ignored(why) => {
+                    tracing::info!(journal = %j.url, "not taking over the journal: {why}; a new run")
+                }
+                Found::Book(book) => {
+                    let book =
+                        book.recovered(cfg.clone(), &job_toml, &shards, 0)
+                            .map_err(|why| {
+                                anyhow::anyhow!(
+                                    "the coordinator journal {} belongs to this run, but {why}; \
+                                 restore the job file (or delete the journal to start afresh)",
+                                    j.url
+                                )
+                            })?;
+                    let s = book.status(0);
+                    tracing::warn!(
+                        journal = %j.url,
+                        generation = s.generation,
+                        workers = s.workers.len(),
+                        epoch = s.epoch,
+                        step = s.step,
+                        "took the running job over from the journal; its workers re-attach"
+                    );
+                    return Ok(Self::from_book(cfg, book, journal));
+                }
+            }
+        }
         let resume = read_latest(&cfg.checkpoint.url, &cfg.data.s3_endpoint)
             .await
             .with_context(|| {
@@ -82,10 +131,15 @@ impl Coordinator {
                 );
             }
         }
-        Self::with_shards(cfg, job_toml, shards, resume)
+        let coord = Self::with_shards(cfg, job_toml, shards, resume)?;
+        Ok(Arc::new(Self {
+            journal,
+            ..Arc::into_inner(coord).expect("just built, not shared")
+        }))
     }
 
-    /// Like [`Coordinator::new`] with the shard list and resume point given (no storage I/O).
+    /// Like [`Coordinator::new`] with the shard list and resume point given (no storage I/O,
+    /// no journal).
     pub fn with_shards(
         cfg: JobConfig,
         job_toml: String,
@@ -105,13 +159,87 @@ impl Coordinator {
             "coordinator ready"
         );
         let book = JobBook::new(cfg.clone(), job_toml, shards, resume);
+        Ok(Self::from_book(cfg, book, None))
+    }
+
+    fn from_book(cfg: JobConfig, book: JobBook, journal: Option<Journal>) -> Arc<Self> {
         let (state_tx, _) = watch::channel(book.state());
-        Ok(Arc::new(Self {
+        Arc::new(Self {
             cfg,
             started: Instant::now(),
             book: Mutex::new(book),
             state_tx,
-        }))
+            journal,
+            journaled: watch::channel(0).0,
+            journal_now: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Returns once the journal holds every change made so far (at once without a journal).
+    /// Called by the RPCs whose answer a worker acts on, before they answer.
+    pub async fn durable(&self) -> Result<(), RpcError> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let target = self.lock().changes();
+        let mut rx = self.journaled.subscribe();
+        if *rx.borrow_and_update() >= target {
+            return Ok(());
+        }
+        self.journal_now.notify_one();
+        let wait = Duration::from_millis(journal::DURABLE_WAIT_MS);
+        let done = tokio::time::timeout(wait, rx.wait_for(|w| *w >= target))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match done {
+            true => Ok(()),
+            false => Err(RpcError::Unavailable(format!(
+                "the coordinator could not write its journal {} within {wait:?}; retry",
+                j.url
+            ))),
+        }
+    }
+
+    /// Writes the journal whenever the books changed: at once when an RPC waits for it, else
+    /// within `LAZY_WRITE_MS`. Runs until aborted.
+    async fn write_journal(self: Arc<Self>) {
+        let Some(j) = self.journal.clone() else {
+            return;
+        };
+        let lazy = Duration::from_millis(journal::LAZY_WRITE_MS);
+        let mut failing = false;
+        loop {
+            let _ = tokio::time::timeout(lazy, self.journal_now.notified()).await;
+            let encoded = {
+                let book = self.lock();
+                let changes = book.changes();
+                (changes > *self.journaled.borrow()).then(|| (changes, j.encode(&book)))
+            };
+            let Some((changes, bytes)) = encoded else {
+                continue;
+            };
+            let written = match bytes {
+                Ok(bytes) => j.write(bytes).await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!(journal = %j.url, "journal written again");
+                    }
+                    failing = false;
+                    self.journaled.send_replace(changes);
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!("{e:#}; retrying (RPCs that need it wait)");
+                    }
+                    failing = true;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.journal_now.notify_one();
+                }
+            }
+        }
     }
 
     pub fn config(&self) -> &JobConfig {
@@ -204,6 +332,8 @@ impl Coordinator {
             })
         };
 
+        let journal_writer = tokio::spawn(self.clone().write_journal());
+
         let grpc_addr = grpc
             .local_addr()
             .context("reading the gRPC listener's address")?;
@@ -239,6 +369,11 @@ impl Coordinator {
             },
         );
         reaper.abort();
+        // The last changes (the job's end) reach the journal before the coordinator exits.
+        if self.durable().await.is_err() {
+            tracing::warn!("the journal may miss the last changes");
+        }
+        journal_writer.abort();
         served.map(|_| ())
     }
 }
@@ -275,7 +410,7 @@ pub async fn run_standalone(cfg: JobConfig) -> Result<i32> {
     let failure_grace = Duration::from_millis(cfg.cluster.worker_timeout_ms * 2);
     let finish_grace = Duration::from_millis(cfg.cluster.heartbeat_ms * 2);
 
-    let coord = Coordinator::new(cfg, job_toml).await?;
+    let coord = Coordinator::new(cfg, job_toml, access.job_token.as_ref()).await?;
     let (interrupted_tx, mut interrupted_rx) = tokio::sync::watch::channel(false);
     let watcher = coord.clone();
     let shutdown = async move {

@@ -7,8 +7,11 @@
 
 use crate::error::RpcError;
 use contrail_common::status::WorkerLiveness;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone)]
+/// Journaled whole (see `crate::journal`); the times are this coordinator's clock and are
+/// reset when a restarted coordinator recovers the journal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Worker {
     pub id: u64,
     pub host: String,
@@ -24,6 +27,9 @@ pub struct Worker {
     pub joined_running: bool,
     /// When a peer reported this worker's connection failed (cleared by its next heartbeat).
     pub suspected_at_ms: Option<u64>,
+    /// The worker process's random instance id: a repeated registration is the same worker.
+    #[serde(default)]
+    pub instance: u64,
 }
 
 impl Worker {
@@ -37,7 +43,7 @@ impl Worker {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Membership {
     pub world_size: u32,
     pub generation: u64,
@@ -62,7 +68,13 @@ impl Membership {
     }
 
     /// Adds a worker; assigns every rank when this one completes the world. Returns its id.
-    pub fn add(&mut self, host: &str, address: &str, now_ms: u64) -> Result<u64, RpcError> {
+    pub fn add(
+        &mut self,
+        host: &str,
+        address: &str,
+        instance: u64,
+        now_ms: u64,
+    ) -> Result<u64, RpcError> {
         if self.workers.len() >= self.world_size as usize {
             return Err(RpcError::ResourceExhausted(format!(
                 "the job already has its {} workers (cluster.world_size); a worker joins a \
@@ -71,7 +83,7 @@ impl Membership {
             )));
         }
         self.check_address_free(address)?;
-        let id = self.push(host, address, now_ms, false);
+        let id = self.push(host, address, instance, now_ms, false);
         if self.workers.len() == self.world_size as usize {
             for (rank, w) in self.workers.iter_mut().enumerate() {
                 w.rank = Some(rank as u32);
@@ -146,6 +158,7 @@ impl Membership {
         &mut self,
         host: &str,
         address: &str,
+        instance: u64,
         now_ms: u64,
         max_world: u32,
     ) -> Result<u64, RpcError> {
@@ -160,7 +173,7 @@ impl Membership {
             )));
         }
         self.check_address_free(address)?;
-        let id = self.push(host, address, now_ms, true);
+        let id = self.push(host, address, instance, now_ms, true);
         Ok(id)
     }
 
@@ -185,7 +198,14 @@ impl Membership {
     }
 
     /// A new alive worker without a rank; returns its id.
-    fn push(&mut self, host: &str, address: &str, now_ms: u64, joined_running: bool) -> u64 {
+    fn push(
+        &mut self,
+        host: &str,
+        address: &str,
+        instance: u64,
+        now_ms: u64,
+        joined_running: bool,
+    ) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.workers.push(Worker {
@@ -199,8 +219,45 @@ impl Membership {
             reason: String::new(),
             joined_running,
             suspected_at_ms: None,
+            instance,
         });
         id
+    }
+
+    /// The alive worker that registered with `instance` (0 names none): a registration
+    /// repeated after its reply was lost.
+    pub fn by_instance(&self, instance: u64) -> Option<&Worker> {
+        (instance != 0)
+            .then(|| {
+                self.workers
+                    .iter()
+                    .find(|w| w.instance == instance && w.liveness == WorkerLiveness::Alive)
+            })
+            .flatten()
+    }
+
+    /// A restarted coordinator's clock starts again: every worker counts as just seen, so
+    /// each has a full `worker_timeout_ms` to re-attach.
+    pub fn restart_clock(&mut self, now_ms: u64) {
+        for w in &mut self.workers {
+            w.last_seen_ms = now_ms;
+            w.suspected_at_ms = None;
+        }
+    }
+
+    /// Replacements waiting for the next regroup that fell silent (their rendezvous call,
+    /// which counts as a sign of life, stopped) for longer than `timeout_ms`.
+    pub fn silent_waiting(&self, now_ms: u64, timeout_ms: u64) -> Vec<u64> {
+        self.workers
+            .iter()
+            .filter(|w| {
+                w.rank.is_none()
+                    && w.joined_running
+                    && w.liveness == WorkerLiveness::Alive
+                    && now_ms.saturating_sub(w.last_seen_ms) > timeout_ms
+            })
+            .map(|w| w.id)
+            .collect()
     }
 
     /// Replacements registered and waiting for the next regroup.

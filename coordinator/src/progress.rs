@@ -6,6 +6,7 @@
 
 use contrail_common::config::TrainConfig;
 use contrail_common::status::EvalPoint;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 
 /// Steps kept for the throughput estimate: long enough to smooth per-step noise, short enough
@@ -24,7 +25,7 @@ struct StepSample {
 
 /// (step, loss) pairs over the whole run in bounded memory: when full, every other point is
 /// dropped and only every `stride`-th new point is kept from then on.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LossHistory {
     points: Vec<(u64, f64)>,
     stride: u64,
@@ -69,7 +70,7 @@ pub fn reported_seconds(s: f64) -> f64 {
 pub const EVAL_HISTORY_CAP: usize = 1024;
 
 /// Rounds of online evaluation in the order they were reported.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct EvalHistory {
     points: Vec<EvalPoint>,
 }
@@ -94,7 +95,9 @@ impl EvalHistory {
     }
 }
 
-#[derive(Debug, Default)]
+/// Journaled without the throughput window (its times belong to the coordinator that
+/// measured them).
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct JobProgress {
     pub step: u64,
     pub epoch: u32,
@@ -103,6 +106,7 @@ pub struct JobProgress {
     pub learning_rate: Option<f64>,
     /// Highest step whose samples were counted (reports may repeat after a retry).
     counted_step: u64,
+    #[serde(skip)]
     window: VecDeque<StepSample>,
     pub loss_history: LossHistory,
     pub eval_history: EvalHistory,

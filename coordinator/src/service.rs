@@ -38,9 +38,10 @@ impl CoordinatorRpc for CoordinatorService {
         req: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterReply>, Status> {
         let r = req.into_inner();
-        let (worker_id, generation) = self
-            .coord
-            .with_book(|b, now| b.register(&r.host, &r.collective_address, now))?;
+        let (worker_id, generation) = self.coord.with_book(|b, now| {
+            b.register_instance(&r.host, &r.collective_address, r.instance, now)
+        })?;
+        self.coord.durable().await?;
         Ok(Response::new(proto::RegisterReply {
             worker_id,
             generation,
@@ -67,6 +68,8 @@ impl CoordinatorRpc for CoordinatorService {
                     now,
                 )
             })? {
+                // A new generation's ranks are journaled before anyone acts on them.
+                self.coord.durable().await?;
                 return Ok(Response::new(reply));
             }
             let _ = tokio::time::timeout(period, state.changed()).await;
@@ -88,9 +91,9 @@ impl CoordinatorRpc for CoordinatorService {
         req: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::LeaseReply>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(
-            self.coord.with_book(|b, now| b.lease(&r, now))?,
-        ))
+        let reply = self.coord.with_book(|b, now| b.lease(&r, now))?;
+        self.coord.durable().await?;
+        Ok(Response::new(reply))
     }
 
     async fn complete_shard(
@@ -99,6 +102,7 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> Result<Response<proto::CompleteReply>, Status> {
         let r = req.into_inner();
         self.coord.with_book(|b, now| b.complete(&r, now))?;
+        self.coord.durable().await?;
         Ok(Response::new(proto::CompleteReply {}))
     }
 
@@ -138,6 +142,7 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> Result<Response<proto::LeaveReply>, Status> {
         let r = req.into_inner();
         self.coord.with_book(|b, now| b.leave(&r, now))?;
+        self.coord.durable().await?;
         Ok(Response::new(proto::LeaveReply {}))
     }
 }

@@ -106,6 +106,7 @@ async fn exits_zero_when_the_job_finishes() {
         .register(proto::RegisterRequest {
             host: "h".into(),
             collective_address: "127.0.0.1:1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

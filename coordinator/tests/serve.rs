@@ -72,7 +72,9 @@ async fn serve(cfg: JobConfig) -> Served {
 
 /// Serves with the test job token and, optionally, a status bearer token.
 async fn serve_with(cfg: JobConfig, status_token: Option<&str>) -> Served {
-    let coord = Coordinator::new(cfg.clone(), cfg.to_toml()).await.unwrap();
+    let coord = Coordinator::new(cfg.clone(), cfg.to_toml(), None)
+        .await
+        .unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
@@ -147,6 +149,7 @@ async fn join_world(served: &Served, n: u32) -> Vec<FakeWorker> {
             .register(proto::RegisterRequest {
                 host: format!("host{k}"),
                 collective_address: format!("127.0.0.1:{}", 40000 + k),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -210,6 +213,7 @@ async fn lease_all(workers: &mut [FakeWorker]) -> Vec<(usize, u64, String)> {
                 worker_id: w.id,
                 generation: w.generation,
                 epoch: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -421,6 +425,7 @@ async fn silent_worker_fails_the_job_and_is_fenced() {
             worker_id: w1.id,
             generation: w1.generation,
             epoch: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -520,6 +525,7 @@ async fn new_coordinator_resumes_from_the_latest_checkpoint() {
             worker_id: w.id,
             generation: w.generation,
             epoch: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -629,6 +635,7 @@ async fn calls_without_the_job_token_are_refused_and_change_nothing() {
     let register = |host: &str| proto::RegisterRequest {
         host: host.into(),
         collective_address: "127.0.0.1:41000".into(),
+        ..Default::default()
     };
     for token in [
         None,
@@ -642,6 +649,7 @@ async fn calls_without_the_job_token_are_refused_and_change_nothing() {
                 worker_id: 1,
                 generation: 1,
                 epoch: 0,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -714,6 +722,7 @@ async fn garbage_on_both_ports_changes_nothing() {
             worker_id: 987_654,
             generation: u64::MAX,
             epoch: u32::MAX,
+            ..Default::default()
         })
         .await
         .unwrap_err();

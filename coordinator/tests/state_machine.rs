@@ -60,6 +60,7 @@ fn lease(b: &mut JobBook, id: u64, epoch: u32, now: u64) -> Result<proto::LeaseR
             worker_id: id,
             generation,
             epoch,
+            ..Default::default()
         },
         now,
     )
@@ -285,6 +286,7 @@ fn stale_generation_is_fenced() {
                 worker_id: ids[0],
                 generation: g + 5,
                 epoch: 0,
+                ..Default::default()
             },
             0,
         )
@@ -776,7 +778,8 @@ fn survivors_regroup_when_min_workers_allows_and_the_job_finishes_with_them() {
             &proto::LeaseRequest {
                 worker_id: ids[0],
                 generation: g,
-                epoch: 0
+                epoch: 0,
+                ..Default::default()
             },
             t + 3
         )
@@ -875,6 +878,45 @@ fn a_replacement_waits_then_joins_at_the_next_regroup() {
     assert_eq!(rn.peer_addresses[2], "10.0.0.2:29502");
     // Nobody waits any more: no regroup request.
     assert!(!heartbeat(&mut b, ids[0], g + 2, 9).unwrap().regroup);
+}
+
+/// A replacement that dies while it waits to join (its rendezvous call stops) is declared
+/// dead after `worker_timeout_ms` and never taken into a generation: the members are no
+/// longer asked to regroup for it, and the generation stays.
+#[test]
+fn a_replacement_that_dies_while_waiting_is_never_taken_in() {
+    let mut cfg = config(3);
+    cfg.cluster.min_workers = 2;
+    cfg.train.global_batch = 24;
+    let (mut b, ids) = running_with(cfg, 6);
+    let g = b.generation();
+    b.leave(
+        &proto::LeaveRequest {
+            worker_id: ids[2],
+            generation: g,
+            finished: false,
+            error: "oom".into(),
+        },
+        0,
+    )
+    .unwrap();
+    let (ghost, at) = b.register("host", "10.0.0.7:29507", 0).unwrap();
+    assert_eq!(b.rendezvous(ghost, at, 0, 10).unwrap(), None);
+    assert!(heartbeat(&mut b, ids[0], g + 1, 10).unwrap().regroup);
+    // The members keep heartbeating; the replacement's call stopped at t = 10.
+    let mut t = 10;
+    while t <= 10 + TIMEOUT + HEARTBEAT {
+        t += HEARTBEAT;
+        for id in [ids[0], ids[1]] {
+            heartbeat(&mut b, id, g + 1, t).unwrap();
+        }
+        b.tick(t);
+    }
+    let s = b.status(t);
+    let w = s.workers.iter().find(|w| w.worker_id == ghost).unwrap();
+    assert_eq!(w.state, WorkerLiveness::Dead);
+    assert!(!heartbeat(&mut b, ids[0], g + 1, t).unwrap().regroup);
+    assert_eq!((b.state(), b.generation()), (JobState::Running, g + 1));
 }
 
 /// A survivor's regroup names the peer whose connection failed: that worker, silent since,

@@ -11,14 +11,14 @@ use contrail_test_support as support;
 
 use support::cluster::{lines_of, status, KillOnDrop};
 
-const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
+pub(crate) const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
 
-fn temp_dir(name: &str) -> PathBuf {
+pub(crate) fn temp_dir(name: &str) -> PathBuf {
     support::cluster::temp_dir("e2e", name)
 }
 
 /// A small, fast job: 16×16 crops, a tiny ResNet, 8 images per worker per step.
-fn write_job(dir: &Path, samples: u64, epochs: u32, extra: &str) -> PathBuf {
+pub(crate) fn write_job(dir: &Path, samples: u64, epochs: u32, extra: &str) -> PathBuf {
     let job = format!(
         r#"
 [data]
@@ -296,7 +296,7 @@ fn local_cluster_trains_and_reports_status() {
 /// A port for a server a child process binds later. Below Linux's ephemeral range (32768+),
 /// so that no outgoing connection of a test running meanwhile can take it between this check
 /// and the child's bind (port 0 would be handed out from that range).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     loop {
@@ -312,7 +312,7 @@ fn free_port() -> u16 {
 }
 
 /// The token the coordinator and workers of the hand-started jobs below share.
-const JOB_TOKEN: &str = "e2e-job-token-0123456789";
+pub(crate) const JOB_TOKEN: &str = "e2e-job-token-0123456789";
 
 #[test]
 fn worker_without_the_jobs_token_cannot_join() {
@@ -697,7 +697,7 @@ fn wait_for_exit(
 }
 
 /// `contrail data synth` into `dir/data`, 64 samples per shard (as `write_job` configures).
-fn write_synth(dir: &Path, samples: u64) {
+pub(crate) fn write_synth(dir: &Path, samples: u64) {
     let status = Command::new(CONTRAIL)
         .args(["data", "synth", "--shard-size", "64", "--samples"])
         .arg(samples.to_string())
@@ -1049,186 +1049,8 @@ fn moe_rebalancing_moves_experts_while_training() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `cluster.min_workers = 2`: of 3 workers one is SIGKILLed mid-epoch; the other two regroup
-/// as the next generation without restarting, train on with the same global batch, and the job
-/// then a replacement joins the running job (taking its state from the members), the job
-/// finishes, the audit proves every sample of every epoch was trained exactly once, and all
-/// three finish with bit-identical parameters.
-#[test]
-fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
-    let dir = temp_dir("regroup");
-    let job = write_job(&dir, 2048, 2, "");
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let http = format!("127.0.0.1:{}", free_port());
-    write_synth(&dir, 2048);
-    let _coordinator = KillOnDrop(
-        Command::new(CONTRAIL)
-            .args(["coordinator", "--config"])
-            .arg(&job)
-            .args(["--set", &format!("cluster.grpc_addr={grpc}")])
-            .args(["--set", &format!("cluster.http_addr={http}")])
-            .args([
-                "--set",
-                "cluster.world_size=3",
-                "--set",
-                "cluster.min_workers=2",
-            ])
-            .args(["--set", "train.global_batch=48", "--set", "train.epochs=4"])
-            .args([
-                "--set",
-                &format!("audit.url=file://{}", dir.join("audit").display()),
-            ])
-            .args(["--set", "audit.flush_every_steps=1"])
-            .env(TOKEN_ENV, JOB_TOKEN)
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("coordinator.stderr")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let worker = |name: &str| {
-        Command::new(CONTRAIL)
-            .args(["worker", "--coordinator", &format!("http://{grpc}")])
-            .args(["--threads", "1"])
-            .env(TOKEN_ENV, JOB_TOKEN)
-            .env("CONTRAIL_LOG", "info")
-            .current_dir(&dir)
-            .stderr(std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap())
-            .stdout(std::fs::File::create(dir.join(format!("{name}.stdout"))).unwrap())
-            .spawn()
-            .unwrap()
-    };
-    let mut survivors = [KillOnDrop(worker("w0")), KillOnDrop(worker("w1"))];
-    let mut victim = worker("w2");
-    let logs = || {
-        ["w0", "w1", "w2", "w3", "coordinator"]
-            .iter()
-            .map(|n| {
-                let err = std::fs::read_to_string(dir.join(format!("{n}.stderr")));
-                format!("--- {n}:\n{}", err.unwrap_or_default())
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let before = loop {
-        assert!(
-            Instant::now() < deadline,
-            "training never started\n{}",
-            logs()
-        );
-        if let Some(s) = status(&http) {
-            if s.step >= 5 && s.workers.len() == 3 {
-                break s;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    victim.kill().unwrap(); // SIGKILL, mid-epoch (an epoch is 43 steps)
-    let _ = victim.wait();
-
-    // Once the survivors regrouped, a replacement starts and joins the running job.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        assert!(Instant::now() < deadline, "no regroup\n{}", logs());
-        if status(&http).is_some_and(|s| s.generation > before.generation) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut replacement = KillOnDrop(worker("w3"));
-
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut last = None;
-    let after = loop {
-        assert!(
-            Instant::now() < deadline,
-            "the job did not finish after the kill; last status: {last:#?}\n{}",
-            logs()
-        );
-        if let Some(s) = status(&http) {
-            if s.state.is_terminal() {
-                break s;
-            }
-            last = Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(
-        after.state.as_str(),
-        "finished",
-        "{}\n{}",
-        after.reason,
-        logs()
-    );
-    assert!(after.generation > before.generation, "no new generation");
-    assert!(after.step > before.step);
-    for w in survivors.iter_mut().chain([&mut replacement]) {
-        let code = w.0.wait().unwrap();
-        assert!(code.success(), "a worker exited with {code}\n{}", logs());
-    }
-    let joined = std::fs::read_to_string(dir.join("w3.stderr")).unwrap();
-    assert!(joined.contains("joined the running job"), "{joined}");
-    // Ranks follow registration order, so either survivor may be rank 0 of the new world.
-    let out0: String = ["w0", "w1"]
-        .iter()
-        .map(|n| std::fs::read_to_string(dir.join(format!("{n}.stdout"))).unwrap())
-        .collect();
-    assert!(
-        out0.contains("regrouped as generation") && out0.contains("with 2 workers"),
-        "{out0}"
-    );
-    assert!(out0.contains("rank 0 finished"), "{out0}");
-    let out = Command::new(CONTRAIL)
-        .args(["audit", "check", "--audit"])
-        .arg(format!("file://{}", dir.join("audit").display()))
-        .arg("--data")
-        .arg(format!("file://{}", dir.join("data").display()))
-        .output()
-        .unwrap();
-    let audit = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{audit}\n{}", logs());
-    for epoch in 0..4 {
-        let line = format!("epoch {epoch}: all 2048 samples trained exactly once");
-        assert!(audit.contains(&line), "{audit}");
-    }
-    eprintln!("{audit}");
-    // The survivors and the replacement end with bit-identical parameters.
-    let digests: Vec<String> = ["w0", "w1", "w3"]
-        .iter()
-        .map(|n| {
-            let raw = std::fs::read_to_string(dir.join(format!("{n}.stderr"))).unwrap();
-            let err = strip_ansi(&raw);
-            let line = err
-                .lines()
-                .find(|l| l.contains("final parameters"))
-                .unwrap_or_else(|| panic!("{n} logged no final parameters:\n{err}"))
-                .to_string();
-            let digest = line.split("digest=").nth(1).expect("a digest field");
-            digest.split_whitespace().next().unwrap().to_string()
-        })
-        .collect();
-    assert!(
-        digests.iter().all(|d| *d == digests[0]),
-        "the workers' parameters differ: {digests:?}"
-    );
-    eprintln!(
-        "killed at step {}, generation {} -> {}; finished at step {}\n{}",
-        before.step,
-        before.generation,
-        after.generation,
-        after.step,
-        out0.lines()
-            .filter(|l| l.starts_with("regrouped") || l.starts_with("rank 0"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
 /// The text of a log without its colour escapes (`ESC [ … m`).
-fn strip_ansi(s: &str) -> String {
+pub(crate) fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {

@@ -9,4 +9,5 @@ mod embed_cli;
 mod eval_cli;
 mod link;
 mod local_cluster;
+mod recovery;
 mod status_page;

@@ -86,6 +86,13 @@ pub struct ClusterConfig {
     /// 0: a worker that dies fails the job. N ≥ 1: the survivors of a failure regroup and
     /// train on while at least N workers are left (TCP backend on the CPU only, for now).
     pub min_workers: u32,
+    /// Where the coordinator journals its state so a restarted coordinator takes the job
+    /// over: a file URL. "" = `coordinator-journal.json` under `checkpoint.url` (no journal
+    /// without one); "off" = none (a coordinator restart then fails the job).
+    pub journal_url: String,
+    /// How long workers keep training and retrying while the coordinator cannot be reached
+    /// (it is restarting); after that they stop.
+    pub coordinator_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -101,11 +108,26 @@ impl Default for ClusterConfig {
             lease_ttl_ms: 10_000,
             collective_timeout_ms: 60_000,
             min_workers: 0,
+            journal_url: String::new(),
+            coordinator_timeout_ms: 60_000,
         }
     }
 }
 
 impl ClusterConfig {
+    /// The journal's URL: `journal_url`, or a file under `checkpoint_url`; None when off.
+    pub fn journal(&self, checkpoint_url: &str) -> Option<String> {
+        match self.journal_url.as_str() {
+            "off" => None,
+            "" if checkpoint_url.is_empty() => None,
+            "" => Some(format!(
+                "{}/coordinator-journal.json",
+                checkpoint_url.trim_end_matches('/')
+            )),
+            url => Some(url.to_string()),
+        }
+    }
+
     /// Whether the job file asks for GPUs on every worker (NCCL, or a CUDA device).
     pub fn requires_gpu(&self) -> bool {
         self.backend == Backend::Nccl || self.device.requires_gpu()
@@ -146,6 +168,15 @@ impl ClusterConfig {
                 format!(
                     "({}) cannot exceed cluster.world_size ({})",
                     c.min_workers, c.world_size
+                ),
+            ));
+        }
+        if c.coordinator_timeout_ms <= c.heartbeat_ms * 2 {
+            return Err(err(
+                "cluster.coordinator_timeout_ms",
+                format!(
+                    "({}) must exceed twice cluster.heartbeat_ms ({})",
+                    c.coordinator_timeout_ms, c.heartbeat_ms
                 ),
             ));
         }

@@ -90,6 +90,8 @@ impl JobConfig {
         // Export workers never regroup: a dead one fails the export (rerun it; parts are
         // rewritten whole).
         self.cluster.min_workers = 0;
+        // Its journal would share the training job's file under checkpoint.url.
+        self.cluster.journal_url = "off".into();
         self.audit.url.clear();
         self.train.global_batch = self.train.micro_batch * u64::from(workers);
     }

@@ -81,6 +81,22 @@ pub trait Collective: Send + Sync {
 }
 
 /// Every rank's `local` count, in rank order (used before variable-size gathers).
+/// Every rank's micro-batch rows for the step, and whether any rank asks to stop at this
+/// step boundary (a replacement waits to join): one collective, so all ranks agree on both.
+pub fn all_gather_step_plan(
+    c: &dyn Collective,
+    local: i64,
+    stop_here: bool,
+) -> Result<(Vec<i64>, bool)> {
+    let counts = vec![1i64; c.world_size()];
+    let row = Tensor::from_slice(&[local, i64::from(stop_here)]).view([1, 2]);
+    let t = c.all_gather(&row, &counts)?;
+    let flat = Vec::<i64>::try_from(&t.view([-1])).expect("an Int64 tensor converts to Vec<i64>");
+    let rows: Vec<i64> = flat.chunks_exact(2).map(|r| r[0]).collect();
+    let stop = flat.chunks_exact(2).any(|r| r[1] != 0);
+    Ok((rows, stop))
+}
+
 pub fn all_gather_counts(c: &dyn Collective, local: i64) -> Result<Vec<i64>> {
     let counts = vec![1i64; c.world_size()];
     let t = c.all_gather(&Tensor::from_slice(&[local]), &counts)?;

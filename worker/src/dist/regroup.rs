@@ -7,24 +7,39 @@ use std::time::Duration;
 
 use tch::Tensor;
 
-use super::tcp::TcpCollective;
+use super::tcp::{TcpBootstrap, TcpCollective};
 use super::{Collective, CollectiveError, Result};
 
 pub struct Regroupable {
-    /// None only while a regroup is under way, or after one failed.
-    mesh: RwLock<Option<TcpCollective>>,
+    mesh: RwLock<Mesh>,
+}
+
+enum Mesh {
+    Connected(TcpCollective),
+    /// A regroup failed: the listener waits for the next one.
+    Unconnected(TcpBootstrap),
+    /// Only while a regroup is under way.
+    Rebuilding,
 }
 
 impl Regroupable {
     pub fn new(mesh: TcpCollective) -> Self {
         Self {
-            mesh: RwLock::new(Some(mesh)),
+            mesh: RwLock::new(Mesh::Connected(mesh)),
+        }
+    }
+
+    /// A listener with no mesh yet: the first [`Regroupable::regroup`] builds one (a
+    /// replacement joining a running job).
+    pub fn unconnected(bootstrap: TcpBootstrap) -> Self {
+        Self {
+            mesh: RwLock::new(Mesh::Unconnected(bootstrap)),
         }
     }
 
     /// Builds the mesh of the next generation on the same listener: this process becomes
     /// `rank` of `peer_addrs.len()`. Fails when a peer does not join within `timeout`; the
-    /// collective is then unusable.
+    /// collective is then unusable until a later regroup succeeds.
     pub fn regroup(
         &self,
         rank: usize,
@@ -33,22 +48,36 @@ impl Regroupable {
         timeout: Duration,
     ) -> Result<()> {
         let mut slot = self.mesh.write().unwrap_or_else(|p| p.into_inner());
-        let old = slot.take().ok_or_else(|| {
-            CollectiveError::Usage("an earlier regroup failed: no mesh to rebuild".into())
-        })?;
-        let mesh = old
-            .into_bootstrap()
+        let bootstrap = match std::mem::replace(&mut *slot, Mesh::Rebuilding) {
+            Mesh::Connected(old) => old.into_bootstrap(),
+            Mesh::Unconnected(b) => b,
+            Mesh::Rebuilding => {
+                return Err(CollectiveError::Usage(
+                    "a regroup panicked earlier: no listener to rebuild on".into(),
+                ))
+            }
+        };
+        match bootstrap
             .with_generation(generation)
-            .connect(rank, peer_addrs, timeout)?;
-        *slot = Some(mesh);
-        Ok(())
+            .try_connect(rank, peer_addrs, timeout)
+        {
+            Ok(mesh) => {
+                *slot = Mesh::Connected(mesh);
+                Ok(())
+            }
+            Err(failed) => {
+                let (e, bootstrap) = *failed;
+                *slot = Mesh::Unconnected(bootstrap);
+                Err(e)
+            }
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&TcpCollective) -> Result<T>) -> Result<T> {
         let slot = self.mesh.read().unwrap_or_else(|p| p.into_inner());
-        match slot.as_ref() {
-            Some(m) => f(m),
-            None => Err(CollectiveError::Usage(
+        match &*slot {
+            Mesh::Connected(m) => f(m),
+            _ => Err(CollectiveError::Usage(
                 "the collective is being rebuilt after a membership change".into(),
             )),
         }

@@ -55,11 +55,13 @@ pub fn run_embed_worker(rt: &Runtime, opts: &EmbedWorkerOptions) -> Result<Embed
     let cfg = JobConfig::from_toml(&asg.job_toml)
         .context("the coordinator sent a job config this worker rejects")?;
     let progress = Arc::new(HeartbeatState::default());
+    let outage = Duration::from_millis(cfg.cluster.coordinator_timeout_ms);
+    coord.set_outage(outage);
     let heartbeat = rt.spawn(heartbeat_loop(
         coord.clone(),
         progress.clone(),
         Duration::from_millis(cfg.cluster.heartbeat_ms),
-        Duration::from_millis(cfg.cluster.worker_timeout_ms),
+        outage,
     ));
     let result = embed_leased(rt, &mut coord, &cfg, asg.rank, opts, &progress);
     heartbeat.abort();

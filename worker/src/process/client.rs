@@ -1,10 +1,17 @@
 //! The worker's side of the coordinator protocol: a thin wrapper that carries the worker id and
 //! generation on every call and turns gRPC statuses into errors a person can act on.
+//!
+//! A coordinator that does not answer may be restarting (it takes the job over from its
+//! journal): the calls a worker cannot go on without (register, rendezvous, lease, complete,
+//! shard state, leave) retry with backoff for up to `cluster.coordinator_timeout_ms`. Their
+//! requests are idempotent: a repeated registration carries the same instance id, a repeated
+//! lease request the same request id, so a reply lost in the crash costs nothing.
 
 use anyhow::{Context, Result};
 use contrail_common::auth::{GrpcProof, JobToken};
 use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +29,8 @@ pub struct Coordinator {
     /// Shared by every clone (the heartbeat task's too), so a regroup moves them all to the
     /// new generation at once.
     generation: Arc<AtomicU64>,
+    /// How long (ms) a call retries while the coordinator does not answer; shared by clones.
+    outage_ms: Arc<AtomicU64>,
 }
 
 /// What rendezvous tells a worker.
@@ -79,18 +88,26 @@ impl Coordinator {
                 }
             }
         };
+        // Random per process: a registration repeated after a lost reply is recognised.
+        let instance = u64::from_le_bytes(
+            contrail_common::auth::random_bytes().context("drawing this worker's instance id")?,
+        );
         let mut me = Self {
             client,
             endpoint,
             worker_id: 0,
             generation: Arc::new(AtomicU64::new(0)),
+            outage_ms: Arc::new(AtomicU64::new(wait.as_millis() as u64)),
         };
-        let host = hostname();
+        let request = proto::RegisterRequest {
+            host: hostname(),
+            collective_address: collective_address.to_string(),
+            instance,
+        };
         let reply = me
-            .client
-            .register(proto::RegisterRequest {
-                host,
-                collective_address: collective_address.to_string(),
+            .retry_status(|mut c| {
+                let r = request.clone();
+                async move { c.register(r).await }
             })
             .await
             .map_err(|s| {
@@ -108,8 +125,7 @@ impl Coordinator {
                         me.endpoint
                     ))
                 }
-            })?
-            .into_inner();
+            })?;
         me.worker_id = reply.worker_id;
         me.generation.store(reply.generation, Ordering::SeqCst);
         Ok(me)
@@ -118,6 +134,60 @@ impl Coordinator {
     /// The membership generation this worker belongs to.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
+    }
+
+    /// How long calls keep retrying while the coordinator does not answer (every clone).
+    pub fn set_outage(&self, wait: Duration) {
+        self.outage_ms
+            .store(wait.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Runs `call` until it answers, retrying with backoff while the coordinator cannot be
+    /// reached (for up to the outage budget); other errors return at once.
+    async fn retry_status<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let budget = Duration::from_millis(self.outage_ms.load(Ordering::SeqCst));
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut pause = Duration::from_millis(50);
+        let mut retried = false;
+        loop {
+            match call(self.client.clone()).await {
+                Ok(r) => {
+                    if retried {
+                        tracing::info!("the coordinator at {} answers again", self.endpoint);
+                    }
+                    return Ok(r.into_inner());
+                }
+                Err(s) if unreachable(&s) && tokio::time::Instant::now() < deadline => {
+                    if !retried {
+                        tracing::warn!(
+                            "the coordinator at {} does not answer ({}); retrying for up to \
+                             {budget:?}",
+                            self.endpoint,
+                            s.message()
+                        );
+                    }
+                    retried = true;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+
+    /// [`Coordinator::retry_status`] with the error as context for `what`.
+    async fn retry<T, F, Fut>(&self, what: impl FnOnce() -> String, call: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.retry_status(call)
+            .await
+            .map_err(|s| anyhow::Error::new(s).context(what()))
     }
 
     /// After a failure: waits (up to `wait`) for the coordinator to start a generation newer
@@ -136,32 +206,39 @@ impl Coordinator {
             after_generation: after,
             suspect_rank: suspect_rank.map(|r| r as u32),
         };
-        let r = tokio::time::timeout(wait, self.client.rendezvous(request))
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "the coordinator started no new generation within {wait:?} after a \
-                     collective failure"
-                )
-            })?
-            .context("regrouping with the coordinator")?
-            .into_inner();
+        let call = self.retry(
+            || "regrouping with the coordinator".into(),
+            |mut c| {
+                let r = request;
+                async move { c.rendezvous(r).await }
+            },
+        );
+        let r = tokio::time::timeout(wait, call).await.map_err(|_| {
+            anyhow::anyhow!(
+                "the coordinator started no new generation within {wait:?} after a \
+                 collective failure"
+            )
+        })??;
         Ok(self.adopt(r))
     }
 
     /// Waits until the whole world has registered and returns this worker's place in it.
     pub async fn rendezvous(&mut self) -> Result<Assignment> {
+        let request = proto::RendezvousRequest {
+            worker_id: self.worker_id,
+            generation: self.generation(),
+            after_generation: 0,
+            suspect_rank: None,
+        };
         let r = self
-            .client
-            .rendezvous(proto::RendezvousRequest {
-                worker_id: self.worker_id,
-                generation: self.generation(),
-                after_generation: 0,
-                suspect_rank: None,
-            })
-            .await
-            .context("rendezvous with the coordinator")?
-            .into_inner();
+            .retry(
+                || "rendezvous with the coordinator".into(),
+                |mut c| {
+                    let r = request;
+                    async move { c.rendezvous(r).await }
+                },
+            )
+            .await?;
         Ok(self.adopt(r))
     }
 
@@ -183,13 +260,14 @@ impl Coordinator {
     }
 
     /// The coordinator's answer: Some(reason) when this worker must stop; the regroup flag
-    /// when a replacement waits to join at the next step boundary.
+    /// when a replacement waits to join at the next step boundary. One try: the heartbeat
+    /// loop decides how long an unreachable coordinator is tolerated ([`unreachable`] tells).
     pub async fn heartbeat(
         &mut self,
         step: u64,
         state: &str,
         shard: &str,
-    ) -> Result<(Option<String>, bool)> {
+    ) -> Result<(Option<String>, bool), tonic::Status> {
         let r = self
             .client
             .heartbeat(proto::HeartbeatRequest {
@@ -199,23 +277,27 @@ impl Coordinator {
                 state: state.to_string(),
                 shard: shard.to_string(),
             })
-            .await
-            .context("heartbeat to the coordinator")?
+            .await?
             .into_inner();
         Ok((r.stop.then_some(r.reason), r.regroup))
     }
 
     pub async fn lease_shard(&mut self, epoch: u32) -> Result<Lease> {
+        let request = proto::LeaseRequest {
+            worker_id: self.worker_id,
+            generation: self.generation(),
+            epoch,
+            request_id: u64::from_le_bytes(contrail_common::auth::random_bytes()?),
+        };
         let r = self
-            .client
-            .lease_shard(proto::LeaseRequest {
-                worker_id: self.worker_id,
-                generation: self.generation(),
-                epoch,
-            })
-            .await
-            .with_context(|| format!("leasing a shard of epoch {epoch}"))?
-            .into_inner();
+            .retry(
+                || format!("leasing a shard of epoch {epoch}"),
+                |mut c| {
+                    let r = request;
+                    async move { c.lease_shard(r).await }
+                },
+            )
+            .await?;
         Ok(if r.exhausted {
             Lease::Exhausted
         } else {
@@ -233,17 +315,22 @@ impl Coordinator {
         bad_samples: BTreeMap<String, u64>,
         error: String,
     ) -> Result<()> {
-        self.client
-            .complete_shard(proto::CompleteRequest {
-                worker_id: self.worker_id,
-                generation: self.generation(),
-                lease_id,
-                samples,
-                bad_samples: bad_samples.into_iter().collect(),
-                error,
-            })
-            .await
-            .with_context(|| format!("reporting shard lease {lease_id} complete"))?;
+        let request = proto::CompleteRequest {
+            worker_id: self.worker_id,
+            generation: self.generation(),
+            lease_id,
+            samples,
+            bad_samples: bad_samples.into_iter().collect(),
+            error,
+        };
+        self.retry(
+            || format!("reporting shard lease {lease_id} complete"),
+            |mut c| {
+                let r = request.clone();
+                async move { c.complete_shard(r).await }
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -277,30 +364,57 @@ impl Coordinator {
     }
 
     pub async fn shard_state_json(&mut self) -> Result<String> {
+        let request = proto::ShardStateRequest {
+            worker_id: self.worker_id,
+            generation: self.generation(),
+        };
         Ok(self
-            .client
-            .shard_state(proto::ShardStateRequest {
-                worker_id: self.worker_id,
-                generation: self.generation(),
-            })
-            .await
-            .context("fetching the shard state for a checkpoint")?
-            .into_inner()
+            .retry(
+                || "fetching the shard state for a checkpoint".into(),
+                |mut c| {
+                    let r = request;
+                    async move { c.shard_state(r).await }
+                },
+            )
+            .await?
             .json)
     }
 
+    /// Tells the coordinator this worker is done. A worker that failed tries for a few
+    /// seconds only: nothing waits for its leave (its silence is noticed anyway).
     pub async fn leave(&mut self, finished: bool, error: String) -> Result<()> {
-        self.client
-            .leave(proto::LeaveRequest {
-                worker_id: self.worker_id,
-                generation: self.generation(),
-                finished,
-                error,
-            })
-            .await
-            .context("leaving the job")?;
+        if !finished {
+            let short = self.outage_ms.load(Ordering::SeqCst).min(5_000);
+            self.outage_ms.store(short, Ordering::SeqCst);
+        }
+        let request = proto::LeaveRequest {
+            worker_id: self.worker_id,
+            generation: self.generation(),
+            finished,
+            error,
+        };
+        self.retry(
+            || "leaving the job".into(),
+            |mut c| {
+                let r = request.clone();
+                async move { c.leave(r).await }
+            },
+        )
+        .await?;
         Ok(())
     }
+}
+
+/// Whether a call failed because the coordinator could not be reached (it may be
+/// restarting), rather than because it refused the request.
+pub fn unreachable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+    )
 }
 
 fn hostname() -> String {

@@ -24,8 +24,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Heartbeats until aborted. A stop order from the coordinator, or a coordinator that stays
-/// unreachable for `give_up_after`, is recorded in `progress.stop` for the training thread.
+/// Heartbeats until aborted. A stop order from the coordinator, a refusal (this worker was
+/// declared dead, or a coordinator restarted without a journal does not know it), or a
+/// coordinator that stays unreachable for `give_up_after` (`cluster.coordinator_timeout_ms`)
+/// is recorded in `progress.stop` for the training thread. While the coordinator is
+/// unreachable (restarting) training goes on.
 pub async fn heartbeat_loop(
     mut coord: Coordinator,
     progress: Arc<HeartbeatState>,
@@ -36,28 +39,34 @@ pub async fn heartbeat_loop(
     loop {
         let step = progress.step.load(Ordering::Relaxed);
         let shard = progress.shard.lock().map(|s| s.clone()).unwrap_or_default();
-        match coord.heartbeat(step, "training", &shard).await {
-            Ok((Some(reason), _)) => {
-                if let Ok(mut s) = progress.stop.lock() {
-                    s.get_or_insert(format!("the coordinator stopped the job: {reason}"));
-                }
-            }
+        let stop = match coord.heartbeat(step, "training", &shard).await {
+            Ok((Some(reason), _)) => Some(format!("the coordinator stopped the job: {reason}")),
             Ok((None, regroup)) => {
                 last_ok = Instant::now();
                 if regroup {
                     progress.regroup.store(true, Ordering::SeqCst);
                 }
+                None
             }
-            Err(e) if last_ok.elapsed() > give_up_after => {
-                if let Ok(mut s) = progress.stop.lock() {
-                    s.get_or_insert(format!(
-                        "the coordinator at {} has not answered for {:?}: {e:#}",
-                        coord.endpoint,
-                        last_ok.elapsed()
-                    ));
-                }
+            Err(e) if !super::client::unreachable(&e) => Some(format!(
+                "the coordinator at {} refused this worker's heartbeat: {}",
+                coord.endpoint,
+                e.message()
+            )),
+            Err(e) if last_ok.elapsed() > give_up_after => Some(format!(
+                "the coordinator at {} has not answered for {:?} \
+                 (cluster.coordinator_timeout_ms): {}",
+                coord.endpoint,
+                last_ok.elapsed(),
+                e.message()
+            )),
+            Err(e) => {
+                tracing::debug!("heartbeat failed (will retry): {}", e.message());
+                None
             }
-            Err(e) => tracing::debug!("heartbeat failed (will retry): {e:#}"),
+        };
+        if let (Some(reason), Ok(mut s)) = (stop, progress.stop.lock()) {
+            s.get_or_insert(reason);
         }
         tokio::time::sleep(every).await;
     }
@@ -150,6 +159,11 @@ impl<'a> CoordinatedHooks<'a> {
             Some(audit) => audit.write_commit_point(self.rt, old, step),
             None => Ok(()),
         }
+    }
+
+    /// Forgets a replacement's request to regroup (the regroup now under way serves it).
+    pub fn clear_regroup_request(&self) {
+        self.progress.regroup.store(false, Ordering::SeqCst);
     }
 
     /// After a regroup: this worker's rank and world in the new generation.

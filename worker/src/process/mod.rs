@@ -99,11 +99,13 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
     );
     let progress = Arc::new(HeartbeatState::default());
     progress.step.store(asg.resume_step, Ordering::Relaxed);
+    let outage = Duration::from_millis(cfg.cluster.coordinator_timeout_ms);
+    coord.set_outage(outage);
     let heartbeat = rt.spawn(coordinated::heartbeat_loop(
         coord.clone(),
         progress.clone(),
         Duration::from_millis(cfg.cluster.heartbeat_ms),
-        Duration::from_millis(cfg.cluster.worker_timeout_ms),
+        outage,
     ));
 
     let result = (|| -> Result<()> {
@@ -111,24 +113,32 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
         let device = device::choose_device(cfg.cluster.device, asg.rank, gpus)?;
         let nccl = device::use_nccl(cfg.cluster.backend, device)?;
         let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
-        let tcp = bootstrap
-            .with_generation(coord.generation())
-            .connect(asg.rank, asg.peers.clone(), timeout)
-            .context("connecting to the other workers")?;
         // Recovery (cluster.min_workers) rebuilds the TCP mesh in place; NCCL communicators,
         // host staging and expert placements do not regroup yet.
         let recoverable =
             cfg.cluster.min_workers > 0 && !nccl && !device.is_cuda() && cfg.moe.experts == 0;
+        let bootstrap = bootstrap.with_generation(coord.generation());
         // Shared: the MoE blocks of the model exchange tokens through it too.
-        let (coll, regroup): (Arc<dyn Collective>, Option<Arc<Regroupable>>) = if recoverable {
-            let r = Arc::new(Regroupable::new(tcp));
-            (r.clone(), Some(r))
-        } else {
-            (
-                Arc::from(device::connect_collective(tcp, nccl, device, timeout)?),
-                None,
-            )
-        };
+        let (coll, regroup): (Arc<dyn Collective>, Option<Arc<Regroupable>>) =
+            if recoverable && asg.joining {
+                // A replacement forms its first generation like a survivor forms the next one
+                // (`train_rank`), so a member dying meanwhile only means another try.
+                let r = Arc::new(Regroupable::unconnected(bootstrap));
+                (r.clone(), Some(r))
+            } else {
+                let tcp = bootstrap
+                    .connect(asg.rank, asg.peers.clone(), timeout)
+                    .context("connecting to the other workers")?;
+                if recoverable {
+                    let r = Arc::new(Regroupable::new(tcp));
+                    (r.clone(), Some(r))
+                } else {
+                    (
+                        Arc::from(device::connect_collective(tcp, nccl, device, timeout)?),
+                        None,
+                    )
+                }
+            };
         tracing::info!(
             rank = asg.rank,
             ?device,
@@ -254,21 +264,25 @@ fn train_rank(
     )?;
     let mut objective = build_objective(cfg);
     let mut run_cfg = cfg.clone();
-    if asg.joining {
+    if let (true, Some(regroup)) = (asg.joining, link.regroup) {
         // A replacement: the members' state, step and trained samples, over the new mesh.
-        let (epoch, step) = recovery::agree_on_state(
+        let (joined, epoch, step) = form_generation(
+            rt,
+            coord,
+            cfg,
+            regroup,
             coll.as_ref(),
-            &mut model,
-            opt.as_mut(),
-            hooks.trained_set(),
+            (&mut model, opt.as_mut(), &hooks),
             (0, 0),
+            Attempt::First(asg.clone()),
         )
         .context("taking the running job's state from its members")?;
         progress.step.store(step, Ordering::Relaxed);
-        run_cfg = recovery::resized(cfg, asg.world_size)?;
+        run_cfg = recovery::resized(cfg, joined.world_size)?;
+        hooks.set_membership(&joined);
         eprintln!(
             "rank {}: joined the running job at epoch {epoch} step {step} ({} workers)",
-            asg.rank, asg.world_size
+            joined.rank, joined.world_size
         );
         start = StartPoint { epoch, step };
     }
@@ -291,29 +305,18 @@ fn train_rank(
         // The steps this rank committed stay in its audit; then the survivors regroup.
         hooks.flush_audit()?;
         let last = (hooks.last_epoch(), progress.step.load(Ordering::Relaxed));
-        let wait = Duration::from_millis(cfg.cluster.worker_timeout_ms * 3 + 5_000);
         eprintln!("rank {}: {e:#}; regrouping", hooks.rank());
         let old_generation = coord.generation();
-        progress.regroup.store(false, Ordering::SeqCst);
-        let next = rt
-            .block_on(coord.regroup(wait, recovery::failed_peer(e)))
-            .with_context(|| format!("regrouping after: {e:#}"))?;
-        regroup
-            .regroup(
-                next.rank,
-                next.peers.clone(),
-                next.generation,
-                Duration::from_millis(cfg.cluster.collective_timeout_ms),
-            )
-            .context("building the new generation's mesh")?;
-        let (epoch, step) = recovery::agree_on_state(
+        let (next, epoch, step) = form_generation(
+            rt,
+            coord,
+            cfg,
+            regroup,
             coll.as_ref(),
-            &mut model,
-            opt.as_mut(),
-            hooks.trained_set(),
+            (&mut model, opt.as_mut(), &hooks),
             last,
-        )
-        .context("taking the most advanced survivor's state")?;
+            Attempt::After(format!("{e:#}"), recovery::failed_peer(e)),
+        )?;
         progress.step.store(step, Ordering::Relaxed);
         run_cfg = recovery::resized(cfg, next.world_size)?;
         if next.rank == 0 {
@@ -362,6 +365,69 @@ fn train_rank(
         }
     }
     Ok(())
+}
+
+/// How [`form_generation`] starts: with the assignment a replacement got at rendezvous, or
+/// by asking the coordinator for the next generation after a failure (and the peer it names).
+enum Attempt {
+    First(client::Assignment),
+    After(String, Option<usize>),
+}
+
+/// Forms a generation and agrees on its state: builds the mesh on this worker's listener,
+/// then takes the most advanced member's state (`recovery::agree_on_state`). A peer that
+/// fails meanwhile sends everyone back to the coordinator for the generation after, as often
+/// as it takes (each try is bounded by the collective timeout). Returns this worker's place
+/// and the (epoch, step) to train on from.
+#[allow(clippy::too_many_arguments)]
+fn form_generation(
+    rt: &tokio::runtime::Runtime,
+    coord: &mut Coordinator,
+    cfg: &JobConfig,
+    regroup: &Regroupable,
+    coll: &dyn Collective,
+    (model, opt, hooks): (
+        &mut ContrastiveModel,
+        &mut dyn optim::Optimizer,
+        &coordinated::CoordinatedHooks<'_>,
+    ),
+    last: (u32, u64),
+    mut attempt: Attempt,
+) -> Result<(client::Assignment, u32, u64)> {
+    let wait = Duration::from_millis(cfg.cluster.worker_timeout_ms * 3 + 5_000);
+    loop {
+        let next = match attempt {
+            Attempt::First(asg) => asg,
+            Attempt::After(failure, suspect) => {
+                hooks.clear_regroup_request();
+                rt.block_on(coord.regroup(wait, suspect))
+                    .with_context(|| format!("regrouping after: {failure}"))?
+            }
+        };
+        let formed = regroup
+            .regroup(
+                next.rank,
+                next.peers.clone(),
+                next.generation,
+                Duration::from_millis(cfg.cluster.collective_timeout_ms),
+            )
+            .context("building the new generation's mesh")
+            .and_then(|()| {
+                recovery::agree_on_state(coll, model, opt, hooks.trained_set(), last)
+                    .context("taking the most advanced member's state")
+            });
+        match formed {
+            Ok((epoch, step)) => return Ok((next, epoch, step)),
+            Err(e) if recovery::is_peer_failure(&e) => {
+                eprintln!(
+                    "rank {} of generation {}: {e:#}; regrouping again",
+                    next.rank, next.generation
+                );
+                attempt = Attempt::After(format!("{e:#}"), recovery::failed_peer(&e));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The caption tokenizer of a CLIP job (`model.text.tokenizer`): the built-in byte-level one,

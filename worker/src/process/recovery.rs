@@ -7,6 +7,9 @@
 //! rank among those with the highest committed step) is the source: every parameter, buffer
 //! and optimizer state tensor is broadcast from it, and everyone continues from its step.
 //! No committed step is discarded, and all ranks continue with identical state.
+//!
+//! A rank takes nothing over until it has received everything: if the source dies in the
+//! middle, every rank still holds its own consistent state, and the regroup starts again.
 
 use super::ledger::TrainedSet;
 use crate::dist::{Collective, CollectiveError};
@@ -65,14 +68,13 @@ pub fn agree_on_state(
         .map(|r| (r, all[2 * r], all[2 * r + 1]))
         .max_by_key(|&(r, step, _)| (step, std::cmp::Reverse(r)))
         .expect("a world has at least one rank");
-    for (name, var) in model.named_variables() {
+    let variables = model.named_variables();
+    let mut received = Vec::with_capacity(variables.len());
+    for (name, var) in &variables {
         let mut buf = var.detach().copy();
         coll.broadcast(&mut buf, root)
             .with_context(|| format!("broadcasting {name} from rank {root}"))?;
-        tch::no_grad(|| {
-            let mut v = var;
-            v.copy_(&buf);
-        });
+        received.push(buf);
     }
     let mut state = opt.state_tensors();
     for (name, t) in state.iter_mut() {
@@ -81,11 +83,10 @@ pub fn agree_on_state(
             .with_context(|| format!("broadcasting optimizer state {name} from rank {root}"))?;
         *t = buf;
     }
-    opt.load_state(&state)
-        .context("loading the broadcast optimizer state")?;
-    // What was trained of the epoch, as of the source's last committed step.
-    let mut set = trained.lock().unwrap_or_else(|p| p.into_inner());
-    let (set_epoch, ids) = set.export();
+    // What was trained of the epoch, as of the source's last committed step. The lock is
+    // not held across the broadcasts: shard readers on the runtime's threads take it for
+    // every sample, and a reader blocked on it would stall the heartbeats.
+    let (set_epoch, ids) = trained.lock().unwrap_or_else(|p| p.into_inner()).export();
     let mut head = Tensor::from_slice(&[ids.len() as i64, i64::from(set_epoch)]);
     coll.broadcast(&mut head, root)
         .context("broadcasting the size of the trained-sample set")?;
@@ -102,7 +103,19 @@ pub fn agree_on_state(
             .context("broadcasting the trained-sample set")?;
         Vec::try_from(&buf).context("reading the trained-sample set")?
     };
-    set.replace(head[1] as u32, &ids);
+    // Everything arrived: take it over.
+    for ((_, var), buf) in variables.into_iter().zip(received) {
+        tch::no_grad(|| {
+            let mut v = var;
+            v.copy_(&buf);
+        });
+    }
+    opt.load_state(&state)
+        .context("loading the broadcast optimizer state")?;
+    trained
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .replace(head[1] as u32, &ids);
     Ok((epoch as u32, step as u64))
 }
 

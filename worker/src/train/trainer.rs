@@ -6,7 +6,7 @@
 //! is what makes the webdataset/OpenCLIP "uneven shards" hang impossible, and it trains every
 //! sample of the epoch exactly once (no rank drops its tail to match the others).
 
-use crate::dist::{all_gather_counts, Collective};
+use crate::dist::{all_gather_counts, all_gather_step_plan, Collective};
 use crate::model::ContrastiveModel;
 use crate::objective::StepObjective;
 use crate::optim::{lr_at, scaled_peak_lr, Optimizer};
@@ -171,9 +171,6 @@ pub fn train(
                 if let Some(reason) = hooks.stop_reason() {
                     bail!("stopping at step {step}: {reason}");
                 }
-                if hooks.regroup_requested() {
-                    return Err(RegroupRequested { step }.into());
-                }
                 let started = Instant::now();
                 // Up to K micro-batches make one step; a rank whose data ran out brings fewer
                 // (or none) and still enters every collective.
@@ -191,7 +188,14 @@ pub fn train(
                     }
                 }
                 let local: i64 = micro.iter().map(|(v1, _)| v1.size()[0]).sum();
-                let counts = all_gather_counts(coll, local)?;
+                // Ranks hear of a waiting replacement at different times; they stop together.
+                // The batches drawn for this step are not trained, so their shards go back
+                // to the pool at the regroup (and re-leases skip what was trained).
+                let (counts, regroup) =
+                    all_gather_step_plan(coll, local, hooks.regroup_requested())?;
+                if regroup {
+                    return Err(RegroupRequested { step }.into());
+                }
                 if counts.iter().sum::<i64>() == 0 {
                     break;
                 }

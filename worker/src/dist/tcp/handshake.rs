@@ -80,6 +80,45 @@ impl TcpBootstrap {
         peer_addrs: Vec<String>,
         timeout: Duration,
     ) -> Result<TcpCollective> {
+        self.try_connect(rank, peer_addrs, timeout)
+            .map_err(|failed| failed.0)
+    }
+
+    /// [`TcpBootstrap::connect`] that hands the bootstrap (its listener) back on failure, so
+    /// a later generation can be formed on the same address.
+    pub fn try_connect(
+        self,
+        rank: usize,
+        peer_addrs: Vec<String>,
+        timeout: Duration,
+    ) -> std::result::Result<TcpCollective, Box<(CollectiveError, Self)>> {
+        match self.connect_links(rank, &peer_addrs, timeout) {
+            Ok((links, lanes)) => Ok(TcpCollective {
+                rank,
+                world: peer_addrs.len(),
+                addrs: peer_addrs,
+                links,
+                lanes,
+                timeout,
+                state: Mutex::new(OpState {
+                    seq: 0,
+                    poisoned: None,
+                }),
+                listener: self.listener,
+                token: self.token,
+                generation: self.generation,
+            }),
+            Err(e) => Err(Box::new((e, self))),
+        }
+    }
+
+    /// Every lane to every peer, indexed `[peer][lane]` (none to this rank itself).
+    fn connect_links(
+        &self,
+        rank: usize,
+        peer_addrs: &[String],
+        timeout: Duration,
+    ) -> Result<(Vec<Vec<TcpStream>>, usize)> {
         let world = peer_addrs.len();
         if rank >= world {
             return Err(CollectiveError::Usage(format!(
@@ -95,7 +134,7 @@ impl TcpBootstrap {
         let token = &self.token;
         let generation = self.generation;
         let listener = &self.listener;
-        let peer_addrs_ref = &peer_addrs;
+        let peer_addrs_ref = peer_addrs;
         let lanes = streams_per_peer();
         let mut links: Vec<Vec<Option<TcpStream>>> = (0..world)
             .map(|p| {
@@ -146,28 +185,15 @@ impl TcpBootstrap {
             })?;
             links[peer][lane] = Some(stream);
         }
-        Ok(TcpCollective {
-            rank,
-            world,
-            addrs: peer_addrs,
-            links: links
-                .into_iter()
-                .map(|l| {
-                    l.into_iter()
-                        .map(|s| s.expect("every lane connected"))
-                        .collect()
-                })
-                .collect(),
-            lanes,
-            timeout,
-            state: Mutex::new(OpState {
-                seq: 0,
-                poisoned: None,
-            }),
-            listener: self.listener,
-            token: self.token,
-            generation: self.generation,
-        })
+        let links = links
+            .into_iter()
+            .map(|l| {
+                l.into_iter()
+                    .map(|s| s.expect("every lane connected"))
+                    .collect()
+            })
+            .collect();
+        Ok((links, lanes))
     }
 }
 

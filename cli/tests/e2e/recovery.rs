@@ -1,0 +1,420 @@
+//! Failures of real processes: workers and the coordinator SIGKILLed mid-epoch. The job must
+//! finish, the audit must show every sample of every epoch trained exactly once, and every
+//! worker that finished must hold bit-identical parameters.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use contrail_common::auth::TOKEN_ENV;
+use contrail_common::status::StatusReport;
+use contrail_test_support::cluster::status;
+
+use crate::local_cluster::{
+    free_port, strip_ansi, temp_dir, write_job, write_synth, CONTRAIL, JOB_TOKEN,
+};
+
+/// Samples of the synthetic dataset the recovery jobs train on (32 shards of 64).
+const SAMPLES: u64 = 2048;
+/// Epochs the recovery jobs train.
+const EPOCHS: u32 = 4;
+
+/// A coordinator and workers started by hand (`contrail coordinator`, `contrail worker`) on
+/// one job, so a test can kill and restart each of them. Every process logs to
+/// `dir/NAME.stderr` (and a worker's stdout to `dir/NAME.stdout`).
+struct HandCluster {
+    dir: PathBuf,
+    job: PathBuf,
+    grpc: String,
+    http: String,
+    /// `--set` overrides of every coordinator start.
+    sets: Vec<String>,
+    /// Every process started, by name; killed when the cluster is dropped.
+    procs: RefCell<Vec<(String, Child)>>,
+}
+
+impl HandCluster {
+    /// The job of `write_job` on [`SAMPLES`] samples for [`EPOCHS`] epochs with an audit of
+    /// every step, plus `sets`.
+    fn new(name: &str, sets: &[&str]) -> Self {
+        let dir = temp_dir(name);
+        let job = write_job(&dir, SAMPLES, EPOCHS, "");
+        write_synth(&dir, SAMPLES);
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut all = vec![
+            format!("cluster.grpc_addr={grpc}"),
+            format!("cluster.http_addr={http}"),
+            format!("train.epochs={EPOCHS}"),
+            format!("audit.url=file://{}", dir.join("audit").display()),
+            "audit.flush_every_steps=1".into(),
+        ];
+        all.extend(sets.iter().map(|s| s.to_string()));
+        Self {
+            dir,
+            job,
+            grpc,
+            http,
+            sets: all,
+            procs: Default::default(),
+        }
+    }
+
+    fn log_file(&self, name: &str, ext: &str) -> std::fs::File {
+        std::fs::File::create(self.dir.join(format!("{name}.{ext}"))).unwrap()
+    }
+
+    /// Starts `contrail coordinator` as `name`.
+    fn coordinator(&self, name: &str) {
+        let mut cmd = Command::new(CONTRAIL);
+        cmd.args(["coordinator", "--config"]).arg(&self.job);
+        for s in &self.sets {
+            cmd.args(["--set", s]);
+        }
+        let child = cmd
+            .env(TOKEN_ENV, JOB_TOKEN)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(self.log_file(name, "stderr"))
+            .spawn()
+            .unwrap();
+        self.procs.borrow_mut().push((name.to_string(), child));
+    }
+
+    /// Starts `contrail worker` as `name`.
+    fn worker(&self, name: &str) {
+        let child = Command::new(CONTRAIL)
+            .args(["worker", "--coordinator", &format!("http://{}", self.grpc)])
+            .args(["--threads", "1"])
+            .env(TOKEN_ENV, JOB_TOKEN)
+            .env(
+                "CONTRAIL_LOG",
+                std::env::var("E2E_WORKER_LOG").unwrap_or("info".into()),
+            )
+            .current_dir(&self.dir)
+            .stderr(self.log_file(name, "stderr"))
+            .stdout(self.log_file(name, "stdout"))
+            .spawn()
+            .unwrap();
+        self.procs.borrow_mut().push((name.to_string(), child));
+    }
+
+    /// SIGKILLs `name` and reaps it.
+    fn kill(&self, name: &str) {
+        let mut procs = self.procs.borrow_mut();
+        let (_, child) = procs.iter_mut().find(|(n, _)| n == name).expect("started");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Waits for the workers `names` to exit, each successfully.
+    fn assert_exit_ok(&self, names: &[&str]) {
+        for name in names {
+            let code = {
+                let mut procs = self.procs.borrow_mut();
+                let (_, child) = procs.iter_mut().find(|(n, _)| n == name).expect("started");
+                child.wait().unwrap()
+            };
+            assert!(code.success(), "{name} exited with {code}\n{}", self.logs());
+        }
+    }
+
+    fn read(&self, name: &str, ext: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.{ext}"))).unwrap_or_default()
+    }
+
+    /// Every process's stderr and exit status so far, for a failure message.
+    fn logs(&self) -> String {
+        let mut procs = self.procs.borrow_mut();
+        procs
+            .iter_mut()
+            .map(|(n, child)| {
+                let exit = match child.try_wait() {
+                    Ok(Some(code)) => format!("exited: {code}"),
+                    _ => "running".to_string(),
+                };
+                format!("--- {n} ({exit}):\n{}", self.read(n, "stderr"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The first status (polled every 50 ms; none while the coordinator is down) for which
+    /// `done` holds.
+    fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&StatusReport) -> bool,
+    ) -> StatusReport {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        loop {
+            if let Some(s) = status(&self.http) {
+                if done(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {limit:?}; last status: {last:#?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `contrail audit check` must prove every epoch trained exactly once.
+    fn assert_audit_exactly_once(&self) {
+        let out = Command::new(CONTRAIL)
+            .args(["audit", "check", "--audit"])
+            .arg(format!("file://{}", self.dir.join("audit").display()))
+            .arg("--data")
+            .arg(format!("file://{}", self.dir.join("data").display()))
+            .output()
+            .unwrap();
+        let audit = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{audit}\n{}", self.logs());
+        for epoch in 0..EPOCHS {
+            let line = format!("epoch {epoch}: all {SAMPLES} samples trained exactly once");
+            assert!(audit.contains(&line), "{audit}");
+        }
+        eprintln!("{audit}");
+    }
+
+    /// The workers' final parameter digests must be identical.
+    fn assert_same_parameters(&self, workers: &[&str]) {
+        let digests: Vec<String> = workers
+            .iter()
+            .map(|n| {
+                let err = strip_ansi(&self.read(n, "stderr"));
+                let line = err
+                    .lines()
+                    .find(|l| l.contains("final parameters"))
+                    .unwrap_or_else(|| panic!("{n} logged no final parameters:\n{err}"))
+                    .to_string();
+                let digest = line.split("digest=").nth(1).expect("a digest field");
+                digest.split_whitespace().next().unwrap().to_string()
+            })
+            .collect();
+        assert!(
+            digests.iter().all(|d| *d == digests[0]),
+            "the workers' parameters differ: {digests:?}"
+        );
+    }
+
+    fn finished(&self, limit: Duration) -> StatusReport {
+        let end = self.wait_for("the job ending", limit, |s| s.state.is_terminal());
+        assert_eq!(
+            end.state.as_str(),
+            "finished",
+            "{}\n{}",
+            end.reason,
+            self.logs()
+        );
+        end
+    }
+}
+
+impl Drop for HandCluster {
+    fn drop(&mut self) {
+        for (_, mut child) in self.procs.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `cluster.min_workers = 2`: of 3 workers one is SIGKILLed mid-epoch; the other two regroup
+/// as the next generation without restarting and train on with the same global batch; then a
+/// replacement joins the running job (taking its state from the members), the job finishes,
+/// the audit proves every sample of every epoch was trained exactly once, and all three
+/// finish with bit-identical parameters.
+#[test]
+fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
+    let c = HandCluster::new(
+        "regroup",
+        &[
+            "cluster.world_size=3",
+            "cluster.min_workers=2",
+            "train.global_batch=48",
+        ],
+    );
+    c.coordinator("coordinator");
+    for w in ["w0", "w1", "w2"] {
+        c.worker(w);
+    }
+    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
+        s.step >= 5 && s.workers.len() == 3
+    });
+    c.kill("w2"); // SIGKILL, mid-epoch (an epoch is 43 steps)
+
+    // Once the survivors regrouped, a replacement starts and joins the running job.
+    c.wait_for("the survivors regrouping", Duration::from_secs(120), |s| {
+        s.generation > before.generation
+    });
+    c.worker("w3");
+    let after = c.finished(Duration::from_secs(300));
+    assert!(after.generation > before.generation, "no new generation");
+    assert!(after.step > before.step);
+    c.assert_exit_ok(&["w0", "w1", "w3"]);
+    let joined = c.read("w3", "stderr");
+    assert!(joined.contains("joined the running job"), "{joined}");
+    // Ranks follow registration order, so either survivor may be rank 0 of the new world.
+    let out0 = c.read("w0", "stdout") + &c.read("w1", "stdout");
+    assert!(
+        out0.contains("regrouped as generation") && out0.contains("with 2 workers"),
+        "{out0}"
+    );
+    assert!(out0.contains("rank 0 finished"), "{out0}");
+    c.assert_audit_exactly_once();
+    c.assert_same_parameters(&["w0", "w1", "w3"]);
+    eprintln!(
+        "killed at step {}, generation {} -> {}; finished at step {}",
+        before.step, before.generation, after.generation, after.step
+    );
+}
+
+/// The coordinator is SIGKILLed mid-epoch and started again: it takes the job over from its
+/// journal (under `checkpoint.url`), the workers keep training on the shards they hold, retry
+/// their calls meanwhile and re-attach, and the job finishes with every sample of every epoch
+/// trained exactly once. No `cluster.min_workers`: the journal alone keeps the job.
+#[test]
+fn a_restarted_coordinator_takes_the_job_over_from_its_journal() {
+    let c = HandCluster::new("coordinator-restart", &[]);
+    c.coordinator("coordinator");
+    c.worker("w0");
+    c.worker("w1");
+    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
+        s.step >= 10 && s.workers.len() == 2
+    });
+    c.kill("coordinator"); // SIGKILL, mid-epoch (an epoch is 128 steps)
+    std::thread::sleep(Duration::from_millis(800));
+    c.coordinator("coordinator-restarted");
+    let resumed = c.wait_for(
+        "the restarted coordinator serving",
+        Duration::from_secs(60),
+        |_| true,
+    );
+    assert_eq!(
+        (resumed.generation, resumed.workers.len()),
+        (before.generation, 2),
+        "the restarted coordinator must know the same workers\n{}",
+        c.logs()
+    );
+    // Step reports are journaled lazily (within a second), so the restarted coordinator may
+    // show an earlier step until the next reports arrive.
+    let after = c.finished(Duration::from_secs(300));
+    assert!(after.step > before.step);
+    assert_eq!(after.generation, before.generation, "no worker was lost");
+    c.assert_exit_ok(&["w0", "w1"]);
+    let taken = c.read("coordinator-restarted", "stderr");
+    assert!(taken.contains("took the running job over"), "{taken}");
+    let outage = c.read("w0", "stderr") + &c.read("w1", "stderr");
+    assert!(outage.contains("does not answer"), "{}", c.logs());
+    c.assert_audit_exactly_once();
+    c.assert_same_parameters(&["w0", "w1"]);
+}
+
+/// xorshift64*: the chaos schedule from a seed.
+struct Chaos(u64);
+
+impl Chaos {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A seeded chaos run (`CONTRAIL_CHAOS_SEED`, default 7): four kills at random steps, each of
+/// the coordinator (restarted after a random pause) or of a random worker (a replacement
+/// starts once the survivors regrouped), with `cluster.min_workers = 1`. The job finishes
+/// within its bound, exactly once, every finishing worker with the same parameters.
+#[test]
+fn seeded_chaos_of_worker_and_coordinator_kills_keeps_every_guarantee() {
+    let seed: u64 = std::env::var("CONTRAIL_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    eprintln!("chaos seed {seed} (CONTRAIL_CHAOS_SEED)");
+    let mut rng = Chaos(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let c = HandCluster::new(
+        "chaos",
+        &[
+            "cluster.world_size=3",
+            "cluster.min_workers=1",
+            "train.global_batch=48",
+        ],
+    );
+    let mut coordinator = "coordinator".to_string();
+    c.coordinator(&coordinator);
+    let mut workers: Vec<String> = (0..3).map(|i| format!("w{i}")).collect();
+    for w in &workers {
+        c.worker(w);
+    }
+    // 4 epochs of 43 steps: four kills spread over the first three epochs.
+    let mut at = 5;
+    let mut restarts = 0;
+    let mut started = workers.len();
+    let mut schedule = Vec::new();
+    for event in 0..4 {
+        at += 5 + rng.below(30);
+        let s = c.wait_for(&format!("step {at}"), Duration::from_secs(120), |s| {
+            s.step >= at && s.state.as_str() == "running"
+        });
+        if rng.below(5) < 2 {
+            let pause = 100 + rng.below(1400);
+            schedule.push(format!(
+                "step {}: coordinator, restarted after {pause} ms",
+                s.step
+            ));
+            eprintln!("{}", schedule.last().unwrap());
+            c.kill(&coordinator);
+            std::thread::sleep(Duration::from_millis(pause));
+            restarts += 1;
+            coordinator = format!("coordinator-{restarts}");
+            c.coordinator(&coordinator);
+        } else {
+            let victim = rng.below(workers.len() as u64) as usize;
+            let name = workers.remove(victim);
+            schedule.push(format!("step {}: worker {name}", s.step));
+            eprintln!("{}", schedule.last().unwrap());
+            c.kill(&name);
+            // The replacement starts once the victim is declared dead (the job has room).
+            let left = workers.len();
+            c.wait_for(
+                &format!("regroup after kill {event}"),
+                Duration::from_secs(120),
+                |n| {
+                    n.generation > s.generation
+                        && n.workers
+                            .iter()
+                            .filter(|w| w.state.as_str() == "alive")
+                            .count()
+                            == left
+                },
+            );
+            let name = format!("w{started}");
+            started += 1;
+            c.worker(&name);
+            workers.push(name);
+        }
+    }
+    eprintln!("chaos schedule:\n  {}", schedule.join("\n  "));
+    c.finished(Duration::from_secs(300));
+    let names: Vec<&str> = workers.iter().map(String::as_str).collect();
+    c.assert_exit_ok(&names);
+    c.assert_audit_exactly_once();
+    c.assert_same_parameters(&names);
+}

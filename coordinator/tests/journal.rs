@@ -1,0 +1,279 @@
+//! The coordinator's journal: a book written before a crash and taken over by a restarted
+//! coordinator carries the job on exactly as the first one would have; retried requests whose
+//! replies were lost in the crash get the same answer; only the same run's, unended journal
+//! is taken over.
+
+use contrail_common::auth::JobToken;
+use contrail_common::config::JobConfig;
+use contrail_common::proto;
+use contrail_common::status::{JobState, WorkerLiveness};
+use contrail_coordinator::job::JobBook;
+use contrail_coordinator::journal::{Found, Journal};
+
+const HEARTBEAT: u64 = 50;
+const TIMEOUT: u64 = 200;
+const TTL: u64 = 150;
+
+fn config() -> JobConfig {
+    let mut cfg = JobConfig::default();
+    cfg.cluster.world_size = 3;
+    cfg.cluster.min_workers = 2;
+    cfg.cluster.heartbeat_ms = HEARTBEAT;
+    cfg.cluster.worker_timeout_ms = TIMEOUT;
+    cfg.cluster.lease_ttl_ms = TTL;
+    cfg.train.micro_batch = 4;
+    cfg.train.global_batch = 12;
+    cfg.train.seed = 5;
+    cfg.validate().expect("test config is valid");
+    cfg
+}
+
+fn urls(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("memory://j/shard-{i:02}.tar"))
+        .collect()
+}
+
+fn lease(b: &mut JobBook, id: u64, request_id: u64, now: u64) -> proto::LeaseReply {
+    let generation = b.generation();
+    b.lease(
+        &proto::LeaseRequest {
+            worker_id: id,
+            generation,
+            epoch: 0,
+            request_id,
+        },
+        now,
+    )
+    .expect("lease")
+}
+
+fn complete(b: &mut JobBook, id: u64, lease_id: u64, samples: u64) {
+    let generation = b.generation();
+    b.complete(
+        &proto::CompleteRequest {
+            worker_id: id,
+            generation,
+            lease_id,
+            samples,
+            ..Default::default()
+        },
+        0,
+    )
+    .expect("complete");
+}
+
+/// Three workers registered; worker 3 died and the other two regrouped; some shards leased,
+/// one completed, steps reported. Deterministic, so two calls give equal books.
+fn history() -> (JobBook, Vec<u64>, Vec<u64>) {
+    let mut b = JobBook::new(config(), "toml".into(), urls(9), None);
+    let ids: Vec<u64> = (0..3u64)
+        .map(|r| {
+            b.register_instance("h", &format!("10.0.0.{r}:1"), 100 + r, 0)
+                .unwrap()
+                .0
+        })
+        .collect();
+    assert_eq!(b.state(), JobState::Running);
+    let leases: Vec<u64> = [(ids[0], 1), (ids[1], 2), (ids[2], 3), (ids[0], 4)]
+        .iter()
+        .map(|&(w, req)| lease(&mut b, w, req, 10).lease_id)
+        .collect();
+    complete(&mut b, ids[0], leases[0], 40);
+    for id in &ids[..2] {
+        let g = b.generation();
+        b.report_step(
+            &proto::StepReport {
+                worker_id: *id,
+                generation: g,
+                step: 7,
+                global_samples: 12,
+                ..Default::default()
+            },
+            20,
+        )
+        .unwrap();
+        b.heartbeat(
+            &proto::HeartbeatRequest {
+                worker_id: *id,
+                generation: g,
+                ..Default::default()
+            },
+            150,
+        )
+        .unwrap();
+    }
+    // Worker 3 falls silent: the survivors regroup as generation 2.
+    b.tick(150 + TIMEOUT);
+    assert_eq!(b.generation(), 2);
+    (b, ids, leases)
+}
+
+fn journaled(b: &JobBook) -> JobBook {
+    let bytes = serde_json::to_vec(b).expect("encode");
+    let back: JobBook = serde_json::from_slice(&bytes).expect("decode");
+    back.recovered(config(), "toml", &urls(9), 0)
+        .expect("same job")
+}
+
+#[test]
+fn a_recovered_book_carries_the_job_on_like_the_original() {
+    let (mut original, ids, leases) = history();
+    let (crashed, _, _) = history();
+    let mut recovered = journaled(&crashed);
+
+    let (a, b) = (original.status(400), recovered.status(0));
+    assert_eq!(
+        (a.state, a.generation, a.step),
+        (b.state, b.generation, b.step)
+    );
+    assert_eq!(a.samples_seen, b.samples_seen);
+    assert_eq!(a.shards, b.shards);
+    let members = |s: &contrail_common::status::StatusReport| {
+        s.workers
+            .iter()
+            .map(|w| (w.worker_id, w.rank, w.state, w.shard.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(members(&a), members(&b));
+    assert_eq!(b.workers[2].state, WorkerLiveness::Dead);
+
+    // Leases granted before the crash complete on the recovered book, and the shards still
+    // pending come out in the same order with the same lease ids.
+    let g = recovered.generation();
+    for book in [&mut original, &mut recovered] {
+        // The survivors' leases went back to the pool at the regroup; a late completion of
+        // one still counts (first completion wins).
+        complete(book, ids[1], leases[1], 30);
+    }
+    let next = |book: &mut JobBook| {
+        (0..9)
+            .map_while(|k| {
+                let r = lease(book, ids[k % 2], 1000 + k as u64, 500);
+                (!r.exhausted).then_some((r.lease_id, r.shard_url))
+            })
+            .collect::<Vec<_>>()
+    };
+    let (from_original, from_recovered) = (next(&mut original), next(&mut recovered));
+    assert!(!from_original.is_empty());
+    assert_eq!(from_original, from_recovered);
+    assert_eq!(recovered.generation(), g);
+    assert_eq!(original.status(0).shards, recovered.status(0).shards);
+}
+
+#[test]
+fn requests_repeated_after_a_lost_reply_get_the_same_answer() {
+    let (b, ids, _) = history();
+    let mut b = journaled(&b);
+    // A lease request retried with its request id: the same lease, not a second shard.
+    let first = lease(&mut b, ids[0], 77, 0);
+    let again = lease(&mut b, ids[0], 77, 5);
+    assert_eq!(
+        (first.lease_id, &first.shard_url),
+        (again.lease_id, &again.shard_url)
+    );
+    let other = lease(&mut b, ids[0], 78, 5);
+    assert_ne!(other.lease_id, first.lease_id);
+    // A registration retried by the same process keeps its worker id.
+    let (id, generation) = b.register_instance("h", "10.0.0.0:1", 100, 0).unwrap();
+    assert_eq!((id, generation), (ids[0], b.generation()));
+}
+
+#[test]
+fn a_restarted_clock_gives_every_worker_and_lease_a_full_timeout() {
+    let (b, ids, _) = history();
+    let mut b = journaled(&b);
+    let g = b.generation();
+    let leased = lease(&mut b, ids[0], 9, 0);
+    // Nobody has been heard on the new clock, yet nobody is dead within the timeout.
+    b.tick(TIMEOUT - 1);
+    assert_eq!(b.generation(), g);
+    assert_eq!(b.state(), JobState::Running);
+    // Worker 1 re-attaches (heartbeats); worker 2 never does and is declared dead.
+    b.heartbeat(
+        &proto::HeartbeatRequest {
+            worker_id: ids[0],
+            generation: g,
+            ..Default::default()
+        },
+        TIMEOUT - 1,
+    )
+    .unwrap();
+    b.tick(TIMEOUT + 1);
+    let s = b.status(TIMEOUT + 1);
+    let w2 = s.workers.iter().find(|w| w.worker_id == ids[1]).unwrap();
+    assert_eq!(w2.state, WorkerLiveness::Dead);
+    // One worker left, below min_workers = 2: the job fails with the reason.
+    assert_eq!(b.state(), JobState::Failed);
+    assert!(b.reason().contains("cluster.min_workers"), "{}", b.reason());
+    let _ = leased;
+}
+
+#[test]
+fn a_journal_of_another_job_file_or_dataset_is_refused() {
+    let (b, _, _) = history();
+    let bytes = serde_json::to_vec(&b).unwrap();
+    let back = |_: ()| serde_json::from_slice::<JobBook>(&bytes).unwrap();
+    let e = back(())
+        .recovered(config(), "other toml", &urls(9), 0)
+        .err()
+        .expect("changed config refused");
+    assert!(e.contains("config differs"), "{e}");
+    let e = back(())
+        .recovered(config(), "toml", &urls(8), 0)
+        .err()
+        .expect("changed dataset refused");
+    assert!(e.contains("lists 8 shards, not the 9"), "{e}");
+}
+
+#[tokio::test]
+async fn only_the_same_runs_unended_journal_is_taken_over() {
+    let dir = std::env::temp_dir().join(format!("contrail-journal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("file://{}/coordinator-journal.json", dir.display());
+    let token = JobToken::generate().unwrap();
+    let mine = Journal::new(url.clone(), "", Some(&token));
+    assert!(matches!(mine.load().await.unwrap(), Found::Nothing));
+
+    let (b, _, _) = history();
+    mine.write(mine.encode(&b).unwrap()).await.unwrap();
+    match mine.load().await.unwrap() {
+        Found::Book(book) => assert_eq!(book.generation(), b.generation()),
+        _ => panic!("the same run's journal must be taken over"),
+    }
+    let theirs = Journal::new(url.clone(), "", Some(&JobToken::generate().unwrap()));
+    match theirs.load().await.unwrap() {
+        Found::Ignored(why) => assert!(why.contains("another run"), "{why}"),
+        _ => panic!("another run's journal must not be taken over"),
+    }
+
+    // An ended job is not taken over: leave every worker finished.
+    let mut ended = b;
+    for id in 1..=3u64 {
+        let g = ended.generation();
+        let _ = ended.leave(
+            &proto::LeaveRequest {
+                worker_id: id,
+                generation: g,
+                finished: true,
+                ..Default::default()
+            },
+            500,
+        );
+    }
+    assert_eq!(ended.state(), JobState::Finished);
+    mine.write(mine.encode(&ended).unwrap()).await.unwrap();
+    match mine.load().await.unwrap() {
+        Found::Ignored(why) => assert!(why.contains("already ended"), "{why}"),
+        _ => panic!("an ended job's journal must not be taken over"),
+    }
+
+    // A damaged journal is an error, never silently replaced.
+    std::fs::write(dir.join("coordinator-journal.json"), b"{not json").unwrap();
+    let e = match mine.load().await {
+        Err(e) => format!("{e:#}"),
+        Ok(_) => panic!("a damaged journal must be an error"),
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(e.contains("not readable"), "{e}");
+}
