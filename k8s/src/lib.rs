@@ -9,10 +9,11 @@
 //! - `None`: a Deployment + Service for the coordinator, an Indexed Job + headless Service
 //!   for the workers, and the ConfigMap.
 //!
-//! Failure handling mirrors contrail's own: a job fails as a whole when any worker dies (no
-//! elastic restarts), and a job started again resumes from its latest checkpoint. So no pod is
-//! restarted in place (`restartPolicy: Never`, Job `backoffLimit: 0`); instead the JobSet
-//! restarts the whole set (`failurePolicy.maxRestarts`), which resumes from the checkpoint.
+//! Failure handling mirrors contrail's own (docs/kubernetes.md, "Failure handling"): with
+//! `cluster.min_workers` on a CPU job a failed worker pod is replaced on its own and joins
+//! the survivors; otherwise a dead worker fails the job and the JobSet restarts the whole set
+//! (`failurePolicy.maxRestarts`), which resumes from the checkpoint. A coordinator with a
+//! journal is replaced when its pod crashes and takes the job over from the journal.
 
 pub mod apply;
 pub mod jobset;
@@ -22,7 +23,10 @@ use contrail_common::auth::{JobToken, TOKEN_ENV};
 use contrail_common::config::JobConfig;
 use jobset::{FailurePolicy, JobSet, JobSetSpec, Network, ReplicatedJob, StartupPolicy};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
-use k8s_openapi::api::batch::v1::{Job, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, JobTemplateSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
@@ -352,7 +356,11 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
     ];
     out.push(Manifest::Service(coordinator_service(opts)));
     match opts.crd {
-        Crd::JobSet => out.push(Manifest::JobSet(job_set(opts, replace))),
+        Crd::JobSet => out.push(Manifest::JobSet(job_set(
+            opts,
+            replace,
+            cfg.cluster.journal(&cfg.checkpoint.url).is_some(),
+        ))),
         Crd::None => {
             out.push(Manifest::Deployment(coordinator_deployment(opts)));
             out.push(Manifest::Service(workers_service(opts)));
@@ -731,7 +739,13 @@ fn coordinator_service(opts: &RenderOptions) -> Service {
     }
 }
 
-fn job_set(opts: &RenderOptions, replace: Replacement) -> JobSet {
+/// How often a crashed coordinator pod is replaced (with a journal) before the Job gives up.
+pub const COORDINATOR_RETRIES: i32 = 3;
+
+/// `journaled`: the coordinator journals its state (`cluster.journal_url`), so a pod that
+/// crashed (killed, evicted, its node lost) is replaced and takes the job over; a coordinator
+/// that exits 1 (the job failed) fails the Job at once.
+fn job_set(opts: &RenderOptions, replace: Replacement, journaled: bool) -> JobSet {
     let coordinator = ReplicatedJob {
         name: "coordinator".into(),
         replicas: Some(1),
@@ -740,7 +754,18 @@ fn job_set(opts: &RenderOptions, replace: Replacement) -> JobSet {
             spec: Some(JobSpec {
                 completions: Some(1),
                 parallelism: Some(1),
-                backoff_limit: Some(0),
+                backoff_limit: Some(if journaled { COORDINATOR_RETRIES } else { 0 }),
+                pod_failure_policy: journaled.then(|| PodFailurePolicy {
+                    rules: vec![PodFailurePolicyRule {
+                        action: "FailJob".into(),
+                        on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                            container_name: None,
+                            operator: "In".into(),
+                            values: vec![1],
+                        }),
+                        on_pod_conditions: None,
+                    }],
+                }),
                 template: coordinator_pod(opts, "Never"),
                 ..Default::default()
             }),

@@ -593,3 +593,34 @@ fn min_workers_on_the_cpu_replaces_failed_worker_pods_one_by_one() {
         );
     }
 }
+
+/// With a journal (`checkpoint.url` set, or `cluster.journal_url`), the JobSet's coordinator
+/// pod is replaced when it crashes (it takes the job over from the journal), but a coordinator
+/// that exits 1 because the job failed fails the Job at once; without one, as before, any
+/// coordinator failure fails the Job.
+#[test]
+fn a_journaled_coordinator_pod_is_replaced_after_a_crash_only() {
+    let coordinator_job = |cfg: &contrail_common::JobConfig| {
+        let objs = render(cfg, &opts(Crd::JobSet, 2, 0)).unwrap();
+        let js = parts(&objs).jobset.expect("a JobSet");
+        js.spec
+            .replicated_jobs
+            .iter()
+            .find(|rj| rj.name == "coordinator")
+            .and_then(|rj| rj.template.spec.clone())
+            .unwrap()
+    };
+    let mut cfg = job();
+    cfg.checkpoint.url = "s3://bucket/run".into();
+    let spec = coordinator_job(&cfg);
+    assert_eq!(spec.backoff_limit, Some(3));
+    let rule = &spec.pod_failure_policy.expect("a pod failure policy").rules[0];
+    assert_eq!(rule.action, "FailJob");
+    let codes = rule.on_exit_codes.as_ref().unwrap();
+    assert_eq!((codes.operator.as_str(), codes.values.as_slice()), ("In", &[1][..]));
+
+    cfg.cluster.journal_url = "off".into();
+    let spec = coordinator_job(&cfg);
+    assert_eq!(spec.backoff_limit, Some(0));
+    assert!(spec.pod_failure_policy.is_none());
+}
