@@ -617,7 +617,10 @@ fn a_journaled_coordinator_pod_is_replaced_after_a_crash_only() {
     let rule = &spec.pod_failure_policy.expect("a pod failure policy").rules[0];
     assert_eq!(rule.action, "FailJob");
     let codes = rule.on_exit_codes.as_ref().unwrap();
-    assert_eq!((codes.operator.as_str(), codes.values.as_slice()), ("In", &[1][..]));
+    assert_eq!(
+        (codes.operator.as_str(), codes.values.as_slice()),
+        ("In", &[1][..])
+    );
 
     cfg.cluster.journal_url = "off".into();
     let spec = coordinator_job(&cfg);
