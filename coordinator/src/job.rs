@@ -46,6 +46,9 @@ pub struct JobBook {
     /// Counts changes worth journaling (this coordinator's, not journaled itself).
     #[serde(skip)]
     changes: u64,
+    /// Since when fewer than `cluster.min_workers` are left, waiting for replacements.
+    #[serde(default)]
+    short_since_ms: Option<u64>,
 }
 
 impl JobBook {
@@ -89,6 +92,7 @@ impl JobBook {
             cfg,
             job_toml,
             changes: 0,
+            short_since_ms: None,
         }
     }
 
@@ -115,6 +119,9 @@ impl JobBook {
             ));
         }
         self.cfg = cfg;
+        if self.short_since_ms.is_some() {
+            self.short_since_ms = Some(now_ms);
+        }
         self.members.restart_clock(now_ms);
         self.shards.restart_clock(now_ms);
         Ok(self)
@@ -236,7 +243,7 @@ impl JobBook {
                 w.reason,
                 returned.len()
             );
-            self.lose_member(reason);
+            self.lose_member(reason, now_ms);
         }
         // A replacement that died while waiting to join must not be taken into a generation.
         for id in self.members.silent_waiting(now_ms, timeout) {
@@ -247,11 +254,12 @@ impl JobBook {
             }
             self.touch();
         }
+        self.check_short(now_ms);
     }
 
     /// A member died or failed: the survivors regroup as the next generation when
     /// `cluster.min_workers` allows it, else the job fails with `reason`.
-    fn lose_member(&mut self, reason: String) {
+    fn lose_member(&mut self, reason: String, now_ms: u64) {
         self.touch();
         if self.state != JobState::Running {
             self.members.generation += 1;
@@ -265,14 +273,54 @@ impl JobBook {
             self.fail(reason);
             return;
         }
-        if left < min {
-            self.members.generation += 1;
-            self.fail(format!(
-                "{reason}; {left} worker(s) left, fewer than cluster.min_workers = {min}"
-            ));
+        let wait = self.cfg.cluster.replacement_wait_ms;
+        if left + self.members.waiting() < min {
+            if left == 0 || wait == 0 {
+                self.members.generation += 1;
+                self.fail(format!(
+                    "{reason}; {left} worker(s) left, fewer than cluster.min_workers = {min}"
+                ));
+                return;
+            }
+            // The survivors wait in their regroup call; `tick` regroups once replacements
+            // make up the numbers, or fails the job after `replacement_wait_ms`.
+            tracing::warn!(
+                "{reason}; {left} worker(s) left, fewer than cluster.min_workers = {min}: \
+                 waiting up to {wait} ms (cluster.replacement_wait_ms) for replacements"
+            );
+            self.short_since_ms.get_or_insert(now_ms);
             return;
         }
         self.regroup(&format!("{reason}; the survivors regroup and train on"));
+    }
+
+    /// Below `cluster.min_workers`: regroups once enough replacements registered, or fails
+    /// the job when none came within `cluster.replacement_wait_ms`.
+    fn check_short(&mut self, now_ms: u64) {
+        let Some(since) = self.short_since_ms else {
+            return;
+        };
+        if self.state != JobState::Running {
+            self.short_since_ms = None;
+            return;
+        }
+        let min = self.cfg.cluster.min_workers as usize;
+        let (left, waiting) = (self.members.alive_members(), self.members.waiting());
+        if left > 0 && left + waiting >= min {
+            self.short_since_ms = None;
+            self.regroup(&format!(
+                "{waiting} replacement(s) make up cluster.min_workers = {min}: the survivors \
+                 and the replacements regroup"
+            ));
+        } else if left == 0 || now_ms.saturating_sub(since) > self.cfg.cluster.replacement_wait_ms {
+            self.short_since_ms = None;
+            self.members.generation += 1;
+            self.fail(format!(
+                "{left} worker(s) left, fewer than cluster.min_workers = {min}, and no \
+                 replacement made up the numbers within {} ms (cluster.replacement_wait_ms)",
+                self.cfg.cluster.replacement_wait_ms
+            ));
+        }
     }
 
     /// Starts the next generation with the alive members (and any waiting replacement).
@@ -401,7 +449,11 @@ impl JobBook {
             if terminal {
                 self.require_running()?;
             }
-            if self.members.waiting() == 0 || self.state != JobState::Running {
+            // Below min_workers, `tick` decides when the replacements make up the numbers.
+            if self.members.waiting() == 0
+                || self.state != JobState::Running
+                || self.short_since_ms.is_some()
+            {
                 return Ok(None);
             }
             // A member stopped at a step boundary to let a replacement in.
@@ -672,9 +724,9 @@ impl JobBook {
         w.reason = req.error.clone();
         let returned = self.shards.release_worker(req.worker_id).len();
         if !req.error.is_empty() {
-            self.lose_member(format!("{who} failed: {}", req.error));
+            self.lose_member(format!("{who} failed: {}", req.error), now_ms);
         } else if !req.finished {
-            self.lose_member(format!("{who} left before the job finished"));
+            self.lose_member(format!("{who} left before the job finished"), now_ms);
         } else {
             if returned > 0 {
                 tracing::warn!(worker = %who, returned, "worker left finished while holding leases");

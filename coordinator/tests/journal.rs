@@ -13,6 +13,7 @@ use contrail_coordinator::journal::{Found, Journal};
 const HEARTBEAT: u64 = 50;
 const TIMEOUT: u64 = 200;
 const TTL: u64 = 150;
+const REPLACEMENT_WAIT: u64 = 1_000;
 
 fn config() -> JobConfig {
     let mut cfg = JobConfig::default();
@@ -21,6 +22,7 @@ fn config() -> JobConfig {
     cfg.cluster.heartbeat_ms = HEARTBEAT;
     cfg.cluster.worker_timeout_ms = TIMEOUT;
     cfg.cluster.lease_ttl_ms = TTL;
+    cfg.cluster.replacement_wait_ms = REPLACEMENT_WAIT;
     cfg.train.micro_batch = 4;
     cfg.train.global_batch = 12;
     cfg.train.seed = 5;
@@ -203,10 +205,63 @@ fn a_restarted_clock_gives_every_worker_and_lease_a_full_timeout() {
     let s = b.status(TIMEOUT + 1);
     let w2 = s.workers.iter().find(|w| w.worker_id == ids[1]).unwrap();
     assert_eq!(w2.state, WorkerLiveness::Dead);
-    // One worker left, below min_workers = 2: the job fails with the reason.
+    // One worker left, below min_workers = 2: it waits for replacements (no new generation
+    // yet), and the job fails once none came within replacement_wait_ms.
+    assert_eq!((b.state(), b.generation()), (JobState::Running, g));
+    let beat = |b: &mut JobBook, t: u64| {
+        b.heartbeat(
+            &proto::HeartbeatRequest {
+                worker_id: ids[0],
+                generation: g,
+                ..Default::default()
+            },
+            t,
+        )
+        .unwrap();
+    };
+    beat(&mut b, TIMEOUT + REPLACEMENT_WAIT);
+    b.tick(TIMEOUT + REPLACEMENT_WAIT);
+    assert_eq!(b.state(), JobState::Running);
+    beat(&mut b, TIMEOUT + REPLACEMENT_WAIT + 10);
+    b.tick(TIMEOUT + REPLACEMENT_WAIT + 10);
     assert_eq!(b.state(), JobState::Failed);
-    assert!(b.reason().contains("cluster.min_workers"), "{}", b.reason());
+    assert!(
+        b.reason().contains("cluster.replacement_wait_ms"),
+        "{}",
+        b.reason()
+    );
     let _ = leased;
+}
+
+/// Below `cluster.min_workers` the survivor waits in its regroup call; a replacement that
+/// registers in time makes up the numbers, and the two form the next generation together.
+#[test]
+fn a_replacement_in_time_lifts_a_job_below_min_workers() {
+    let (mut b, ids, _) = history();
+    let g = b.generation();
+    let leave = |b: &mut JobBook, id: u64| {
+        b.leave(
+            &proto::LeaveRequest {
+                worker_id: id,
+                generation: g,
+                error: "oom".into(),
+                ..Default::default()
+            },
+            400,
+        )
+        .unwrap();
+    };
+    leave(&mut b, ids[1]);
+    assert_eq!((b.state(), b.generation()), (JobState::Running, g));
+    // The survivor's regroup call waits.
+    assert_eq!(b.rendezvous(ids[0], g, g, 410).unwrap(), None);
+    let (new, _) = b.register_instance("h", "10.0.0.9:1", 999, 420).unwrap();
+    b.tick(430);
+    assert_eq!(b.generation(), g + 1);
+    let r0 = b.rendezvous(ids[0], g, g, 440).unwrap().expect("regrouped");
+    assert_eq!((r0.rank, r0.world_size), (0, 2));
+    let rn = b.rendezvous(new, g, 0, 440).unwrap().expect("taken in");
+    assert!(rn.joining && rn.rank == 1);
 }
 
 #[test]

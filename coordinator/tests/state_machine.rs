@@ -800,9 +800,10 @@ fn survivors_regroup_when_min_workers_allows_and_the_job_finishes_with_them() {
     }
     assert_eq!(b.state(), JobState::Finished);
 
-    // Below min_workers: the job fails and says why.
+    // Below min_workers, not waiting for replacements: the job fails at once and says why.
     let mut cfg = config(2);
     cfg.cluster.min_workers = 2;
+    cfg.cluster.replacement_wait_ms = 0;
     let (mut b, ids) = running_with(cfg, 2);
     b.leave(
         &proto::LeaveRequest {

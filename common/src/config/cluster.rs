@@ -86,6 +86,9 @@ pub struct ClusterConfig {
     /// 0: a worker that dies fails the job. N ≥ 1: the survivors of a failure regroup and
     /// train on while at least N workers are left (TCP backend on the CPU only, for now).
     pub min_workers: u32,
+    /// With `min_workers`: how long the survivors wait for replacements when fewer than
+    /// `min_workers` are left, before the job fails; 0 fails it at once.
+    pub replacement_wait_ms: u64,
     /// Where the coordinator journals its state so a restarted coordinator takes the job
     /// over: a file URL. "" = `coordinator-journal.json` under `checkpoint.url` (no journal
     /// without one); "off" = none (a coordinator restart then fails the job).
@@ -108,6 +111,7 @@ impl Default for ClusterConfig {
             lease_ttl_ms: 10_000,
             collective_timeout_ms: 60_000,
             min_workers: 0,
+            replacement_wait_ms: 120_000,
             journal_url: String::new(),
             coordinator_timeout_ms: 60_000,
         }

@@ -394,7 +394,11 @@ fn form_generation(
     last: (u32, u64),
     mut attempt: Attempt,
 ) -> Result<(client::Assignment, u32, u64)> {
-    let wait = Duration::from_millis(cfg.cluster.worker_timeout_ms * 3 + 5_000);
+    // Long enough for the peer's death to be declared, and for replacements to come when
+    // fewer than `min_workers` are left.
+    let wait = Duration::from_millis(
+        cfg.cluster.worker_timeout_ms * 3 + 5_000 + cfg.cluster.replacement_wait_ms,
+    );
     loop {
         let next = match attempt {
             Attempt::First(asg) => asg,
