@@ -82,6 +82,20 @@ fn heartbeat(
     )
 }
 
+/// Worker `id` leaves with an error ("oom") at `now`.
+fn fail_worker(b: &mut JobBook, id: u64, generation: u64, now: u64) {
+    b.leave(
+        &proto::LeaveRequest {
+            worker_id: id,
+            generation,
+            finished: false,
+            error: "oom".into(),
+        },
+        now,
+    )
+    .unwrap();
+}
+
 fn complete(
     b: &mut JobBook,
     id: u64,
@@ -841,16 +855,7 @@ fn a_replacement_waits_then_joins_at_the_next_regroup() {
         Err(RpcError::ResourceExhausted(_))
     ));
     // Rank 2 leaves with an error; ranks 0 and 1 regroup as generation g + 1.
-    b.leave(
-        &proto::LeaveRequest {
-            worker_id: ids[2],
-            generation: g,
-            finished: false,
-            error: "oom".into(),
-        },
-        2,
-    )
-    .unwrap();
+    fail_worker(&mut b, ids[2], g, 2);
     assert_eq!((b.state(), b.generation()), (JobState::Running, g + 1));
     for id in [ids[0], ids[1]] {
         b.rendezvous(id, g, g, 3).unwrap().expect("regrouped");
@@ -891,16 +896,7 @@ fn a_replacement_that_dies_while_waiting_is_never_taken_in() {
     cfg.train.global_batch = 24;
     let (mut b, ids) = running_with(cfg, 6);
     let g = b.generation();
-    b.leave(
-        &proto::LeaveRequest {
-            worker_id: ids[2],
-            generation: g,
-            finished: false,
-            error: "oom".into(),
-        },
-        0,
-    )
-    .unwrap();
+    fail_worker(&mut b, ids[2], g, 0);
     let (ghost, at) = b.register("host", "10.0.0.7:29507", 0).unwrap();
     assert_eq!(b.rendezvous(ghost, at, 0, 10).unwrap(), None);
     assert!(heartbeat(&mut b, ids[0], g + 1, 10).unwrap().regroup);
