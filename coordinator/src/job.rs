@@ -558,12 +558,13 @@ impl JobBook {
             .admit(req.worker_id, req.generation, now_ms)?
             .describe();
         self.touch();
-        let (lease, outcome) = self.shards.complete(
+        let (lease, outcome) = self.shards.complete_at(
             req.worker_id,
             req.lease_id,
             req.samples,
             &req.bad_samples,
             &req.error,
+            (req.step > 0).then_some(req.step),
         )?;
         let url = self.shards.url(lease.shard);
         match outcome {
@@ -700,10 +701,25 @@ impl JobBook {
         generation: u64,
         now_ms: u64,
     ) -> Result<String, RpcError> {
-        self.admit(worker_id, generation, now_ms)?;
+        self.shard_state_at(worker_id, generation, None, now_ms)
+    }
+
+    /// [`JobBook::shard_state`] as of committed step `at` = (epoch, step), for a checkpoint
+    /// whose shard state is fetched after the fact.
+    pub fn shard_state_at(
+        &mut self,
+        worker_id: u64,
+        generation: u64,
+        at: Option<(u32, u64)>,
+        now_ms: u64,
+    ) -> Result<String, RpcError> {
+        // A survivor may have regrouped since the step it checkpoints: let it ask.
+        self.members.check(worker_id, generation, at.is_some())?;
+        self.admit(worker_id, self.members.generation, now_ms)?;
+        let epoch = at.map_or(self.checkpoint_epoch(), |(e, _)| e);
         let snap = self
             .shards
-            .snapshot(self.checkpoint_epoch(), self.progress.samples_seen);
+            .snapshot_at(epoch, self.progress.samples_seen, at.map(|(_, s)| s));
         serde_json::to_string(&snap)
             .map_err(|e| RpcError::Internal(format!("encoding shard state: {e}")))
     }

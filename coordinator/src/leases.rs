@@ -48,6 +48,10 @@ struct EpochShards {
     leased: BTreeMap<usize, u64>,
     /// shard index → samples read
     done: BTreeMap<usize, u64>,
+    /// shard index → the committed step that trained its last sample (absent: unknown, e.g.
+    /// done before a resume)
+    #[serde(default)]
+    done_at_step: BTreeMap<usize, u64>,
     /// shard index → read error
     failed: BTreeMap<usize, String>,
 }
@@ -291,6 +295,20 @@ impl ShardBook {
         bad_samples: &HashMap<String, u64>,
         error: &str,
     ) -> Result<(Lease, Completion), RpcError> {
+        self.complete_at(worker_id, lease_id, samples, bad_samples, error, None)
+    }
+
+    /// [`ShardBook::complete`] noting the committed `step` that trained the shard's last
+    /// sample (see [`ShardBook::snapshot_at`]).
+    pub fn complete_at(
+        &mut self,
+        worker_id: u64,
+        lease_id: u64,
+        samples: u64,
+        bad_samples: &HashMap<String, u64>,
+        error: &str,
+        step: Option<u64>,
+    ) -> Result<(Lease, Completion), RpcError> {
         let lease = match self
             .leases
             .get(&lease_id)
@@ -335,6 +353,9 @@ impl ShardBook {
         }
         if error.is_empty() {
             book.done.insert(lease.shard, samples);
+            if let Some(step) = step {
+                book.done_at_step.insert(lease.shard, step);
+            }
             Ok((lease, Completion::Done))
         } else {
             book.failed.insert(lease.shard, error.to_string());
@@ -396,6 +417,18 @@ impl ShardBook {
 
     /// Checkpoint bookkeeping for `epoch`: finished and failed shards by URL.
     pub fn snapshot(&self, epoch: u32, samples_seen: u64) -> ShardStateSnapshot {
+        self.snapshot_at(epoch, samples_seen, None)
+    }
+
+    /// [`ShardBook::snapshot`] as of committed step `at_step`: a shard whose last sample was
+    /// trained at a later step is left out (its samples are read again on resume, as those
+    /// of any shard unfinished at the checkpoint).
+    pub fn snapshot_at(
+        &self,
+        epoch: u32,
+        samples_seen: u64,
+        at_step: Option<u64>,
+    ) -> ShardStateSnapshot {
         let mut snap = ShardStateSnapshot {
             epoch,
             bad_samples: self.bad_samples.clone(),
@@ -411,7 +444,13 @@ impl ShardBook {
             }
         };
         for (i, n) in &book.done {
-            snap.done.insert(self.urls[*i].clone(), *n);
+            let later = match (at_step, book.done_at_step.get(i)) {
+                (Some(at), Some(done)) => *done > at,
+                _ => false,
+            };
+            if !later {
+                snap.done.insert(self.urls[*i].clone(), *n);
+            }
         }
         for (i, e) in &book.failed {
             snap.failed.insert(self.urls[*i].clone(), e.clone());
@@ -550,6 +589,35 @@ mod tests {
         assert_eq!(got, expected);
         // The next epoch starts from scratch.
         assert_eq!(b.counts(3).pending, 5);
+    }
+
+    #[test]
+    fn a_snapshot_as_of_a_step_leaves_out_shards_finished_later() {
+        let mut b = ShardBook::new(urls(4), 0, 100, None);
+        let g: Vec<LeaseGrant> = (0..3).map(|_| b.lease(1, 0, 0).unwrap()).collect();
+        b.complete_at(1, g[0].lease_id, 5, &no_bad(), "", Some(10))
+            .unwrap();
+        b.complete_at(1, g[1].lease_id, 6, &no_bad(), "", Some(12))
+            .unwrap();
+        // Done without a step (a completion from an older worker): counted at any step.
+        b.complete(1, g[2].lease_id, 7, &no_bad(), "").unwrap();
+        let at = |step| {
+            let mut done: Vec<String> = b.snapshot_at(0, 0, step).done.keys().cloned().collect();
+            done.sort();
+            done
+        };
+        let mut all = vec![
+            g[0].shard_url.clone(),
+            g[1].shard_url.clone(),
+            g[2].shard_url.clone(),
+        ];
+        all.sort();
+        assert_eq!(at(None), all);
+        assert_eq!(at(Some(12)), all);
+        let mut by_11 = vec![g[0].shard_url.clone(), g[2].shard_url.clone()];
+        by_11.sort();
+        assert_eq!(at(Some(11)), by_11);
+        assert_eq!(at(Some(9)), vec![g[2].shard_url.clone()]);
     }
 
     #[test]

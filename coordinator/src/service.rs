@@ -121,9 +121,10 @@ impl CoordinatorRpc for CoordinatorService {
         req: Request<proto::ShardStateRequest>,
     ) -> Result<Response<proto::ShardStateReply>, Status> {
         let r = req.into_inner();
-        let json = self
-            .coord
-            .with_book(|b, now| b.shard_state(r.worker_id, r.generation, now))?;
+        let json = self.coord.with_book(|b, now| {
+            let at = r.at_step.map(|step| (r.epoch, step));
+            b.shard_state_at(r.worker_id, r.generation, at, now)
+        })?;
         Ok(Response::new(proto::ShardStateReply { json }))
     }
 

@@ -304,6 +304,7 @@ async fn two_workers_train_an_epoch_and_status_adds_up() {
                 samples: n,
                 bad_samples: bad,
                 error: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -363,6 +364,7 @@ async fn two_workers_train_an_epoch_and_status_adds_up() {
             .shard_state(proto::ShardStateRequest {
                 worker_id: w.id,
                 generation: w.generation,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -735,6 +737,7 @@ async fn garbage_on_both_ports_changes_nothing() {
             samples: u64::MAX,
             bad_samples: [("x".repeat(10_000), u64::MAX)].into_iter().collect(),
             error: "\u{0}".repeat(100),
+            ..Default::default()
         })
         .await
         .unwrap_err();

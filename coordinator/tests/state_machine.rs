@@ -114,6 +114,7 @@ fn complete(
             samples,
             bad_samples,
             error: error.into(),
+            ..Default::default()
         },
         0,
     )

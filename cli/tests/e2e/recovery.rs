@@ -286,7 +286,9 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
 /// trained exactly once. No `cluster.min_workers`: the journal alone keeps the job.
 #[test]
 fn a_restarted_coordinator_takes_the_job_over_from_its_journal() {
-    let c = HandCluster::new("coordinator-restart", &[]);
+    // A checkpoint every 5 steps: one is usually due while the coordinator is down, and is
+    // written once it is back (`checkpoint of step N: waiting for the coordinator`).
+    let c = HandCluster::new("coordinator-restart", &["checkpoint.every_steps=5"]);
     c.coordinator("coordinator");
     c.worker("w0");
     c.worker("w1");
@@ -294,7 +296,9 @@ fn a_restarted_coordinator_takes_the_job_over_from_its_journal() {
         s.step >= 10 && s.workers.len() == 2
     });
     c.kill("coordinator"); // SIGKILL, mid-epoch (an epoch is 128 steps)
-    std::thread::sleep(Duration::from_millis(800));
+                           // Down for longer than a checkpoint waits for it before handing the write to the
+                           // background (2 s).
+    std::thread::sleep(Duration::from_millis(3000));
     c.coordinator("coordinator-restarted");
     let resumed = c.wait_for(
         "the restarted coordinator serving",
@@ -319,6 +323,14 @@ fn a_restarted_coordinator_takes_the_job_over_from_its_journal() {
     assert!(outage.contains("does not answer"), "{}", c.logs());
     c.assert_audit_exactly_once();
     c.assert_same_parameters(&["w0", "w1"]);
+    let latest = std::fs::read_to_string(c.dir.join("ckpt/LATEST")).unwrap();
+    assert_eq!(latest.trim(), format!("step-{:08}", after.step));
+    let out = c.read("w0", "stdout") + &c.read("w1", "stdout");
+    let deferred = out
+        .lines()
+        .filter(|l| l.contains("waiting for the coordinator"))
+        .count();
+    eprintln!("checkpoints deferred during the outage: {deferred}");
 }
 
 /// xorshift64*: the chaos schedule from a seed.

@@ -132,6 +132,7 @@ fn embed_leased(
                     done.rows as u64,
                     done.skipped.clone(),
                     String::new(),
+                    0,
                 ))?;
                 summary.add(&done);
                 progress.step.fetch_add(1, Ordering::Relaxed);
@@ -153,7 +154,7 @@ fn embed_leased(
                     .skipped
                     .entry("unreadable shard".into())
                     .or_default() += 1;
-                rt.block_on(coord.complete_shard(lease_id, 0, Default::default(), error))?;
+                rt.block_on(coord.complete_shard(lease_id, 0, Default::default(), error, 0))?;
             }
         }
     }

@@ -144,12 +144,25 @@ impl Coordinator {
 
     /// Runs `call` until it answers, retrying with backoff while the coordinator cannot be
     /// reached (for up to the outage budget); other errors return at once.
-    async fn retry_status<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    async fn retry_status<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let budget = Duration::from_millis(self.outage_ms.load(Ordering::SeqCst));
+        self.retry_status_for(budget, call).await
+    }
+
+    /// [`Coordinator::retry_status`] for up to `budget`.
+    async fn retry_status_for<T, F, Fut>(
+        &self,
+        budget: Duration,
+        mut call: F,
+    ) -> Result<T, tonic::Status>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let deadline = tokio::time::Instant::now() + budget;
         let mut pause = Duration::from_millis(50);
         let mut retried = false;
@@ -308,12 +321,14 @@ impl Coordinator {
         })
     }
 
+    /// `step`: the committed step that trained the shard's last sample.
     pub async fn complete_shard(
         &mut self,
         lease_id: u64,
         samples: u64,
         bad_samples: BTreeMap<String, u64>,
         error: String,
+        step: u64,
     ) -> Result<()> {
         let request = proto::CompleteRequest {
             worker_id: self.worker_id,
@@ -322,6 +337,7 @@ impl Coordinator {
             samples,
             bad_samples: bad_samples.into_iter().collect(),
             error,
+            step,
         };
         self.retry(
             || format!("reporting shard lease {lease_id} complete"),
@@ -363,21 +379,33 @@ impl Coordinator {
         Ok(())
     }
 
-    pub async fn shard_state_json(&mut self) -> Result<String> {
+    /// The shard state as of committed step `step` of `epoch`, for a checkpoint of that
+    /// step; retries for up to `wait` while the coordinator cannot be reached (the error then
+    /// says so: [`unreachable`]).
+    pub async fn shard_state_json_at(
+        &self,
+        epoch: u32,
+        step: u64,
+        wait: Duration,
+    ) -> Result<String, tonic::Status> {
         let request = proto::ShardStateRequest {
             worker_id: self.worker_id,
             generation: self.generation(),
+            at_step: Some(step),
+            epoch,
         };
         Ok(self
-            .retry(
-                || "fetching the shard state for a checkpoint".into(),
-                |mut c| {
-                    let r = request;
-                    async move { c.shard_state(r).await }
-                },
-            )
+            .retry_status_for(wait, |mut c| {
+                let r = request;
+                async move { c.shard_state(r).await }
+            })
             .await?
             .json)
+    }
+
+    /// How long calls retry while the coordinator does not answer.
+    pub fn outage(&self) -> Duration {
+        Duration::from_millis(self.outage_ms.load(Ordering::SeqCst))
     }
 
     /// Tells the coordinator this worker is done. A worker that failed tries for a few

@@ -96,6 +96,39 @@ pub struct CoordinatedHooks<'a> {
     open_shards: Option<Arc<OpenShards>>,
     /// `cluster.min_workers`: every sample of the epoch trained in a committed step.
     trained: Arc<Mutex<TrainedSet>>,
+    /// Rank 0: the checkpoint(s) waiting for an unreachable coordinator's shard state.
+    unwritten_checkpoint: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+/// A checkpoint's bytes and metadata, waiting only for the shard state.
+struct PendingCheckpoint {
+    url: String,
+    s3_endpoint: String,
+    keep: u32,
+    meta: CheckpointMeta,
+    model_bytes: Vec<u8>,
+    optim_bytes: Vec<u8>,
+}
+
+impl PendingCheckpoint {
+    /// Writes it with the coordinator's shard state `json`; returns the directory URL.
+    async fn write(self, json: &str) -> Result<String> {
+        let shard_state: ShardStateSnapshot =
+            serde_json::from_str(json).context("parsing the coordinator's shard state")?;
+        let meta = CheckpointMeta {
+            shard_state,
+            ..self.meta
+        };
+        write_checkpoint(
+            &self.url,
+            &self.s3_endpoint,
+            self.keep,
+            &meta,
+            self.model_bytes,
+            self.optim_bytes,
+        )
+        .await
+    }
 }
 
 /// What building the job's model takes besides the config (to rebuild it for a new expert
@@ -135,6 +168,7 @@ impl<'a> CoordinatedHooks<'a> {
             last_epoch: asg.resume_epoch,
             open_shards: None,
             trained: Arc::default(),
+            unwritten_checkpoint: None,
         })
     }
 
@@ -172,6 +206,18 @@ impl<'a> CoordinatedHooks<'a> {
         self.world_size = asg.world_size;
         if let Some(audit) = &mut self.audit {
             audit.set_membership(asg.rank, asg.generation);
+        }
+    }
+
+    /// Waits for a checkpoint still waiting for the coordinator (rank 0, at the end).
+    pub fn finish_checkpoints(&mut self) -> Result<()> {
+        match self.unwritten_checkpoint.take() {
+            Some(task) => self
+                .rt
+                .block_on(task)
+                .context("the checkpoint task")?
+                .context("writing a checkpoint after the coordinator came back"),
+            None => Ok(()),
         }
     }
 
@@ -234,7 +280,7 @@ impl TrainHooks for CoordinatedHooks<'_> {
         self.progress.step.store(ev.step, Ordering::Relaxed);
         self.last_epoch = ev.epoch;
         if let Some(open) = &self.open_shards {
-            open.trained(&ev.samples);
+            open.trained(&ev.samples, ev.step);
         }
 
         // Fire and forget: a slow coordinator must not slow the step loop.
@@ -311,29 +357,76 @@ impl TrainHooks for CoordinatedHooks<'_> {
         }
         let model_bytes = tensors_to_safetensors(&variables)?;
         let optim_bytes = tensors_to_safetensors(&optim)?;
-        let shard_json = self.rt.block_on(self.coord.shard_state_json())?;
-        let shard_state: ShardStateSnapshot =
-            serde_json::from_str(&shard_json).context("parsing the coordinator's shard state")?;
-        let meta = CheckpointMeta {
-            step,
-            epoch,
-            world_size: self.world_size as u32,
-            shard_state,
-            config_toml: self.cfg.to_toml(),
-            created_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        };
-        let dir = self.rt.block_on(write_checkpoint(
-            &ck.url,
-            &self.cfg.data.s3_endpoint,
-            ck.keep,
-            &meta,
+        let pending = PendingCheckpoint {
+            url: ck.url.clone(),
+            s3_endpoint: self.cfg.data.s3_endpoint.clone(),
+            keep: ck.keep,
+            meta: CheckpointMeta {
+                step,
+                epoch,
+                world_size: self.world_size as u32,
+                shard_state: ShardStateSnapshot::default(),
+                config_toml: self.cfg.to_toml(),
+                created_unix_ms: contrail_common::auth::unix_ms(),
+            },
             model_bytes,
             optim_bytes,
-        ))?;
-        println!("checkpoint written: {dir}");
+        };
+        // The shard state as of this step comes from the coordinator. One that does not
+        // answer (it is restarting) does not hold training up: the checkpoint is finished in
+        // the background once it does, in order after any earlier one.
+        let first_try = Duration::from_secs(2);
+        let earlier = match self.unwritten_checkpoint.take() {
+            Some(task) if task.is_finished() => {
+                self.rt
+                    .block_on(task)
+                    .context("the checkpoint task")?
+                    .context("writing a checkpoint after the coordinator came back")?;
+                None
+            }
+            other => other,
+        };
+        let answer = match earlier {
+            Some(_) => None,
+            None => Some(
+                self.rt
+                    .block_on(self.coord.shard_state_json_at(epoch, step, first_try)),
+            ),
+        };
+        match answer {
+            Some(Ok(json)) => {
+                let dir = self.rt.block_on(pending.write(&json))?;
+                println!("checkpoint written: {dir}");
+            }
+            Some(Err(s)) if !super::client::unreachable(&s) => {
+                return Err(
+                    anyhow::Error::new(s).context("fetching the shard state for a checkpoint")
+                );
+            }
+            _ => {
+                println!(
+                    "checkpoint of step {step}: waiting for the coordinator's shard state; \
+                     training goes on and the checkpoint is written once it answers"
+                );
+                let coord = self.coord.clone();
+                self.unwritten_checkpoint = Some(self.rt.spawn(async move {
+                    if let Some(earlier) = earlier {
+                        earlier.await.context("an earlier checkpoint's task")??;
+                    }
+                    let json = coord
+                        .shard_state_json_at(epoch, step, coord.outage())
+                        .await
+                        .map_err(|s| {
+                            anyhow::Error::new(s).context(format!(
+                                "fetching the shard state for the checkpoint of step {step}"
+                            ))
+                        })?;
+                    let dir = pending.write(&json).await?;
+                    println!("checkpoint written: {dir} (after the coordinator answered again)");
+                    Ok(())
+                }));
+            }
+        }
         Ok(())
     }
 

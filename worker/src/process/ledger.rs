@@ -63,6 +63,8 @@ struct OpenShard {
     report: Option<ShardReport>,
     /// Samples of the shard trained in committed steps so far.
     trained: u64,
+    /// The latest committed step that trained one of its samples.
+    last_step: u64,
 }
 
 /// This rank's open leases of one epoch, shared by the reader (which opens them), the feed
@@ -90,6 +92,7 @@ impl OpenShards {
                 error: String::new(),
                 report: None,
                 trained: 0,
+                last_step: 0,
             },
         );
     }
@@ -113,8 +116,8 @@ impl OpenShards {
         self.complete_if_trained(&shard);
     }
 
-    /// A committed step trained `samples` on this rank.
-    pub fn trained(&self, samples: &[SampleRef]) {
+    /// Committed step `step` trained `samples` on this rank.
+    pub fn trained(&self, samples: &[SampleRef], step: u64) {
         let mut touched: HashMap<&str, u64> = HashMap::new();
         for s in samples {
             *touched.entry(s.shard.as_str()).or_default() += 1;
@@ -124,6 +127,7 @@ impl OpenShards {
             for (shard, n) in &touched {
                 if let Some(s) = open.get_mut(*shard) {
                     s.trained += n;
+                    s.last_step = s.last_step.max(step);
                 }
             }
         }
@@ -152,7 +156,7 @@ impl OpenShards {
         let mut coord = self.coord.clone();
         self.rt.spawn(async move {
             if let Err(e) = coord
-                .complete_shard(s.lease_id, report.good, report.bad, s.error)
+                .complete_shard(s.lease_id, report.good, report.bad, s.error, s.last_step)
                 .await
             {
                 tracing::warn!("could not report shard {} complete: {e:#}", report.shard);

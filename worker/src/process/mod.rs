@@ -337,8 +337,10 @@ fn train_rank(
     // The steps since the last part were committed too: the audit keeps them even when
     // training failed afterwards.
     let flushed = hooks.flush_audit();
+    let checkpointed = hooks.finish_checkpoints();
     let summary = summary?;
     flushed?;
+    checkpointed?;
     // Every rank ends with the same parameters; the digest lets a log (and the recovery
     // tests) show it. Hashing the weights costs a pass over them, so only when logged.
     if tracing::enabled!(tracing::Level::INFO) {
