@@ -49,6 +49,16 @@ pub struct JobBook {
     /// Since when fewer than `cluster.min_workers` are left, waiting for replacements.
     #[serde(default)]
     short_since_ms: Option<u64>,
+    /// Why the members must roll back to the latest checkpoint (an MoE worker died); the
+    /// coordinator reads the checkpoint and then calls [`JobBook::apply_rollback`].
+    #[serde(default)]
+    rollback_due: Option<String>,
+    /// The generation formed by the latest rollback: its rendezvous replies say `rollback`.
+    #[serde(default)]
+    rollback_generation: Option<u64>,
+    /// Every rollback so far, for `/status`.
+    #[serde(default)]
+    rollbacks: Vec<String>,
 }
 
 impl JobBook {
@@ -93,6 +103,9 @@ impl JobBook {
             job_toml,
             changes: 0,
             short_since_ms: None,
+            rollback_due: None,
+            rollback_generation: None,
+            rollbacks: Vec::new(),
         }
     }
 
@@ -291,7 +304,79 @@ impl JobBook {
             self.short_since_ms.get_or_insert(now_ms);
             return;
         }
+        if self.experts.is_some() {
+            // Its experts are gone with it (restoring them from live replicas is not built):
+            // the members wait in their regroup call while the checkpoint is read.
+            tracing::warn!(
+                "{reason}; it held experts of the MoE blocks: every member rolls back to the \
+                 latest checkpoint"
+            );
+            self.rollback_due = Some(reason);
+            return;
+        }
         self.regroup(&format!("{reason}; the survivors regroup and train on"));
+    }
+
+    /// Whether the members wait for a rollback to the latest checkpoint.
+    pub fn rollback_due(&self) -> bool {
+        self.rollback_due.is_some() && self.state == JobState::Running
+    }
+
+    /// Rolls the job back to `latest` (the newest checkpoint under `checkpoint.url`, or why
+    /// there is none): the shard book and progress return to the checkpoint, the alive
+    /// members form the next generation with a fresh expert placement, and their rendezvous
+    /// replies say `rollback`. Without a checkpoint the job fails.
+    pub fn apply_rollback(&mut self, latest: Result<(String, CheckpointMeta), String>) {
+        let Some(reason) = self.rollback_due.take() else {
+            return;
+        };
+        if self.state != JobState::Running {
+            return;
+        }
+        self.touch();
+        let (dir, meta) = match latest {
+            Ok(found) => found,
+            Err(why) => {
+                self.members.generation += 1;
+                self.fail(format!("{reason}; no checkpoint to roll back to: {why}"));
+                return;
+            }
+        };
+        // The job must be valid on the workers left (e.g. the experts must spread evenly).
+        let mut resized = self.cfg.clone();
+        resized.cluster.world_size = self.members.alive_members() as u32;
+        if let Err(e) = resized.validate() {
+            self.members.generation += 1;
+            self.fail(format!(
+                "{reason}; cannot roll back with {} workers: {e}",
+                resized.cluster.world_size
+            ));
+            return;
+        }
+        let c = &self.cfg;
+        self.shards = ShardBook::new(
+            self.shards.urls().to_vec(),
+            c.train.seed,
+            c.cluster.lease_ttl_ms,
+            Some(meta.shard_state.clone()),
+        );
+        self.progress
+            .roll_back(meta.step, meta.epoch, meta.shard_state.samples_seen);
+        self.members.regroup();
+        self.experts = ExpertBook::new(&c.moe, self.members.world_size, meta.step);
+        self.resume = Some(ResumePoint {
+            dir: dir.clone(),
+            step: meta.step,
+            epoch: meta.epoch,
+        });
+        let g = self.members.generation;
+        self.rollback_generation = Some(g);
+        let note = format!(
+            "{reason}; generation {g} ({} workers) rolled back to {dir} (epoch {}, step {})",
+            self.members.world_size, meta.epoch, meta.step
+        );
+        tracing::warn!("{note}");
+        self.rollbacks.push(note);
     }
 
     /// Below `cluster.min_workers`: regroups once enough replacements registered, or fails
@@ -363,6 +448,13 @@ impl JobBook {
         }
         if self.state.is_terminal() {
             self.require_running()?;
+        }
+        if self.state == JobState::Running && self.experts.is_some() {
+            return Err(RpcError::ResourceExhausted(
+                "this MoE job is running: a replacement cannot join it yet (its experts' \
+                 placement does not grow)"
+                    .into(),
+            ));
         }
         self.touch();
         if self.state == JobState::Running && self.cfg.cluster.min_workers > 0 {
@@ -479,6 +571,7 @@ impl JobBook {
         // A replacement takes its state from the members, not from the checkpoint.
         let joining = w.joined_running;
         let resume = self.resume.clone().filter(|_| !joining);
+        let rollback = !joining && self.rollback_generation == Some(current);
         Ok(Some(proto::RendezvousReply {
             rank,
             world_size: self.members.world_size,
@@ -490,6 +583,7 @@ impl JobBook {
             resume_epoch: resume.as_ref().map_or(0, |r| r.epoch),
             placement: self.experts.as_ref().map(|x| x.placement().into()),
             joining,
+            rollback,
         }))
     }
 
@@ -814,6 +908,7 @@ impl JobBook {
             loss_history: self.progress.loss_history.points().to_vec(),
             experts: self.experts.as_ref().map(ExpertBook::status),
             eval_history: self.progress.eval_history.points().to_vec(),
+            rollbacks: self.rollbacks.clone(),
         }
     }
 }

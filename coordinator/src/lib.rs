@@ -175,6 +175,22 @@ impl Coordinator {
         })
     }
 
+    /// An MoE worker died: reads the latest checkpoint and rolls the books back to it
+    /// ([`JobBook::apply_rollback`]).
+    async fn roll_back_if_due(&self) {
+        if !self.lock().rollback_due() {
+            return;
+        }
+        let url = &self.cfg.checkpoint.url;
+        let latest = match read_latest(url, &self.cfg.data.s3_endpoint).await {
+            Ok(Some(found)) => Ok(found),
+            Ok(None) if url.is_empty() => Err("checkpoint.url is not set".to_string()),
+            Ok(None) => Err(format!("{url} holds no checkpoint yet")),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        self.with_book(|b, _| b.apply_rollback(latest));
+    }
+
     /// Returns once the journal holds every change made so far (at once without a journal).
     /// Called by the RPCs whose answer a worker acts on, before they answer.
     pub async fn durable(&self) -> Result<(), RpcError> {
@@ -326,7 +342,10 @@ impl Coordinator {
                 loop {
                     tokio::select! {
                         _ = &mut stop => break,
-                        _ = tick.tick() => me.with_book(|_, _| ()),
+                        _ = tick.tick() => {
+                            me.with_book(|_, _| ());
+                            me.roll_back_if_due().await;
+                        }
                     }
                 }
             })

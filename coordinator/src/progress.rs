@@ -129,6 +129,16 @@ impl JobProgress {
         }
     }
 
+    /// Back to a checkpoint's step, epoch and sample count (an automatic rollback); the loss
+    /// and evaluation histories stay.
+    pub fn roll_back(&mut self, step: u64, epoch: u32, samples_seen: u64) {
+        self.step = step;
+        self.epoch = epoch;
+        self.samples_seen = samples_seen;
+        self.counted_step = step;
+        self.window.clear();
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn report(
         &mut self,

@@ -967,3 +967,84 @@ fn a_reported_peer_that_stays_silent_dies_after_two_heartbeats() {
         .unwrap();
     assert_eq!(dead.worker_id, ids[2]);
 }
+
+/// An MoE worker dies (`cluster.min_workers`): its experts are gone, so no regroup happens
+/// until the coordinator has read the latest checkpoint; then the shard book and progress
+/// return to it, the survivors form the next generation with a placement over their number,
+/// and their rendezvous says `rollback` with the checkpoint; `/status` lists the rollback. A
+/// replacement cannot join a running MoE job; without a checkpoint the job fails.
+#[test]
+fn a_dead_moe_worker_rolls_the_members_back_to_the_checkpoint() {
+    let mut cfg = moe_config(false);
+    cfg.cluster.min_workers = 2;
+    // 12 experts and 48 samples a step divide evenly over 4 workers and over the 3 left.
+    cfg.moe.experts = 12;
+    cfg.train.global_batch = 48;
+    cfg.validate().unwrap();
+    let (mut b, ids) = running_with(cfg.clone(), 6);
+    let g = b.generation();
+    for id in &ids {
+        let l = lease(&mut b, *id, 1, 0).unwrap();
+        complete(&mut b, *id, l.lease_id, 10, &[], "");
+    }
+    fail_worker(&mut b, ids[3], g, 5);
+    assert!(b.rollback_due());
+    assert_eq!((b.state(), b.generation()), (JobState::Running, g));
+    assert_eq!(b.rendezvous(ids[0], g, g, 6).unwrap(), None);
+    assert!(matches!(
+        b.register("host", "10.0.0.9:29509", 7),
+        Err(RpcError::ResourceExhausted(_))
+    ));
+
+    let urls = urls(6);
+    let mut shard_state = ShardStateSnapshot {
+        epoch: 1,
+        samples_seen: 40,
+        ..Default::default()
+    };
+    shard_state.done.insert(urls[0].clone(), 10);
+    let meta = CheckpointMeta {
+        step: 40,
+        epoch: 1,
+        world_size: 4,
+        shard_state,
+        config_toml: String::new(),
+        created_unix_ms: 0,
+    };
+    b.apply_rollback(Ok(("memory://ck/step-00000040".into(), meta)));
+    assert!(!b.rollback_due());
+    assert_eq!(b.generation(), g + 1);
+    let r = b.rendezvous(ids[0], g, g, 8).unwrap().expect("rolled back");
+    assert!(r.rollback && !r.joining);
+    assert_eq!((r.world_size, r.resume_step, r.resume_epoch), (3, 40, 1));
+    assert_eq!(r.resume_checkpoint, "memory://ck/step-00000040");
+    let placement = contrail_common::experts::ExpertPlacement::from(&r.placement.unwrap());
+    let holders: std::collections::BTreeSet<u32> = placement.blocks[0]
+        .holders
+        .iter()
+        .flatten()
+        .copied()
+        .collect();
+    assert_eq!(
+        holders,
+        (0..3).collect(),
+        "every expert lives on the 3 members left"
+    );
+    let s = b.status(9);
+    assert_eq!((s.step, s.epoch), (40, 1));
+    assert_eq!(s.shards.done, 1, "the book is the checkpoint's");
+    assert_eq!(s.rollbacks.len(), 1);
+    assert!(s.rollbacks[0].contains("rolled back to memory://ck/step-00000040"));
+
+    // Without a checkpoint to go back to, the job fails and says why.
+    let (mut b, ids) = running_with(cfg, 6);
+    let g = b.generation();
+    fail_worker(&mut b, ids[3], g, 5);
+    b.apply_rollback(Err("checkpoint.url is not set".into()));
+    assert_eq!(b.state(), JobState::Failed);
+    assert!(
+        b.reason().contains("no checkpoint to roll back to"),
+        "{}",
+        b.reason()
+    );
+}

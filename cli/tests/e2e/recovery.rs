@@ -38,8 +38,13 @@ impl HandCluster {
     /// The job of `write_job` on [`SAMPLES`] samples for [`EPOCHS`] epochs with an audit of
     /// every step, plus `sets`.
     fn new(name: &str, sets: &[&str]) -> Self {
+        Self::with_job(name, "", sets)
+    }
+
+    /// [`HandCluster::new`] with `extra` TOML sections in the job file.
+    fn with_job(name: &str, extra: &str, sets: &[&str]) -> Self {
         let dir = temp_dir(name);
-        let job = write_job(&dir, SAMPLES, EPOCHS, "");
+        let job = write_job(&dir, SAMPLES, EPOCHS, extra);
         write_synth(&dir, SAMPLES);
         let grpc = format!("127.0.0.1:{}", free_port());
         let http = format!("127.0.0.1:{}", free_port());
@@ -429,4 +434,58 @@ fn seeded_chaos_of_worker_and_coordinator_kills_keeps_every_guarantee() {
     c.assert_exit_ok(&names);
     c.assert_audit_exactly_once();
     c.assert_same_parameters(&names);
+}
+
+/// MoE with `cluster.min_workers`: two workers, one expert each (`moe.experts = 2`), so the
+/// worker SIGKILLed mid-epoch takes the only copy of its expert with it. The survivor rolls
+/// back to the latest checkpoint on its own (a new placement: both experts on it), the log and
+/// `/status` say so, and the job finishes. (Restoring an expert from a live replica is not
+/// built: any MoE worker's death rolls back.)
+#[test]
+fn a_dead_moe_worker_rolls_every_rank_back_to_the_checkpoint() {
+    let moe = "[model.vit]\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\n\
+               [moe]\nexperts = 2\nvit_blocks = [1]\ntop_k = 1\n";
+    let c = HandCluster::with_job(
+        "moe-rollback",
+        moe,
+        &[
+            "cluster.world_size=2",
+            "cluster.min_workers=1",
+            "train.global_batch=16",
+            "train.epochs=2",
+            "model.encoder=vit",
+            "optim.kind=adamw",
+            "optim.lr=0.002",
+            "checkpoint.every_steps=10",
+        ],
+    );
+    c.coordinator("coordinator");
+    for w in ["w0", "w1"] {
+        c.worker(w);
+    }
+    let before = c.wait_for(
+        "a checkpoint and a few steps",
+        Duration::from_secs(300),
+        |s| s.step >= 15 && s.workers.len() == 2,
+    );
+    // Ranks follow registration order: whichever is not rank 0 dies.
+    let victim = if c.read("w0", "stderr").contains("rank=0") {
+        "w1"
+    } else {
+        "w0"
+    };
+    let survivor = if victim == "w0" { "w1" } else { "w0" };
+    c.kill(victim);
+    let after = c.finished(Duration::from_secs(300));
+    c.assert_exit_ok(&[survivor]);
+    assert!(after.generation > before.generation);
+    assert_eq!(after.rollbacks.len(), 1, "{:#?}", after.rollbacks);
+    assert!(
+        after.rollbacks[0].contains("rolled back to") && after.rollbacks[0].contains("step-"),
+        "{}",
+        after.rollbacks[0]
+    );
+    let out = c.read(survivor, "stdout");
+    assert!(out.contains("rolled back to"), "{out}\n{}", c.logs());
+    assert!(out.contains("rank 0 finished"), "{out}");
 }

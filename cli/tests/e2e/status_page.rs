@@ -497,6 +497,7 @@ fn status_page_shows_each_job_state() {
             eval_round(1000, Some(0.7555), ""),
             eval_round(1200, None, "the bank has no labelled sample"),
         ],
+        rollbacks: Vec::new(),
         experts: Some(ExpertStatus {
             placement_version: 3,
             acknowledged_version: 2,

@@ -126,6 +126,9 @@ pub struct StatusReport {
     /// Rounds of online evaluation (`[eval]`), oldest first; empty when it is off.
     #[serde(default)]
     pub eval_history: Vec<EvalPoint>,
+    /// Automatic rollbacks to the latest checkpoint (an MoE worker died), oldest first.
+    #[serde(default)]
+    pub rollbacks: Vec<String>,
 }
 
 /// One round of online evaluation: held-out weighted kNN on the encoder's features, and for

@@ -108,6 +108,9 @@ pub fn render_status_text(s: &StatusReport) -> String {
     if let Some(line) = eval_line(&s.eval_history) {
         let _ = writeln!(out, "{line}");
     }
+    for r in &s.rollbacks {
+        let _ = writeln!(out, "rollback: {r}");
+    }
     if let Some(x) = &s.experts {
         render_experts(&mut out, x);
     }
@@ -357,6 +360,7 @@ mod tests {
         );
         let s = StatusReport {
             eval_history: history[..2].to_vec(),
+            rollbacks: Vec::new(),
             ..Default::default()
         };
         assert!(render_status_text(&s).contains("-> 75.6% at step 150"));

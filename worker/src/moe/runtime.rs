@@ -21,6 +21,7 @@
 
 use super::exchange::{self, grad_or_zeros, ExchangeTape};
 use crate::dist::Collective;
+use crate::dist::CollectiveError;
 use anyhow::{Context, Result};
 use contrail_common::config::MoeConfig;
 use contrail_common::experts::{BlockPlacement, ExpertPlacement};
@@ -126,7 +127,8 @@ pub struct MoeRuntime {
     /// The first exchange that failed (a peer died, a timeout): a forward pass cannot return
     /// an error, so it is kept here, later blocks skip their exchanges, and the step reports
     /// it ([`MoeRuntime::check`]).
-    failure: Mutex<Option<String>>,
+    /// The first failed exchange: its message, and the peer it names (rank, address).
+    failure: Mutex<Option<(String, Option<(usize, String)>)>>,
 }
 
 impl std::fmt::Debug for MoeRuntime {
@@ -229,7 +231,16 @@ impl MoeRuntime {
 
     /// Records a failed exchange (the first one is kept).
     pub(crate) fn fail(&self, error: &anyhow::Error) {
-        lock(&self.failure).get_or_insert_with(|| format!("{error:#}"));
+        let peer = error
+            .chain()
+            .find_map(|c| match c.downcast_ref::<CollectiveError>() {
+                Some(
+                    CollectiveError::PeerFailed { rank, addr, .. }
+                    | CollectiveError::Timeout { rank, addr, .. },
+                ) => Some((*rank, addr.clone())),
+                _ => None,
+            });
+        lock(&self.failure).get_or_insert_with(|| (format!("{error:#}"), peer));
     }
 
     pub(crate) fn failed(&self) -> bool {
@@ -239,7 +250,13 @@ impl MoeRuntime {
     /// The error of a failed exchange since the runtime was made, if any.
     pub fn check(&self) -> Result<()> {
         match lock(&self.failure).as_ref() {
-            Some(e) => Err(anyhow::anyhow!("MoE exchange failed: {e}")),
+            // A failed peer stays visible as such, so the survivors can regroup.
+            Some((e, Some((rank, addr)))) => Err(anyhow::Error::new(CollectiveError::PeerFailed {
+                rank: *rank,
+                addr: addr.clone(),
+                reason: format!("an MoE exchange failed: {e}"),
+            })),
+            Some((e, None)) => Err(anyhow::anyhow!("MoE exchange failed: {e}")),
             None => Ok(()),
         }
     }

@@ -49,6 +49,8 @@ pub struct Assignment {
     pub generation: u64,
     /// A replacement joining a running job: its state comes from the other members.
     pub joining: bool,
+    /// Every member rolls back to `resume_checkpoint` on `placement` (an MoE worker died).
+    pub rollback: bool,
 }
 
 pub enum Lease {
@@ -267,6 +269,7 @@ impl Coordinator {
             resume_step: r.resume_step,
             resume_epoch: r.resume_epoch,
             joining: r.joining,
+            rollback: r.rollback,
             placement: r.placement.as_ref().map(Into::into),
             generation: r.generation,
         }

@@ -195,6 +195,21 @@ impl<'a> CoordinatedHooks<'a> {
         }
     }
 
+    /// After a rollback to a checkpoint of `epoch`: what was trained since is forgotten
+    /// (samples of shards unfinished at the checkpoint are read again), and a placement
+    /// offered for the old membership is dropped.
+    pub fn rolled_back(&mut self, epoch: u32) {
+        self.trained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(epoch, &[]);
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.last_epoch = epoch;
+    }
+
     /// Forgets a replacement's request to regroup (the regroup now under way serves it).
     pub fn clear_regroup_request(&self) {
         self.progress.regroup.store(false, Ordering::SeqCst);

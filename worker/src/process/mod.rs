@@ -23,7 +23,7 @@ use crate::objective::build_objective;
 use crate::optim;
 use crate::tokenize::{ByteTokenizer, HfTokenizer, Tokenizer};
 use crate::train::checkpoint::{read_checkpoint, safetensors_to_tensors};
-use crate::train::trainer::{train, StartPoint};
+use crate::train::trainer::{train, StartPoint, TrainHooks};
 use anyhow::{Context, Result};
 use client::Coordinator;
 use contrail_common::auth::JobToken;
@@ -113,10 +113,9 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
         let device = device::choose_device(cfg.cluster.device, asg.rank, gpus)?;
         let nccl = device::use_nccl(cfg.cluster.backend, device)?;
         let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
-        // Recovery (cluster.min_workers) rebuilds the TCP mesh in place; NCCL communicators,
-        // host staging and expert placements do not regroup yet.
-        let recoverable =
-            cfg.cluster.min_workers > 0 && !nccl && !device.is_cuda() && cfg.moe.experts == 0;
+        // Recovery (cluster.min_workers) rebuilds the TCP mesh in place (an MoE job rolls back
+        // to its checkpoint on it); NCCL communicators and host staging do not regroup yet.
+        let recoverable = cfg.cluster.min_workers > 0 && !nccl && !device.is_cuda();
         let bootstrap = bootstrap.with_generation(coord.generation());
         // Shared: the MoE blocks of the model exchange tokens through it too.
         let (coll, regroup): (Arc<dyn Collective>, Option<Arc<Regroupable>>) =
@@ -215,19 +214,7 @@ fn train_rank(
     let mut opt = optim::build(&cfg.optim, model.named_parameters());
     let mut start = StartPoint::default();
     if !asg.resume_checkpoint.is_empty() {
-        let tensors = rt
-            .block_on(read_checkpoint(
-                &asg.resume_checkpoint,
-                &cfg.data.s3_endpoint,
-            ))
-            .with_context(|| format!("resuming from {}", asg.resume_checkpoint))?;
-        // A checkpoint holds every expert; this rank loads the ones its placement gives it.
-        let (model_tensors, optim_tensors) = match model.moe() {
-            Some(rt) => (rt.keep_local(tensors.model), rt.keep_local(tensors.optim)),
-            None => (tensors.model, tensors.optim),
-        };
-        model.load_named(&model_tensors)?;
-        opt.load_state(&optim_tensors)?;
+        load_checkpoint(rt, cfg, &mut model, opt.as_mut(), &asg.resume_checkpoint)?;
         start = StartPoint {
             epoch: asg.resume_epoch,
             step: asg.resume_step,
@@ -319,6 +306,26 @@ fn train_rank(
         )?;
         progress.step.store(step, Ordering::Relaxed);
         run_cfg = recovery::resized(cfg, next.world_size)?;
+        if next.rollback {
+            // An MoE worker died with its experts: the model is built again for the new
+            // placement and every member takes the checkpoint's state.
+            let placement = next
+                .placement
+                .clone()
+                .context("the coordinator sent a rollback without an expert placement")?;
+            model = hooks.build_model(placement)?;
+            model.set_compute(device::choose_compute(cfg, device)?);
+            opt = optim::build(&cfg.optim, model.named_parameters());
+            load_checkpoint(rt, cfg, &mut model, opt.as_mut(), &next.resume_checkpoint)?;
+            hooks.rolled_back(epoch);
+            if next.rank == 0 {
+                println!(
+                    "rolled back to {} (epoch {epoch}, step {step}) with {} workers: a worker \
+                     holding experts died",
+                    next.resume_checkpoint, next.world_size
+                );
+            }
+        }
         if next.rank == 0 {
             hooks
                 .audit_regroup(old_generation, step)
@@ -366,6 +373,28 @@ fn train_rank(
             ),
         }
     }
+    Ok(())
+}
+
+/// Loads the checkpoint at `dir` into `model` and `opt` (an MoE rank keeps the experts its
+/// placement gives it).
+fn load_checkpoint(
+    rt: &tokio::runtime::Runtime,
+    cfg: &JobConfig,
+    model: &mut ContrastiveModel,
+    opt: &mut dyn optim::Optimizer,
+    dir: &str,
+) -> Result<()> {
+    let tensors = rt
+        .block_on(read_checkpoint(dir, &cfg.data.s3_endpoint))
+        .with_context(|| format!("resuming from {dir}"))?;
+    // A checkpoint holds every expert; this rank loads the ones its placement gives it.
+    let (model_tensors, optim_tensors) = match model.moe() {
+        Some(rt) => (rt.keep_local(tensors.model), rt.keep_local(tensors.optim)),
+        None => (tensors.model, tensors.optim),
+    };
+    model.load_named(&model_tensors)?;
+    opt.load_state(&optim_tensors)?;
     Ok(())
 }
 
@@ -419,6 +448,10 @@ fn form_generation(
             )
             .context("building the new generation's mesh")
             .and_then(|()| {
+                if next.rollback {
+                    // The state comes from the checkpoint (the caller loads it).
+                    return Ok((next.resume_epoch, next.resume_step));
+                }
                 recovery::agree_on_state(coll, model, opt, hooks.trained_set(), last)
                     .context("taking the most advanced member's state")
             });
