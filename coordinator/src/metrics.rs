@@ -88,6 +88,13 @@ pub fn render_metrics(r: &StatusReport) -> String {
     );
     single(
         o,
+        "contrail_rollbacks_total",
+        "counter",
+        "Automatic rollbacks to the latest checkpoint (an MoE worker died).",
+        Some(r.rollbacks.len() as f64),
+    );
+    single(
+        o,
         "contrail_epoch",
         "gauge",
         "Current epoch (0-based).",

@@ -155,8 +155,10 @@ fn metrics_parse_with_the_conventional_names_and_values() {
         },
         round(120, None),
     ];
+    r.rollbacks = vec!["rank 1 failed; generation 3 (1 workers) rolled back to ...".into()];
     let text = render_metrics(&r);
     let s = parse(&text);
+    assert_eq!(value(&s, "contrail_rollbacks_total", &[]), 1.0);
     assert_eq!(value(&s, "contrail_eval_knn_top1", &[]), 0.5);
     assert_eq!(value(&s, "contrail_eval_knn_top5", &[]), 0.75);
     assert_eq!(value(&s, "contrail_eval_step", &[]), 100.0);
