@@ -332,3 +332,46 @@ async fn only_the_same_runs_unended_journal_is_taken_over() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(e.contains("not readable"), "{e}");
 }
+
+/// Not a test: prints the journal's size and the time to encode and write it for large shard
+/// counts (docs/architecture.md quotes it).
+/// `cargo test --release -p contrail-coordinator --test journal -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "a measurement, run by hand"]
+async fn journal_size_and_write_time_at_scale() {
+    let dir = std::env::temp_dir().join(format!("contrail-journal-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let j = Journal::new(
+        format!("file://{}/coordinator-journal.json", dir.display()),
+        "",
+        None,
+    );
+    for shards in [1_000usize, 10_000, 100_000] {
+        let mut b = JobBook::new(config(), "toml".into(), urls(shards), None);
+        let ids: Vec<u64> = (0..3u64)
+            .map(|r| b.register("h", &format!("10.0.0.{r}:1"), 0).unwrap().0)
+            .collect();
+        // Half the epoch leased and completed, 3 shards in flight.
+        for k in 0..shards / 2 + 3 {
+            let l = lease(&mut b, ids[k % 3], k as u64 + 1, 0);
+            if k < shards / 2 {
+                complete(&mut b, ids[k % 3], l.lease_id, 1_000);
+            }
+        }
+        let started = std::time::Instant::now();
+        let reps = 5;
+        let mut bytes = 0;
+        for _ in 0..reps {
+            let encoded = j.encode(&b).unwrap();
+            bytes = encoded.len();
+            j.write(encoded).await.unwrap();
+        }
+        let each = started.elapsed().as_secs_f64() / f64::from(reps);
+        eprintln!(
+            "{shards:>7} shards: journal {:.1} KiB, encode + write {:.2} ms",
+            bytes as f64 / 1024.0,
+            each * 1000.0
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
