@@ -466,6 +466,25 @@ fn status_page_shows_each_job_state() {
     assert!(is_hidden(&dom, "eval"), "{dom}");
     assert_eq!(text_of(&dom, "shards-pending"), "16");
 
+    // Running after an automatic rollback (an MoE worker died): a warning says so.
+    *report.lock().unwrap() = Some(StatusReport {
+        state: JobState::Running,
+        world_size: 1,
+        step: 12,
+        rollbacks: vec!["rank 1 died; generation 2 (1 workers) rolled back to \
+                         file:///ck/step-00000010 (epoch 0, step 10)"
+            .into()],
+        workers: vec![worker(Some(0), WorkerLiveness::Alive, "")],
+        ..Default::default()
+    });
+    let dom = dump_dom(&browser, &profile, &url);
+    assert_eq!(
+        text_of(&dom, "banner"),
+        "Rolled back to the latest checkpoint once; the latest: rank 1 died; generation 2 \
+         (1 workers) rolled back to file:///ck/step-00000010 (epoch 0, step 10)"
+    );
+    assert!(tag_of(&dom, "banner").contains("warn"), "{dom}");
+
     // Failed: a dead worker, bad samples, MoE with a placement not yet acknowledged.
     let mut failed = StatusReport {
         state: JobState::Failed,
