@@ -131,11 +131,8 @@ impl Coordinator {
                 );
             }
         }
-        let coord = Self::with_shards(cfg, job_toml, shards, resume)?;
-        Ok(Arc::new(Self {
-            journal,
-            ..Arc::into_inner(coord).expect("just built, not shared")
-        }))
+        let book = fresh_book(&cfg, job_toml, shards, resume)?;
+        Ok(Self::from_book(cfg, book, journal))
     }
 
     /// Like [`Coordinator::new`] with the shard list and resume point given (no storage I/O,
@@ -146,19 +143,7 @@ impl Coordinator {
         shards: Vec<String>,
         resume: Option<(String, CheckpointMeta)>,
     ) -> Result<Arc<Self>> {
-        if shards.is_empty() {
-            bail!(
-                "data.url = {} lists no .tar shards; point it at a shard prefix or a brace \
-                 pattern such as s3://bucket/data-{{000000..000099}}.tar",
-                cfg.data.url
-            );
-        }
-        tracing::info!(
-            shards = shards.len(),
-            world_size = cfg.cluster.world_size,
-            "coordinator ready"
-        );
-        let book = JobBook::new(cfg.clone(), job_toml, shards, resume);
+        let book = fresh_book(&cfg, job_toml, shards, resume)?;
         Ok(Self::from_book(cfg, book, None))
     }
 
@@ -395,6 +380,29 @@ impl Coordinator {
         journal_writer.abort();
         served.map(|_| ())
     }
+}
+
+/// The books of a job starting (or resuming from a checkpoint) on `shards`; an empty listing
+/// is an error.
+fn fresh_book(
+    cfg: &JobConfig,
+    job_toml: String,
+    shards: Vec<String>,
+    resume: Option<(String, CheckpointMeta)>,
+) -> Result<JobBook> {
+    if shards.is_empty() {
+        bail!(
+            "data.url = {} lists no .tar shards; point it at a shard prefix or a brace \
+             pattern such as s3://bucket/data-{{000000..000099}}.tar",
+            cfg.data.url
+        );
+    }
+    tracing::info!(
+        shards = shards.len(),
+        world_size = cfg.cluster.world_size,
+        "coordinator ready"
+    );
+    Ok(JobBook::new(cfg.clone(), job_toml, shards, resume))
 }
 
 /// Runs a job's coordinator until the job ends or Ctrl-C: binds `cluster.grpc_addr` and

@@ -224,7 +224,8 @@ impl<'a> CoordinatedHooks<'a> {
         }
     }
 
-    /// Waits for a checkpoint still waiting for the coordinator (rank 0, at the end).
+    /// Waits for a checkpoint still waiting for the coordinator (rank 0: at the end, or once
+    /// it is done) and returns how writing it went.
     pub fn finish_checkpoints(&mut self) -> Result<()> {
         match self.unwritten_checkpoint.take() {
             Some(task) => self
@@ -391,16 +392,14 @@ impl TrainHooks for CoordinatedHooks<'_> {
         // answer (it is restarting) does not hold training up: the checkpoint is finished in
         // the background once it does, in order after any earlier one.
         let first_try = Duration::from_secs(2);
-        let earlier = match self.unwritten_checkpoint.take() {
-            Some(task) if task.is_finished() => {
-                self.rt
-                    .block_on(task)
-                    .context("the checkpoint task")?
-                    .context("writing a checkpoint after the coordinator came back")?;
-                None
-            }
-            other => other,
-        };
+        if self
+            .unwritten_checkpoint
+            .as_ref()
+            .is_some_and(|t| t.is_finished())
+        {
+            self.finish_checkpoints()?;
+        }
+        let earlier = self.unwritten_checkpoint.take();
         let answer = match earlier {
             Some(_) => None,
             None => Some(
