@@ -425,18 +425,10 @@ impl JobBook {
         );
     }
 
+    /// A worker registers with its collective address; `instance` is its process's random id
+    /// (0: none), so the same instance registering again (its first reply was lost) gets the
+    /// same worker id. Returns (worker id, generation).
     pub fn register(
-        &mut self,
-        host: &str,
-        address: &str,
-        now_ms: u64,
-    ) -> Result<(u64, u64), RpcError> {
-        self.register_instance(host, address, 0, now_ms)
-    }
-
-    /// [`JobBook::register`] by a worker process with a random `instance` id: the same
-    /// instance registering again (its first reply was lost) gets the same worker id.
-    pub fn register_instance(
         &mut self,
         host: &str,
         address: &str,
@@ -627,7 +619,7 @@ impl JobBook {
         self.admit(req.worker_id, req.generation, now_ms)?;
         let grant = self
             .shards
-            .lease_once(req.worker_id, req.epoch, req.request_id, now_ms);
+            .lease(req.worker_id, req.epoch, req.request_id, now_ms);
         self.touch();
         Ok(match grant {
             Some(g) => proto::LeaseReply {
@@ -652,7 +644,7 @@ impl JobBook {
             .admit(req.worker_id, req.generation, now_ms)?
             .describe();
         self.touch();
-        let (lease, outcome) = self.shards.complete_at(
+        let (lease, outcome) = self.shards.complete(
             req.worker_id,
             req.lease_id,
             req.samples,
@@ -789,18 +781,9 @@ impl JobBook {
         self.progress.epoch
     }
 
+    /// The shard state for a checkpoint (JSON): now, or as of committed step `at` = (epoch,
+    /// step) for a checkpoint whose shard state is fetched after the fact.
     pub fn shard_state(
-        &mut self,
-        worker_id: u64,
-        generation: u64,
-        now_ms: u64,
-    ) -> Result<String, RpcError> {
-        self.shard_state_at(worker_id, generation, None, now_ms)
-    }
-
-    /// [`JobBook::shard_state`] as of committed step `at` = (epoch, step), for a checkpoint
-    /// whose shard state is fetched after the fact.
-    pub fn shard_state_at(
         &mut self,
         worker_id: u64,
         generation: u64,
@@ -813,7 +796,7 @@ impl JobBook {
         let epoch = at.map_or(self.checkpoint_epoch(), |(e, _)| e);
         let snap = self
             .shards
-            .snapshot_at(epoch, self.progress.samples_seen, at.map(|(_, s)| s));
+            .snapshot(epoch, self.progress.samples_seen, at.map(|(_, s)| s));
         serde_json::to_string(&snap)
             .map_err(|e| RpcError::Internal(format!("encoding shard state: {e}")))
     }

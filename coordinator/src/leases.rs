@@ -182,13 +182,10 @@ impl ShardBook {
 
     /// Next pending shard of `epoch`, or None when the epoch's pool is empty (other shards
     /// may still be leased: the worker then ends its epoch).
-    pub fn lease(&mut self, worker_id: u64, epoch: u32, now_ms: u64) -> Option<LeaseGrant> {
-        self.lease_once(worker_id, epoch, 0, now_ms)
-    }
-
-    /// [`ShardBook::lease`] that answers a repeated `request_id` (non-zero) with the lease it
-    /// already granted, while that lease is live.
-    pub fn lease_once(
+    ///
+    /// A repeated `request_id` (non-zero) is answered with the lease it already got, while
+    /// that lease is live (the worker retried after losing the reply).
+    pub fn lease(
         &mut self,
         worker_id: u64,
         epoch: u32,
@@ -287,20 +284,9 @@ impl ShardBook {
     }
 
     /// Records a finished lease: done with `samples`, or failed when `error` is non-empty.
+    /// `step`: the committed step that trained the shard's last sample, when known (see
+    /// [`ShardBook::snapshot`]).
     pub fn complete(
-        &mut self,
-        worker_id: u64,
-        lease_id: u64,
-        samples: u64,
-        bad_samples: &HashMap<String, u64>,
-        error: &str,
-    ) -> Result<(Lease, Completion), RpcError> {
-        self.complete_at(worker_id, lease_id, samples, bad_samples, error, None)
-    }
-
-    /// [`ShardBook::complete`] noting the committed `step` that trained the shard's last
-    /// sample (see [`ShardBook::snapshot_at`]).
-    pub fn complete_at(
         &mut self,
         worker_id: u64,
         lease_id: u64,
@@ -415,15 +401,11 @@ impl ShardBook {
         Some(((sum as f64 / count as f64 * n as f64).round() as u64, false))
     }
 
-    /// Checkpoint bookkeeping for `epoch`: finished and failed shards by URL.
-    pub fn snapshot(&self, epoch: u32, samples_seen: u64) -> ShardStateSnapshot {
-        self.snapshot_at(epoch, samples_seen, None)
-    }
-
-    /// [`ShardBook::snapshot`] as of committed step `at_step`: a shard whose last sample was
-    /// trained at a later step is left out (its samples are read again on resume, as those
-    /// of any shard unfinished at the checkpoint).
-    pub fn snapshot_at(
+    /// Checkpoint bookkeeping for `epoch`: finished and failed shards by URL, as of committed
+    /// step `at_step` when given: a shard whose last sample was trained at a later step is left
+    /// out (its samples are read again on resume, as those of any shard unfinished at the
+    /// checkpoint).
+    pub fn snapshot(
         &self,
         epoch: u32,
         samples_seen: u64,
@@ -481,12 +463,16 @@ mod tests {
             .map(|i| urls(6)[i].clone())
             .collect();
         let got: Vec<String> = (0..6)
-            .map(|k| b.lease(1 + k % 2, 3, 0).expect("pending shard").shard_url)
+            .map(|k| {
+                b.lease(1 + k % 2, 3, 0, 0)
+                    .expect("pending shard")
+                    .shard_url
+            })
             .collect();
         assert_eq!(got, expected);
-        assert!(b.lease(1, 3, 0).is_none(), "epoch 3 must be exhausted");
+        assert!(b.lease(1, 3, 0, 0).is_none(), "epoch 3 must be exhausted");
         // Another epoch is independent and shuffled differently.
-        let first_e4 = b.lease(1, 4, 0).unwrap().shard_url;
+        let first_e4 = b.lease(1, 4, 0, 0).unwrap().shard_url;
         assert_eq!(first_e4, urls(6)[epoch_order(6, 42, 4)[0]]);
         let c = b.counts(3);
         assert_eq!((c.total, c.pending, c.leased, c.done), (6, 0, 6, 0));
@@ -495,20 +481,20 @@ mod tests {
     #[test]
     fn expired_lease_returns_to_the_front_and_late_completion_still_counts() {
         let mut b = ShardBook::new(urls(4), 1, 100, None);
-        let g1 = b.lease(7, 0, 0).unwrap();
-        let g2 = b.lease(8, 0, 50).unwrap();
+        let g1 = b.lease(7, 0, 0, 0).unwrap();
+        let g2 = b.lease(8, 0, 0, 50).unwrap();
         b.renew(8, 90); // worker 8 heartbeats, worker 7 does not
         let expired = b.expire(100);
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].id, g1.lease_id);
         assert_eq!(b.counts(0).pending, 3);
         // The expired shard is handed out next.
-        let g3 = b.lease(8, 0, 120).unwrap();
+        let g3 = b.lease(8, 0, 0, 120).unwrap();
         assert_eq!(g3.shard_url, g1.shard_url);
         // Worker 7 finishes anyway: first completion wins, worker 8's copy is a duplicate.
-        let (_, c) = b.complete(7, g1.lease_id, 10, &no_bad(), "").unwrap();
+        let (_, c) = b.complete(7, g1.lease_id, 10, &no_bad(), "", None).unwrap();
         assert_eq!(c, Completion::Done);
-        let (_, c) = b.complete(8, g3.lease_id, 10, &no_bad(), "").unwrap();
+        let (_, c) = b.complete(8, g3.lease_id, 10, &no_bad(), "", None).unwrap();
         assert_eq!(c, Completion::Duplicate);
         let counts = b.counts(0);
         assert_eq!((counts.pending, counts.leased, counts.done), (2, 1, 1));
@@ -518,28 +504,30 @@ mod tests {
     #[test]
     fn completion_checks_owner_and_lease_id() {
         let mut b = ShardBook::new(urls(2), 0, 100, None);
-        let g = b.lease(1, 0, 0).unwrap();
-        let e = b.complete(2, g.lease_id, 5, &no_bad(), "").unwrap_err();
+        let g = b.lease(1, 0, 0, 0).unwrap();
+        let e = b
+            .complete(2, g.lease_id, 5, &no_bad(), "", None)
+            .unwrap_err();
         assert!(e.to_string().contains("belongs to worker 1"), "{e}");
-        let e = b.complete(1, 999, 5, &no_bad(), "").unwrap_err();
+        let e = b.complete(1, 999, 5, &no_bad(), "", None).unwrap_err();
         assert!(e.to_string().contains("unknown lease id 999"), "{e}");
     }
 
     #[test]
     fn bad_samples_and_failures_are_recorded_once() {
         let mut b = ShardBook::new(urls(3), 0, 100, None);
-        let g1 = b.lease(1, 0, 0).unwrap();
-        let g2 = b.lease(1, 0, 0).unwrap();
+        let g1 = b.lease(1, 0, 0, 0).unwrap();
+        let g2 = b.lease(1, 0, 0, 0).unwrap();
         let bad: HashMap<String, u64> =
             [("decode".to_string(), 2), ("missing_key".into(), 1)].into();
-        b.complete(1, g1.lease_id, 8, &bad, "").unwrap();
+        b.complete(1, g1.lease_id, 8, &bad, "", None).unwrap();
         let (_, c) = b
-            .complete(1, g2.lease_id, 0, &bad, "HTTP 403 on GET")
+            .complete(1, g2.lease_id, 0, &bad, "HTTP 403 on GET", None)
             .unwrap();
         assert_eq!(c, Completion::Failed);
         assert_eq!(b.bad_samples()["decode"], 4);
         assert_eq!(b.bad_samples()["missing_key"], 2);
-        let snap = b.snapshot(0, 8);
+        let snap = b.snapshot(0, 8, None);
         assert_eq!(snap.done.get(&g1.shard_url), Some(&8));
         assert_eq!(
             snap.failed.get(&g2.shard_url).map(String::as_str),
@@ -554,13 +542,13 @@ mod tests {
     fn dataset_size_is_estimated_then_exact() {
         let mut b = ShardBook::new(urls(4), 0, 100, None);
         assert_eq!(b.dataset_samples(), None);
-        let g = b.lease(1, 0, 0).unwrap();
-        b.complete(1, g.lease_id, 10, &no_bad(), "").unwrap();
+        let g = b.lease(1, 0, 0, 0).unwrap();
+        b.complete(1, g.lease_id, 10, &no_bad(), "", None).unwrap();
         assert_eq!(b.dataset_samples(), Some((40, false)));
         let sizes = [20u64, 30, 40];
         for n in sizes {
-            let g = b.lease(1, 0, 0).unwrap();
-            b.complete(1, g.lease_id, n, &no_bad(), "").unwrap();
+            let g = b.lease(1, 0, 0, 0).unwrap();
+            b.complete(1, g.lease_id, n, &no_bad(), "", None).unwrap();
         }
         assert_eq!(b.dataset_samples(), Some((100, true)));
     }
@@ -582,7 +570,7 @@ mod tests {
         let c = b.counts(2);
         assert_eq!((c.total, c.pending, c.done), (5, 3, 2));
         let mut got = Vec::new();
-        while let Some(g) = b.lease(1, 2, 0) {
+        while let Some(g) = b.lease(1, 2, 0, 0) {
             got.push(g.shard_url);
         }
         let expected: Vec<String> = [1, 2, 4].iter().map(|k| all[order[*k]].clone()).collect();
@@ -594,15 +582,16 @@ mod tests {
     #[test]
     fn a_snapshot_as_of_a_step_leaves_out_shards_finished_later() {
         let mut b = ShardBook::new(urls(4), 0, 100, None);
-        let g: Vec<LeaseGrant> = (0..3).map(|_| b.lease(1, 0, 0).unwrap()).collect();
-        b.complete_at(1, g[0].lease_id, 5, &no_bad(), "", Some(10))
+        let g: Vec<LeaseGrant> = (0..3).map(|_| b.lease(1, 0, 0, 0).unwrap()).collect();
+        b.complete(1, g[0].lease_id, 5, &no_bad(), "", Some(10))
             .unwrap();
-        b.complete_at(1, g[1].lease_id, 6, &no_bad(), "", Some(12))
+        b.complete(1, g[1].lease_id, 6, &no_bad(), "", Some(12))
             .unwrap();
         // Done without a step (a completion from an older worker): counted at any step.
-        b.complete(1, g[2].lease_id, 7, &no_bad(), "").unwrap();
+        b.complete(1, g[2].lease_id, 7, &no_bad(), "", None)
+            .unwrap();
         let at = |step| {
-            let mut done: Vec<String> = b.snapshot_at(0, 0, step).done.keys().cloned().collect();
+            let mut done: Vec<String> = b.snapshot(0, 0, step).done.keys().cloned().collect();
             done.sort();
             done
         };
@@ -623,16 +612,16 @@ mod tests {
     #[test]
     fn releasing_a_worker_returns_its_leases_in_order() {
         let mut b = ShardBook::new(urls(5), 3, 1000, None);
-        let a = b.lease(1, 0, 0).unwrap();
-        let _ = b.lease(2, 0, 0).unwrap();
-        let c = b.lease(1, 0, 0).unwrap();
+        let a = b.lease(1, 0, 0, 0).unwrap();
+        let _ = b.lease(2, 0, 0, 0).unwrap();
+        let c = b.lease(1, 0, 0, 0).unwrap();
         let back = b.release_worker(1);
         assert_eq!(
             back.iter().map(|l| l.id).collect::<Vec<_>>(),
             vec![a.lease_id, c.lease_id]
         );
-        assert_eq!(b.lease(3, 0, 0).unwrap().shard_url, a.shard_url);
-        assert_eq!(b.lease(3, 0, 0).unwrap().shard_url, c.shard_url);
+        assert_eq!(b.lease(3, 0, 0, 0).unwrap().shard_url, a.shard_url);
+        assert_eq!(b.lease(3, 0, 0, 0).unwrap().shard_url, c.shard_url);
         assert_eq!(b.worker_shard(1), "");
     }
 }

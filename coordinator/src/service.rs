@@ -38,9 +38,9 @@ impl CoordinatorRpc for CoordinatorService {
         req: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterReply>, Status> {
         let r = req.into_inner();
-        let (worker_id, generation) = self.coord.with_book(|b, now| {
-            b.register_instance(&r.host, &r.collective_address, r.instance, now)
-        })?;
+        let (worker_id, generation) = self
+            .coord
+            .with_book(|b, now| b.register(&r.host, &r.collective_address, r.instance, now))?;
         self.coord.durable().await?;
         Ok(Response::new(proto::RegisterReply {
             worker_id,
@@ -123,7 +123,7 @@ impl CoordinatorRpc for CoordinatorService {
         let r = req.into_inner();
         let json = self.coord.with_book(|b, now| {
             let at = r.at_step.map(|step| (r.epoch, step));
-            b.shard_state_at(r.worker_id, r.generation, at, now)
+            b.shard_state(r.worker_id, r.generation, at, now)
         })?;
         Ok(Response::new(proto::ShardStateReply { json }))
     }

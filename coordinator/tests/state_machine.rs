@@ -44,7 +44,7 @@ fn running_with(cfg: JobConfig, n: usize) -> (JobBook, Vec<u64>) {
     let mut b = JobBook::new(cfg, "toml".into(), urls(n), None);
     let ids = (0..world)
         .map(|r| {
-            b.register("host", &format!("10.0.0.{r}:2950{r}"), 0)
+            b.register("host", &format!("10.0.0.{r}:2950{r}"), 0, 0)
                 .unwrap()
                 .0
         })
@@ -124,15 +124,15 @@ fn complete(
 #[test]
 fn rendezvous_waits_for_the_world_then_ranks_in_registration_order() {
     let mut b = JobBook::new(config(3), "the job".into(), urls(4), None);
-    let (a, g) = b.register("ha", "10.0.0.1:1", 0).unwrap();
+    let (a, g) = b.register("ha", "10.0.0.1:1", 0, 0).unwrap();
     assert_eq!(b.rendezvous(a, g, 0, 1).unwrap(), None);
     assert_eq!(b.state(), JobState::WaitingForWorkers);
     let e = lease(&mut b, a, 0, 1).unwrap_err();
     assert!(e.to_string().contains("1 of 3 workers registered"), "{e}");
-    let (c, _) = b.register("hc", "10.0.0.3:1", 2).unwrap();
-    let (d, _) = b.register("hd", "10.0.0.2:1", 3).unwrap();
+    let (c, _) = b.register("hc", "10.0.0.3:1", 0, 2).unwrap();
+    let (d, _) = b.register("hd", "10.0.0.2:1", 0, 3).unwrap();
     assert_eq!(b.state(), JobState::Running);
-    let e = b.register("late", "10.0.0.9:1", 4).unwrap_err();
+    let e = b.register("late", "10.0.0.9:1", 0, 4).unwrap_err();
     assert!(matches!(e, RpcError::ResourceExhausted(_)), "{e:?}");
     for (id, rank) in [(a, 0), (c, 1), (d, 2)] {
         let r = b
@@ -153,8 +153,8 @@ fn rendezvous_waits_for_the_world_then_ranks_in_registration_order() {
 #[test]
 fn duplicate_collective_address_is_refused() {
     let mut b = JobBook::new(config(2), String::new(), urls(2), None);
-    b.register("h1", "10.0.0.1:29500", 0).unwrap();
-    let e = b.register("h2", "10.0.0.1:29500", 0).unwrap_err();
+    b.register("h1", "10.0.0.1:29500", 0, 0).unwrap();
+    let e = b.register("h2", "10.0.0.1:29500", 0, 0).unwrap_err();
     assert!(e.to_string().contains("already registered"), "{e}");
 }
 
@@ -362,7 +362,7 @@ fn sample_counts_add_up_and_give_the_step_estimate() {
     let per_epoch: u64 = sizes[..5].iter().sum();
     assert_eq!(s.total_steps_estimate, Some(per_epoch.div_ceil(8) * 2));
     let snap: ShardStateSnapshot =
-        serde_json::from_str(&b.shard_state(ids[0], b.generation(), 0).unwrap()).unwrap();
+        serde_json::from_str(&b.shard_state(ids[0], b.generation(), None, 0).unwrap()).unwrap();
     assert_eq!(snap.done.values().sum::<u64>(), per_epoch);
     assert_eq!(snap.failed.len(), 1);
 }
@@ -461,7 +461,7 @@ fn resume_reports_the_checkpoint_and_skips_done_shards() {
         Some(("memory://ck/step-00000040".into(), meta)),
     );
     let ids: Vec<u64> = (0..2)
-        .map(|r| b.register("h", &format!("a:{r}"), 0).unwrap().0)
+        .map(|r| b.register("h", &format!("a:{r}"), 0, 0).unwrap().0)
         .collect();
     let r = b.rendezvous(ids[1], b.generation(), 0, 0).unwrap().unwrap();
     assert_eq!(
@@ -852,7 +852,7 @@ fn a_replacement_waits_then_joins_at_the_next_regroup() {
     let g = b.generation();
     // The world is full: no room for another worker.
     assert!(matches!(
-        b.register("host", "10.0.0.9:29509", 1),
+        b.register("host", "10.0.0.9:29509", 0, 1),
         Err(RpcError::ResourceExhausted(_))
     ));
     // Rank 2 leaves with an error; ranks 0 and 1 regroup as generation g + 1.
@@ -862,7 +862,7 @@ fn a_replacement_waits_then_joins_at_the_next_regroup() {
         b.rendezvous(id, g, g, 3).unwrap().expect("regrouped");
     }
     // A replacement registers; it waits, and the members are asked to regroup.
-    let (new, at) = b.register("host", "10.0.0.2:29502", 4).unwrap();
+    let (new, at) = b.register("host", "10.0.0.2:29502", 0, 4).unwrap();
     assert_eq!(at, g + 1);
     assert_eq!(b.rendezvous(new, at, 0, 5).unwrap(), None);
     let hb = heartbeat(&mut b, ids[0], g + 1, 6).unwrap();
@@ -898,7 +898,7 @@ fn a_replacement_that_dies_while_waiting_is_never_taken_in() {
     let (mut b, ids) = running_with(cfg, 6);
     let g = b.generation();
     fail_worker(&mut b, ids[2], g, 0);
-    let (ghost, at) = b.register("host", "10.0.0.7:29507", 0).unwrap();
+    let (ghost, at) = b.register("host", "10.0.0.7:29507", 0, 0).unwrap();
     assert_eq!(b.rendezvous(ghost, at, 0, 10).unwrap(), None);
     assert!(heartbeat(&mut b, ids[0], g + 1, 10).unwrap().regroup);
     // The members keep heartbeating; the replacement's call stopped at t = 10.
@@ -992,7 +992,7 @@ fn a_dead_moe_worker_rolls_the_members_back_to_the_checkpoint() {
     assert_eq!((b.state(), b.generation()), (JobState::Running, g));
     assert_eq!(b.rendezvous(ids[0], g, g, 6).unwrap(), None);
     assert!(matches!(
-        b.register("host", "10.0.0.9:29509", 7),
+        b.register("host", "10.0.0.9:29509", 0, 7),
         Err(RpcError::ResourceExhausted(_))
     ));
 
