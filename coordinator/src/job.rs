@@ -172,6 +172,13 @@ impl JobBook {
         self.touch();
     }
 
+    /// The job fails because its membership changed (a member was lost): a new generation
+    /// fences the old one's requests, and the job fails with `reason`.
+    fn fail_membership(&mut self, reason: String) {
+        self.members.generation += 1;
+        self.fail(reason);
+    }
+
     fn require_running(&self) -> Result<(), RpcError> {
         match self.state {
             JobState::Running => Ok(()),
@@ -282,15 +289,13 @@ impl JobBook {
         let min = self.cfg.cluster.min_workers as usize;
         let left = self.members.alive_members();
         if min == 0 {
-            self.members.generation += 1;
-            self.fail(reason);
+            self.fail_membership(reason);
             return;
         }
         let wait = self.cfg.cluster.replacement_wait_ms;
         if left + self.members.waiting() < min {
             if left == 0 || wait == 0 {
-                self.members.generation += 1;
-                self.fail(format!(
+                self.fail_membership(format!(
                     "{reason}; {left} worker(s) left, fewer than cluster.min_workers = {min}"
                 ));
                 return;
@@ -337,8 +342,7 @@ impl JobBook {
         let (dir, meta) = match latest {
             Ok(found) => found,
             Err(why) => {
-                self.members.generation += 1;
-                self.fail(format!("{reason}; no checkpoint to roll back to: {why}"));
+                self.fail_membership(format!("{reason}; no checkpoint to roll back to: {why}"));
                 return;
             }
         };
@@ -346,8 +350,7 @@ impl JobBook {
         let mut resized = self.cfg.clone();
         resized.cluster.world_size = self.members.alive_members() as u32;
         if let Err(e) = resized.validate() {
-            self.members.generation += 1;
-            self.fail(format!(
+            self.fail_membership(format!(
                 "{reason}; cannot roll back with {} workers: {e}",
                 resized.cluster.world_size
             ));
@@ -399,8 +402,7 @@ impl JobBook {
             ));
         } else if left == 0 || now_ms.saturating_sub(since) > self.cfg.cluster.replacement_wait_ms {
             self.short_since_ms = None;
-            self.members.generation += 1;
-            self.fail(format!(
+            self.fail_membership(format!(
                 "{left} worker(s) left, fewer than cluster.min_workers = {min}, and no \
                  replacement made up the numbers within {} ms (cluster.replacement_wait_ms)",
                 self.cfg.cluster.replacement_wait_ms
