@@ -151,8 +151,7 @@ impl Coordinator {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let budget = Duration::from_millis(self.outage_ms.load(Ordering::SeqCst));
-        self.retry_status_for(budget, call).await
+        self.retry_status_for(self.outage(), call).await
     }
 
     /// [`Coordinator::retry_status`] for up to `budget`.
@@ -414,24 +413,22 @@ impl Coordinator {
     /// Tells the coordinator this worker is done. A worker that failed tries for a few
     /// seconds only: nothing waits for its leave (its silence is noticed anyway).
     pub async fn leave(&mut self, finished: bool, error: String) -> Result<()> {
-        if !finished {
-            let short = self.outage_ms.load(Ordering::SeqCst).min(5_000);
-            self.outage_ms.store(short, Ordering::SeqCst);
-        }
+        let budget = match finished {
+            true => self.outage(),
+            false => self.outage().min(Duration::from_secs(5)),
+        };
         let request = proto::LeaveRequest {
             worker_id: self.worker_id,
             generation: self.generation(),
             finished,
             error,
         };
-        self.retry(
-            || "leaving the job".into(),
-            |mut c| {
-                let r = request.clone();
-                async move { c.leave(r).await }
-            },
-        )
-        .await?;
+        self.retry_status_for(budget, |mut c| {
+            let r = request.clone();
+            async move { c.leave(r).await }
+        })
+        .await
+        .context("leaving the job")?;
         Ok(())
     }
 }
