@@ -24,13 +24,18 @@ pub struct ExpertPlacement {
     pub blocks: Vec<BlockPlacement>,
 }
 
+/// Whether the default spread fits `experts` on `world` workers: one is a multiple of the
+/// other, so every worker holds the same number of experts.
+pub fn spread_fits(experts: u32, world: u32) -> bool {
+    experts > 0 && world > 0 && (experts.is_multiple_of(world) || world.is_multiple_of(experts))
+}
+
 impl BlockPlacement {
     /// The default: with E ≥ W, rank r holds the contiguous experts [r·E/W, (r+1)·E/W); with
     /// E < W, expert e is replicated on the ranks r with r mod E = e. Needs E | W or W | E.
     pub fn spread(experts: u32, world: u32) -> Self {
-        assert!(experts > 0 && world > 0);
         assert!(
-            experts.is_multiple_of(world) || world.is_multiple_of(experts),
+            spread_fits(experts, world),
             "{experts} experts cannot be spread evenly over {world} workers"
         );
         let holders = (0..experts)
@@ -47,6 +52,31 @@ impl BlockPlacement {
 
     pub fn experts(&self) -> usize {
         self.holders.len()
+    }
+
+    /// The block after a membership change: `survivors` are the old ranks still alive, in
+    /// order, and the i-th becomes rank i. Every expert keeps its surviving replicas (so no
+    /// weight moves); Err(e) names the first expert that lost every replica.
+    pub fn keep_ranks(&self, survivors: &[u32]) -> Result<Self, usize> {
+        let holders = self
+            .holders
+            .iter()
+            .enumerate()
+            .map(|(e, h)| {
+                let kept: Vec<u32> = survivors
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, old)| h.contains(old))
+                    .map(|(new, _)| new as u32)
+                    .collect();
+                if kept.is_empty() {
+                    Err(e)
+                } else {
+                    Ok(kept)
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { holders })
     }
 
     /// Global ids of the experts `rank` holds, ascending.
@@ -176,6 +206,17 @@ mod tests {
         assert_eq!(p.holders, vec![vec![0, 2], vec![1, 3]]);
         assert_eq!(p.local_experts(3), vec![1]);
         p.validate(4).unwrap();
+    }
+
+    #[test]
+    fn survivors_keep_their_replicas_under_their_new_ranks() {
+        // 2 experts on 4 ranks: e0 on {0, 2}, e1 on {1, 3}. Rank 1 dies: 0, 2, 3 become 0, 1, 2.
+        let p = BlockPlacement::spread(2, 4);
+        let kept = p.keep_ranks(&[0, 2, 3]).unwrap();
+        assert_eq!(kept.holders, vec![vec![0, 1], vec![2]]);
+        kept.validate(3).unwrap();
+        // Ranks 1 and 3 die: e1 has no replica left.
+        assert_eq!(p.keep_ranks(&[0, 2]), Err(1));
     }
 
     #[test]

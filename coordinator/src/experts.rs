@@ -7,7 +7,9 @@
 //! in `common/proto/contrail.proto`.
 
 use contrail_common::config::MoeConfig;
-use contrail_common::experts::{block_labels, max_mean_ratio, BlockPlacement, ExpertPlacement};
+use contrail_common::experts::{
+    block_labels, max_mean_ratio, spread_fits, BlockPlacement, ExpertPlacement,
+};
 use contrail_common::proto;
 use contrail_common::status::{ExpertBlockStatus, ExpertStatus};
 use serde::{Deserialize, Serialize};
@@ -260,7 +262,14 @@ impl ExpertBook {
             return None;
         }
         let labels = block_labels(moe);
-        let spread = BlockPlacement::spread(moe.experts, world);
+        // A world the default spread does not fit (after a rollback with fewer workers) gets
+        // the planner's placement for an even load.
+        let spread = if spread_fits(moe.experts, world) {
+            BlockPlacement::spread(moe.experts, world)
+        } else {
+            let even = vec![1.0; moe.experts as usize];
+            plan_placement(&even, world, slots_per_worker(moe.experts, world))
+        };
         Some(Self {
             experts: moe.experts,
             world,
@@ -283,6 +292,43 @@ impl ExpertBook {
 
     pub fn placement(&self) -> &ExpertPlacement {
         &self.placement
+    }
+
+    /// A membership change: `survivors` are the old ranks still alive, in order (the i-th
+    /// becomes rank i), and `joining` replacements take the ranks after them. Every expert
+    /// keeps its surviving replicas; each replacement gets, in every block, a replica of the
+    /// expert with the fewest (the lowest id on a tie). A new placement version, which the
+    /// members take at their regroup (no step reply carries it). Err says which expert lost
+    /// every replica; the book is then unchanged.
+    pub fn regroup(&mut self, survivors: &[u32], joining: usize) -> Result<(), String> {
+        let blocks = self
+            .placement
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(b, p)| {
+                let mut kept = p.keep_ranks(survivors).map_err(|e| {
+                    format!(
+                        "expert {e} of MoE block {} had no replica on a surviving worker",
+                        self.labels.get(b).map_or("?", String::as_str)
+                    )
+                })?;
+                for r in survivors.len()..survivors.len() + joining {
+                    let e = (0..kept.holders.len())
+                        .min_by_key(|&e| (kept.holders[e].len(), e))
+                        .expect("a block has experts");
+                    kept.holders[e].push(r as u32);
+                }
+                Ok(kept)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        self.placement = ExpertPlacement {
+            version: self.placement.version + 1,
+            blocks,
+        };
+        self.acknowledged = self.placement.version;
+        self.world = (survivors.len() + joining) as u32;
+        Ok(())
     }
 
     /// Checks rank 0's per-block counts before anything of its report is recorded.

@@ -309,17 +309,41 @@ impl JobBook {
             self.short_since_ms.get_or_insert(now_ms);
             return;
         }
-        if self.experts.is_some() {
-            // Its experts are gone with it (restoring them from live replicas is not built):
-            // the members wait in their regroup call while the checkpoint is read.
-            tracing::warn!(
-                "{reason}; it held experts of the MoE blocks: every member rolls back to the \
-                 latest checkpoint"
-            );
-            self.rollback_due = Some(reason);
-            return;
+        self.regroup(&reason, "the survivors regroup and train on");
+    }
+
+    /// The members of `generation` cannot agree on an MoE state (an expert survives only a
+    /// step behind): every member rolls back to the latest checkpoint. Every member reports
+    /// it; the first report counts.
+    pub fn request_rollback(
+        &mut self,
+        worker_id: u64,
+        generation: u64,
+        reason: &str,
+    ) -> Result<(), RpcError> {
+        let w = self.members.check(worker_id, generation, true)?;
+        let who = w.describe();
+        if w.rank.is_none() {
+            return Err(RpcError::FailedPrecondition(format!(
+                "{who} asked for a rollback but is not a member of the job"
+            )));
         }
-        self.regroup(&format!("{reason}; the survivors regroup and train on"));
+        if self.experts.is_none() {
+            return Err(RpcError::InvalidArgument(format!(
+                "{who} asked for a rollback, but the job has no MoE blocks"
+            )));
+        }
+        if self.state != JobState::Running
+            || generation != self.members.generation
+            || self.rollback_due.is_some()
+        {
+            return Ok(());
+        }
+        self.touch();
+        let reason = format!("{who} reports that generation {generation} {reason}");
+        tracing::warn!("{reason}: every member rolls back to the latest checkpoint");
+        self.rollback_due = Some(reason);
+        Ok(())
     }
 
     /// Whether the members wait for a rollback to the latest checkpoint.
@@ -346,10 +370,10 @@ impl JobBook {
                 return;
             }
         };
-        // The job must be valid on the workers left (e.g. the experts must spread evenly).
+        // The job must be valid on the workers left (e.g. the global batch must divide).
         let mut resized = self.cfg.clone();
         resized.cluster.world_size = self.members.alive_members() as u32;
-        if let Err(e) = resized.validate() {
+        if let Err(e) = resized.validate_resized() {
             self.fail_membership(format!(
                 "{reason}; cannot roll back with {} workers: {e}",
                 resized.cluster.world_size
@@ -365,7 +389,9 @@ impl JobBook {
         );
         self.progress
             .roll_back(meta.step, meta.epoch, meta.shard_state.samples_seen);
-        self.members.regroup();
+        // Replacements join at the members' next step boundary, taking the rolled-back state
+        // from them like any replacement.
+        self.members.regroup_taking(false);
         self.experts = ExpertBook::new(&c.moe, self.members.world_size, meta.step);
         self.resume = Some(ResumePoint {
             dir: dir.clone(),
@@ -396,10 +422,10 @@ impl JobBook {
         let (left, waiting) = (self.members.alive_members(), self.members.waiting());
         if left > 0 && left + waiting >= min {
             self.short_since_ms = None;
-            self.regroup(&format!(
-                "{waiting} replacement(s) make up cluster.min_workers = {min}: the survivors \
-                 and the replacements regroup"
-            ));
+            self.regroup(
+                &format!("{waiting} replacement(s) make up cluster.min_workers = {min}"),
+                "the survivors and the replacements regroup",
+            );
         } else if left == 0 || now_ms.saturating_sub(since) > self.cfg.cluster.replacement_wait_ms {
             self.short_since_ms = None;
             self.fail_membership(format!(
@@ -410,10 +436,27 @@ impl JobBook {
         }
     }
 
-    /// Starts the next generation with the alive members (and any waiting replacement).
-    /// Every member restarts its data feed then, so what it held goes back to the pool.
-    fn regroup(&mut self, why: &str) {
+    /// Starts the next generation with the alive members (and any waiting replacement),
+    /// logging `cause; plan`. Every member restarts its data feed then, so what it held goes
+    /// back to the pool. An MoE job keeps every expert's surviving replicas and gives each
+    /// replacement one; when an expert has none left, the members roll back to the latest
+    /// checkpoint instead (they wait in their regroup call while it is read).
+    fn regroup(&mut self, cause: &str, plan: &str) {
         self.touch();
+        let mut why = format!("{cause}; {plan}");
+        if let Some(x) = &mut self.experts {
+            // The survivors keep their ranks' order, so the i-th alive member becomes rank i.
+            let survivors = self.members.alive_ranks();
+            if let Err(lost) = x.regroup(&survivors, self.members.waiting()) {
+                tracing::warn!("{cause}; {lost}: every member rolls back to the latest checkpoint");
+                self.rollback_due = Some(format!("{cause}; {lost}"));
+                return;
+            }
+            why = format!(
+                "{why}; every expert keeps a live replica (expert placement v{})",
+                x.placement().version
+            );
+        }
         let members = self.members.regroup();
         let returned: usize = members
             .iter()
@@ -442,13 +485,6 @@ impl JobBook {
         }
         if self.state.is_terminal() {
             self.require_running()?;
-        }
-        if self.state == JobState::Running && self.experts.is_some() {
-            return Err(RpcError::ResourceExhausted(
-                "this MoE job is running: a replacement cannot join it yet (its experts' \
-                 placement does not grow)"
-                    .into(),
-            ));
         }
         self.touch();
         if self.state == JobState::Running && self.cfg.cluster.min_workers > 0 {
@@ -543,7 +579,11 @@ impl JobBook {
                 return Ok(None);
             }
             // A member stopped at a step boundary to let a replacement in.
-            self.regroup("a replacement joins: the members regroup");
+            self.regroup("a replacement joins", "the members regroup");
+            if self.members.generation <= after_generation {
+                // An MoE expert lost its last replica: a rollback comes first.
+                return Ok(None);
+            }
         }
         let current = self.members.generation;
         let w = self

@@ -276,10 +276,27 @@ impl Membership {
             .count()
     }
 
+    /// The ranks of the alive members, ascending (the order [`Membership::regroup`] keeps).
+    pub fn alive_ranks(&self) -> Vec<u32> {
+        let mut ranks: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|w| w.liveness == WorkerLiveness::Alive)
+            .filter_map(|w| w.rank)
+            .collect();
+        ranks.sort_unstable();
+        ranks
+    }
+
     /// The next generation's membership: the alive members, re-ranked 0..n in their old
     /// order, then the waiting replacements in registration order; everyone else loses their
     /// rank. Returns the ids of the members.
     pub fn regroup(&mut self) -> Vec<u64> {
+        self.regroup_taking(true)
+    }
+
+    /// [`Membership::regroup`]; with `take_waiting` false the replacements keep waiting.
+    pub fn regroup_taking(&mut self, take_waiting: bool) -> Vec<u64> {
         let mut members: Vec<&mut Worker> = self
             .workers
             .iter_mut()
@@ -298,6 +315,7 @@ impl Membership {
         let newcomers: Vec<u64> = self
             .workers
             .iter()
+            .filter(|_| take_waiting)
             .filter(|w| w.rank.is_none() && w.liveness == WorkerLiveness::Alive)
             .map(|w| w.id)
             .filter(|id| !ids.contains(id))

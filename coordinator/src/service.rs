@@ -53,6 +53,11 @@ impl CoordinatorRpc for CoordinatorService {
         req: Request<proto::RendezvousRequest>,
     ) -> Result<Response<proto::RendezvousReply>, Status> {
         let r = req.into_inner();
+        if !r.rollback_reason.is_empty() {
+            self.coord.with_book(|b, _| {
+                b.request_rollback(r.worker_id, r.after_generation, &r.rollback_reason)
+            })?;
+        }
         let mut state = self.coord.watch_state();
         // Re-checks at least every heartbeat period: that also keeps the waiting worker's
         // last-seen time fresh while the call is open.

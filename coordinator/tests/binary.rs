@@ -117,6 +117,7 @@ async fn exits_zero_when_the_job_finishes() {
             generation: reg.generation,
             after_generation: 0,
             suspect_rank: None,
+            ..Default::default()
         })
         .await
         .unwrap()

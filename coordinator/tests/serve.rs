@@ -161,6 +161,7 @@ async fn join_world(served: &Served, n: u32) -> Vec<FakeWorker> {
                     generation: reg.generation,
                     after_generation: 0,
                     suspect_rank: None,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -544,6 +545,7 @@ async fn new_coordinator_resumes_from_the_latest_checkpoint() {
             generation: workers[1].generation,
             after_generation: 0,
             suspect_rank: None,
+            ..Default::default()
         })
         .await
         .unwrap()

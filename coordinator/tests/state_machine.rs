@@ -972,7 +972,8 @@ fn a_reported_peer_that_stays_silent_dies_after_two_heartbeats() {
 /// until the coordinator has read the latest checkpoint; then the shard book and progress
 /// return to it, the survivors form the next generation with a placement over their number,
 /// and their rendezvous says `rollback` with the checkpoint; `/status` lists the rollback. A
-/// replacement cannot join a running MoE job; without a checkpoint the job fails.
+/// replacement that registers meanwhile waits out the rollback, then joins at the members'
+/// next step boundary with a replica of its own; without a checkpoint the job fails.
 #[test]
 fn a_dead_moe_worker_rolls_the_members_back_to_the_checkpoint() {
     let mut cfg = moe_config(false);
@@ -991,10 +992,8 @@ fn a_dead_moe_worker_rolls_the_members_back_to_the_checkpoint() {
     assert!(b.rollback_due());
     assert_eq!((b.state(), b.generation()), (JobState::Running, g));
     assert_eq!(b.rendezvous(ids[0], g, g, 6).unwrap(), None);
-    assert!(matches!(
-        b.register("host", "10.0.0.9:29509", 0, 7),
-        Err(RpcError::ResourceExhausted(_))
-    ));
+    // A replacement may register; it waits out the rollback.
+    let (newcomer, _) = b.register("host", "10.0.0.9:29509", 0, 7).unwrap();
 
     let urls = urls(6);
     let mut shard_state = ShardStateSnapshot {
@@ -1035,6 +1034,36 @@ fn a_dead_moe_worker_rolls_the_members_back_to_the_checkpoint() {
     assert_eq!(s.shards.done, 1, "the book is the checkpoint's");
     assert_eq!(s.rollbacks.len(), 1);
     assert!(s.rollbacks[0].contains("rolled back to memory://ck/step-00000040"));
+    assert_eq!(
+        b.rendezvous(newcomer, g, 0, 9).unwrap(),
+        None,
+        "not in the rollback"
+    );
+
+    // Then it joins at the members' next step boundary, with a replica of its own.
+    let members = [ids[0], ids[1], ids[2]];
+    let hb = b
+        .heartbeat(
+            &proto::HeartbeatRequest {
+                worker_id: ids[0],
+                generation: g + 1,
+                ..Default::default()
+            },
+            10,
+        )
+        .unwrap();
+    assert!(hb.regroup);
+    let r = b.rendezvous(members[0], g + 1, g + 1, 11).unwrap().unwrap();
+    assert_eq!((r.generation, r.world_size, r.rollback), (g + 2, 4, false));
+    let joined = b.rendezvous(newcomer, g + 1, 0, 12).unwrap().unwrap();
+    assert!(joined.joining && !joined.rollback && joined.resume_checkpoint.is_empty());
+    assert_eq!(joined.rank, 3);
+    let grown = contrail_common::experts::ExpertPlacement::from(&joined.placement.unwrap());
+    assert!(grown.version > placement.version);
+    for block in &grown.blocks {
+        block.validate(4).unwrap();
+        assert!(!block.local_experts(3).is_empty());
+    }
 
     // Without a checkpoint to go back to, the job fails and says why.
     let (mut b, ids) = running_with(cfg, 6);
@@ -1047,4 +1076,95 @@ fn a_dead_moe_worker_rolls_the_members_back_to_the_checkpoint() {
         "{}",
         b.reason()
     );
+}
+
+/// 2 experts on 4 workers (each expert on 2 of them), `cluster.min_workers = 2`.
+fn replicated_moe_config() -> JobConfig {
+    let mut cfg = moe_config(false);
+    cfg.cluster.min_workers = 2;
+    cfg.moe.experts = 2;
+    // 48 samples a step divide evenly over 4 workers and over 3.
+    cfg.train.global_batch = 48;
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// An MoE worker dies, but every expert it held has a replica on a survivor: no rollback.
+/// The survivors form the next generation at once, with a placement (a new version) that
+/// keeps each expert's surviving replicas under their new ranks, and train on from their own
+/// state. When a later death takes an expert's last replica, they roll back after all.
+#[test]
+fn a_dead_moe_worker_whose_experts_have_replicas_leaves_the_survivors_training() {
+    let (mut b, ids) = running_with(replicated_moe_config(), 6);
+    let g = b.generation();
+    // Spread: expert 0 on ranks {0, 2}, expert 1 on {1, 3}. Rank 1 dies.
+    fail_worker(&mut b, ids[1], g, 5);
+    assert!(!b.rollback_due());
+    assert_eq!((b.state(), b.generation()), (JobState::Running, g + 1));
+    let r = b.rendezvous(ids[3], g, g, 6).unwrap().expect("regrouped");
+    assert!(!r.rollback && !r.joining);
+    assert_eq!((r.rank, r.world_size), (2, 3));
+    assert_eq!(r.resume_checkpoint, "", "the state comes from the members");
+    let p = ExpertPlacement::from(&r.placement.unwrap());
+    assert_eq!(p.version, 2);
+    let kept = BlockPlacement {
+        holders: vec![vec![0, 1], vec![2]],
+    };
+    assert_eq!(p.blocks, vec![kept; 2]);
+    assert!(b.status(7).rollbacks.is_empty());
+
+    // ids[3] (now rank 2) held the last replica of expert 1.
+    fail_worker(&mut b, ids[3], g + 1, 8);
+    assert!(b.rollback_due());
+    assert_eq!(b.generation(), g + 1);
+}
+
+/// The survivors find, over their new mesh, that an expert survives only a step behind the
+/// others: each member asks for a rollback (the first request counts), and the coordinator
+/// rolls them back to the checkpoint with a placement over the 3 left (which the default
+/// spread cannot serve: 2 experts on 3 workers).
+#[test]
+fn members_that_cannot_agree_on_an_moe_state_roll_back_on_request() {
+    let (mut b, ids) = running_with(replicated_moe_config(), 6);
+    let g = b.generation();
+    fail_worker(&mut b, ids[1], g, 5);
+    let why = "expert 1 of MoE block 0 survives only a step behind";
+    // A stale generation's report is ignored; a member of the new one is heard.
+    b.request_rollback(ids[0], g, why).unwrap();
+    assert!(!b.rollback_due());
+    b.request_rollback(ids[0], g + 1, why).unwrap();
+    assert!(b.rollback_due());
+    b.request_rollback(ids[2], g + 1, why).unwrap();
+    assert!(matches!(
+        b.request_rollback(ids[1], g + 1, why),
+        Err(RpcError::FailedPrecondition(_))
+    ));
+    let meta = CheckpointMeta {
+        step: 20,
+        epoch: 0,
+        world_size: 4,
+        shard_state: ShardStateSnapshot::default(),
+        config_toml: String::new(),
+        created_unix_ms: 0,
+    };
+    b.apply_rollback(Ok(("memory://ck/step-00000020".into(), meta)));
+    assert_eq!(b.generation(), g + 2);
+    let r = b.rendezvous(ids[2], g + 1, g + 1, 8).unwrap().unwrap();
+    assert!(r.rollback);
+    assert_eq!((r.world_size, r.resume_step), (3, 20));
+    let p = ExpertPlacement::from(&r.placement.unwrap());
+    for block in &p.blocks {
+        block.validate(3).unwrap();
+    }
+    let s = b.status(9);
+    assert_eq!(s.rollbacks.len(), 1);
+    assert!(s.rollbacks[0].contains(why), "{}", s.rollbacks[0]);
+
+    // A job without MoE blocks has nothing to roll back this way.
+    let (mut b, ids) = running_with(config(4), 6);
+    let g = b.generation();
+    assert!(matches!(
+        b.request_rollback(ids[0], g, why),
+        Err(RpcError::InvalidArgument(_))
+    ));
 }

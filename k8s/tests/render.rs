@@ -558,10 +558,11 @@ fn the_job_token_lives_in_a_secret_that_every_pod_reads() {
     assert!(format!("{:#}", render(&job(), &o).unwrap_err()).contains("at least 16"));
 }
 
-/// `cluster.min_workers > 0` on a CPU job: a failed worker pod is replaced on its own (per-index
-/// retries, a new pod only once the old one terminated) instead of failing the worker Job;
-/// without it, or on GPUs (recovery does not cover NCCL yet), one failure fails the Job as
-/// before. Both pass the strict schema check in `schema.rs` through `cases()`.
+/// `cluster.min_workers > 0` on a CPU job (MoE too: its survivors keep the experts' replicas
+/// or roll back, and a replacement joins with a replica): a failed worker pod is replaced on
+/// its own (per-index retries, a new pod only once the old one terminated) instead of failing
+/// the worker Job; without it, or on GPUs (recovery does not cover NCCL yet), one failure
+/// fails the Job as before. Both pass the strict schema check in `schema.rs` through `cases()`.
 #[test]
 fn min_workers_on_the_cpu_replaces_failed_worker_pods_one_by_one() {
     for crd in [Crd::JobSet, Crd::None] {
@@ -574,6 +575,16 @@ fn min_workers_on_the_cpu_replaces_failed_worker_pods_one_by_one() {
         assert_eq!(spec.backoff_limit_per_index, Some(3), "{crd:?}");
         assert_eq!(spec.pod_replacement_policy.as_deref(), Some("Failed"));
         assert_eq!(spec.backoff_limit, None);
+
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/local-moe.toml"),
+        )
+        .unwrap();
+        let mut moe = JobConfig::from_toml(&text).unwrap();
+        assert!(moe.moe.experts > 0);
+        moe.cluster.min_workers = 1;
+        let spec = parts(&render(&moe, &opts(crd, 2, 0)).unwrap()).worker_job;
+        assert_eq!(spec.backoff_limit_per_index, Some(3), "MoE {crd:?}");
 
         cfg.cluster.min_workers = 0;
         let spec = parts(&render(&cfg, &o).unwrap()).worker_job;

@@ -210,6 +210,33 @@ impl HandCluster {
         );
     }
 
+    /// Every replica of an expert must end the same on the workers `names`; returns how many
+    /// distinct experts they hold together.
+    fn assert_same_expert_replicas(&self, workers: &[&str]) -> usize {
+        let mut seen: std::collections::BTreeMap<String, (String, String)> = Default::default();
+        for n in workers {
+            let err = strip_ansi(&self.read(n, "stderr"));
+            let line = err
+                .lines()
+                .find(|l| l.contains("final parameters"))
+                .unwrap_or_else(|| panic!("{n} logged no final parameters:\n{err}"))
+                .to_string();
+            let field = line.split(" experts=").nth(1).expect("an experts field");
+            for entry in field.split_whitespace() {
+                let (expert, digest) = entry.rsplit_once('=').expect("expert=digest");
+                let first = seen
+                    .entry(expert.to_string())
+                    .or_insert_with(|| (n.to_string(), digest.to_string()));
+                assert_eq!(
+                    first.1, digest,
+                    "{expert} differs between {} and {n}",
+                    first.0
+                );
+            }
+        }
+        seen.len()
+    }
+
     fn finished(&self, limit: Duration) -> StatusReport {
         let end = self.wait_for("the job ending", limit, |s| s.state.is_terminal());
         assert_eq!(
@@ -439,8 +466,7 @@ fn seeded_chaos_of_worker_and_coordinator_kills_keeps_every_guarantee() {
 /// MoE with `cluster.min_workers`: two workers, one expert each (`moe.experts = 2`), so the
 /// worker SIGKILLed mid-epoch takes the only copy of its expert with it. The survivor rolls
 /// back to the latest checkpoint on its own (a new placement: both experts on it), the log and
-/// `/status` say so, and the job finishes. (Restoring an expert from a live replica is not
-/// built: any MoE worker's death rolls back.)
+/// `/status` say so, and the job finishes.
 #[test]
 fn a_dead_moe_worker_rolls_every_rank_back_to_the_checkpoint() {
     let moe = "[model.vit]\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\n\
@@ -488,4 +514,72 @@ fn a_dead_moe_worker_rolls_every_rank_back_to_the_checkpoint() {
     let out = c.read(survivor, "stdout");
     assert!(out.contains("rolled back to"), "{out}\n{}", c.logs());
     assert!(out.contains("rank 0 finished"), "{out}");
+}
+
+/// MoE with replicas: 2 experts on 4 workers, so each expert lives on two of them. A worker
+/// SIGKILLed mid-epoch takes one replica of its expert with it; the other 3 regroup without a
+/// rollback, keep the surviving replicas (new ranks, new placement version), and train on
+/// from their own state. Then a replacement joins the running job and takes a replica (of the
+/// expert left with one) from the members. The job finishes, no checkpoint is read (there is
+/// none), the audit proves every sample of every epoch trained exactly once, the shared
+/// parameters are bit-identical on all four, and so is every replica of each expert.
+#[test]
+fn a_dead_moe_worker_whose_expert_has_a_replica_is_replaced_by_it_without_rollback() {
+    let moe = "[model.vit]\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\n\
+               [moe]\nexperts = 2\nvit_blocks = [1]\ntop_k = 1\n";
+    let c = HandCluster::with_job(
+        "moe-replica",
+        moe,
+        &[
+            "cluster.world_size=4",
+            "cluster.min_workers=3",
+            // A multiple of 4 × 8 and of 3 × 8 (workers × micro-batch).
+            "train.global_batch=96",
+            "model.encoder=vit",
+            "optim.kind=adamw",
+            "optim.lr=0.002",
+        ],
+    );
+    c.coordinator("coordinator");
+    let names = ["w0", "w1", "w2", "w3"];
+    for w in names {
+        c.worker(w);
+    }
+    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
+        s.step >= 5 && s.workers.len() == 4
+    });
+    c.kill("w2"); // SIGKILL, mid-epoch (an epoch is 22 steps)
+    let regrouped = c.wait_for("the survivors regrouping", Duration::from_secs(120), |s| {
+        s.generation > before.generation
+    });
+    c.worker("w4");
+    let after = c.finished(Duration::from_secs(400));
+    let survivors = ["w0", "w1", "w3", "w4"];
+    c.assert_exit_ok(&survivors);
+    let joined = c.read("w4", "stderr");
+    assert!(joined.contains("joined the running job"), "{joined}");
+    assert!(
+        after.generation > regrouped.generation,
+        "the replacement formed none"
+    );
+    assert!(after.generation > before.generation, "no new generation");
+    assert!(after.rollbacks.is_empty(), "{:#?}", after.rollbacks);
+    let out: String = survivors.iter().map(|n| c.read(n, "stdout")).collect();
+    assert!(
+        out.contains("regrouped as generation") && out.contains("with 3 workers"),
+        "{out}"
+    );
+    assert!(out.contains("with 4 workers"), "{out}");
+    assert!(!out.contains("rolled back"), "{out}");
+    c.assert_audit_exactly_once();
+    c.assert_same_parameters(&survivors);
+    assert_eq!(
+        c.assert_same_expert_replicas(&survivors),
+        2,
+        "both experts survive"
+    );
+    eprintln!(
+        "killed at step {}, generation {} -> {}; finished at step {}",
+        before.step, before.generation, after.generation, after.step
+    );
 }

@@ -138,6 +138,17 @@ impl JobConfig {
     /// Checks each section and the relations between them; every error names the offending
     /// key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_sections(true)
+    }
+
+    /// [`JobConfig::validate`] for a job going on with another `cluster.world_size` after a
+    /// membership change: the coordinator places the experts explicitly then, so the default
+    /// spread's rule (experts a multiple or divisor of the workers) does not apply.
+    pub fn validate_resized(&self) -> Result<(), ConfigError> {
+        self.validate_sections(false)
+    }
+
+    fn validate_sections(&self, default_spread: bool) -> Result<(), ConfigError> {
         self.cluster.validate_world_size()?;
         self.train.validate(self.cluster.world_size)?;
         self.data.validate()?;
@@ -166,7 +177,7 @@ impl JobConfig {
             text_layers,
             m.has_projector(kind),
             kind,
-            self.cluster.world_size,
+            default_spread.then_some(self.cluster.world_size),
         )
     }
 }

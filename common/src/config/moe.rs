@@ -2,6 +2,7 @@
 //! spread over the workers.
 
 use super::{err, ConfigError, ObjectiveKind};
+use crate::experts::spread_fits;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -86,14 +87,15 @@ impl MoeConfig {
 
     /// Checks the section against the model it modifies; `vit_layers` is None when the image
     /// encoder is not a ViT, `text_layers` None without a text tower, `has_projector` whether
-    /// the model has an MLP projector.
+    /// the model has an MLP projector; `spread_world` the world size the default spread must
+    /// serve (None: the coordinator places the experts explicitly).
     pub(super) fn validate(
         &self,
         vit_layers: Option<u32>,
         text_layers: Option<u32>,
         has_projector: bool,
         objective: ObjectiveKind,
-        world_size: u32,
+        spread_world: Option<u32>,
     ) -> Result<(), ConfigError> {
         if !self.enabled() {
             if !self.vit_blocks.is_empty() || !self.text_blocks.is_empty() || self.projector {
@@ -153,8 +155,8 @@ impl MoeConfig {
                  encoder would need its own expert placement)",
             ));
         }
-        let (e, w) = (self.experts, world_size);
-        if !(e.is_multiple_of(w) || w.is_multiple_of(e)) {
+        if let Some(w) = spread_world.filter(|&w| !spread_fits(self.experts, w)) {
+            let e = self.experts;
             return Err(err(
                 "moe.experts",
                 format!(

@@ -16,8 +16,9 @@ pub struct Regroupable {
 
 enum Mesh {
     Connected(TcpCollective),
-    /// A regroup failed: the listener waits for the next one.
-    Unconnected(TcpBootstrap),
+    /// No mesh (a regroup failed, or none was built yet): the listener waits for the next
+    /// regroup, and the place (rank, world) last assigned is what the collective reports.
+    Unconnected(TcpBootstrap, usize, usize),
     /// Only while a regroup is under way.
     Rebuilding,
 }
@@ -30,10 +31,11 @@ impl Regroupable {
     }
 
     /// A listener with no mesh yet: the first [`Regroupable::regroup`] builds one (a
-    /// replacement joining a running job).
-    pub fn unconnected(bootstrap: TcpBootstrap) -> Self {
+    /// replacement joining a running job). Until then it reports `rank` of `world`, the place
+    /// it was assigned (an MoE model is built for it before the mesh exists).
+    pub fn unconnected(bootstrap: TcpBootstrap, rank: usize, world: usize) -> Self {
         Self {
-            mesh: RwLock::new(Mesh::Unconnected(bootstrap)),
+            mesh: RwLock::new(Mesh::Unconnected(bootstrap, rank, world)),
         }
     }
 
@@ -50,13 +52,14 @@ impl Regroupable {
         let mut slot = self.mesh.write().unwrap_or_else(|p| p.into_inner());
         let bootstrap = match std::mem::replace(&mut *slot, Mesh::Rebuilding) {
             Mesh::Connected(old) => old.into_bootstrap(),
-            Mesh::Unconnected(b) => b,
+            Mesh::Unconnected(b, ..) => b,
             Mesh::Rebuilding => {
                 return Err(CollectiveError::Usage(
                     "a regroup panicked earlier: no listener to rebuild on".into(),
                 ))
             }
         };
+        let world = peer_addrs.len();
         match bootstrap
             .with_generation(generation)
             .try_connect(rank, peer_addrs, timeout)
@@ -67,9 +70,18 @@ impl Regroupable {
             }
             Err(failed) => {
                 let (e, bootstrap) = *failed;
-                *slot = Mesh::Unconnected(bootstrap);
+                *slot = Mesh::Unconnected(bootstrap, rank, world);
                 Err(e)
             }
+        }
+    }
+
+    /// (rank, world) of the mesh, or of the place last assigned while there is none.
+    fn place(&self) -> (usize, usize) {
+        match &*self.mesh.read().unwrap_or_else(|p| p.into_inner()) {
+            Mesh::Connected(m) => (m.rank(), m.world_size()),
+            Mesh::Unconnected(_, rank, world) => (*rank, *world),
+            Mesh::Rebuilding => (0, 0),
         }
     }
 
@@ -86,11 +98,11 @@ impl Regroupable {
 
 impl Collective for Regroupable {
     fn rank(&self) -> usize {
-        self.with(|m| Ok(m.rank())).unwrap_or(0)
+        self.place().0
     }
 
     fn world_size(&self) -> usize {
-        self.with(|m| Ok(m.world_size())).unwrap_or(0)
+        self.place().1
     }
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {

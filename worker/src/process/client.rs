@@ -207,11 +207,14 @@ impl Coordinator {
     /// After a failure: waits (up to `wait`) for the coordinator to start a generation newer
     /// than this worker's, and returns this worker's place in it. Fails when this worker is
     /// not a member (it was declared dead) or the job ended.
-    /// `suspect_rank`: the peer (rank of this worker's generation) whose connection failed.
+    /// `suspect_rank`: the peer (rank of this worker's generation) whose connection failed;
+    /// `rollback_reason`: why the members must roll back to the latest checkpoint ("" when
+    /// they need not).
     pub async fn regroup(
         &mut self,
         wait: Duration,
         suspect_rank: Option<usize>,
+        rollback_reason: &str,
     ) -> Result<Assignment> {
         let after = self.generation();
         let request = proto::RendezvousRequest {
@@ -219,11 +222,12 @@ impl Coordinator {
             generation: after,
             after_generation: after,
             suspect_rank: suspect_rank.map(|r| r as u32),
+            rollback_reason: rollback_reason.to_string(),
         };
         let call = self.retry(
             || "regrouping with the coordinator".into(),
             |mut c| {
-                let r = request;
+                let r = request.clone();
                 async move { c.rendezvous(r).await }
             },
         );
@@ -243,12 +247,13 @@ impl Coordinator {
             generation: self.generation(),
             after_generation: 0,
             suspect_rank: None,
+            rollback_reason: String::new(),
         };
         let r = self
             .retry(
                 || "rendezvous with the coordinator".into(),
                 |mut c| {
-                    let r = request;
+                    let r = request.clone();
                     async move { c.rendezvous(r).await }
                 },
             )

@@ -215,6 +215,16 @@ impl<'a> CoordinatedHooks<'a> {
         self.progress.regroup.store(false, Ordering::SeqCst);
     }
 
+    /// The job's model with its experts placed by `placement`.
+    pub fn model_for(&self, placement: ExpertPlacement) -> Result<ContrastiveModel> {
+        let b = &self.model_builder;
+        let opts = BuildOptions {
+            tokenizer: b.tokenizer.as_deref(),
+            experts: Some((b.coll.clone(), Some(placement))),
+        };
+        ContrastiveModel::build(self.cfg, b.device, opts)
+    }
+
     /// After a regroup: this worker's rank and world in the new generation.
     pub fn set_membership(&mut self, asg: &Assignment) {
         self.rank = asg.rank;
@@ -488,12 +498,7 @@ impl TrainHooks for CoordinatedHooks<'_> {
     }
 
     fn build_model(&mut self, placement: ExpertPlacement) -> Result<ContrastiveModel> {
-        let b = &self.model_builder;
-        let opts = BuildOptions {
-            tokenizer: b.tokenizer.as_deref(),
-            experts: Some((b.coll.clone(), Some(placement))),
-        };
-        ContrastiveModel::build(self.cfg, b.device, opts)
+        self.model_for(placement)
     }
 }
 

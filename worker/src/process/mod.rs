@@ -23,7 +23,7 @@ use crate::objective::build_objective;
 use crate::optim;
 use crate::tokenize::{ByteTokenizer, HfTokenizer, Tokenizer};
 use crate::train::checkpoint::{read_checkpoint, safetensors_to_tensors};
-use crate::train::trainer::{train, StartPoint, TrainHooks};
+use crate::train::trainer::{train, StartPoint};
 use anyhow::{Context, Result};
 use client::Coordinator;
 use contrail_common::auth::JobToken;
@@ -122,7 +122,11 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
             if recoverable && asg.joining {
                 // A replacement forms its first generation like a survivor forms the next one
                 // (`train_rank`), so a member dying meanwhile only means another try.
-                let r = Arc::new(Regroupable::unconnected(bootstrap));
+                let r = Arc::new(Regroupable::unconnected(
+                    bootstrap,
+                    asg.rank,
+                    asg.world_size,
+                ));
                 (r.clone(), Some(r))
             } else {
                 let tcp = bootstrap
@@ -259,7 +263,7 @@ fn train_rank(
             cfg,
             regroup,
             coll.as_ref(),
-            (&mut model, opt.as_mut(), &hooks),
+            (&mut model, &mut opt, &hooks),
             (0, 0),
             Attempt::First(asg.clone()),
         )
@@ -300,7 +304,7 @@ fn train_rank(
             cfg,
             regroup,
             coll.as_ref(),
-            (&mut model, opt.as_mut(), &hooks),
+            (&mut model, &mut opt, &hooks),
             last,
             Attempt::After(format!("{e:#}"), recovery::failed_peer(e)),
         )?;
@@ -313,7 +317,7 @@ fn train_rank(
                 .placement
                 .clone()
                 .context("the coordinator sent a rollback without an expert placement")?;
-            model = hooks.build_model(placement)?;
+            model = hooks.model_for(placement)?;
             model.set_compute(device::choose_compute(cfg, device)?);
             opt = optim::build(&cfg.optim, model.named_parameters());
             load_checkpoint(rt, cfg, &mut model, opt.as_mut(), &next.resume_checkpoint)?;
@@ -348,12 +352,14 @@ fn train_rank(
     let summary = summary?;
     flushed?;
     checkpointed?;
-    // Every rank ends with the same parameters; the digest lets a log (and the recovery
-    // tests) show it. Hashing the weights costs a pass over them, so only when logged.
+    // Every rank ends with the same parameters (every replica of an expert with the same
+    // expert); the digests let a log (and the recovery tests) show it. Hashing the weights
+    // costs a pass over them, so only when logged.
     if tracing::enabled!(tracing::Level::INFO) {
         tracing::info!(
             rank = hooks.rank(),
             digest = %recovery::parameter_digest(&model)?,
+            experts = %recovery::expert_digests(&model)?,
             "final parameters"
         );
     }
@@ -398,18 +404,28 @@ fn load_checkpoint(
     Ok(())
 }
 
-/// How [`form_generation`] starts: with the assignment a replacement got at rendezvous, or
-/// by asking the coordinator for the next generation after a failure (and the peer it names).
+/// How [`form_generation`] starts: with the assignment a replacement got at rendezvous, by
+/// asking the coordinator for the next generation after a failure (and the peer it names),
+/// or by asking it to roll every member back to the checkpoint (why).
 enum Attempt {
     First(client::Assignment),
     After(String, Option<usize>),
+    RollBack(String),
+}
+
+/// What a formed generation agreed on: the (epoch, step) to train on from, or that its MoE
+/// state cannot be agreed and it must roll back (why).
+enum Agreed {
+    At(u32, u64),
+    RollBack(String),
 }
 
 /// Forms a generation and agrees on its state: builds the mesh on this worker's listener,
-/// then takes the most advanced member's state (`recovery::agree_on_state`). A peer that
-/// fails meanwhile sends everyone back to the coordinator for the generation after, as often
-/// as it takes (each try is bounded by the collective timeout). Returns this worker's place
-/// and the (epoch, step) to train on from.
+/// then takes the most advanced member's state (`recovery::agree_on_state`; with MoE blocks
+/// each expert from a surviving replica, `recovery::agree_on_moe_state`). A peer that fails
+/// meanwhile sends everyone back to the coordinator for the generation after, as often as it
+/// takes (each try is bounded by the collective timeout). Returns this worker's place and
+/// the (epoch, step) to train on from.
 #[allow(clippy::too_many_arguments)]
 fn form_generation(
     rt: &tokio::runtime::Runtime,
@@ -419,7 +435,7 @@ fn form_generation(
     coll: &dyn Collective,
     (model, opt, hooks): (
         &mut ContrastiveModel,
-        &mut dyn optim::Optimizer,
+        &mut Box<dyn optim::Optimizer>,
         &coordinated::CoordinatedHooks<'_>,
     ),
     last: (u32, u64),
@@ -435,9 +451,12 @@ fn form_generation(
             Attempt::First(asg) => asg,
             Attempt::After(failure, suspect) => {
                 hooks.clear_regroup_request();
-                rt.block_on(coord.regroup(wait, suspect))
+                rt.block_on(coord.regroup(wait, suspect, ""))
                     .with_context(|| format!("regrouping after: {failure}"))?
             }
+            Attempt::RollBack(why) => rt
+                .block_on(coord.regroup(wait, None, &why))
+                .with_context(|| format!("rolling back after: {why}"))?,
         };
         let formed = regroup
             .regroup(
@@ -450,13 +469,49 @@ fn form_generation(
             .and_then(|()| {
                 if next.rollback {
                     // The state comes from the checkpoint (the caller loads it).
-                    return Ok((next.resume_epoch, next.resume_step));
+                    return Ok(Agreed::At(next.resume_epoch, next.resume_step));
                 }
-                recovery::agree_on_state(coll, model, opt, hooks.trained_set(), last)
-                    .context("taking the most advanced member's state")
+                if model.moe().is_none() {
+                    let (epoch, step) = recovery::agree_on_state(
+                        coll,
+                        model,
+                        opt.as_mut(),
+                        hooks.trained_set(),
+                        last,
+                    )
+                    .context("taking the most advanced member's state")?;
+                    return Ok(Agreed::At(epoch, step));
+                }
+                let placement = next
+                    .placement
+                    .clone()
+                    .context("the coordinator sent no expert placement for an MoE job")?;
+                let agreed = recovery::agree_on_moe_state(
+                    coll,
+                    model,
+                    opt,
+                    hooks.trained_set(),
+                    last,
+                    placement,
+                    &cfg.optim,
+                    &mut |p| hooks.model_for(p),
+                )
+                .context("taking the experts over from their surviving replicas")?;
+                Ok(match agreed {
+                    recovery::MoeAgreement::Agreed(epoch, step) => Agreed::At(epoch, step),
+                    recovery::MoeAgreement::RollBack(why) => Agreed::RollBack(why),
+                })
             });
         match formed {
-            Ok((epoch, step)) => return Ok((next, epoch, step)),
+            Ok(Agreed::At(epoch, step)) => return Ok((next, epoch, step)),
+            Ok(Agreed::RollBack(why)) => {
+                eprintln!(
+                    "rank {} of generation {}: {why}; asking the coordinator for a rollback to \
+                     the latest checkpoint",
+                    next.rank, next.generation
+                );
+                attempt = Attempt::RollBack(why);
+            }
             Err(e) if recovery::is_peer_failure(&e) => {
                 eprintln!(
                     "rank {} of generation {}: {e:#}; regrouping again",

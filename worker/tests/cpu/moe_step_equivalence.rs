@@ -21,6 +21,7 @@ use contrail_worker::objective::build_objective;
 use contrail_worker::optim;
 use contrail_worker::tokenize::ByteTokenizer;
 use contrail_worker::train::rebalance::move_experts;
+use contrail_worker::train::restore;
 use contrail_worker::train::step::{train_step, StepClock};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -283,4 +284,176 @@ fn moving_experts_between_steps_changes_only_where_they_live() {
         &[vec![vec![2], vec![3], vec![0], vec![3]]],
         Some(&hot),
     );
+}
+
+/// A worker dies after the first step: the survivors take the experts it held from their
+/// surviving replicas (`train::restore`) onto a placement in their new ranks, and the second
+/// step, on the 3 left, ends where one rank with the whole batch ends. Two placements: the
+/// coordinator's (each expert stays where it survived, nothing travels) and one where every
+/// survivor receives an expert it did not hold.
+#[test]
+fn survivors_take_a_dead_ranks_experts_from_replicas_and_match_one_rank() {
+    let mut cfg = config("simclr");
+    cfg.moe.experts = 2;
+    let reference = run(&cfg, &[vec![SAMPLES]]).remove(0);
+    // Spread over 4: expert 0 on {0, 2}, expert 1 on {1, 3}. Rank 1 dies; old ranks 0, 2, 3
+    // become 0, 1, 2.
+    let survivors = [0u32, 2, 3];
+    let kept = BlockPlacement::spread(2, 4).keep_ranks(&survivors).unwrap();
+    let moved = BlockPlacement {
+        holders: vec![vec![2], vec![0, 1]],
+    };
+    for target in [kept, moved] {
+        let placement = ExpertPlacement {
+            version: 2,
+            blocks: vec![target.clone()],
+        };
+        let before: Vec<Vec<i64>> = vec![vec![2], vec![3], vec![0], vec![3]];
+        let after: Vec<Vec<i64>> = vec![vec![3], vec![1], vec![4]];
+        // All survivors committed the first step: each holds its old experts usably.
+        let usable = vec![
+            vec![vec![true, false]],
+            vec![vec![true, false]],
+            vec![vec![false, true]],
+        ];
+        let group_after =
+            std::sync::Mutex::new(LocalGroup::new(3).into_iter().map(Some).collect::<Vec<_>>());
+        let results: Vec<Option<BTreeMap<String, Tensor>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = LocalGroup::new(4)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, coll)| {
+                    let (cfg, data) = (&cfg, batches(&cfg));
+                    let (before, after, usable) = (&before, &after, &usable);
+                    let (placement, group_after) = (&placement, &group_after);
+                    scope.spawn(move || {
+                        tch::set_num_threads(1);
+                        let build = |coll: Arc<dyn Collective>, p: Option<ExpertPlacement>| {
+                            let opts = BuildOptions {
+                                tokenizer: Some(&ByteTokenizer::new()),
+                                experts: Some((coll, p)),
+                            };
+                            ContrastiveModel::build(cfg, Device::Cpu, opts)
+                        };
+                        let step = |model: &ContrastiveModel,
+                                    opt: &mut dyn optim::Optimizer,
+                                    coll: &dyn Collective,
+                                    plan: &[Vec<i64>],
+                                    rank: usize,
+                                    i: usize| {
+                            let counts: Vec<i64> = plan.iter().map(|p| p.iter().sum()).collect();
+                            let ranges = support::micro_batch_ranges(plan, rank);
+                            let (v1, v2) = &data[i];
+                            let micro = support::slice_micro_batches(v1, v2, &ranges);
+                            let clock = StepClock {
+                                step: i as u64,
+                                total_steps: 10,
+                            };
+                            train_step(
+                                model,
+                                opt,
+                                build_objective(cfg).as_mut(),
+                                &micro,
+                                0.5,
+                                coll,
+                                &counts,
+                                clock,
+                            )
+                            .unwrap_or_else(|e| panic!("rank {rank} step {i}: {e:#}"));
+                        };
+                        let coll: Arc<dyn Collective> = Arc::new(coll);
+                        let model = seeded(5, || build(coll.clone(), None).unwrap());
+                        let mut opt = optim::build(&cfg.optim, model.named_parameters());
+                        step(&model, opt.as_mut(), coll.as_ref(), before, rank, 0);
+                        let new_rank = survivors.iter().position(|&r| r as usize == rank)?;
+                        let held = restore::held_experts(&model, 2).unwrap();
+                        assert_eq!(held, usable[new_rank], "old rank {rank} holds its spread");
+                        let next: Arc<dyn Collective> =
+                            Arc::new(group_after.lock().unwrap()[new_rank].take().unwrap());
+                        let restored = restore::restore_experts(
+                            next.as_ref(),
+                            &model,
+                            opt.as_ref(),
+                            usable,
+                            0,
+                            placement.clone(),
+                            &cfg.optim,
+                            &mut |p| seeded(0, || build(next.clone(), Some(p))),
+                        )
+                        .unwrap_or_else(|e| panic!("rank {new_rank}: {e:#}"));
+                        let restore::Restored::Ready(model, mut opt) = restored else {
+                            panic!("every expert has a usable replica");
+                        };
+                        let model = *model;
+                        assert_eq!(model.moe().unwrap().placement(), placement);
+                        step(&model, opt.as_mut(), next.as_ref(), after, new_rank, 1);
+                        Some(
+                            model
+                                .named_variables()
+                                .into_iter()
+                                .map(|(n, t)| (n, t.detach().copy()))
+                                .collect(),
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let survivors_vars: Vec<_> = results.into_iter().flatten().collect();
+        assert_eq!(survivors_vars.len(), 3);
+        for (rank, vars) in survivors_vars.iter().enumerate() {
+            let experts = vars.keys().filter(|n| n.contains(".moe.experts.")).count();
+            assert_eq!(experts, 4 * target.local_experts(rank as u32).len());
+            for (name, t) in vars {
+                let d = (t - &reference[name]).abs().max().double_value(&[]);
+                assert!(d <= TOLERANCE, "{target:?} rank {rank}: |Δ| {d} at {name}");
+            }
+        }
+    }
+}
+
+/// No survivor holds expert 1 at the agreed step (its replicas stopped a step behind): the
+/// restore says so and leaves everything as it was.
+#[test]
+fn an_expert_without_a_usable_replica_is_not_restored() {
+    let mut cfg = config("simclr");
+    cfg.moe.experts = 2;
+    let placement = ExpertPlacement {
+        version: 2,
+        blocks: vec![BlockPlacement::spread(2, 2)],
+    };
+    let outcomes: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = LocalGroup::new(2)
+            .into_iter()
+            .map(|coll| {
+                let (cfg, placement) = (&cfg, &placement);
+                scope.spawn(move || {
+                    let coll: Arc<dyn Collective> = Arc::new(coll);
+                    let model = seeded(5, || {
+                        let opts = BuildOptions {
+                            tokenizer: None,
+                            experts: Some((coll.clone(), None)),
+                        };
+                        ContrastiveModel::build(cfg, Device::Cpu, opts).unwrap()
+                    });
+                    let opt = optim::build(&cfg.optim, model.named_parameters());
+                    let usable = vec![vec![vec![true, false]], vec![vec![false, false]]];
+                    let restored = restore::restore_experts(
+                        coll.as_ref(),
+                        &model,
+                        opt.as_ref(),
+                        &usable,
+                        0,
+                        placement.clone(),
+                        &cfg.optim,
+                        &mut |_| panic!("nothing is rebuilt"),
+                    )
+                    .unwrap();
+                    matches!(restored, restore::Restored::ExpertsBehind(why) if why.contains("expert 1"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(outcomes, vec![true, true]);
 }
