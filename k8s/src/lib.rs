@@ -675,7 +675,7 @@ fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpe
 /// pod joins them) or fails the worker Job (and, with a JobSet, restarts the whole job).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Replacement {
-    /// `cluster.min_workers = 0`, or a job recovery does not cover yet (GPUs, NCCL).
+    /// `cluster.min_workers = 0`.
     WholeJob,
     /// Per-index retries of the Indexed Job, a new pod only once the old one is gone.
     PerPod,
@@ -683,7 +683,7 @@ enum Replacement {
 
 impl Replacement {
     fn of(cfg: &JobConfig) -> Self {
-        if cfg.cluster.min_workers > 0 && !cfg.cluster.requires_gpu() {
+        if cfg.cluster.min_workers > 0 {
             Replacement::PerPod
         } else {
             Replacement::WholeJob

@@ -558,13 +558,13 @@ fn the_job_token_lives_in_a_secret_that_every_pod_reads() {
     assert!(format!("{:#}", render(&job(), &o).unwrap_err()).contains("at least 16"));
 }
 
-/// `cluster.min_workers > 0` on a CPU job (MoE too: its survivors keep the experts' replicas
+/// `cluster.min_workers > 0` (MoE too: its survivors keep the experts' replicas
 /// or roll back, and a replacement joins with a replica): a failed worker pod is replaced on
 /// its own (per-index retries, a new pod only once the old one terminated) instead of failing
-/// the worker Job; without it, or on GPUs (recovery does not cover NCCL yet), one failure
-/// fails the Job as before. Both pass the strict schema check in `schema.rs` through `cases()`.
+/// the worker Job, on CPUs and GPUs (NCCL) alike; without it one failure fails the Job as
+/// before. Both pass the strict schema check in `schema.rs` through `cases()`.
 #[test]
-fn min_workers_on_the_cpu_replaces_failed_worker_pods_one_by_one() {
+fn min_workers_replaces_failed_worker_pods_one_by_one() {
     for crd in [Crd::JobSet, Crd::None] {
         let o = opts(crd, 3, 0);
         let mut cfg = job();
@@ -593,14 +593,15 @@ fn min_workers_on_the_cpu_replaces_failed_worker_pods_one_by_one() {
             (Some(0), None)
         );
 
+        // NCCL jobs regroup too (a fresh communicator per generation).
         let o = opts(crd, 3, 1);
         cfg.cluster.min_workers = 2;
         cfg.cluster.backend = Backend::Nccl;
         let spec = parts(&render(&cfg, &o).unwrap()).worker_job;
         assert_eq!(
             (spec.backoff_limit, spec.backoff_limit_per_index),
-            (Some(0), None),
-            "NCCL jobs do not recover yet"
+            (None, Some(3)),
+            "NCCL {crd:?}"
         );
     }
 }

@@ -14,6 +14,10 @@ impl<C: Collective> HostStaged<C> {
     pub fn new(inner: C) -> Self {
         Self { inner }
     }
+
+    pub fn into_inner(self) -> C {
+        self.inner
+    }
 }
 
 fn host(t: &Tensor) -> Tensor {

@@ -2,16 +2,14 @@
 //! collective backend (`cluster.backend`) and the compute settings (`train.precision`,
 //! `train.channels_last`), decided from the config and what libtorch sees.
 
-use crate::dist::nccl::{nccl_unique_id, NcclCollective, NCCL_UNIQUE_ID_BYTES, NO_GPU_MESSAGE};
-use crate::dist::staged::HostStaged;
-use crate::dist::tcp::TcpCollective;
-use crate::dist::Collective;
+use crate::dist::nccl::NO_GPU_MESSAGE;
+use crate::dist::regroup::Transport;
 use crate::nn::compute::{use_bf16_for_cuda_autocast, Compute};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use contrail_common::config::{Backend, DeviceSetting, Precision};
 use contrail_common::JobConfig;
 use std::time::Duration;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 /// The device `cluster.device` names for `rank`, given `gpus` visible CUDA devices.
 pub fn choose_device(setting: DeviceSetting, rank: usize, gpus: usize) -> Result<Device> {
@@ -58,38 +56,19 @@ pub fn choose_compute(cfg: &JobConfig, device: Device) -> Result<Compute> {
     })
 }
 
-/// The collective the worker trains with. The TCP mesh is always connected first (it is the
-/// bootstrap: NCCL's unique id travels over it from rank 0, so no extra coordinator round is
-/// needed); with NCCL it then stays idle.
-pub fn connect_collective(
-    tcp: TcpCollective,
-    nccl: bool,
-    device: Device,
-    timeout: Duration,
-) -> Result<Box<dyn Collective>> {
-    let rank = tcp.rank();
-    let world = tcp.world_size();
-    if !nccl {
-        return Ok(if device.is_cuda() {
-            Box::new(HostStaged::new(tcp))
-        } else {
-            Box::new(tcp)
-        });
-    }
-    let Device::Cuda(index) = device else {
-        bail!("{NO_GPU_MESSAGE}");
-    };
-    let mut id = if rank == 0 {
-        Tensor::from_slice(&nccl_unique_id().context("creating the NCCL unique id")?)
-    } else {
-        Tensor::zeros([NCCL_UNIQUE_ID_BYTES as i64], (Kind::Uint8, Device::Cpu))
-    };
-    tcp.broadcast(&mut id, 0)
-        .context("sending the NCCL unique id from rank 0")?;
-    let id: Vec<u8> = Vec::try_from(&id).context("reading the NCCL unique id")?;
-    let nccl = NcclCollective::new(rank, world, &id, index, timeout)
-        .with_context(|| format!("rank {rank}: joining the NCCL communicator on cuda:{index}"))?;
-    Ok(Box::new(nccl))
+/// What the worker's collective runs on above its TCP mesh. The TCP mesh is always connected
+/// first (it is the bootstrap: NCCL's unique id travels over it from rank 0, so no extra
+/// coordinator round is needed); with NCCL it then only serves to form generations.
+pub fn transport(nccl: bool, device: Device, timeout: Duration) -> Result<Transport> {
+    Ok(match (nccl, device) {
+        (false, Device::Cuda(_)) => Transport::HostStaged,
+        (false, _) => Transport::Tcp,
+        (true, Device::Cuda(index)) => Transport::Nccl {
+            device: index,
+            timeout,
+        },
+        (true, _) => bail!("{NO_GPU_MESSAGE}"),
+    })
 }
 
 #[cfg(test)]

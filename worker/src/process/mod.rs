@@ -113,35 +113,30 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
         let device = device::choose_device(cfg.cluster.device, asg.rank, gpus)?;
         let nccl = device::use_nccl(cfg.cluster.backend, device)?;
         let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
-        // Recovery (cluster.min_workers) rebuilds the TCP mesh in place (an MoE job rolls back
-        // to its checkpoint on it); NCCL communicators and host staging do not regroup yet.
-        let recoverable = cfg.cluster.min_workers > 0 && !nccl && !device.is_cuda();
+        let transport = device::transport(nccl, device, timeout)?;
+        // Recovery (cluster.min_workers) rebuilds the mesh in place: a new TCP mesh and, with
+        // NCCL, a new communicator (the old one aborted).
+        let recoverable = cfg.cluster.min_workers > 0;
         let bootstrap = bootstrap.with_generation(coord.generation());
         // Shared: the MoE blocks of the model exchange tokens through it too.
-        let (coll, regroup): (Arc<dyn Collective>, Option<Arc<Regroupable>>) =
-            if recoverable && asg.joining {
-                // A replacement forms its first generation like a survivor forms the next one
-                // (`train_rank`), so a member dying meanwhile only means another try.
-                let r = Arc::new(Regroupable::unconnected(
-                    bootstrap,
-                    asg.rank,
-                    asg.world_size,
-                ));
-                (r.clone(), Some(r))
-            } else {
-                let tcp = bootstrap
-                    .connect(asg.rank, asg.peers.clone(), timeout)
-                    .context("connecting to the other workers")?;
-                if recoverable {
-                    let r = Arc::new(Regroupable::new(tcp));
-                    (r.clone(), Some(r))
-                } else {
-                    (
-                        Arc::from(device::connect_collective(tcp, nccl, device, timeout)?),
-                        None,
-                    )
-                }
-            };
+        let r = if recoverable && asg.joining {
+            // A replacement forms its first generation like a survivor forms the next one
+            // (`train_rank`), so a member dying meanwhile only means another try.
+            Regroupable::unconnected(bootstrap, asg.rank, asg.world_size, transport)
+        } else {
+            let tcp = bootstrap
+                .connect(asg.rank, asg.peers.clone(), timeout)
+                .context("connecting to the other workers")?;
+            Regroupable::new(tcp, transport).with_context(|| {
+                format!(
+                    "rank {}: setting up the collective ({transport:?})",
+                    asg.rank
+                )
+            })?
+        };
+        let r = Arc::new(r);
+        let coll: Arc<dyn Collective> = r.clone();
+        let regroup = recoverable.then_some(r);
         tracing::info!(
             rank = asg.rank,
             ?device,

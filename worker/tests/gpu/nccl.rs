@@ -404,3 +404,57 @@ fn setup_times_out_when_a_rank_never_joins() {
     );
     eprintln!("checked: setup without rank 1 failed after {waited:?}: {e:#}");
 }
+
+/// A regroup of an NCCL collective aborts the old communicator and joins a fresh one (a new
+/// unique id sent over the rebuilt TCP mesh): operations work before and after, at world size
+/// 1 (NCCL refuses two ranks on one GPU). A regroup whose peer never comes leaves it unusable
+/// with an error, and the next regroup restores it.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --include-ignored on a GPU machine"]
+fn a_regroup_replaces_the_communicator() {
+    use contrail_worker::dist::regroup::{Regroupable, Transport};
+    use contrail_worker::dist::tcp::TcpCollective;
+    let device = cuda();
+    within(Duration::from_secs(120), "regrouping NCCL", move || {
+        let boot = TcpCollective::bind("127.0.0.1:0").unwrap();
+        let addr = boot.local_addr().unwrap().to_string();
+        let tcp = boot.connect(0, vec![addr.clone()], TIMEOUT).unwrap();
+        let transport = Transport::Nccl {
+            device: 0,
+            timeout: TIMEOUT,
+        };
+        let c = Regroupable::new(tcp, transport).expect("generation 1's communicator");
+        let sum = |c: &Regroupable| {
+            let mut t = sample(4, 3, Kind::Float, 1).to_device(device);
+            c.all_reduce_sum(&mut t).expect("all_reduce_sum");
+            t
+        };
+        assert_same(
+            &sum(&c),
+            &sample(4, 3, Kind::Float, 1),
+            "generation 1 all_reduce",
+        );
+        c.regroup(0, vec![addr.clone()], 2, TIMEOUT)
+            .expect("generation 2's communicator");
+        assert_same(
+            &sum(&c),
+            &sample(4, 3, Kind::Float, 1),
+            "generation 2 all_reduce",
+        );
+        let never = TcpCollective::bind("127.0.0.1:0").unwrap();
+        let peers = vec![addr.clone(), never.local_addr().unwrap().to_string()];
+        assert!(c.regroup(0, peers, 3, Duration::from_millis(500)).is_err());
+        let mut t = Tensor::ones([2], (Kind::Float, device));
+        assert!(
+            c.all_reduce_sum(&mut t).is_err(),
+            "no communicator between generations"
+        );
+        c.regroup(0, vec![addr], 4, TIMEOUT)
+            .expect("generation 4's communicator");
+        assert_same(
+            &sum(&c),
+            &sample(4, 3, Kind::Float, 1),
+            "generation 4 all_reduce",
+        );
+    });
+}

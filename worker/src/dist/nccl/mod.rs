@@ -69,6 +69,32 @@ use library::Lib;
 /// Length of the id every rank passes to [`NcclCollective::new`] (`NCCL_UNIQUE_ID_BYTES`).
 pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
 
+/// Joins a new NCCL communicator of `mesh`'s ranks on `cuda:device` (collective): rank 0
+/// makes a fresh unique id and sends it over `mesh`, so every generation of a job gets its own
+/// communicator.
+pub fn join_over(
+    mesh: &dyn super::Collective,
+    device: usize,
+    timeout: Duration,
+) -> anyhow::Result<NcclCollective> {
+    use anyhow::Context;
+    use tch::{Kind, Tensor};
+    let rank = mesh.rank();
+    let mut id = if rank == 0 {
+        Tensor::from_slice(&nccl_unique_id().context("creating the NCCL unique id")?)
+    } else {
+        Tensor::zeros(
+            [NCCL_UNIQUE_ID_BYTES as i64],
+            (Kind::Uint8, tch::Device::Cpu),
+        )
+    };
+    mesh.broadcast(&mut id, 0)
+        .context("sending the NCCL unique id from rank 0")?;
+    let id: Vec<u8> = Vec::try_from(&id).context("reading the NCCL unique id")?;
+    NcclCollective::new(rank, mesh.world_size(), &id, device, timeout)
+        .with_context(|| format!("rank {rank}: joining the NCCL communicator on cuda:{device}"))
+}
+
 /// What a user who asked for the NCCL backend on a machine without a GPU reads.
 pub const NO_GPU_MESSAGE: &str =
     "cluster.backend = \"nccl\" needs a CUDA GPU; this machine has none";
