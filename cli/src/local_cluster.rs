@@ -1,17 +1,18 @@
-//! `contrail local`: a coordinator in this process and N worker processes on 127.0.0.1.
+//! `contrail local`: a coordinator process and N worker processes on 127.0.0.1.
 //!
-//! The workers are real processes (this same binary, `contrail worker`), so the local cluster
-//! exercises the same gRPC, collective and failure paths as a multi-machine job. The same
+//! They are real processes (this same binary, `contrail coordinator` and `contrail worker`),
+//! so the local cluster exercises the same gRPC, collective and failure paths as a
+//! multi-machine job, and a crashed coordinator is started again like a Kubernetes pod. The same
 //! harness runs the workers of a distributed export (`contrail embed --workers N`).
 
 use crate::commands::synth;
+use crate::status_client::fetch_status;
 use anyhow::{bail, Context, Result};
 use contrail_common::auth::{JobToken, TOKEN_ENV};
 use contrail_common::config::Backend;
-use contrail_common::status::{render_status_text, JobState};
+use contrail_common::status::{render_status_text, JobState, StatusReport};
 use contrail_common::storage::list_shards;
 use contrail_common::JobConfig;
-use contrail_coordinator::access::Access;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
@@ -73,10 +74,17 @@ pub fn run_local(
     run_cluster(rt, &cfg, workers, &["worker"], verbose)
 }
 
-/// Serves the job `cfg` from a coordinator in this process and runs `workers` child
-/// processes of this binary (`child_args`, then `--coordinator URL --threads N`) until the job
-/// ends, a child dies, or Ctrl-C; prints the final status. `contrail local` runs training
-/// workers this way, `contrail embed --workers N` embedding workers.
+/// How often a coordinator that crashed (killed, or exited other than 0, 1 or 130) is
+/// started again; it takes the job over from its journal.
+const COORDINATOR_RESTARTS: u32 = 3;
+
+/// Runs the job `cfg`: a coordinator child process (`contrail coordinator`) and `workers`
+/// child processes of this binary (`child_args`, then `--coordinator URL --threads N`) until
+/// the job ends or Ctrl-C. A coordinator that crashes is started again (up to
+/// [`COORDINATOR_RESTARTS`] times) when the job has a journal (`cluster.journal_url`, by
+/// default under `checkpoint.url`): it takes the job over while the workers keep training,
+/// as on Kubernetes. `contrail local` runs training workers this way, `contrail embed
+/// --workers N` embedding workers.
 pub fn run_cluster(
     rt: &Runtime,
     cfg: &JobConfig,
@@ -86,41 +94,31 @@ pub fn run_cluster(
 ) -> Result<()> {
     let mut cfg = cfg.clone();
     cfg.cluster.world_size = workers;
-    // Bind first, so `:0` in the config becomes a real port that the workers are given.
-    let grpc = rt
-        .block_on(tokio::net::TcpListener::bind(&cfg.cluster.grpc_addr))
-        .with_context(|| {
-            format!(
-                "binding the coordinator's gRPC address {}",
-                cfg.cluster.grpc_addr
-            )
-        })?;
-    let http = rt
-        .block_on(tokio::net::TcpListener::bind(&cfg.cluster.http_addr))
-        .with_context(|| format!("binding the status address {}", cfg.cluster.http_addr))?;
-    cfg.cluster.grpc_addr = grpc.local_addr()?.to_string();
-    cfg.cluster.http_addr = http.local_addr()?.to_string();
-
-    let toml = cfg.to_toml();
-    // A fresh token per run: the workers get it in their environment, nobody else has it.
+    // `:0` in the config becomes a real port that the coordinator binds and the workers dial.
+    cfg.cluster.grpc_addr = free_address(&cfg.cluster.grpc_addr, "the coordinator's gRPC")?;
+    cfg.cluster.http_addr = free_address(&cfg.cluster.http_addr, "the status")?;
+    let job_file = JobFile::write(&cfg)?;
+    // A fresh token per run: the processes get it in their environment, nobody else has it.
     let token = JobToken::generate()?;
-    let access = Access::with_job_token(token.clone());
-    let coordinator = rt.block_on(contrail_coordinator::Coordinator::new(
-        cfg.clone(),
-        toml,
-        Some(&token),
-    ))?;
-    let mut state = coordinator.watch_state();
-    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(coordinator.clone().serve(grpc, http, access, async {
-        let _ = shutdown_rx.await;
-    }));
+    let exe = std::env::current_exe().context("locating the contrail binary")?;
+    let start_coordinator = || -> Result<Child> {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["coordinator", "--config"])
+            .arg(&job_file.0)
+            .env(TOKEN_ENV, token.expose())
+            .stdin(Stdio::null());
+        if verbose {
+            cmd.env("CONTRAIL_LOG", "info");
+        }
+        cmd.spawn()
+            .with_context(|| format!("starting the coordinator ({})", exe.display()))
+    };
+    let mut coordinator = start_coordinator()?;
     let status_url = format!("http://{}", cfg.cluster.http_addr);
     println!(
         "coordinator: gRPC {} | status {status_url}/status",
         cfg.cluster.grpc_addr
     );
-    let exe = std::env::current_exe().context("locating the contrail binary to start workers")?;
     println!(
         "watch with: {} status --coordinator {status_url} --watch 2",
         exe.display()
@@ -162,17 +160,56 @@ pub fn run_cluster(
         });
     }
 
-    // Wait for the job to end, a worker process to die, or Ctrl-C.
+    // Wait for the coordinator to end the job (it prints the final status and exits 0 when
+    // the job finished, 1 when it failed), or for Ctrl-C. The latest status is kept for the
+    // error message and for a coordinator that cannot print it.
+    let journal = cfg.cluster.journal(&cfg.checkpoint.url);
     let started = Instant::now();
+    let mut last: Option<StatusReport> = None;
+    let mut last_poll = Instant::now() - Duration::from_secs(1);
+    let mut restarts = 0;
     let mut exited_early: Option<String> = None;
-    let final_state = loop {
-        let s = *state.borrow_and_update();
-        if s.is_terminal() {
-            break s;
-        }
+    let outcome = loop {
         if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-            println!("interrupted: stopping the workers");
-            break JobState::Failed;
+            println!("interrupted: stopping the coordinator and the workers");
+            let _ = coordinator.kill();
+            let _ = coordinator.wait();
+            break Outcome::Interrupted;
+        }
+        if last_poll.elapsed() >= Duration::from_millis(500) {
+            last_poll = Instant::now();
+            if let Ok(s) = rt.block_on(fetch_status(&status_url)) {
+                last = Some(s);
+            }
+        }
+        if let Some(code) = coordinator.try_wait().context("watching the coordinator")? {
+            match code.code() {
+                Some(0) => break Outcome::Ended(JobState::Finished),
+                Some(1) => break Outcome::Ended(JobState::Failed),
+                Some(130) => break Outcome::Interrupted,
+                _ => match &journal {
+                    Some(url) if restarts < COORDINATOR_RESTARTS => {
+                        restarts += 1;
+                        println!(
+                            "the coordinator exited ({code}); starting it again ({restarts} of \
+                             {COORDINATOR_RESTARTS}): it takes the job over from its journal \
+                             {url} while the workers keep training"
+                        );
+                        coordinator = start_coordinator()?;
+                    }
+                    Some(_) => {
+                        break Outcome::Crashed(format!(
+                            "the coordinator exited ({code}) after {restarts} restarts"
+                        ))
+                    }
+                    None => {
+                        break Outcome::Crashed(format!(
+                            "the coordinator exited ({code}) and the job has no journal to \
+                             restart it from (cluster.journal_url, or checkpoint.url)"
+                        ))
+                    }
+                },
+            }
         }
         for (i, c) in children.iter_mut().enumerate() {
             if let Ok(Some(code)) = c.try_wait() {
@@ -187,10 +224,9 @@ pub fn run_cluster(
     // Give workers a moment to leave on their own (none after Ctrl-C), then make sure none
     // outlives us.
     let grace = Instant::now();
-    let patience = if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-        Duration::ZERO
-    } else {
-        Duration::from_secs(10)
+    let patience = match outcome {
+        Outcome::Ended(_) => Duration::from_secs(10),
+        _ => Duration::ZERO,
     };
     for c in children.iter_mut() {
         while grace.elapsed() < patience {
@@ -202,29 +238,70 @@ pub fn run_cluster(
         let _ = c.kill();
         let _ = c.wait();
     }
-    let report = coordinator.status();
-    let _ = shutdown_tx.send(());
-    let _ = rt.block_on(server);
-    println!("{}", render_status_text(&report));
+    if !matches!(outcome, Outcome::Ended(_)) {
+        // The coordinator printed no final status: the latest one it served.
+        if let Some(s) = &last {
+            println!("{}", render_status_text(s));
+        }
+    }
     println!(
         "local cluster ran for {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    match final_state {
-        JobState::Finished => Ok(()),
-        _ if interrupted.load(std::sync::atomic::Ordering::SeqCst) => {
-            bail!(
-                "interrupted (Ctrl-C) at step {}; the workers were stopped",
-                report.step
-            )
+    let step = last.as_ref().map_or(0, |s| s.step);
+    let mut reason = last.map(|s| s.reason).unwrap_or_default();
+    match outcome {
+        Outcome::Ended(JobState::Finished) => return Ok(()),
+        Outcome::Interrupted => {
+            bail!("interrupted (Ctrl-C) at step {step}; the workers were stopped")
         }
-        _ => {
-            let mut reason = report.reason.clone();
-            if let Some(e) = exited_early {
-                reason = format!("{reason} ({e})");
-            }
-            bail!("the job did not finish: {reason}")
-        }
+        Outcome::Crashed(why) => reason = why,
+        Outcome::Ended(_) => {}
+    }
+    if let Some(e) = exited_early {
+        reason = format!("{reason} ({e})");
+    }
+    bail!("the job did not finish: {reason}")
+}
+
+/// How the coordinator process ended.
+enum Outcome {
+    /// It ended the job (finished or failed) and exited.
+    Ended(JobState),
+    Interrupted,
+    /// It crashed and was not (or no longer) restarted: why.
+    Crashed(String),
+}
+
+/// `addr` with a port the coordinator can bind (`:0` becomes a free one): bound and let go.
+fn free_address(addr: &str, what: &str) -> Result<String> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding {what} address {addr}"))?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// The job file the coordinator child reads (the effective config, overrides included);
+/// removed when dropped.
+struct JobFile(std::path::PathBuf);
+
+impl JobFile {
+    fn write(cfg: &JobConfig) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "contrail-local-{}-{}.toml",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::write(&path, cfg.to_toml())
+            .with_context(|| format!("writing the job file {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for JobFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

@@ -569,8 +569,8 @@ fn ctrl_c_stops_the_local_cluster_and_its_workers() {
     let workers = child_pids(child.0.id());
     assert_eq!(
         workers.len(),
-        2,
-        "expected 2 worker processes, found {workers:?}"
+        3,
+        "expected the coordinator and 2 worker processes, found {workers:?}"
     );
     // SAFETY: kill(2) with a pid this test spawned and still owns (not yet reaped).
     let sent = unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
@@ -586,11 +586,12 @@ fn ctrl_c_stops_the_local_cluster_and_its_workers() {
         !code.success(),
         "an interrupted job must not report success"
     );
-    // The worker processes are gone too (killed and reaped), and the status server is closed.
+    // The coordinator and worker processes are gone too (killed and reaped), and the status
+    // server is closed.
     for pid in &workers {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
-            "worker process {pid} outlived contrail local"
+            "process {pid} outlived contrail local"
         );
     }
     assert!(status(&addr).is_none(), "status server still up");
@@ -598,7 +599,7 @@ fn ctrl_c_stops_the_local_cluster_and_its_workers() {
 }
 
 /// Processes whose parent is `parent` (from /proc; Linux only, as the project is).
-fn child_pids(parent: u32) -> Vec<u32> {
+pub(crate) fn child_pids(parent: u32) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use contrail_common::auth::TOKEN_ENV;
 use contrail_common::status::StatusReport;
-use contrail_test_support::cluster::status;
+use contrail_test_support::cluster::{lines_of, status, KillOnDrop};
 
 use crate::local_cluster::{
-    free_port, strip_ansi, temp_dir, write_job, write_synth, CONTRAIL, JOB_TOKEN,
+    child_pids, free_port, strip_ansi, temp_dir, write_job, write_synth, CONTRAIL, JOB_TOKEN,
 };
 
 /// Samples of the synthetic dataset the recovery jobs train on (32 shards of 64).
@@ -173,20 +173,7 @@ impl HandCluster {
 
     /// `contrail audit check` must prove every epoch trained exactly once.
     fn assert_audit_exactly_once(&self) {
-        let out = Command::new(CONTRAIL)
-            .args(["audit", "check", "--audit"])
-            .arg(format!("file://{}", self.dir.join("audit").display()))
-            .arg("--data")
-            .arg(format!("file://{}", self.dir.join("data").display()))
-            .output()
-            .unwrap();
-        let audit = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{audit}\n{}", self.logs());
-        for epoch in 0..EPOCHS {
-            let line = format!("epoch {epoch}: all {SAMPLES} samples trained exactly once");
-            assert!(audit.contains(&line), "{audit}");
-        }
-        eprintln!("{audit}");
+        assert_audit_exactly_once(&self.dir, || self.logs());
     }
 
     /// The workers' final parameter digests must be identical.
@@ -248,6 +235,25 @@ impl HandCluster {
         );
         end
     }
+}
+
+/// `contrail audit check` on `dir/audit` and `dir/data` must prove every epoch trained exactly
+/// once; `logs` for a failure message.
+fn assert_audit_exactly_once(dir: &std::path::Path, logs: impl Fn() -> String) {
+    let out = Command::new(CONTRAIL)
+        .args(["audit", "check", "--audit"])
+        .arg(format!("file://{}", dir.join("audit").display()))
+        .arg("--data")
+        .arg(format!("file://{}", dir.join("data").display()))
+        .output()
+        .unwrap();
+    let audit = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{audit}\n{}", logs());
+    for epoch in 0..EPOCHS {
+        let line = format!("epoch {epoch}: all {SAMPLES} samples trained exactly once");
+        assert!(audit.contains(&line), "{audit}");
+    }
+    eprintln!("{audit}");
 }
 
 impl Drop for HandCluster {
@@ -582,4 +588,85 @@ fn a_dead_moe_worker_whose_expert_has_a_replica_is_replaced_by_it_without_rollba
         "killed at step {}, generation {} -> {}; finished at step {}",
         before.step, before.generation, after.generation, after.step
     );
+}
+
+/// `contrail local` supervises its coordinator process: SIGKILLed mid-epoch, it is started
+/// again, takes the job over from its journal (under `checkpoint.url`) while the workers keep
+/// training, and the job finishes with every sample of every epoch trained exactly once.
+#[test]
+fn contrail_local_starts_a_killed_coordinator_again() {
+    let dir = temp_dir("local-restart");
+    let job = write_job(&dir, SAMPLES, EPOCHS, "");
+    write_synth(&dir, SAMPLES);
+    let mut child = Command::new(CONTRAIL)
+        .args(["local", "--workers", "2", "--config"])
+        .arg(&job)
+        .args(["--set", "train.global_batch=48"])
+        .args([
+            "--set",
+            &format!("audit.url=file://{}", dir.join("audit").display()),
+        ])
+        .args(["--set", "audit.flush_every_steps=1"])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(&mut child);
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut seen = Vec::new();
+    let http = loop {
+        assert!(Instant::now() < deadline, "no status URL printed: {seen:?}");
+        if let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+            seen.push(line.clone());
+            if let Some(rest) = line.split("status http://").nth(1) {
+                break rest.trim_end_matches("/status").trim().to_string();
+            }
+        }
+    };
+    let before = loop {
+        assert!(Instant::now() < deadline, "training never started");
+        if let Some(s) = status(&http).filter(|s| s.step >= 5) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let coordinator = child_pids(child.0.id())
+        .into_iter()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("coordinator"))
+        })
+        .expect("a coordinator child process");
+    // SAFETY: kill(2) on a child of the process this test owns, still running.
+    assert_eq!(
+        unsafe { libc::kill(coordinator as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    let code = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not finish: {seen:#?}"
+        );
+        while let Ok(line) = lines.try_recv() {
+            seen.push(line);
+        }
+        if let Some(code) = child.0.try_wait().unwrap() {
+            break code;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+        seen.push(line);
+    }
+    let out = seen.join("\n");
+    assert!(code.success(), "contrail local exited with {code}:\n{out}");
+    assert!(out.contains("starting it again (1 of 3)"), "{out}");
+    assert!(
+        out.contains("job finished"),
+        "the restarted coordinator's final status:\n{out}"
+    );
+    assert_audit_exactly_once(&dir, || out.clone());
+    eprintln!("coordinator killed at step {}", before.step);
+    let _ = std::fs::remove_dir_all(&dir);
 }
