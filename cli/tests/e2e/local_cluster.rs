@@ -65,8 +65,20 @@ every_steps = 50
     path
 }
 
+/// The status address (`host:port`) `contrail local` prints first, read from its `lines`.
+pub(crate) fn status_address(lines: &mpsc::Receiver<String>, deadline: Instant) -> String {
+    loop {
+        assert!(Instant::now() < deadline, "no status URL printed");
+        if let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
+            if let Some(rest) = line.split("status http://").nth(1) {
+                return rest.trim_end_matches("/status").trim().to_string();
+            }
+        }
+    }
+}
+
 /// `contrail local --workers 2` on `job` in `dir`, its stdout lines streamed.
-fn spawn_local(dir: &Path, job: &Path, extra: &[&str]) -> (mpsc::Receiver<String>, KillOnDrop) {
+pub(crate) fn spawn_local(dir: &Path, job: &Path, extra: &[&str]) -> (mpsc::Receiver<String>, KillOnDrop) {
     let mut child = Command::new(CONTRAIL)
         .args(["local", "--workers", "2", "--config"])
         .arg(job)
@@ -541,24 +553,9 @@ fn restarted_job_resumes_from_the_latest_checkpoint() {
 fn ctrl_c_stops_the_local_cluster_and_its_workers() {
     let dir = temp_dir("interrupt");
     let job = write_job(&dir, 2048, 50, "");
-    let mut child = Command::new(CONTRAIL)
-        .args(["local", "--workers", "2", "--config"])
-        .arg(&job)
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(&mut child);
-    let mut child = KillOnDrop(child);
+    let (lines, mut child) = spawn_local(&dir, &job, &[]);
     let deadline = Instant::now() + Duration::from_secs(300);
-    let addr = loop {
-        assert!(Instant::now() < deadline, "no status URL printed");
-        if let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
-            if let Some(rest) = line.split("status http://").nth(1) {
-                break rest.trim_end_matches("/status").trim().to_string();
-            }
-        }
-    };
+    let addr = status_address(&lines, deadline);
     loop {
         assert!(Instant::now() < deadline, "training never started");
         if status(&addr).is_some_and(|s| s.step >= 3) {

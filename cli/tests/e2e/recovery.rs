@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use contrail_common::auth::TOKEN_ENV;
 use contrail_common::status::StatusReport;
-use contrail_test_support::cluster::{lines_of, status, KillOnDrop};
+use contrail_test_support::cluster::status;
 
 use crate::local_cluster::{
-    child_pids, free_port, strip_ansi, temp_dir, write_job, write_synth, CONTRAIL, JOB_TOKEN,
+    child_pids, free_port, spawn_local, status_address, strip_ansi, temp_dir, write_job,
+    write_synth, CONTRAIL, JOB_TOKEN,
 };
 
 /// Samples of the synthetic dataset the recovery jobs train on (32 shards of 64).
@@ -469,25 +470,28 @@ fn seeded_chaos_of_worker_and_coordinator_kills_keeps_every_guarantee() {
     c.assert_same_parameters(&names);
 }
 
+/// A ViT with one MoE block of 2 experts (top-1), and the settings it trains with.
+const MOE_JOB: &str = "[model.vit]\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\n\
+                       [moe]\nexperts = 2\nvit_blocks = [1]\ntop_k = 1\n";
+const MOE_SETS: [&str; 3] = ["model.encoder=vit", "optim.kind=adamw", "optim.lr=0.002"];
+
 /// MoE with `cluster.min_workers`: two workers, one expert each (`moe.experts = 2`), so the
 /// worker SIGKILLed mid-epoch takes the only copy of its expert with it. The survivor rolls
 /// back to the latest checkpoint on its own (a new placement: both experts on it), the log and
 /// `/status` say so, and the job finishes.
 #[test]
 fn a_dead_moe_worker_rolls_every_rank_back_to_the_checkpoint() {
-    let moe = "[model.vit]\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\n\
-               [moe]\nexperts = 2\nvit_blocks = [1]\ntop_k = 1\n";
     let c = HandCluster::with_job(
         "moe-rollback",
-        moe,
+        MOE_JOB,
         &[
+            MOE_SETS[0],
+            MOE_SETS[1],
+            MOE_SETS[2],
             "cluster.world_size=2",
             "cluster.min_workers=1",
             "train.global_batch=16",
             "train.epochs=2",
-            "model.encoder=vit",
-            "optim.kind=adamw",
-            "optim.lr=0.002",
             "checkpoint.every_steps=10",
         ],
     );
@@ -531,19 +535,17 @@ fn a_dead_moe_worker_rolls_every_rank_back_to_the_checkpoint() {
 /// parameters are bit-identical on all four, and so is every replica of each expert.
 #[test]
 fn a_dead_moe_worker_whose_expert_has_a_replica_is_replaced_by_it_without_rollback() {
-    let moe = "[model.vit]\npatch_size = 8\nwidth = 32\nlayers = 2\nheads = 2\n\
-               [moe]\nexperts = 2\nvit_blocks = [1]\ntop_k = 1\n";
     let c = HandCluster::with_job(
         "moe-replica",
-        moe,
+        MOE_JOB,
         &[
+            MOE_SETS[0],
+            MOE_SETS[1],
+            MOE_SETS[2],
             "cluster.world_size=4",
             "cluster.min_workers=3",
             // A multiple of 4 × 8 and of 3 × 8 (workers × micro-batch).
             "train.global_batch=96",
-            "model.encoder=vit",
-            "optim.kind=adamw",
-            "optim.lr=0.002",
         ],
     );
     c.coordinator("coordinator");
@@ -598,32 +600,22 @@ fn contrail_local_starts_a_killed_coordinator_again() {
     let dir = temp_dir("local-restart");
     let job = write_job(&dir, SAMPLES, EPOCHS, "");
     write_synth(&dir, SAMPLES);
-    let mut child = Command::new(CONTRAIL)
-        .args(["local", "--workers", "2", "--config"])
-        .arg(&job)
-        .args(["--set", "train.global_batch=48"])
-        .args([
+    let audit = format!("audit.url=file://{}", dir.join("audit").display());
+    let (lines, mut child) = spawn_local(
+        &dir,
+        &job,
+        &[
             "--set",
-            &format!("audit.url=file://{}", dir.join("audit").display()),
-        ])
-        .args(["--set", "audit.flush_every_steps=1"])
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(&mut child);
-    let mut child = KillOnDrop(child);
+            "train.global_batch=48",
+            "--set",
+            &audit,
+            "--set",
+            "audit.flush_every_steps=1",
+        ],
+    );
     let deadline = Instant::now() + Duration::from_secs(300);
+    let http = status_address(&lines, deadline);
     let mut seen = Vec::new();
-    let http = loop {
-        assert!(Instant::now() < deadline, "no status URL printed: {seen:?}");
-        if let Ok(line) = lines.recv_timeout(Duration::from_secs(1)) {
-            seen.push(line.clone());
-            if let Some(rest) = line.split("status http://").nth(1) {
-                break rest.trim_end_matches("/status").trim().to_string();
-            }
-        }
-    };
     let before = loop {
         assert!(Instant::now() < deadline, "training never started");
         if let Some(s) = status(&http).filter(|s| s.step >= 5) {
