@@ -78,7 +78,11 @@ pub(crate) fn status_address(lines: &mpsc::Receiver<String>, deadline: Instant) 
 }
 
 /// `contrail local --workers 2` on `job` in `dir`, its stdout lines streamed.
-pub(crate) fn spawn_local(dir: &Path, job: &Path, extra: &[&str]) -> (mpsc::Receiver<String>, KillOnDrop) {
+pub(crate) fn spawn_local(
+    dir: &Path,
+    job: &Path,
+    extra: &[&str],
+) -> (mpsc::Receiver<String>, KillOnDrop) {
     let mut child = Command::new(CONTRAIL)
         .args(["local", "--workers", "2", "--config"])
         .arg(job)

@@ -177,17 +177,21 @@ impl HandCluster {
         assert_audit_exactly_once(&self.dir, || self.logs());
     }
 
+    /// The "final parameters" log line of worker `name`.
+    fn final_parameters(&self, name: &str) -> String {
+        let err = strip_ansi(&self.read(name, "stderr"));
+        err.lines()
+            .find(|l| l.contains("final parameters"))
+            .unwrap_or_else(|| panic!("{name} logged no final parameters:\n{err}"))
+            .to_string()
+    }
+
     /// The workers' final parameter digests must be identical.
     fn assert_same_parameters(&self, workers: &[&str]) {
         let digests: Vec<String> = workers
             .iter()
             .map(|n| {
-                let err = strip_ansi(&self.read(n, "stderr"));
-                let line = err
-                    .lines()
-                    .find(|l| l.contains("final parameters"))
-                    .unwrap_or_else(|| panic!("{n} logged no final parameters:\n{err}"))
-                    .to_string();
+                let line = self.final_parameters(n);
                 let digest = line.split("digest=").nth(1).expect("a digest field");
                 digest.split_whitespace().next().unwrap().to_string()
             })
@@ -203,12 +207,7 @@ impl HandCluster {
     fn assert_same_expert_replicas(&self, workers: &[&str]) -> usize {
         let mut seen: std::collections::BTreeMap<String, (String, String)> = Default::default();
         for n in workers {
-            let err = strip_ansi(&self.read(n, "stderr"));
-            let line = err
-                .lines()
-                .find(|l| l.contains("final parameters"))
-                .unwrap_or_else(|| panic!("{n} logged no final parameters:\n{err}"))
-                .to_string();
+            let line = self.final_parameters(n);
             let field = line.split(" experts=").nth(1).expect("an experts field");
             for entry in field.split_whitespace() {
                 let (expert, digest) = entry.rsplit_once('=').expect("expert=digest");
