@@ -387,33 +387,34 @@ impl Chaos {
     }
 }
 
-/// A seeded chaos run (`CONTRAIL_CHAOS_SEED`, default 7): four kills at random steps, each of
-/// the coordinator (restarted after a random pause) or of a random worker (a replacement
-/// starts once the survivors regrouped), with `cluster.min_workers = 1`. The job finishes
-/// within its bound, exactly once, every finishing worker with the same parameters.
-#[test]
-fn seeded_chaos_of_worker_and_coordinator_kills_keeps_every_guarantee() {
+/// The seed of a chaos run: `CONTRAIL_CHAOS_SEED`, default 7.
+fn chaos_seed() -> Chaos {
     let seed: u64 = std::env::var("CONTRAIL_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(7);
     eprintln!("chaos seed {seed} (CONTRAIL_CHAOS_SEED)");
-    let mut rng = Chaos(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let c = HandCluster::new(
-        "chaos",
-        &[
-            "cluster.world_size=3",
-            "cluster.min_workers=1",
-            "train.global_batch=48",
-        ],
-    );
+    Chaos(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+}
+
+/// Starts the coordinator and `world` workers of `c`, then makes four kills at random steps
+/// (5 to 34 steps apart), each of the coordinator (restarted after a random pause) or of a
+/// random worker (a replacement starts once the survivors regrouped, and the next kill waits
+/// until it joined). Waits for the job to finish; returns the workers alive at the end and
+/// the final status.
+fn chaos(c: &HandCluster, world: usize, rng: &mut Chaos) -> (Vec<String>, StatusReport) {
     let mut coordinator = "coordinator".to_string();
     c.coordinator(&coordinator);
-    let mut workers: Vec<String> = (0..3).map(|i| format!("w{i}")).collect();
+    let mut workers: Vec<String> = (0..world).map(|i| format!("w{i}")).collect();
     for w in &workers {
         c.worker(w);
     }
-    // 4 epochs of 43 steps: four kills spread over the first three epochs.
+    let alive = |n: &StatusReport| {
+        n.workers
+            .iter()
+            .filter(|w| w.state.as_str() == "alive" && w.rank.is_some())
+            .count()
+    };
     let mut at = 5;
     let mut restarts = 0;
     let mut started = workers.len();
@@ -443,30 +444,78 @@ fn seeded_chaos_of_worker_and_coordinator_kills_keeps_every_guarantee() {
             c.kill(&name);
             // The replacement starts once the victim is declared dead (the job has room).
             let left = workers.len();
-            c.wait_for(
+            let regrouped = c.wait_for(
                 &format!("regroup after kill {event}"),
                 Duration::from_secs(120),
-                |n| {
-                    n.generation > s.generation
-                        && n.workers
-                            .iter()
-                            .filter(|w| w.state.as_str() == "alive")
-                            .count()
-                            == left
-                },
+                |n| n.generation > s.generation && alive(n) == left,
             );
             let name = format!("w{started}");
             started += 1;
             c.worker(&name);
             workers.push(name);
+            c.wait_for(
+                &format!("the replacement joining after kill {event}"),
+                Duration::from_secs(120),
+                |n| {
+                    n.state.is_terminal()
+                        || (n.generation > regrouped.generation && alive(n) == left + 1)
+                },
+            );
         }
     }
     eprintln!("chaos schedule:\n  {}", schedule.join("\n  "));
-    c.finished(Duration::from_secs(300));
+    let end = c.finished(Duration::from_secs(300));
+    (workers, end)
+}
+
+/// A seeded chaos run (`CONTRAIL_CHAOS_SEED`, default 7) of a dense job on 3 workers with
+/// `cluster.min_workers = 1`: the job finishes within its bound, exactly once, every
+/// finishing worker with the same parameters.
+#[test]
+fn seeded_chaos_of_worker_and_coordinator_kills_keeps_every_guarantee() {
+    let c = HandCluster::new(
+        "chaos",
+        &[
+            "cluster.world_size=3",
+            "cluster.min_workers=1",
+            "train.global_batch=48",
+        ],
+    );
+    // 4 epochs of 43 steps: the four kills fall in the first three.
+    let (workers, _) = chaos(&c, 3, &mut chaos_seed());
     let names: Vec<&str> = workers.iter().map(String::as_str).collect();
     c.assert_exit_ok(&names);
     c.assert_audit_exactly_once();
     c.assert_same_parameters(&names);
+}
+
+/// The same chaos on an MoE job whose 2 experts each live on 2 of its 4 workers: every
+/// worker kill leaves a replica of each expert, so the survivors never roll back, and each
+/// replacement takes a replica of the expert left with one. Exactly once, equal shared
+/// parameters, equal replicas of both experts at the end.
+#[test]
+fn seeded_chaos_of_an_moe_job_keeps_every_expert_without_rollback() {
+    let c = HandCluster::with_job(
+        "moe-chaos",
+        MOE_JOB,
+        &[
+            MOE_SETS[0],
+            MOE_SETS[1],
+            MOE_SETS[2],
+            "cluster.world_size=4",
+            "cluster.min_workers=3",
+            // A multiple of 4 × 4 and of 3 × 4 (workers × micro-batch): 43 steps an epoch.
+            "train.micro_batch=4",
+            "train.global_batch=48",
+        ],
+    );
+    let (workers, end) = chaos(&c, 4, &mut chaos_seed());
+    assert!(end.rollbacks.is_empty(), "{:#?}", end.rollbacks);
+    let names: Vec<&str> = workers.iter().map(String::as_str).collect();
+    c.assert_exit_ok(&names);
+    c.assert_audit_exactly_once();
+    c.assert_same_parameters(&names);
+    assert_eq!(c.assert_same_expert_replicas(&names), 2);
 }
 
 /// A ViT with one MoE block of 2 experts (top-1), and the settings it trains with.
