@@ -571,10 +571,12 @@ impl JobBook {
             if terminal {
                 self.require_running()?;
             }
-            // Below min_workers, `tick` decides when the replacements make up the numbers.
+            // Below min_workers, `tick` decides when the replacements make up the numbers;
+            // a pending rollback forms the next generation first (the replacements after it).
             if self.members.waiting() == 0
                 || self.state != JobState::Running
                 || self.short_since_ms.is_some()
+                || self.rollback_due.is_some()
             {
                 return Ok(None);
             }

@@ -1139,6 +1139,10 @@ fn members_that_cannot_agree_on_an_moe_state_roll_back_on_request() {
         b.request_rollback(ids[1], g + 1, why),
         Err(RpcError::FailedPrecondition(_))
     ));
+    // A replacement registering now does not make the members regroup before the rollback.
+    let (newcomer, _) = b.register("host", "10.0.0.9:29509", 0, 6).unwrap();
+    assert_eq!(b.rendezvous(ids[0], g + 1, g + 1, 7).unwrap(), None);
+    assert_eq!(b.generation(), g + 1);
     let meta = CheckpointMeta {
         step: 20,
         epoch: 0,
@@ -1152,6 +1156,7 @@ fn members_that_cannot_agree_on_an_moe_state_roll_back_on_request() {
     let r = b.rendezvous(ids[2], g + 1, g + 1, 8).unwrap().unwrap();
     assert!(r.rollback);
     assert_eq!((r.world_size, r.resume_step), (3, 20));
+    assert_eq!(b.rendezvous(newcomer, g, 0, 8).unwrap(), None, "joins after the rollback");
     let p = ExpertPlacement::from(&r.placement.unwrap());
     for block in &p.blocks {
         block.validate(3).unwrap();
