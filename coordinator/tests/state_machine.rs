@@ -1156,7 +1156,11 @@ fn members_that_cannot_agree_on_an_moe_state_roll_back_on_request() {
     let r = b.rendezvous(ids[2], g + 1, g + 1, 8).unwrap().unwrap();
     assert!(r.rollback);
     assert_eq!((r.world_size, r.resume_step), (3, 20));
-    assert_eq!(b.rendezvous(newcomer, g, 0, 8).unwrap(), None, "joins after the rollback");
+    assert_eq!(
+        b.rendezvous(newcomer, g, 0, 8).unwrap(),
+        None,
+        "joins after the rollback"
+    );
     let p = ExpertPlacement::from(&r.placement.unwrap());
     for block in &p.blocks {
         block.validate(3).unwrap();
