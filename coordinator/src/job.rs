@@ -59,6 +59,10 @@ pub struct JobBook {
     /// Every rollback so far, for `/status`.
     #[serde(default)]
     rollbacks: Vec<String>,
+    /// The newest generation that lost a member: heartbeats of that generation or older tell
+    /// their members to abort the collective in progress (`HeartbeatReply.peer_lost`).
+    #[serde(default)]
+    lost_in_generation: Option<u64>,
 }
 
 impl JobBook {
@@ -106,6 +110,7 @@ impl JobBook {
             rollback_due: None,
             rollback_generation: None,
             rollbacks: Vec::new(),
+            lost_in_generation: None,
         }
     }
 
@@ -286,6 +291,7 @@ impl JobBook {
             tracing::warn!("{reason}");
             return;
         }
+        self.lost_in_generation = Some(self.members.generation);
         let min = self.cfg.cluster.min_workers as usize;
         let left = self.members.alive_members();
         if min == 0 {
@@ -635,6 +641,10 @@ impl JobBook {
         w.step = w.step.max(req.step);
         let member = w.rank.is_some();
         let regroup = member && self.members.waiting() > 0;
+        let peer_lost = member
+            && self
+                .lost_in_generation
+                .is_some_and(|lost| req.generation <= lost);
         let stop = match self.state {
             JobState::Failed => Some(self.reason.clone()),
             JobState::Finished => Some("the job has finished".to_string()),
@@ -652,6 +662,7 @@ impl JobBook {
             stop: stop.is_some(),
             reason: stop.unwrap_or_default(),
             regroup,
+            peer_lost,
         })
     }
 

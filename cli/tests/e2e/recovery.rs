@@ -114,6 +114,14 @@ impl HandCluster {
         let _ = child.wait();
     }
 
+    /// Sends `signal` to `name` (e.g. SIGSTOP: a lost node, sockets open and silent).
+    fn signal(&self, name: &str, signal: libc::c_int) {
+        let procs = self.procs.borrow();
+        let (_, child) = procs.iter().find(|(n, _)| n == name).expect("started");
+        // SAFETY: kill(2) on a child this cluster started and has not reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+    }
+
     /// Waits for the workers `names` to exit, each successfully.
     fn assert_exit_ok(&self, names: &[&str]) {
         for name in names {
@@ -316,6 +324,40 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
         "killed at step {}, generation {} -> {}; finished at step {}",
         before.step, before.generation, after.generation, after.step
     );
+}
+
+/// A lost node: a worker frozen with SIGSTOP keeps its sockets open and sends nothing. The
+/// coordinator declares it dead after `worker_timeout_ms`, and the survivors' heartbeats
+/// interrupt the collective they wait in (`HeartbeatReply.peer_lost`) instead of waiting out
+/// `collective_timeout_ms`, set here to 10 minutes, far beyond the test's bound. They
+/// regroup, the job finishes, every sample of every epoch is trained exactly once.
+#[test]
+fn survivors_of_a_frozen_worker_regroup_without_waiting_for_the_collective_timeout() {
+    let c = HandCluster::new(
+        "frozen",
+        &[
+            "cluster.world_size=3",
+            "cluster.min_workers=2",
+            "train.global_batch=48",
+            "cluster.collective_timeout_ms=600000",
+        ],
+    );
+    c.coordinator("coordinator");
+    for w in ["w0", "w1", "w2"] {
+        c.worker(w);
+    }
+    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
+        s.step >= 5 && s.workers.len() == 3
+    });
+    c.signal("w2", libc::SIGSTOP);
+    let after = c.finished(Duration::from_secs(120));
+    c.kill("w2");
+    assert!(after.generation > before.generation, "no new generation");
+    c.assert_exit_ok(&["w0", "w1"]);
+    let logs = c.read("w0", "stderr") + &c.read("w1", "stderr");
+    assert!(logs.contains("interrupting the collective"), "{}", c.logs());
+    c.assert_audit_exactly_once();
+    c.assert_same_parameters(&["w0", "w1"]);
 }
 
 /// The coordinator is SIGKILLed mid-epoch and started again: it takes the job over from its

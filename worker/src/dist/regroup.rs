@@ -43,6 +43,14 @@ enum Active {
 }
 
 impl Active {
+    /// The TCP mesh below the transport.
+    fn mesh(&self) -> &TcpCollective {
+        match self {
+            Active::Tcp(t) | Active::Nccl(t, _) => t,
+            Active::Staged(s) => s.inner(),
+        }
+    }
+
     fn coll(&self) -> &dyn Collective {
         match self {
             Active::Tcp(t) => t,
@@ -180,6 +188,26 @@ impl Regroupable {
         };
         *slot = Mesh::Unconnected(bootstrap, rank, world);
         Err(e)
+    }
+
+    /// Makes the collective of generation `generation` or older fail at once, from any thread
+    /// (the coordinator reports one of its members lost): its TCP connections are shut down,
+    /// an NCCL communicator is aborted. A newer generation's mesh, or one being rebuilt, is
+    /// left alone.
+    pub fn interrupt(&self, generation: u64, reason: &str) {
+        let Ok(slot) = self.mesh.try_read() else {
+            return;
+        };
+        if let Mesh::Connected(active) = &*slot {
+            if active.mesh().generation() > generation {
+                return;
+            }
+            tracing::warn!(generation, "interrupting the collective: {reason}");
+            if let Active::Nccl(_, n) = &**active {
+                n.abort(reason);
+            }
+            active.mesh().interrupt();
+        }
     }
 
     /// (rank, world) of the mesh, or of the place last assigned while there is none.

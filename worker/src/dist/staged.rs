@@ -15,6 +15,10 @@ impl<C: Collective> HostStaged<C> {
         Self { inner }
     }
 
+    pub fn inner(&self) -> &C {
+        &self.inner
+    }
+
     pub fn into_inner(self) -> C {
         self.inner
     }

@@ -279,27 +279,31 @@ impl Coordinator {
         }
     }
 
-    /// The coordinator's answer: Some(reason) when this worker must stop; the regroup flag
-    /// when a replacement waits to join at the next step boundary. One try: the heartbeat
-    /// loop decides how long an unreachable coordinator is tolerated ([`unreachable`] tells).
+    /// The coordinator's answer ([`HeartbeatAnswer`]). One try: the heartbeat loop decides
+    /// how long an unreachable coordinator is tolerated ([`unreachable`] tells).
     pub async fn heartbeat(
         &mut self,
         step: u64,
         state: &str,
         shard: &str,
-    ) -> Result<(Option<String>, bool), tonic::Status> {
+    ) -> Result<HeartbeatAnswer, tonic::Status> {
+        let generation = self.generation();
         let r = self
             .client
             .heartbeat(proto::HeartbeatRequest {
                 worker_id: self.worker_id,
-                generation: self.generation(),
+                generation,
                 step,
                 state: state.to_string(),
                 shard: shard.to_string(),
             })
             .await?
             .into_inner();
-        Ok((r.stop.then_some(r.reason), r.regroup))
+        Ok(HeartbeatAnswer {
+            stop: r.stop.then_some(r.reason),
+            regroup: r.regroup,
+            peer_lost: r.peer_lost.then_some(generation),
+        })
     }
 
     pub async fn lease_shard(&mut self, epoch: u32) -> Result<Lease> {
@@ -436,6 +440,18 @@ impl Coordinator {
         .context("leaving the job")?;
         Ok(())
     }
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatAnswer {
+    /// Why this worker must stop, when it must.
+    pub stop: Option<String>,
+    /// A replacement waits to join: regroup at the next step boundary.
+    pub regroup: bool,
+    /// A member of this generation (the one the heartbeat carried) was lost: its collective
+    /// can never complete.
+    pub peer_lost: Option<u64>,
 }
 
 /// Whether a call failed because the coordinator could not be reached (it may be

@@ -2,7 +2,7 @@
 //! and the per-epoch data feed, all through the coordinator.
 
 use super::audit::AuditLog;
-use super::client::{Assignment, Coordinator};
+use super::client::{Assignment, Coordinator, HeartbeatAnswer};
 use super::evaluation::{round_line, OnlineEval};
 use super::feed::{CaptionTokens, EpochFeed, FeedLinks};
 use super::ledger::{OpenShards, TrainedSet};
@@ -40,11 +40,25 @@ pub async fn heartbeat_loop(
         let step = progress.step.load(Ordering::Relaxed);
         let shard = progress.shard.lock().map(|s| s.clone()).unwrap_or_default();
         let stop = match coord.heartbeat(step, "training", &shard).await {
-            Ok((Some(reason), _)) => Some(format!("the coordinator stopped the job: {reason}")),
-            Ok((None, regroup)) => {
+            Ok(HeartbeatAnswer {
+                stop: Some(reason), ..
+            }) => Some(format!("the coordinator stopped the job: {reason}")),
+            Ok(answer) => {
                 last_ok = Instant::now();
-                if regroup {
+                if answer.regroup {
                     progress.regroup.store(true, Ordering::SeqCst);
+                }
+                if let (Some(generation), Some(coll)) =
+                    (answer.peer_lost, progress.collective.get())
+                {
+                    // A silent peer (a lost node) is otherwise waited for until the
+                    // collective times out.
+                    coll.interrupt(
+                        generation,
+                        &format!(
+                            "the coordinator reports a member of generation {generation} lost"
+                        ),
+                    );
                 }
                 None
             }

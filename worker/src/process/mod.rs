@@ -56,6 +56,9 @@ pub struct HeartbeatState {
     pub stop: Mutex<Option<String>>,
     /// Set when a replacement waits to join: the members regroup at the next step boundary.
     pub regroup: std::sync::atomic::AtomicBool,
+    /// The regroupable collective (once built): a heartbeat that hears of a lost member
+    /// interrupts the collective in progress.
+    pub collective: std::sync::OnceLock<Arc<Regroupable>>,
 }
 
 impl HeartbeatState {
@@ -136,6 +139,9 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
         };
         let r = Arc::new(r);
         let coll: Arc<dyn Collective> = r.clone();
+        if recoverable {
+            let _ = progress.collective.set(r.clone());
+        }
         let regroup = recoverable.then_some(r);
         tracing::info!(
             rank = asg.rank,

@@ -104,6 +104,14 @@ impl TcpCollective {
         TcpBootstrap::from_parts(self.listener, self.token, self.generation)
     }
 
+    /// Shuts every connection down from any thread: an operation blocked on a silent peer
+    /// fails at once (and poisons the collective) instead of waiting for its timeout.
+    pub fn interrupt(&self) {
+        for lane in self.links.iter().flatten() {
+            let _ = lane.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// The membership generation this mesh was built for.
     pub fn generation(&self) -> u64 {
         self.generation
