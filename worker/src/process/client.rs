@@ -302,7 +302,8 @@ impl Coordinator {
         Ok(HeartbeatAnswer {
             stop: r.stop.then_some(r.reason),
             regroup: r.regroup,
-            peer_lost: r.peer_lost.then_some(generation),
+            peer_lost: r.peer_lost,
+            generation,
         })
     }
 
@@ -447,11 +448,14 @@ impl Coordinator {
 pub struct HeartbeatAnswer {
     /// Why this worker must stop, when it must.
     pub stop: Option<String>,
-    /// A replacement waits to join: regroup at the next step boundary.
+    /// A replacement waits to join: the members of `generation` regroup at the next step
+    /// boundary.
     pub regroup: bool,
-    /// A member of this generation (the one the heartbeat carried) was lost: its collective
-    /// can never complete.
-    pub peer_lost: Option<u64>,
+    /// A member of `generation` was lost: its collective can never complete.
+    pub peer_lost: bool,
+    /// The generation the heartbeat carried, which both flags are about: a reply that
+    /// arrives after this worker moved on to a newer generation is no news.
+    pub generation: u64,
 }
 
 /// Whether a call failed because the coordinator could not be reached (it may be

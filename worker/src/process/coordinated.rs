@@ -45,12 +45,11 @@ pub async fn heartbeat_loop(
             }) => Some(format!("the coordinator stopped the job: {reason}")),
             Ok(answer) => {
                 last_ok = Instant::now();
+                let generation = answer.generation;
                 if answer.regroup {
-                    progress.regroup.store(true, Ordering::SeqCst);
+                    progress.regroup.store(generation + 1, Ordering::SeqCst);
                 }
-                if let (Some(generation), Some(coll)) =
-                    (answer.peer_lost, progress.collective.get())
-                {
+                if let (true, Some(coll)) = (answer.peer_lost, progress.collective.get()) {
                     // A silent peer (a lost node) is otherwise waited for until the
                     // collective times out.
                     coll.interrupt(
@@ -226,7 +225,7 @@ impl<'a> CoordinatedHooks<'a> {
 
     /// Forgets a replacement's request to regroup (the regroup now under way serves it).
     pub fn clear_regroup_request(&self) {
-        self.progress.regroup.store(false, Ordering::SeqCst);
+        self.progress.regroup.store(0, Ordering::SeqCst);
     }
 
     /// The job's model with its experts placed by `placement`.
@@ -299,7 +298,9 @@ impl TrainHooks for CoordinatedHooks<'_> {
     }
 
     fn regroup_requested(&self) -> bool {
-        self.progress.regroup.load(Ordering::SeqCst)
+        // Only a request about the generation this worker trains in: a heartbeat reply sent
+        // before the last regroup may arrive after it.
+        self.progress.regroup.load(Ordering::SeqCst) == self.coord.generation() + 1
     }
 
     fn before_step(&mut self, epoch: u32, step: u64, samples: &[SampleRef]) -> Result<()> {

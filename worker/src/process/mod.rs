@@ -54,8 +54,9 @@ pub struct HeartbeatState {
     pub shard: Mutex<String>,
     /// Set when the coordinator tells this worker to stop, or it can no longer be reached.
     pub stop: Mutex<Option<String>>,
-    /// Set when a replacement waits to join: the members regroup at the next step boundary.
-    pub regroup: std::sync::atomic::AtomicBool,
+    /// A replacement waits to join: the members of generation `regroup - 1` regroup at the
+    /// next step boundary (0: no request).
+    pub regroup: AtomicU64,
     /// The regroupable collective (once built): a heartbeat that hears of a lost member
     /// interrupts the collective in progress.
     pub collective: std::sync::OnceLock<Arc<Regroupable>>,
