@@ -276,21 +276,16 @@ impl Drop for HandCluster {
     }
 }
 
-/// `cluster.min_workers = 2`: of 3 workers one is SIGKILLed mid-epoch; the other two regroup
-/// as the next generation without restarting and train on with the same global batch; then a
-/// replacement joins the running job (taking its state from the members), the job finishes,
-/// the audit proves every sample of every epoch was trained exactly once, and all three
-/// finish with bit-identical parameters.
-#[test]
-fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
-    let c = HandCluster::new(
-        "regroup",
-        &[
-            "cluster.world_size=3",
-            "cluster.min_workers=2",
-            "train.global_batch=48",
-        ],
-    );
+/// A coordinator and workers w0, w1, w2 (`cluster.min_workers = 2`, global batch 48, plus
+/// `sets`), once training is under way (step 5), and the status then.
+fn three_workers_training(name: &str, sets: &[&str]) -> (HandCluster, StatusReport) {
+    let mut all = vec![
+        "cluster.world_size=3",
+        "cluster.min_workers=2",
+        "train.global_batch=48",
+    ];
+    all.extend_from_slice(sets);
+    let c = HandCluster::new(name, &all);
     c.coordinator("coordinator");
     for w in ["w0", "w1", "w2"] {
         c.worker(w);
@@ -298,6 +293,17 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
     let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
         s.step >= 5 && s.workers.len() == 3
     });
+    (c, before)
+}
+
+/// `cluster.min_workers = 2`: of 3 workers one is SIGKILLed mid-epoch; the other two regroup
+/// as the next generation without restarting and train on with the same global batch; then a
+/// replacement joins the running job (taking its state from the members), the job finishes,
+/// the audit proves every sample of every epoch was trained exactly once, and all three
+/// finish with bit-identical parameters.
+#[test]
+fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
+    let (c, before) = three_workers_training("regroup", &[]);
     c.kill("w2"); // SIGKILL, mid-epoch (an epoch is 43 steps)
 
     // Once the survivors regrouped, a replacement starts and joins the running job.
@@ -333,22 +339,7 @@ fn survivors_of_a_killed_worker_regroup_and_finish_the_job() {
 /// regroup, the job finishes, every sample of every epoch is trained exactly once.
 #[test]
 fn survivors_of_a_frozen_worker_regroup_without_waiting_for_the_collective_timeout() {
-    let c = HandCluster::new(
-        "frozen",
-        &[
-            "cluster.world_size=3",
-            "cluster.min_workers=2",
-            "train.global_batch=48",
-            "cluster.collective_timeout_ms=600000",
-        ],
-    );
-    c.coordinator("coordinator");
-    for w in ["w0", "w1", "w2"] {
-        c.worker(w);
-    }
-    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
-        s.step >= 5 && s.workers.len() == 3
-    });
+    let (c, before) = three_workers_training("frozen", &["cluster.collective_timeout_ms=600000"]);
     c.signal("w2", libc::SIGSTOP);
     let after = c.finished(Duration::from_secs(120));
     c.kill("w2");
@@ -442,8 +433,8 @@ fn chaos_seed() -> Chaos {
 /// Starts the coordinator and `world` workers of `c`, then makes four kills at random steps
 /// (5 to 34 steps apart), each of the coordinator (restarted after a random pause) or of a
 /// random worker (a replacement starts once the survivors regrouped, and the next kill waits
-/// until it joined). Waits for the job to finish; returns the workers alive at the end and
-/// the final status.
+/// until it joined and a step was committed with it). Waits for the job to finish; returns
+/// the workers alive at the end and the final status.
 fn chaos(c: &HandCluster, world: usize, rng: &mut Chaos) -> (Vec<String>, StatusReport) {
     let mut coordinator = "coordinator".to_string();
     c.coordinator(&coordinator);
@@ -495,13 +486,20 @@ fn chaos(c: &HandCluster, world: usize, rng: &mut Chaos) -> (Vec<String>, Status
             started += 1;
             c.worker(&name);
             workers.push(name);
-            c.wait_for(
+            let joined = c.wait_for(
                 &format!("the replacement joining after kill {event}"),
                 Duration::from_secs(120),
                 |n| {
                     n.state.is_terminal()
                         || (n.generation > regrouped.generation && alive(n) == left + 1)
                 },
+            );
+            // Its first committed step: the members have handed it their state (a kill
+            // before that could take the only copy of an expert it was about to receive).
+            c.wait_for(
+                &format!("a step with the replacement after kill {event}"),
+                Duration::from_secs(120),
+                |n| n.state.is_terminal() || n.step > joined.step,
             );
         }
     }
@@ -537,13 +535,9 @@ fn seeded_chaos_of_worker_and_coordinator_kills_keeps_every_guarantee() {
 /// parameters, equal replicas of both experts at the end.
 #[test]
 fn seeded_chaos_of_an_moe_job_keeps_every_expert_without_rollback() {
-    let c = HandCluster::with_job(
+    let c = moe_cluster(
         "moe-chaos",
-        MOE_JOB,
         &[
-            MOE_SETS[0],
-            MOE_SETS[1],
-            MOE_SETS[2],
             "cluster.world_size=4",
             "cluster.min_workers=3",
             // A multiple of 4 × 4 and of 3 × 4 (workers × micro-batch): 43 steps an epoch.
@@ -565,19 +559,22 @@ const MOE_JOB: &str = "[model.vit]\npatch_size = 8\nwidth = 32\nlayers = 2\nhead
                        [moe]\nexperts = 2\nvit_blocks = [1]\ntop_k = 1\n";
 const MOE_SETS: [&str; 3] = ["model.encoder=vit", "optim.kind=adamw", "optim.lr=0.002"];
 
+/// A hand-started cluster of the [`MOE_JOB`] with `sets`.
+fn moe_cluster(name: &str, sets: &[&str]) -> HandCluster {
+    let mut all = MOE_SETS.to_vec();
+    all.extend_from_slice(sets);
+    HandCluster::with_job(name, MOE_JOB, &all)
+}
+
 /// MoE with `cluster.min_workers`: two workers, one expert each (`moe.experts = 2`), so the
 /// worker SIGKILLed mid-epoch takes the only copy of its expert with it. The survivor rolls
 /// back to the latest checkpoint on its own (a new placement: both experts on it), the log and
 /// `/status` say so, and the job finishes.
 #[test]
 fn a_dead_moe_worker_rolls_every_rank_back_to_the_checkpoint() {
-    let c = HandCluster::with_job(
+    let c = moe_cluster(
         "moe-rollback",
-        MOE_JOB,
         &[
-            MOE_SETS[0],
-            MOE_SETS[1],
-            MOE_SETS[2],
             "cluster.world_size=2",
             "cluster.min_workers=1",
             "train.global_batch=16",
@@ -625,13 +622,9 @@ fn a_dead_moe_worker_rolls_every_rank_back_to_the_checkpoint() {
 /// parameters are bit-identical on all four, and so is every replica of each expert.
 #[test]
 fn a_dead_moe_worker_whose_expert_has_a_replica_is_replaced_by_it_without_rollback() {
-    let c = HandCluster::with_job(
+    let c = moe_cluster(
         "moe-replica",
-        MOE_JOB,
         &[
-            MOE_SETS[0],
-            MOE_SETS[1],
-            MOE_SETS[2],
             "cluster.world_size=4",
             "cluster.min_workers=3",
             // A multiple of 4 × 8 and of 3 × 8 (workers × micro-batch).
