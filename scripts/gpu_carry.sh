@@ -9,6 +9,7 @@
 #   carry/cpu --include-ignored clip_towers_conformance::f32_and_bf16_agree_with_open_clip::cuda
 #   BENCH=carry/moe_dispatch_bench PYTHON=python3 bash bench/moe_dispatch/run.sh --world 1 --device cuda --bf16
 #   BENCH=carry/train_step_bench PYTHON=python3 bash bench/train_step/run.sh
+#   bash bench/gpu_node/run.sh     # end-to-end from shards vs PyTorch (needs only carry/contrail)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,5 +1,5 @@
-//! `[train]` and `[checkpoint]`: batch sizes, run length, precision, and where the run's
-//! state is saved.
+//! `[train]` and `[checkpoint]`: batch sizes, run length, precision and GPU math settings, and
+//! where the run's state is saved.
 
 use super::choice::choice;
 use super::{err, ConfigError};
@@ -34,6 +34,14 @@ pub struct TrainConfig {
     /// Conv nets on a GPU keep weights and activations in channels-last (NHWC) layout, which
     /// tensor cores run about 1.8× faster; no effect on the CPU.
     pub channels_last: bool,
+    /// On a GPU, float32 matmuls (cuBLAS) and convolutions (cuDNN) may run on TF32 tensor
+    /// cores (`torch.backends.cuda.matmul.allow_tf32` and `torch.backends.cudnn.allow_tf32`);
+    /// `false` keeps them full float32. No effect on the CPU.
+    pub tf32: bool,
+    /// On a GPU, cuDNN times its convolution algorithms for each new input shape and keeps the
+    /// fastest (`torch.backends.cudnn.benchmark`); `false` takes cuDNN's heuristic choice.
+    /// No effect on the CPU.
+    pub cudnn_benchmark: bool,
 }
 
 impl Default for TrainConfig {
@@ -47,6 +55,8 @@ impl Default for TrainConfig {
             log_every: 10,
             precision: Precision::Auto,
             channels_last: true,
+            tf32: true,
+            cudnn_benchmark: true,
         }
     }
 }
@@ -151,5 +161,27 @@ impl CheckpointConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::JobConfig;
+
+    #[test]
+    fn gpu_math_settings_default_on_and_can_be_turned_off() {
+        let cfg = JobConfig::default();
+        assert!(cfg.train.tf32 && cfg.train.cudnn_benchmark);
+        let cfg = JobConfig::from_toml("[train]\ntf32 = false\ncudnn_benchmark = false\n").unwrap();
+        assert!(!cfg.train.tf32 && !cfg.train.cudnn_benchmark);
+        let cfg = JobConfig::from_toml_with_overrides("", &["train.tf32=false".into()]).unwrap();
+        assert!(!cfg.train.tf32 && cfg.train.cudnn_benchmark);
+        // The typed config writes both back.
+        assert_eq!(JobConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);
+        for bad in ["tf32 = \"yes\"", "cudnn_benchmark = 1"] {
+            let e = JobConfig::from_toml(&format!("[train]\n{bad}\n")).unwrap_err();
+            let key = bad.split(' ').next().unwrap();
+            assert_eq!(e.path, format!("train.{key}"), "{bad}: {e}");
+        }
     }
 }

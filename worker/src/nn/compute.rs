@@ -1,4 +1,5 @@
-//! How the model computes on a GPU: bf16 autocast and channels-last layout.
+//! How the model computes on a GPU: bf16 autocast, channels-last layout, and the cuBLAS/cuDNN
+//! math settings (TF32, cuDNN autotuning).
 //!
 //! **bf16.** tch's `autocast` only switches CUDA autocast on and off; the dtype it casts to is
 //! a global that defaults to fp16 and that tch does not expose. libtorch does:
@@ -16,8 +17,25 @@
 //! NHWC. Convolution weights are converted once (in place, with `set_data`), inputs on every
 //! forward; cuDNN then picks its NHWC tensor-core kernels and returns NHWC outputs, which
 //! BatchNorm and ReLU preserve.
+//!
+//! **TF32 and cuDNN autotuning** (`train.tf32`, `train.cudnn_benchmark`) are process-wide flags
+//! of libtorch's `at::globalContext()`. tch 0.24 sets the cuDNN benchmark flag
+//! (`tch::Cuda::cudnn_set_benchmark`) but has nothing for TF32 (nor a getter for the benchmark
+//! flag), and neither has torch-sys's C API. They are plain exported C++ functions of
+//! libtorch_cpu: `at::globalContext()` returns the `Context&`, and the non-virtual members
+//! `Context::setAllowTF32CuBLAS(bool)` / `setAllowTF32CuDNN(bool)` take it as their first
+//! argument, which on x86-64 and aarch64 is how a C function taking a pointer first is called;
+//! we link to them by their mangled names, as for autocast above. These are the legacy setters
+//! that Python's `torch.backends.cuda.matmul.allow_tf32` and `torch.backends.cudnn.allow_tf32`
+//! call; in PyTorch 2.11 each also sets the newer per-backend precision
+//! (`float32Precision(CUDA, MATMUL | CONV | RNN)`), so the legacy and new views stay consistent
+//! (libtorch refuses, with an exception, a mix it cannot reconcile). Reading back goes through
+//! `Context::float32Precision(backend, op)`, whose three arguments and result are `int`-backed
+//! enums.
 
-use tch::{nn, Kind, Tensor};
+use contrail_common::config::TrainConfig;
+use std::sync::Mutex;
+use tch::{nn, Device, Kind, Tensor};
 
 /// `c10::DeviceType::CUDA`.
 const DEVICE_TYPE_CUDA: i8 = 1;
@@ -39,6 +57,109 @@ extern "C" {
     fn at_autocast_decrement_nesting() -> i32;
     #[link_name = "_ZN2at8autocast11clear_cacheEv"]
     fn at_autocast_clear_cache();
+}
+
+/// `at::Context`, only ever handled by pointer.
+#[repr(C)]
+struct AtContext {
+    _opaque: [u8; 0],
+}
+
+/// `at::Float32Backend::CUDA`.
+const FLOAT32_BACKEND_CUDA: i32 = 1;
+/// `at::Float32Op::{CONV, MATMUL}`.
+const FLOAT32_OP_CONV: i32 = 1;
+const FLOAT32_OP_MATMUL: i32 = 3;
+/// `at::Float32Precision::TF32`.
+const FLOAT32_PRECISION_TF32: i32 = 2;
+
+extern "C" {
+    #[link_name = "_ZN2at13globalContextEv"]
+    fn at_global_context() -> *mut AtContext;
+    #[link_name = "_ZN2at7Context18setAllowTF32CuBLASEb"]
+    fn at_context_set_allow_tf32_cublas(ctx: *mut AtContext, allow: bool);
+    #[link_name = "_ZN2at7Context17setAllowTF32CuDNNEb"]
+    fn at_context_set_allow_tf32_cudnn(ctx: *mut AtContext, allow: bool);
+    #[link_name = "_ZNK2at7Context16float32PrecisionENS_14Float32BackendENS_9Float32OpE"]
+    fn at_context_float32_precision(ctx: *const AtContext, backend: i32, op: i32) -> i32;
+    #[link_name = "_ZNK2at7Context14benchmarkCuDNNEv"]
+    fn at_context_benchmark_cudnn(ctx: *const AtContext) -> bool;
+}
+
+/// The cuBLAS/cuDNN math settings of a GPU worker (`train.tf32`, `train.cudnn_benchmark`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuMath {
+    /// float32 matmuls (cuBLAS) and convolutions (cuDNN) may use TF32 tensor cores.
+    pub tf32: bool,
+    /// cuDNN times its convolution algorithms per input shape and keeps the fastest.
+    pub cudnn_benchmark: bool,
+}
+
+impl GpuMath {
+    /// What `[train]` asks for.
+    pub fn from_train(train: &TrainConfig) -> Self {
+        Self {
+            tf32: train.tf32,
+            cudnn_benchmark: train.cudnn_benchmark,
+        }
+    }
+}
+
+/// The flags are process-wide: setting and reading them back is one step, so that two callers
+/// (two workers' set-up in one process, or tests) never see each other's half-applied state.
+static GPU_MATH: Mutex<()> = Mutex::new(());
+
+/// The settings libtorch holds now. TF32 counts as on only when both matmuls and
+/// convolutions allow it.
+pub fn gpu_math_settings() -> GpuMath {
+    let _guard = GPU_MATH.lock().unwrap_or_else(|e| e.into_inner());
+    read_gpu_math()
+}
+
+fn read_gpu_math() -> GpuMath {
+    // SAFETY: getters of libtorch's global context (which lives for the whole process), with
+    // valid (backend, op) pairs, for which they cannot throw.
+    unsafe {
+        let ctx = at_global_context();
+        let tf32 = |op| {
+            at_context_float32_precision(ctx, FLOAT32_BACKEND_CUDA, op) == FLOAT32_PRECISION_TF32
+        };
+        GpuMath {
+            tf32: tf32(FLOAT32_OP_MATMUL) && tf32(FLOAT32_OP_CONV),
+            cudnn_benchmark: at_context_benchmark_cudnn(ctx),
+        }
+    }
+}
+
+/// Applies `train.tf32` and `train.cudnn_benchmark` when `device` is a GPU: process-wide, so
+/// call it once before training. Returns the settings libtorch holds afterwards, or `None`
+/// (nothing changed) on the CPU, where neither applies (libtorch's CPU kernels read neither
+/// flag).
+pub fn apply_gpu_math_settings(device: Device, settings: GpuMath) -> Option<GpuMath> {
+    let _guard = GPU_MATH.lock().unwrap_or_else(|e| e.into_inner());
+    let applied = apply_gpu_math_locked(device, settings)?;
+    tracing::debug!(
+        "GPU math on {device:?}: TF32 {}, cuDNN benchmark {}",
+        applied.tf32,
+        applied.cudnn_benchmark
+    );
+    Some(applied)
+}
+
+/// [`apply_gpu_math_settings`] for a caller holding [`GPU_MATH`].
+fn apply_gpu_math_locked(device: Device, settings: GpuMath) -> Option<GpuMath> {
+    if !device.is_cuda() {
+        return None;
+    }
+    // SAFETY: setters of plain flags of libtorch's global context (alive for the whole
+    // process); they do not throw.
+    unsafe {
+        let ctx = at_global_context();
+        at_context_set_allow_tf32_cublas(ctx, settings.tf32);
+        at_context_set_allow_tf32_cudnn(ctx, settings.tf32);
+    }
+    tch::Cuda::cudnn_set_benchmark(settings.cudnn_benchmark);
+    Some(read_gpu_math())
 }
 
 /// Runs `f` with CUDA autocast on, as `torch.autocast("cuda")` does: enable, count the
@@ -142,7 +263,6 @@ impl Compute {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
 
     #[test]
     fn channels_last_keeps_values_and_changes_strides() {
@@ -172,6 +292,50 @@ mod tests {
     fn autocast_dtype_can_be_set_to_bf16() {
         use_bf16_for_cuda_autocast();
         assert!(cuda_autocast_is_bf16());
+    }
+
+    /// TF32 and cuDNN autotuning are set for a GPU (both ways, read back from libtorch) and
+    /// left alone for the CPU. The flags are plain process-wide state, so this runs without a
+    /// GPU too.
+    #[test]
+    fn gpu_math_settings_apply_to_cuda_devices_only() {
+        let all = |on| GpuMath {
+            tf32: on,
+            cudnn_benchmark: on,
+        };
+        for on in [true, false, true] {
+            assert_eq!(
+                apply_gpu_math_settings(Device::Cuda(0), all(on)),
+                Some(all(on))
+            );
+        }
+        let mixed = GpuMath {
+            tf32: false,
+            cudnn_benchmark: true,
+        };
+        assert_eq!(apply_gpu_math_settings(Device::Cuda(1), mixed), Some(mixed));
+        assert_eq!(apply_gpu_math_settings(Device::Cpu, all(true)), None);
+        // Under the lock, so that no other test's GPU set-up changes the flags meanwhile.
+        let _guard = GPU_MATH.lock().unwrap_or_else(|e| e.into_inner());
+        let before = read_gpu_math();
+        for on in [true, false] {
+            assert_eq!(apply_gpu_math_locked(Device::Cpu, all(on)), None);
+            assert_eq!(read_gpu_math(), before, "the CPU changed the GPU flags");
+        }
+    }
+
+    #[test]
+    fn gpu_math_follows_the_train_section() {
+        let mut train = TrainConfig::default();
+        assert_eq!(
+            GpuMath::from_train(&train),
+            GpuMath {
+                tf32: true,
+                cudnn_benchmark: true
+            }
+        );
+        train.tf32 = false;
+        assert!(!GpuMath::from_train(&train).tf32);
     }
 
     /// The autocast region switches CUDA autocast on inside and restores it after, nested
