@@ -13,10 +13,20 @@ impl K8sJob {
             .name
             .clone()
             .unwrap_or_else(|| contrail_k8s::default_name(&self.config));
-        let mut opts = contrail_k8s::RenderOptions::new(&name, &self.image, self.workers);
+        let shape = contrail_k8s::Shape::from_flags(
+            self.workers,
+            self.gpus_per_worker,
+            self.nodes,
+            self.gpus_per_node,
+        )?;
+        let mut opts = contrail_k8s::RenderOptions::new(&name, &self.image, shape);
         opts.namespace = self.namespace.clone();
         opts.coordinator_image = self.coordinator_image.clone();
-        opts.gpus_per_worker = self.gpus_per_worker;
+        opts.cpus_per_gpu = self.cpus_per_gpu;
+        opts.memory_per_gpu_gib = self.memory_per_gpu;
+        opts.shm_per_gpu_gib = self.shm_per_gpu;
+        opts.rdma_resources = self.rdma_resource.clone();
+        opts.exclusive_topology = self.exclusive_topology.clone();
         opts.crd = self.crd;
         opts.host_network = self.host_network;
         opts.nccl_socket_ifname = self.nccl_socket_ifname.clone();
@@ -33,7 +43,7 @@ impl K8sJob {
             };
         }
         let (cfg, objs) = contrail_k8s::render_file(&self.config, &self.overrides, &opts)?;
-        for w in contrail_k8s::warnings(&cfg) {
+        for w in contrail_k8s::render_warnings(&cfg, &opts) {
             eprintln!("warning: {w}");
         }
         Ok((opts, objs))

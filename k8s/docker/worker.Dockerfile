@@ -1,5 +1,6 @@
 # contrail worker image: the `contrail` binary, libtorch 2.11.0 and the CUDA 13 libraries that
-# the PyPI torch wheel brings (cuBLAS, cuDNN, NCCL, ...), on NVIDIA's CUDA base image.
+# the PyPI torch wheel brings (cuBLAS, cuDNN, NCCL, ...), on NVIDIA's CUDA base image, plus the
+# verbs libraries NCCL's InfiniBand/RoCE transport loads.
 #
 # Build from the repository root (BuildKit, the default builder since Docker 23):
 #   docker build -f k8s/docker/worker.Dockerfile -t contrail-worker .
@@ -58,8 +59,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # uses comes from the torch wheels copied below, so the larger -runtime variant is not needed. ---
 FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 
-# CA roots for HTTPS object stores (rustls reads the system store); copied, so that the
-# runtime stage needs no package manager run.
+# NCCL's InfiniBand/RoCE transport (NET/IB) dlopens libibverbs.so.1, which loads the NIC's
+# provider (libmlx5, ...) from ibverbs-providers; without them NCCL falls back to TCP sockets
+# (NET/Socket). ibverbs-utils brings ibv_devinfo, to check the devices from inside a pod.
+# Unpinned versions on purpose, as in the builder: the base tag fixes the Ubuntu release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libibverbs1 ibverbs-providers ibverbs-utils \
+    && rm -rf /var/lib/apt/lists/*
+
+# CA roots for HTTPS object stores (rustls reads the system store); copied from the builder.
 COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=builder /opt/torch /opt/torch
 COPY --from=builder /out/contrail /usr/local/bin/contrail

@@ -9,14 +9,21 @@
 //! - `None`: a Deployment + Service for the coordinator, an Indexed Job + headless Service
 //!   for the workers, and the ConfigMap.
 //!
+//! The worker pods have one of two shapes ([`Shape`]): one pod per GPU node running one rank
+//! per GPU (`--nodes M --gpus-per-node G`, `contrail worker --local-ranks G`), or pods of one
+//! rank each (`--workers N`, CPU jobs). `cluster.world_size` counts ranks.
+//!
 //! Failure handling mirrors contrail's own (docs/kubernetes.md, "Failure handling"): with
-//! `cluster.min_workers` on a CPU job a failed worker pod is replaced on its own and joins
-//! the survivors; otherwise a dead worker fails the job and the JobSet restarts the whole set
-//! (`failurePolicy.maxRestarts`), which resumes from the checkpoint. A coordinator with a
+//! `cluster.min_workers` (which counts ranks) a failed worker pod is replaced on its own and
+//! joins the survivors; otherwise a dead worker fails the job and the JobSet restarts the whole
+//! set (`failurePolicy.maxRestarts`), which resumes from the checkpoint. A coordinator with a
 //! journal is replaced when its pod crashes and takes the job over from the journal.
 
 pub mod apply;
 pub mod jobset;
+pub mod shape;
+
+pub use shape::{RdmaResource, Shape};
 
 use anyhow::{bail, Context, Result};
 use contrail_common::auth::{JobToken, TOKEN_ENV};
@@ -28,10 +35,11 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretEnvSource, SecretKeySelector,
-    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    Secret, SecretEnvSource, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -61,6 +69,26 @@ pub const LABEL_NAME: &str = "app.kubernetes.io/name";
 pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// The device plugin resource of NVIDIA GPUs.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// JobSet's exclusive placement: all pods of each child Job in one domain of the node label
+/// given as its value, and no other JobSet Job's pods there. Set on the `workers`
+/// ReplicatedJob's template (not on the JobSet), so the CPU coordinator takes no domain.
+pub const EXCLUSIVE_TOPOLOGY_ANNOTATION: &str = "alpha.jobset.sigs.k8s.io/exclusive-topology";
+/// The node label that names a node (the one-pod-per-node anti-affinity's topology key).
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+/// The capability that lets a process lock (pin) memory past RLIMIT_MEMLOCK, which RDMA
+/// memory registration needs; added to the worker container when it asks for RDMA devices.
+pub const IPC_LOCK: &str = "IPC_LOCK";
+
+/// Defaults of the per-GPU sizing flags (docs/kubernetes.md): CPU cores and memory requested
+/// per GPU of a worker pod, and its memory-backed /dev/shm per rank. An 8-GPU pod asks for 64
+/// cores and 8 × (64 + 8) = 576 GiB, which fits the common 8 × H100 machines (96-208 cores,
+/// 1.8-2 TiB) with room for the node's own daemons.
+pub const DEFAULT_CPUS_PER_GPU: u32 = 8;
+pub const DEFAULT_MEMORY_PER_GPU_GIB: u32 = 64;
+pub const DEFAULT_SHM_PER_GPU_GIB: u32 = 8;
 
 /// Which objects run the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,9 +121,24 @@ pub struct RenderOptions {
     /// A coordinator-only image (`k8s/docker/coordinator.Dockerfile`: `contrail-coordinator`
     /// on its PATH, no libtorch), for a much smaller coordinator pod.
     pub coordinator_image: Option<String>,
-    pub workers: u32,
-    /// `nvidia.com/gpu` limit of each worker pod (0: CPU only).
-    pub gpus_per_worker: u32,
+    /// The worker pods: one per node with one rank per GPU, or one rank each.
+    pub shape: Shape,
+    /// CPU cores requested per GPU of a worker pod (0: no CPU request). No CPU limit: the
+    /// data loaders may use idle cores, and a limit would throttle them.
+    pub cpus_per_gpu: u32,
+    /// Memory per GPU of a worker pod, in GiB (0: no memory request or limit). The pod's
+    /// request and limit are GPUs × (this + `shm_per_gpu_gib`): the memory-backed /dev/shm is
+    /// charged to the pod's memory.
+    pub memory_per_gpu_gib: u32,
+    /// The worker pods' memory-backed /dev/shm, per rank (per GPU), in GiB: the emptyDir's
+    /// `sizeLimit` is ranks × this (0: no sizeLimit).
+    pub shm_per_gpu_gib: u32,
+    /// Device plugin resources for NCCL's InfiniBand/RoCE transport, added to the worker
+    /// pods' requests and limits with the IPC_LOCK capability (GPU pods only).
+    pub rdma_resources: Vec<RdmaResource>,
+    /// JobSet's exclusive placement of the workers' Job in one domain of this node label
+    /// ([`EXCLUSIVE_TOPOLOGY_ANNOTATION`]); JobSet flavour only.
+    pub exclusive_topology: Option<String>,
     pub crd: Crd,
     /// Workers on the node's network (`hostNetwork`, `dnsPolicy: ClusterFirstWithHostNet`),
     /// for NCCL over the node's interfaces (InfiniBand/RoCE, several NICs).
@@ -127,15 +170,20 @@ pub enum Workload {
 }
 
 impl RenderOptions {
-    /// Defaults: namespace "default", JobSet flavour, no GPUs, pod network, no secret.
-    pub fn new(name: &str, image: &str, workers: u32) -> Self {
+    /// Defaults: namespace "default", JobSet flavour, the default per-GPU sizes, no RDMA
+    /// devices, no exclusive placement, pod network, no secret.
+    pub fn new(name: &str, image: &str, shape: Shape) -> Self {
         Self {
             name: name.into(),
             namespace: "default".into(),
             image: image.into(),
             coordinator_image: None,
-            workers,
-            gpus_per_worker: 0,
+            shape,
+            cpus_per_gpu: DEFAULT_CPUS_PER_GPU,
+            memory_per_gpu_gib: DEFAULT_MEMORY_PER_GPU_GIB,
+            shm_per_gpu_gib: DEFAULT_SHM_PER_GPU_GIB,
+            rdma_resources: Vec::new(),
+            exclusive_topology: None,
             crd: Crd::JobSet,
             host_network: false,
             nccl_socket_ifname: None,
@@ -284,21 +332,26 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The job file the pods run: `cfg` with `cluster.world_size` = the worker count and the
-/// coordinator listening on every interface at the fixed ports.
+/// The job file the pods run: `cfg` with `cluster.world_size` = the ranks of all worker pods
+/// ([`Shape::world_size`]), `cluster.local_ranks` = the ranks of each pod (training only), and
+/// the coordinator listening on every interface at the fixed ports. `cluster.min_workers` is
+/// left as it is: it counts ranks too.
 pub fn cluster_job_toml(cfg: &JobConfig, opts: &RenderOptions) -> Result<String> {
     let mut cfg = cfg.clone();
-    cfg.cluster.world_size = opts.workers;
-    if let Workload::Embed { .. } = opts.workload {
-        cfg.make_export(opts.workers);
+    let world = opts.shape.world_size();
+    cfg.cluster.world_size = world;
+    match opts.workload {
+        // Every pod runs this many ranks; the coordinator refuses a node worker that does not.
+        Workload::Train => cfg.cluster.local_ranks = opts.shape.ranks_per_pod(),
+        Workload::Embed { .. } => cfg.make_export(world),
     }
     cfg.cluster.grpc_addr = format!("0.0.0.0:{GRPC_PORT}");
     cfg.cluster.http_addr = format!("0.0.0.0:{HTTP_PORT}");
     cfg.validate().with_context(|| {
         format!(
-            "the job file with cluster.world_size={} (the --workers count); adjust it with \
+            "the job file with cluster.world_size={world} (the ranks of {}); adjust it with \
              e.g. --set train.global_batch=...",
-            opts.workers
+            opts.shape.describe()
         )
     })?;
     Ok(cfg.to_toml())
@@ -326,23 +379,22 @@ pub fn coordinator_url(opts: &RenderOptions) -> String {
 /// the ConfigMap holds it re-serialised with the cluster keys set by [`cluster_job_toml`].
 pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
     validate_name(&opts.name)?;
-    if opts.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
+    opts.shape.check()?;
     if opts.image.trim().is_empty() {
         bail!("--image is required (the worker image, with `contrail` on its PATH)");
     }
     if opts.namespace.trim().is_empty() {
         bail!("--namespace must not be empty");
     }
-    if opts.gpus_per_worker == 0 && cfg.cluster.requires_gpu() {
+    if opts.shape.gpus_per_pod() == 0 && cfg.cluster.requires_gpu() {
         bail!(
             "the job file asks for GPUs (cluster.backend=\"{}\", cluster.device=\"{}\") but \
-             --gpus-per-worker is 0",
+             the worker pods have none (--gpus-per-worker is 0): use --nodes M --gpus-per-node G",
             cfg.cluster.backend,
             cfg.cluster.device
         );
     }
+    check_devices_and_placement(opts)?;
     let job_toml = cluster_job_toml(cfg, opts)?;
     let replace = Replacement::of(cfg);
     let token = match &opts.job_token {
@@ -370,6 +422,43 @@ pub fn render(cfg: &JobConfig, opts: &RenderOptions) -> Result<Vec<Manifest>> {
     Ok(out)
 }
 
+/// The RDMA devices, the export's shape and the exclusive placement: what [`render`] refuses.
+fn check_devices_and_placement(opts: &RenderOptions) -> Result<()> {
+    let pods = opts.shape.pods();
+    if !opts.rdma_resources.is_empty() && opts.shape.gpus_per_pod() == 0 {
+        bail!(
+            "--rdma-resource is for NCCL's InfiniBand/RoCE transport between GPUs: a CPU job \
+             does not use it"
+        );
+    }
+    for (i, r) in opts.rdma_resources.iter().enumerate() {
+        if opts.rdma_resources[..i].iter().any(|o| o.name == r.name) {
+            bail!("--rdma-resource {} is given twice", r.name);
+        }
+    }
+    if matches!(opts.workload, Workload::Embed { .. }) && opts.shape.ranks_per_pod() > 1 {
+        bail!(
+            "an embedding export runs one `contrail embed-worker` per pod, on one device: use \
+             --workers N (with --gpus-per-worker 1 for GPUs), not {}",
+            opts.shape.describe()
+        );
+    }
+    if let Some(label) = &opts.exclusive_topology {
+        if opts.crd != Crd::JobSet {
+            bail!("--exclusive-topology is JobSet's exclusive placement: it needs --crd jobset");
+        }
+        shape::validate_label_key(label)?;
+        if label == HOSTNAME_LABEL && pods > 1 {
+            bail!(
+                "--exclusive-topology {HOSTNAME_LABEL} would put all {pods} worker pods (one \
+                 Job) on one node: exclusive placement keeps a Job's pods in one domain of the \
+                 label; give a label that groups nodes (a rack, a network block, a node pool)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Things in the job file that render but will likely not work on a cluster: local paths,
 /// which the pods do not share (no volume is mounted for them).
 pub fn warnings(cfg: &JobConfig) -> Vec<String> {
@@ -389,14 +478,56 @@ pub fn warnings(cfg: &JobConfig) -> Vec<String> {
     out
 }
 
+/// [`warnings`], and what the job's shape makes of the job file: with several ranks per pod a
+/// lost pod takes all of them, so a `cluster.min_workers` (which counts ranks) above
+/// world_size − ranks per pod fails the job on any pod failure.
+pub fn render_warnings(cfg: &JobConfig, opts: &RenderOptions) -> Vec<String> {
+    let mut out = warnings(cfg);
+    let (world, per_pod) = (opts.shape.world_size(), opts.shape.ranks_per_pod());
+    let min = cfg.cluster.min_workers;
+    let left = world.saturating_sub(per_pod);
+    if min > 0 && per_pod > 1 && min > left {
+        let keep = if left == 0 {
+            "one pod holds every rank".to_string()
+        } else {
+            format!("min_workers ≤ {left} keeps them going")
+        };
+        out.push(format!(
+            "cluster.min_workers = {min} counts ranks: a lost pod takes its {per_pod} ranks and \
+             leaves {left}, so any pod failure fails the job instead of the survivors training \
+             on ({keep})"
+        ));
+    }
+    out
+}
+
 /// [`render`] for a job file on disk, with `section.key=value` overrides applied first;
-/// returns the parsed job too.
+/// returns the parsed job too. A training job is loaded (and so validated) with the cluster
+/// keys it will run with, `cluster.world_size` = the ranks and `cluster.local_ranks`, so that
+/// e.g. a `cluster.min_workers` of 56 ranks is checked against 8 nodes × 8 GPUs rather than
+/// against the file's own `world_size`. (An export keeps the file's: it resizes its batch.)
 pub fn render_file(
     config_path: &str,
     overrides: &[String],
     opts: &RenderOptions,
 ) -> Result<(JobConfig, Vec<Manifest>)> {
-    let cfg = JobConfig::from_file(config_path, overrides)?;
+    let cfg = if opts.workload == Workload::Train {
+        let mut all = overrides.to_vec();
+        all.push(format!("cluster.world_size={}", opts.shape.world_size()));
+        all.push(format!(
+            "cluster.local_ranks={}",
+            opts.shape.ranks_per_pod()
+        ));
+        JobConfig::from_file(config_path, &all).with_context(|| {
+            format!(
+                "loading the job file with cluster.world_size={} (the ranks of {})",
+                opts.shape.world_size(),
+                opts.shape.describe()
+            )
+        })?
+    } else {
+        JobConfig::from_file(config_path, overrides)?
+    };
     let objs = render(&cfg, opts).with_context(|| format!("rendering job file {config_path}"))?;
     Ok((cfg, objs))
 }
@@ -572,15 +703,64 @@ fn coordinator_pod(opts: &RenderOptions, restart_policy: &str) -> PodTemplateSpe
     }
 }
 
+fn gib(n: u64) -> Quantity {
+    Quantity(format!("{n}Gi"))
+}
+
+/// The worker container's requests and limits, none for a CPU pod. GPUs and RDMA devices are
+/// extended resources (requests = limits); CPU is a request only (a limit would throttle the
+/// data loaders); memory is requested and limited at GPUs × (memory + shm) per GPU, since the
+/// memory-backed /dev/shm is charged to the pod.
+fn worker_resources(opts: &RenderOptions) -> Option<ResourceRequirements> {
+    let gpus = opts.shape.gpus_per_pod();
+    if gpus == 0 {
+        return None;
+    }
+    let mut devices = BTreeMap::from([(GPU_RESOURCE.to_string(), Quantity(gpus.to_string()))]);
+    for r in &opts.rdma_resources {
+        devices.insert(r.name.clone(), Quantity(r.count.to_string()));
+    }
+    let mut requests = devices.clone();
+    let mut limits = devices;
+    if opts.cpus_per_gpu > 0 {
+        requests.insert(
+            "cpu".into(),
+            Quantity((u64::from(gpus) * u64::from(opts.cpus_per_gpu)).to_string()),
+        );
+    }
+    if opts.memory_per_gpu_gib > 0 {
+        let memory = gib(u64::from(gpus)
+            * (u64::from(opts.memory_per_gpu_gib) + u64::from(opts.shm_per_gpu_gib)));
+        requests.insert("memory".into(), memory.clone());
+        limits.insert("memory".into(), memory);
+    }
+    Some(ResourceRequirements {
+        requests: Some(requests),
+        limits: Some(limits),
+        ..Default::default()
+    })
+}
+
 fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpec {
-    // The worker advertises the address it binds to its peers, so it binds the pod's own IP
-    // (0.0.0.0 would be advertised as is). On the node's network several workers may share a
-    // node, so the port is picked free (0) there.
-    let collective_port = if opts.host_network {
-        0
-    } else {
-        COLLECTIVE_PORT
-    };
+    let ranks = opts.shape.ranks_per_pod();
+    // A rank advertises the address it binds to its peers, so it binds the pod's own IP
+    // (0.0.0.0 would be advertised as is). On the pod network local rank i listens on
+    // COLLECTIVE_PORT + i (the node worker adds its local rank to a fixed port); on the node's
+    // network several workers may share a node, so the port is picked free (0) there.
+    let fixed_port = !opts.host_network;
+    let collective_port = if fixed_port { COLLECTIVE_PORT } else { 0 };
+    let ports = fixed_port.then(|| {
+        (0..ranks)
+            .map(|i| {
+                let name = if ranks == 1 {
+                    "collective".to_string()
+                } else {
+                    format!("collective-{i}")
+                };
+                port(&name, COLLECTIVE_PORT + i as i32)
+            })
+            .collect::<Vec<_>>()
+    });
     let mut env = vec![
         EnvVar {
             name: "POD_IP".into(),
@@ -607,23 +787,27 @@ fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpe
             ..Default::default()
         });
     }
-    let resources = (opts.gpus_per_worker > 0).then(|| {
-        let gpus = BTreeMap::from([(
-            "nvidia.com/gpu".to_string(),
-            Quantity(opts.gpus_per_worker.to_string()),
-        )]);
-        ResourceRequirements {
-            limits: Some(gpus),
+    // RDMA memory registration pins memory; IPC_LOCK lifts RLIMIT_MEMLOCK for a process that
+    // holds it (docs/kubernetes.md, "InfiniBand and RoCE", says what else a node needs).
+    let security_context = (!opts.rdma_resources.is_empty()).then(|| SecurityContext {
+        capabilities: Some(Capabilities {
+            add: Some(vec![IPC_LOCK.into()]),
             ..Default::default()
-        }
+        }),
+        ..Default::default()
     });
     let container = Container {
         name: "worker".into(),
         image: Some(opts.image.clone()),
         command: Some(vec!["contrail".into()]),
         args: Some(match &opts.workload {
+            // The node worker: `ranks` rank processes, one per GPU of the pod.
             Workload::Train => vec![
                 "worker".into(),
+                "--coordinator".into(),
+                coordinator_url(opts),
+                "--local-ranks".into(),
+                ranks.to_string(),
                 "--bind".into(),
                 format!("$(POD_IP):{collective_port}"),
             ],
@@ -631,10 +815,11 @@ fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpe
                 .chain(args.iter().cloned())
                 .collect(),
         }),
-        ports: (!opts.host_network).then(|| vec![port("collective", COLLECTIVE_PORT)]),
+        ports,
         env: Some(env),
         env_from: env_from(opts),
-        resources,
+        resources: worker_resources(opts),
+        security_context,
         volume_mounts: Some(vec![VolumeMount {
             name: "dshm".into(),
             mount_path: "/dev/shm".into(),
@@ -642,6 +827,21 @@ fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpe
         }]),
         ..Default::default()
     };
+    // One pod per node: no two worker pods of this job on one node, whatever their GPU count.
+    let affinity = opts.shape.one_pod_per_node().then(|| Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(selector_labels(opts, "worker")),
+                    ..Default::default()
+                }),
+                topology_key: HOSTNAME_LABEL.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels(opts, "worker")),
@@ -653,16 +853,19 @@ fn worker_pod(opts: &RenderOptions, subdomain: Option<String>) -> PodTemplateSpe
             restart_policy: Some("Never".into()),
             subdomain,
             service_account_name: opts.service_account.clone(),
+            affinity,
             host_network: opts.host_network.then_some(true),
             dns_policy: opts
                 .host_network
                 .then(|| "ClusterFirstWithHostNet".to_string()),
-            // Data-loader and NCCL shared memory; the container default is 64 MiB.
+            // Data-loader and NCCL shared memory of every rank; the container default is
+            // 64 MiB. Memory-backed: it counts against the pod's memory.
             volumes: Some(vec![Volume {
                 name: "dshm".into(),
                 empty_dir: Some(EmptyDirVolumeSource {
                     medium: Some("Memory".into()),
-                    ..Default::default()
+                    size_limit: (opts.shm_per_gpu_gib > 0)
+                        .then(|| gib(u64::from(ranks) * u64::from(opts.shm_per_gpu_gib))),
                 }),
                 ..Default::default()
             }]),
@@ -699,7 +902,7 @@ fn workers_job_spec(
     subdomain: Option<String>,
     replace: Replacement,
 ) -> JobSpec {
-    let n = opts.workers as i32;
+    let n = opts.shape.pods() as i32;
     let base = JobSpec {
         completion_mode: Some("Indexed".into()),
         completions: Some(n),
@@ -775,7 +978,15 @@ fn job_set(opts: &RenderOptions, replace: Replacement, journaled: bool) -> JobSe
         name: "workers".into(),
         replicas: Some(1),
         template: JobTemplateSpec {
-            metadata: None,
+            // Exclusive placement for the workers' Job only: set on the JobSet, it would give
+            // the one-pod coordinator Job a whole domain too.
+            metadata: opts.exclusive_topology.as_ref().map(|label| ObjectMeta {
+                annotations: Some(BTreeMap::from([(
+                    EXCLUSIVE_TOPOLOGY_ANNOTATION.to_string(),
+                    label.clone(),
+                )])),
+                ..Default::default()
+            }),
             // JobSet sets the pods' subdomain to its headless service itself.
             spec: Some(workers_job_spec(opts, None, replace)),
         },

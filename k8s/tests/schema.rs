@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{cases, opts, render_case, venv_tool, workspace_root};
+use common::{cases, node_opts, opts, rdma, render_case, venv_tool, workspace_root};
 use contrail_k8s::{to_yaml, Crd, Manifest, KUBERNETES_VERSION};
 use k8s_openapi::api::batch::v1::Job;
 use std::path::{Path, PathBuf};
@@ -77,7 +77,8 @@ fn built_in_objects_pass_strict_kubernetes_schema_validation() {
     }
 }
 
-/// The per-pod replacement fields (`cluster.min_workers` on a CPU job) validate too.
+/// The per-pod replacement fields (`cluster.min_workers`, on a CPU job of one-rank pods and on
+/// one pod per GPU node) validate too.
 #[test]
 fn per_pod_replacement_passes_strict_schema_validation() {
     for crd in [Crd::JobSet, Crd::None] {
@@ -86,18 +87,28 @@ fn per_pod_replacement_passes_strict_schema_validation() {
         cfg.train.micro_batch = 8;
         cfg.cluster.min_workers = 2;
         let objs = built_in_objects(&contrail_k8s::render(&cfg, &common::opts(crd, 3, 0)).unwrap());
-        let path = tmp(&format!("k8s-validate-replace-{crd:?}.yaml"));
-        std::fs::write(&path, to_yaml(&objs).unwrap()).unwrap();
-        if let Err(report) = kubernetes_validate(&path) {
-            panic!("{crd:?}: {} does not validate:\n{report}", path.display());
+        let nodes = node_opts(crd, 2, 8);
+        let mut cfg = common::job_for(&nodes);
+        cfg.cluster.min_workers = 8;
+        let node_objs = built_in_objects(&contrail_k8s::render(&cfg, &nodes).unwrap());
+        for (what, objs) in [("workers", objs), ("nodes", node_objs)] {
+            let path = tmp(&format!("k8s-validate-replace-{crd:?}-{what}.yaml"));
+            std::fs::write(&path, to_yaml(&objs).unwrap()).unwrap();
+            if let Err(report) = kubernetes_validate(&path) {
+                panic!("{crd:?}: {} does not validate:\n{report}", path.display());
+            }
         }
     }
 }
 
-/// The validator does reject what the API server would: a misspelt field and a wrong type.
+/// The validator does reject what the API server would: a misspelt field and a wrong type,
+/// also in what a pod per node adds (the shm size, the capability, the anti-affinity).
 #[test]
 fn kubernetes_validate_rejects_broken_objects() {
     let yaml = to_yaml(&render_case(&opts(Crd::None, 2, 1))).unwrap();
+    let mut node = node_opts(Crd::None, 2, 8);
+    node.rdma_resources = vec![rdma("rdma/rdma_shared_device_a", 1)];
+    let node_yaml = to_yaml(&render_case(&node)).unwrap();
     for (what, broken) in [
         (
             "unknown field",
@@ -107,8 +118,23 @@ fn kubernetes_validate_rejects_broken_objects() {
             "wrong type",
             yaml.replace("parallelism: 2", "parallelism: two"),
         ),
+        (
+            "misspelt sizeLimit",
+            node_yaml.replace("sizeLimit:", "sizeLimitt:"),
+        ),
+        (
+            "capabilities not a list",
+            node_yaml.replace("add:\n            - IPC_LOCK", "add: IPC_LOCK"),
+        ),
+        (
+            "misspelt topologyKey",
+            node_yaml.replace("topologyKey:", "topologyKeys:"),
+        ),
     ] {
-        assert_ne!(broken, yaml, "{what}: the replacement did not apply");
+        assert!(
+            broken != yaml && broken != node_yaml,
+            "{what}: the replacement did not apply"
+        );
         let path = tmp(&format!("k8s-broken-{}.yaml", what.replace(' ', "-")));
         std::fs::write(&path, broken).unwrap();
         let report = kubernetes_validate(&path).expect_err(what);
@@ -156,6 +182,14 @@ fn jobset_validation_rejects_broken_objects() {
         .filter(|m| matches!(m, Manifest::JobSet(_)))
         .collect();
     let yaml = to_yaml(&js).unwrap();
+    let mut node = node_opts(Crd::JobSet, 2, 8);
+    node.rdma_resources = vec![rdma("rdma/rdma_shared_device_a", 1)];
+    node.exclusive_topology = Some("topology.example.com/block".into());
+    let node_js: Vec<Manifest> = render_case(&node)
+        .into_iter()
+        .filter(|m| matches!(m, Manifest::JobSet(_)))
+        .collect();
+    let node_yaml = to_yaml(&node_js).unwrap();
     for (what, broken, expect) in [
         (
             "misspelt JobSet field",
@@ -172,8 +206,21 @@ fn jobset_validation_rejects_broken_objects() {
             yaml.replace("completions: 2", "completions: two"),
             "completions",
         ),
+        (
+            "misspelt anti-affinity field",
+            node_yaml.replace("topologyKey:", "topologyKeys:"),
+            "topologyKeys: unknown field",
+        ),
+        (
+            "misspelt capability field",
+            node_yaml.replace("capabilities:", "capabilites:"),
+            "capabilites: unknown field",
+        ),
     ] {
-        assert_ne!(broken, yaml, "{what}: the replacement did not apply");
+        assert!(
+            broken != yaml && broken != node_yaml,
+            "{what}: the replacement did not apply"
+        );
         let path = tmp(&format!("jobset-broken-{}.yaml", what.replace(' ', "-")));
         std::fs::write(&path, broken).unwrap();
         let report = validate_jobset(&path).expect_err(what);
