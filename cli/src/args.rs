@@ -22,9 +22,17 @@ pub enum Command {
     /// Run a coordinator and N worker processes on this machine (writes the synthetic dataset
     /// first if the configured data URL holds no shards).
     Local {
-        /// Worker processes to start (sets cluster.world_size).
-        #[arg(long, default_value_t = 2)]
-        workers: u32,
+        /// Single-rank workers to start (sets cluster.world_size); the same as `--nodes N
+        /// --local-ranks 1`.
+        #[arg(long, conflicts_with = "nodes")]
+        workers: Option<u32>,
+        /// Node workers to start (default 2 with --local-ranks 1), each running
+        /// --local-ranks ranks: cluster.world_size = nodes × local ranks, ranks node-major.
+        #[arg(long)]
+        nodes: Option<u32>,
+        /// Rank processes per node worker.
+        #[arg(long, default_value_t = 1, requires = "nodes")]
+        local_ranks: u32,
         /// Job file (TOML).
         #[arg(long)]
         config: String,
@@ -35,23 +43,39 @@ pub enum Command {
         #[arg(long)]
         verbose: bool,
     },
-    /// Run one worker: register with the coordinator, train, leave. Needs the job's token in
-    /// CONTRAIL_JOB_TOKEN (the same as the coordinator's).
+    /// Run one node worker: N rank processes on this machine, one per GPU, each registering
+    /// with the coordinator, training and leaving; the node worker supervises them (a rank
+    /// that fails stops the node's others: a node is one failure domain) and forwards
+    /// SIGTERM/SIGINT to them. Needs the job's token in CONTRAIL_JOB_TOKEN (the same as the
+    /// coordinator's).
     Worker {
-        /// gRPC address of the coordinator.
-        #[arg(long, env = "CONTRAIL_COORDINATOR")]
-        coordinator: String,
-        /// Address for the collective backend to listen on (port 0: any free port). Must be
-        /// reachable by the other workers.
-        #[arg(long, env = "CONTRAIL_COLLECTIVE_BIND", default_value = "127.0.0.1:0")]
-        bind: String,
-        /// Seconds to keep trying to reach the coordinator at start-up.
-        #[arg(long, default_value_t = 120)]
-        connect_wait_secs: u64,
-        /// libtorch intra-op threads (0: libtorch's default, one per core). Set it to
-        /// cores ÷ workers when several workers share a machine.
-        #[arg(long, env = "CONTRAIL_TORCH_THREADS", default_value_t = 0)]
-        threads: i32,
+        #[command(flatten)]
+        rank: RankArgs,
+        /// Rank processes to run (default: the number of visible GPUs, 1 without GPUs).
+        /// With one, the rank runs in this process.
+        #[arg(long, env = "CONTRAIL_LOCAL_RANKS")]
+        local_ranks: Option<u32>,
+        /// GPUs for the ranks, one per rank or one for all (e.g. `0,1`): used as told, even
+        /// if another node worker uses them. Default: the first free GPUs of this machine
+        /// (node workers on one machine never share one).
+        #[arg(long, value_delimiter = ',')]
+        gpus: Option<Vec<usize>>,
+    },
+    /// One rank of a node worker (`contrail worker` starts these; not for direct use).
+    #[command(hide = true)]
+    Rank {
+        #[command(flatten)]
+        rank: RankArgs,
+        /// The node worker's identity.
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        local_rank: u32,
+        #[arg(long)]
+        local_ranks: u32,
+        /// The GPU the node worker gave this rank.
+        #[arg(long)]
+        gpu: Option<usize>,
     },
     /// Run the coordinator alone (same as the `contrail-coordinator` binary). Needs the job's
     /// token in CONTRAIL_JOB_TOKEN; CONTRAIL_STATUS_TOKEN, if set, guards the status endpoints.
@@ -172,12 +196,40 @@ pub struct K8sJob {
     /// k8s/docker/coordinator.Dockerfile).
     #[arg(long)]
     pub coordinator_image: Option<String>,
-    /// Worker pods (sets cluster.world_size).
-    #[arg(long)]
-    pub workers: u32,
-    /// nvidia.com/gpu limit of each worker pod (0: CPU only).
-    #[arg(long, default_value_t = 0)]
-    pub gpus_per_worker: u32,
+    /// GPU nodes: one worker pod per node, each running one rank per GPU (`contrail worker
+    /// --local-ranks G`); cluster.world_size = nodes × --gpus-per-node.
+    #[arg(long, value_name = "M", conflicts_with_all = ["workers", "gpus_per_worker"])]
+    pub nodes: Option<u32>,
+    /// With --nodes: GPUs (nvidia.com/gpu) and ranks of each node's pod.
+    #[arg(long, value_name = "G", requires = "nodes")]
+    pub gpus_per_node: Option<u32>,
+    /// Worker pods of one rank each, for CPU jobs (or one GPU each with --gpus-per-worker 1);
+    /// cluster.world_size = workers. GPU nodes: use --nodes and --gpus-per-node.
+    #[arg(long, value_name = "N", conflicts_with = "gpus_per_node")]
+    pub workers: Option<u32>,
+    /// With --workers: nvidia.com/gpu of each worker pod, 0 (CPU only, the default) or 1.
+    #[arg(long, value_name = "0|1", requires = "workers")]
+    pub gpus_per_worker: Option<u32>,
+    /// CPU cores requested per GPU of a worker pod (0: no CPU request).
+    #[arg(long, value_name = "N", default_value_t = contrail_k8s::DEFAULT_CPUS_PER_GPU)]
+    pub cpus_per_gpu: u32,
+    /// Memory per GPU of a worker pod in GiB; the pod's request and limit are GPUs × (this +
+    /// --shm-per-gpu) (0: no memory request or limit).
+    #[arg(long, value_name = "GIB", default_value_t = contrail_k8s::DEFAULT_MEMORY_PER_GPU_GIB)]
+    pub memory_per_gpu: u32,
+    /// Memory-backed /dev/shm per rank (per GPU) in GiB, for NCCL and the data loaders (0: no
+    /// size limit).
+    #[arg(long, value_name = "GIB", default_value_t = contrail_k8s::DEFAULT_SHM_PER_GPU_GIB)]
+    pub shm_per_gpu: u32,
+    /// A device plugin resource for NCCL's InfiniBand/RoCE transport, added to the worker pods'
+    /// requests and limits with the IPC_LOCK capability, e.g. rdma/rdma_shared_device_a=1 or
+    /// nvidia.com/hostdev=8 (repeatable).
+    #[arg(long, value_name = "NAME=COUNT")]
+    pub rdma_resource: Vec<contrail_k8s::RdmaResource>,
+    /// JobSet exclusive placement: all worker pods in one domain of this node label (a rack,
+    /// network block or node pool), no other JobSet job's pods there.
+    #[arg(long, value_name = "LABEL")]
+    pub exclusive_topology: Option<String>,
     /// Prefix of the objects' names (default: from the job file's name).
     #[arg(long)]
     pub name: Option<String>,
@@ -447,4 +499,24 @@ pub enum AuditCommand {
         #[arg(long)]
         json: Option<String>,
     },
+}
+
+/// What every rank process of a node worker needs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RankArgs {
+    /// gRPC address of the coordinator.
+    #[arg(long, env = "CONTRAIL_COORDINATOR")]
+    pub coordinator: String,
+    /// Address for the collective backend to listen on (port 0: any free port; with several
+    /// local ranks and a fixed port P, local rank i listens on P + i). Must be reachable by
+    /// the other workers.
+    #[arg(long, env = "CONTRAIL_COLLECTIVE_BIND", default_value = "127.0.0.1:0")]
+    pub bind: String,
+    /// Seconds to keep trying to reach the coordinator at start-up.
+    #[arg(long, default_value_t = 120)]
+    pub connect_wait_secs: u64,
+    /// libtorch intra-op threads per rank (0: libtorch's default, one per core, or with
+    /// several local ranks this machine's cores ÷ local ranks).
+    #[arg(long, env = "CONTRAIL_TORCH_THREADS", default_value_t = 0)]
+    pub threads: i32,
 }

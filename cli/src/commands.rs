@@ -137,10 +137,10 @@ pub fn embed(rt: &Runtime, args: EmbedArgs) -> Result<()> {
         cfg.make_export(args.workers);
         let mut flags = embed_worker_flags(&args.out, args.tower, base.as_deref(), base.is_none());
         flags.extend(["--batch".into(), args.batch.to_string()]);
-        let child: Vec<&str> = std::iter::once("embed-worker")
-            .chain(flags.iter().map(String::as_str))
+        let child: Vec<String> = std::iter::once("embed-worker".to_string())
+            .chain(flags)
             .collect();
-        crate::local_cluster::run_cluster(rt, &cfg, args.workers, &child, false)?;
+        crate::local_cluster::run_cluster(rt, &cfg, args.workers, 1, &|_| child.clone(), false)?;
         println!(
             "embedded {} with {} workers into {} in {:.1} s",
             cfg.data.url,

@@ -225,7 +225,7 @@ fn zeroshot_classes(rt: &Runtime, arg: &str, s3_endpoint: &str) -> Result<Vec<St
 
 /// The device a `--device` setting names on this machine.
 pub fn device_for(setting: DeviceSetting) -> Result<Device> {
-    choose_device(setting, 0, tch::Cuda::device_count() as usize)
+    choose_device(setting, Some(0), tch::Cuda::device_count() as usize)
 }
 
 /// The `tower` embeddings (and labels, when `labelled`) of an embedding folder as a bank.

@@ -1,6 +1,7 @@
-//! `contrail local`: a coordinator process and N worker processes on 127.0.0.1.
+//! `contrail local`: a coordinator process and M node workers of N ranks each on 127.0.0.1.
 //!
-//! They are real processes (this same binary, `contrail coordinator` and `contrail worker`),
+//! They are real processes (this same binary, `contrail coordinator` and `contrail worker`,
+//! whose ranks are `contrail rank` processes when N > 1),
 //! so the local cluster exercises the same gRPC, collective and failure paths as a
 //! multi-machine job, and a crashed coordinator is started again like a Kubernetes pod. The same
 //! harness runs the workers of a distributed export (`contrail embed --workers N`).
@@ -13,19 +14,27 @@ use contrail_common::config::Backend;
 use contrail_common::status::{render_status_text, JobState, StatusReport};
 use contrail_common::storage::list_shards;
 use contrail_common::JobConfig;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 
+/// `contrail local --nodes NODES --local-ranks LOCAL_RANKS` (`--workers N` is N nodes of one).
 pub fn run_local(
     rt: &Runtime,
     config_path: &str,
-    workers: u32,
+    nodes: u32,
+    local_ranks: u32,
     overrides: &[String],
     verbose: bool,
 ) -> Result<()> {
+    if nodes == 0 || local_ranks == 0 {
+        bail!("--nodes, --workers and --local-ranks must be at least 1");
+    }
+    let workers = nodes * local_ranks;
     let mut overrides = overrides.to_vec();
     overrides.push(format!("cluster.world_size={workers}"));
+    overrides.push(format!("cluster.local_ranks={local_ranks}"));
     let mut cfg = JobConfig::from_file(config_path, &overrides)?;
     // NCCL refuses two ranks on one GPU: workers that must share GPUs talk over TCP.
     let gpus = tch::Cuda::device_count().max(0) as u32;
@@ -71,16 +80,35 @@ pub fn run_local(
         )?;
     }
 
-    run_cluster(rt, &cfg, workers, &["worker"], verbose)
+    // Fewer GPUs than ranks: the ranks share them round-robin (collectives over TCP, see
+    // above). Otherwise each node worker claims free GPUs of its own.
+    let shared = gpus > 0 && workers > gpus;
+    let args = |node: u32| -> Vec<String> {
+        let mut a = vec![
+            "worker".into(),
+            "--local-ranks".into(),
+            local_ranks.to_string(),
+        ];
+        if shared {
+            let list: Vec<String> = (0..local_ranks)
+                .map(|l| ((node * local_ranks + l) % gpus).to_string())
+                .collect();
+            a.extend(["--gpus".into(), list.join(",")]);
+        }
+        a
+    };
+    run_cluster(rt, &cfg, nodes, local_ranks, &args, verbose)
 }
 
 /// How often a coordinator that crashed (killed, or exited other than 0, 1 or 130) is
 /// started again; it takes the job over from its journal.
 const COORDINATOR_RESTARTS: u32 = 3;
 
-/// Runs the job `cfg`: a coordinator child process (`contrail coordinator`) and `workers`
-/// child processes of this binary (`child_args`, then `--coordinator URL --threads N`) until
-/// the job ends or Ctrl-C. A coordinator that crashes is started again (up to
+/// Runs the job `cfg`: a coordinator child process (`contrail coordinator`) and `processes`
+/// child processes of this binary, each running `ranks_per_process` ranks (process i gets
+/// `child_args(i)`, then `--coordinator URL --threads N`), until the job ends or Ctrl-C.
+/// Each worker process leads a process group of its own (its ranks included), which is how
+/// it is stopped, and how a test kills a whole node. A coordinator that crashes is started again (up to
 /// [`COORDINATOR_RESTARTS`] times) when the job has a journal (`cluster.journal_url`, by
 /// default under `checkpoint.url`): it takes the job over while the workers keep training,
 /// as on Kubernetes. `contrail local` runs training workers this way, `contrail embed
@@ -88,10 +116,12 @@ const COORDINATOR_RESTARTS: u32 = 3;
 pub fn run_cluster(
     rt: &Runtime,
     cfg: &JobConfig,
-    workers: u32,
-    child_args: &[&str],
+    processes: u32,
+    ranks_per_process: u32,
+    child_args: &dyn Fn(u32) -> Vec<String>,
     verbose: bool,
 ) -> Result<()> {
+    let workers = processes * ranks_per_process;
     let mut cfg = cfg.clone();
     cfg.cluster.world_size = workers;
     // `:0` in the config becomes a real port that the coordinator binds and the workers dial.
@@ -130,9 +160,10 @@ pub fn run_cluster(
         .unwrap_or(1) as u32;
     let threads = (cores / workers).max(1).to_string();
     let mut children: Vec<Child> = Vec::new();
-    for i in 0..workers {
+    for i in 0..processes {
         let mut cmd = Command::new(&exe);
-        cmd.args(child_args)
+        cmd.args(child_args(i))
+            .process_group(0)
             .args([
                 "--coordinator",
                 &format!("http://{}", cfg.cluster.grpc_addr),
@@ -235,7 +266,11 @@ pub fn run_cluster(
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = c.kill();
+        // The whole group: a node worker's ranks too.
+        // SAFETY: kill(2) on the process group our own child leads.
+        unsafe {
+            libc::kill(-(c.id() as i32), libc::SIGKILL);
+        }
         let _ = c.wait();
     }
     if !matches!(outcome, Outcome::Ended(_)) {

@@ -4,11 +4,11 @@
 use anyhow::Context;
 use clap::Parser;
 use contrail_cli::args::{AuditCommand, Cli, Command, DataCommand};
-use contrail_cli::{audit, commands, eval, k8s, local_cluster, status_client};
+use contrail_cli::{audit, commands, eval, k8s, local_cluster, node_worker, status_client};
 use contrail_common::auth::JobToken;
 use contrail_data::import::ImportOptions;
 use contrail_worker::embed::leased::{run_embed_worker, EmbedWorkerOptions};
-use contrail_worker::process::{run_worker, WorkerOptions};
+use contrail_worker::process::node::NodeRank;
 use std::time::Duration;
 
 fn main() {
@@ -17,28 +17,40 @@ fn main() {
     let result = commands::async_runtime().and_then(|rt| match cli.command {
         Command::Local {
             workers,
+            nodes,
+            local_ranks,
             config,
             overrides,
             verbose,
-        } => local_cluster::run_local(&rt, &config, workers, &overrides, verbose),
+        } => {
+            let (nodes, local_ranks) = match (workers, nodes) {
+                (Some(w), _) => (w, 1),
+                (None, Some(n)) => (n, local_ranks),
+                (None, None) => (2, 1),
+            };
+            local_cluster::run_local(&rt, &config, nodes, local_ranks, &overrides, verbose)
+        }
         Command::Worker {
-            coordinator,
-            bind,
-            connect_wait_secs,
-            threads,
+            rank,
+            local_ranks,
+            gpus,
+        } => node_worker::run_node_worker(&rt, &rank, local_ranks, gpus.as_deref()),
+        Command::Rank {
+            rank,
+            node,
+            local_rank,
+            local_ranks,
+            gpu,
         } => JobToken::require_env()
-            .context("the worker's job token")
+            .context("the rank's job token")
             .and_then(|token| {
-                run_worker(
-                    &rt,
-                    &WorkerOptions {
-                        torch_threads: threads,
-                        coordinator,
-                        collective_bind: bind,
-                        connect_wait: Duration::from_secs(connect_wait_secs),
-                        token,
-                    },
-                )
+                let slot = NodeRank {
+                    node,
+                    local_rank,
+                    local_ranks,
+                    gpu,
+                };
+                node_worker::run_rank(&rt, &rank, slot, token)
             }),
         Command::Coordinator { config, overrides } => {
             commands::run_coordinator(&rt, &config, &overrides)

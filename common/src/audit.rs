@@ -43,6 +43,24 @@ pub struct AuditRecord {
     pub rank: u32,
     pub generation: u64,
     pub samples: Vec<SampleRef>,
+    /// A copy of rank `rank`'s record written by a survivor of its generation, which knows
+    /// the samples only by id (`sample_id`; every rank gathers every rank's ids before each
+    /// step): a rank killed between two flushes (`audit.flush_every_steps` > 1) loses its
+    /// unwritten records, and these stand in for them. A copy counts only where the rank's
+    /// own record of that step is missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copied_ids: Vec<[i64; 2]>,
+}
+
+impl AuditRecord {
+    pub fn is_copy(&self) -> bool {
+        !self.copied_ids.is_empty()
+    }
+
+    /// The record's identity: one rank's step of one generation.
+    fn step_key(&self) -> (u32, u64, u32, u64) {
+        (self.epoch, self.generation, self.rank, self.step)
+    }
 }
 
 /// What the survivors of a failure agreed on: generation `generation` committed its steps
@@ -139,12 +157,51 @@ impl EpochCheck {
 
 const LISTED: usize = 20;
 
+/// Stands for a copied sample id that no sample of the dataset has.
+fn unknown_id(id: [i64; 2]) -> SampleRef {
+    SampleRef {
+        shard: "(unknown sample id)".into(),
+        key: format!("{:016x}{:016x}", id[0], id[1]),
+    }
+}
+
 /// Compares each epoch of `records` with `dataset` (every sample the epoch should train).
+/// A copy ([`AuditRecord::copied_ids`]) counts only where its rank's own record is missing.
 pub fn check(records: &[AuditRecord], dataset: &[SampleRef]) -> Vec<EpochCheck> {
+    let originals: std::collections::HashSet<_> = records
+        .iter()
+        .filter(|r| !r.is_copy())
+        .map(AuditRecord::step_key)
+        .collect();
+    let mut copies_counted = std::collections::HashSet::new();
+    let by_id: HashMap<[i64; 2], &SampleRef> = dataset
+        .iter()
+        .map(|s| (sample_id(&s.shard, &s.key), s))
+        .collect();
+    let unknown_ids: HashMap<[i64; 2], SampleRef> = records
+        .iter()
+        .flat_map(|r| &r.copied_ids)
+        .filter(|id| !by_id.contains_key(*id))
+        .map(|id| (*id, unknown_id(*id)))
+        .collect();
     let mut by_epoch: BTreeMap<u32, HashMap<&SampleRef, usize>> = BTreeMap::new();
     for r in records {
+        // Several survivors' copies of one record count once, and none beside the original.
+        if r.is_copy()
+            && (originals.contains(&r.step_key()) || !copies_counted.insert(r.step_key()))
+        {
+            continue;
+        }
         let seen = by_epoch.entry(r.epoch).or_default();
         for s in &r.samples {
+            *seen.entry(s).or_default() += 1;
+        }
+        for id in &r.copied_ids {
+            let s = by_id
+                .get(id)
+                .copied()
+                .or_else(|| unknown_ids.get(id))
+                .expect("every copied id is a dataset sample's or listed as unknown");
             *seen.entry(s).or_default() += 1;
         }
     }
@@ -208,7 +265,48 @@ mod tests {
             rank,
             generation: 1,
             samples: samples.to_vec(),
+            copied_ids: Vec::new(),
         }
+    }
+
+    /// A survivor's copy of `rec(epoch, step, rank, samples)`.
+    fn copy(epoch: u32, step: u64, rank: u32, samples: &[SampleRef]) -> AuditRecord {
+        AuditRecord {
+            samples: Vec::new(),
+            copied_ids: samples
+                .iter()
+                .map(|s| sample_id(&s.shard, &s.key))
+                .collect(),
+            ..rec(epoch, step, rank, &[])
+        }
+    }
+
+    /// A rank killed between flushes lost its last records; the survivors' copies stand in
+    /// for them (once, however many survivors wrote one), and a copy beside the original
+    /// counts nothing. A copied id that no dataset sample has is unknown.
+    #[test]
+    fn copies_count_only_where_the_original_is_missing() {
+        let data = [s("a", "0"), s("a", "1"), s("b", "0"), s("b", "1")];
+        let records = [
+            rec(0, 1, 0, &[s("a", "0")]),
+            rec(0, 1, 1, &[s("a", "1")]),
+            copy(0, 1, 1, &[s("a", "1")]),
+            rec(0, 2, 0, &[s("b", "0")]),
+            // Rank 1's own record of step 2 was lost; two survivors copied it.
+            copy(0, 2, 1, &[s("b", "1")]),
+            copy(0, 2, 1, &[s("b", "1")]),
+        ];
+        let checks = check(&records, &data);
+        assert!(checks[0].exactly_once(), "{:?}", checks[0]);
+        assert_eq!(checks[0].trained, 4);
+        // Without the copies, b/1 is missing.
+        let checks = check(&records[..4], &data);
+        assert_eq!(checks[0].missing, vec![s("b", "1")]);
+        let mut stray = copy(0, 3, 1, &[s("c", "9")]);
+        stray.epoch = 1;
+        let checks = check(&[stray], &data);
+        assert_eq!(checks[0].unknown_total, 1);
+        assert_eq!(checks[0].unknown[0].shard, "(unknown sample id)");
     }
 
     #[test]
@@ -237,6 +335,7 @@ mod tests {
         let records = vec![
             rec(0, 1, 0, &[s("file:///d/s-0.tar", "k\"1")]),
             rec(0, 2, 3, &[]),
+            copy(0, 2, 4, &[s("file:///d/s-0.tar", "k")]),
         ];
         let bytes = encode(&records);
         let back: Vec<AuditRecord> = bytes

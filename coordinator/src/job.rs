@@ -12,7 +12,7 @@
 use crate::error::RpcError;
 use crate::experts::ExpertBook;
 use crate::leases::{Completion, ShardBook};
-use crate::membership::{Membership, Worker};
+use crate::membership::{Membership, NodeSlot, Worker};
 use crate::progress::{reported_seconds, JobProgress};
 use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::config::JobConfig;
@@ -246,29 +246,45 @@ impl JobBook {
         }
         let timeout = self.cfg.cluster.worker_timeout_ms;
         let grace = 2 * self.cfg.cluster.heartbeat_ms;
-        for id in self.members.silent(now_ms, timeout, grace) {
-            let returned = self.shards.release_worker(id);
-            let Some(w) = self.members.get_mut(id) else {
-                continue;
-            };
-            let silent_ms = now_ms.saturating_sub(w.last_seen_ms);
-            w.liveness = WorkerLiveness::Dead;
-            w.reason = match w.suspected_at_ms {
-                Some(at) if silent_ms <= timeout => format!(
-                    "a peer lost its connection to it, and it sent no heartbeat in the {} ms since",
-                    now_ms.saturating_sub(at)
+        let silent = self.members.silent(now_ms, timeout, grace);
+        if !silent.is_empty() {
+            let mut reasons = Vec::new();
+            for id in &silent {
+                let Some(w) = self.members.get_mut(*id) else {
+                    continue;
+                };
+                if w.liveness != WorkerLiveness::Alive {
+                    continue; // taken out with its node already
+                }
+                let silent_ms = now_ms.saturating_sub(w.last_seen_ms);
+                w.liveness = WorkerLiveness::Dead;
+                w.reason = match w.suspected_at_ms {
+                    Some(at) if silent_ms <= timeout => format!(
+                        "a peer lost its connection to it, and it sent no heartbeat in the {} ms since",
+                        now_ms.saturating_sub(at)
+                    ),
+                    _ => format!(
+                        "no heartbeat for {silent_ms} ms (cluster.worker_timeout_ms = {timeout})"
+                    ),
+                };
+                reasons.push(format!(
+                    "{} stopped sending heartbeats ({})",
+                    w.describe(),
+                    w.reason
+                ));
+                reasons.extend(self.take_out_node_of(*id));
+            }
+            let returned: usize = silent
+                .iter()
+                .map(|id| self.shards.release_worker(*id).len())
+                .sum();
+            self.lose_member(
+                format!(
+                    "{}; {returned} shard lease(s) returned to the pool",
+                    reasons.join("; ")
                 ),
-                _ => format!(
-                    "no heartbeat for {silent_ms} ms (cluster.worker_timeout_ms = {timeout})"
-                ),
-            };
-            let reason = format!(
-                "{} stopped sending heartbeats ({}); {} shard lease(s) returned to the pool",
-                w.describe(),
-                w.reason,
-                returned.len()
+                now_ms,
             );
-            self.lose_member(reason, now_ms);
         }
         // A replacement that died while waiting to join must not be taken into a generation.
         for id in self.members.silent_waiting(now_ms, timeout) {
@@ -277,9 +293,35 @@ impl JobBook {
                 w.reason = format!("went silent while waiting to join (no call for {timeout} ms)");
                 tracing::warn!(worker = %w.describe(), "a waiting replacement went silent; it will not join");
             }
+            for note in self.take_out_node_of(id) {
+                tracing::warn!("{note}");
+            }
             self.touch();
         }
         self.check_short(now_ms);
+    }
+
+    /// A node is one failure domain: the alive workers on `id`'s node (which just died or
+    /// failed) are declared dead with it, their leases returned, so the whole node leaves in
+    /// one regroup. Returns a note for each.
+    fn take_out_node_of(&mut self, id: u64) -> Vec<String> {
+        let Some(lost) = self.members.get(id).map(Worker::describe) else {
+            return Vec::new();
+        };
+        let mut notes = Vec::new();
+        for mate in self.members.node_mates(id) {
+            self.shards.release_worker(mate);
+            if let Some(w) = self.members.get_mut(mate) {
+                w.liveness = WorkerLiveness::Dead;
+                w.reason = format!("its node lost {lost}");
+                notes.push(format!(
+                    "{} leaves with its node ({})",
+                    w.describe(),
+                    w.slot.node
+                ));
+            }
+        }
+        notes
     }
 
     /// A member died or failed: the survivors regroup as the next generation when
@@ -476,18 +518,26 @@ impl JobBook {
         );
     }
 
-    /// A worker registers with its collective address; `instance` is its process's random id
-    /// (0: none), so the same instance registering again (its first reply was lost) gets the
-    /// same worker id. Returns (worker id, generation).
+    /// A worker registers with its collective address and its node slot; `instance` is its
+    /// process's random id (0: none), so the same instance registering again (its first reply
+    /// was lost) gets the same worker id. Returns (worker id, generation).
     pub fn register(
         &mut self,
-        host: &str,
-        address: &str,
-        instance: u64,
+        req: &proto::RegisterRequest,
         now_ms: u64,
     ) -> Result<(u64, u64), RpcError> {
+        let (host, address, instance) = (&req.host, &req.collective_address, req.instance);
         if let Some(w) = self.members.by_instance(instance) {
             return Ok((w.id, self.members.generation));
+        }
+        let slot = NodeSlot::of(req)?;
+        let per_node = self.cfg.cluster.local_ranks;
+        if per_node > 0 && slot.local_ranks != per_node {
+            return Err(RpcError::InvalidArgument(format!(
+                "node {:?} runs {} rank(s), but the job's nodes run {per_node} each \
+                 (cluster.local_ranks); start it with --local-ranks {per_node}",
+                req.node, slot.local_ranks
+            )));
         }
         if self.state.is_terminal() {
             self.require_running()?;
@@ -498,6 +548,7 @@ impl JobBook {
                 host,
                 address,
                 instance,
+                slot,
                 now_ms,
                 self.cfg.cluster.world_size,
             )?;
@@ -509,7 +560,7 @@ impl JobBook {
             );
             return Ok((id, self.members.generation));
         }
-        let id = self.members.add(host, address, instance, now_ms)?;
+        let id = self.members.add(host, address, instance, slot, now_ms)?;
         tracing::info!(
             worker = id,
             %host,
@@ -871,10 +922,15 @@ impl JobBook {
         w.liveness = WorkerLiveness::Left;
         w.reason = req.error.clone();
         let returned = self.shards.release_worker(req.worker_id).len();
-        if !req.error.is_empty() {
-            self.lose_member(format!("{who} failed: {}", req.error), now_ms);
-        } else if !req.finished {
-            self.lose_member(format!("{who} left before the job finished"), now_ms);
+        if !req.error.is_empty() || !req.finished {
+            let why = if req.error.is_empty() {
+                format!("{who} left before the job finished")
+            } else {
+                format!("{who} failed: {}", req.error)
+            };
+            let mut notes = vec![why];
+            notes.extend(self.take_out_node_of(req.worker_id));
+            self.lose_member(notes.join("; "), now_ms);
         } else {
             if returned > 0 {
                 tracing::warn!(worker = %who, returned, "worker left finished while holding leases");
@@ -913,6 +969,8 @@ impl JobBook {
             .map(|w| WorkerStatus {
                 worker_id: w.id,
                 rank: w.rank,
+                node: w.slot.node.clone(),
+                local_rank: w.slot.local_rank,
                 host: w.host.clone(),
                 address: w.address.clone(),
                 state: w.liveness,

@@ -1,13 +1,53 @@
 //! Who is in the job: registered workers, their ranks, liveness and the generation.
 //!
-//! Ranks follow registration order and are assigned the moment the world is complete. The
-//! generation changes whenever membership does (a worker dies or fails); requests stamped with
+//! Every worker is one rank of a node (`contrail worker --local-ranks N` runs N; a worker
+//! started alone is a node of one). Ranks are assigned the moment the world is complete,
+//! node-major: nodes in the order their first rank registered, a node's ranks contiguous in
+//! local-rank order (NCCL's rings and trees want a node's GPUs next to each other). A node is
+//! one failure domain: the job book takes all its ranks out in the same regroup, and a
+//! replacement node counts as waiting only once all its ranks registered. The generation changes whenever membership does (a worker dies or fails); requests stamped with
 //! an older generation are refused, which fences a worker that was declared dead but is in
 //! fact still running and would otherwise keep taking shards.
 
 use crate::error::RpcError;
+use contrail_common::proto;
 use contrail_common::status::WorkerLiveness;
 use serde::{Deserialize, Serialize};
+
+/// Where a rank runs: its node worker and its index there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSlot {
+    /// The node worker's identity; a worker registered without one is named a node of its
+    /// own when it is added.
+    pub node: String,
+    pub local_rank: u32,
+    /// Ranks the node runs (at least 1).
+    pub local_ranks: u32,
+}
+
+impl NodeSlot {
+    /// The slot a registration names, checked.
+    pub fn of(req: &proto::RegisterRequest) -> Result<Self, RpcError> {
+        let local_ranks = req.local_ranks.max(1);
+        if req.local_rank >= local_ranks {
+            return Err(RpcError::InvalidArgument(format!(
+                "local rank {} of node {:?} is out of range: the node runs {local_ranks} rank(s)",
+                req.local_rank, req.node
+            )));
+        }
+        if req.node.is_empty() && local_ranks > 1 {
+            return Err(RpcError::InvalidArgument(format!(
+                "a registration of local rank {} of {local_ranks} names no node",
+                req.local_rank
+            )));
+        }
+        Ok(Self {
+            node: req.node.clone(),
+            local_rank: req.local_rank,
+            local_ranks,
+        })
+    }
+}
 
 /// Journaled whole (see `crate::journal`); the times are this coordinator's clock and are
 /// reset when a restarted coordinator recovers the journal.
@@ -30,6 +70,9 @@ pub struct Worker {
     /// The worker process's random instance id: a repeated registration is the same worker.
     #[serde(default)]
     pub instance: u64,
+    /// The node it runs on.
+    #[serde(default)]
+    pub slot: NodeSlot,
 }
 
 impl Worker {
@@ -67,31 +110,66 @@ impl Membership {
             && self.workers.len() == self.world_size as usize
     }
 
-    /// Adds a worker; assigns every rank when this one completes the world. Returns its id.
+    /// Adds a worker; assigns every rank, node-major, when this one completes the world.
+    /// Returns its id.
     pub fn add(
         &mut self,
         host: &str,
         address: &str,
         instance: u64,
+        slot: NodeSlot,
         now_ms: u64,
     ) -> Result<u64, RpcError> {
         if self.workers.len() >= self.world_size as usize {
             return Err(RpcError::ResourceExhausted(format!(
-                "the job already has its {} workers (cluster.world_size); a worker joins a \
-                 running job only as a replacement (cluster.min_workers > 0)",
+                "the job already has its {} ranks (cluster.world_size, the sum of the nodes' \
+                 --local-ranks); a worker joins a running job only as a replacement \
+                 (cluster.min_workers > 0)",
                 self.world_size
             )));
         }
         self.check_address_free(address)?;
-        let id = self.push(host, address, instance, now_ms, false);
+        self.check_slot_free(&slot)?;
+        let id = self.push(host, address, instance, slot, now_ms, false);
         if self.workers.len() == self.world_size as usize {
-            for (rank, w) in self.workers.iter_mut().enumerate() {
-                w.rank = Some(rank as u32);
-                // The liveness clock starts now: waiting in Rendezvous sends no heartbeats.
-                w.last_seen_ms = now_ms;
+            let ids: Vec<u64> = self.workers.iter().map(|w| w.id).collect();
+            for (rank, id) in self.node_major(ids).into_iter().enumerate() {
+                if let Some(w) = self.get_mut(id) {
+                    w.rank = Some(rank as u32);
+                    // The liveness clock starts now: waiting in Rendezvous sends no heartbeats.
+                    w.last_seen_ms = now_ms;
+                }
             }
         }
         Ok(id)
+    }
+
+    /// `ids` ordered node-major: nodes in the order their first worker registered, each
+    /// node's workers by local rank.
+    fn node_major(&self, mut ids: Vec<u64>) -> Vec<u64> {
+        let first_of_node = |node: &str| {
+            self.workers
+                .iter()
+                .position(|w| w.slot.node == node)
+                .unwrap_or(usize::MAX)
+        };
+        ids.sort_by_cached_key(|id| match self.get(*id) {
+            Some(w) => (first_of_node(&w.slot.node), w.slot.local_rank, w.id),
+            None => (usize::MAX, 0, *id),
+        });
+        ids
+    }
+
+    /// The alive workers other than `id` on `id`'s node: they leave with it.
+    pub fn node_mates(&self, id: u64) -> Vec<u64> {
+        let Some(node) = self.get(id).map(|w| w.slot.node.clone()) else {
+            return Vec::new();
+        };
+        self.workers
+            .iter()
+            .filter(|w| w.id != id && w.slot.node == node && w.liveness == WorkerLiveness::Alive)
+            .map(|w| w.id)
+            .collect()
     }
 
     pub fn get(&self, id: u64) -> Option<&Worker> {
@@ -159,6 +237,7 @@ impl Membership {
         host: &str,
         address: &str,
         instance: u64,
+        slot: NodeSlot,
         now_ms: u64,
         max_world: u32,
     ) -> Result<u64, RpcError> {
@@ -173,8 +252,36 @@ impl Membership {
             )));
         }
         self.check_address_free(address)?;
-        let id = self.push(host, address, instance, now_ms, true);
+        self.check_slot_free(&slot)?;
+        let id = self.push(host, address, instance, slot, now_ms, true);
         Ok(id)
+    }
+
+    /// Refuses a second alive worker in one node's slot, and a node whose ranks disagree on
+    /// how many it runs.
+    fn check_slot_free(&self, slot: &NodeSlot) -> Result<(), RpcError> {
+        if slot.node.is_empty() {
+            return Ok(());
+        }
+        let alive = self
+            .workers
+            .iter()
+            .filter(|w| w.slot.node == slot.node && w.liveness == WorkerLiveness::Alive);
+        for other in alive {
+            if other.slot.local_rank == slot.local_rank {
+                return Err(RpcError::InvalidArgument(format!(
+                    "local rank {} of node {} is already registered (worker {})",
+                    slot.local_rank, slot.node, other.id
+                )));
+            }
+            if other.slot.local_ranks != slot.local_ranks {
+                return Err(RpcError::InvalidArgument(format!(
+                    "node {} registered with {} local ranks before, now with {}",
+                    slot.node, other.slot.local_ranks, slot.local_ranks
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Refuses an address an alive worker registered (a replacement may come back on a dead
@@ -197,17 +304,22 @@ impl Membership {
         }
     }
 
-    /// A new alive worker without a rank; returns its id.
+    /// A new alive worker without a rank; returns its id. A worker that names no node is a
+    /// node of its own.
     fn push(
         &mut self,
         host: &str,
         address: &str,
         instance: u64,
+        mut slot: NodeSlot,
         now_ms: u64,
         joined_running: bool,
     ) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
+        if slot.node.is_empty() {
+            slot.node = format!("{host}/worker-{id}");
+        }
         self.workers.push(Worker {
             id,
             host: host.to_string(),
@@ -220,6 +332,7 @@ impl Membership {
             joined_running,
             suspected_at_ms: None,
             instance,
+            slot,
         });
         id
     }
@@ -260,12 +373,29 @@ impl Membership {
             .collect()
     }
 
-    /// Replacements registered and waiting for the next regroup.
-    pub fn waiting(&self) -> usize {
+    /// Replacements registered and waiting for the next regroup, of nodes whose every rank
+    /// registered (a node joins whole), in registration order.
+    pub fn waiting_ids(&self) -> Vec<u64> {
+        let waits = |w: &&Worker| w.rank.is_none() && w.liveness == WorkerLiveness::Alive;
         self.workers
             .iter()
-            .filter(|w| w.rank.is_none() && w.liveness == WorkerLiveness::Alive)
-            .count()
+            .filter(waits)
+            .filter(|w| {
+                let registered = self
+                    .workers
+                    .iter()
+                    .filter(waits)
+                    .filter(|o| o.slot.node == w.slot.node)
+                    .count();
+                registered == w.slot.local_ranks.max(1) as usize
+            })
+            .map(|w| w.id)
+            .collect()
+    }
+
+    /// How many replacements could join at the next regroup ([`Membership::waiting_ids`]).
+    pub fn waiting(&self) -> usize {
+        self.waiting_ids().len()
     }
 
     /// Alive workers of the current membership.
@@ -289,8 +419,8 @@ impl Membership {
     }
 
     /// The next generation's membership: the alive members, re-ranked 0..n in their old
-    /// order, then the waiting replacements in registration order; everyone else loses their
-    /// rank. Returns the ids of the members.
+    /// order, then the waiting replacements of whole nodes, node-major; everyone else loses
+    /// their rank. Returns the ids of the members.
     pub fn regroup(&mut self) -> Vec<u64> {
         self.regroup_taking(true)
     }
@@ -312,15 +442,12 @@ impl Membership {
                 w.rank = None;
             }
         }
-        let newcomers: Vec<u64> = self
-            .workers
-            .iter()
-            .filter(|_| take_waiting)
-            .filter(|w| w.rank.is_none() && w.liveness == WorkerLiveness::Alive)
-            .map(|w| w.id)
-            .filter(|id| !ids.contains(id))
-            .collect();
-        for id in newcomers {
+        let waiting = if take_waiting {
+            self.waiting_ids()
+        } else {
+            Vec::new()
+        };
+        for id in self.node_major(waiting) {
             if let Some(w) = self.workers.iter_mut().find(|w| w.id == id) {
                 w.rank = Some(ids.len() as u32);
                 ids.push(id);

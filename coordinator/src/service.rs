@@ -38,9 +38,7 @@ impl CoordinatorRpc for CoordinatorService {
         req: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterReply>, Status> {
         let r = req.into_inner();
-        let (worker_id, generation) = self
-            .coord
-            .with_book(|b, now| b.register(&r.host, &r.collective_address, r.instance, now))?;
+        let (worker_id, generation) = self.coord.with_book(|b, now| b.register(&r, now))?;
         self.coord.durable().await?;
         Ok(Response::new(proto::RegisterReply {
             worker_id,

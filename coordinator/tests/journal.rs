@@ -10,6 +10,16 @@ use contrail_common::status::{JobState, WorkerLiveness};
 use contrail_coordinator::job::JobBook;
 use contrail_coordinator::journal::{Found, Journal};
 
+/// A worker's registration: a node of its own.
+fn registration(host: &str, address: &str, instance: u64) -> proto::RegisterRequest {
+    proto::RegisterRequest {
+        host: host.into(),
+        collective_address: address.into(),
+        instance,
+        ..Default::default()
+    }
+}
+
 const HEARTBEAT: u64 = 50;
 const TIMEOUT: u64 = 200;
 const TTL: u64 = 150;
@@ -71,7 +81,7 @@ fn history() -> (JobBook, Vec<u64>, Vec<u64>) {
     let mut b = JobBook::new(config(), "toml".into(), urls(9), None);
     let ids: Vec<u64> = (0..3u64)
         .map(|r| {
-            b.register("h", &format!("10.0.0.{r}:1"), 100 + r, 0)
+            b.register(&registration("h", &format!("10.0.0.{r}:1"), 100 + r), 0)
                 .unwrap()
                 .0
         })
@@ -177,7 +187,9 @@ fn requests_repeated_after_a_lost_reply_get_the_same_answer() {
     let other = lease(&mut b, ids[0], 78, 5);
     assert_ne!(other.lease_id, first.lease_id);
     // A registration retried by the same process keeps its worker id.
-    let (id, generation) = b.register("h", "10.0.0.0:1", 100, 0).unwrap();
+    let (id, generation) = b
+        .register(&registration("h", "10.0.0.0:1", 100), 0)
+        .unwrap();
     assert_eq!((id, generation), (ids[0], b.generation()));
 }
 
@@ -255,7 +267,9 @@ fn a_replacement_in_time_lifts_a_job_below_min_workers() {
     assert_eq!((b.state(), b.generation()), (JobState::Running, g));
     // The survivor's regroup call waits.
     assert_eq!(b.rendezvous(ids[0], g, g, 410).unwrap(), None);
-    let (new, _) = b.register("h", "10.0.0.9:1", 999, 420).unwrap();
+    let (new, _) = b
+        .register(&registration("h", "10.0.0.9:1", 999), 420)
+        .unwrap();
     b.tick(430);
     assert_eq!(b.generation(), g + 1);
     let r0 = b.rendezvous(ids[0], g, g, 440).unwrap().expect("regrouped");
@@ -349,7 +363,11 @@ async fn journal_size_and_write_time_at_scale() {
     for shards in [1_000usize, 10_000, 100_000] {
         let mut b = JobBook::new(config(), "toml".into(), urls(shards), None);
         let ids: Vec<u64> = (0..3u64)
-            .map(|r| b.register("h", &format!("10.0.0.{r}:1"), 0, 0).unwrap().0)
+            .map(|r| {
+                b.register(&registration("h", &format!("10.0.0.{r}:1"), 0), 0)
+                    .unwrap()
+                    .0
+            })
             .collect();
         // Half the epoch leased and completed, 3 shards in flight.
         for k in 0..shards / 2 + 3 {

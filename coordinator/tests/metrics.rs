@@ -78,6 +78,8 @@ fn worker(rank: Option<u32>, id: u64, heartbeat_ms: u64, step: u64) -> WorkerSta
     WorkerStatus {
         worker_id: id,
         rank,
+        node: "h/a".into(),
+        local_rank: 0,
         host: "h".into(),
         address: "127.0.0.1:1".into(),
         state: WorkerLiveness::Alive,

@@ -10,6 +10,16 @@ use contrail_coordinator::error::RpcError;
 use contrail_coordinator::job::JobBook;
 use std::collections::HashMap;
 
+/// A worker's registration: a node of its own.
+fn registration(host: &str, address: &str, instance: u64) -> proto::RegisterRequest {
+    proto::RegisterRequest {
+        host: host.into(),
+        collective_address: address.into(),
+        instance,
+        ..Default::default()
+    }
+}
+
 const HEARTBEAT: u64 = 50;
 const TIMEOUT: u64 = 200;
 const TTL: u64 = 150;
@@ -44,7 +54,7 @@ fn running_with(cfg: JobConfig, n: usize) -> (JobBook, Vec<u64>) {
     let mut b = JobBook::new(cfg, "toml".into(), urls(n), None);
     let ids = (0..world)
         .map(|r| {
-            b.register("host", &format!("10.0.0.{r}:2950{r}"), 0, 0)
+            b.register(&registration("host", &format!("10.0.0.{r}:2950{r}"), 0), 0)
                 .unwrap()
                 .0
         })
@@ -124,15 +134,17 @@ fn complete(
 #[test]
 fn rendezvous_waits_for_the_world_then_ranks_in_registration_order() {
     let mut b = JobBook::new(config(3), "the job".into(), urls(4), None);
-    let (a, g) = b.register("ha", "10.0.0.1:1", 0, 0).unwrap();
+    let (a, g) = b.register(&registration("ha", "10.0.0.1:1", 0), 0).unwrap();
     assert_eq!(b.rendezvous(a, g, 0, 1).unwrap(), None);
     assert_eq!(b.state(), JobState::WaitingForWorkers);
     let e = lease(&mut b, a, 0, 1).unwrap_err();
     assert!(e.to_string().contains("1 of 3 workers registered"), "{e}");
-    let (c, _) = b.register("hc", "10.0.0.3:1", 0, 2).unwrap();
-    let (d, _) = b.register("hd", "10.0.0.2:1", 0, 3).unwrap();
+    let (c, _) = b.register(&registration("hc", "10.0.0.3:1", 0), 2).unwrap();
+    let (d, _) = b.register(&registration("hd", "10.0.0.2:1", 0), 3).unwrap();
     assert_eq!(b.state(), JobState::Running);
-    let e = b.register("late", "10.0.0.9:1", 0, 4).unwrap_err();
+    let e = b
+        .register(&registration("late", "10.0.0.9:1", 0), 4)
+        .unwrap_err();
     assert!(matches!(e, RpcError::ResourceExhausted(_)), "{e:?}");
     for (id, rank) in [(a, 0), (c, 1), (d, 2)] {
         let r = b
@@ -153,8 +165,11 @@ fn rendezvous_waits_for_the_world_then_ranks_in_registration_order() {
 #[test]
 fn duplicate_collective_address_is_refused() {
     let mut b = JobBook::new(config(2), String::new(), urls(2), None);
-    b.register("h1", "10.0.0.1:29500", 0, 0).unwrap();
-    let e = b.register("h2", "10.0.0.1:29500", 0, 0).unwrap_err();
+    b.register(&registration("h1", "10.0.0.1:29500", 0), 0)
+        .unwrap();
+    let e = b
+        .register(&registration("h2", "10.0.0.1:29500", 0), 0)
+        .unwrap_err();
     assert!(e.to_string().contains("already registered"), "{e}");
 }
 
@@ -461,7 +476,11 @@ fn resume_reports_the_checkpoint_and_skips_done_shards() {
         Some(("memory://ck/step-00000040".into(), meta)),
     );
     let ids: Vec<u64> = (0..2)
-        .map(|r| b.register("h", &format!("a:{r}"), 0, 0).unwrap().0)
+        .map(|r| {
+            b.register(&registration("h", &format!("a:{r}"), 0), 0)
+                .unwrap()
+                .0
+        })
         .collect();
     let r = b.rendezvous(ids[1], b.generation(), 0, 0).unwrap().unwrap();
     assert_eq!(
@@ -852,7 +871,7 @@ fn a_replacement_waits_then_joins_at_the_next_regroup() {
     let g = b.generation();
     // The world is full: no room for another worker.
     assert!(matches!(
-        b.register("host", "10.0.0.9:29509", 0, 1),
+        b.register(&registration("host", "10.0.0.9:29509", 0), 1),
         Err(RpcError::ResourceExhausted(_))
     ));
     // Rank 2 leaves with an error; ranks 0 and 1 regroup as generation g + 1.
@@ -862,7 +881,9 @@ fn a_replacement_waits_then_joins_at_the_next_regroup() {
         b.rendezvous(id, g, g, 3).unwrap().expect("regrouped");
     }
     // A replacement registers; it waits, and the members are asked to regroup.
-    let (new, at) = b.register("host", "10.0.0.2:29502", 0, 4).unwrap();
+    let (new, at) = b
+        .register(&registration("host", "10.0.0.2:29502", 0), 4)
+        .unwrap();
     assert_eq!(at, g + 1);
     assert_eq!(b.rendezvous(new, at, 0, 5).unwrap(), None);
     let hb = heartbeat(&mut b, ids[0], g + 1, 6).unwrap();
@@ -898,7 +919,9 @@ fn a_replacement_that_dies_while_waiting_is_never_taken_in() {
     let (mut b, ids) = running_with(cfg, 6);
     let g = b.generation();
     fail_worker(&mut b, ids[2], g, 0);
-    let (ghost, at) = b.register("host", "10.0.0.7:29507", 0, 0).unwrap();
+    let (ghost, at) = b
+        .register(&registration("host", "10.0.0.7:29507", 0), 0)
+        .unwrap();
     assert_eq!(b.rendezvous(ghost, at, 0, 10).unwrap(), None);
     assert!(heartbeat(&mut b, ids[0], g + 1, 10).unwrap().regroup);
     // The members keep heartbeating; the replacement's call stopped at t = 10.
@@ -993,7 +1016,9 @@ fn a_dead_moe_worker_rolls_the_members_back_to_the_checkpoint() {
     assert_eq!((b.state(), b.generation()), (JobState::Running, g));
     assert_eq!(b.rendezvous(ids[0], g, g, 6).unwrap(), None);
     // A replacement may register; it waits out the rollback.
-    let (newcomer, _) = b.register("host", "10.0.0.9:29509", 0, 7).unwrap();
+    let (newcomer, _) = b
+        .register(&registration("host", "10.0.0.9:29509", 0), 7)
+        .unwrap();
 
     let urls = urls(6);
     let mut shard_state = ShardStateSnapshot {
@@ -1140,7 +1165,9 @@ fn members_that_cannot_agree_on_an_moe_state_roll_back_on_request() {
         Err(RpcError::FailedPrecondition(_))
     ));
     // A replacement registering now does not make the members regroup before the rollback.
-    let (newcomer, _) = b.register("host", "10.0.0.9:29509", 0, 6).unwrap();
+    let (newcomer, _) = b
+        .register(&registration("host", "10.0.0.9:29509", 0), 6)
+        .unwrap();
     assert_eq!(b.rendezvous(ids[0], g + 1, g + 1, 7).unwrap(), None);
     assert_eq!(b.generation(), g + 1);
     let meta = CheckpointMeta {
@@ -1176,4 +1203,168 @@ fn members_that_cannot_agree_on_an_moe_state_roll_back_on_request() {
         b.request_rollback(ids[0], g, why),
         Err(RpcError::InvalidArgument(_))
     ));
+}
+
+/// Rank `local_rank` of `node`, which runs `local_ranks`.
+fn node_rank(
+    node: &str,
+    local_rank: u32,
+    local_ranks: u32,
+    address: &str,
+) -> proto::RegisterRequest {
+    proto::RegisterRequest {
+        host: node.into(),
+        collective_address: address.into(),
+        node: node.into(),
+        local_rank,
+        local_ranks,
+        ..Default::default()
+    }
+}
+
+/// Ranks are node-major whatever order the node workers' ranks register in: node `a` (whose
+/// rank registered first) gets ranks 0–1, node `b` ranks 2–3, each node's in local order.
+#[test]
+fn ranks_are_node_major_in_the_order_nodes_first_registered() {
+    let mut b = JobBook::new(config(4), "toml".into(), urls(4), None);
+    let order = [("a", 0), ("b", 1), ("b", 0), ("a", 1)];
+    let ids: Vec<u64> = order
+        .iter()
+        .enumerate()
+        .map(|(i, (node, local))| {
+            b.register(&node_rank(node, *local, 2, &format!("10.0.0.{i}:1")), 0)
+                .unwrap()
+                .0
+        })
+        .collect();
+    assert_eq!(b.state(), JobState::Running);
+    let rank = |b: &mut JobBook, id| b.rendezvous(id, 1, 0, 1).unwrap().expect("world").rank;
+    let ranks: Vec<u32> = ids.iter().map(|id| rank(&mut b, *id)).collect();
+    assert_eq!(ranks, vec![0, 3, 2, 1]);
+    let status = b.status(2);
+    let by_rank: Vec<(String, u32)> = status
+        .workers
+        .iter()
+        .map(|w| (w.node.clone(), w.local_rank))
+        .collect();
+    assert_eq!(
+        by_rank,
+        [("a", 0), ("a", 1), ("b", 0), ("b", 1)].map(|(n, l)| (n.to_string(), l))
+    );
+    assert_eq!(contrail_common::status::node_count(&status.workers), 2);
+}
+
+#[test]
+fn a_node_slot_is_checked_at_registration() {
+    let mut b = JobBook::new(config(4), "toml".into(), urls(4), None);
+    b.register(&node_rank("a", 0, 2, "10.0.0.1:1"), 0).unwrap();
+    let e = b
+        .register(&node_rank("a", 0, 2, "10.0.0.2:1"), 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("already registered"), "{e}");
+    let e = b
+        .register(&node_rank("a", 1, 3, "10.0.0.2:1"), 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("with 2 local ranks before"), "{e}");
+    let e = b
+        .register(&node_rank("c", 2, 2, "10.0.0.3:1"), 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+}
+
+/// Two nodes of two ranks, `cluster.min_workers = 2`, running.
+fn two_nodes_of_two() -> (JobBook, Vec<u64>) {
+    let mut cfg = config(4);
+    cfg.cluster.min_workers = 2;
+    let mut b = JobBook::new(cfg, "toml".into(), urls(8), None);
+    let ids = [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+        .iter()
+        .enumerate()
+        .map(|(i, (node, local))| {
+            b.register(&node_rank(node, *local, 2, &format!("10.0.0.{i}:1")), 0)
+                .unwrap()
+                .0
+        })
+        .collect();
+    assert_eq!(b.state(), JobState::Running);
+    (b, ids)
+}
+
+/// A node is one failure domain: when a survivor reports rank 2 and it stays silent, rank 2
+/// and its node-mate rank 3 (which would otherwise be found only after worker_timeout_ms)
+/// leave in one regroup: one new generation of two ranks, not two generations.
+#[test]
+fn a_dead_node_leaves_whole_in_one_regroup() {
+    let (mut b, ids) = two_nodes_of_two();
+    let g = b.generation();
+    for id in &ids {
+        heartbeat(&mut b, *id, g, 10).unwrap();
+    }
+    // Rank 0 names rank 2 in its regroup call; nothing is decided yet.
+    assert_eq!(
+        b.rendezvous_reporting(ids[0], g, g, Some(2), 20).unwrap(),
+        None
+    );
+    heartbeat(&mut b, ids[0], g, 40).unwrap();
+    heartbeat(&mut b, ids[1], g, 40).unwrap();
+    b.tick(20 + 2 * HEARTBEAT + 1);
+    assert_eq!(b.generation(), g + 1, "one regroup for the whole node");
+    assert_eq!(b.state(), JobState::Running);
+    let status = b.status(200);
+    let dead: Vec<u64> = status
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerLiveness::Dead)
+        .map(|w| w.worker_id)
+        .collect();
+    assert_eq!(dead, vec![ids[2], ids[3]]);
+    for (i, id) in ids[..2].iter().enumerate() {
+        let r = b.rendezvous(*id, g, g, 130).unwrap().expect("regrouped");
+        assert_eq!((r.rank, r.world_size, r.generation), (i as u32, 2, g + 1));
+    }
+    // Nothing more happens when rank 3's own timeout would have passed.
+    heartbeat(&mut b, ids[0], g + 1, 300).unwrap();
+    heartbeat(&mut b, ids[1], g + 1, 300).unwrap();
+    b.tick(310);
+    assert_eq!(b.generation(), g + 1);
+}
+
+/// A rank that fails takes its node-mate out with it, in the same regroup.
+#[test]
+fn a_failed_rank_takes_its_node_out_with_it() {
+    let (mut b, ids) = two_nodes_of_two();
+    let g = b.generation();
+    fail_worker(&mut b, ids[1], g, 5);
+    assert_eq!((b.state(), b.generation()), (JobState::Running, g + 1));
+    let r = b.rendezvous(ids[2], g, g, 6).unwrap().expect("regrouped");
+    assert_eq!((r.rank, r.world_size), (0, 2));
+    // Node a's other rank is fenced.
+    let e = heartbeat(&mut b, ids[0], g, 7).unwrap_err();
+    assert!(e.to_string().contains("its node lost rank 1"), "{e}");
+}
+
+/// A replacement node joins whole: its first rank waits without asking the members to
+/// regroup; once its second rank registered, the members regroup and the node gets the
+/// contiguous ranks 2–3 in local order, whatever order they registered in.
+#[test]
+fn a_replacement_node_joins_whole_with_contiguous_ranks() {
+    let (mut b, ids) = two_nodes_of_two();
+    let g = b.generation();
+    fail_worker(&mut b, ids[3], g, 5);
+    assert_eq!(b.generation(), g + 1);
+    let g = g + 1;
+    let (c1, at) = b.register(&node_rank("c", 1, 2, "10.0.0.8:1"), 10).unwrap();
+    assert_eq!(b.rendezvous(c1, at, 0, 11).unwrap(), None);
+    let hb = heartbeat(&mut b, ids[0], g, 12).unwrap();
+    assert!(!hb.regroup, "half a node does not join: {hb:?}");
+    let (c0, _) = b.register(&node_rank("c", 0, 2, "10.0.0.9:1"), 13).unwrap();
+    let hb = heartbeat(&mut b, ids[0], g, 14).unwrap();
+    assert!(hb.regroup, "{hb:?}");
+    let r0 = b.rendezvous(ids[0], g, g, 15).unwrap().expect("regrouped");
+    assert_eq!((r0.rank, r0.world_size, r0.generation), (0, 4, g + 1));
+    let rc0 = b.rendezvous(c0, at, 0, 16).unwrap().expect("taken in");
+    let rc1 = b.rendezvous(c1, at, 0, 16).unwrap().expect("taken in");
+    assert_eq!((rc0.rank, rc1.rank), (2, 3));
+    assert!(rc0.joining && rc1.joining);
+    assert_eq!(rc0.peer_addresses[2..], ["10.0.0.9:1", "10.0.0.8:1"]);
 }

@@ -330,6 +330,73 @@ pub(crate) fn free_port() -> u16 {
 /// The token the coordinator and workers of the hand-started jobs below share.
 pub(crate) const JOB_TOKEN: &str = "e2e-job-token-0123456789";
 
+/// `contrail local --nodes 2 --local-ranks 2`: two node workers, each running two rank
+/// processes; the four ranks are node-major (ranks 0–1 on one node, 2–3 on the other, each
+/// node's in local-rank order), `/status` shows two nodes, and the job trains to the end.
+#[test]
+fn two_node_workers_of_two_ranks_train_node_major() {
+    let dir = temp_dir("nodes");
+    let job = write_job(&dir, 512, 2, "");
+    let mut child = Command::new(CONTRAIL)
+        .args(["local", "--nodes", "2", "--local-ranks", "2", "--config"])
+        .arg(&job)
+        .args(["--set", "train.global_batch=32"])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting contrail local");
+    let lines = lines_of(&mut child);
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let addr = status_address(&lines, deadline);
+    let running = loop {
+        assert!(Instant::now() < deadline, "the four ranks never formed");
+        if let Some(s) = status(&addr).filter(|s| s.step >= 1) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(running.world_size, 4);
+    let ranked: Vec<_> = running
+        .workers
+        .iter()
+        .filter(|w| w.rank.is_some())
+        .collect();
+    assert_eq!(ranked.len(), 4, "{running:#?}");
+    for (i, w) in ranked.iter().enumerate() {
+        assert_eq!(w.rank, Some(i as u32), "{running:#?}");
+        assert_eq!(w.local_rank, i as u32 % 2, "{running:#?}");
+        assert_eq!(
+            w.node,
+            ranked[i - i % 2].node,
+            "ranks 0-1 and 2-3 share a node"
+        );
+    }
+    assert_ne!(ranked[0].node, ranked[2].node);
+    assert_eq!(contrail_common::status::node_count(&running.workers), 2);
+    // The processes: the coordinator and two node workers, each the parent of two ranks.
+    let kids = child_pids(child.0.id());
+    assert_eq!(kids.len(), 3, "{kids:?}");
+    let ranks: usize = kids.iter().map(|pid| child_pids(*pid).len()).sum();
+    assert_eq!(ranks, 4, "each node worker runs two rank processes");
+    let code = wait_for_exit(
+        &mut child.0,
+        Instant::now(),
+        Duration::from_secs(300),
+        "contrail local --nodes 2 did not finish",
+    );
+    let out: Vec<String> =
+        std::iter::from_fn(|| lines.recv_timeout(Duration::from_secs(10)).ok()).collect();
+    assert!(code.success(), "{out:#?}");
+    assert!(
+        out.iter().any(|l| l.starts_with("rank 0 finished")),
+        "{out:#?}"
+    );
+    let text = out.join("\n");
+    assert!(text.contains("on 2 node(s)"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn worker_without_the_jobs_token_cannot_join() {
     let dir = temp_dir("rogue");

@@ -3,6 +3,7 @@
 //! worker that finished must hold bit-identical parameters.
 
 use std::cell::RefCell;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,9 +91,16 @@ impl HandCluster {
 
     /// Starts `contrail worker` as `name`.
     fn worker(&self, name: &str) {
+        self.node_worker(name, 1);
+    }
+
+    /// Starts `contrail worker --local-ranks N` as `name`, leading a process group of its
+    /// own (with its rank processes).
+    fn node_worker(&self, name: &str, local_ranks: u32) {
         let child = Command::new(CONTRAIL)
             .args(["worker", "--coordinator", &format!("http://{}", self.grpc)])
-            .args(["--threads", "1"])
+            .args(["--threads", "1", "--local-ranks", &local_ranks.to_string()])
+            .process_group(0)
             .env(TOKEN_ENV, JOB_TOKEN)
             .env(
                 "CONTRAIL_LOG",
@@ -111,6 +119,19 @@ impl HandCluster {
         let mut procs = self.procs.borrow_mut();
         let (_, child) = procs.iter_mut().find(|(n, _)| n == name).expect("started");
         let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGKILLs `name`'s whole process group (a node worker and its ranks: a lost machine)
+    /// and reaps it.
+    fn kill_node(&self, name: &str) {
+        let mut procs = self.procs.borrow_mut();
+        let (_, child) = procs.iter_mut().find(|(n, _)| n == name).expect("started");
+        // SAFETY: kill(2) on the process group a child this cluster started leads.
+        assert_eq!(
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) },
+            0
+        );
         let _ = child.wait();
     }
 
@@ -294,6 +315,86 @@ fn three_workers_training(name: &str, sets: &[&str]) -> (HandCluster, StatusRepo
         s.step >= 5 && s.workers.len() == 3
     });
     (c, before)
+}
+
+/// The ranked workers of `s` in rank order: (node, local rank) each.
+fn node_slots(s: &StatusReport) -> Vec<(String, u32)> {
+    let mut ranked: Vec<_> = s.workers.iter().filter(|w| w.rank.is_some()).collect();
+    ranked.sort_by_key(|w| w.rank);
+    ranked
+        .iter()
+        .map(|w| (w.node.clone(), w.local_rank))
+        .collect()
+}
+
+/// Asserts `slots` (from [`node_slots`]) are two nodes of two ranks, node-major.
+fn assert_two_nodes_of_two(slots: &[(String, u32)], what: &str) {
+    assert_eq!(slots.len(), 4, "{what}: {slots:?}");
+    let locals: Vec<u32> = slots.iter().map(|s| s.1).collect();
+    assert_eq!(locals, [0, 1, 0, 1], "{what}: {slots:?}");
+    assert!(
+        slots[0].0 == slots[1].0 && slots[2].0 == slots[3].0 && slots[0].0 != slots[2].0,
+        "{what}: ranks are not node-major: {slots:?}"
+    );
+}
+
+/// `cluster.min_workers = 2`, two node workers of two ranks each (`contrail worker
+/// --local-ranks 2`). One node worker's whole process group is SIGKILLed mid-epoch (a lost
+/// machine): the other node's two ranks regroup once (one new generation of two ranks, not
+/// one per lost rank), a replacement node worker of two ranks joins whole at a step boundary
+/// with the contiguous ranks 2–3, the job finishes, and the audit proves every epoch trained
+/// exactly once, although the audit is written every 4 steps (the killed ranks' unwritten
+/// records come from the survivors).
+#[test]
+fn a_killed_node_leaves_in_one_regroup_and_a_replacement_node_joins_whole() {
+    let c = HandCluster::new(
+        "node-kill",
+        &[
+            "cluster.world_size=4",
+            "cluster.min_workers=2",
+            "train.global_batch=64",
+            // The killed ranks' last records are unwritten: the survivors' copies stand in.
+            "audit.flush_every_steps=4",
+        ],
+    );
+    c.coordinator("coordinator");
+    c.node_worker("n0", 2);
+    c.node_worker("n1", 2);
+    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
+        s.step >= 5 && node_slots(s).len() == 4
+    });
+    assert_two_nodes_of_two(&node_slots(&before), "at the start");
+    c.kill_node("n1");
+    let lost = c.wait_for(
+        "the surviving node regrouping",
+        Duration::from_secs(120),
+        |s| s.generation > before.generation,
+    );
+    assert_eq!(
+        (lost.generation, lost.world_size),
+        (before.generation + 1, 2),
+        "one regroup for the whole node\n{}",
+        c.logs()
+    );
+    let survivors = node_slots(&lost);
+    assert!(
+        survivors.len() == 2 && survivors[0].0 == survivors[1].0,
+        "{survivors:?}"
+    );
+    c.node_worker("n2", 2);
+    let after = c.finished(Duration::from_secs(300));
+    assert_eq!(
+        after.generation,
+        before.generation + 2,
+        "one regroup for the lost node and one for the replacement node\n{}",
+        c.logs()
+    );
+    let slots = node_slots(&after);
+    assert_two_nodes_of_two(&slots, "at the end");
+    assert_eq!(slots[0].0, survivors[0].0, "the survivors keep ranks 0-1");
+    c.assert_exit_ok(&["n0", "n2"]);
+    c.assert_audit_exactly_once();
+    c.assert_same_parameters(&["n0", "n2"]);
 }
 
 /// `cluster.min_workers = 2`: of 3 workers one is SIGKILLed mid-epoch; the other two regroup

@@ -415,7 +415,9 @@ fn worker(rank: Option<u32>, state: WorkerLiveness, shard: &str) -> WorkerStatus
     WorkerStatus {
         worker_id: rank.map_or(9, |r| r as u64 + 1),
         rank,
-        host: format!("node-{}", rank.map_or(9, |r| r)),
+        node: format!("node-{}/a", rank.map_or(9, |r| r / 2)),
+        local_rank: rank.map_or(0, |r| r % 2),
+        host: format!("node-{}", rank.map_or(9, |r| r / 2)),
         address: format!("10.0.0.{}:29500", rank.map_or(9, |r| r + 1)),
         state,
         last_heartbeat_ms: 150,
@@ -555,6 +557,17 @@ fn status_page_shows_each_job_state() {
     assert!(tag_of(&dom, "banner").contains("bad"), "{dom}");
     // Sorted by rank, whatever order the report has.
     assert_eq!(worker_ranks(&dom), ["0", "1", "2"], "{dom}");
+    // A header row starts each node's ranks (ranks 0-1 on node-0, rank 2 on node-1).
+    let nodes: Vec<&str> = dom
+        .split("<tr class=\"node\" data-node=\"")
+        .skip(1)
+        .map(|r| &r[..r.find('"').unwrap()])
+        .collect();
+    assert_eq!(nodes, ["node-0/a", "node-1/a"], "{dom}");
+    assert!(
+        text_of(&dom, "workers-count").ends_with("on 2 nodes"),
+        "{dom}"
+    );
     let dead_row = &dom[dom.find("<tr data-rank=\"1\"").unwrap()..];
     let dead_row = &dead_row[..dead_row.find("</tr>").unwrap()];
     assert!(dead_row.contains("class=\"st-dead\">dead<"), "{dead_row}");

@@ -69,7 +69,12 @@ serde_via_str!(DeviceSetting);
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
+    /// Ranks in the job: the sum of the node workers' local ranks.
     pub world_size: u32,
+    /// Ranks per node (the job's shape in nodes: world_size ÷ local_ranks nodes); 0 leaves it
+    /// open. When set, world_size must be a multiple of it and the coordinator refuses a node
+    /// worker that runs another number of ranks.
+    pub local_ranks: u32,
     pub backend: Backend,
     pub device: DeviceSetting,
     /// Address the coordinator's gRPC server binds (workers dial `http://` + this).
@@ -102,6 +107,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
             world_size: 2,
+            local_ranks: 0,
             backend: Backend::Tcp,
             device: DeviceSetting::Auto,
             grpc_addr: "127.0.0.1:50051".into(),
@@ -142,6 +148,16 @@ impl ClusterConfig {
     pub(super) fn validate_world_size(&self) -> Result<(), ConfigError> {
         if self.world_size == 0 {
             return Err(err("cluster.world_size", "must be at least 1"));
+        }
+        if self.local_ranks > 0 && !self.world_size.is_multiple_of(self.local_ranks) {
+            return Err(err(
+                "cluster.world_size",
+                format!(
+                    "({}) must be a multiple of cluster.local_ranks ({}): every node runs \
+                     that many ranks",
+                    self.world_size, self.local_ranks
+                ),
+            ));
         }
         Ok(())
     }

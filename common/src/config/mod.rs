@@ -289,6 +289,21 @@ mod tests {
     }
 
     #[test]
+    fn a_job_in_nodes_has_whole_nodes() {
+        let e = JobConfig::from_toml("[cluster]\nworld_size = 6\nlocal_ranks = 4\n").unwrap_err();
+        assert_eq!(e.path, "cluster.world_size");
+        assert!(
+            e.reason.contains("multiple of cluster.local_ranks (4)"),
+            "{e}"
+        );
+        let ok = JobConfig::from_toml(
+            "[train]\nglobal_batch = 256\n[cluster]\nworld_size = 8\nlocal_ranks = 4\n",
+        )
+        .unwrap();
+        assert_eq!(ok.cluster.world_size / ok.cluster.local_ranks, 2);
+    }
+
+    #[test]
     fn accumulation_over_micro_batches_is_accepted() {
         let cfg = JobConfig::from_toml(
             "[train]\nglobal_batch = 96\nmicro_batch = 12\n[cluster]\nworld_size = 2\n",

@@ -4,7 +4,7 @@
 
 pub mod text;
 
-pub use text::render_status_text;
+pub use text::{node_count, render_status_text};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -72,6 +72,13 @@ pub struct WorkerStatus {
     pub worker_id: u64,
     /// None until the rendezvous completes.
     pub rank: Option<u32>,
+    /// The node worker it runs under (`contrail worker --local-ranks N`); its ranks are
+    /// contiguous and leave together.
+    #[serde(default)]
+    pub node: String,
+    /// Its index on that node (0 .. N - 1).
+    #[serde(default)]
+    pub local_rank: u32,
     pub host: String,
     /// The worker's collective address (host:port).
     pub address: String,

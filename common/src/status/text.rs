@@ -1,6 +1,6 @@
 //! The person-readable view of a [`StatusReport`], printed by `contrail status`.
 
-use super::{EvalPoint, ExpertStatus, JobState, StatusReport};
+use super::{EvalPoint, ExpertStatus, JobState, StatusReport, WorkerStatus};
 use std::fmt::Write;
 
 const BAR_WIDTH: usize = 20;
@@ -114,12 +114,25 @@ pub fn render_status_text(s: &StatusReport) -> String {
     if let Some(x) = &s.experts {
         render_experts(&mut out, x);
     }
-    let _ = writeln!(out, "workers ({} of {}):", s.workers.len(), s.world_size);
+    let _ = writeln!(
+        out,
+        "workers ({} of {}) on {} node(s):",
+        s.workers.len(),
+        s.world_size,
+        node_count(&s.workers)
+    );
+    let mut node = None;
     for w in &s.workers {
+        // Ranks are node-major, so a node's workers follow each other.
+        if node != Some(&w.node) {
+            node = Some(&w.node);
+            let _ = writeln!(out, "  node {} ({})", w.node, w.host);
+        }
         let rank = w.rank.map_or_else(|| "-".to_string(), |r| r.to_string());
         let _ = write!(
             out,
-            "  rank {rank:>3}  {:<21}  {:<5}  step {:>7}  last heard {:>6} ms ago",
+            "    rank {rank:>3} (local {})  {:<21}  {:<5}  step {:>7}  last heard {:>6} ms ago",
+            w.local_rank,
             w.address,
             w.state.as_str(),
             w.step,
@@ -131,6 +144,15 @@ pub fn render_status_text(s: &StatusReport) -> String {
         out.push('\n');
     }
     out
+}
+
+/// How many distinct nodes `workers` run on.
+pub fn node_count(workers: &[WorkerStatus]) -> usize {
+    workers
+        .iter()
+        .map(|w| w.node.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }
 
 /// `held-out kNN top-1 68.0% at step 0 -> 75.6% at step 150 (top-5 99.1%; bank 2048, test
@@ -220,7 +242,7 @@ fn render_experts(out: &mut String, x: &ExpertStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{ExpertBlockStatus, ShardCounts, WorkerLiveness, WorkerStatus};
+    use crate::status::{ExpertBlockStatus, ShardCounts, WorkerLiveness};
 
     #[test]
     fn bar_and_clock_format() {
@@ -250,16 +272,32 @@ mod tests {
                 done: 3,
                 failed: 0,
             },
-            workers: vec![WorkerStatus {
-                worker_id: 1,
-                rank: Some(0),
-                host: "h".into(),
-                address: "10.0.0.1:29500".into(),
-                state: WorkerLiveness::Alive,
-                last_heartbeat_ms: 120,
-                shard: "s3://b/x-0003.tar".into(),
-                step: 45,
-            }],
+            workers: vec![
+                WorkerStatus {
+                    worker_id: 1,
+                    rank: Some(0),
+                    node: "h/a".into(),
+                    local_rank: 0,
+                    host: "h".into(),
+                    address: "10.0.0.1:29500".into(),
+                    state: WorkerLiveness::Alive,
+                    last_heartbeat_ms: 120,
+                    shard: "s3://b/x-0003.tar".into(),
+                    step: 45,
+                },
+                WorkerStatus {
+                    worker_id: 2,
+                    rank: Some(1),
+                    node: "h/a".into(),
+                    local_rank: 1,
+                    host: "h".into(),
+                    address: "10.0.0.1:29501".into(),
+                    state: WorkerLiveness::Alive,
+                    last_heartbeat_ms: 90,
+                    shard: String::new(),
+                    step: 45,
+                },
+            ],
             ..Default::default()
         };
         s.bad_samples.insert("decode".into(), 3);
@@ -274,6 +312,8 @@ mod tests {
             "bad samples: 3 (decode 3)",
             "10.0.0.1:29500",
             "s3://b/x-0003.tar",
+            "workers (2 of 2) on 1 node(s):\n  node h/a (h)\n    rank   0 (local 0)",
+            "\n    rank   1 (local 1)  10.0.0.1:29501",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }

@@ -48,6 +48,7 @@ pub fn run_embed_worker(rt: &Runtime, opts: &EmbedWorkerOptions) -> Result<Embed
     let mut coord = rt.block_on(Coordinator::register(
         &opts.coordinator,
         "",
+        None,
         opts.connect_wait,
         Some(opts.token.clone()),
     ))?;
@@ -84,7 +85,7 @@ fn embed_leased(
     progress: &HeartbeatState,
 ) -> Result<EmbedSummary> {
     let gpus = tch::Cuda::device_count().max(0) as usize;
-    let device = device::choose_device(cfg.cluster.device, rank, gpus)?;
+    let device = device::choose_device(cfg.cluster.device, (gpus > 0).then(|| rank % gpus), gpus)?;
     let base = checkpoint_base(opts.checkpoint.as_deref(), opts.random_init, cfg, "embed")?;
     let (model, loaded) = load_model(rt, cfg, base.as_deref(), device)?;
     let options = super::EmbedOptions {

@@ -2,7 +2,15 @@
 //! step, what this rank is about to train; written as a new part every
 //! `audit.flush_every_steps` steps and when training stops. A step that then fails to commit
 //! is cancelled by the commit point the survivors write when they regroup.
+//!
+//! A rank killed between two flushes takes its unwritten records with it. With
+//! `cluster.min_workers` every rank knows every rank's sample ids of each step (they are
+//! gathered before it), so each keeps those of its last `flush_every_steps` steps, and the
+//! new rank 0 of a regroup writes them as copies of the old generation's records
+//! (`AuditRecord::copied_ids`); `contrail audit check` counts a copy only where the rank's own
+//! record is missing.
 
+use crate::train::trainer::StepIds;
 use anyhow::{Context, Result};
 use contrail_common::audit::{
     commit_point_url, encode, part_url, AuditRecord, CommitPoint, SampleRef,
@@ -10,6 +18,16 @@ use contrail_common::audit::{
 use contrail_common::auth::{hex, random_bytes};
 use contrail_common::checkpoint::write_bytes;
 use contrail_common::JobConfig;
+use std::collections::VecDeque;
+
+/// Every rank's sample ids of one step, as gathered before it.
+struct GatheredStep {
+    epoch: u32,
+    step: u64,
+    generation: u64,
+    /// Indexed by the rank of `generation`.
+    ranks: Vec<Vec<[i64; 2]>>,
+}
 
 pub struct AuditLog {
     url: String,
@@ -21,6 +39,8 @@ pub struct AuditLog {
     every: u64,
     pending: Vec<AuditRecord>,
     seq: u64,
+    /// Every rank's sample ids of the last `every` steps (with `cluster.min_workers`).
+    recent: VecDeque<GatheredStep>,
 }
 
 impl AuditLog {
@@ -39,6 +59,7 @@ impl AuditLog {
             every: cfg.audit.flush_every_steps.max(1),
             pending: Vec::new(),
             seq: 0,
+            recent: VecDeque::new(),
         }))
     }
 
@@ -49,14 +70,15 @@ impl AuditLog {
         self.generation = generation;
     }
 
-    /// Notes step `step` about to train `samples`; writes a part when `flush_every_steps`
-    /// have gathered.
+    /// Notes step `step` about to train `samples` (and every rank's ids, `all`, when the job
+    /// recovers from failures); writes a part when `flush_every_steps` have gathered.
     pub fn record(
         &mut self,
         rt: &tokio::runtime::Runtime,
         epoch: u32,
         step: u64,
         samples: &[SampleRef],
+        all: Option<&StepIds>,
     ) -> Result<()> {
         self.pending.push(AuditRecord {
             epoch,
@@ -64,7 +86,21 @@ impl AuditLog {
             rank: self.rank,
             generation: self.generation,
             samples: samples.to_vec(),
+            copied_ids: Vec::new(),
         });
+        // A rank's unwritten records are at most `every - 1` steps old (plus the step in
+        // flight), whatever its flush phase.
+        if let Some(all) = all.filter(|_| self.every > 1) {
+            if self.recent.len() as u64 >= self.every {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(GatheredStep {
+                epoch,
+                step,
+                generation: self.generation,
+                ranks: (0..all.counts.len()).map(|r| all.of_rank(r)).collect(),
+            });
+        }
         if self.pending.len() as u64 >= self.every {
             self.flush(rt)?;
         }
@@ -85,6 +121,44 @@ impl AuditLog {
         })?;
         rt.block_on(write_bytes(&url, &self.s3_endpoint, body))
             .with_context(|| format!("writing the audit commit point {url}"))
+    }
+
+    /// Writes copies of the recent records of generation `old`'s other ranks (see the
+    /// module's comment) as one part.
+    pub fn write_copies(&mut self, rt: &tokio::runtime::Runtime, old: u64) -> Result<()> {
+        let own = self.rank;
+        let copies: Vec<AuditRecord> = self
+            .recent
+            .iter()
+            .filter(|g| g.generation == old)
+            .flat_map(|g| {
+                g.ranks
+                    .iter()
+                    .enumerate()
+                    .filter(move |(rank, ids)| *rank as u32 != own && !ids.is_empty())
+                    .map(move |(rank, ids)| AuditRecord {
+                        epoch: g.epoch,
+                        step: g.step,
+                        rank: rank as u32,
+                        generation: old,
+                        samples: Vec::new(),
+                        copied_ids: ids.clone(),
+                    })
+            })
+            .collect();
+        self.recent.clear();
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let url = part_url(
+            &self.url,
+            self.rank,
+            &format!("{}-copies", self.writer),
+            self.seq,
+        );
+        self.seq += 1;
+        rt.block_on(write_bytes(&url, &self.s3_endpoint, encode(&copies)))
+            .with_context(|| format!("writing the audit copies {url} (audit.url)"))
     }
 
     /// Writes what has gathered (nothing when nothing has).

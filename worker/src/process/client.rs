@@ -7,6 +7,7 @@
 //! requests are idempotent: a repeated registration carries the same instance id, a repeated
 //! lease request the same request id, so a reply lost in the crash costs nothing.
 
+use super::node::{host_name, NodeRank};
 use anyhow::{Context, Result};
 use contrail_common::auth::{GrpcProof, JobToken};
 use contrail_common::proto::{self, coordinator_client::CoordinatorClient};
@@ -60,11 +61,13 @@ pub enum Lease {
 
 impl Coordinator {
     /// Connects (retrying for up to `wait`, since the coordinator may still be starting) and
-    /// registers this worker with its collective address. Every call carries a proof made
-    /// with `token` (the job's token; see `contrail_common::auth`).
+    /// registers this worker with its collective address and its place on its node (None: a
+    /// node of its own). Every call carries a proof made with `token` (the job's token; see
+    /// `contrail_common::auth`).
     pub async fn register(
         endpoint: &str,
         collective_address: &str,
+        node: Option<&NodeRank>,
         wait: Duration,
         token: Option<JobToken>,
     ) -> Result<Self> {
@@ -102,9 +105,12 @@ impl Coordinator {
             outage_ms: Arc::new(AtomicU64::new(wait.as_millis() as u64)),
         };
         let request = proto::RegisterRequest {
-            host: hostname(),
+            host: host_name(),
             collective_address: collective_address.to_string(),
             instance,
+            node: node.map(|n| n.node.clone()).unwrap_or_default(),
+            local_rank: node.map_or(0, |n| n.local_rank),
+            local_ranks: node.map_or(1, |n| n.local_ranks),
         };
         let reply = me
             .retry_status(|mut c| {
@@ -468,12 +474,4 @@ pub fn unreachable(s: &tonic::Status) -> bool {
             | tonic::Code::Cancelled
             | tonic::Code::DeadlineExceeded
     )
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
 }

@@ -12,7 +12,7 @@ use crate::model::{BuildOptions, ContrastiveModel};
 use crate::optim::Optimizer;
 use crate::tokenize::Tokenizer;
 use crate::train::checkpoint::{tensors_to_safetensors, write_checkpoint};
-use crate::train::trainer::{BatchSource, StepEvent, TrainHooks};
+use crate::train::trainer::{BatchSource, StepEvent, StepIds, TrainHooks};
 use anyhow::{Context, Result};
 use contrail_common::audit::SampleRef;
 use contrail_common::checkpoint::CheckpointMeta;
@@ -199,11 +199,16 @@ impl<'a> CoordinatedHooks<'a> {
         self.last_epoch
     }
 
-    /// After a regroup (new rank 0): the audit notes that generation `old` committed through
-    /// `step`, so records it wrote for a later step (which never committed) are not counted.
+    /// After a regroup (new rank 0): the audit copies generation `old`'s recent records of
+    /// every other rank (a dead rank's may not have been written), and notes that `old`
+    /// committed through `step`, so records of a later step (which never committed) are not
+    /// counted.
     pub fn audit_regroup(&mut self, old: u64, step: u64) -> Result<()> {
         match &mut self.audit {
-            Some(audit) => audit.write_commit_point(self.rt, old, step),
+            Some(audit) => {
+                audit.write_copies(self.rt, old)?;
+                audit.write_commit_point(self.rt, old, step)
+            }
             None => Ok(()),
         }
     }
@@ -303,18 +308,24 @@ impl TrainHooks for CoordinatedHooks<'_> {
         self.progress.regroup.load(Ordering::SeqCst) == self.coord.generation() + 1
     }
 
-    fn before_step(&mut self, epoch: u32, step: u64, samples: &[SampleRef]) -> Result<()> {
+    fn before_step(
+        &mut self,
+        epoch: u32,
+        step: u64,
+        samples: &[SampleRef],
+        all: Option<&StepIds>,
+    ) -> Result<()> {
         match &mut self.audit {
-            Some(audit) => audit.record(self.rt, epoch, step, samples),
+            Some(audit) => audit.record(self.rt, epoch, step, samples, all),
             None => Ok(()),
         }
     }
 
-    fn record_trained(&mut self, epoch: u32, ids: &[i64]) {
+    fn record_trained(&mut self, epoch: u32, ids: &StepIds) {
         self.trained
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .record(epoch, ids);
+            .record(epoch, &ids.flat);
     }
 
     fn after_step(&mut self, ev: &StepEvent) -> Result<()> {

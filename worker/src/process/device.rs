@@ -11,11 +11,13 @@ use contrail_common::JobConfig;
 use std::time::Duration;
 use tch::Device;
 
-/// The device `cluster.device` names for `rank`, given `gpus` visible CUDA devices.
-pub fn choose_device(setting: DeviceSetting, rank: usize, gpus: usize) -> Result<Device> {
+/// The device `cluster.device` names for a rank that its node worker gave `gpu` (its
+/// local rank's claimed GPU; None without GPUs), given `gpus` visible CUDA devices. `auto`
+/// is that GPU; `cuda:N` is GPU N for every rank, as told.
+pub fn choose_device(setting: DeviceSetting, gpu: Option<usize>, gpus: usize) -> Result<Device> {
     match setting {
-        DeviceSetting::Auto if gpus > 0 => Ok(Device::Cuda(rank % gpus)),
-        DeviceSetting::Auto | DeviceSetting::Cpu => Ok(Device::Cpu),
+        DeviceSetting::Auto => Ok(gpu.filter(|g| *g < gpus).map_or(Device::Cpu, Device::Cuda)),
+        DeviceSetting::Cpu => Ok(Device::Cpu),
         DeviceSetting::Cuda(_) if gpus == 0 => {
             bail!("cluster.device = \"{setting}\" but libtorch sees no CUDA GPU on this machine")
         }
@@ -36,7 +38,8 @@ pub fn use_nccl(backend: Backend, device: Device) -> Result<bool> {
     }
 }
 
-/// bf16 and channels-last as `train.*` ask, for `device`.
+/// bf16 and channels-last as `train.*` ask, for `device`; on a GPU also sets TF32 and cuDNN
+/// autotuning (`train.tf32`, `train.cudnn_benchmark`) for the process.
 pub fn choose_compute(cfg: &JobConfig, device: Device) -> Result<Compute> {
     let gpu = device.is_cuda();
     let bf16 = match (cfg.train.precision, gpu) {
@@ -50,6 +53,12 @@ pub fn choose_compute(cfg: &JobConfig, device: Device) -> Result<Compute> {
     if bf16 {
         use_bf16_for_cuda_autocast();
     }
+    // TF32 and cuDNN autotuning as `train.tf32` / `train.cudnn_benchmark` ask (process-wide;
+    // nothing on the CPU).
+    crate::nn::compute::apply_gpu_math_settings(
+        device,
+        crate::nn::compute::GpuMath::from_train(&cfg.train),
+    );
     Ok(Compute {
         bf16,
         channels_last: gpu && cfg.train.channels_last,
@@ -77,14 +86,14 @@ mod tests {
 
     #[test]
     fn devices_follow_the_setting() {
-        let choose = |s: &str, rank, gpus| choose_device(s.parse().unwrap(), rank, gpus);
-        assert_eq!(choose("auto", 3, 0).unwrap(), Device::Cpu);
-        assert_eq!(choose("auto", 3, 2).unwrap(), Device::Cuda(1));
-        assert_eq!(choose("cpu", 0, 8).unwrap(), Device::Cpu);
-        assert_eq!(choose("cuda:1", 0, 2).unwrap(), Device::Cuda(1));
-        let e = choose("cuda", 0, 0).unwrap_err().to_string();
+        let choose = |s: &str, gpu, gpus| choose_device(s.parse().unwrap(), gpu, gpus);
+        assert_eq!(choose("auto", None, 0).unwrap(), Device::Cpu);
+        assert_eq!(choose("auto", Some(1), 2).unwrap(), Device::Cuda(1));
+        assert_eq!(choose("cpu", Some(0), 8).unwrap(), Device::Cpu);
+        assert_eq!(choose("cuda:1", Some(0), 2).unwrap(), Device::Cuda(1));
+        let e = choose("cuda", None, 0).unwrap_err().to_string();
         assert!(e.contains("no CUDA GPU"), "{e}");
-        let e = choose("cuda:4", 0, 2).unwrap_err().to_string();
+        let e = choose("cuda:4", Some(0), 2).unwrap_err().to_string();
         assert!(e.contains("only 2 GPU"), "{e}");
         // A name outside the choices never reaches the worker: the job file is refused.
         let e = "gpu".parse::<DeviceSetting>().unwrap_err();

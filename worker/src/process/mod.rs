@@ -11,6 +11,7 @@ pub mod device;
 pub mod evaluation;
 pub mod feed;
 mod ledger;
+pub mod node;
 mod recovery;
 
 pub use coordinated::heartbeat_loop;
@@ -45,6 +46,8 @@ pub struct WorkerOptions {
     pub torch_threads: i32,
     /// The job's token: proves this worker to the coordinator and to its peers.
     pub token: JobToken,
+    /// Its place on its node (the node worker that started it).
+    pub node: node::NodeRank,
 }
 
 /// State shared between the training thread and the heartbeat task.
@@ -89,6 +92,7 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
     let mut coord = rt.block_on(Coordinator::register(
         &opts.coordinator,
         &collective_addr,
+        Some(&opts.node),
         opts.connect_wait,
         Some(opts.token.clone()),
     ))?;
@@ -98,6 +102,8 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
     tracing::info!(
         rank = asg.rank,
         world = asg.world_size,
+        node = %opts.node.node,
+        local_rank = opts.node.local_rank,
         collective = %collective_addr,
         "joined the job"
     );
@@ -114,7 +120,7 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
 
     let result = (|| -> Result<()> {
         let gpus = tch::Cuda::device_count().max(0) as usize;
-        let device = device::choose_device(cfg.cluster.device, asg.rank, gpus)?;
+        let device = device::choose_device(cfg.cluster.device, opts.node.gpu, gpus)?;
         let nccl = device::use_nccl(cfg.cluster.backend, device)?;
         let timeout = Duration::from_millis(cfg.cluster.collective_timeout_ms);
         let transport = device::transport(nccl, device, timeout)?;

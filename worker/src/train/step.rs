@@ -32,7 +32,7 @@ pub use crate::objective::StepClock;
 use crate::objective::StepObjective;
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Gradients are all-reduced in buckets of at most this many elements (16 MiB of f32): few
 /// calls, and bounded extra memory for the flattened copy.
@@ -79,6 +79,12 @@ pub fn train_step(
     }
     let device = model.device();
     let non_empty: Vec<usize> = (0..sizes.len()).filter(|&k| sizes[k] > 0).collect();
+    // Each micro-batch crosses to the GPU once per step, though K > 1 forwards it twice.
+    let uploaded: Vec<(Tensor, Tensor)> = micro_batches
+        .iter()
+        .map(|(v1, v2)| (upload(v1, device), upload(v2, device)))
+        .collect();
+    let micro_batches = &uploaded[..];
 
     opt.zero_grad();
     objective.prepare(model, micro_batches, counts, clock, coll)?;
@@ -132,6 +138,21 @@ pub fn train_step(
         global_samples,
         expert_load,
     })
+}
+
+/// `t` on `device`: from the host to a GPU through pinned memory, asynchronously (the host
+/// goes on queueing the step while the copy runs; the stream orders the copy before its
+/// use). Already there, or on the CPU: `t` itself.
+fn upload(t: &Tensor, device: Device) -> Tensor {
+    if !device.is_cuda() || t.device() == device {
+        return t.shallow_clone();
+    }
+    let pinned = if t.is_pinned(device) {
+        t.shallow_clone()
+    } else {
+        t.pin_memory(device)
+    };
+    pinned.to_device_(device, t.kind(), true, false)
 }
 
 /// How many forward passes this rank makes: one per non-empty micro-batch, except that with

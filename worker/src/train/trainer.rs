@@ -73,13 +73,20 @@ pub trait TrainHooks {
     fn regroup_requested(&self) -> bool {
         false
     }
-    /// With `cluster.min_workers`: the ids (`[a0, b0, a1, b1, …]`, `common::audit::sample_id`)
-    /// of every sample all ranks trained in a step of `epoch` that just committed.
-    fn record_trained(&mut self, _epoch: u32, _ids: &[i64]) {}
+    /// With `cluster.min_workers`: the ids of every sample all ranks trained in a step of
+    /// `epoch` that just committed.
+    fn record_trained(&mut self, _epoch: u32, _ids: &StepIds) {}
     /// Just before step `step` of `epoch` trains `samples` on this rank (it may still fail):
     /// the audit writes its record here, so a rank that dies cannot take a committed step's
-    /// record with it.
-    fn before_step(&mut self, _epoch: u32, _step: u64, _samples: &[SampleRef]) -> Result<()> {
+    /// record with it. With `cluster.min_workers`, `all` holds every rank's sample ids of the
+    /// step (so a survivor can write the records a dead rank had not written yet).
+    fn before_step(
+        &mut self,
+        _epoch: u32,
+        _step: u64,
+        _samples: &[SampleRef],
+        _all: Option<&StepIds>,
+    ) -> Result<()> {
         Ok(())
     }
     /// Called when an online evaluation is due (`[eval]`: before the first step with
@@ -206,7 +213,7 @@ pub fn train(
                 } else {
                     None
                 };
-                hooks.before_step(epoch, step + 1, &samples)?;
+                hooks.before_step(epoch, step + 1, &samples, step_ids.as_ref())?;
                 let total = match (t.max_steps, steps_per_epoch) {
                     (m, _) if m > 0 => m,
                     (_, Some(spe)) => spe * u64::from(t.epochs.max(1)),
@@ -291,8 +298,28 @@ pub fn train(
     Ok(summary)
 }
 
-/// Every rank's sample ids of this step, flat (`[a0, b0, …]`), in rank order.
-fn gather_sample_ids(coll: &dyn Collective, samples: &[SampleRef]) -> Result<Vec<i64>> {
+/// Every rank's sample ids of one step (`common::audit::sample_id`).
+pub struct StepIds {
+    /// `[a0, b0, a1, b1, …]`, in rank order.
+    pub flat: Vec<i64>,
+    /// How many samples each rank has in `flat`.
+    pub counts: Vec<i64>,
+}
+
+impl StepIds {
+    /// Rank `rank`'s sample ids.
+    pub fn of_rank(&self, rank: usize) -> Vec<[i64; 2]> {
+        let start: i64 = self.counts[..rank].iter().sum();
+        let end = start + self.counts[rank];
+        self.flat[2 * start as usize..2 * end as usize]
+            .chunks_exact(2)
+            .map(|p| [p[0], p[1]])
+            .collect()
+    }
+}
+
+/// Every rank's sample ids of this step.
+fn gather_sample_ids(coll: &dyn Collective, samples: &[SampleRef]) -> Result<StepIds> {
     let flat: Vec<i64> = samples
         .iter()
         .flat_map(|s| contrail_common::audit::sample_id(&s.shard, &s.key))
@@ -303,7 +330,8 @@ fn gather_sample_ids(coll: &dyn Collective, samples: &[SampleRef]) -> Result<Vec
     let all = coll
         .all_gather(&local, &counts)
         .context("gathering the step's sample ids")?;
-    Vec::<i64>::try_from(all.flatten(0, -1)).context("reading the sample ids")
+    let flat = Vec::<i64>::try_from(all.flatten(0, -1)).context("reading the sample ids")?;
+    Ok(StepIds { flat, counts })
 }
 
 /// Between steps: every rank learns from rank 0 whether the coordinator adopted a newer
