@@ -12,7 +12,7 @@
 use std::sync::RwLock;
 use std::time::Duration;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::nccl::{self, NcclCollective};
 use super::staged::HostStaged;
@@ -56,6 +56,17 @@ impl Active {
             Active::Tcp(t) => t,
             Active::Staged(s) => s,
             Active::Nccl(_, n) => n,
+        }
+    }
+
+    /// Where a tensor on `device` goes: an NCCL job's host tensors (step plans, sample ids,
+    /// the loss) travel over the TCP mesh rather than to the GPU and back, which would cost a
+    /// copy each way and a wait for the stream. Every rank passes the same device for the
+    /// same call, so all of them take the same path.
+    fn coll_for(&self, device: Device) -> &dyn Collective {
+        match self {
+            Active::Nccl(t, _) if device == Device::Cpu => t,
+            _ => self.coll(),
         }
     }
 
@@ -220,9 +231,18 @@ impl Regroupable {
     }
 
     fn with<T>(&self, f: impl FnOnce(&dyn Collective) -> Result<T>) -> Result<T> {
+        self.with_on(None, f)
+    }
+
+    /// [`Regroupable::with`] for a tensor on `device` (see `Active::coll_for`).
+    fn with_on<T>(
+        &self,
+        device: Option<Device>,
+        f: impl FnOnce(&dyn Collective) -> Result<T>,
+    ) -> Result<T> {
         let slot = self.mesh.read().unwrap_or_else(|p| p.into_inner());
         match &*slot {
-            Mesh::Connected(m) => f(m.coll()),
+            Mesh::Connected(m) => f(device.map_or(m.coll(), |d| m.coll_for(d))),
             _ => Err(CollectiveError::Usage(
                 "the collective is being rebuilt after a membership change".into(),
             )),
@@ -239,12 +259,14 @@ impl Collective for Regroupable {
         self.place().1
     }
 
+    // Sums, gathers and broadcasts of host tensors take the TCP mesh under NCCL; the
+    // operations that carry activations and gradients stay on the transport.
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
-        self.with(|m| m.all_reduce_sum(tensor))
+        self.with_on(Some(tensor.device()), |m| m.all_reduce_sum(tensor))
     }
 
     fn all_gather(&self, local: &Tensor, counts: &[i64]) -> Result<Tensor> {
-        self.with(|m| m.all_gather(local, counts))
+        self.with_on(Some(local.device()), |m| m.all_gather(local, counts))
     }
 
     fn reduce_scatter_sum(&self, full: &Tensor, counts: &[i64]) -> Result<Tensor> {
@@ -252,7 +274,7 @@ impl Collective for Regroupable {
     }
 
     fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
-        self.with(|m| m.broadcast(tensor, root))
+        self.with_on(Some(tensor.device()), |m| m.broadcast(tensor, root))
     }
 
     fn all_to_all(&self, input: &Tensor, send_counts: &[i64]) -> Result<(Tensor, Vec<i64>)> {

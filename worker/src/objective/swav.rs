@@ -19,18 +19,18 @@ use crate::nn::{l2_normalize, write_ring};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-/// Sums `t` across ranks. Collectives take CPU tensors, so the (small) value makes a round trip.
+/// Sums `t` across ranks where it is (on a GPU with NCCL: Sinkhorn's iterations never wait
+/// for the host).
 fn all_reduce(coll: &dyn Collective, t: &Tensor, what: &str) -> Result<Tensor> {
-    let device = t.device();
-    let mut cpu = t.to_device(Device::Cpu).contiguous();
-    coll.all_reduce_sum(&mut cpu).with_context(|| {
+    let mut sum = t.contiguous();
+    coll.all_reduce_sum(&mut sum).with_context(|| {
         format!(
             "SwAV sinkhorn: all-reduce of {what} on rank {} of {}",
             coll.rank(),
             coll.world_size()
         )
     })?;
-    Ok(cpu.to_device(device))
+    Ok(sum)
 }
 
 /// Sinkhorn codes of the first `keep` local rows of `scores` (the batch; later rows are queued
