@@ -143,6 +143,38 @@ impl HandCluster {
         assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
     }
 
+    /// The process id of `name`.
+    fn pid(&self, name: &str) -> u32 {
+        let procs = self.procs.borrow();
+        procs
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("started")
+            .1
+            .id()
+    }
+
+    /// Waits up to `limit` for `name` to exit; its exit status.
+    fn wait_exit(&self, name: &str, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            let code = {
+                let mut procs = self.procs.borrow_mut();
+                let (_, child) = procs.iter_mut().find(|(n, _)| n == name).expect("started");
+                child.try_wait().unwrap()
+            };
+            if let Some(code) = code {
+                return code;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} still running after {limit:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits for the workers `names` to exit, each successfully.
     fn assert_exit_ok(&self, names: &[&str]) {
         for name in names {
@@ -395,6 +427,60 @@ fn a_killed_node_leaves_in_one_regroup_and_a_replacement_node_joins_whole() {
     c.assert_exit_ok(&["n0", "n2"]);
     c.assert_audit_exactly_once();
     c.assert_same_parameters(&["n0", "n2"]);
+}
+
+/// The node worker supervises its ranks. A rank process SIGKILLed alone makes its node
+/// worker stop the node's other rank at once and exit with an error naming it (a node is one
+/// failure domain); the other node trains on. SIGTERM sent to a node worker alone reaches its
+/// ranks, which stop, and the node worker exits.
+#[test]
+fn a_node_worker_stops_its_ranks_when_one_dies_and_forwards_sigterm() {
+    let c = HandCluster::new(
+        "node-supervise",
+        &[
+            "cluster.world_size=4",
+            "cluster.min_workers=2",
+            "train.global_batch=64",
+        ],
+    );
+    c.coordinator("coordinator");
+    c.node_worker("n0", 2);
+    c.node_worker("n1", 2);
+    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
+        s.step >= 3 && node_slots(s).len() == 4
+    });
+    let (ranks0, ranks1) = (child_pids(c.pid("n0")), child_pids(c.pid("n1")));
+    assert_eq!(
+        (ranks0.len(), ranks1.len()),
+        (2, 2),
+        "{ranks0:?} {ranks1:?}"
+    );
+    let gone = |pids: &[u32]| {
+        pids.iter()
+            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    };
+
+    // SAFETY: kill(2) on a grandchild this test started (a rank of n0).
+    assert_eq!(
+        unsafe { libc::kill(ranks0[1] as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    let code = c.wait_exit("n0", Duration::from_secs(30));
+    assert!(!code.success(), "n0 exited with {code}");
+    let err = strip_ansi(&c.read("n0", "stderr"));
+    assert!(
+        err.contains("local rank 1 exited") && err.contains("other ranks were stopped"),
+        "{err}"
+    );
+    assert!(gone(&ranks0), "a rank of n0 outlived it: {ranks0:?}");
+    c.wait_for("the other node regrouping", Duration::from_secs(120), |s| {
+        s.generation > before.generation && s.world_size == 2
+    });
+
+    c.signal("n1", libc::SIGTERM);
+    let code = c.wait_exit("n1", Duration::from_secs(40));
+    assert!(!code.success(), "n1 was stopped, it did not finish: {code}");
+    assert!(gone(&ranks1), "a rank of n1 outlived SIGTERM: {ranks1:?}");
 }
 
 /// `cluster.min_workers = 2`: of 3 workers one is SIGKILLed mid-epoch; the other two regroup
