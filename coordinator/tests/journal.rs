@@ -3,22 +3,15 @@
 //! replies were lost in the crash get the same answer; only the same run's, unended journal
 //! is taken over.
 
+mod common;
+
+use common::registration;
 use contrail_common::auth::JobToken;
 use contrail_common::config::JobConfig;
 use contrail_common::proto;
 use contrail_common::status::{JobState, WorkerLiveness};
 use contrail_coordinator::job::JobBook;
 use contrail_coordinator::journal::{Found, Journal};
-
-/// A worker's registration: a node of its own.
-fn registration(host: &str, address: &str, instance: u64) -> proto::RegisterRequest {
-    proto::RegisterRequest {
-        host: host.into(),
-        collective_address: address.into(),
-        instance,
-        ..Default::default()
-    }
-}
 
 const HEARTBEAT: u64 = 50;
 const TIMEOUT: u64 = 200;

@@ -1,5 +1,8 @@
 //! The coordinator's state machine driven directly, with a hand-moved clock.
 
+mod common;
+
+use common::registration;
 use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::config::JobConfig;
 use contrail_common::experts::{BlockPlacement, ExpertPlacement};
@@ -9,16 +12,6 @@ use contrail_common::status::{JobState, WorkerLiveness};
 use contrail_coordinator::error::RpcError;
 use contrail_coordinator::job::JobBook;
 use std::collections::HashMap;
-
-/// A worker's registration: a node of its own.
-fn registration(host: &str, address: &str, instance: u64) -> proto::RegisterRequest {
-    proto::RegisterRequest {
-        host: host.into(),
-        collective_address: address.into(),
-        instance,
-        ..Default::default()
-    }
-}
 
 const HEARTBEAT: u64 = 50;
 const TIMEOUT: u64 = 200;
@@ -1222,13 +1215,10 @@ fn node_rank(
     }
 }
 
-/// Ranks are node-major whatever order the node workers' ranks register in: node `a` (whose
-/// rank registered first) gets ranks 0–1, node `b` ranks 2–3, each node's in local order.
-#[test]
-fn ranks_are_node_major_in_the_order_nodes_first_registered() {
-    let mut b = JobBook::new(config(4), "toml".into(), urls(4), None);
-    let order = [("a", 0), ("b", 1), ("b", 0), ("a", 1)];
-    let ids: Vec<u64> = order
+/// Registers (node, local rank) of two-rank nodes in `order`, which completes the world;
+/// their worker ids.
+fn register_nodes(b: &mut JobBook, order: &[(&str, u32)]) -> Vec<u64> {
+    let ids = order
         .iter()
         .enumerate()
         .map(|(i, (node, local))| {
@@ -1238,6 +1228,15 @@ fn ranks_are_node_major_in_the_order_nodes_first_registered() {
         })
         .collect();
     assert_eq!(b.state(), JobState::Running);
+    ids
+}
+
+/// Ranks are node-major whatever order the node workers' ranks register in: node `a` (whose
+/// rank registered first) gets ranks 0–1, node `b` ranks 2–3, each node's in local order.
+#[test]
+fn ranks_are_node_major_in_the_order_nodes_first_registered() {
+    let mut b = JobBook::new(config(4), "toml".into(), urls(4), None);
+    let ids = register_nodes(&mut b, &[("a", 0), ("b", 1), ("b", 0), ("a", 1)]);
     let rank = |b: &mut JobBook, id| b.rendezvous(id, 1, 0, 1).unwrap().expect("world").rank;
     let ranks: Vec<u32> = ids.iter().map(|id| rank(&mut b, *id)).collect();
     assert_eq!(ranks, vec![0, 3, 2, 1]);
@@ -1277,16 +1276,7 @@ fn two_nodes_of_two() -> (JobBook, Vec<u64>) {
     let mut cfg = config(4);
     cfg.cluster.min_workers = 2;
     let mut b = JobBook::new(cfg, "toml".into(), urls(8), None);
-    let ids = [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
-        .iter()
-        .enumerate()
-        .map(|(i, (node, local))| {
-            b.register(&node_rank(node, *local, 2, &format!("10.0.0.{i}:1")), 0)
-                .unwrap()
-                .0
-        })
-        .collect();
-    assert_eq!(b.state(), JobState::Running);
+    let ids = register_nodes(&mut b, &[("a", 0), ("a", 1), ("b", 0), ("b", 1)]);
     (b, ids)
 }
 

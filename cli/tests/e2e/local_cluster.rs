@@ -83,8 +83,21 @@ pub(crate) fn spawn_local(
     job: &Path,
     extra: &[&str],
 ) -> (mpsc::Receiver<String>, KillOnDrop) {
+    spawn_local_shaped(dir, job, &["--workers", "2"], extra)
+}
+
+/// `contrail local SHAPE` (e.g. `--nodes 2 --local-ranks 2`) on `job` in `dir`, its stdout
+/// lines streamed.
+pub(crate) fn spawn_local_shaped(
+    dir: &Path,
+    job: &Path,
+    shape: &[&str],
+    extra: &[&str],
+) -> (mpsc::Receiver<String>, KillOnDrop) {
     let mut child = Command::new(CONTRAIL)
-        .args(["local", "--workers", "2", "--config"])
+        .arg("local")
+        .args(shape)
+        .arg("--config")
         .arg(job)
         .args(extra)
         .current_dir(dir)
@@ -337,16 +350,12 @@ pub(crate) const JOB_TOKEN: &str = "e2e-job-token-0123456789";
 fn two_node_workers_of_two_ranks_train_node_major() {
     let dir = temp_dir("nodes");
     let job = write_job(&dir, 512, 2, "");
-    let mut child = Command::new(CONTRAIL)
-        .args(["local", "--nodes", "2", "--local-ranks", "2", "--config"])
-        .arg(&job)
-        .args(["--set", "train.global_batch=32"])
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting contrail local");
-    let lines = lines_of(&mut child);
-    let mut child = KillOnDrop(child);
+    let (lines, mut child) = spawn_local_shaped(
+        &dir,
+        &job,
+        &["--nodes", "2", "--local-ranks", "2"],
+        &["--set", "train.global_batch=32"],
+    );
     let deadline = Instant::now() + Duration::from_secs(300);
     let addr = status_address(&lines, deadline);
     let running = loop {

@@ -370,6 +370,26 @@ fn assert_two_nodes_of_two(slots: &[(String, u32)], what: &str) {
     );
 }
 
+/// A coordinator and node workers n0, n1 of two ranks each (`contrail worker --local-ranks
+/// 2`; `cluster.min_workers = 2`, global batch 64, plus `sets`), once training is under way
+/// (step 5), and the status then.
+fn two_nodes_training(name: &str, sets: &[&str]) -> (HandCluster, StatusReport) {
+    let mut all = vec![
+        "cluster.world_size=4",
+        "cluster.min_workers=2",
+        "train.global_batch=64",
+    ];
+    all.extend_from_slice(sets);
+    let c = HandCluster::new(name, &all);
+    c.coordinator("coordinator");
+    c.node_worker("n0", 2);
+    c.node_worker("n1", 2);
+    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
+        s.step >= 5 && node_slots(s).len() == 4
+    });
+    (c, before)
+}
+
 /// `cluster.min_workers = 2`, two node workers of two ranks each (`contrail worker
 /// --local-ranks 2`). One node worker's whole process group is SIGKILLed mid-epoch (a lost
 /// machine): the other node's two ranks regroup once (one new generation of two ranks, not
@@ -379,22 +399,8 @@ fn assert_two_nodes_of_two(slots: &[(String, u32)], what: &str) {
 /// records come from the survivors).
 #[test]
 fn a_killed_node_leaves_in_one_regroup_and_a_replacement_node_joins_whole() {
-    let c = HandCluster::new(
-        "node-kill",
-        &[
-            "cluster.world_size=4",
-            "cluster.min_workers=2",
-            "train.global_batch=64",
-            // The killed ranks' last records are unwritten: the survivors' copies stand in.
-            "audit.flush_every_steps=4",
-        ],
-    );
-    c.coordinator("coordinator");
-    c.node_worker("n0", 2);
-    c.node_worker("n1", 2);
-    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
-        s.step >= 5 && node_slots(s).len() == 4
-    });
+    // The killed ranks' last records are unwritten: the survivors' copies stand in.
+    let (c, before) = two_nodes_training("node-kill", &["audit.flush_every_steps=4"]);
     assert_two_nodes_of_two(&node_slots(&before), "at the start");
     c.kill_node("n1");
     let lost = c.wait_for(
@@ -435,20 +441,7 @@ fn a_killed_node_leaves_in_one_regroup_and_a_replacement_node_joins_whole() {
 /// ranks, which stop, and the node worker exits.
 #[test]
 fn a_node_worker_stops_its_ranks_when_one_dies_and_forwards_sigterm() {
-    let c = HandCluster::new(
-        "node-supervise",
-        &[
-            "cluster.world_size=4",
-            "cluster.min_workers=2",
-            "train.global_batch=64",
-        ],
-    );
-    c.coordinator("coordinator");
-    c.node_worker("n0", 2);
-    c.node_worker("n1", 2);
-    let before = c.wait_for("training starting", Duration::from_secs(300), |s| {
-        s.step >= 3 && node_slots(s).len() == 4
-    });
+    let (c, before) = two_nodes_training("node-supervise", &[]);
     let (ranks0, ranks1) = (child_pids(c.pid("n0")), child_pids(c.pid("n1")));
     assert_eq!(
         (ranks0.len(), ranks1.len()),

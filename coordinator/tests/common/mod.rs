@@ -1,4 +1,4 @@
-//! Shared by the coordinator's served tests.
+//! Shared by the coordinator's tests.
 
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,4 +63,19 @@ pub fn noise(seed: u64, n: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+#[allow(dead_code)] // not every test file uses every helper
+/// A worker's registration: a node of its own.
+pub fn registration(
+    host: &str,
+    address: &str,
+    instance: u64,
+) -> contrail_common::proto::RegisterRequest {
+    contrail_common::proto::RegisterRequest {
+        host: host.into(),
+        collective_address: address.into(),
+        instance,
+        ..Default::default()
+    }
 }
