@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[allow(dead_code)] // not every test file uses every helper
 /// A plain HTTP/1.0 GET; returns (status code, header block in lower case, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
