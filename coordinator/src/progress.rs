@@ -145,7 +145,7 @@ impl JobProgress {
         rank: u32,
         epoch: u32,
         step: u64,
-        loss: f64,
+        loss: Option<f64>,
         global_samples: u64,
         learning_rate: f64,
         step_seconds: f64,
@@ -161,12 +161,13 @@ impl JobProgress {
         }
         self.counted_step = step;
         self.samples_seen += global_samples;
-        if loss.is_finite() {
+        // Workers read the loss back only every train.log_every steps.
+        if let Some(loss) = loss {
             self.loss = Some(loss);
-            self.loss_history.push(step, loss);
-        } else {
             // A NaN loss is worth seeing in the status, but it must not poison the history.
-            self.loss = Some(loss);
+            if loss.is_finite() {
+                self.loss_history.push(step, loss);
+            }
         }
         self.learning_rate = Some(learning_rate);
         self.window.push_back(StepSample {
@@ -259,15 +260,19 @@ mod tests {
     #[test]
     fn step_is_the_max_and_samples_come_from_rank_zero_once() {
         let mut p = JobProgress::default();
-        p.report(1, 0, 1, 9.0, 64, 0.1, 0.5, 100);
+        p.report(1, 0, 1, Some(9.0), 64, 0.1, 0.5, 100);
         assert_eq!((p.step, p.samples_seen, p.loss), (1, 0, None));
-        p.report(0, 0, 1, 2.0, 64, 0.1, 0.5, 110);
-        p.report(0, 0, 1, 2.0, 64, 0.1, 0.5, 120); // repeated report
-        p.report(1, 0, 3, 9.0, 64, 0.1, 0.5, 130);
+        p.report(0, 0, 1, Some(2.0), 64, 0.1, 0.5, 110);
+        p.report(0, 0, 1, Some(2.0), 64, 0.1, 0.5, 120); // repeated report
+        p.report(1, 0, 3, Some(9.0), 64, 0.1, 0.5, 130);
         assert_eq!((p.step, p.samples_seen, p.loss), (3, 64, Some(2.0)));
-        p.report(0, 0, 2, 1.5, 64, 0.2, 0.5, 140);
+        p.report(0, 0, 2, Some(1.5), 64, 0.2, 0.5, 140);
         assert_eq!((p.step, p.samples_seen), (3, 128));
         assert_eq!(p.learning_rate, Some(0.2));
+        // A step whose loss the workers did not read (not a logged step) keeps the latest.
+        p.report(0, 0, 4, None, 64, 0.2, 0.5, 150);
+        assert_eq!((p.step, p.samples_seen, p.loss), (4, 192, Some(1.5)));
+        assert_eq!(p.loss_history.points().last(), Some(&(2, 1.5)));
         // 64 samples per 0.5 s step.
         assert!((p.samples_per_sec().unwrap() - 128.0).abs() < 1e-9);
     }
@@ -276,7 +281,7 @@ mod tests {
     fn wall_clock_is_used_without_step_timings() {
         let mut p = JobProgress::default();
         for s in 1..=5 {
-            p.report(0, 0, s, 1.0, 10, 0.1, 0.0, s * 200);
+            p.report(0, 0, s, Some(1.0), 10, 0.1, 0.0, s * 200);
         }
         // 4 steps in 800 ms → 0.2 s per step → 50 samples/s.
         assert!((p.samples_per_sec().unwrap() - 50.0).abs() < 1e-9);
@@ -290,10 +295,10 @@ mod tests {
         // 95 samples in batches of 10: 10 steps per epoch (the last one holds 5).
         assert_eq!(p.total_steps_estimate(&t, Some(95)), Some(30));
         // Epoch 0 is the first seen (may be partial), so epochs 1→2 give the measurement.
-        p.report(0, 0, 1, 1.0, 10, 0.1, 1.0, 0);
-        p.report(0, 1, 5, 1.0, 10, 0.1, 1.0, 0);
+        p.report(0, 0, 1, Some(1.0), 10, 0.1, 1.0, 0);
+        p.report(0, 1, 5, Some(1.0), 10, 0.1, 1.0, 0);
         assert_eq!(p.total_steps_estimate(&t, Some(95)), Some(30));
-        p.report(0, 2, 12, 1.0, 10, 0.1, 1.0, 0);
+        p.report(0, 2, 12, Some(1.0), 10, 0.1, 1.0, 0);
         assert_eq!(p.total_steps_estimate(&t, Some(95)), Some(21));
         // 3 reports at 1 s each; 21 - 12 steps remain.
         assert_eq!(p.eta_seconds(Some(21)), Some(9.0));

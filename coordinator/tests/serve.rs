@@ -316,7 +316,7 @@ async fn two_workers_train_an_epoch_and_status_adds_up() {
                     generation: w.generation,
                     epoch: 0,
                     step: i as u64 + 1,
-                    loss: 3.0 - i as f64,
+                    loss: Some(3.0 - i as f64),
                     global_samples: 8,
                     learning_rate: 0.05,
                     step_seconds: 0.5,
@@ -749,7 +749,7 @@ async fn garbage_on_both_ports_changes_nothing() {
             worker_id: 5,
             generation: 9,
             step: u64::MAX,
-            loss: f64::NAN,
+            loss: Some(f64::NAN),
             ..Default::default()
         })
         .await

@@ -387,7 +387,7 @@ fn steps_feed_progress_from_rank_zero() {
                     generation: g,
                     epoch: 0,
                     step,
-                    loss: if rank == 0 { 5.0 - step as f64 } else { 99.0 },
+                    loss: Some(if rank == 0 { 5.0 - step as f64 } else { 99.0 }),
                     global_samples: 8,
                     learning_rate: 0.1,
                     step_seconds: 0.25,

@@ -365,13 +365,17 @@ impl TrainHooks for CoordinatedHooks<'_> {
             }
         });
         self.samples_since_log += ev.global_samples;
-        if self.rank == 0 && ev.step.is_multiple_of(self.cfg.train.log_every) {
+        if let (0, Some(loss)) = (
+            self.rank,
+            ev.loss
+                .filter(|_| ev.step.is_multiple_of(self.cfg.train.log_every)),
+        ) {
             let secs = self.last_log.elapsed().as_secs_f64().max(1e-9);
             println!(
                 "epoch {:>3} step {:>6}  loss {:.4}  lr {:.4}  {:.1} samples/s ({} workers)",
                 ev.epoch,
                 ev.step,
-                ev.loss,
+                loss,
                 ev.lr,
                 self.samples_since_log as f64 / secs,
                 self.world_size

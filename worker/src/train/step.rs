@@ -49,6 +49,27 @@ pub struct StepOutcome {
     pub expert_load: Vec<BlockLoad>,
 }
 
+/// A step whose loss has not been read back to the host yet: on a GPU, reading it waits for
+/// the step's kernels, so the training loop reads it only when it logs or reports it.
+pub struct QueuedStep {
+    /// The global-batch loss (a one-element float64 tensor on the model's device).
+    loss: Tensor,
+    pub global_samples: i64,
+    pub expert_load: Vec<BlockLoad>,
+}
+
+impl QueuedStep {
+    /// The global-batch loss (waits for the step to finish computing it).
+    pub fn read_loss(&self) -> f64 {
+        self.loss.double_value(&[0])
+    }
+
+    /// The loss tensor, to read later (after the step's tensors are gone).
+    pub fn loss_tensor(&self) -> Tensor {
+        self.loss.shallow_clone()
+    }
+}
+
 /// One step of `objective` over this rank's `micro_batches` (`(view1, view2)` pairs of
 /// `b_k × 3 × H × W` images; sizes may differ, a pair may be empty, the slice may be empty).
 /// `counts[r]` is rank r's sample total over its micro-batches, identical on every rank. If
@@ -64,6 +85,36 @@ pub fn train_step(
     counts: &[i64],
     clock: StepClock,
 ) -> Result<StepOutcome> {
+    let q = train_step_queued(
+        model,
+        opt,
+        objective,
+        micro_batches,
+        lr,
+        coll,
+        counts,
+        clock,
+    )?;
+    Ok(StepOutcome {
+        loss: q.read_loss(),
+        global_samples: q.global_samples,
+        expert_load: q.expert_load,
+    })
+}
+
+/// [`train_step`] without reading the loss back: the host goes on to the next step while
+/// the GPU finishes this one (with NCCL at world size > 1 the collectives still wait).
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_queued(
+    model: &ContrastiveModel,
+    opt: &mut dyn Optimizer,
+    objective: &mut dyn StepObjective,
+    micro_batches: &[(Tensor, Tensor)],
+    lr: f64,
+    coll: &dyn Collective,
+    counts: &[i64],
+    clock: StepClock,
+) -> Result<QueuedStep> {
     let rank = coll.rank();
     let sizes = micro_batch_sizes(micro_batches, rank)?;
     let b: i64 = sizes.iter().sum();
@@ -71,8 +122,8 @@ pub fn train_step(
         .with_context(|| format!("micro-batches of sizes {sizes:?}"))?;
     if global_samples == 0 {
         // Every rank sees the same counts, so every rank skips the same collectives.
-        return Ok(StepOutcome {
-            loss: 0.0,
+        return Ok(QueuedStep {
+            loss: Tensor::zeros([1], (Kind::Double, model.device())),
             global_samples: 0,
             expert_load: Vec::new(),
         });
@@ -133,7 +184,7 @@ pub fn train_step(
         rt.begin_pass(Pass::default());
     }
     let expert_load = global_expert_load(model, coll)?;
-    Ok(StepOutcome {
+    Ok(QueuedStep {
         loss,
         global_samples,
         expert_load,
@@ -348,7 +399,7 @@ pub(crate) fn checked_global_samples(
 }
 
 /// Sums the parameter gradients and the loss shares across ranks, then takes the optimizer
-/// step. Returns the global loss.
+/// step. Returns the global loss, unread (a one-element float64 tensor where the loss is).
 fn finish_step(
     model: &ContrastiveModel,
     opt: &mut dyn Optimizer,
@@ -356,9 +407,9 @@ fn finish_step(
     lr: f64,
     coll: &dyn Collective,
     frozen: &dyn Fn(&str) -> bool,
-) -> Result<f64> {
+) -> Result<Tensor> {
     let rank = coll.rank();
-    let mut loss = Tensor::from_slice(&[local_loss.double_value(&[])]);
+    let mut loss = local_loss.detach().to_kind(Kind::Double).reshape([1]);
     // A single rank has nothing to sum: skipping the copies keeps one-GPU jobs at eager speed.
     if coll.world_size() > 1 {
         all_reduce_gradients(model, coll)
@@ -367,7 +418,7 @@ fn finish_step(
             .with_context(|| format!("rank {rank}: all-reducing the loss"))?;
     }
     opt.step_skipping(lr, frozen);
-    Ok(loss.double_value(&[0]))
+    Ok(loss)
 }
 
 /// A micro-batch is two views (both `b × 3 × H × W`) or, for CLIP, images and caption tokens

@@ -11,7 +11,7 @@ use crate::model::ContrastiveModel;
 use crate::objective::StepObjective;
 use crate::optim::{lr_at, scaled_peak_lr, Optimizer};
 use crate::train::rebalance::{agree_on_placement, move_experts};
-use crate::train::step::{train_step, StepClock};
+use crate::train::step::{train_step_queued, StepClock};
 use anyhow::{bail, Context, Result};
 use contrail_common::audit::SampleRef;
 use contrail_common::experts::ExpertPlacement;
@@ -41,7 +41,9 @@ pub trait BatchSource {
 pub struct StepEvent {
     pub epoch: u32,
     pub step: u64,
-    pub loss: f64,
+    /// The global-batch loss where the loop read it back: every `train.log_every` steps and
+    /// the first step (None otherwise; see `train_step_queued`).
+    pub loss: Option<f64>,
     pub global_samples: i64,
     pub lr: f64,
     pub step_seconds: f64,
@@ -165,6 +167,8 @@ pub fn train(
         last_eval = Some(step);
     }
 
+    // The latest step's loss, unread, with its (epoch, step).
+    let mut last_loss: Option<(Tensor, u32, u64)> = None;
     'epochs: loop {
         if (t.epochs > 0 && epoch >= t.epochs) || max_steps_reached(step) {
             break;
@@ -185,8 +189,7 @@ pub fn train(
                 let mut samples = Vec::new();
                 while micro.len() < accumulation {
                     match source.next_batch()? {
-                        // Micro-batches stay in host memory until their forward pass: with K of
-                        // them per step, device memory holds one at a time.
+                        // Micro-batches stay in host memory until the step uploads them.
                         Some(b) => {
                             samples.extend(b.samples);
                             micro.push((b.images, b.pair));
@@ -224,7 +227,7 @@ pub fn train(
                     step,
                     total_steps: total,
                 };
-                let outcome = train_step(
+                let outcome = train_step_queued(
                     model,
                     opt.as_mut(),
                     objective,
@@ -240,18 +243,20 @@ pub fn train(
                 if let Some(ids) = &step_ids {
                     hooks.record_trained(epoch, ids);
                 }
-                summary.first_loss.get_or_insert(outcome.loss);
-                summary.last_loss = Some(outcome.loss);
-                if !outcome.loss.is_finite() {
-                    bail!(
-                        "loss became {} at step {step} (epoch {epoch})",
-                        outcome.loss
-                    );
+                // Reading the loss makes the host wait for the GPU to finish the step, so it
+                // is read where it is shown (every train.log_every steps, and the first), and
+                // the last one once training stops.
+                let shown = step.is_multiple_of(t.log_every.max(1)) || summary.first_loss.is_none();
+                let loss = shown.then(|| outcome.read_loss());
+                if let Some(loss) = loss {
+                    summary.first_loss.get_or_insert(loss);
+                    check_finite(loss, epoch, step)?;
                 }
+                last_loss = Some((outcome.loss_tensor(), epoch, step));
                 hooks.after_step(&StepEvent {
                     epoch,
                     step,
-                    loss: outcome.loss,
+                    loss,
                     global_samples: outcome.global_samples,
                     lr,
                     step_seconds: started.elapsed().as_secs_f64(),
@@ -286,6 +291,11 @@ pub fn train(
         epoch += 1;
         summary.epochs_completed += 1;
     }
+    if let Some((loss, at_epoch, at_step)) = last_loss {
+        let loss = loss.double_value(&[0]);
+        check_finite(loss, at_epoch, at_step)?;
+        summary.last_loss = Some(loss);
+    }
     // The final state, unless the last periodic checkpoint (or the one resumed from, when
     // nothing was left to train) already holds it.
     if last_checkpoint != Some(step) {
@@ -296,6 +306,15 @@ pub fn train(
         hooks.evaluate(model, epoch, step)?;
     }
     Ok(summary)
+}
+
+/// A loss that is not a number stops training (seen when it is read: at a logged step, or
+/// the last).
+fn check_finite(loss: f64, epoch: u32, step: u64) -> Result<()> {
+    if !loss.is_finite() {
+        bail!("loss became {loss} at step {step} (epoch {epoch})");
+    }
+    Ok(())
 }
 
 /// Every rank's sample ids of one step (`common::audit::sample_id`).
