@@ -299,6 +299,7 @@ impl TrainHooks for CoordinatedHooks<'_> {
             epoch,
             links,
             self.captions.clone(),
+            self.model_builder.device,
         )?))
     }
 

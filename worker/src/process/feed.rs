@@ -10,6 +10,10 @@
 //! samples and every sample it put into a batch was trained in a committed step
 //! ([`OpenShards`]), so the counts the coordinator records are final and a failure never
 //! loses a prefetched sample.
+//!
+//! A thread of the feed turns the pipeline's batches into tensors ahead of the training loop
+//! ([`PREFETCH_BATCHES`]), in pinned host memory on a GPU job, so the copy into pinned
+//! memory is off the training thread and the step's upload to the GPU is asynchronous.
 
 use super::client::{Coordinator, Lease};
 use super::ledger::{OpenShards, TrainedSet};
@@ -24,18 +28,30 @@ use contrail_data::shard_reader::read_shard;
 use contrail_data::shuffle::ShuffleBuffer;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// Samples buffered between the shard reader and the pipeline.
 const READ_AHEAD_SAMPLES: usize = 256;
 
+/// Batches made into tensors ahead of the training loop.
+pub const PREFETCH_BATCHES: usize = 2;
+
 pub struct EpochFeed {
-    pipeline: EpochPipeline,
+    /// From the batch thread; `Ok(None)` once the epoch's data ran out.
+    batches: std::sync::mpsc::Receiver<Result<Option<LocalBatch>>>,
+    /// The epoch's data ran out (every later call says so too).
+    ended: bool,
     reader: tokio::task::JoinHandle<()>,
+}
+
+/// How the batch thread makes tensors of a pipeline batch.
+struct BatchMaker {
     open: Arc<OpenShards>,
     image_size: i64,
     /// CLIP: captions become the batch's second half as tokens.
     captions: Option<CaptionTokens>,
+    /// A GPU job's device: the tensors are made in pinned memory for it.
+    pin_for: Option<Device>,
 }
 
 /// How a CLIP job turns captions into token ids.
@@ -63,6 +79,7 @@ impl EpochFeed {
         epoch: u32,
         links: FeedLinks,
         captions: Option<CaptionTokens>,
+        device: Device,
     ) -> Result<Self> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<PipelineInput>(READ_AHEAD_SAMPLES);
         let reader = rt.spawn(lease_and_read(
@@ -92,34 +109,66 @@ impl EpochFeed {
                 epoch,
             },
         );
-        Ok(Self {
-            pipeline,
-            reader,
+        let maker = BatchMaker {
             open: links.open,
             image_size: i64::from(cfg.data.image_size),
             captions,
+            pin_for: device.is_cuda().then_some(device),
+        };
+        let (tx, batches) = std::sync::mpsc::sync_channel(PREFETCH_BATCHES);
+        std::thread::Builder::new()
+            .name(format!("batches-e{epoch}"))
+            .spawn(move || loop {
+                let next = maker.next_batch(&pipeline);
+                let last = !matches!(next, Ok(Some(_)));
+                // The feed was dropped (training stopped mid-epoch), or the epoch ended.
+                if tx.send(next).is_err() || last {
+                    break;
+                }
+            })
+            .context("starting the batch thread")?;
+        Ok(Self {
+            batches,
+            ended: false,
+            reader,
         })
     }
 }
 
 impl BatchSource for EpochFeed {
     fn next_batch(&mut self) -> Result<Option<LocalBatch>> {
-        let batch = self.pipeline.next_batch();
+        if self.ended {
+            return Ok(None);
+        }
+        let next = self
+            .batches
+            .recv()
+            .context("the batch thread stopped before the epoch's data ran out")?;
+        self.ended = !matches!(next, Ok(Some(_)));
+        next
+    }
+}
+
+impl BatchMaker {
+    /// The pipeline's next batch as tensors (None: the epoch's data ran out); passes the
+    /// pipeline's shard reports on.
+    fn next_batch(&self, pipeline: &EpochPipeline) -> Result<Option<LocalBatch>> {
+        let batch = pipeline.next_batch();
         // The pipeline closes its report channel only after its last batch, so at the end of
         // the epoch this drains every remaining report.
         let reports: Vec<ShardReport> = if batch.is_some() {
-            self.pipeline.shard_reports().try_iter().collect()
+            pipeline.shard_reports().try_iter().collect()
         } else {
-            self.pipeline.shard_reports().iter().collect()
+            pipeline.shard_reports().iter().collect()
         };
         for r in reports {
             self.open.reported(r);
         }
         let Some(b) = batch else { return Ok(None) };
         let shape = [b.len as i64, 3, self.image_size, self.image_size];
-        let images = Tensor::from_slice(&b.view1).view(shape);
+        let images = self.host_tensor(&b.view1, shape);
         let pair = match &self.captions {
-            None => Tensor::from_slice(&b.view2).view(shape),
+            None => self.host_tensor(&b.view2, shape),
             Some(c) => {
                 let texts: Vec<&str> = b.captions.iter().map(String::as_str).collect();
                 c.tokenizer
@@ -138,6 +187,15 @@ impl BatchSource for EpochFeed {
             pair,
             samples,
         }))
+    }
+
+    /// `values` as a host tensor of `shape`, pinned for a GPU job.
+    fn host_tensor(&self, values: &[f32], shape: [i64; 4]) -> Tensor {
+        let t = Tensor::from_slice(values).view(shape);
+        match self.pin_for {
+            Some(device) => t.pin_memory(device),
+            None => t,
+        }
     }
 }
 
