@@ -170,6 +170,7 @@ mod tests {
             let device = choose_device(DeviceSetting::Auto, claim.gpu(i), 8).unwrap();
             assert_eq!(device, Device::Cuda(i));
         }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -194,6 +195,7 @@ mod tests {
         let e = GpuClaim::told(&[9], 1, 8).unwrap_err().to_string();
         assert!(e.contains("8 visible"), "{e}");
         drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
