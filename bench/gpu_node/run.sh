@@ -12,13 +12,13 @@
 # 3. with at least 2 GPUs (`nvidia-smi -L`): two NCCL ranks of one node worker.
 # Each step runs under `timeout`, and the whole script keeps within $BUDGET seconds. Logs and
 # results.md go to $OUT when it is set (the device tool's folder), else $WORK/results.
-# Knobs (environment): CONTRAIL, PYTHON, WORK, BATCH, STEPS, WARMUP, SAMPLES, STEP_TIMEOUT, BUDGET.
+# Knobs (environment): CONTRAIL, CONFIG, PYTHON, WORK, BATCH, STEPS, WARMUP, SAMPLES, STEP_TIMEOUT, BUDGET.
 set -uo pipefail # no -e: a failing step is recorded and the next one runs
 cd "$(dirname "$0")/../.."
 
 PY=${PYTHON:-python3}
 CONTRAIL=${CONTRAIL:-carry/contrail}
-CONFIG=configs/gpu-simclr-resnet50.toml
+CONFIG=${CONFIG:-configs/gpu-simclr-resnet50.toml}
 WORK=${WORK:-/tmp/contrail-gpu-node}
 RESULTS=${OUT:-$WORK/results}
 BATCH=${BATCH:-256}        # images per step on one GPU (two views each), as bench/train_step
@@ -45,7 +45,16 @@ CORES=$(nproc)
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${GPUS:-0}" -ge 1 ] || die "nvidia-smi lists no GPU"
 TORCHVISION=$("$PY" -c 'import torchvision; print(torchvision.__version__)' 2>/dev/null || echo "absent (plain torch augmentation)")
-ranks_flags() { echo "--nodes 1 --local-ranks $1"; }
+# `contrail local --nodes 1 --local-ranks N` runs N ranks in one node worker. A binary from
+# before node workers (CONTRAIL=..., to measure before and after the host-to-GPU changes; see
+# the README) has no --local-ranks: it runs N single-rank workers, and results.md says so.
+if "$CONTRAIL" local --help 2>/dev/null | grep -q -- '--local-ranks'; then
+    ranks_flags() { echo "--nodes 1 --local-ranks $1"; }
+    SHAPE="one node worker (--nodes 1 --local-ranks N)"
+else
+    ranks_flags() { echo "--workers $1"; }
+    SHAPE="N single-rank workers (--workers N: this contrail predates node workers)"
+fi
 
 {
     echo "# bench/gpu_node results, $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -55,6 +64,7 @@ ranks_flags() { echo "--nodes 1 --local-ranks $1"; }
     echo "cores: $CORES; python3 torch $("$PY" -c 'import torch; print(torch.__version__)'), torchvision $TORCHVISION"
     "$CONTRAIL" --version
     "$CONTRAIL" info 2>&1 | head -n 20
+    echo "job file: $CONFIG; ranks as: $SHAPE"
     echo "batch $BATCH per GPU at 224², $WARMUP warm-up + $STEPS measured steps, synthetic 256² JPEGs"
     echo '```'
     echo
