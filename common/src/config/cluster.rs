@@ -18,21 +18,24 @@ choice! {
     }
 }
 
-/// Where a worker computes: `"auto"`, `"cpu"`, `"cuda"` (GPU 0) or `"cuda:N"`.
+/// Where a rank computes: `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DeviceSetting {
-    /// GPU `rank mod #GPUs` when libtorch sees one, else the CPU.
+    /// The GPU the rank's node worker claimed for its local rank when libtorch sees one,
+    /// else the CPU.
     #[default]
     Auto,
     Cpu,
-    /// This GPU index on every worker.
+    /// The GPU the node worker claimed for the rank's local rank; an error without one.
+    Gpu,
+    /// This GPU index on every rank.
     Cuda(u32),
 }
 
 impl DeviceSetting {
     /// Whether the setting asks for a GPU whatever the machine has.
     pub fn requires_gpu(self) -> bool {
-        matches!(self, DeviceSetting::Cuda(_))
+        matches!(self, DeviceSetting::Gpu | DeviceSetting::Cuda(_))
     }
 }
 
@@ -41,6 +44,7 @@ impl fmt::Display for DeviceSetting {
         match self {
             DeviceSetting::Auto => f.write_str("auto"),
             DeviceSetting::Cpu => f.write_str("cpu"),
+            DeviceSetting::Gpu => f.write_str("cuda"),
             DeviceSetting::Cuda(i) => write!(f, "cuda:{i}"),
         }
     }
@@ -52,7 +56,7 @@ impl std::str::FromStr for DeviceSetting {
         match s {
             "auto" => Ok(DeviceSetting::Auto),
             "cpu" => Ok(DeviceSetting::Cpu),
-            "cuda" => Ok(DeviceSetting::Cuda(0)),
+            "cuda" => Ok(DeviceSetting::Gpu),
             other => other
                 .strip_prefix("cuda:")
                 .and_then(|i| i.parse().ok())

@@ -467,7 +467,7 @@ mod tests {
                 .unwrap()
                 .cluster
                 .device,
-            DeviceSetting::Cuda(0)
+            DeviceSetting::Gpu
         );
         // The typed config writes back the names it read.
         assert_eq!(JobConfig::from_toml(&cfg.to_toml()).unwrap(), cfg);

@@ -13,11 +13,19 @@ use tch::Device;
 
 /// The device `cluster.device` names for a rank that its node worker gave `gpu` (its
 /// local rank's claimed GPU; None without GPUs), given `gpus` visible CUDA devices. `auto`
-/// is that GPU; `cuda:N` is GPU N for every rank, as told.
+/// and `cuda` are that GPU (`auto` falls back to the CPU); `cuda:N` is GPU N for every rank,
+/// as told.
 pub fn choose_device(setting: DeviceSetting, gpu: Option<usize>, gpus: usize) -> Result<Device> {
+    let given = gpu.filter(|g| *g < gpus);
     match setting {
-        DeviceSetting::Auto => Ok(gpu.filter(|g| *g < gpus).map_or(Device::Cpu, Device::Cuda)),
+        DeviceSetting::Auto => Ok(given.map_or(Device::Cpu, Device::Cuda)),
         DeviceSetting::Cpu => Ok(Device::Cpu),
+        DeviceSetting::Gpu => given.map(Device::Cuda).ok_or_else(|| {
+            anyhow::anyhow!(
+                "cluster.device = \"cuda\" but this rank has no GPU: libtorch sees {gpus} and \
+                 its node worker gave it none"
+            )
+        }),
         DeviceSetting::Cuda(_) if gpus == 0 => {
             bail!("cluster.device = \"{setting}\" but libtorch sees no CUDA GPU on this machine")
         }
@@ -91,8 +99,12 @@ mod tests {
         assert_eq!(choose("auto", Some(1), 2).unwrap(), Device::Cuda(1));
         assert_eq!(choose("cpu", Some(0), 8).unwrap(), Device::Cpu);
         assert_eq!(choose("cuda:1", Some(0), 2).unwrap(), Device::Cuda(1));
-        let e = choose("cuda", None, 0).unwrap_err().to_string();
+        let e = choose("cuda:0", None, 0).unwrap_err().to_string();
         assert!(e.contains("no CUDA GPU"), "{e}");
+        // "cuda": the node worker's GPU for this rank, never the CPU.
+        assert_eq!(choose("cuda", Some(3), 8).unwrap(), Device::Cuda(3));
+        let e = choose("cuda", None, 0).unwrap_err().to_string();
+        assert!(e.contains("has no GPU"), "{e}");
         let e = choose("cuda:4", Some(0), 2).unwrap_err().to_string();
         assert!(e.contains("only 2 GPU"), "{e}");
         // A name outside the choices never reaches the worker: the job file is refused.
