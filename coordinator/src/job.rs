@@ -310,12 +310,12 @@ impl JobBook {
         };
         let mut notes = Vec::new();
         for mate in self.members.node_mates(id) {
-            self.shards.release_worker(mate);
+            let returned = self.shards.release_worker(mate).len();
             if let Some(w) = self.members.get_mut(mate) {
                 w.liveness = WorkerLiveness::Dead;
                 w.reason = format!("its node lost {lost}");
                 notes.push(format!(
-                    "{} leaves with its node ({})",
+                    "{} leaves with its node ({}), {returned} shard lease(s) returned to the pool",
                     w.describe(),
                     w.slot.node
                 ));

@@ -5,9 +5,10 @@
 //! node-major: nodes in the order their first rank registered, a node's ranks contiguous in
 //! local-rank order (NCCL's rings and trees want a node's GPUs next to each other). A node is
 //! one failure domain: the job book takes all its ranks out in the same regroup, and a
-//! replacement node counts as waiting only once all its ranks registered. The generation changes whenever membership does (a worker dies or fails); requests stamped with
-//! an older generation are refused, which fences a worker that was declared dead but is in
-//! fact still running and would otherwise keep taking shards.
+//! replacement node counts as waiting only once all its ranks registered. The generation
+//! changes whenever membership does (a worker dies or fails); requests stamped with an older
+//! generation are refused, which fences a worker that was declared dead but is in fact still
+//! running and would otherwise keep taking shards.
 
 use crate::error::RpcError;
 use contrail_common::proto;
