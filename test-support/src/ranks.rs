@@ -2,7 +2,7 @@
 //! child test, with the rank, world size, scenario and a rendezvous folder in the environment;
 //! each child connects a real TCP collective through that folder.
 
-use contrail_worker::dist::tcp::TcpCollective;
+use contrail_worker::dist::tcp::{TcpCollective, Topology};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,11 +125,23 @@ pub fn child_env() -> Option<ChildEnv> {
     })
 }
 
-/// Publishes this rank's address in `dir`, waits for everyone's, and connects.
+/// Publishes this rank's address in `dir`, waits for everyone's, and connects the full mesh.
 pub fn rendezvous(dir: &Path, rank: usize, world: usize, timeout: Duration) -> TcpCollective {
+    rendezvous_on(dir, rank, world, timeout, Topology::Mesh)
+}
+
+/// [`rendezvous`] connecting the pairs `topology` links.
+pub fn rendezvous_on(
+    dir: &Path,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    topology: Topology,
+) -> TcpCollective {
     let boot = TcpCollective::bind("127.0.0.1:0")
         .expect("bind")
-        .with_generation(0xC0FFEE);
+        .with_generation(0xC0FFEE)
+        .with_topology(topology);
     let tmp = dir.join(format!("rank{rank}.tmp"));
     std::fs::write(&tmp, boot.local_addr().expect("local addr").to_string()).expect("write addr");
     std::fs::rename(&tmp, dir.join(format!("rank{rank}.addr"))).expect("publish addr");

@@ -3,6 +3,7 @@
 
 /// The stack, bottom first; modules on one line may not use each other.
 const LAYERS: &[&[&str]] = &[
+    &["torch_ext"],
     &["dist"],
     &["nn", "tokenize"],
     &["optim", "eval"],

@@ -4,6 +4,8 @@
 //! on its own line or below (the `layering` test below reads every `crate::` path and fails
 //! on an upward or sideways one).
 //!
+//! 0. [`torch_ext`]: the libtorch features tch does not wrap, through the crate's C++ shim
+//!    (gradient-ready hooks, uploads on a copy stream).
 //! 1. [`dist`]: the `Collective` trait; NCCL, the TCP ring (with host staging for GPU
 //!    tensors) and an in-process backend for tests.
 //! 2. [`nn`]: building blocks (bf16 autocast and channels-last, PyTorch's default init, row
@@ -35,6 +37,7 @@ pub mod objective;
 pub mod optim;
 pub mod process;
 pub mod tokenize;
+pub mod torch_ext;
 pub mod train;
 
 #[cfg(test)]

@@ -18,6 +18,17 @@ choice! {
     }
 }
 
+choice! {
+    /// The type gradients travel in when they are summed across ranks.
+    pub enum GradDtype default Float32 {
+        /// As computed (float32).
+        Float32 = "float32",
+        /// bfloat16 on the wire (half the bytes), written back into the float32 gradients, as
+        /// PyTorch DDP's `bf16_compress_hook`.
+        Bf16 = "bf16",
+    }
+}
+
 /// Where a rank computes: `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DeviceSetting {
@@ -105,6 +116,14 @@ pub struct ClusterConfig {
     /// How long workers keep training and retrying while the coordinator cannot be reached
     /// (it is restarting); after that they stop.
     pub coordinator_timeout_ms: u64,
+    /// Sum gradient buckets across ranks while the backward pass still runs (each bucket as
+    /// soon as its gradients are final), as PyTorch DDP does; false sums them after backward.
+    /// Models with MoE blocks always sum after backward.
+    pub overlap: bool,
+    /// Largest gradient bucket of the all-reduce, in MiB (DDP's `bucket_cap_mb`).
+    pub bucket_mb: f64,
+    /// The type gradients are summed in across ranks: "float32" or "bf16".
+    pub grad_dtype: GradDtype,
 }
 
 impl Default for ClusterConfig {
@@ -124,6 +143,9 @@ impl Default for ClusterConfig {
             replacement_wait_ms: 120_000,
             journal_url: String::new(),
             coordinator_timeout_ms: 60_000,
+            overlap: true,
+            bucket_mb: 25.0,
+            grad_dtype: GradDtype::Float32,
         }
     }
 }
@@ -206,6 +228,12 @@ impl ClusterConfig {
         }
         if c.collective_timeout_ms == 0 {
             return Err(err("cluster.collective_timeout_ms", "must be positive"));
+        }
+        if !(c.bucket_mb.is_finite() && c.bucket_mb > 0.0) {
+            return Err(err(
+                "cluster.bucket_mb",
+                format!("({}) must be a positive number of MiB", c.bucket_mb),
+            ));
         }
         Ok(())
     }

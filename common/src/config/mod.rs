@@ -17,7 +17,7 @@ mod objective;
 mod optim;
 mod train;
 
-pub use cluster::{Backend, ClusterConfig, DeviceSetting};
+pub use cluster::{Backend, ClusterConfig, DeviceSetting, GradDtype};
 pub use data::{AugmentConfig, DataConfig};
 pub use eval::{EvalConfig, KnnMetric};
 pub use model::{

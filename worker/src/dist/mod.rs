@@ -7,6 +7,7 @@
 
 use tch::Tensor;
 
+pub mod grad_sync;
 pub mod local;
 pub mod nccl;
 pub mod regroup;
@@ -35,7 +36,7 @@ pub enum CollectiveError {
 pub type Result<T> = std::result::Result<T, CollectiveError>;
 
 /// Collective operations on tch tensors. Tensors are contiguous CPU tensors for the TCP
-/// backend. Sums are supported for Float, Double, Int and Int64; the data-moving operations
+/// backend. Sums are supported for Float, Double, BFloat16, Int and Int64; the data-moving operations
 /// (gather, broadcast, all-to-all) work for any kind.
 pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;

@@ -14,6 +14,7 @@ pub mod text;
 pub mod transformer;
 pub mod vit;
 
+use crate::dist::grad_sync::GradSync;
 use crate::dist::local::LocalGroup;
 use crate::dist::Collective;
 use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime, MoeSettings};
@@ -188,6 +189,9 @@ pub struct ContrastiveModel {
     compute: Compute,
     /// What the MoE blocks share, when the model has any.
     moe: Option<Arc<MoeRuntime>>,
+    /// How a training step sums its gradients across ranks (as DDP's wrapper holds its
+    /// bucket settings): overlapped with backward in 25 MiB buckets unless the job says not.
+    grad_sync: GradSync,
 }
 
 /// What building a model needs besides the job file.
@@ -304,6 +308,7 @@ impl ContrastiveModel {
             parts,
             compute: Compute::default(),
             moe,
+            grad_sync: GradSync::default(),
         };
         if kind == ObjectiveKind::Moco {
             let branch = MomentumBranch::new(m, cfg.objective.moco.queue_size as i64, device)?;
@@ -429,6 +434,15 @@ impl ContrastiveModel {
             m.set_compute(compute);
         }
         self.compute = compute;
+    }
+
+    /// Sets how training steps sum this model's gradients across ranks.
+    pub fn set_grad_sync(&mut self, sync: GradSync) {
+        self.grad_sync = sync;
+    }
+
+    pub fn grad_sync(&self) -> GradSync {
+        self.grad_sync
     }
 
     pub fn compute(&self) -> Compute {

@@ -17,7 +17,7 @@ mod recovery;
 pub use coordinated::heartbeat_loop;
 
 use crate::dist::regroup::Regroupable;
-use crate::dist::tcp::TcpCollective;
+use crate::dist::tcp::{TcpCollective, Topology};
 use crate::dist::Collective;
 use crate::model::{BuildOptions, ContrastiveModel};
 use crate::objective::build_objective;
@@ -127,7 +127,16 @@ pub fn run_worker(rt: &tokio::runtime::Runtime, opts: &WorkerOptions) -> Result<
         // Recovery (cluster.min_workers) rebuilds the mesh in place: a new TCP mesh and, with
         // NCCL, a new communicator (the old one aborted).
         let recoverable = cfg.cluster.min_workers > 0;
-        let bootstrap = bootstrap.with_generation(coord.generation());
+        // Only MoE's token exchange needs a link between every pair of ranks; everything
+        // else (and an NCCL job's side channel) runs on ring neighbours: O(1) sockets a rank.
+        let topology = if cfg.moe.enabled() {
+            Topology::Mesh
+        } else {
+            Topology::Ring
+        };
+        let bootstrap = bootstrap
+            .with_generation(coord.generation())
+            .with_topology(topology);
         // Shared: the MoE blocks of the model exchange tokens through it too.
         let r = if recoverable && asg.joining {
             // A replacement forms its first generation like a survivor forms the next one
@@ -223,6 +232,7 @@ fn train_rank(
     }
     // Before the optimizer exists, so its state takes the weights' layout.
     model.set_compute(device::choose_compute(cfg, device)?);
+    model.set_grad_sync(grad_sync(cfg));
     let mut opt = optim::build(&cfg.optim, model.named_parameters());
     let mut start = StartPoint::default();
     if !asg.resume_checkpoint.is_empty() {
@@ -327,6 +337,7 @@ fn train_rank(
                 .context("the coordinator sent a rollback without an expert placement")?;
             model = hooks.model_for(placement)?;
             model.set_compute(device::choose_compute(cfg, device)?);
+            model.set_grad_sync(grad_sync(cfg));
             opt = optim::build(&cfg.optim, model.named_parameters());
             load_checkpoint(rt, cfg, &mut model, opt.as_mut(), &next.resume_checkpoint)?;
             hooks.rolled_back(epoch);
@@ -570,5 +581,15 @@ fn preview(names: &[String]) -> String {
         0 => String::new(),
         n if n <= 3 => format!(" ({})", names.join(", ")),
         n => format!(" ({}, ... {} more)", names[..3].join(", "), n - 3),
+    }
+}
+
+/// How steps sum gradients across ranks, as `cluster.overlap`, `cluster.bucket_mb` and
+/// `cluster.grad_dtype` say.
+fn grad_sync(cfg: &JobConfig) -> crate::dist::grad_sync::GradSync {
+    crate::dist::grad_sync::GradSync {
+        overlap: cfg.cluster.overlap,
+        bucket_bytes: crate::dist::grad_sync::bucket_bytes(cfg.cluster.bucket_mb),
+        bf16: cfg.cluster.grad_dtype == contrail_common::config::GradDtype::Bf16,
     }
 }

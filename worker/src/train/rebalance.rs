@@ -66,6 +66,7 @@ pub fn move_experts(
         .with_context(|| format!("building the model for expert placement v{version}"))?;
     // Before the optimizer exists, so its state takes the weights' layout.
     next.set_compute(model.compute());
+    next.set_grad_sync(model.grad_sync());
     let next_rt = next
         .moe()
         .context("the rebuilt model has no MoE blocks")?

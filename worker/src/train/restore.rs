@@ -208,6 +208,7 @@ pub fn restore_experts(
         .with_context(|| format!("building the model for expert placement v{version}"))?;
     // Before the optimizer exists, so its state takes the weights' layout.
     next.set_compute(model.compute());
+    next.set_grad_sync(model.grad_sync());
     next.load_named(&vars)
         .context("loading the restored variables")?;
     let mut next_opt = optim::build(optim_cfg, next.named_parameters());

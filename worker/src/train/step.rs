@@ -16,7 +16,10 @@
 //!    parameter gradients accumulate across micro-batches;
 //! 4. all-reduce(sum) the parameter gradients in fixed-order buckets, one optimizer step.
 //!    Summing (not averaging) is right because the objective already divided by the global
-//!    sample count.
+//!    sample count. With `cluster.overlap` (the default) the buckets are summed while the
+//!    last backward pass runs ([`crate::dist::grad_sync`]), as DDP does with `no_sync` on
+//!    all micro-batches but the last; MoE models sum after backward, because their token
+//!    exchange uses the collective inside backward.
 //!
 //! A rank with no samples skips the forward but enters every collective with zero rows and
 //! zero gradients, so no peer ever waits for it. The result equals one step over the
@@ -24,6 +27,7 @@
 //! independent (GroupNorm); BatchNorm normalises each micro-batch with its own statistics,
 //! and with K > 1 its running averages take two updates per micro-batch.
 
+use crate::dist::grad_sync::{all_reduce_in_buckets, reduce_during_backward};
 use crate::dist::{all_gather_counts, Collective};
 use crate::model::ContrastiveModel;
 use crate::moe::{is_expert_param, BlockLoad, Pass};
@@ -31,12 +35,9 @@ use crate::objective::simclr::NtXent;
 pub use crate::objective::StepClock;
 use crate::objective::StepObjective;
 use crate::optim::Optimizer;
+use crate::torch_ext::upload::{cuda_index, to_gpu_on_copy_stream};
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
-
-/// Gradients are all-reduced in buckets of at most this many elements (16 MiB of f32): few
-/// calls, and bounded extra memory for the flattened copy.
-pub const GRAD_BUCKET_ELEMENTS: i64 = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutcome {
@@ -131,16 +132,18 @@ pub fn train_step_queued(
     let device = model.device();
     let non_empty: Vec<usize> = (0..sizes.len()).filter(|&k| sizes[k] > 0).collect();
     // Each micro-batch crosses to the GPU once per step, though K > 1 forwards it twice.
-    let uploaded: Vec<(Tensor, Tensor)> = micro_batches
+    let uploaded = micro_batches
         .iter()
-        .map(|(v1, v2)| (upload(v1, device), upload(v2, device)))
-        .collect();
+        .map(|(v1, v2)| Ok((upload(v1, device)?, upload(v2, device)?)))
+        .collect::<Result<Vec<(Tensor, Tensor)>>>()?;
     let micro_batches = &uploaded[..];
 
     opt.zero_grad();
     objective.prepare(model, micro_batches, counts, clock, coll)?;
 
     let passes = forward_passes(model, non_empty.len(), coll)?;
+    // Whether the gradients were already summed during the last backward pass.
+    let reduced;
     let local_loss = if passes <= 1 {
         // One forward pass is enough: keep its graph.
         begin_moe_pass(model, true, true, b as f64 / global_samples as f64);
@@ -159,12 +162,12 @@ pub fn train_step_queued(
             objective.loss_and_grad(model, &z_local.detach(), counts, clock, coll)?;
         ensure_grads_defined(model);
         // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
-        model
-            .backward(&(&z_local * d_local).sum(Kind::Float))
+        let root = (&z_local * d_local).sum(Kind::Float);
+        reduced = backward_reducing(model, coll, &root, || model.backward(&root))
             .with_context(|| format!("rank {rank}: backward"))?;
         local_loss
     } else {
-        accumulated_passes(
+        let (local_loss, summed) = accumulated_passes(
             model,
             objective,
             micro_batches,
@@ -173,9 +176,11 @@ pub fn train_step_queued(
             counts,
             clock,
             coll,
-        )?
+        )?;
+        reduced = summed;
+        local_loss
     };
-    let loss = finish_step(model, opt, &local_loss, lr, coll, &|name| {
+    let loss = finish_step(model, opt, &local_loss, reduced, lr, coll, &|name| {
         objective.frozen(name, clock)
     })?;
     objective.after_update(model, clock, coll)?;
@@ -191,19 +196,20 @@ pub fn train_step_queued(
     })
 }
 
-/// `t` on `device`: from the host to a GPU through pinned memory, asynchronously (the host
-/// goes on queueing the step while the copy runs; the stream orders the copy before its
-/// use). Already there, or on the CPU: `t` itself.
-fn upload(t: &Tensor, device: Device) -> Tensor {
-    if !device.is_cuda() || t.device() == device {
-        return t.shallow_clone();
-    }
+/// `t` on `device`: from the host to a GPU through pinned memory, asynchronously on the GPU's
+/// copy stream ([`crate::torch_ext::upload`]), so the copy runs under the previous step's
+/// kernels and the host goes on queueing the step; the compute stream waits for it through
+/// an event. Already there, or on the CPU: `t` itself.
+fn upload(t: &Tensor, device: Device) -> Result<Tensor> {
+    let Some(index) = cuda_index(device).filter(|_| t.device() != device) else {
+        return Ok(t.shallow_clone());
+    };
     let pinned = if t.is_pinned(device) {
         t.shallow_clone()
     } else {
         t.pin_memory(device)
     };
-    pinned.to_device_(device, t.kind(), true, false)
+    to_gpu_on_copy_stream(&pinned, index)
 }
 
 /// How many forward passes this rank makes: one per non-empty micro-batch, except that with
@@ -265,7 +271,8 @@ fn global_expert_load(model: &ContrastiveModel, coll: &dyn Collective) -> Result
 }
 
 /// K > 1: the objective's loss over every micro-batch's embeddings, computed once, with the
-/// gradient pushed through one micro-batch at a time. Returns this rank's loss share.
+/// gradient pushed through one micro-batch at a time. Returns this rank's loss share and
+/// whether the gradients were summed across ranks during the last backward pass.
 #[allow(clippy::too_many_arguments)]
 fn accumulated_passes(
     model: &ContrastiveModel,
@@ -276,7 +283,7 @@ fn accumulated_passes(
     counts: &[i64],
     clock: StepClock,
     coll: &dyn Collective,
-) -> Result<Tensor> {
+) -> Result<(Tensor, bool)> {
     let rank = coll.rank();
     let b: i64 = sizes.iter().sum();
     let global: i64 = counts.iter().sum();
@@ -308,7 +315,8 @@ fn accumulated_passes(
     // `.backward()` adds into the parameters' `.grad()`, which is the accumulation.
     ensure_grads_defined(model);
     let mut at = 0;
-    for &k in &non_empty {
+    let mut reduced = false;
+    for (pass, &k) in non_empty.iter().enumerate() {
         let (v1, v2) = &micro_batches[k];
         let bk = sizes[k];
         let g = Tensor::cat(
@@ -324,9 +332,16 @@ fn accumulated_passes(
                 g.size()
             );
         }
-        model
-            .backward(&(&z * g).sum(Kind::Float))
-            .with_context(|| format!("rank {rank}: backward of micro-batch {k}"))?;
+        let root = (&z * g).sum(Kind::Float);
+        // Only the last backward overlaps the reduction (DDP's `no_sync` on the others): the
+        // earlier ones still add to every gradient.
+        let last = pass + 1 == passes;
+        reduced = if last {
+            backward_reducing(model, coll, &root, || model.backward(&root))
+        } else {
+            model.backward(&root).map(|()| false)
+        }
+        .with_context(|| format!("rank {rank}: backward of micro-batch {k}"))?;
         at += bk;
     }
     for _ in non_empty.len()..passes {
@@ -336,7 +351,25 @@ fn accumulated_passes(
             .backward(&Tensor::zeros([], (Kind::Float, model.device())))
             .with_context(|| format!("rank {rank}: backward of an idle pass"))?;
     }
-    Ok(local_loss)
+    Ok((local_loss, reduced))
+}
+
+/// Runs `backward` (from `root`), summing the gradients across ranks during it where the model's
+/// [`crate::dist::grad_sync::GradSync`] overlaps (world size > 1, no MoE blocks). Returns
+/// whether they were summed.
+fn backward_reducing(
+    model: &ContrastiveModel,
+    coll: &dyn Collective,
+    root: &Tensor,
+    backward: impl FnOnce() -> Result<()>,
+) -> Result<bool> {
+    let sync = model.grad_sync();
+    if !sync.overlap || coll.world_size() == 1 || model.moe().is_some() {
+        backward()?;
+        return Ok(false);
+    }
+    reduce_during_backward(coll, &model.named_parameters(), &sync, root, backward)?;
+    Ok(true)
 }
 
 /// One SimCLR step over a single batch (`view1`/`view2`: this rank's `b × 3 × H × W` images,
@@ -398,12 +431,14 @@ pub(crate) fn checked_global_samples(
     Ok(counts.iter().sum())
 }
 
-/// Sums the parameter gradients and the loss shares across ranks, then takes the optimizer
-/// step. Returns the global loss, unread (a one-element float64 tensor where the loss is).
+/// Sums the parameter gradients (unless `reduced` says backward already did) and the loss
+/// shares across ranks, then takes the optimizer step. Returns the global loss, unread (a
+/// one-element float64 tensor where the loss is).
 fn finish_step(
     model: &ContrastiveModel,
     opt: &mut dyn Optimizer,
     local_loss: &Tensor,
+    reduced: bool,
     lr: f64,
     coll: &dyn Collective,
     frozen: &dyn Fn(&str) -> bool,
@@ -412,8 +447,10 @@ fn finish_step(
     let mut loss = local_loss.detach().to_kind(Kind::Double).reshape([1]);
     // A single rank has nothing to sum: skipping the copies keeps one-GPU jobs at eager speed.
     if coll.world_size() > 1 {
-        all_reduce_gradients(model, coll)
-            .with_context(|| format!("rank {rank}: all-reducing parameter gradients"))?;
+        if !reduced {
+            all_reduce_gradients(model, coll)
+                .with_context(|| format!("rank {rank}: all-reducing parameter gradients"))?;
+        }
         coll.all_reduce_sum(&mut loss)
             .with_context(|| format!("rank {rank}: all-reducing the loss"))?;
     }
@@ -462,7 +499,8 @@ fn ensure_grads_defined(model: &ContrastiveModel) {
     zero.backward();
 }
 
-/// Sums every parameter gradient across ranks, in name order, a bucket at a time.
+/// Sums every parameter gradient across ranks a bucket at a time, after backward; expert
+/// gradients only among the expert's replicas.
 fn all_reduce_gradients(model: &ContrastiveModel, coll: &dyn Collective) -> Result<()> {
     let params = model.named_parameters();
     if let Some(rt) = model.moe() {
@@ -474,31 +512,5 @@ fn all_reduce_gradients(model: &ContrastiveModel, coll: &dyn Collective) -> Resu
         .filter(|(n, _)| !is_expert_param(n))
         .map(|(n, p)| (n, p.grad()))
         .collect();
-    let mut start = 0;
-    while start < grads.len() {
-        let mut end = start;
-        let mut elements = 0;
-        // A single parameter larger than the bucket still goes alone in one bucket.
-        while end < grads.len()
-            && (end == start || elements + grads[end].1.numel() as i64 <= GRAD_BUCKET_ELEMENTS)
-        {
-            elements += grads[end].1.numel() as i64;
-            end += 1;
-        }
-        let bucket = &grads[start..end];
-        let flat: Vec<Tensor> = bucket.iter().map(|(_, g)| g.reshape([-1])).collect();
-        let mut flat = Tensor::cat(&flat, 0);
-        coll.all_reduce_sum(&mut flat).with_context(|| {
-            format!("bucket {} ..= {}", bucket[0].0, bucket[bucket.len() - 1].0)
-        })?;
-        let flat = flat.to_device(model.device());
-        let mut at = 0;
-        for (_, g) in bucket {
-            let n = g.numel() as i64;
-            g.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(g));
-            at += n;
-        }
-        start = end;
-    }
-    Ok(())
+    all_reduce_in_buckets(coll, &grads, &model.grad_sync())
 }

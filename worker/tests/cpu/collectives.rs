@@ -7,10 +7,10 @@
 use contrail_test_support as support;
 
 use std::time::{Duration, Instant};
-use support::ranks::{assert_all_succeeded, child_env, rendezvous};
+use support::ranks::{assert_all_succeeded, child_env, rendezvous, rendezvous_on};
 
 use contrail_common::auth::JobToken;
-use contrail_worker::dist::tcp::{TcpBootstrap, TcpCollective};
+use contrail_worker::dist::tcp::{TcpBootstrap, TcpCollective, Topology};
 use contrail_worker::dist::{Collective, CollectiveError};
 use tch::{Kind, Tensor};
 
@@ -32,6 +32,46 @@ fn two_ranks_all_operations() {
 #[test]
 fn three_ranks_all_operations() {
     assert_all_succeeded(&run_ranks("ops", 3));
+}
+
+#[test]
+fn ring_only_links_run_every_ring_operation_and_refuse_all_to_all() {
+    assert_all_succeeded(&run_ranks("ring_ops", 4));
+}
+
+/// 64 ranks, each its own process, connected on ring neighbours only: the all-reduce sums
+/// every rank's values, and every process holds the same few sockets (its two neighbours'
+/// streams and its listener) where a full mesh would hold 63 × the streams.
+#[test]
+fn sixty_four_ranks_on_a_ring_each_hold_a_constant_number_of_sockets() {
+    let results = run_ranks("ring_scale", 64);
+    assert_all_succeeded(&results);
+    let lanes = streams_per_peer();
+    for (rank, (_, log)) in results.iter().enumerate() {
+        let sockets: usize = log
+            .lines()
+            // The harness prints the test's name on the same line first.
+            .find_map(|l| l.split("SOCKETS=").nth(1))
+            .unwrap_or_else(|| panic!("rank {rank} reported no socket count:\n{log}"))
+            .trim()
+            .parse()
+            .expect("a count");
+        assert_eq!(
+            sockets,
+            2 * lanes + 1,
+            "rank {rank}: {sockets} sockets; a ring rank holds 2 neighbours x {lanes} streams \
+             + its listener (a full mesh would hold {} + 1)",
+            63 * lanes
+        );
+    }
+}
+
+/// Streams per pair of ranks, as the TCP backend reads it.
+fn streams_per_peer() -> usize {
+    std::env::var("CONTRAIL_TCP_STREAMS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(4)
 }
 
 #[test]
@@ -316,14 +356,101 @@ fn tcp_rank_child() {
         "silent" => Duration::from_millis(1500),
         _ => Duration::from_secs(60),
     };
-    let c = rendezvous(&env.dir, env.rank, env.world, timeout);
+    let topology = if env.scenario.starts_with("ring") {
+        Topology::Ring
+    } else {
+        Topology::Mesh
+    };
+    let c = if topology == Topology::Ring {
+        rendezvous_on(&env.dir, env.rank, env.world, timeout, topology)
+    } else {
+        rendezvous(&env.dir, env.rank, env.world, timeout)
+    };
     let scenario = env.scenario;
     match scenario.as_str() {
         "ops" => ops(&c),
+        "ring_ops" => ring_ops(&c),
+        "ring_scale" => ring_scale(&c),
         "die" => die(&c),
         "silent" => silent(&c),
         other => panic!("unknown scenario {other}"),
     }
+}
+
+/// Every operation a ring-only collective supports, checked, and all-to-all refused.
+fn ring_ops(c: &TcpCollective) {
+    let (rank, world) = (c.rank(), c.world_size());
+    assert_eq!(c.topology(), Topology::Ring);
+    let len = 100_003;
+    let mut t = Tensor::from_slice(&(0..len).map(|i| val(i, rank) as f32).collect::<Vec<_>>());
+    c.all_reduce_sum(&mut t).expect("all_reduce");
+    let got = Vec::<f32>::try_from(&t).unwrap();
+    for (i, g) in got.iter().enumerate() {
+        let want: f32 = (0..world).map(|r| val(i, r) as f32).sum();
+        assert_eq!(*g, want, "all_reduce element {i}");
+    }
+    let counts: Vec<i64> = (0..world as i64).map(|r| r + 1).collect();
+    let local = Tensor::full(
+        [rank as i64 + 1, 2],
+        rank as i64,
+        (Kind::Int64, tch::Device::Cpu),
+    );
+    let g = Vec::<i64>::try_from(
+        &c.all_gather(&local, &counts)
+            .expect("all_gather")
+            .view([-1]),
+    )
+    .unwrap();
+    let want: Vec<i64> = (0..world as i64)
+        .flat_map(|r| std::iter::repeat_n(r, 2 * (r as usize + 1)))
+        .collect();
+    assert_eq!(g, want, "all_gather");
+    let full = Tensor::ones(
+        [counts.iter().sum::<i64>()],
+        (Kind::Float, tch::Device::Cpu),
+    );
+    let mine = c
+        .reduce_scatter_sum(&full, &counts)
+        .expect("reduce_scatter");
+    assert_eq!(
+        Vec::<f32>::try_from(&mine).unwrap(),
+        vec![world as f32; rank + 1],
+        "reduce_scatter"
+    );
+    let mut b = Tensor::full([5], rank as f64, (Kind::Double, tch::Device::Cpu));
+    c.broadcast(&mut b, 2).expect("broadcast");
+    assert_eq!(Vec::<f64>::try_from(&b).unwrap(), vec![2.0; 5], "broadcast");
+    c.barrier().expect("barrier");
+    match c.all_to_all(
+        &Tensor::zeros([world as i64], (Kind::Float, tch::Device::Cpu)),
+        &vec![1; world],
+    ) {
+        Err(CollectiveError::Usage(m)) => assert!(m.contains("ring"), "{m}"),
+        other => panic!("all_to_all on a ring-only collective: {other:?}"),
+    }
+    c.barrier().expect("barrier after the refusal");
+}
+
+/// One all-reduce at scale, then this process's socket count (printed for the parent).
+fn ring_scale(c: &TcpCollective) {
+    let (rank, world) = (c.rank(), c.world_size());
+    let mut t = Tensor::full([4099], (rank + 1) as f64, (Kind::Double, tch::Device::Cpu));
+    c.all_reduce_sum(&mut t).expect("all_reduce");
+    let want = (world * (world + 1) / 2) as f64;
+    let got = Vec::<f64>::try_from(&t).unwrap();
+    assert!(
+        got.iter().all(|&v| v == want),
+        "all_reduce gave {:?}, not {want}",
+        &got[..3]
+    );
+    let sockets = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count();
+    println!("SOCKETS={sockets}");
+    // Nobody leaves while a peer may still be reading from it.
+    c.barrier().expect("barrier");
 }
 
 /// Deterministic value of element `i` on rank `r`, exactly representable so sums in any order

@@ -8,6 +8,7 @@
 
 use contrail_test_support as support;
 
+use contrail_worker::dist::grad_sync::GradSync;
 use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::{self, Collective};
 use contrail_worker::objective::nt_xent_loss;
@@ -23,17 +24,28 @@ const MOMENTUM: f64 = 0.9;
 const WEIGHT_DECAY: f64 = 1e-3;
 const TOLERANCE: f64 = 1e-5;
 
-/// One step with `splits[r]` samples on rank r; `wrap` lets a test alter the collective.
+/// One step with `splits[r]` samples on rank r (gradients summed as the default
+/// [`GradSync`] says: overlapped with backward); `wrap` lets a test alter the collective.
 fn run_split<C: Collective>(
     s: &Setup,
     splits: &[i64],
+    wrap: impl Fn(dist::local::LocalCollective) -> C,
+) -> Vec<RankResult> {
+    run_split_with(s, splits, GradSync::default(), wrap)
+}
+
+fn run_split_with<C: Collective>(
+    s: &Setup,
+    splits: &[i64],
+    sync: GradSync,
     wrap: impl Fn(dist::local::LocalCollective) -> C,
 ) -> Vec<RankResult> {
     assert_eq!(splits.iter().sum::<i64>(), s.view1.size()[0]);
     let mut work = Vec::new();
     let mut start = 0;
     for (coll, &b) in LocalGroup::new(splits.len()).into_iter().zip(splits) {
-        let model = fresh_copy(&s.initial);
+        let mut model = fresh_copy(&s.initial);
+        model.set_grad_sync(sync);
         let opt = Sgd::new(model.named_parameters(), MOMENTUM, WEIGHT_DECAY);
         let v1 = s.view1.narrow(0, start, b).copy();
         let v2 = s.view2.narrow(0, start, b).copy();
@@ -119,6 +131,82 @@ fn split_steps_match_single_process() {
         // Every rank applies the same all-reduced gradient, so replicas stay bit-identical.
         let (diff, name) = max_abs_diff(&ranks[0].0, &ranks[ranks.len() - 1].0);
         assert_eq!(diff, 0.0, "split {splits:?}: replicas differ at {name}");
+    }
+}
+
+#[test]
+fn overlapped_small_buckets_match_single_process_and_the_reduction_after_backward() {
+    let s = setup(17, 4);
+    let (reference, _, _) = single_process(&s);
+    // 4 KiB buckets: the test ResNet's gradients split into many, launched during backward.
+    for splits in [vec![2, 2], vec![1, 0, 3]] {
+        let mut runs = Vec::new();
+        for overlap in [true, false] {
+            let sync = GradSync {
+                overlap,
+                bucket_bytes: 4096,
+                bf16: false,
+            };
+            let ranks = run_split_with(&s, &splits, sync, |c| c);
+            for (rank, (params, _, _)) in ranks.iter().enumerate() {
+                let (diff, name) = max_abs_diff(params, &reference);
+                assert!(
+                    diff <= TOLERANCE,
+                    "overlap {overlap}, split {splits:?} rank {rank}: max |Δ| {diff} at {name}"
+                );
+            }
+            runs.push(ranks);
+        }
+        // The same sums whichever way they were scheduled: the in-process backend adds in
+        // rank order, so the parameters are bit-identical.
+        let (diff, name) = max_abs_diff(&runs[0][0].0, &runs[1][0].0);
+        assert_eq!(diff, 0.0, "split {splits:?}: overlap changed {name}");
+    }
+}
+
+#[test]
+fn bf16_gradient_sums_stay_within_their_rounding_of_float32() {
+    let s = setup(17, 4);
+    let (reference, _, _) = single_process(&s);
+    let initial = s.initial.named_parameters();
+    let moved = max_abs_diff(&reference, &initial).0;
+    // ‖a − b‖₂ over every parameter.
+    let l2 = |a: &[(String, Tensor)], b: &[(String, Tensor)]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|((_, x), (_, y))| (x - y).square().sum(tch::Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let update = l2(&reference, &initial);
+    for overlap in [true, false] {
+        let sync = GradSync {
+            overlap,
+            bucket_bytes: 4096,
+            bf16: true,
+        };
+        let ranks = run_split_with(&s, &[2, 2], sync, |c| c);
+        let (diff, name) = max_abs_diff(&ranks[0].0, &reference);
+        // bfloat16 keeps 8 significant bits: each rank's gradient and each partial sum is
+        // rounded by at most 2^-9 of its size, so the whole update is off by about that
+        // (bound: 2^-7 of its norm); one element can be off by more where the ranks'
+        // gradients cancel (bound: 2^-4 of the largest single move).
+        let relative = l2(&ranks[0].0, &reference) / update;
+        assert!(
+            relative <= 2f64.powi(-7),
+            "overlap {overlap}: bf16 sums changed the update by {relative:.2e} of its norm"
+        );
+        assert!(
+            diff <= moved * 2f64.powi(-4),
+            "overlap {overlap}: bf16 sums moved {name} by {diff} from float32 (largest update {moved})"
+        );
+        // And they really were rounded: bit-identical results would mean float32 travelled.
+        assert!(
+            diff > 0.0,
+            "overlap {overlap}: bf16 gave exactly the float32 result"
+        );
+        let (between, at) = max_abs_diff(&ranks[0].0, &ranks[1].0);
+        assert_eq!(between, 0.0, "overlap {overlap}: replicas differ at {at}");
     }
 }
 

@@ -1,4 +1,5 @@
-//! Guards for the CUDA state an operation touches: the current device and the two events.
+//! Guards for the CUDA state an operation touches: the current device, and the communicator's
+//! stream with the events that order and time its operations.
 
 use std::ffi::c_int;
 use std::ptr::null_mut;
@@ -47,10 +48,14 @@ impl Drop for DeviceGuard {
     }
 }
 
-/// The two events every operation records: before the NCCL call and after it.
+/// The communicator's own non-blocking stream, and the events every operation records:
+/// `ready` on the legacy default stream (where tch's kernels run) for the NCCL stream to wait
+/// on, then `start` and `done` on the NCCL stream around the NCCL call.
 pub(super) struct Events {
     lib: &'static Lib,
     device: usize,
+    pub(super) stream: ffi::Stream,
+    pub(super) ready: ffi::Event,
     pub(super) start: ffi::Event,
     pub(super) done: ffi::Event,
 }
@@ -61,10 +66,18 @@ impl Events {
         let mut ev = Events {
             lib,
             device,
+            stream: null_mut(),
+            ready: null_mut(),
             start: null_mut(),
             done: null_mut(),
         };
-        for slot in [&mut ev.start, &mut ev.done] {
+        // SAFETY: out-parameter; a non-blocking stream does not wait for the legacy stream's
+        // kernels implicitly, so NCCL runs beside backward's kernels, ordered by `ready`.
+        let code = unsafe {
+            (lib.cuda_stream_create_with_flags)(&mut ev.stream, ffi::CUDA_STREAM_NON_BLOCKING)
+        };
+        lib.cuda(code, "cudaStreamCreateWithFlags")?;
+        for slot in [&mut ev.ready, &mut ev.start, &mut ev.done] {
             // SAFETY: out-parameter; timing is off because only completion is asked about.
             let code =
                 unsafe { (lib.cuda_event_create_with_flags)(slot, ffi::CUDA_EVENT_DISABLE_TIMING) };
@@ -77,11 +90,15 @@ impl Events {
 impl Drop for Events {
     fn drop(&mut self) {
         let _dev = DeviceGuard::set(self.lib, self.device);
-        for e in [self.start, self.done] {
+        for e in [self.ready, self.start, self.done] {
             if !e.is_null() {
                 // SAFETY: created by cudaEventCreateWithFlags and no longer recorded.
                 unsafe { (self.lib.cuda_event_destroy)(e) };
             }
+        }
+        if !self.stream.is_null() {
+            // SAFETY: created above; CUDA releases it once work still queued on it is done.
+            unsafe { (self.lib.cuda_stream_destroy)(self.stream) };
         }
     }
 }

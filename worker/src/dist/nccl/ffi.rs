@@ -25,6 +25,8 @@ pub const CONFIG_VERSION: c_uint = 21700;
 pub const CUDA_SUCCESS: c_int = 0;
 pub const CUDA_ERROR_NOT_READY: c_int = 600;
 pub const CUDA_EVENT_DISABLE_TIMING: c_uint = 0x02;
+/// `cudaStreamNonBlocking`: the stream does not synchronise with the legacy default stream.
+pub const CUDA_STREAM_NON_BLOCKING: c_uint = 0x01;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -84,6 +86,9 @@ pub type CudaSetDevice = unsafe extern "C" fn(c_int) -> c_int;
 pub type CudaEventCreateWithFlags = unsafe extern "C" fn(*mut Event, c_uint) -> c_int;
 pub type CudaEventRecord = unsafe extern "C" fn(Event, Stream) -> c_int;
 pub type CudaEventOp = unsafe extern "C" fn(Event) -> c_int;
+pub type CudaStreamCreateWithFlags = unsafe extern "C" fn(*mut Stream, c_uint) -> c_int;
+pub type CudaStreamWaitEvent = unsafe extern "C" fn(Stream, Event, c_uint) -> c_int;
+pub type CudaStreamDestroy = unsafe extern "C" fn(Stream) -> c_int;
 pub type CudaGetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 
 /// NCCL's element types, for sums (`ncclDataType_t`).

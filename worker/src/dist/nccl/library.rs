@@ -40,6 +40,9 @@ pub(super) struct Lib {
     pub(super) cuda_event_record: ffi::CudaEventRecord,
     pub(super) cuda_event_query: ffi::CudaEventOp,
     pub(super) cuda_event_destroy: ffi::CudaEventOp,
+    pub(super) cuda_stream_create_with_flags: ffi::CudaStreamCreateWithFlags,
+    pub(super) cuda_stream_wait_event: ffi::CudaStreamWaitEvent,
+    pub(super) cuda_stream_destroy: ffi::CudaStreamDestroy,
     pub(super) cuda_get_error_string: ffi::CudaGetErrorString,
 }
 
@@ -156,6 +159,9 @@ impl Lib {
                 cuda_event_record: symbol(cudart, c"cudaEventRecord")?,
                 cuda_event_query: symbol(cudart, c"cudaEventQuery")?,
                 cuda_event_destroy: symbol(cudart, c"cudaEventDestroy")?,
+                cuda_stream_create_with_flags: symbol(cudart, c"cudaStreamCreateWithFlags")?,
+                cuda_stream_wait_event: symbol(cudart, c"cudaStreamWaitEvent")?,
+                cuda_stream_destroy: symbol(cudart, c"cudaStreamDestroy")?,
                 cuda_get_error_string: symbol(cudart, c"cudaGetErrorString")?,
             };
             let cudart_path = object_path(lib.cuda_get_device_count as *const c_void);

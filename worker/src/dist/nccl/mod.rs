@@ -12,10 +12,14 @@
 //! from the `nccl.h` that ships with the same wheel (a unit test checks the constants against
 //! that header), and nothing needs CUDA at build time.
 //!
-//! **Stream.** Every NCCL call and every CUDA event goes on the legacy default stream (the null
-//! stream), which is where tch runs its kernels, so a collective sees the results of earlier tch
-//! ops and later tch ops see its results without extra synchronisation.
-//!
+//! **Stream.** Every NCCL call runs on the communicator's own non-blocking CUDA stream. Before
+//! each call an event recorded on the legacy default stream (where tch runs its kernels, and
+//! where the tensors the call reads were produced) makes the NCCL stream wait for them, so a
+//! collective sees the results of earlier tch ops without blocking the legacy stream: kernels
+//! queued there meanwhile (backward, while a gradient bucket is reduced from the
+//! communication thread) run beside the NCCL kernels. The results are read only after the
+//! `done` event (on the NCCL stream) has completed, so later tch ops see them.
+
 //! **Waiting, timeouts, aborts.** The communicator is created non-blocking (`config.blocking =
 //! 0`), so no NCCL call can stall the host: calls return `ncclInProgress` and the calling thread
 //! polls `ncclCommGetAsyncError`. Each operation then waits for its own completion before it

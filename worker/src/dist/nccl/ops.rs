@@ -1,7 +1,6 @@
 //! The [`Collective`] operations of the NCCL backend.
 
 use std::ffi::{c_int, c_void};
-use std::ptr::null_mut;
 
 use tch::{Device, Kind, Tensor};
 
@@ -66,8 +65,8 @@ impl Collective for NcclCollective {
         let mut st = self.begin()?;
         if count > 0 {
             let ptr = work.data_ptr();
-            self.run(&mut st, what, |lib, comm| unsafe {
-                (lib.all_reduce)(ptr, ptr, count, dtype as c_int, ffi::SUM, comm, null_mut())
+            self.run(&mut st, what, |lib, comm, stream| unsafe {
+                (lib.all_reduce)(ptr, ptr, count, dtype as c_int, ffi::SUM, comm, stream)
             })?;
         }
         drop(st);
@@ -102,8 +101,8 @@ impl Collective for NcclCollective {
         let bytes = max as usize * row_bytes;
         if bytes > 0 {
             let (sp, rp) = (send.data_ptr(), blocks.data_ptr());
-            self.run(&mut st, what, |lib, comm| unsafe {
-                (lib.all_gather)(sp, rp, bytes, ffi::UINT8, comm, null_mut())
+            self.run(&mut st, what, |lib, comm, stream| unsafe {
+                (lib.all_gather)(sp, rp, bytes, ffi::UINT8, comm, stream)
             })?;
         }
         drop(st);
@@ -144,8 +143,8 @@ impl Collective for NcclCollective {
         let count = max as usize * row_elems(&work);
         if count > 0 {
             let (sp, rp) = (send.data_ptr(), mine.data_ptr());
-            self.run(&mut st, what, |lib, comm| unsafe {
-                (lib.reduce_scatter)(sp, rp, count, dtype as c_int, ffi::SUM, comm, null_mut())
+            self.run(&mut st, what, |lib, comm, stream| unsafe {
+                (lib.reduce_scatter)(sp, rp, count, dtype as c_int, ffi::SUM, comm, stream)
             })?;
         }
         drop(st);
@@ -172,8 +171,8 @@ impl Collective for NcclCollective {
         let mut st = self.begin()?;
         if bytes > 0 {
             let ptr = work.data_ptr();
-            self.run(&mut st, what, |lib, comm| unsafe {
-                (lib.broadcast)(ptr, ptr, bytes, ffi::UINT8, root as c_int, comm, null_mut())
+            self.run(&mut st, what, |lib, comm, stream| unsafe {
+                (lib.broadcast)(ptr, ptr, bytes, ffi::UINT8, root as c_int, comm, stream)
             })?;
         }
         drop(st);
@@ -203,8 +202,8 @@ impl Collective for NcclCollective {
         // A one-element sum completes on a rank only once every rank has entered it.
         let t = Tensor::zeros([1], (Kind::Float, self.device()));
         let ptr = t.data_ptr();
-        self.run(&mut st, "barrier", |lib, comm| unsafe {
-            (lib.all_reduce)(ptr, ptr, 1, ffi::FLOAT32, ffi::SUM, comm, null_mut())
+        self.run(&mut st, "barrier", |lib, comm, stream| unsafe {
+            (lib.all_reduce)(ptr, ptr, 1, ffi::FLOAT32, ffi::SUM, comm, stream)
         })
     }
 }
@@ -253,8 +252,8 @@ impl NcclCollective {
                 let mine = Tensor::from_slice(send_counts).to_device(self.device());
                 let gathered = Tensor::empty([(n * n) as i64], (Kind::Int64, self.device()));
                 let (sp, rp) = (mine.data_ptr(), gathered.data_ptr());
-                self.run(&mut st, "all_to_all (counts)", |lib, comm| unsafe {
-                    (lib.all_gather)(sp, rp, n, ffi::INT64, comm, null_mut())
+                self.run(&mut st, "all_to_all (counts)", |lib, comm, stream| unsafe {
+                    (lib.all_gather)(sp, rp, n, ffi::INT64, comm, stream)
                 })?;
                 let matrix = Vec::<i64>::try_from(&gathered.to_device(Device::Cpu))
                     .expect("an Int64 tensor converts to Vec<i64>");
@@ -293,7 +292,7 @@ impl NcclCollective {
             .filter(|s| s.2 > 0)
             .collect();
         if !sends.is_empty() || !recvs.is_empty() {
-            self.run(&mut st, what, |lib, comm| {
+            self.run(&mut st, what, |lib, comm, stream| {
                 grouped(lib, || {
                     for &(p, ptr, len) in &sends {
                         let code = unsafe {
@@ -303,7 +302,7 @@ impl NcclCollective {
                                 ffi::UINT8,
                                 p as c_int,
                                 comm,
-                                null_mut(),
+                                stream,
                             )
                         };
                         if code != ffi::SUCCESS {
@@ -318,7 +317,7 @@ impl NcclCollective {
                                 ffi::UINT8,
                                 p as c_int,
                                 comm,
-                                null_mut(),
+                                stream,
                             )
                         };
                         if code != ffi::SUCCESS {

@@ -38,25 +38,39 @@ impl NcclCollective {
         }
     }
 
-    /// Runs one NCCL operation (`issue` makes the NCCL calls on the null stream) and waits
-    /// until the GPU has finished it. Any failure aborts and poisons.
+    /// Runs one NCCL operation (`issue` makes the NCCL calls on the stream it is given, the
+    /// communicator's own) after the work queued so far on the legacy default stream, and
+    /// waits until the GPU has finished it. Any failure aborts and poisons.
     pub(super) fn run(
         &self,
         st: &mut State,
         what: &str,
-        issue: impl FnOnce(&Lib, ffi::Comm) -> c_int,
+        issue: impl FnOnce(&Lib, ffi::Comm, ffi::Stream) -> c_int,
     ) -> Result<()> {
         let lib = self.lib;
         let _dev = match DeviceGuard::set(lib, self.device) {
             Ok(d) => d,
             Err(e) => return Err(self.fail(st, Failure::Nccl(format!("{what}: {e}")))),
         };
-        // SAFETY: event created on this device; null stream = the legacy default stream.
-        let code = unsafe { (lib.cuda_event_record)(st.events.start, null_mut()) };
-        if let Err(e) = lib.cuda(code, "cudaEventRecord") {
+        let stream = st.events.stream;
+        // SAFETY: events and stream created on this device; the null stream is the legacy
+        // default stream, where tch queued the kernels that produce this operation's input.
+        let ordered = unsafe {
+            let code = (lib.cuda_event_record)(st.events.ready, null_mut());
+            lib.cuda(code, "cudaEventRecord")
+                .and_then(|()| {
+                    let code = (lib.cuda_stream_wait_event)(stream, st.events.ready, 0);
+                    lib.cuda(code, "cudaStreamWaitEvent")
+                })
+                .and_then(|()| {
+                    let code = (lib.cuda_event_record)(st.events.start, stream);
+                    lib.cuda(code, "cudaEventRecord")
+                })
+        };
+        if let Err(e) = ordered {
             return Err(self.fail(st, Failure::Nccl(format!("{what}: {e}"))));
         }
-        match issue(lib, st.comm) {
+        match issue(lib, st.comm, stream) {
             ffi::SUCCESS => {}
             ffi::IN_PROGRESS => self.wait_enqueued(st, what)?,
             code => {
@@ -64,8 +78,9 @@ impl NcclCollective {
                 return Err(self.fail(st, f));
             }
         }
-        // SAFETY: as above; recorded after NCCL's kernels, so it completes after them.
-        let code = unsafe { (lib.cuda_event_record)(st.events.done, null_mut()) };
+        // SAFETY: as above; recorded after NCCL's kernels on their stream, so it completes
+        // after them. The caller reads the result only after this completes.
+        let code = unsafe { (lib.cuda_event_record)(st.events.done, stream) };
         if let Err(e) = lib.cuda(code, "cudaEventRecord") {
             return Err(self.fail(st, Failure::Nccl(format!("{what}: {e}"))));
         }

@@ -1,4 +1,5 @@
-//! Building the mesh: bind, then dial every lower rank and accept every higher one. Each
+//! Building the links: bind, then dial every lower linked rank and accept every higher one
+//! ([`Topology`]: every pair, or only ring neighbours). Each
 //! connection opens with a mutual challenge–response under the job token, so a process
 //! without the token cannot join, and the token itself never crosses the wire:
 //!
@@ -26,6 +27,30 @@ pub struct TcpBootstrap {
     listener: TcpListener,
     token: JobToken,
     generation: u64,
+    topology: Topology,
+}
+
+/// Which pairs of ranks a TCP collective connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Topology {
+    /// Every pair: what all-to-all needs (MoE jobs). O(world) sockets per rank.
+    #[default]
+    Mesh,
+    /// Each rank and its two ring neighbours only: enough for all-reduce, all-gather,
+    /// reduce-scatter, broadcast and barrier, with O(1) sockets per rank at any world size.
+    /// All-to-all is refused.
+    Ring,
+}
+
+impl Topology {
+    /// Whether `rank` and `peer` (two different ranks of `world`) are connected.
+    pub fn linked(self, rank: usize, peer: usize, world: usize) -> bool {
+        peer != rank
+            && match self {
+                Topology::Mesh => true,
+                Topology::Ring => peer == (rank + 1) % world || peer == (rank + world - 1) % world,
+            }
+    }
 }
 
 /// The key of a mesh built without a job token (tests, single-process tools): the handshake
@@ -41,17 +66,31 @@ impl TcpCollective {
             listener: TcpListener::bind(addr)?,
             token: open_token(),
             generation: 0,
+            topology: Topology::Mesh,
         })
     }
 }
 
 impl TcpBootstrap {
-    pub(super) fn from_parts(listener: TcpListener, token: JobToken, generation: u64) -> Self {
+    pub(super) fn from_parts(
+        listener: TcpListener,
+        token: JobToken,
+        generation: u64,
+        topology: Topology,
+    ) -> Self {
         Self {
             listener,
             token,
             generation,
+            topology,
         }
+    }
+
+    /// Sets which pairs of ranks connect (default [`Topology::Mesh`]); every rank of the
+    /// collective must use the same.
+    pub fn with_topology(mut self, topology: Topology) -> Self {
+        self.topology = topology;
+        self
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -107,12 +146,14 @@ impl TcpBootstrap {
                 listener: self.listener,
                 token: self.token,
                 generation: self.generation,
+                topology: self.topology,
             }),
             Err(e) => Err(Box::new((e, self))),
         }
     }
 
-    /// Every lane to every peer, indexed `[peer][lane]` (none to this rank itself).
+    /// Every lane to every linked peer, indexed `[peer][lane]` (none to this rank itself or
+    /// to a peer the topology does not link).
     fn connect_links(
         &self,
         rank: usize,
@@ -136,9 +177,14 @@ impl TcpBootstrap {
         let listener = &self.listener;
         let peer_addrs_ref = peer_addrs;
         let lanes = streams_per_peer();
+        let topology = self.topology;
+        let linked = |p: usize| topology.linked(rank, p, world);
+        let peers = (0..world).filter(|&p| linked(p)).count();
+        // The sockets, the listener and some room for the process's other files.
+        ensure_open_file_limit(peers * lanes + 64, peers, lanes, world)?;
         let mut links: Vec<Vec<Option<TcpStream>>> = (0..world)
             .map(|p| {
-                (0..if p == rank { 0 } else { lanes })
+                (0..if linked(p) { lanes } else { 0 })
                     .map(|_| None)
                     .collect()
             })
@@ -146,10 +192,20 @@ impl TcpBootstrap {
         let fail =
             |f: Failure| f.to_error(|r: usize| peer_addrs_ref.get(r).cloned().unwrap_or_default());
         let (accepted, dialed) = thread::scope(|s| {
-            let acceptor = s
-                .spawn(|| accept_higher(listener, rank, world, lanes, token, generation, deadline));
+            let acceptor = s.spawn(|| {
+                let mesh = Mesh {
+                    me: rank,
+                    world,
+                    lanes,
+                    topology,
+                };
+                accept_higher(listener, &mesh, token, generation, deadline)
+            });
             let mut dialed = Vec::new();
             for (peer, addr) in peer_addrs.iter().enumerate().take(rank) {
+                if !linked(peer) {
+                    continue;
+                }
                 for lane in 0..lanes {
                     let me = Hello {
                         rank,
@@ -345,19 +401,66 @@ fn dial(
     }
 }
 
-/// Accepts `lanes` connections from every rank above `me`, rejecting strangers, until the
-/// deadline.
-fn accept_higher(
-    listener: &TcpListener,
+/// Raises this process's soft open-file limit to `needed` when it is lower (up to the hard
+/// limit), or fails saying what to raise.
+fn ensure_open_file_limit(needed: usize, peers: usize, lanes: usize, world: usize) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain out-parameter call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Ok(()); // Unknown limit: let the sockets themselves report a shortage.
+    }
+    let needed = needed as libc::rlim_t;
+    if lim.rlim_cur >= needed {
+        return Ok(());
+    }
+    if lim.rlim_max < needed {
+        return Err(CollectiveError::Usage(format!(
+            "the collective needs {peers} peer(s) x {lanes} streams = {} sockets at world size              {world}, but this process may open only {} files (hard limit): raise it (`ulimit              -Hn`, the container's nofile limit), lower CONTRAIL_TCP_STREAMS, or use a job              without all-to-all so only ring neighbours connect",
+            peers * lanes,
+            lim.rlim_max
+        )));
+    }
+    let raised = libc::rlimit {
+        rlim_cur: needed.max(lim.rlim_cur),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: a valid rlimit no higher than the hard limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(CollectiveError::Usage(format!(
+            "could not raise the open-file limit from {} to {needed} for the collective's              sockets: {}",
+            lim.rlim_cur,
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// The shape an acceptor checks its callers against.
+struct Mesh {
     me: usize,
     world: usize,
     lanes: usize,
+    topology: Topology,
+}
+
+/// Accepts `lanes` connections from every linked rank above `me`, rejecting strangers,
+/// until the deadline.
+fn accept_higher(
+    listener: &TcpListener,
+    mesh: &Mesh,
     token: &JobToken,
     generation: u64,
     deadline: Instant,
 ) -> std::result::Result<Vec<(usize, usize, TcpStream)>, Failure> {
+    let (me, world, lanes) = (mesh.me, mesh.world, mesh.lanes);
     let mut got: Vec<(usize, usize, TcpStream)> = Vec::new();
-    let want = (world - me - 1) * lanes;
+    let higher: Vec<usize> = (me + 1..world)
+        .filter(|&p| mesh.topology.linked(me, p, world))
+        .collect();
+    let want = higher.len() * lanes;
     if want == 0 {
         return Ok(got);
     }
@@ -365,7 +468,9 @@ fn accept_higher(
     listener.set_nonblocking(true).map_err(io_err)?;
     while got.len() < want {
         if Instant::now() >= deadline {
-            let missing = (me + 1..world)
+            let missing = higher
+                .iter()
+                .copied()
                 .find(|r| got.iter().filter(|(g, _, _)| g == r).count() < lanes)
                 .unwrap_or(me + 1);
             return Err(Failure::Peer {
@@ -382,7 +487,7 @@ fn accept_higher(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_err(e)),
         };
-        match handshake_accepted(&stream, me, world, lanes, token, generation, deadline, &got) {
+        match handshake_accepted(&stream, mesh, token, generation, deadline, &got) {
             Ok((peer, lane)) => got.push((peer, lane, stream)),
             Err(reason) => {
                 tracing::warn!(%from, rank = me, "rejected a collective connection: {reason}")
@@ -393,17 +498,15 @@ fn accept_higher(
     Ok(got)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn handshake_accepted(
     stream: &TcpStream,
-    me: usize,
-    world: usize,
-    lanes: usize,
+    mesh: &Mesh,
     token: &JobToken,
     generation: u64,
     deadline: Instant,
     got: &[(usize, usize, TcpStream)],
 ) -> std::result::Result<(usize, usize), String> {
+    let (me, world, lanes) = (mesh.me, mesh.world, mesh.lanes);
     let left = deadline
         .saturating_duration_since(Instant::now())
         .clamp(Duration::from_millis(1), Duration::from_secs(5));
@@ -431,6 +534,12 @@ fn handshake_accepted(
         return Err(format!(
             "rank {} of world {} dialed rank {to}; this is rank {me} of {world}",
             h.rank, h.world
+        ));
+    }
+    if !mesh.topology.linked(me, h.rank, world) {
+        return Err(format!(
+            "rank {} dialed rank {me}, which this collective's {:?} topology does not link to              it (do the ranks disagree on the topology?)",
+            h.rank, mesh.topology
         ));
     }
     if h.lanes != lanes || h.lane >= lanes {

@@ -35,7 +35,7 @@ mod transfer;
 mod tuning;
 mod wire;
 
-pub use handshake::TcpBootstrap;
+pub use handshake::{TcpBootstrap, Topology};
 
 /// The TCP collective for one rank. Operations are serialised internally; after any failure
 /// the collective is poisoned and every later call fails at once with the same error.
@@ -53,6 +53,7 @@ pub struct TcpCollective {
     listener: TcpListener,
     token: contrail_common::auth::JobToken,
     generation: u64,
+    topology: Topology,
 }
 
 struct OpState {
@@ -101,7 +102,7 @@ impl TcpCollective {
     /// Peers still on the old mesh see their links close; a process of the old generation
     /// that dials the new mesh is refused by the handshake.
     pub fn into_bootstrap(self) -> TcpBootstrap {
-        TcpBootstrap::from_parts(self.listener, self.token, self.generation)
+        TcpBootstrap::from_parts(self.listener, self.token, self.generation, self.topology)
     }
 
     /// Shuts every connection down from any thread: an operation blocked on a silent peer
@@ -110,6 +111,11 @@ impl TcpCollective {
         for lane in self.links.iter().flatten() {
             let _ = lane.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// Which pairs of ranks this collective connected.
+    pub fn topology(&self) -> Topology {
+        self.topology
     }
 
     /// The membership generation this mesh was built for.

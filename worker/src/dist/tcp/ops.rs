@@ -16,6 +16,13 @@ impl TcpCollective {
         known_recv: Option<&[i64]>,
     ) -> Result<(Tensor, Vec<i64>)> {
         check_cpu(input, "all_to_all")?;
+        if self.topology == super::Topology::Ring {
+            return Err(CollectiveError::Usage(
+                "all_to_all needs a link between every pair of ranks, but this collective \
+                 connected only ring neighbours (Topology::Ring)"
+                    .into(),
+            ));
+        }
         let (send_offs, total) = row_offsets(send_counts, self.world, "all_to_all")?;
         let rows = dim0(input, "all_to_all")?;
         if rows != total {
@@ -352,11 +359,13 @@ impl Collective for TcpCollective {
         let mut st = self.begin()?;
         let (r, n) = (self.rank, self.world);
         // Dissemination barrier: after round i every rank has heard, transitively, from 2^(i+1)
-        // ranks; ceil(log2 n) rounds of empty frames.
+        // ranks; ceil(log2 n) rounds of empty frames. On a ring-only collective the distance
+        // stays 1: n − 1 rounds around the ring.
+        let ring = self.topology == super::Topology::Ring;
         let mut plan = Plan::default();
         let mut k = 1;
         let mut round: usize = 0;
-        while k < n {
+        while (if ring { round + 1 } else { k }) < n {
             plan.sends.push(SendItem {
                 peer: (r + k) % n,
                 lane: 0,
@@ -371,7 +380,9 @@ impl Collective for TcpCollective {
                 len: 0,
                 reduce: None,
             });
-            k *= 2;
+            if !ring {
+                k *= 2;
+            }
             round += 1;
         }
         self.execute(&mut st, plan)
