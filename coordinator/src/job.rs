@@ -1005,6 +1005,8 @@ impl JobBook {
             experts: self.experts.as_ref().map(ExpertBook::status),
             eval_history: self.progress.eval_history.points().to_vec(),
             rollbacks: self.rollbacks.clone(),
+            // Filled in by the coordinator, which owns the journal writer.
+            journal: None,
         }
     }
 }

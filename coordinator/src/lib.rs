@@ -63,6 +63,8 @@ pub struct Coordinator {
     journaled: watch::Sender<u64>,
     /// Wakes the journal writer at once (an RPC waits for its change to be journaled).
     journal_now: tokio::sync::Notify,
+    /// What the journal writes have cost (for `/status` and `/metrics`).
+    journal_stats: Mutex<contrail_common::status::JournalStatus>,
 }
 
 impl Coordinator {
@@ -157,6 +159,7 @@ impl Coordinator {
             journal,
             journaled: watch::channel(0).0,
             journal_now: tokio::sync::Notify::new(),
+            journal_stats: Mutex::default(),
         })
     }
 
@@ -211,6 +214,7 @@ impl Coordinator {
         let mut failing = false;
         loop {
             let _ = tokio::time::timeout(lazy, self.journal_now.notified()).await;
+            let t0 = Instant::now();
             let encoded = {
                 let book = self.lock();
                 let changes = book.changes();
@@ -219,10 +223,22 @@ impl Coordinator {
             let Some((changes, bytes)) = encoded else {
                 continue;
             };
+            let encode_s = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
             let written = match bytes {
                 Ok(bytes) => j.write(bytes).await,
                 Err(e) => Err(e),
             };
+            {
+                let write_s = t1.elapsed().as_secs_f64();
+                let mut st = self.journal_stats.lock().unwrap_or_else(|p| p.into_inner());
+                st.writes += 1;
+                st.last_write_bytes = len;
+                st.encode_seconds_total += encode_s;
+                st.write_seconds_total += write_s;
+                st.write_seconds_max = st.write_seconds_max.max(write_s);
+            }
             match written {
                 Ok(()) => {
                     if failing {
@@ -275,7 +291,16 @@ impl Coordinator {
     }
 
     pub fn status(&self) -> StatusReport {
-        self.with_book(|b, now| b.status(now))
+        let mut r = self.with_book(|b, now| b.status(now));
+        if self.journal.is_some() {
+            r.journal = Some(
+                self.journal_stats
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            );
+        }
+        r
     }
 
     /// Follows the job state (waiting_for_workers → running → finished | failed).

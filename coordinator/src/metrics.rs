@@ -93,6 +93,42 @@ pub fn render_metrics(r: &StatusReport) -> String {
         "Automatic rollbacks to the latest checkpoint (an MoE worker died).",
         Some(r.rollbacks.len() as f64),
     );
+    let j = r.journal.as_ref();
+    single(
+        o,
+        "contrail_journal_writes_total",
+        "counter",
+        "Writes of the coordinator's journal.",
+        j.map(|j| j.writes as f64),
+    );
+    single(
+        o,
+        "contrail_journal_last_write_bytes",
+        "gauge",
+        "Size of the latest journal write.",
+        j.map(|j| j.last_write_bytes as f64),
+    );
+    single(
+        o,
+        "contrail_journal_encode_seconds_total",
+        "counter",
+        "Time spent encoding the books for the journal (RPCs wait for the books meanwhile).",
+        j.map(|j| j.encode_seconds_total),
+    );
+    single(
+        o,
+        "contrail_journal_write_seconds_total",
+        "counter",
+        "Time spent writing the journal to its store.",
+        j.map(|j| j.write_seconds_total),
+    );
+    single(
+        o,
+        "contrail_journal_write_seconds_max",
+        "gauge",
+        "The longest single journal write.",
+        j.map(|j| j.write_seconds_max),
+    );
     single(
         o,
         "contrail_epoch",

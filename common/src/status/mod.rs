@@ -136,6 +136,22 @@ pub struct StatusReport {
     /// Automatic rollbacks to the latest checkpoint (an MoE worker died), oldest first.
     #[serde(default)]
     pub rollbacks: Vec<String>,
+    /// The coordinator's journal writes; None without a journal.
+    #[serde(default)]
+    pub journal: Option<JournalStatus>,
+}
+
+/// What writing the coordinator's journal has cost so far.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JournalStatus {
+    pub writes: u64,
+    /// Size of the latest write.
+    pub last_write_bytes: u64,
+    /// Time encoding the books (the RPCs wait for the books' lock meanwhile), summed.
+    pub encode_seconds_total: f64,
+    /// Time writing to the store, summed, and the longest single write.
+    pub write_seconds_total: f64,
+    pub write_seconds_max: f64,
 }
 
 /// One round of online evaluation: held-out weighted kNN on the encoder's features, and for

@@ -401,6 +401,7 @@ mod tests {
         let s = StatusReport {
             eval_history: history[..2].to_vec(),
             rollbacks: Vec::new(),
+            journal: None,
             ..Default::default()
         };
         assert!(render_status_text(&s).contains("-> 75.6% at step 150"));
