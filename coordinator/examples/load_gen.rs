@@ -35,6 +35,9 @@ struct Args {
     /// Lose a node once this fraction of epoch 0 is done.
     #[arg(long, default_value_t = 0.3)]
     kill_at: f64,
+    /// Run the coordinator without its journal (to see what journaling costs).
+    #[arg(long)]
+    no_journal: bool,
     /// The coordinator binary (default: contrail-coordinator next to this example's folder).
     #[arg(long)]
     coordinator: Option<PathBuf>,
@@ -66,6 +69,7 @@ async fn main() -> Result<()> {
         worker_timeout_ms: a.worker_timeout_ms,
         shard_ms: a.shard_ms,
         kill_at: a.kill_at,
+        journal: !a.no_journal,
     };
     let report = load::run(&spec, &bin, &std::env::temp_dir()).await?;
     report.print(&spec);

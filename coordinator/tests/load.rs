@@ -22,6 +22,7 @@ async fn hundreds_of_ranks_lose_a_node_and_every_shard_is_trained_once() {
         worker_timeout_ms: 2_000,
         shard_ms: 40,
         kill_at: 0.3,
+        journal: true,
     };
     let report = tokio::time::timeout(
         Duration::from_secs(150),

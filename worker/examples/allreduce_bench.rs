@@ -9,10 +9,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use contrail_worker::dist::Collective;
 use tch::{Device, Kind, Tensor};
@@ -49,31 +48,7 @@ fn launch(args: &Args) -> Result<()> {
     if args.world == 0 || args.iters == 0 {
         bail!("--world and --iters must be positive");
     }
-    let dir = std::env::temp_dir().join(format!("contrail-allreduce-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let exe = std::env::current_exe()?;
-    let children: Vec<_> = (0..args.world)
-        .map(|rank| {
-            Command::new(&exe)
-                .args([
-                    "--world",
-                    &args.world.to_string(),
-                    "--mib",
-                    &args.mib.to_string(),
-                ])
-                .args([
-                    "--warmup",
-                    &args.warmup.to_string(),
-                    "--iters",
-                    &args.iters.to_string(),
-                ])
-                .args(["--rank", &rank.to_string(), "--dir"])
-                .arg(&dir)
-                .spawn()
-                .with_context(|| format!("spawning rank {rank}"))
-        })
-        .collect::<Result<_>>()?;
-    common::wait_ranks(children, &dir)
+    common::launch_ranks(args.world, "allreduce-bench")
 }
 
 fn run_rank(args: &Args, rank: usize, dir: &Path) -> Result<()> {

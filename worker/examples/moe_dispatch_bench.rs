@@ -25,7 +25,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -171,21 +170,7 @@ fn zero_grads(vs: &nn::VarStore, extra: &mut Tensor) {
 // World ≥ 2: processes and rendezvous (as allreduce_bench).
 
 fn launch(args: &Args) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("contrail-moe-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let exe = std::env::current_exe()?;
-    let passed: Vec<String> = std::env::args().skip(1).collect();
-    let children: Vec<_> = (0..args.world)
-        .map(|rank| {
-            Command::new(&exe)
-                .args(&passed)
-                .args(["--rank", &rank.to_string(), "--dir"])
-                .arg(&dir)
-                .spawn()
-                .with_context(|| format!("spawning rank {rank}"))
-        })
-        .collect::<Result<_>>()?;
-    common::wait_ranks(children, &dir)
+    common::launch_ranks(args.world, "moe-bench")
 }
 
 /// One `all_to_all` the block asked for.

@@ -46,6 +46,8 @@ pub struct Load {
     /// The node lost (all its ranks stop at once) once this fraction of epoch 0's shards is
     /// complete; a replacement node registers right after.
     pub kill_at: f64,
+    /// Journal the coordinator's state (`cluster.journal_url`), as a real job does.
+    pub journal: bool,
 }
 
 impl Load {
@@ -64,6 +66,7 @@ pub struct Report {
     pub coordinator_peak_rss_mib: f64,
     pub journal_writes: f64,
     pub journal_bytes: f64,
+    pub journal_encode_seconds_total: f64,
     pub journal_write_seconds_total: f64,
     pub journal_write_seconds_max: f64,
     /// From the node's loss to the first survivor's rendezvous in the next generation.
@@ -125,13 +128,19 @@ impl Report {
             100.0 * self.coordinator_cpu_s / self.wall_s,
             self.coordinator_peak_rss_mib
         );
-        println!(
-            "journal: {:.0} writes, last {:.1} MiB, write time mean {:.1} ms max {:.1} ms",
-            self.journal_writes,
-            self.journal_bytes / (1 << 20) as f64,
-            1e3 * self.journal_write_seconds_total / self.journal_writes.max(1.0),
-            1e3 * self.journal_write_seconds_max
-        );
+        if load.journal {
+            println!(
+                "journal: {:.0} writes, last {:.1} MiB, encode (books locked) mean {:.1} ms, \
+                 write mean {:.1} ms max {:.1} ms",
+                self.journal_writes,
+                self.journal_bytes / (1 << 20) as f64,
+                1e3 * self.journal_encode_seconds_total / self.journal_writes.max(1.0),
+                1e3 * self.journal_write_seconds_total / self.journal_writes.max(1.0),
+                1e3 * self.journal_write_seconds_max
+            );
+        } else {
+            println!("journal: off");
+        }
         println!(
             "node lost -> next generation: first survivor {:.2} s, last {:.2} s (includes \
              worker_timeout_ms = {} ms to declare it dead)",
@@ -174,7 +183,7 @@ fn job_file(load: &Load, dir: &Path) -> Result<PathBuf> {
          [cluster]\nworld_size = {ranks}\nlocal_ranks = {per}\nmin_workers = {min}\n\
          heartbeat_ms = {hb}\nworker_timeout_ms = {wt}\nlease_ttl_ms = {ttl}\n\
          replacement_wait_ms = 600000\ncollective_timeout_ms = 600000\n\
-         coordinator_timeout_ms = 600000\njournal_url = \"file://{dir}/journal.json\"\n",
+         coordinator_timeout_ms = 600000\njournal_url = \"{journal}\"\n",
         dir = dir.display(),
         first = 0,
         last = load.shards - 1,
@@ -184,6 +193,11 @@ fn job_file(load: &Load, dir: &Path) -> Result<PathBuf> {
         hb = load.heartbeat_ms,
         wt = load.worker_timeout_ms,
         ttl = (load.worker_timeout_ms * 4).max(10_000),
+        journal = if load.journal {
+            format!("file://{}/journal.json", dir.display())
+        } else {
+            "off".into()
+        },
     );
     let path = dir.join("job.toml");
     std::fs::write(&path, text)?;
@@ -456,6 +470,7 @@ async fn run_in(load: &Load, bin: &Path, dir: &Path) -> Result<Report> {
         coordinator_peak_rss_mib: rss,
         journal_writes: metric("contrail_journal_writes_total"),
         journal_bytes: metric("contrail_journal_last_write_bytes"),
+        journal_encode_seconds_total: metric("contrail_journal_encode_seconds_total"),
         journal_write_seconds_total: metric("contrail_journal_write_seconds_total"),
         journal_write_seconds_max: metric("contrail_journal_write_seconds_max"),
         loss_to_regroup_s: after.iter().copied().fold(f64::NAN, f64::min),

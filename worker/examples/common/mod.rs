@@ -4,8 +4,29 @@
 use anyhow::{bail, Result};
 use contrail_worker::dist::tcp::TcpCollective;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+/// Runs this binary once per rank with its own arguments plus `--rank R --dir D` (a fresh
+/// rendezvous folder named after `bench`), and waits for them all.
+pub fn launch_ranks(world: usize, bench: &str) -> Result<()> {
+    use anyhow::Context;
+    let dir = std::env::temp_dir().join(format!("contrail-{bench}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let exe = std::env::current_exe()?;
+    let passed: Vec<String> = std::env::args().skip(1).collect();
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            Command::new(&exe)
+                .args(&passed)
+                .args(["--rank", &rank.to_string(), "--dir"])
+                .arg(&dir)
+                .spawn()
+                .with_context(|| format!("spawning rank {rank}"))
+        })
+        .collect::<Result<_>>()?;
+    wait_ranks(children, &dir)
+}
 
 /// Waits for every rank process, removes the rendezvous `dir`, and fails naming the ranks
 /// that failed.
