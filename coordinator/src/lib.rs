@@ -287,7 +287,7 @@ impl Coordinator {
         let now = self.now_ms();
         let mut book = self.lock();
         let last = self.housekept_ms.load(std::sync::atomic::Ordering::Relaxed);
-        if now >= last + HOUSEKEEPING_EVERY_MS || now < last {
+        if now >= last + HOUSEKEEPING_EVERY_MS {
             book.tick(now);
             self.housekept_ms
                 .store(now, std::sync::atomic::Ordering::Relaxed);

@@ -370,7 +370,8 @@ async fn run_in(load: &Load, bin: &Path, dir: &Path) -> Result<Report> {
     node_stops[victim].store(true, Ordering::SeqCst);
     *shared.killed_at.lock().unwrap() = Some(Instant::now());
     let replacement_stop = Arc::new(AtomicBool::new(false));
-    let replacement = load_node_id(load);
+    // The replacement node's index comes after the original nodes'.
+    let replacement = load.nodes;
     for local in 0..load.ranks_per_node {
         let (client, shared, stop) = (
             channels[load.nodes].clone(),
@@ -481,11 +482,6 @@ async fn run_in(load: &Load, bin: &Path, dir: &Path) -> Result<Report> {
         duplicate_completions: completed.values().filter(|&&n| n > 1).count(),
         coordinator_exit: exit,
     })
-}
-
-/// The replacement node's index (after the original nodes).
-fn load_node_id(load: &Load) -> usize {
-    load.nodes
 }
 
 fn shard_url(dir: &Path, s: usize) -> String {

@@ -259,9 +259,8 @@ pub fn reduce_during_backward(
 /// communication thread. Called from the backward thread by the hooks.
 struct Launcher {
     plan: Vec<Vec<usize>>,
-    bucket_of: Vec<usize>,
-    /// The gradient index of each hooked parameter, by hook index.
-    hooked: Vec<usize>,
+    /// The bucket of each hooked parameter, by hook index.
+    hook_bucket: Vec<usize>,
     bf16: bool,
     state: Mutex<LaunchState>,
 }
@@ -285,20 +284,20 @@ impl Launcher {
         bf16: bool,
         tx: Sender<(usize, Tensor)>,
     ) -> Self {
-        let mut bucket_of = vec![usize::MAX; grads.len()];
+        let mut bucket_of = vec![0; grads.len()];
         for (b, bucket) in plan.iter().enumerate() {
             for &i in bucket {
                 bucket_of[i] = b;
             }
         }
+        let hook_bucket: Vec<usize> = hooked.iter().map(|&i| bucket_of[i]).collect();
         let mut pending = vec![0; plan.len()];
-        for &i in &hooked {
-            pending[bucket_of[i]] += 1;
+        for &b in &hook_bucket {
+            pending[b] += 1;
         }
         Launcher {
             plan,
-            bucket_of,
-            hooked,
+            hook_bucket,
             bf16,
             state: Mutex::new(LaunchState {
                 grads,
@@ -350,7 +349,7 @@ impl Launcher {
 impl GradReady for Launcher {
     fn ready(&self, hook: usize) {
         let mut st = self.lock();
-        let b = self.bucket_of[self.hooked[hook]];
+        let b = self.hook_bucket[hook];
         st.pending[b] = st.pending[b].saturating_sub(1);
         drop(st);
         self.launch_ready();

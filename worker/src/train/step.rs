@@ -163,7 +163,7 @@ pub fn train_step_queued(
         ensure_grads_defined(model);
         // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
         let root = (&z_local * d_local).sum(Kind::Float);
-        reduced = backward_reducing(model, coll, &root, || model.backward(&root))
+        reduced = backward_reducing(model, coll, &root)
             .with_context(|| format!("rank {rank}: backward"))?;
         local_loss
     } else {
@@ -337,7 +337,7 @@ fn accumulated_passes(
         // earlier ones still add to every gradient.
         let last = pass + 1 == passes;
         reduced = if last {
-            backward_reducing(model, coll, &root, || model.backward(&root))
+            backward_reducing(model, coll, &root)
         } else {
             model.backward(&root).map(|()| false)
         }
@@ -354,21 +354,22 @@ fn accumulated_passes(
     Ok((local_loss, reduced))
 }
 
-/// Runs `backward` (from `root`), summing the gradients across ranks during it where the model's
+/// Backpropagates `root` through the model, summing the gradients across ranks during it where the model's
 /// [`crate::dist::grad_sync::GradSync`] overlaps (world size > 1, no MoE blocks). Returns
 /// whether they were summed.
 fn backward_reducing(
     model: &ContrastiveModel,
     coll: &dyn Collective,
     root: &Tensor,
-    backward: impl FnOnce() -> Result<()>,
 ) -> Result<bool> {
     let sync = model.grad_sync();
     if !sync.overlap || coll.world_size() == 1 || model.moe().is_some() {
-        backward()?;
+        model.backward(root)?;
         return Ok(false);
     }
-    reduce_during_backward(coll, &model.named_parameters(), &sync, root, backward)?;
+    reduce_during_backward(coll, &model.named_parameters(), &sync, root, || {
+        model.backward(root)
+    })?;
     Ok(true)
 }
 

@@ -193,13 +193,13 @@ impl TcpBootstrap {
             |f: Failure| f.to_error(|r: usize| peer_addrs_ref.get(r).cloned().unwrap_or_default());
         let (accepted, dialed) = thread::scope(|s| {
             let acceptor = s.spawn(|| {
-                let mesh = Mesh {
+                let shape = LinkShape {
                     me: rank,
                     world,
                     lanes,
                     topology,
                 };
-                accept_higher(listener, &mesh, token, generation, deadline)
+                accept_higher(listener, &shape, token, generation, deadline)
             });
             let mut dialed = Vec::new();
             for (peer, addr) in peer_addrs.iter().enumerate().take(rank) {
@@ -439,7 +439,7 @@ fn ensure_open_file_limit(needed: usize, peers: usize, lanes: usize, world: usiz
 }
 
 /// The shape an acceptor checks its callers against.
-struct Mesh {
+struct LinkShape {
     me: usize,
     world: usize,
     lanes: usize,
@@ -450,15 +450,15 @@ struct Mesh {
 /// until the deadline.
 fn accept_higher(
     listener: &TcpListener,
-    mesh: &Mesh,
+    shape: &LinkShape,
     token: &JobToken,
     generation: u64,
     deadline: Instant,
 ) -> std::result::Result<Vec<(usize, usize, TcpStream)>, Failure> {
-    let (me, world, lanes) = (mesh.me, mesh.world, mesh.lanes);
+    let (me, world, lanes) = (shape.me, shape.world, shape.lanes);
     let mut got: Vec<(usize, usize, TcpStream)> = Vec::new();
     let higher: Vec<usize> = (me + 1..world)
-        .filter(|&p| mesh.topology.linked(me, p, world))
+        .filter(|&p| shape.topology.linked(me, p, world))
         .collect();
     let want = higher.len() * lanes;
     if want == 0 {
@@ -487,7 +487,7 @@ fn accept_higher(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_err(e)),
         };
-        match handshake_accepted(&stream, mesh, token, generation, deadline, &got) {
+        match handshake_accepted(&stream, shape, token, generation, deadline, &got) {
             Ok((peer, lane)) => got.push((peer, lane, stream)),
             Err(reason) => {
                 tracing::warn!(%from, rank = me, "rejected a collective connection: {reason}")
@@ -500,13 +500,13 @@ fn accept_higher(
 
 fn handshake_accepted(
     stream: &TcpStream,
-    mesh: &Mesh,
+    shape: &LinkShape,
     token: &JobToken,
     generation: u64,
     deadline: Instant,
     got: &[(usize, usize, TcpStream)],
 ) -> std::result::Result<(usize, usize), String> {
-    let (me, world, lanes) = (mesh.me, mesh.world, mesh.lanes);
+    let (me, world, lanes) = (shape.me, shape.world, shape.lanes);
     let left = deadline
         .saturating_duration_since(Instant::now())
         .clamp(Duration::from_millis(1), Duration::from_secs(5));
@@ -536,10 +536,10 @@ fn handshake_accepted(
             h.rank, h.world
         ));
     }
-    if !mesh.topology.linked(me, h.rank, world) {
+    if !shape.topology.linked(me, h.rank, world) {
         return Err(format!(
             "rank {} dialed rank {me}, which this collective's {:?} topology does not link to              it (do the ranks disagree on the topology?)",
-            h.rank, mesh.topology
+            h.rank, shape.topology
         ));
     }
     if h.lanes != lanes || h.lane >= lanes {

@@ -362,10 +362,14 @@ impl Collective for TcpCollective {
         // ranks; ceil(log2 n) rounds of empty frames. On a ring-only collective the distance
         // stays 1: n − 1 rounds around the ring.
         let ring = self.topology == super::Topology::Ring;
+        let rounds = if ring {
+            n - 1
+        } else {
+            n.next_power_of_two().trailing_zeros() as usize
+        };
         let mut plan = Plan::default();
-        let mut k = 1;
-        let mut round: usize = 0;
-        while (if ring { round + 1 } else { k }) < n {
+        for round in 0..rounds {
+            let k = if ring { 1 } else { 1 << round };
             plan.sends.push(SendItem {
                 peer: (r + k) % n,
                 lane: 0,
@@ -380,10 +384,6 @@ impl Collective for TcpCollective {
                 len: 0,
                 reduce: None,
             });
-            if !ring {
-                k *= 2;
-            }
-            round += 1;
         }
         self.execute(&mut st, plan)
     }
