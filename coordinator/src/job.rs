@@ -121,7 +121,7 @@ impl JobBook {
         mut self,
         cfg: JobConfig,
         job_toml: &str,
-        shard_urls: &[String],
+        shard_urls: Vec<String>,
         now_ms: u64,
     ) -> Result<Self, String> {
         if self.job_toml != job_toml {
@@ -129,13 +129,7 @@ impl JobBook {
                 "the job's config differs from the one the journal was written with".into(),
             );
         }
-        if self.shards.urls() != shard_urls {
-            return Err(format!(
-                "data.url now lists {} shards, not the {} the journal was written with",
-                shard_urls.len(),
-                self.shards.urls().len()
-            ));
-        }
+        self.shards.attach_urls(shard_urls)?;
         self.cfg = cfg;
         if self.short_since_ms.is_some() {
             self.short_since_ms = Some(now_ms);

@@ -10,7 +10,9 @@
 use crate::error::RpcError;
 use contrail_common::shards::{epoch_order, ShardStateSnapshot};
 use contrail_common::status::ShardCounts;
+use contrail_common::auth::hex;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// One outstanding lease.
@@ -62,10 +64,16 @@ impl EpochShards {
     }
 }
 
-/// Journaled whole (see `crate::journal`).
+/// Journaled (see `crate::journal`) without its shard URLs: at 100,000 shards they were
+/// most of every journal write. A recovered book takes them from the dataset's listing again,
+/// which must match `urls_digest`.
 #[derive(Serialize, Deserialize)]
 pub struct ShardBook {
+    #[serde(skip)]
     urls: Vec<String>,
+    num_urls: usize,
+    /// SHA-256 of the URL list, in hex.
+    urls_digest: String,
     seed: u64,
     lease_ttl_ms: u64,
     epochs: BTreeMap<u32, EpochShards>,
@@ -82,6 +90,12 @@ pub struct ShardBook {
     /// after its reply was lost gets the same lease.
     #[serde(default)]
     granted: HashMap<u64, (u64, u64)>,
+    /// Epochs below this were finished and dropped from the books (see `epoch_mut`).
+    #[serde(default)]
+    dropped_below: u32,
+    /// Samples of the newest dropped epoch that finished every shard (for `dataset_samples`).
+    #[serde(default)]
+    dropped_full_samples: Option<u64>,
 }
 
 impl ShardBook {
@@ -96,6 +110,8 @@ impl ShardBook {
             .map(|r| r.bad_samples.clone())
             .unwrap_or_default();
         Self {
+            num_urls: urls.len(),
+            urls_digest: digest(&urls),
             urls,
             seed,
             lease_ttl_ms,
@@ -106,12 +122,29 @@ impl ShardBook {
             resume,
             bad_samples,
             granted: HashMap::new(),
+            dropped_below: 0,
+            dropped_full_samples: None,
         }
     }
 
-    /// The shard URLs the book indexes into (a journal must match the listed dataset).
+    /// The shard URLs the book indexes into.
     pub fn urls(&self) -> &[String] {
         &self.urls
+    }
+
+    /// Gives a book read from the journal its shard URLs back: `listed` must be the list the
+    /// book was made with.
+    pub fn attach_urls(&mut self, listed: Vec<String>) -> Result<(), String> {
+        if listed.len() != self.num_urls || digest(&listed) != self.urls_digest {
+            return Err(format!(
+                "data.url now lists {} shards{}, not the {} the journal was written with",
+                listed.len(),
+                if listed.len() == self.num_urls { " with other names" } else { "" },
+                self.num_urls
+            ));
+        }
+        self.urls = listed;
+        Ok(())
     }
 
     /// A restarted coordinator's clock starts again: every live lease gets a full TTL.
@@ -138,12 +171,36 @@ impl ShardBook {
         &self.bad_samples
     }
 
-    fn epoch_mut(&mut self, epoch: u32) -> &mut EpochShards {
+    /// The books of `epoch`, created on first use. Creating epoch E drops the finished books
+    /// of epochs before E - 1: no rank leases or checkpoints in them any more (ranks reach E
+    /// only once E - 1's pool is empty), and kept forever they would grow the journal by the
+    /// whole dataset every epoch. None for an epoch already dropped.
+    fn epoch_mut(&mut self, epoch: u32) -> Option<&mut EpochShards> {
+        if epoch < self.dropped_below {
+            return None;
+        }
         if !self.epochs.contains_key(&epoch) {
             let book = self.create_epoch(epoch);
             self.epochs.insert(epoch, book);
+            self.drop_epochs_before(epoch.saturating_sub(1));
         }
-        self.epochs.get_mut(&epoch).expect("inserted above")
+        self.epochs.get_mut(&epoch)
+    }
+
+    fn drop_epochs_before(&mut self, keep_from: u32) {
+        let n = self.urls.len();
+        while let Some(entry) = self.epochs.first_entry() {
+            let (e, book) = (*entry.key(), entry.get());
+            if e >= keep_from || !book.pending.is_empty() || !book.leased.is_empty() {
+                break;
+            }
+            if book.done.len() + book.failed.len() == n && n > 0 {
+                self.dropped_full_samples = Some(book.done.values().sum());
+            }
+            entry.remove();
+            self.orphaned.retain(|_, l| l.epoch != e);
+            self.dropped_below = e + 1;
+        }
     }
 
     fn create_epoch(&self, epoch: u32) -> EpochShards {
@@ -206,7 +263,7 @@ impl ShardBook {
         }
         let id = self.next_lease_id;
         let ttl = self.lease_ttl_ms;
-        let book = self.epoch_mut(epoch);
+        let book = self.epoch_mut(epoch)?;
         let shard = book.pending.pop_front()?;
         book.leased.insert(shard, id);
         self.next_lease_id += 1;
@@ -313,7 +370,7 @@ impl ShardBook {
                 self.urls[lease.shard], lease.worker_id
             )));
         }
-        self.leases.remove(&lease_id);
+        let was_live = self.leases.remove(&lease_id).is_some();
         self.orphaned.remove(&lease_id);
         let book = self.epochs.get_mut(&lease.epoch).ok_or_else(|| {
             RpcError::Internal(format!(
@@ -325,8 +382,11 @@ impl ShardBook {
             return Ok((lease, Completion::Duplicate));
         }
         // The shard may have gone back to the pool, or even out again under another lease,
-        // after this lease expired; the first completion wins.
-        book.pending.retain(|s| *s != lease.shard);
+        // after this lease expired; the first completion wins. A live lease's shard is in
+        // neither (the scan of the pool is then skipped: it cost O(shards) per completion).
+        if !was_live {
+            book.pending.retain(|s| *s != lease.shard);
+        }
         if let Some(other) = book.leased.remove(&lease.shard) {
             if other != lease_id {
                 if let Some(l) = self.leases.remove(&other) {
@@ -392,6 +452,9 @@ impl ShardBook {
                 return Some((book.done.values().sum(), true));
             }
         }
+        if let Some(full) = self.dropped_full_samples {
+            return Some((full, true));
+        }
         let (sum, count) = self
             .epochs
             .values()
@@ -439,6 +502,15 @@ impl ShardBook {
         }
         snap
     }
+}
+
+fn digest(urls: &[String]) -> String {
+    let mut h = Sha256::new();
+    for u in urls {
+        h.update(u.as_bytes());
+        h.update(b"\n");
+    }
+    hex(&h.finalize())
 }
 
 #[cfg(test)]
@@ -551,6 +623,32 @@ mod tests {
             b.complete(1, g.lease_id, n, &no_bad(), "", None).unwrap();
         }
         assert_eq!(b.dataset_samples(), Some((100, true)));
+    }
+
+    #[test]
+    fn finished_epochs_before_the_previous_one_are_dropped() {
+        let mut b = ShardBook::new(urls(3), 0, 100, None);
+        let finish_epoch = |b: &mut ShardBook, e: u32| {
+            while let Some(g) = b.lease(1, e, 0, 0) {
+                b.complete(1, g.lease_id, 5, &no_bad(), "", None).unwrap();
+            }
+        };
+        finish_epoch(&mut b, 0);
+        finish_epoch(&mut b, 1);
+        assert_eq!(b.epochs.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        // A shard of epoch 2 still out keeps epoch 2 when epoch 3 starts.
+        let out = b.lease(1, 2, 0, 0).unwrap();
+        finish_epoch(&mut b, 2);
+        let g3 = b.lease(2, 3, 0, 0).unwrap();
+        assert_eq!(b.epochs.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        assert!(b.lease(1, 0, 0, 0).is_none(), "a dropped epoch is never handed out again");
+        assert_eq!(b.dataset_samples(), Some((15, true)));
+        b.complete(1, out.lease_id, 5, &no_bad(), "", None).unwrap();
+        b.complete(2, g3.lease_id, 5, &no_bad(), "", None).unwrap();
+        finish_epoch(&mut b, 3);
+        b.lease(1, 4, 0, 0).unwrap();
+        assert_eq!(b.epochs.keys().copied().collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(b.counts(3).done, 3);
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl Coordinator {
                 }
                 Found::Book(book) => {
                     let book =
-                        book.recovered(cfg.clone(), &job_toml, &shards, 0)
+                        book.recovered(cfg.clone(), &job_toml, shards.clone(), 0)
                             .map_err(|why| {
                                 anyhow::anyhow!(
                                     "the coordinator journal {} belongs to this run, but {why}; \
@@ -219,10 +219,15 @@ impl Coordinator {
             return;
         };
         let lazy = Duration::from_millis(journal::LAZY_WRITE_MS);
+        let gap = Duration::from_millis(journal::WRITE_GAP_MS);
         let mut failing = false;
+        let mut last_start = Instant::now();
         loop {
             let _ = tokio::time::timeout(lazy, self.journal_now.notified()).await;
+            // Each write is the whole book: spacing them groups more changes into one.
+            tokio::time::sleep_until((last_start + gap).into()).await;
             let t0 = Instant::now();
+            last_start = t0;
             let encoded = {
                 let book = self.lock();
                 let changes = book.changes();

@@ -117,7 +117,7 @@ fn history() -> (JobBook, Vec<u64>, Vec<u64>) {
 fn journaled(b: &JobBook) -> JobBook {
     let bytes = serde_json::to_vec(b).expect("encode");
     let back: JobBook = serde_json::from_slice(&bytes).expect("decode");
-    back.recovered(config(), "toml", &urls(9), 0)
+    back.recovered(config(), "toml", urls(9), 0)
         .expect("same job")
 }
 
@@ -277,15 +277,25 @@ fn a_journal_of_another_job_file_or_dataset_is_refused() {
     let bytes = serde_json::to_vec(&b).unwrap();
     let back = |_: ()| serde_json::from_slice::<JobBook>(&bytes).unwrap();
     let e = back(())
-        .recovered(config(), "other toml", &urls(9), 0)
+        .recovered(config(), "other toml", urls(9), 0)
         .err()
         .expect("changed config refused");
     assert!(e.contains("config differs"), "{e}");
     let e = back(())
-        .recovered(config(), "toml", &urls(8), 0)
+        .recovered(config(), "toml", urls(8), 0)
         .err()
         .expect("changed dataset refused");
     assert!(e.contains("lists 8 shards, not the 9"), "{e}");
+    let mut renamed = urls(9);
+    renamed[4].push_str(".old");
+    let e = back(())
+        .recovered(config(), "toml", renamed, 0)
+        .err()
+        .expect("renamed shard refused");
+    assert!(e.contains("9 shards with other names"), "{e}");
+    // The journal holds a digest of the shard list, not the URLs themselves.
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    assert!(!text.contains(&urls(9)[4]), "shard URLs written into the journal");
 }
 
 #[tokio::test]
