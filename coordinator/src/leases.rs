@@ -8,9 +8,9 @@
 //! while stragglers finish the last.
 
 use crate::error::RpcError;
+use contrail_common::auth::hex;
 use contrail_common::shards::{epoch_order, ShardStateSnapshot};
 use contrail_common::status::ShardCounts;
-use contrail_common::auth::hex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -139,7 +139,11 @@ impl ShardBook {
             return Err(format!(
                 "data.url now lists {} shards{}, not the {} the journal was written with",
                 listed.len(),
-                if listed.len() == self.num_urls { " with other names" } else { "" },
+                if listed.len() == self.num_urls {
+                    " with other names"
+                } else {
+                    ""
+                },
                 self.num_urls
             ));
         }
@@ -641,7 +645,10 @@ mod tests {
         finish_epoch(&mut b, 2);
         let g3 = b.lease(2, 3, 0, 0).unwrap();
         assert_eq!(b.epochs.keys().copied().collect::<Vec<_>>(), [2, 3]);
-        assert!(b.lease(1, 0, 0, 0).is_none(), "a dropped epoch is never handed out again");
+        assert!(
+            b.lease(1, 0, 0, 0).is_none(),
+            "a dropped epoch is never handed out again"
+        );
         assert_eq!(b.dataset_samples(), Some((15, true)));
         b.complete(1, out.lease_id, 5, &no_bad(), "", None).unwrap();
         b.complete(2, g3.lease_id, 5, &no_bad(), "", None).unwrap();

@@ -100,15 +100,15 @@ impl Coordinator {
                     tracing::info!(journal = %j.url, "not taking over the journal: {why}; a new run")
                 }
                 Found::Book(book) => {
-                    let book =
-                        book.recovered(cfg.clone(), &job_toml, shards.clone(), 0)
-                            .map_err(|why| {
-                                anyhow::anyhow!(
-                                    "the coordinator journal {} belongs to this run, but {why}; \
+                    let book = book
+                        .recovered(cfg.clone(), &job_toml, shards.clone(), 0)
+                        .map_err(|why| {
+                            anyhow::anyhow!(
+                                "the coordinator journal {} belongs to this run, but {why}; \
                                  restore the job file (or delete the journal to start afresh)",
-                                    j.url
-                                )
-                            })?;
+                                j.url
+                            )
+                        })?;
                     let s = book.status(0);
                     tracing::warn!(
                         journal = %j.url,

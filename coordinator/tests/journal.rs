@@ -295,7 +295,10 @@ fn a_journal_of_another_job_file_or_dataset_is_refused() {
     assert!(e.contains("9 shards with other names"), "{e}");
     // The journal holds a digest of the shard list, not the URLs themselves.
     let text = String::from_utf8(bytes.clone()).unwrap();
-    assert!(!text.contains(&urls(9)[4]), "shard URLs written into the journal");
+    assert!(
+        !text.contains(&urls(9)[4]),
+        "shard URLs written into the journal"
+    );
 }
 
 #[tokio::test]

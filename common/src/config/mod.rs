@@ -21,7 +21,7 @@ pub use cluster::{Backend, ClusterConfig, DeviceSetting, GradDtype};
 pub use data::{AugmentConfig, DataConfig};
 pub use eval::{EvalConfig, KnnMetric};
 pub use model::{
-    BlockKind, EncoderKind, ModelConfig, NormKind, StemKind, TextMode, TextSettings,
+    Activation, BlockKind, EncoderKind, ModelConfig, NormKind, StemKind, TextMode, TextSettings,
     TokenizerSource, VitSettings,
 };
 pub use moe::MoeConfig;
@@ -170,6 +170,14 @@ impl JobConfig {
             ));
         }
         let (m, kind) = (&self.model, self.objective.kind);
+        if m.activation == Activation::QuickGelu
+            && (!self.moe.vit_blocks.is_empty() || !self.moe.text_blocks.is_empty())
+        {
+            return Err(err(
+                "model.activation",
+                "quick_gelu is not built for MoE blocks (their experts use GELU)",
+            ));
+        }
         let vit_layers = (m.encoder == EncoderKind::Vit).then_some(m.vit.layers);
         let text_layers = (kind == ObjectiveKind::Clip).then_some(m.text.layers);
         self.moe.validate(
@@ -435,6 +443,12 @@ mod tests {
             let e = JobConfig::from_toml(&format!("{vit}[moe]\n{moe}\n")).unwrap_err();
             assert_eq!(e.path, path, "{moe}: {e}");
         }
+        let e = JobConfig::from_toml(
+            "[model]\nencoder = \"vit\"\nactivation = \"quick_gelu\"\n[model.vit]\nlayers = 2\n\
+             [moe]\nexperts = 2\nvit_blocks = [0]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("model.activation"), "{e}");
         let e = JobConfig::from_toml("[moe]\nexperts = 2\nvit_blocks = [0]\n").unwrap_err();
         assert_eq!(e.path, "moe.vit_blocks", "a ResNet has no ViT blocks: {e}");
         // A ResNet's projector can be the mixture; without a projector it cannot.

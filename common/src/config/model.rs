@@ -17,6 +17,16 @@ choice! {
 }
 
 choice! {
+    /// The nonlinearity in the MLP of every transformer block (ViT and text towers).
+    pub enum Activation default Gelu {
+        /// GELU: open_clip's and timm's models.
+        Gelu = "gelu",
+        /// x * sigmoid(1.702 x): OpenAI's CLIP weights (open_clip's `-quickgelu` models).
+        QuickGelu = "quick_gelu",
+    }
+}
+
+choice! {
     /// How CLIP's text tower attends and pools.
     pub enum TextMode default Causal {
         /// CLIP: causal attention, the embedding taken at the end token.
@@ -64,6 +74,12 @@ pub struct ModelConfig {
     /// name before training, e.g. torchvision's ResNet-50 or an open_clip checkpoint; "" for
     /// a random start. Ignored when the job resumes from its own checkpoint.
     pub init_weights: String,
+    /// Start from `init_weights` even when a tower it provides variables of lacks some (they
+    /// keep their initialisation; the lists are printed). Off: such a file is refused.
+    pub init_partial: bool,
+    /// The transformer blocks' MLP nonlinearity: "gelu" or "quick_gelu" (weights trained by
+    /// OpenAI's CLIP compute something else under GELU).
+    pub activation: Activation,
     /// First layers of the encoder: "cifar" (3×3 stride-1 conv, no max-pool; for images of
     /// 32 px and below) or "imagenet" (7×7 stride-2 conv + max-pool, as in torchvision).
     pub stem: StemKind,
@@ -192,6 +208,8 @@ impl Default for ModelConfig {
             projector_hidden: 128,
             projector_out: 64,
             init_weights: String::new(),
+            init_partial: false,
+            activation: Activation::Gelu,
             stem: StemKind::Cifar,
         }
     }

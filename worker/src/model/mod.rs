@@ -5,6 +5,7 @@
 //! the optimizer and checkpoints address parameters by those names, and the gradient
 //! all-reduce walks them in name order so every rank packs its buckets identically.
 
+pub mod init_weights;
 pub mod logit_scale;
 pub mod momentum;
 pub mod projector;
@@ -24,6 +25,7 @@ use anyhow::{bail, Context};
 use contrail_common::config::{EncoderKind, ModelConfig, ObjectiveKind};
 use contrail_common::experts::ExpertPlacement;
 use contrail_common::JobConfig;
+use init_weights::{InitPlan, Tower};
 use std::sync::Arc;
 use tch::{nn, Device, Tensor};
 use text::{TextConfig, TextTransformer};
@@ -117,17 +119,6 @@ fn projection_head(
             )?)
         }
     }))
-}
-
-/// What [`ContrastiveModel::load_matching`] did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct LoadReport {
-    /// Model variables set from the file.
-    pub loaded: usize,
-    /// Model variables the file did not have (they keep their initialisation).
-    pub kept: Vec<String>,
-    /// Tensors of the file that are no variable of the model.
-    pub unused: Vec<String>,
 }
 
 /// Prefix of the momentum branch's variables in [`ContrastiveModel::named_variables`].
@@ -246,6 +237,7 @@ impl ContrastiveModel {
                     } else {
                         m.vit.width as i64
                     },
+                    activation: m.activation,
                 };
                 let vit_moe = moe_blocks(&cfg.moe.vit_blocks);
                 let vit = VisionTransformer::with_moe(&image_root, &vit_cfg, vit_moe.as_ref())?;
@@ -287,6 +279,7 @@ impl ContrastiveModel {
                     mlp_ratio: t.mlp_ratio,
                     output_dim: embedding_dim,
                     mode: t.mode,
+                    activation: m.activation,
                     ..TextConfig::clip_b()
                 }
                 .with_tokenizer(tokenizer);
@@ -576,43 +569,61 @@ impl ContrastiveModel {
         vars
     }
 
-    /// Loads the tensors of `named` whose name is a model variable (initial weights from
-    /// another model, e.g. torchvision's `resnet50` or an open_clip checkpoint). Variables the
-    /// file lacks keep their initialisation, and the file's other tensors are ignored; both
-    /// are reported. A name that matches with a different shape is an error, and then nothing
-    /// is changed.
-    pub fn load_matching(&mut self, named: &[(String, Tensor)]) -> anyhow::Result<LoadReport> {
-        let vars = self.all_variables();
-        let mut pairs = Vec::new();
-        let mut report = LoadReport::default();
-        for (name, src) in named {
-            match vars.get(name) {
-                Some(var) if var.size() == src.size() => pairs.push((var, src)),
-                Some(var) => bail!(
-                    "initial weight \"{name}\" has shape {:?}, the model's variable has {:?}",
-                    src.size(),
-                    var.size()
-                ),
-                None => report.unused.push(name.clone()),
-            }
-        }
-        let loaded: std::collections::HashSet<&str> =
-            named.iter().map(|(n, _)| n.as_str()).collect();
-        report.kept = vars
-            .keys()
-            .filter(|n| !loaded.contains(n.as_str()))
-            .cloned()
+    /// Initial weights from another model (torchvision's `resnet50`, an open_clip
+    /// checkpoint, ...): see [`init_weights`] for how names are matched and when a file is
+    /// refused (`partial`: a chosen tower may have gaps). On error nothing is changed. A MoCo
+    /// key encoder starts equal to the loaded query network.
+    pub fn load_initial(
+        &mut self,
+        named: &[(String, Tensor)],
+        partial: bool,
+    ) -> anyhow::Result<InitPlan> {
+        let vars = self.vs.variables();
+        let model: std::collections::HashMap<String, (Vec<i64>, Tower)> = vars
+            .iter()
+            .map(|(n, t)| (n.clone(), (t.size(), self.tower_of(n))))
             .collect();
-        report.kept.sort();
-        report.unused.sort();
-        report.loaded = pairs.len();
+        let file: Vec<(String, Vec<i64>)> =
+            named.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+        let plan = InitPlan::new(&file, &model);
+        if let Some(why) = plan.refusal(partial) {
+            bail!("{why}");
+        }
         tch::no_grad(|| {
-            for (var, src) in pairs {
-                var.shallow_clone()
-                    .copy_(&src.to_device(var.device()).to_kind(var.kind()));
+            for (var, i) in &plan.pairs {
+                let src = &named[*i].1;
+                vars[var]
+                    .shallow_clone()
+                    .copy_(&src.to_device(vars[var].device()).to_kind(vars[var].kind()));
             }
         });
-        Ok(report)
+        if let Some(m) = self.momentum() {
+            let mut query: Vec<(String, Tensor)> = vars.into_iter().collect();
+            query.sort_by(|a, b| a.0.cmp(&b.0));
+            m.copy_from_query(&query)?;
+        }
+        Ok(plan)
+    }
+
+    /// Which tower a variable of the query network belongs to.
+    fn tower_of(&self, name: &str) -> Tower {
+        if matches!(self.parts, ObjectiveParts::Clip(_)) {
+            if name == "logit_scale" || name.starts_with("visual.projector.") {
+                Tower::Head
+            } else if name.starts_with("visual.") {
+                Tower::Image
+            } else {
+                Tower::Text
+            }
+        } else if name.starts_with("projector.")
+            || name.starts_with("prototypes.")
+            // An image-only ViT's own projection (width x width) is ours, not open_clip's.
+            || (matches!(self.encoder, ImageEncoder::Vit(_)) && name == "proj")
+        {
+            Tower::Head
+        } else {
+            Tower::Image
+        }
     }
 
     /// Loads variables by name (e.g. from a checkpoint). Every model variable must be present
@@ -811,43 +822,82 @@ mod tests {
             .all(|(n, _)| !n.starts_with("projector")));
     }
 
-    /// Initial weights from another model: matching names load, the rest is reported.
+    /// Initial weights from another model: the encoder of a torchvision-style file (saved
+    /// under DDP, with a classifier) loads whole; gaps and wrong shapes are refused.
     #[test]
-    fn load_matching_takes_what_fits_and_reports_the_rest() {
+    fn load_initial_takes_a_whole_tower_or_refuses() {
         let c = cfg(NormKind::Batch, StemKind::Cifar);
         tch::manual_seed(1);
         let a = build(&c).unwrap();
         tch::manual_seed(2);
         let mut b = build(&c).unwrap();
-        // The encoder of `a`, as a torchvision state dict would hold it, plus a classifier.
         let mut file: Vec<(String, Tensor)> = a
             .named_variables()
             .into_iter()
             .filter(|(n, _)| !n.starts_with("projector."))
-            .map(|(n, t)| (n, t.copy()))
+            .map(|(n, t)| (format!("module.{n}"), t.copy()))
             .collect();
         file.push((
-            "fc.weight".into(),
+            "module.fc.weight".into(),
             Tensor::zeros([10, 16], (tch::Kind::Float, Device::Cpu)),
         ));
         let projector_before = b.var_store().variables()["projector.0.weight"].copy();
-        let report = b.load_matching(&file).unwrap();
-        assert_eq!(report.loaded, file.len() - 1);
-        assert_eq!(report.unused, vec!["fc.weight".to_string()]);
+
+        // A gap in the tower: refused, nothing changed.
+        let gap: Vec<(String, Tensor)> = file
+            .iter()
+            .filter(|(n, _)| n != "module.conv1.weight")
+            .map(|(n, t)| (n.clone(), t.copy()))
+            .collect();
+        let e = b.load_initial(&gap, false).unwrap_err().to_string();
         assert!(
-            report.kept.iter().all(|n| n.starts_with("projector.")),
-            "{report:?}"
+            e.contains("lacks 1 of their variables: conv1.weight"),
+            "{e}"
         );
-        assert!(!report.kept.is_empty());
+        let unchanged = "layer1.0.conv1.weight";
+        assert!(!b.var_store().variables()[unchanged].equal(&a.var_store().variables()[unchanged]));
+
+        let plan = b.load_initial(&file, false).unwrap();
+        assert_eq!(plan.pairs.len(), file.len() - 1);
+        assert_eq!(plan.towers, [Tower::Image]);
+        assert_eq!(plan.unexpected, ["module.fc.weight"]);
+        assert!(plan.heads_kept.iter().all(|n| n.starts_with("projector.")));
         let vars = b.var_store().variables();
         assert!(vars["conv1.weight"].equal(&a.var_store().variables()["conv1.weight"]));
         assert!(vars["projector.0.weight"].equal(&projector_before));
-        // A shape mismatch is an error and loads nothing.
+
+        // A shape mismatch is an error even for a partial load.
         let mut wrong: Vec<(String, Tensor)> =
             file.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
         wrong[0].1 = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
-        let e = b.load_matching(&wrong).unwrap_err().to_string();
-        assert!(e.contains(&wrong[0].0) && e.contains("shape"), "{e}");
+        let e = b.load_initial(&wrong, true).unwrap_err().to_string();
+        assert!(e.contains("another shape"), "{e}");
+    }
+
+    /// MoCo: the key encoder starts as the loaded query encoder, not the random one.
+    #[test]
+    fn load_initial_copies_into_the_moco_key_encoder() {
+        let mut job = JobConfig {
+            model: cfg(NormKind::Batch, StemKind::Cifar),
+            ..Default::default()
+        };
+        job.objective.kind = ObjectiveKind::Moco;
+        job.objective.moco.queue_size = 8;
+        tch::manual_seed(1);
+        let a = ContrastiveModel::build(&job, Device::Cpu, BuildOptions::default()).unwrap();
+        tch::manual_seed(2);
+        let mut b = ContrastiveModel::build(&job, Device::Cpu, BuildOptions::default()).unwrap();
+        let file: Vec<(String, Tensor)> = a
+            .var_store()
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        b.load_initial(&file, false).unwrap();
+        let named: std::collections::HashMap<String, Tensor> =
+            b.named_variables().into_iter().collect();
+        let key = &named[&format!("{MOMENTUM_PREFIX}conv1.weight")];
+        assert!(key.equal(&a.var_store().variables()["conv1.weight"]));
     }
 
     #[test]

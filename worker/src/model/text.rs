@@ -15,6 +15,7 @@
 use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Transformer};
 use crate::tokenize::Tokenizer;
 use anyhow::ensure;
+use contrail_common::config::Activation;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -38,6 +39,7 @@ pub struct TextConfig {
     pub pad_id: i64,
     /// End-of-text id: the pooling position in causal mode and the end of the valid tokens.
     pub eot_id: i64,
+    pub activation: Activation,
 }
 
 impl TextConfig {
@@ -56,6 +58,7 @@ impl TextConfig {
             mode: TextMode::Causal,
             pad_id: 0,
             eot_id: 49407,
+            activation: Activation::Gelu,
         }
     }
 
@@ -156,7 +159,8 @@ impl TextTransformer {
                 cfg.mlp_ratio,
                 BlockInit::open_clip_text(width, cfg.layers),
                 moe,
-            )?,
+            )?
+            .with_activation(cfg.activation),
             ln_final: layer_norm(p / "ln_final", width),
             text_projection: p.var(
                 "text_projection",
@@ -265,6 +269,7 @@ mod tests {
             mode,
             pad_id: 0,
             eot_id: 2,
+            activation: Activation::Gelu,
         }
     }
 

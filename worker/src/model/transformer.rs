@@ -8,6 +8,7 @@
 
 use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime};
 use crate::nn::torch_default_uniform;
+use contrail_common::config::Activation;
 use std::sync::Arc;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -100,6 +101,8 @@ pub struct ResidualAttentionBlock {
     ln_2: nn::LayerNorm,
     ffn: FeedForward,
     heads: i64,
+    /// Of the dense MLP (an MoE block's experts use GELU; the config refuses QuickGELU there).
+    activation: Activation,
 }
 
 impl ResidualAttentionBlock {
@@ -204,6 +207,7 @@ impl ResidualAttentionBlock {
             ln_2,
             ffn,
             heads,
+            activation: Activation::Gelu,
         })
     }
 
@@ -212,7 +216,7 @@ impl ResidualAttentionBlock {
         let x = x + self.attention(&x.apply(&self.ln_1), mask);
         match &self.ffn {
             FeedForward::Dense { c_fc, c_proj } => {
-                let h = x.apply(&self.ln_2).apply(c_fc).gelu("none");
+                let h = activate(&x.apply(&self.ln_2).apply(c_fc), self.activation);
                 &x + h.apply(c_proj)
             }
             FeedForward::Moe(moe) => moe.forward_residual(&x, &self.ln_2),
@@ -292,6 +296,14 @@ impl Transformer {
         Ok(Self { resblocks, width })
     }
 
+    /// The same tower with `activation` in every dense MLP.
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        for block in &mut self.resblocks {
+            block.activation = activation;
+        }
+        self
+    }
+
     /// [`ResidualAttentionBlock::moe_idle_pass`] of every block, in order.
     pub fn moe_idle_pass(&self, device: tch::Device) {
         for block in &self.resblocks {
@@ -313,6 +325,14 @@ impl Transformer {
 
     pub fn layers(&self) -> usize {
         self.resblocks.len()
+    }
+}
+
+fn activate(h: &Tensor, activation: Activation) -> Tensor {
+    match activation {
+        Activation::Gelu => h.gelu("none"),
+        // open_clip's QuickGELU.
+        Activation::QuickGelu => h * (h * 1.702).sigmoid(),
     }
 }
 

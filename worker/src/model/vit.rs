@@ -9,6 +9,7 @@
 use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Transformer};
 use crate::nn::torch_default_uniform;
 use anyhow::{bail, ensure};
+use contrail_common::config::Activation;
 use tch::nn::{self, Init};
 use tch::Tensor;
 
@@ -24,6 +25,7 @@ pub struct VitConfig {
     pub mlp_ratio: f64,
     /// Size of the joint image–text embedding (`embed_dim` in open_clip configs).
     pub output_dim: i64,
+    pub activation: Activation,
 }
 
 impl VitConfig {
@@ -56,6 +58,7 @@ impl VitConfig {
             heads: 12,
             mlp_ratio: 4.0,
             output_dim: 512,
+            activation: Activation::Gelu,
         }
     }
 
@@ -68,6 +71,7 @@ impl VitConfig {
             heads: 6,
             mlp_ratio: 4.0,
             output_dim: 384,
+            activation: Activation::Gelu,
         }
     }
 
@@ -90,6 +94,7 @@ impl VitConfig {
             heads,
             mlp_ratio,
             output_dim,
+            ..
         } = *self;
         ensure!(
             image_size > 0 && patch_size > 0 && width > 0 && layers > 0 && heads > 0,
@@ -174,7 +179,8 @@ impl VisionTransformer {
                 mlp_ratio,
                 BlockInit::TorchDefault,
                 moe,
-            )?,
+            )?
+            .with_activation(cfg.activation),
             ln_post: layer_norm(p / "ln_post", width),
             proj: p.var("proj", &[width, output_dim], normal),
             cfg: cfg.clone(),
@@ -237,6 +243,7 @@ mod tests {
             heads: 4,
             mlp_ratio: 4.0,
             output_dim: 8,
+            activation: Activation::Gelu,
         }
     }
 

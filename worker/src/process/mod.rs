@@ -19,6 +19,7 @@ pub use coordinated::heartbeat_loop;
 use crate::dist::regroup::Regroupable;
 use crate::dist::tcp::{TcpCollective, Topology};
 use crate::dist::Collective;
+use crate::model::init_weights::listing;
 use crate::model::{BuildOptions, ContrastiveModel};
 use crate::objective::build_objective;
 use crate::optim;
@@ -215,18 +216,31 @@ fn train_rank(
             .with_context(|| format!("reading model.init_weights {url}"))?;
         let tensors = safetensors_to_tensors(&bytes)
             .with_context(|| format!("model.init_weights {url} is not a safetensors file"))?;
-        let report = model
-            .load_matching(&tensors)
+        let plan = model
+            .load_initial(&tensors, cfg.model.init_partial)
             .with_context(|| format!("loading model.init_weights {url}"))?;
         if asg.rank == 0 {
             println!(
-                "initial weights from {url}: {} tensors loaded; {} model tensors kept their \
-                 initialisation{}; {} tensors of the file unused{}",
-                report.loaded,
-                report.kept.len(),
-                preview(&report.kept),
-                report.unused.len(),
-                preview(&report.unused)
+                "initial weights from {url}: {} tensors loaded into {}{}",
+                plan.pairs.len(),
+                plan.destination(),
+                plan.mapping_note()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default()
+            );
+            if !plan.missing.is_empty() {
+                println!(
+                    "  missing (model.init_partial: kept their initialisation): {}",
+                    listing(&plan.missing)
+                );
+            }
+            println!(
+                "  heads kept their initialisation: {}",
+                listing(&plan.heads_kept)
+            );
+            println!(
+                "  tensors of the file that match no variable: {}",
+                listing(&plan.unexpected)
             );
         }
     }
@@ -573,15 +587,6 @@ pub fn caption_tokens(
 fn fetch_bytes(rt: &tokio::runtime::Runtime, url: &str, s3_endpoint: &str) -> Result<bytes::Bytes> {
     let loc = contrail_common::storage::resolve(url, s3_endpoint)?;
     Ok(rt.block_on(async { loc.store.get(&loc.path).await?.bytes().await })?)
-}
-
-/// " (a, b, c, ...)" for a log line, or "" for an empty list.
-fn preview(names: &[String]) -> String {
-    match names.len() {
-        0 => String::new(),
-        n if n <= 3 => format!(" ({})", names.join(", ")),
-        n => format!(" ({}, ... {} more)", names[..3].join(", "), n - 3),
-    }
 }
 
 /// How steps sum gradients across ranks, as `cluster.overlap`, `cluster.bucket_mb` and

@@ -7,6 +7,7 @@
 //! is the largest id of every row, so open_clip's argmax pooling and contrail's first-EOT
 //! pooling pick the same position (checked below).
 
+use contrail_common::config::Activation;
 use contrail_worker::model::text::{TextConfig, TextMode, TextTransformer};
 use contrail_worker::model::vit::{VisionTransformer, VitConfig};
 use std::collections::BTreeMap;
@@ -63,6 +64,7 @@ impl Fixture {
             heads: width / self.size("vision_head_width"),
             mlp_ratio: 4.0,
             output_dim: self.size("embed_dim"),
+            activation: Activation::Gelu,
         }
     }
 
@@ -78,6 +80,7 @@ impl Fixture {
             mode,
             pad_id: self.size("pad_id"),
             eot_id: self.size("eot_id"),
+            activation: Activation::Gelu,
         }
     }
 }
@@ -90,9 +93,21 @@ struct Towers {
 }
 
 fn build(f: &Fixture, mode: TextMode, device: Device) -> Towers {
+    build_with(f, mode, device, Activation::Gelu)
+}
+
+fn build_with(f: &Fixture, mode: TextMode, device: Device, activation: Activation) -> Towers {
     let vs = nn::VarStore::new(device);
-    let vit = VisionTransformer::new(&(vs.root() / "visual"), &f.vit_config()).unwrap();
-    let text = TextTransformer::new(&vs.root(), &f.text_config(mode)).unwrap();
+    let vit_cfg = VitConfig {
+        activation,
+        ..f.vit_config()
+    };
+    let text_cfg = TextConfig {
+        activation,
+        ..f.text_config(mode)
+    };
+    let vit = VisionTransformer::new(&(vs.root() / "visual"), &vit_cfg).unwrap();
+    let text = TextTransformer::new(&vs.root(), &text_cfg).unwrap();
     Towers { vs, vit, text }
 }
 
@@ -102,7 +117,10 @@ fn load(f: &Fixture, mode: TextMode) -> Towers {
 }
 
 fn load_on(f: &Fixture, mode: TextMode, device: Device) -> Towers {
-    let towers = build(f, mode, device);
+    fill(f, build(f, mode, device))
+}
+
+fn fill(f: &Fixture, towers: Towers) -> Towers {
     tch::no_grad(|| {
         for (name, var) in towers.vs.variables() {
             let src = f
@@ -114,6 +132,23 @@ fn load_on(f: &Fixture, mode: TextMode, device: Device) -> Towers {
         }
     });
     towers
+}
+
+/// `model.activation = "quick_gelu"`: both towers against open_clip's `CLIP(quick_gelu=True)`
+/// with the same weights (what OpenAI-trained checkpoints need).
+#[test]
+fn quick_gelu_towers_equal_open_clip_quickgelu() {
+    let f = Fixture::load();
+    let t = fill(
+        &f,
+        build_with(&f, TextMode::Causal, Device::Cpu, Activation::QuickGelu),
+    );
+    let (img, txt) =
+        tch::no_grad(|| (t.vit.forward(f.get("image")), t.text.forward(f.get("text"))));
+    assert_close("quickgelu image", &img, f.get("quickgelu.image_features"));
+    assert_close("quickgelu text", &txt, f.get("quickgelu.text_features"));
+    // GELU on the same weights is measurably off: the setting matters.
+    assert!(max_diff(&img, f.get("image_features")) > 100.0 * TOLERANCE);
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
