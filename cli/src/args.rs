@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run a coordinator and N worker processes on this machine (writes the synthetic dataset
-    /// first if the configured data URL holds no shards).
+    /// first if the configured data URL is a local folder holding no shards).
     Local {
         /// Single-rank workers to start (sets cluster.world_size); the same as `--nodes N
         /// --local-ranks 1`.

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use contrail_common::auth::{JobToken, TOKEN_ENV};
 use contrail_common::config::Backend;
 use contrail_common::status::{render_status_text, JobState, StatusReport};
-use contrail_common::storage::list_shards;
+use contrail_common::storage::{is_object_storage, list_shards};
 use contrail_common::JobConfig;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -359,6 +359,13 @@ fn synth_if_empty(
     }
     if samples == 0 {
         bail!(missing());
+    }
+    if is_object_storage(url)? {
+        bail!(
+            "no shards at {url}: contrail local writes its synthetic data only to a local folder \
+             or memory://, never into object storage; import a dataset there first (`contrail \
+             data import`), or point the URL at a local folder for synthetic data"
+        );
     }
     let shard_size = cfg.data.synth_shard_size;
     println!("no shards at {url}: writing {what} ({samples} samples, {shard_size} per shard)");

@@ -54,6 +54,14 @@ pub fn normalize_url(raw: &str) -> Result<String> {
     Ok(format!("file://{}", clean.display()))
 }
 
+/// Whether `raw` names object storage (S3, GCS, Azure), not a local folder or the in-memory
+/// store: what `contrail local` must never fill with synthetic data.
+pub fn is_object_storage(raw: &str) -> Result<bool> {
+    let url_str = normalize_url(raw)?;
+    let url = Url::parse(&url_str).with_context(|| format!("parsing storage URL {url_str:?}"))?;
+    Ok(!matches!(url.scheme(), "file" | "memory"))
+}
+
 /// Resolves a URL to its store. `s3_endpoint` (may be empty) overrides the S3 endpoint.
 pub fn resolve(raw: &str, s3_endpoint: &str) -> Result<StoreLocation> {
     let url_str = normalize_url(raw)?;
@@ -238,6 +246,16 @@ mod tests {
 
     #[tokio::test]
     async fn memory_prefix_lists_only_tars_sorted() {
+        for (url, remote) in [
+            ("s3://bucket/data", true),
+            ("gs://bucket/data", true),
+            ("az://container/data", true),
+            ("file:///tmp/data", false),
+            ("/tmp/data", false),
+            ("memory://t/data", false),
+        ] {
+            assert_eq!(is_object_storage(url).unwrap(), remote, "{url}");
+        }
         let loc = resolve("memory://listing-test/a/b.tar", "").unwrap();
         loc.store
             .put(&loc.path, PutPayload::from_static(b"x"))
