@@ -170,6 +170,13 @@ impl JobConfig {
             ));
         }
         let (m, kind) = (&self.model, self.objective.kind);
+        if self.optim.grad_clip_norm > 0.0 && self.moe.enabled() {
+            return Err(err(
+                "optim.grad_clip_norm",
+                "is not built for MoE jobs: expert gradients differ between ranks, so each \
+                 rank would clip by another norm",
+            ));
+        }
         if m.activation == Activation::QuickGelu
             && (!self.moe.vit_blocks.is_empty() || !self.moe.text_blocks.is_empty())
         {
@@ -449,6 +456,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("model.activation"), "{e}");
+        for (toml, path) in [
+            ("[optim]\ngrad_clip_norm = -1.0\n", "optim.grad_clip_norm"),
+            (
+                "[model]\nencoder = \"vit\"\n[model.vit]\nlayers = 2\n[optim]\ngrad_clip_norm = 1.0\n\
+                 [moe]\nexperts = 2\nvit_blocks = [0]\n",
+                "optim.grad_clip_norm",
+            ),
+        ] {
+            let e = JobConfig::from_toml(toml).unwrap_err();
+            assert_eq!(e.path, path, "{toml}: {e}");
+        }
+        let ok = JobConfig::from_toml("[optim]\ngrad_clip_norm = 1.0\n").unwrap();
+        assert_eq!(ok.optim.grad_clip_norm, 1.0);
         let e = JobConfig::from_toml("[moe]\nexperts = 2\nvit_blocks = [0]\n").unwrap_err();
         assert_eq!(e.path, "moe.vit_blocks", "a ResNet has no ViT blocks: {e}");
         // A ResNet's projector can be the mixture; without a projector it cannot.

@@ -33,6 +33,9 @@ pub struct OptimConfig {
     pub lr_scaling: LrScaling,
     /// lars, adamw: no weight decay on 1-D parameters (biases, norm scales and shifts).
     pub exclude_1d_from_decay: bool,
+    /// Before each step, scale the summed gradients down so their joint L2 norm is at most
+    /// this (`torch.nn.utils.clip_grad_norm_`); 0 = no clipping.
+    pub grad_clip_norm: f64,
     /// Used with `kind = "lars"`.
     pub lars: LarsSettings,
     /// Used with `kind = "adamw"`.
@@ -107,6 +110,7 @@ impl Default for OptimConfig {
             warmup_steps: 10,
             lr_scaling: LrScaling::None,
             exclude_1d_from_decay: true,
+            grad_clip_norm: 0.0,
             lars: LarsSettings::default(),
             adamw: AdamWSettings::default(),
         }
@@ -127,6 +131,12 @@ impl OptimConfig {
         }
         if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
             return Err(err("optim.weight_decay", "must not be negative"));
+        }
+        if !o.grad_clip_norm.is_finite() || o.grad_clip_norm < 0.0 {
+            return Err(err(
+                "optim.grad_clip_norm",
+                "must be a finite number, 0 (off) or positive",
+            ));
         }
         if o.lars.eta.is_nan() || o.lars.eta <= 0.0 {
             return Err(err("optim.lars.eta", "must be positive"));

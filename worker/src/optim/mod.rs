@@ -5,6 +5,7 @@
 //! store it next to the model variables in one safetensors file.
 
 pub mod adamw;
+pub mod clip;
 pub mod flat;
 pub mod lars;
 pub mod scaling;
@@ -17,6 +18,7 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 pub use adamw::{AdamW, AdamWOptions};
+pub use clip::GradClip;
 pub use lars::{Lars, LarsOptions};
 pub use scaling::scaled_peak_lr;
 pub use schedule::lr_at;
@@ -46,11 +48,20 @@ pub trait Optimizer: Send {
 }
 
 /// The optimizer named by `optim.kind` over `params` (a model's `named_parameters()`).
+/// With `optim.grad_clip_norm` set, its steps clip the gradients first.
 pub fn build(cfg: &OptimConfig, params: Vec<(String, Tensor)>) -> Box<dyn Optimizer> {
-    match cfg.kind {
+    let clipped: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, p)| (n.clone(), p.shallow_clone()))
+        .collect();
+    let inner: Box<dyn Optimizer> = match cfg.kind {
         OptimKind::Sgd => Box::new(Sgd::new(params, cfg.momentum, cfg.weight_decay)),
         OptimKind::Lars => Box::new(Lars::new(params, LarsOptions::from_config(cfg))),
         OptimKind::Adamw => Box::new(AdamW::new(params, AdamWOptions::from_config(cfg))),
+    };
+    match cfg.grad_clip_norm > 0.0 {
+        true => Box::new(GradClip::new(inner, clipped, cfg.grad_clip_norm)),
+        false => inner,
     }
 }
 

@@ -5,7 +5,7 @@
 
 use contrail_test_support as support;
 
-use contrail_worker::optim::{AdamW, AdamWOptions, Lars, LarsOptions, Optimizer};
+use contrail_worker::optim::{AdamW, AdamWOptions, GradClip, Lars, LarsOptions, Optimizer};
 use serde_json::Value;
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
@@ -136,6 +136,12 @@ fn make_adamw(params: Vec<(String, Tensor)>, case: &Value) -> Box<dyn Optimizer>
     Box::new(AdamW::new(params, adamw_options(case)))
 }
 
+/// AdamW behind `optim.grad_clip_norm`, built the way jobs build it.
+fn make_adamw_clipped(params: Vec<(String, Tensor)>, case: &Value) -> Box<dyn Optimizer> {
+    let inner = make_adamw(shallow(&params), case);
+    Box::new(GradClip::new(inner, params, num(case, "grad_clip_norm")))
+}
+
 fn shallow(params: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
     params
         .iter()
@@ -205,6 +211,13 @@ fn adamw_matches_torch() {
 #[test]
 fn adamw_with_1d_params_excluded_matches_torch() {
     run_case("adamw_excl", make_adamw);
+}
+
+/// The fixture's gradient norms straddle the limit (0.27, 0.35, 0.43 against 0.3): step 0
+/// shows the clip leaves small gradients alone, steps 1 and 2 that it scales large ones.
+#[test]
+fn adamw_with_grad_norm_clipping_matches_torch() {
+    run_case("adamw_gradclip", make_adamw_clipped);
 }
 
 #[test]
