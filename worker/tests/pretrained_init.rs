@@ -14,7 +14,7 @@
 
 use contrail_common::config::{
     Activation, BlockKind, EncoderKind, NormKind, ObjectiveKind, StemKind, TextMode, TextSettings,
-    VitSettings,
+    VitSettings, VitStyle,
 };
 use contrail_common::JobConfig;
 use contrail_worker::model::init_weights::Tower;
@@ -93,6 +93,7 @@ fn clip_b_32(activation: Activation) -> JobConfig {
         layers: 12,
         heads: 12,
         mlp_ratio: 4.0,
+        style: VitStyle::OpenClip,
     };
     job.model.text = TextSettings {
         context_length: 77,
@@ -116,6 +117,22 @@ fn resnet50() -> JobConfig {
     job.model.width = 64;
     job.model.stem = StemKind::Imagenet;
     job.model.norm = NormKind::Batch;
+    job
+}
+
+/// A SimCLR ViT-S/16 in timm's layout.
+fn timm_vit_s_16() -> JobConfig {
+    let mut job = JobConfig::default();
+    job.data.image_size = 224;
+    job.model.encoder = EncoderKind::Vit;
+    job.model.vit = VitSettings {
+        patch_size: 16,
+        width: 384,
+        layers: 12,
+        heads: 6,
+        mlp_ratio: 4.0,
+        style: VitStyle::Timm,
+    };
     job
 }
 
@@ -231,6 +248,29 @@ fn reference_models_load_and_compute_the_same() {
         &resnet.encode_views(&pixels(image), 224),
         &io["resnet50.features"],
     );
+
+    // timm vit_small_patch16_224 into a SimCLR ViT in timm's layout: names translated, the
+    // classifier matches nothing, proj becomes the identity, so the encoder's features are
+    // timm's pre-logits features.
+    let file = read(&dir.join("timm_vit_small_patch16_224.safetensors"));
+    let mut vit = build(&timm_vit_s_16());
+    let plan = vit.load_initial(&file, false).unwrap();
+    assert!(plan.from_timm && plan.proj_identity, "{plan:?}");
+    assert_eq!(plan.unexpected, ["head.bias", "head.weight"]);
+    assert_eq!(plan.pairs.len(), file.len() - 2);
+    assert_close(
+        "timm vit_small_patch16_224 features",
+        &vit.encode_views(&pixels(image), 224),
+        &io["timm_vit_s_16.features"],
+    );
+    // The same file into open_clip's layout: conv1.bias has no place, ln_pre is missing.
+    let mut open_clip_style = timm_vit_s_16();
+    open_clip_style.model.vit.style = VitStyle::OpenClip;
+    let e = build(&open_clip_style)
+        .load_initial(&file, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("conv1.bias") || e.contains("ln_pre"), "{e}");
 
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,7 +22,7 @@ pub use data::{AugmentConfig, DataConfig};
 pub use eval::{EvalConfig, KnnMetric};
 pub use model::{
     Activation, BlockKind, EncoderKind, ModelConfig, NormKind, StemKind, TextMode, TextSettings,
-    TokenizerSource, VitSettings,
+    TokenizerSource, VitSettings, VitStyle,
 };
 pub use moe::MoeConfig;
 pub use objective::{MocoSettings, ObjectiveConfig, ObjectiveKind, SwavSettings};

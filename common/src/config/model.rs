@@ -27,6 +27,19 @@ choice! {
 }
 
 choice! {
+    /// Which library's ViT the `[model.vit]` tower is built as (the names stay open_clip's;
+    /// timm's are translated when weights load).
+    pub enum VitStyle default OpenClip {
+        /// open_clip's `VisionTransformer`: patch convolution without bias, `ln_pre`,
+        /// LayerNorm epsilon 1e-5.
+        OpenClip = "open_clip",
+        /// timm's `VisionTransformer` (e.g. `vit_small_patch16_224`): patch convolution with
+        /// bias, no `ln_pre`, LayerNorm epsilon 1e-6.
+        Timm = "timm",
+    }
+}
+
+choice! {
     /// How CLIP's text tower attends and pools.
     pub enum TextMode default Causal {
         /// CLIP: causal attention, the embedding taken at the end token.
@@ -96,6 +109,8 @@ pub struct VitSettings {
     pub heads: u32,
     /// Hidden width of each MLP block ÷ `width`.
     pub mlp_ratio: f64,
+    /// "open_clip" or "timm": whose layout the tower has (for `model.init_weights`).
+    pub style: VitStyle,
 }
 
 impl Default for VitSettings {
@@ -107,6 +122,7 @@ impl Default for VitSettings {
             layers: 12,
             heads: 12,
             mlp_ratio: 4.0,
+            style: VitStyle::OpenClip,
         }
     }
 }

@@ -12,9 +12,66 @@
 //! from DDP, `model.`, open_clip's `visual.` when only the image tower is wanted), so the
 //! names are matched under the one prefix mapping that matches most of them.
 //!
-//! PyTorch's `.pt`/`.bin` files are pickles and are not read here; safetensors only.
+//! timm's ViT names (`patch_embed.proj.weight`, `blocks.N.attn.qkv.weight`, ...) are translated
+//! to contrail's (open_clip's) first, see [`translate_timm`]; the model must then be built with
+//! `model.vit.style = "timm"`.
+//!
+//! PyTorch's `.pt`/`.bin` files are pickles and are not read here; safetensors only
+//! (scripts/to_safetensors.py converts them).
 
 use std::collections::HashMap;
+use tch::Tensor;
+
+/// Where a timm ViT's tensors go in contrail's ViT, by name after the block index.
+const TIMM_BLOCK: &[(&str, &str)] = &[
+    ("norm1.", "ln_1."),
+    ("attn.qkv.weight", "attn.in_proj_weight"),
+    ("attn.qkv.bias", "attn.in_proj_bias"),
+    ("attn.proj.", "attn.out_proj."),
+    ("norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+];
+
+/// A file holding a timm `VisionTransformer` (found by its `patch_embed.proj.weight`, under
+/// any prefix) with its tensors renamed to contrail's ViT names under the same prefix: the
+/// class token and positional embedding lose their leading 1-dimensions, `norm` becomes
+/// `ln_post`, the blocks' names become `transformer.resblocks.N.*`; other tensors (the
+/// classifier `head.*`) keep their names. None when the file is not timm's.
+pub fn translate_timm(named: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)>> {
+    let prefix = named
+        .iter()
+        .find_map(|(n, _)| n.strip_suffix("patch_embed.proj.weight"))?
+        .to_string();
+    let rename = |name: &str| -> Option<String> {
+        let rest = name.strip_prefix(prefix.as_str())?;
+        let ours = match rest {
+            "cls_token" => "class_embedding".to_string(),
+            "pos_embed" => "positional_embedding".to_string(),
+            "patch_embed.proj.weight" => "conv1.weight".to_string(),
+            "patch_embed.proj.bias" => "conv1.bias".to_string(),
+            "norm.weight" => "ln_post.weight".to_string(),
+            "norm.bias" => "ln_post.bias".to_string(),
+            _ => {
+                let (index, tail) = rest.strip_prefix("blocks.")?.split_once('.')?;
+                let (from, to) = TIMM_BLOCK.iter().find(|(from, _)| tail.starts_with(from))?;
+                format!("transformer.resblocks.{index}.{to}{}", &tail[from.len()..])
+            }
+        };
+        Some(format!("{prefix}{ours}"))
+    };
+    Some(
+        named
+            .iter()
+            .map(|(name, t)| match rename(name) {
+                Some(ours) if name.ends_with("cls_token") => (ours, t.reshape([-1])),
+                Some(ours) if name.ends_with("pos_embed") => (ours, t.squeeze_dim(0)),
+                Some(ours) => (ours, t.shallow_clone()),
+                None => (name.clone(), t.shallow_clone()),
+            })
+            .collect(),
+    )
+}
 
 /// Which part of the model a variable belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,6 +123,11 @@ pub struct InitPlan {
     pub heads_kept: Vec<String>,
     /// Tensors of the file that are no variable of the model (under the mapping).
     pub unexpected: Vec<String>,
+    /// The file's names were timm's and were translated ([`translate_timm`]).
+    pub from_timm: bool,
+    /// An image-only ViT's `proj` was set to the identity because the file has none of its
+    /// shape: the embedding is then the pretrained tower's own class-token feature.
+    pub proj_identity: bool,
     /// Those of `unexpected` that sit inside a module of a chosen tower (the file's model is
     /// deeper or laid out otherwise); BatchNorm's `num_batches_tracked` counters are not.
     pub stray: Vec<String>,
@@ -234,12 +296,22 @@ impl InitPlan {
     /// The mapping in words, or None for the identity.
     pub fn mapping_note(&self) -> Option<String> {
         let (removed, added) = (&self.mapping.0, &self.mapping.1);
-        match (removed.is_empty(), added.is_empty()) {
-            (true, true) => None,
-            (false, true) => Some(format!("names without their \"{removed}\" prefix")),
-            (true, false) => Some(format!("names with \"{added}\" put in front")),
-            (false, false) => Some(format!("names with \"{removed}\" replaced by \"{added}\"")),
+        let mut notes = Vec::new();
+        if self.from_timm {
+            notes.push("timm's ViT names translated".to_string());
         }
+        match (removed.is_empty(), added.is_empty()) {
+            (true, true) => {}
+            (false, true) => notes.push(format!("names without their \"{removed}\" prefix")),
+            (true, false) => notes.push(format!("names with \"{added}\" put in front")),
+            (false, false) => {
+                notes.push(format!("names with \"{removed}\" replaced by \"{added}\""))
+            }
+        }
+        if self.proj_identity {
+            notes.push("the ViT's proj set to the identity".to_string());
+        }
+        (!notes.is_empty()).then(|| notes.join("; "))
     }
 }
 
@@ -393,6 +465,51 @@ mod tests {
         assert!(
             why.contains("visual.conv1.weight: file [16, 3, 4, 4], model [8, 3, 4, 4]"),
             "{why}"
+        );
+    }
+
+    #[test]
+    fn timm_names_become_contrails_under_their_prefix() {
+        let t = |shape: &[i64]| Tensor::zeros(shape, (tch::Kind::Float, tch::Device::Cpu));
+        let file = vec![
+            ("module.cls_token".to_string(), t(&[1, 1, 8])),
+            ("module.pos_embed".to_string(), t(&[1, 5, 8])),
+            (
+                "module.patch_embed.proj.weight".to_string(),
+                t(&[8, 3, 2, 2]),
+            ),
+            ("module.blocks.11.attn.qkv.bias".to_string(), t(&[24])),
+            ("module.blocks.0.mlp.fc2.weight".to_string(), t(&[8, 32])),
+            ("module.norm.bias".to_string(), t(&[8])),
+            ("module.head.weight".to_string(), t(&[10, 8])),
+        ];
+        let out: Vec<(String, Vec<i64>)> = translate_timm(&file)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.size()))
+            .collect();
+        let want: Vec<(String, Vec<i64>)> = [
+            ("module.class_embedding", vec![8]),
+            ("module.positional_embedding", vec![5, 8]),
+            ("module.conv1.weight", vec![8, 3, 2, 2]),
+            (
+                "module.transformer.resblocks.11.attn.in_proj_bias",
+                vec![24],
+            ),
+            (
+                "module.transformer.resblocks.0.mlp.c_proj.weight",
+                vec![8, 32],
+            ),
+            ("module.ln_post.bias", vec![8]),
+            ("module.head.weight", vec![10, 8]),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .collect();
+        assert_eq!(out, want);
+        assert!(
+            translate_timm(&file[..1]).is_none(),
+            "no patch_embed: not timm's"
         );
     }
 

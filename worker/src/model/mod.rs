@@ -127,8 +127,8 @@ pub const MOMENTUM_PREFIX: &str = "momentum.";
 /// The image encoder: a ResNet (torchvision names) or a ViT (open_clip names).
 #[derive(Debug)]
 pub enum ImageEncoder {
-    ResNet(ResNet),
-    Vit(VisionTransformer),
+    ResNet(Box<ResNet>),
+    Vit(Box<VisionTransformer>),
 }
 
 impl ImageEncoder {
@@ -238,6 +238,7 @@ impl ContrastiveModel {
                         m.vit.width as i64
                     },
                     activation: m.activation,
+                    style: m.vit.style,
                 };
                 let vit_moe = moe_blocks(&cfg.moe.vit_blocks);
                 let vit = VisionTransformer::with_moe(&image_root, &vit_cfg, vit_moe.as_ref())?;
@@ -246,12 +247,12 @@ impl ContrastiveModel {
                 } else {
                     None
                 };
-                (ImageEncoder::Vit(vit), projector)
+                (ImageEncoder::Vit(Box::new(vit)), projector)
             }
             EncoderKind::Resnet => {
                 let resnet = resnet(&image_root, m);
                 let projector = projection_head(&image_root, resnet.out_dim(), m, head_moe)?;
-                (ImageEncoder::ResNet(resnet), projector)
+                (ImageEncoder::ResNet(Box::new(resnet)), projector)
             }
         };
         let embedding_dim = match (&projector, &encoder) {
@@ -572,12 +573,16 @@ impl ContrastiveModel {
     /// Initial weights from another model (torchvision's `resnet50`, an open_clip
     /// checkpoint, ...): see [`init_weights`] for how names are matched and when a file is
     /// refused (`partial`: a chosen tower may have gaps). On error nothing is changed. A MoCo
-    /// key encoder starts equal to the loaded query network.
+    /// key encoder starts equal to the loaded query network. An image-only ViT whose `proj`
+    /// the file cannot fill (timm's ViTs and open_clip's image towers have none of its shape)
+    /// gets the identity there, so its features are the pretrained tower's.
     pub fn load_initial(
         &mut self,
         named: &[(String, Tensor)],
         partial: bool,
     ) -> anyhow::Result<InitPlan> {
+        let timm = init_weights::translate_timm(named);
+        let named = timm.as_deref().unwrap_or(named);
         let vars = self.vs.variables();
         let model: std::collections::HashMap<String, (Vec<i64>, Tower)> = vars
             .iter()
@@ -585,16 +590,30 @@ impl ContrastiveModel {
             .collect();
         let file: Vec<(String, Vec<i64>)> =
             named.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-        let plan = InitPlan::new(&file, &model);
+        let mut plan = InitPlan::new(&file, &model);
+        plan.from_timm = timm.is_some();
         if let Some(why) = plan.refusal(partial) {
             bail!("{why}");
         }
+        plan.proj_identity = matches!(self.encoder, ImageEncoder::Vit(_))
+            && self.tower_of("proj") == Tower::Head
+            && plan.towers.contains(&Tower::Image)
+            && plan
+                .heads_kept
+                .iter()
+                .any(|h| h == "proj" || h.starts_with("proj: "));
         tch::no_grad(|| {
             for (var, i) in &plan.pairs {
                 let src = &named[*i].1;
                 vars[var]
                     .shallow_clone()
                     .copy_(&src.to_device(vars[var].device()).to_kind(vars[var].kind()));
+            }
+            if plan.proj_identity {
+                let proj = &vars["proj"];
+                let (d, k) = (proj.size()[0], proj.kind());
+                proj.shallow_clone()
+                    .copy_(&Tensor::eye(d, (k, proj.device())));
             }
         });
         if let Some(m) = self.momentum() {

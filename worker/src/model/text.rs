@@ -12,7 +12,7 @@
 //! counterpart for the CLIP tower: keys after the end position are masked (open_clip's
 //! `use_pad_mask`) and the output is the mean over positions up to and including it.
 
-use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Transformer};
+use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Norm, Transformer};
 use crate::tokenize::Tokenizer;
 use anyhow::ensure;
 use contrail_common::config::Activation;
@@ -116,7 +116,7 @@ pub struct TextTransformer {
     token_embedding: nn::Embedding,
     positional_embedding: Tensor,
     transformer: Transformer,
-    ln_final: nn::LayerNorm,
+    ln_final: Norm,
     text_projection: Tensor,
     cfg: TextConfig,
 }

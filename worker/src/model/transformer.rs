@@ -14,8 +14,38 @@ use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 /// LayerNorm as in open_clip (eps 1e-5, affine): `weight` and `bias` under `p`.
-pub(crate) fn layer_norm(p: nn::Path, width: i64) -> nn::LayerNorm {
-    nn::layer_norm(p, vec![width], Default::default())
+/// A LayerNorm whose epsilon is set after it is built (open_clip's towers use 1e-5, timm's
+/// ViTs 1e-6); tch keeps its own LayerNorm's epsilon private.
+#[derive(Debug)]
+pub(crate) struct Norm {
+    ln: nn::LayerNorm,
+    eps: f64,
+}
+
+impl nn::Module for Norm {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.layer_norm(
+            &self.ln.normalized_shape,
+            self.ln.ws.as_ref(),
+            self.ln.bs.as_ref(),
+            self.eps,
+            true,
+        )
+    }
+}
+
+impl Norm {
+    pub(crate) fn set_eps(&mut self, eps: f64) {
+        self.eps = eps;
+    }
+}
+
+/// PyTorch's `nn.LayerNorm(width)` (epsilon 1e-5).
+pub(crate) fn layer_norm(p: nn::Path, width: i64) -> Norm {
+    Norm {
+        ln: nn::layer_norm(p, vec![width], Default::default()),
+        eps: 1e-5,
+    }
 }
 
 fn linear(p: nn::Path, c_in: i64, c_out: i64, weight: Init, bias: Init) -> nn::Linear {
@@ -94,11 +124,11 @@ enum FeedForward {
 /// (or `→ ln_2 → mixture of experts → + residual`).
 #[derive(Debug)]
 pub struct ResidualAttentionBlock {
-    ln_1: nn::LayerNorm,
+    ln_1: Norm,
     in_proj_weight: Tensor,
     in_proj_bias: Tensor,
     out_proj: nn::Linear,
-    ln_2: nn::LayerNorm,
+    ln_2: Norm,
     ffn: FeedForward,
     heads: i64,
     /// Of the dense MLP (an MoE block's experts use GELU; the config refuses QuickGELU there).
@@ -294,6 +324,15 @@ impl Transformer {
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Self { resblocks, width })
+    }
+
+    /// The same tower with `eps` in every block's LayerNorms.
+    pub fn with_norm_eps(mut self, eps: f64) -> Self {
+        for block in &mut self.resblocks {
+            block.ln_1.set_eps(eps);
+            block.ln_2.set_eps(eps);
+        }
+        self
     }
 
     /// The same tower with `activation` in every dense MLP.

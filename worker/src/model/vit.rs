@@ -5,11 +5,15 @@
 //! Built on `root / "visual"` the names are open_clip's: `visual.conv1.weight`,
 //! `visual.class_embedding`, `visual.positional_embedding`, `visual.ln_pre.*`,
 //! `visual.transformer.resblocks.N.*`, `visual.ln_post.*`, `visual.proj`.
+//!
+//! `VitStyle::Timm` builds timm's `VisionTransformer` under the same names instead: the patch
+//! convolution has a bias (`conv1.bias`), there is no `ln_pre`, and every LayerNorm uses
+//! epsilon 1e-6 (timm's own names are translated when weights load, `model::init_weights`).
 
-use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Transformer};
+use super::transformer::{layer_norm, AttentionMask, BlockInit, MoeBlocks, Norm, Transformer};
 use crate::nn::torch_default_uniform;
 use anyhow::{bail, ensure};
-use contrail_common::config::Activation;
+use contrail_common::config::{Activation, VitStyle};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
@@ -26,6 +30,7 @@ pub struct VitConfig {
     /// Size of the joint image–text embedding (`embed_dim` in open_clip configs).
     pub output_dim: i64,
     pub activation: Activation,
+    pub style: VitStyle,
 }
 
 impl VitConfig {
@@ -59,6 +64,7 @@ impl VitConfig {
             mlp_ratio: 4.0,
             output_dim: 512,
             activation: Activation::Gelu,
+            style: VitStyle::OpenClip,
         }
     }
 
@@ -72,6 +78,7 @@ impl VitConfig {
             mlp_ratio: 4.0,
             output_dim: 384,
             activation: Activation::Gelu,
+            style: VitStyle::OpenClip,
         }
     }
 
@@ -119,9 +126,10 @@ pub struct VisionTransformer {
     conv1: nn::Conv2D,
     class_embedding: Tensor,
     positional_embedding: Tensor,
-    ln_pre: nn::LayerNorm,
+    /// None in timm's layout.
+    ln_pre: Option<Norm>,
     transformer: Transformer,
-    ln_post: nn::LayerNorm,
+    ln_post: Norm,
     proj: Tensor,
     cfg: VitConfig,
 }
@@ -154,6 +162,8 @@ impl VisionTransformer {
             mean: 0.0,
             stdev: scale,
         };
+        let timm = cfg.style == VitStyle::Timm;
+        let fan_in = 3 * patch_size * patch_size;
         let conv1 = nn::conv2d(
             p / "conv1",
             3,
@@ -161,16 +171,20 @@ impl VisionTransformer {
             patch_size,
             nn::ConvConfig {
                 stride: patch_size,
-                bias: false,
-                ws_init: torch_default_uniform(3 * patch_size * patch_size),
+                bias: timm,
+                ws_init: torch_default_uniform(fan_in),
+                bs_init: torch_default_uniform(fan_in),
                 ..Default::default()
             },
         );
+        let eps = if timm { 1e-6 } else { 1e-5 };
+        let mut ln_post = layer_norm(p / "ln_post", width);
+        ln_post.set_eps(eps);
         Ok(Self {
             conv1,
             class_embedding: p.var("class_embedding", &[width], normal),
             positional_embedding: p.var("positional_embedding", &[cfg.num_tokens(), width], normal),
-            ln_pre: layer_norm(p / "ln_pre", width),
+            ln_pre: (!timm).then(|| layer_norm(p / "ln_pre", width)),
             transformer: Transformer::new(
                 &(p / "transformer"),
                 width,
@@ -180,8 +194,9 @@ impl VisionTransformer {
                 BlockInit::TorchDefault,
                 moe,
             )?
-            .with_activation(cfg.activation),
-            ln_post: layer_norm(p / "ln_post", width),
+            .with_activation(cfg.activation)
+            .with_norm_eps(eps),
+            ln_post,
             proj: p.var("proj", &[width, output_dim], normal),
             cfg: cfg.clone(),
         })
@@ -214,9 +229,11 @@ impl VisionTransformer {
             .expand([n, 1, width], false);
         let x = Tensor::cat(&[cls, patches], 1);
         let x = &x + self.positional_embedding.to_kind(x.kind());
-        let x = self
-            .transformer
-            .forward(&x.apply(&self.ln_pre), &AttentionMask::Full);
+        let x = match &self.ln_pre {
+            Some(ln_pre) => x.apply(ln_pre),
+            None => x,
+        };
+        let x = self.transformer.forward(&x, &AttentionMask::Full);
         x.apply(&self.ln_post)
     }
 
@@ -244,6 +261,7 @@ mod tests {
             mlp_ratio: 4.0,
             output_dim: 8,
             activation: Activation::Gelu,
+            style: VitStyle::OpenClip,
         }
     }
 

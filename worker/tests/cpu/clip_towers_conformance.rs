@@ -7,7 +7,7 @@
 //! is the largest id of every row, so open_clip's argmax pooling and contrail's first-EOT
 //! pooling pick the same position (checked below).
 
-use contrail_common::config::Activation;
+use contrail_common::config::{Activation, VitStyle};
 use contrail_worker::model::text::{TextConfig, TextMode, TextTransformer};
 use contrail_worker::model::vit::{VisionTransformer, VitConfig};
 use std::collections::BTreeMap;
@@ -65,6 +65,7 @@ impl Fixture {
             mlp_ratio: 4.0,
             output_dim: self.size("embed_dim"),
             activation: Activation::Gelu,
+            style: VitStyle::OpenClip,
         }
     }
 
