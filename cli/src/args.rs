@@ -382,13 +382,19 @@ pub enum EvalCommand {
         /// Use a freshly initialised model instead (the chance baseline).
         #[arg(long, conflicts_with = "checkpoint")]
         random_init: bool,
-        /// Class names in label order: comma-separated, `fashion-mnist`, or the URL of an
-        /// imported dataset's dataset.json (its `classes`).
+        /// Class names in label order: comma-separated, `fashion-mnist`, a text file (path or
+        /// URL) with one name per line, or the URL of an imported dataset's dataset.json (its
+        /// `classes`).
         #[arg(long)]
         classes: String,
-        /// Prompt template with `{}` for the class name (repeatable; default "a photo of a {}.").
+        /// Prompt template with `{}` for the class name (repeatable; default "a photo of a {}.");
+        /// `openai` and `simple` stand for open_clip's sets of 80 and 7 templates.
         #[arg(long = "template")]
         templates: Vec<String>,
+        /// Templates from `openai`, `simple`, or a text file (path or URL) with one template
+        /// per line.
+        #[arg(long = "templates", conflicts_with = "templates")]
+        template_set: Option<String>,
         #[arg(long, default_value = "auto")]
         device: DeviceSetting,
         #[arg(long, default_value = "")]

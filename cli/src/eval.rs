@@ -120,6 +120,7 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
             random_init,
             classes,
             templates,
+            template_set,
             device: setting,
             s3_endpoint,
             json,
@@ -127,13 +128,16 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
             let device = device_for(setting)?;
             let cfg = JobConfig::from_file(&config, &overrides)?;
             let names = zeroshot_classes(rt, &classes, &s3_endpoint)?;
-            let templates = if templates.is_empty() {
-                zeroshot::DEFAULT_TEMPLATES
+            let templates = match template_set {
+                Some(set) if matches!(set.as_str(), "openai" | "simple") => {
+                    zeroshot::expand_templates(&[set])
+                }
+                Some(file) => text_lines(rt, &file, &s3_endpoint, "--templates")?,
+                None if templates.is_empty() => zeroshot::DEFAULT_TEMPLATES
                     .iter()
                     .map(|t| t.to_string())
-                    .collect()
-            } else {
-                templates
+                    .collect(),
+                None => zeroshot::expand_templates(&templates),
             };
             zeroshot::check_templates(&templates)?;
             let base = checkpoint_base(checkpoint.as_deref(), random_init, &cfg, "zeroshot")?;
@@ -215,12 +219,35 @@ fn zeroshot_classes(rt: &Runtime, arg: &str, s3_endpoint: &str) -> Result<Vec<St
             rt.block_on(contrail_data::import::read_manifest(folder, s3_endpoint))?
                 .classes
         }
+        None if arg.contains("://") || std::path::Path::new(arg).is_file() => {
+            text_lines(rt, arg, s3_endpoint, "--classes")?
+        }
         None => crate::commands::class_names(Some(arg)),
     };
     if names.is_empty() || names.iter().any(|n| n.is_empty()) {
         anyhow::bail!("zeroshot: --classes {arg:?} gives no usable class names");
     }
     Ok(names)
+}
+
+/// The non-empty lines of a text file (a path or any storage URL), trimmed.
+fn text_lines(rt: &Runtime, arg: &str, s3_endpoint: &str, flag: &str) -> Result<Vec<String>> {
+    let bytes = rt
+        .block_on(contrail_common::checkpoint::read_bytes(arg, s3_endpoint))
+        .with_context(|| format!("{flag}: reading {arg}"))?
+        .with_context(|| format!("{flag}: {arg} does not exist"))?;
+    let text = String::from_utf8(bytes.to_vec())
+        .with_context(|| format!("{flag}: {arg} is not UTF-8 text"))?;
+    let lines: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if lines.is_empty() {
+        anyhow::bail!("{flag}: {arg} holds no lines");
+    }
+    Ok(lines)
 }
 
 /// The device a `--device` setting names on this machine.

@@ -142,6 +142,43 @@ fn two_leased_workers_write_every_key_once_and_zero_shot_reads_it() {
     );
     assert!((0.0..=1.0).contains(&top1) && top5 >= top1, "{report}");
     assert_eq!(report["rows"], 90);
+    // The classes from a file (one per line), OpenAI's 80 templates by name.
+    let classes = dir.join("classes.txt");
+    std::fs::write(
+        &classes,
+        "circle\nsquare\n\ntriangle\ncross\nring\ndiamond\n",
+    )
+    .unwrap();
+    let mut args = vec![
+        "eval",
+        "zeroshot",
+        "--images",
+        single.to_str().unwrap(),
+        "--config",
+        CLIP,
+        "--random-init",
+        "--classes",
+        classes.to_str().unwrap(),
+        "--templates",
+        "openai",
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    for s in support::SMALL_CLIP {
+        args.extend(["--set", s]);
+    }
+    let (ok, out, err) = contrail(&args);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("zero-shot over 90 images, 6 classes, 80 template(s)"),
+        "{out}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["classes"][2], "triangle", "{report}");
+    assert_eq!(report["templates"][0], "a bad photo of a {}.", "{report}");
     let (ok, out, err) = contrail(&[
         "eval",
         "retrieval",

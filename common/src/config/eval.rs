@@ -47,7 +47,8 @@ pub struct EvalConfig {
     /// CLIP jobs: class names in label order; each round also classifies the held-out images
     /// zero-shot against these names put into `templates` (empty: no zero-shot).
     pub classes: Vec<String>,
-    /// Zero-shot prompt templates, `{}` standing for the class name.
+    /// Zero-shot prompt templates, `{}` standing for the class name; "openai" and "simple"
+    /// stand for open_clip's sets of 80 and 7.
     pub templates: Vec<String>,
     /// CLIP jobs: each round also measures image↔text retrieval over the held-out set's
     /// image–caption pairs.
@@ -125,7 +126,12 @@ impl EvalConfig {
             if self.templates.is_empty() {
                 return Err(err("eval.templates", "must hold a template for zero-shot"));
             }
-            if let Some(t) = self.templates.iter().find(|t| !t.contains("{}")) {
+            // "openai" and "simple" name open_clip's template sets.
+            if let Some(t) = self
+                .templates
+                .iter()
+                .find(|t| !t.contains("{}") && !matches!(t.as_str(), "openai" | "simple"))
+            {
                 return Err(err(
                     "eval.templates",
                     format!("{t:?} has no {{}} for the class name"),
@@ -217,6 +223,12 @@ mod tests {
             };
             assert!(off.validate().is_ok());
         }
+        let named = EvalConfig {
+            classes: vec!["cat".into()],
+            templates: vec!["openai".into(), "a {} drawing".into()],
+            ..enabled()
+        };
+        assert!(named.validate().is_ok());
     }
 
     #[test]

@@ -12,6 +12,120 @@ use crate::nn::l2_normalize;
 /// The prompt used when none is given; `{}` is the class name.
 pub const DEFAULT_TEMPLATES: &[&str] = &["a photo of a {}."];
 
+/// OpenAI's 80 ImageNet prompt templates (CLIP's zero-shot notebook), open_clip's
+/// `OPENAI_IMAGENET_TEMPLATES`; `"openai"` in a template list stands for them.
+pub const OPENAI_IMAGENET_TEMPLATES: [&str; 80] = [
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+];
+
+/// open_clip's `SIMPLE_IMAGENET_TEMPLATES`; `"simple"` in a template list stands for them.
+pub const SIMPLE_IMAGENET_TEMPLATES: [&str; 7] = [
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+];
+
+/// `templates` with the named sets ("openai", "simple") replaced by their templates.
+pub fn expand_templates(templates: &[String]) -> Vec<String> {
+    templates
+        .iter()
+        .flat_map(|t| match t.as_str() {
+            "openai" => OPENAI_IMAGENET_TEMPLATES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            "simple" => SIMPLE_IMAGENET_TEMPLATES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            _ => vec![t.clone()],
+        })
+        .collect()
+}
+
 /// The prompts of one class: every template with `{}` replaced by `class`.
 pub fn prompts(class: &str, templates: &[String]) -> Vec<String> {
     templates.iter().map(|t| t.replace("{}", class)).collect()
@@ -110,5 +224,10 @@ mod tests {
             ["a photo of a shirt.", "shirt"]
         );
         assert!(check_templates(&["a photo".into()]).is_err());
+        let expanded = expand_templates(&["openai".into(), "a {} sketch.".into()]);
+        assert_eq!(expanded.len(), 81);
+        assert_eq!(expanded[0], "a bad photo of a {}.");
+        assert_eq!(expanded[80], "a {} sketch.");
+        assert!(check_templates(&expanded).is_ok());
     }
 }

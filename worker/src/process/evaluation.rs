@@ -441,7 +441,7 @@ impl OnlineEval {
                 model,
                 c,
                 &self.ev.classes,
-                &self.ev.templates,
+                &zeroshot::expand_templates(&self.ev.templates),
             )?),
             _ => None,
         };

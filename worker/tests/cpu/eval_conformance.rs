@@ -177,6 +177,28 @@ fn zero_shot_equals_open_clip() {
     assert_close(acc.top5, f.num("zeroshot", "top5"), "zero-shot top-5");
 }
 
+/// The named template sets are open_clip's, word for word
+/// (tests/fixtures/reference/zeroshot_templates/make_fixture.py).
+#[test]
+fn template_sets_equal_open_clip() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/reference/zeroshot_templates/templates.json");
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (name, ours) in [
+        ("openai", &zeroshot::OPENAI_IMAGENET_TEMPLATES[..]),
+        ("simple", &zeroshot::SIMPLE_IMAGENET_TEMPLATES[..]),
+    ] {
+        let theirs: Vec<&str> = want[name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(ours, &theirs[..], "{name}");
+        assert_eq!(zeroshot::expand_templates(&[name.to_string()]), theirs);
+    }
+}
+
 #[test]
 fn retrieval_equals_open_clip_metrics() {
     let f = Fixtures::load();
