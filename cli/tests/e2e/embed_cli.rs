@@ -106,36 +106,42 @@ fn two_leased_workers_write_every_key_once_and_zero_shot_reads_it() {
     // Zero-shot over the exported images with the shapes as classes, and retrieval over the
     // exported pairs; a random model scores anything, but every image is counted.
     let json = dir.join("zeroshot.json");
-    let mut args = vec![
-        "eval",
-        "zeroshot",
-        "--images",
-        single.to_str().unwrap(),
-        "--config",
-        CLIP,
-        "--random-init",
+    // Runs zero-shot with the given class and template arguments; its stdout and report.
+    let zeroshot = |choice: &[&str]| -> (String, serde_json::Value) {
+        let mut args = vec![
+            "eval",
+            "zeroshot",
+            "--images",
+            single.to_str().unwrap(),
+            "--config",
+            CLIP,
+            "--random-init",
+            "--device",
+            "cpu",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend(choice);
+        for s in support::SMALL_CLIP {
+            args.extend(["--set", s]);
+        }
+        let (ok, out, err) = contrail(&args);
+        assert!(ok, "{out}\n{err}");
+        let report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        (out, report)
+    };
+    let (out, report) = zeroshot(&[
         "--classes",
         "circle,square,triangle,cross,ring,diamond",
         "--template",
         "a {}",
         "--template",
         "a photo of a {}.",
-        "--device",
-        "cpu",
-        "--json",
-        json.to_str().unwrap(),
-    ];
-    for s in support::SMALL_CLIP {
-        args.extend(["--set", s]);
-    }
-    let (ok, out, err) = contrail(&args);
-    assert!(ok, "{out}\n{err}");
+    ]);
     assert!(
         out.contains("zero-shot over 90 images, 6 classes, 2 template(s)"),
         "{out}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let (top1, top5) = (
         report["zeroshot"]["top1"].as_f64().unwrap(),
         report["zeroshot"]["top5"].as_f64().unwrap(),
@@ -149,34 +155,16 @@ fn two_leased_workers_write_every_key_once_and_zero_shot_reads_it() {
         "circle\nsquare\n\ntriangle\ncross\nring\ndiamond\n",
     )
     .unwrap();
-    let mut args = vec![
-        "eval",
-        "zeroshot",
-        "--images",
-        single.to_str().unwrap(),
-        "--config",
-        CLIP,
-        "--random-init",
+    let (out, report) = zeroshot(&[
         "--classes",
         classes.to_str().unwrap(),
         "--templates",
         "openai",
-        "--device",
-        "cpu",
-        "--json",
-        json.to_str().unwrap(),
-    ];
-    for s in support::SMALL_CLIP {
-        args.extend(["--set", s]);
-    }
-    let (ok, out, err) = contrail(&args);
-    assert!(ok, "{out}\n{err}");
+    ]);
     assert!(
         out.contains("zero-shot over 90 images, 6 classes, 80 template(s)"),
         "{out}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["classes"][2], "triangle", "{report}");
     assert_eq!(report["templates"][0], "a bad photo of a {}.", "{report}");
     let (ok, out, err) = contrail(&[
