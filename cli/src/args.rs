@@ -404,11 +404,17 @@ pub enum EvalCommand {
         json: Option<String>,
     },
     /// Image→text and text→image recall@1/5/10 over the paired img_emb/ and text_emb/ rows of
-    /// one embedding folder (as OpenCLIP's get_clip_metrics).
+    /// one embedding folder (as OpenCLIP's get_clip_metrics), or with several captions per
+    /// image (`--group-by`, as CLIP_benchmark scores COCO and Flickr).
     Retrieval {
         /// Embedding folder holding both towers (`contrail embed --tower both`).
         #[arg(long)]
         embeddings: String,
+        /// Which rows are captions of one image: `key-stem` (keys equal up to their last `_`,
+        /// e.g. `000042_0` … `000042_4`) or `label` (equal labels). Default: row i's caption
+        /// belongs to row i's image only.
+        #[arg(long)]
+        group_by: Option<GroupBy>,
         #[arg(long, default_value = "auto")]
         device: DeviceSetting,
         #[arg(long, default_value = "")]
@@ -417,6 +423,15 @@ pub enum EvalCommand {
         #[arg(long)]
         json: Option<String>,
     },
+}
+
+/// How `contrail eval retrieval --group-by` finds the captions of one image.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum GroupBy {
+    /// The sample key without its last `_suffix`.
+    KeyStem,
+    /// The sample's label.
+    Label,
 }
 
 /// `contrail embed`'s flags.

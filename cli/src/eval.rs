@@ -18,7 +18,7 @@ use serde_json::json;
 use tch::{Device, Tensor};
 use tokio::runtime::Runtime;
 
-use crate::args::{EvalCommand, EvalSource};
+use crate::args::{EvalCommand, EvalSource, GroupBy};
 
 /// Runs one `contrail eval` subcommand.
 pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
@@ -174,18 +174,38 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
         }
         EvalCommand::Retrieval {
             embeddings,
+            group_by,
             device: setting,
             s3_endpoint,
             json,
         } => {
             let device = device_for(setting)?;
-            let read = |tower| -> Result<Bank> {
-                let e = rt.block_on(embeddings::read(&embeddings, &s3_endpoint, tower))?;
-                bank(&embeddings, &e, None, device)
+            let read = |tower| rt.block_on(embeddings::read(&embeddings, &s3_endpoint, tower));
+            let (img, txt) = (read(Tower::Image)?, read(Tower::Text)?);
+            let texts = bank(&embeddings, &txt, None, device)?;
+            let r = match group_by {
+                None => {
+                    let images = bank(&embeddings, &img, None, device)?;
+                    let r = retrieval::evaluate(&images, &texts, None)?;
+                    println!("retrieval over {} image–text pairs", r.pairs);
+                    r
+                }
+                Some(by) => {
+                    let (first_rows, image_of) = caption_groups(&embeddings, &img, by)?;
+                    let all = bank(&embeddings, &img, None, device)?;
+                    let rows = Tensor::from_slice(&first_rows).to_device(device);
+                    let images =
+                        Bank::new(&embeddings, all.embeddings.index_select(0, &rows), None)?;
+                    let r = retrieval::evaluate_grouped(&images, &texts, &image_of, None)?;
+                    println!(
+                        "retrieval over {} images and {} captions ({:.2} per image)",
+                        r.images,
+                        r.pairs,
+                        r.pairs as f64 / r.images as f64
+                    );
+                    r
+                }
             };
-            let (images, texts) = (read(Tower::Image)?, read(Tower::Text)?);
-            let r = retrieval::evaluate(&images, &texts, None)?;
-            println!("retrieval over {} image–text pairs", r.pairs);
             println!(
                 "{:<16} {:>7} {:>7} {:>7} {:>10}",
                 "", "R@1", "R@5", "R@10", "mean rank"
@@ -209,6 +229,62 @@ pub fn run(rt: &Runtime, command: EvalCommand) -> Result<()> {
             )
         }
     }
+}
+
+/// The captions of each image under `--group-by`: the first row of every group (its image
+/// embedding stands for the group) and, for every row, its group's index. The rows of one
+/// group must hold the same image: their image embeddings may differ by rounding only.
+fn caption_groups(
+    url: &str,
+    e: &embeddings::Embeddings,
+    by: GroupBy,
+) -> Result<(Vec<i64>, Vec<i64>)> {
+    if e.records.is_empty() {
+        anyhow::bail!("retrieval --group-by: {url} has no metadata (keys, labels)");
+    }
+    let labels = match by {
+        GroupBy::Label => Some(e.labels(url)?),
+        GroupBy::KeyStem => None,
+    };
+    let mut index: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    let mut first_rows = Vec::new();
+    let mut image_of = Vec::with_capacity(e.records.len());
+    let dim = e.matrix.dim;
+    for (row, rec) in e.records.iter().enumerate() {
+        let group = match &labels {
+            Some(l) => l[row].to_string(),
+            None => match rec.key.rsplit_once('_') {
+                Some((stem, _)) => stem.to_string(),
+                None => anyhow::bail!(
+                    "retrieval --group-by key-stem: key {:?} (row {row}) has no `_` before a \
+                     caption number",
+                    rec.key
+                ),
+            },
+        };
+        let next = first_rows.len() as i64;
+        let g = *index.entry(group.clone()).or_insert(next);
+        if g == next {
+            first_rows.push(row as i64);
+        } else {
+            let first = first_rows[g as usize] as usize;
+            let a = &e.matrix.data[first * dim..(first + 1) * dim];
+            let b = &e.matrix.data[row * dim..(row + 1) * dim];
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            if diff > 1e-4 {
+                anyhow::bail!(
+                    "retrieval --group-by: rows {first} and {row} of {url} are in group {group:?} \
+                     but hold different images (embeddings differ by {diff})"
+                );
+            }
+        }
+        image_of.push(g);
+    }
+    Ok((first_rows, image_of))
 }
 
 /// Class names for zero-shot: the `classes` of a dataset.json (a URL ending in it), or what

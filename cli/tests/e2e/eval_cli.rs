@@ -239,3 +239,87 @@ fn bad_input_names_the_file() {
     let e = run("good", "missing", "2");
     assert!(e.contains("holds no img_emb/img_emb_{i}.npy"), "{e}");
 }
+
+/// Several captions per image (`--group-by key-stem`): 4 images with 3 captions each, every
+/// caption close to its own image, so every image and caption is found first; the image rows
+/// of one group must hold the same image.
+#[test]
+fn retrieval_groups_captions_by_key_stem() {
+    let dir = support::cluster::temp_dir("e2e", "retrieval-groups");
+    tch::manual_seed(4);
+    let images = Tensor::randn([4, 8], (tch::Kind::Float, tch::Device::Cpu)) * 3.0;
+    let image_of: Vec<i64> = (0..12).map(|r| r / 3).collect();
+    let rows = images.index_select(0, &Tensor::from_slice(&image_of));
+    let noise = Tensor::randn([12, 8], (tch::Kind::Float, tch::Device::Cpu)) * 0.1;
+    let texts: Tensor = &rows + noise;
+    let write = |root: &Path, img: &Tensor| {
+        let (im, tx) = (matrix(img), matrix(&texts));
+        let records: Vec<Record> = (0..12)
+            .map(|r| Record {
+                key: format!("img{:03}_{}", r / 3, r % 3),
+                caption: Some(format!("caption {r}")),
+                label: None,
+            })
+            .collect();
+        let part = Part {
+            index: 0,
+            image: Some(&im),
+            text: Some(&tx),
+            records: &records,
+        };
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(write_part(root.to_str().unwrap(), "", part))
+            .unwrap();
+    };
+    let good = dir.join("good");
+    write(&good, &rows);
+    let json = dir.join("r.json");
+    let (ok, out, err) = eval(&[
+        "retrieval",
+        "--embeddings",
+        good.to_str().unwrap(),
+        "--group-by",
+        "key-stem",
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("retrieval over 4 images and 12 captions (3.00 per image)"),
+        "{out}"
+    );
+    let r = &read_json(&json)["retrieval"];
+    assert_eq!(
+        (r["images"].as_u64(), r["pairs"].as_u64()),
+        (Some(4), Some(12))
+    );
+    assert_eq!(r["mean_recall"].as_f64(), Some(1.0), "{r}");
+    // Without grouping the 12 rows are 12 pairs, and identical images tie.
+    let (ok, out, _) = eval(&["retrieval", "--embeddings", good.to_str().unwrap()]);
+    assert!(
+        ok && out.contains("retrieval over 12 image–text pairs"),
+        "{out}"
+    );
+
+    // A group whose rows hold different images is refused, naming them.
+    let bad = dir.join("bad");
+    let other = rows.copy();
+    let _ = other.get(1).fill_(0.5);
+    write(&bad, &other);
+    let (ok, _, err) = eval(&[
+        "retrieval",
+        "--embeddings",
+        bad.to_str().unwrap(),
+        "--group-by",
+        "key-stem",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("rows 0 and 1") && err.contains("different images"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
