@@ -67,6 +67,11 @@ pub struct JobBook {
 
 impl JobBook {
     /// `shard_urls` is the listed dataset; `resume` the latest checkpoint, if any.
+    /// Samples per epoch from the dataset's manifest (see `crate::manifest`).
+    pub fn set_manifest_samples(&mut self, samples: Option<u64>) {
+        self.shards.set_manifest_samples(samples);
+    }
+
     pub fn new(
         cfg: JobConfig,
         job_toml: String,
@@ -423,12 +428,14 @@ impl JobBook {
             return;
         }
         let c = &self.cfg;
+        let manifest = self.shards.manifest_samples();
         self.shards = ShardBook::new(
             self.shards.urls().to_vec(),
             c.train.seed,
             c.cluster.lease_ttl_ms,
             Some(meta.shard_state.clone()),
         );
+        self.shards.set_manifest_samples(manifest);
         self.progress
             .roll_back(meta.step, meta.epoch, meta.shard_state.samples_seen);
         // Replacements join at the members' next step boundary, taking the rolled-back state
@@ -671,6 +678,7 @@ impl JobBook {
             placement: self.experts.as_ref().map(|x| x.placement().into()),
             joining,
             rollback,
+            dataset_samples: self.shards.manifest_samples().unwrap_or(0),
         }))
     }
 

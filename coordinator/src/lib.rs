@@ -32,6 +32,7 @@ pub mod http;
 pub mod job;
 pub mod journal;
 pub mod leases;
+pub mod manifest;
 pub mod membership;
 pub mod metrics;
 pub mod page;
@@ -140,7 +141,10 @@ impl Coordinator {
                 );
             }
         }
-        let book = fresh_book(&cfg, job_toml, shards, resume)?;
+        let samples =
+            manifest::samples_per_epoch(&cfg.data.url, &cfg.data.s3_endpoint, &shards).await;
+        let mut book = fresh_book(&cfg, job_toml, shards, resume)?;
+        book.set_manifest_samples(samples);
         Ok(Self::from_book(cfg, book, journal))
     }
 

@@ -52,6 +52,8 @@ pub struct Assignment {
     pub joining: bool,
     /// Every member rolls back to `resume_checkpoint` on `placement` (an MoE worker died).
     pub rollback: bool,
+    /// Samples in one epoch from the dataset's manifest; 0 when it has none.
+    pub dataset_samples: u64,
 }
 
 pub enum Lease {
@@ -280,6 +282,7 @@ impl Coordinator {
             resume_epoch: r.resume_epoch,
             joining: r.joining,
             rollback: r.rollback,
+            dataset_samples: r.dataset_samples,
             placement: r.placement.as_ref().map(Into::into),
             generation: r.generation,
         }

@@ -111,6 +111,8 @@ pub struct CoordinatedHooks<'a> {
     trained: Arc<Mutex<TrainedSet>>,
     /// Rank 0: the checkpoint(s) waiting for an unreachable coordinator's shard state.
     unwritten_checkpoint: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// Samples per epoch from the dataset's manifest (the coordinator's rendezvous reply).
+    dataset_samples: Option<u64>,
 }
 
 /// A checkpoint's bytes and metadata, waiting only for the shard state.
@@ -182,6 +184,7 @@ impl<'a> CoordinatedHooks<'a> {
             open_shards: None,
             trained: Arc::default(),
             unwritten_checkpoint: None,
+            dataset_samples: (asg.dataset_samples > 0).then_some(asg.dataset_samples),
         })
     }
 
@@ -247,6 +250,7 @@ impl<'a> CoordinatedHooks<'a> {
     pub fn set_membership(&mut self, asg: &Assignment) {
         self.rank = asg.rank;
         self.world_size = asg.world_size;
+        self.dataset_samples = (asg.dataset_samples > 0).then_some(asg.dataset_samples);
         if let Some(audit) = &mut self.audit {
             audit.set_membership(asg.rank, asg.generation);
         }
@@ -301,6 +305,10 @@ impl TrainHooks for CoordinatedHooks<'_> {
             self.captions.clone(),
             self.model_builder.device,
         )?))
+    }
+
+    fn dataset_samples(&self) -> Option<u64> {
+        self.dataset_samples
     }
 
     fn regroup_requested(&self) -> bool {

@@ -71,6 +71,11 @@ pub trait TrainHooks {
     ) -> Result<()>;
     /// Why training must stop now (e.g. the coordinator declared the job failed), if it must.
     fn stop_reason(&self) -> Option<String>;
+    /// Samples in one epoch when the dataset says so before it is read (its manifest): the
+    /// learning-rate schedule then spans the run from step 0.
+    fn dataset_samples(&self) -> Option<u64> {
+        None
+    }
     /// A new member waits to join: stop at this step boundary with [`RegroupRequested`].
     fn regroup_requested(&self) -> bool {
         false
@@ -149,10 +154,14 @@ pub fn train(
         first_loss: None,
         last_loss: None,
     };
-    // Until an epoch has been seen whole, the cosine schedule spans max_steps (if set) or holds
-    // the peak after warm-up; afterwards it spans epochs × observed steps per epoch. Every rank
-    // counts the same steps, so every rank computes the same learning rate.
-    let mut steps_per_epoch: Option<u64> = None;
+    // The cosine schedule spans max_steps (if set), else epochs × steps per epoch: estimated
+    // from the dataset's manifest as ceil(samples / global batch) until an epoch has been seen
+    // whole, then the observed count; without a manifest it holds the peak after warm-up
+    // until then. Every rank counts the same steps, so every rank computes the same rate.
+    let mut steps_per_epoch: Option<u64> = hooks
+        .dataset_samples()
+        .map(|n| n.div_ceil(t.global_batch.max(1)));
+    let mut steps_observed = false;
     let max_steps_reached = |s: u64| t.max_steps > 0 && s >= t.max_steps;
     // A resumed job's checkpoint already holds its starting state.
     let mut last_checkpoint: Option<u64> = (start.step > 0).then_some(start.step);
@@ -285,8 +294,9 @@ pub fn train(
                 }
             }
         }
-        if steps_per_epoch.is_none() && !partial_epoch {
+        if !steps_observed && !partial_epoch {
             steps_per_epoch = Some(steps_this_epoch);
+            steps_observed = true;
         }
         epoch += 1;
         summary.epochs_completed += 1;
@@ -412,6 +422,8 @@ mod tests {
         steps: Vec<(u32, u64, i64)>,
         checkpoints: Vec<u64>,
         evaluations: Vec<(u32, u64)>,
+        lrs: Vec<f64>,
+        manifest_samples: Option<u64>,
     }
     impl TrainHooks for Record {
         fn epoch_source(&mut self, _epoch: u32) -> Result<Box<dyn BatchSource>> {
@@ -419,7 +431,11 @@ mod tests {
         }
         fn after_step(&mut self, ev: &StepEvent) -> Result<()> {
             self.steps.push((ev.epoch, ev.step, ev.global_samples));
+            self.lrs.push(ev.lr);
             Ok(())
+        }
+        fn dataset_samples(&self) -> Option<u64> {
+            self.manifest_samples
         }
         fn checkpoint(
             &mut self,
@@ -504,6 +520,52 @@ mod tests {
         cfg.model.projector_out = 8;
         cfg.checkpoint.every_steps = 2;
         cfg
+    }
+
+    /// With the dataset's size known up front the cosine decays from the first epoch on
+    /// (ceil(10 / 4) = 3 steps per epoch, 6 in all); without it the rate holds its peak until
+    /// an epoch was seen whole, then follows the same curve.
+    #[test]
+    fn the_schedule_spans_the_run_from_step_0_when_the_dataset_size_is_known() {
+        let mut cfg = tiny_config(1);
+        cfg.optim.warmup_steps = 0;
+        let coll = LocalGroup::new(1).remove(0);
+        let run = |manifest: Option<u64>| {
+            tch::manual_seed(0);
+            let mut model = ContrastiveModel::build(
+                &cfg,
+                tch::Device::Cpu,
+                crate::model::BuildOptions::default(),
+            )
+            .unwrap();
+            let mut opt = crate::optim::build(&cfg.optim, model.named_parameters());
+            let mut hooks = Record {
+                sizes: vec![4, 4, 2],
+                manifest_samples: manifest,
+                ..Default::default()
+            };
+            let mut objective = crate::objective::build_objective(&cfg);
+            let start = StartPoint::default();
+            train(
+                &cfg,
+                &mut model,
+                &mut opt,
+                objective.as_mut(),
+                &coll,
+                &mut hooks,
+                start,
+            )
+            .unwrap();
+            hooks.lrs
+        };
+        let peak = scaled_peak_lr(&cfg.optim, cfg.train.global_batch);
+        let known = run(Some(10));
+        let want: Vec<f64> = (0..6).map(|s| lr_at(s, 6, peak, 0)).collect();
+        assert_eq!(known, want);
+        assert!(known[1] < known[0] && known[2] < known[1], "{known:?}");
+        let unknown = run(None);
+        assert_eq!(unknown[..3], [peak; 3]);
+        assert_eq!(unknown[3..], want[3..]);
     }
 
     /// Rank 0 has three batches per epoch (the last one partial), rank 1 only one: both ranks
