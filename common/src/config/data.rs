@@ -71,6 +71,25 @@ pub struct AugmentConfig {
     pub std: [f32; 3],
 }
 
+impl AugmentConfig {
+    /// OpenCLIP's training transform (`image_transform(is_train=True)`): a random resized crop
+    /// of 90-100 % of the area, no flip, no colour changes, CLIP's mean and std. What a CLIP
+    /// job's `[data.augment]` defaults to.
+    pub fn open_clip() -> Self {
+        Self {
+            crop_scale_min: 0.9,
+            crop_scale_max: 1.0,
+            flip_p: 0.0,
+            jitter_p: 0.0,
+            grayscale_p: 0.0,
+            blur_p: 0.0,
+            mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for AugmentConfig {
     fn default() -> Self {
         Self {

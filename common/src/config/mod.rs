@@ -104,6 +104,7 @@ impl JobConfig {
             apply_override(&mut value, o)?;
         }
         reject_moved_keys(&value)?;
+        fill_clip_augment_defaults(&mut value);
         let cfg: JobConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
@@ -194,6 +195,38 @@ impl JobConfig {
             kind,
             default_spread.then_some(self.cluster.world_size),
         )
+    }
+}
+
+/// A CLIP job's `[data.augment]` keys it leaves out default to OpenCLIP's training transform
+/// ([`AugmentConfig::open_clip`]), not to SimCLR's strong augmentation and ImageNet's
+/// statistics. A file that is not a table of tables is left for the loader to refuse.
+fn fill_clip_augment_defaults(root: &mut toml::Value) {
+    let clip = root
+        .get("objective")
+        .and_then(|o| o.get("kind"))
+        .and_then(|k| k.as_str())
+        == Some("clip");
+    let Some(root) = root.as_table_mut().filter(|_| clip) else {
+        return;
+    };
+    let data = root
+        .entry("data")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(augment) = data.as_table_mut().map(|d| {
+        d.entry("augment")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+    }) else {
+        return;
+    };
+    let (Some(given), Ok(toml::Value::Table(defaults))) = (
+        augment.as_table_mut(),
+        toml::Value::try_from(AugmentConfig::open_clip()),
+    ) else {
+        return;
+    };
+    for (key, value) in defaults {
+        given.entry(key).or_insert(value);
     }
 }
 
@@ -479,6 +512,29 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.path, "moe.projector", "{e}");
+    }
+
+    /// A CLIP job's augmentation defaults to OpenCLIP's transform, key by key; other jobs keep
+    /// SimCLR's.
+    #[test]
+    fn a_clip_job_defaults_to_open_clips_transform() {
+        let clip = "[objective]\nkind = \"clip\"\n[model]\nencoder = \"vit\"\n[model.vit]\npatch_size = 8\n";
+        let cfg = JobConfig::from_toml(clip).unwrap();
+        assert_eq!(cfg.data.augment, AugmentConfig::open_clip());
+        let cfg =
+            JobConfig::from_toml_with_overrides(clip, &["data.augment.flip_p=0.5".into()]).unwrap();
+        let want = AugmentConfig {
+            flip_p: 0.5,
+            ..AugmentConfig::open_clip()
+        };
+        assert_eq!(cfg.data.augment, want);
+        assert_eq!(
+            JobConfig::from_toml("[objective]\nkind = \"simclr\"\n")
+                .unwrap()
+                .data
+                .augment,
+            AugmentConfig::default()
+        );
     }
 
     #[test]
