@@ -13,7 +13,7 @@
 //! run serves every check, so the checks run in order in one test.
 
 use contrail_common::config::{
-    Activation, BlockKind, EncoderKind, NormKind, ObjectiveKind, StemKind, TextMode, TextSettings,
+    Activation, BlockKind, EncoderKind, NormKind, ObjectiveKind, StemKind, TextSettings,
     VitSettings, VitStyle,
 };
 use contrail_common::JobConfig;
@@ -95,15 +95,8 @@ fn clip_b_32(activation: Activation) -> JobConfig {
         mlp_ratio: 4.0,
         style: VitStyle::OpenClip,
     };
-    job.model.text = TextSettings {
-        context_length: 77,
-        width: 512,
-        layers: 12,
-        heads: 8,
-        mlp_ratio: 4.0,
-        mode: TextMode::Causal,
-        ..Default::default()
-    };
+    // The default text tower is ViT-B-32's: context 77, width 512, 12 layers, 8 heads.
+    job.model.text = TextSettings::default();
     job.model.projector_out = 512;
     job.model.activation = activation;
     job
