@@ -500,6 +500,21 @@ mod tests {
             let e = JobConfig::from_toml(toml).unwrap_err();
             assert_eq!(e.path, path, "{toml}: {e}");
         }
+        for (toml, path) in [
+            ("[model]\nlock_image = true\n", "model.lock_image"),
+            (
+                "[objective]\nkind = \"clip\"\n[model]\nlock_image = true\n",
+                "model.lock_image",
+            ),
+            (
+                "[objective]\nkind = \"clip\"\n[model]\nencoder = \"vit\"\nlock_image = true\n\
+                 lock_text = true\n[model.vit]\npatch_size = 8\n",
+                "model.lock_text",
+            ),
+        ] {
+            let e = JobConfig::from_toml(toml).unwrap_err();
+            assert_eq!(e.path, path, "{toml}: {e}");
+        }
         let ok = JobConfig::from_toml("[optim]\ngrad_clip_norm = 1.0\n").unwrap();
         assert_eq!(ok.optim.grad_clip_norm, 1.0);
         let e = JobConfig::from_toml("[moe]\nexperts = 2\nvit_blocks = [0]\n").unwrap_err();

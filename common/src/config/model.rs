@@ -93,6 +93,11 @@ pub struct ModelConfig {
     /// The transformer blocks' MLP nonlinearity: "gelu" or "quick_gelu" (weights trained by
     /// OpenAI's CLIP compute something else under GELU).
     pub activation: Activation,
+    /// CLIP: the image tower is not trained (LiT: a pretrained image tower, locked, teaches a
+    /// text tower). Its variables get no gradient, no optimizer state and no all-reduce.
+    pub lock_image: bool,
+    /// CLIP: the text tower is not trained.
+    pub lock_text: bool,
     /// First layers of the encoder: "cifar" (3×3 stride-1 conv, no max-pool; for images of
     /// 32 px and below) or "imagenet" (7×7 stride-2 conv + max-pool, as in torchvision).
     pub stem: StemKind,
@@ -226,6 +231,8 @@ impl Default for ModelConfig {
             init_weights: String::new(),
             init_partial: false,
             activation: Activation::Gelu,
+            lock_image: false,
+            lock_text: false,
             stem: StemKind::Cifar,
         }
     }
@@ -278,6 +285,29 @@ impl ModelConfig {
                      (8 groups of at least 8 features)",
                     m.projector_hidden
                 ),
+            ));
+        }
+        if (m.lock_image || m.lock_text) && objective != ObjectiveKind::Clip {
+            return Err(err(
+                if m.lock_image {
+                    "model.lock_image"
+                } else {
+                    "model.lock_text"
+                },
+                "locks a tower of a CLIP model (objective.kind = \"clip\")",
+            ));
+        }
+        if m.lock_image && m.lock_text {
+            return Err(err(
+                "model.lock_text",
+                "with model.lock_image nothing would train",
+            ));
+        }
+        if m.lock_image && m.encoder == EncoderKind::Resnet && m.norm == NormKind::Batch {
+            return Err(err(
+                "model.lock_image",
+                "is not built for a BatchNorm ResNet (its running statistics would still \
+                 change in training mode); use a ViT or norm = \"group\"",
             ));
         }
         let clip_resnet = objective == ObjectiveKind::Clip && m.encoder == EncoderKind::Resnet;

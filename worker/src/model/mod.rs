@@ -309,6 +309,15 @@ impl ContrastiveModel {
             branch.copy_from_query(&model.named_variables())?;
             model.parts = ObjectiveParts::Moco(branch);
         }
+        for (tower, locked) in [(Tower::Image, m.lock_image), (Tower::Text, m.lock_text)] {
+            if locked {
+                for (name, var) in model.vs.variables() {
+                    if model.tower_of(&name) == tower {
+                        let _ = var.set_requires_grad(false);
+                    }
+                }
+            }
+        }
         Ok(model)
     }
 
@@ -540,10 +549,12 @@ impl ContrastiveModel {
     /// The tensors share storage with the model.
     pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
         let trainable: Vec<Tensor> = self.vs.trainable_variables();
+        // A locked tower's variables (`model.lock_image`/`lock_text`) need no gradient.
         let mut named: Vec<(String, Tensor)> = self
             .vs
             .variables()
             .into_iter()
+            .filter(|(_, t)| t.requires_grad())
             .filter(|(_, t)| trainable.iter().any(|p| p.data_ptr() == t.data_ptr()))
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -891,6 +902,73 @@ mod tests {
         wrong[0].1 = Tensor::zeros([1], (tch::Kind::Float, Device::Cpu));
         let e = b.load_initial(&wrong, true).unwrap_err().to_string();
         assert!(e.contains("another shape"), "{e}");
+    }
+
+    /// LiT (`model.lock_image`): the image tower has no parameters to train, gets no gradient
+    /// and is bit-identical after an optimizer step that changes the text tower.
+    #[test]
+    fn a_locked_tower_is_not_trained() {
+        use contrail_common::config::{TextSettings, VitSettings, VitStyle};
+        let mut job = JobConfig::default();
+        job.objective.kind = ObjectiveKind::Clip;
+        job.data.image_size = 16;
+        job.model.encoder = EncoderKind::Vit;
+        job.model.vit = VitSettings {
+            patch_size: 8,
+            width: 16,
+            layers: 1,
+            heads: 2,
+            mlp_ratio: 2.0,
+            style: VitStyle::OpenClip,
+        };
+        job.model.text = TextSettings {
+            context_length: 8,
+            width: 16,
+            layers: 1,
+            heads: 2,
+            ..Default::default()
+        };
+        job.model.projector_out = 8;
+        job.model.lock_image = true;
+        let tokenizer = crate::tokenize::ByteTokenizer::new();
+        let opts = BuildOptions {
+            tokenizer: Some(&tokenizer),
+            ..Default::default()
+        };
+        tch::manual_seed(0);
+        let model = ContrastiveModel::build(&job, Device::Cpu, opts).unwrap();
+        let params = model.named_parameters();
+        assert!(params.iter().all(|(n, _)| !n.starts_with("visual.")));
+        assert!(params.iter().any(|(n, _)| n == "text_projection"));
+        assert!(params.iter().any(|(n, _)| n == "logit_scale"));
+        let snapshot = |prefix: &str| -> Vec<(String, Tensor)> {
+            let mut v: Vec<(String, Tensor)> = model
+                .named_variables()
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .map(|(n, t)| (n, t.copy()))
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let (image_before, text_before) = (snapshot("visual."), snapshot("transformer."));
+        let mut opt = crate::optim::build(&job.optim, params);
+        let images = Tensor::randn([2, 3, 16, 16], (tch::Kind::Float, Device::Cpu));
+        let tokens =
+            Tensor::from_slice(&[1i64, 5, 9, 2, 0, 0, 0, 0, 1, 7, 2, 0, 0, 0, 0, 0]).view([2, 8]);
+        let loss = model
+            .embed_pair(&images, &tokens, true)
+            .pow_tensor_scalar(2)
+            .sum(tch::Kind::Float);
+        loss.backward();
+        opt.step(0.1);
+        for ((n, a), (_, b)) in image_before.iter().zip(snapshot("visual.")) {
+            assert!(a.equal(&b), "{n} changed");
+        }
+        assert!(text_before
+            .iter()
+            .zip(snapshot("transformer."))
+            .any(|((_, a), (_, b))| !a.equal(&b)));
     }
 
     /// MoCo: the key encoder starts as the loaded query encoder, not the random one.
