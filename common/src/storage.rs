@@ -244,8 +244,8 @@ mod tests {
         assert_eq!(normalize_url("s3://b/k").unwrap(), "s3://b/k");
     }
 
-    #[tokio::test]
-    async fn memory_prefix_lists_only_tars_sorted() {
+    #[test]
+    fn object_storage_is_told_from_local_folders_and_memory() {
         for (url, remote) in [
             ("s3://bucket/data", true),
             ("gs://bucket/data", true),
@@ -256,6 +256,10 @@ mod tests {
         ] {
             assert_eq!(is_object_storage(url).unwrap(), remote, "{url}");
         }
+    }
+
+    #[tokio::test]
+    async fn memory_prefix_lists_only_tars_sorted() {
         let loc = resolve("memory://listing-test/a/b.tar", "").unwrap();
         loc.store
             .put(&loc.path, PutPayload::from_static(b"x"))

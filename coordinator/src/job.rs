@@ -63,15 +63,18 @@ pub struct JobBook {
     /// their members to abort the collective in progress (`HeartbeatReply.peer_lost`).
     #[serde(default)]
     lost_in_generation: Option<u64>,
+    /// Samples per epoch from the dataset's `dataset.json` (`crate::manifest`), when it has one.
+    #[serde(default)]
+    manifest_samples: Option<u64>,
 }
 
 impl JobBook {
-    /// `shard_urls` is the listed dataset; `resume` the latest checkpoint, if any.
     /// Samples per epoch from the dataset's manifest (see `crate::manifest`).
     pub fn set_manifest_samples(&mut self, samples: Option<u64>) {
-        self.shards.set_manifest_samples(samples);
+        self.manifest_samples = samples;
     }
 
+    /// `shard_urls` is the listed dataset; `resume` the latest checkpoint, if any.
     pub fn new(
         cfg: JobConfig,
         job_toml: String,
@@ -116,6 +119,7 @@ impl JobBook {
             rollback_generation: None,
             rollbacks: Vec::new(),
             lost_in_generation: None,
+            manifest_samples: None,
         }
     }
 
@@ -428,14 +432,12 @@ impl JobBook {
             return;
         }
         let c = &self.cfg;
-        let manifest = self.shards.manifest_samples();
         self.shards = ShardBook::new(
             self.shards.urls().to_vec(),
             c.train.seed,
             c.cluster.lease_ttl_ms,
             Some(meta.shard_state.clone()),
         );
-        self.shards.set_manifest_samples(manifest);
         self.progress
             .roll_back(meta.step, meta.epoch, meta.shard_state.samples_seen);
         // Replacements join at the members' next step boundary, taking the rolled-back state
@@ -678,7 +680,7 @@ impl JobBook {
             placement: self.experts.as_ref().map(|x| x.placement().into()),
             joining,
             rollback,
-            dataset_samples: self.shards.manifest_samples().unwrap_or(0),
+            dataset_samples: self.manifest_samples.unwrap_or(0),
         }))
     }
 
@@ -962,7 +964,9 @@ impl JobBook {
             .latest_epoch()
             .unwrap_or(self.progress.epoch)
             .max(self.progress.epoch);
-        let dataset = self.shards.dataset_samples().map(|(n, _)| n);
+        let dataset = self
+            .manifest_samples
+            .or_else(|| self.shards.dataset_samples().map(|(n, _)| n));
         let total = self.progress.total_steps_estimate(&self.cfg.train, dataset);
         let mut workers: Vec<WorkerStatus> = self
             .members

@@ -96,9 +96,6 @@ pub struct ShardBook {
     /// Samples of the newest dropped epoch that finished every shard (for `dataset_samples`).
     #[serde(default)]
     dropped_full_samples: Option<u64>,
-    /// Samples per epoch from the dataset's `dataset.json` (`crate::manifest`), when it has one.
-    #[serde(default)]
-    manifest_samples: Option<u64>,
 }
 
 impl ShardBook {
@@ -127,7 +124,6 @@ impl ShardBook {
             granted: HashMap::new(),
             dropped_below: 0,
             dropped_full_samples: None,
-            manifest_samples: None,
         }
     }
 
@@ -451,21 +447,9 @@ impl ShardBook {
             .unwrap_or("")
     }
 
-    /// Samples per epoch as the dataset's manifest states them (see `crate::manifest`).
-    pub fn set_manifest_samples(&mut self, samples: Option<u64>) {
-        self.manifest_samples = samples;
-    }
-
-    pub fn manifest_samples(&self) -> Option<u64> {
-        self.manifest_samples
-    }
-
-    /// Samples in the whole dataset: exact from its manifest or once every shard of some
-    /// epoch is finished (`true`), else extrapolated from the average finished shard (`false`).
+    /// Samples in the whole dataset: exact once every shard of some epoch is finished
+    /// (`true`), else extrapolated from the average finished shard (`false`).
     pub fn dataset_samples(&self) -> Option<(u64, bool)> {
-        if let Some(n) = self.manifest_samples {
-            return Some((n, true));
-        }
         let n = self.urls.len();
         for book in self.epochs.values().rev() {
             if book.done.len() + book.failed.len() == n && n > 0 {

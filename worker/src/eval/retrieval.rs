@@ -109,9 +109,10 @@ pub fn evaluate_grouped(
 }
 
 /// For each query row, how many candidate rows outside its group score strictly above the
-/// best-scoring candidate of its group (rows pair up where `*_groups` hold the same id). Two
-/// passes over the candidate chunks: the best positive, then the count; every score comes
-/// from the same chunked products, so equal vectors compare equal.
+/// best-scoring candidate of its group (rows pair up where `*_groups` hold the same id). The
+/// group's candidates are scored first, by a product of their own (a few rows per query
+/// chunk), then every candidate chunk once; both are the same kind of product, so equal
+/// vectors compare equal.
 fn ranks(
     queries: &Tensor,
     query_groups: &Tensor,
@@ -125,26 +126,32 @@ fn ranks(
     while a < n {
         let rows = chunk.min(n - a);
         let q = queries.narrow(0, a, rows);
-        let qg = query_groups.narrow(0, a, rows).unsqueeze(1);
-        let blocks = || {
-            (0..m).step_by(chunk as usize).map(|c| {
-                let cols = chunk.min(m - c);
-                let scores = q.matmul(&candidates.narrow(0, c, cols).tr());
-                let positive = qg.eq_tensor(&candidate_groups.narrow(0, c, cols).unsqueeze(0));
-                (scores, positive)
-            })
-        };
-        let mut best = Tensor::full([rows, 1], f64::NEG_INFINITY, (q.kind(), q.device()));
-        for (scores, positive) in blocks() {
-            let own = scores
-                .masked_fill(&positive.logical_not(), f64::NEG_INFINITY)
-                .amax([1].as_slice(), true);
-            best = best.maximum(&own);
-        }
+        let groups = query_groups.narrow(0, a, rows);
+        let qg = groups.unsqueeze(1);
+        let mine = Tensor::isin(candidate_groups, &groups, false, false)
+            .nonzero()
+            .squeeze_dim(1);
+        let best = q
+            .matmul(&candidates.index_select(0, &mine).tr())
+            .masked_fill(
+                &qg.eq_tensor(&candidate_groups.index_select(0, &mine).unsqueeze(0))
+                    .logical_not(),
+                f64::NEG_INFINITY,
+            )
+            .amax([1].as_slice(), true);
         let mut above = Tensor::zeros([rows], (Kind::Int64, q.device()));
-        for (scores, positive) in blocks() {
-            let beats = scores.gt_tensor(&best).logical_and(&positive.logical_not());
+        let mut c = 0;
+        while c < m {
+            let cols = chunk.min(m - c);
+            let outside = qg
+                .eq_tensor(&candidate_groups.narrow(0, c, cols).unsqueeze(0))
+                .logical_not();
+            let beats = q
+                .matmul(&candidates.narrow(0, c, cols).tr())
+                .gt_tensor(&best)
+                .logical_and(&outside);
             above += beats.sum_dim_intlist(1, false, Kind::Int64);
+            c += cols;
         }
         out.extend(Vec::<i64>::try_from(above.to_device(tch::Device::Cpu)).expect("Int64"));
         a += rows;

@@ -309,13 +309,14 @@ impl ContrastiveModel {
             branch.copy_from_query(&model.named_variables())?;
             model.parts = ObjectiveParts::Moco(branch);
         }
-        for (tower, locked) in [(Tower::Image, m.lock_image), (Tower::Text, m.lock_text)] {
+        for (name, var) in model.vs.variables() {
+            let locked = match model.tower_of(&name) {
+                Tower::Image => m.lock_image,
+                Tower::Text => m.lock_text,
+                Tower::Head => false,
+            };
             if locked {
-                for (name, var) in model.vs.variables() {
-                    if model.tower_of(&name) == tower {
-                        let _ = var.set_requires_grad(false);
-                    }
-                }
+                let _ = var.set_requires_grad(false);
             }
         }
         Ok(model)
@@ -606,13 +607,10 @@ impl ContrastiveModel {
         if let Some(why) = plan.refusal(partial) {
             bail!("{why}");
         }
-        plan.proj_identity = matches!(self.encoder, ImageEncoder::Vit(_))
-            && self.tower_of("proj") == Tower::Head
+        // `proj` is a head only in an image-only ViT.
+        plan.proj_identity = self.tower_of("proj") == Tower::Head
             && plan.towers.contains(&Tower::Image)
-            && plan
-                .heads_kept
-                .iter()
-                .any(|h| h == "proj" || h.starts_with("proj: "));
+            && !plan.pairs.iter().any(|(var, _)| var == "proj");
         tch::no_grad(|| {
             for (var, i) in &plan.pairs {
                 let src = &named[*i].1;

@@ -50,18 +50,20 @@ pub trait Optimizer: Send {
 /// The optimizer named by `optim.kind` over `params` (a model's `named_parameters()`).
 /// With `optim.grad_clip_norm` set, its steps clip the gradients first.
 pub fn build(cfg: &OptimConfig, params: Vec<(String, Tensor)>) -> Box<dyn Optimizer> {
-    let clipped: Vec<(String, Tensor)> = params
-        .iter()
-        .map(|(n, p)| (n.clone(), p.shallow_clone()))
-        .collect();
+    let clipped: Option<Vec<(String, Tensor)>> = (cfg.grad_clip_norm > 0.0).then(|| {
+        params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect()
+    });
     let inner: Box<dyn Optimizer> = match cfg.kind {
         OptimKind::Sgd => Box::new(Sgd::new(params, cfg.momentum, cfg.weight_decay)),
         OptimKind::Lars => Box::new(Lars::new(params, LarsOptions::from_config(cfg))),
         OptimKind::Adamw => Box::new(AdamW::new(params, AdamWOptions::from_config(cfg))),
     };
-    match cfg.grad_clip_norm > 0.0 {
-        true => Box::new(GradClip::new(inner, clipped, cfg.grad_clip_norm)),
-        false => inner,
+    match clipped {
+        Some(params) => Box::new(GradClip::new(inner, params, cfg.grad_clip_norm)),
+        None => inner,
     }
 }
 

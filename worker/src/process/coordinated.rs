@@ -111,8 +111,9 @@ pub struct CoordinatedHooks<'a> {
     trained: Arc<Mutex<TrainedSet>>,
     /// Rank 0: the checkpoint(s) waiting for an unreachable coordinator's shard state.
     unwritten_checkpoint: Option<tokio::task::JoinHandle<Result<()>>>,
-    /// Samples per epoch from the dataset's manifest (the coordinator's rendezvous reply).
-    dataset_samples: Option<u64>,
+    /// Samples per epoch from the dataset's manifest (the coordinator's rendezvous reply; 0:
+    /// none).
+    dataset_samples: u64,
 }
 
 /// A checkpoint's bytes and metadata, waiting only for the shard state.
@@ -184,7 +185,7 @@ impl<'a> CoordinatedHooks<'a> {
             open_shards: None,
             trained: Arc::default(),
             unwritten_checkpoint: None,
-            dataset_samples: (asg.dataset_samples > 0).then_some(asg.dataset_samples),
+            dataset_samples: asg.dataset_samples,
         })
     }
 
@@ -250,7 +251,7 @@ impl<'a> CoordinatedHooks<'a> {
     pub fn set_membership(&mut self, asg: &Assignment) {
         self.rank = asg.rank;
         self.world_size = asg.world_size;
-        self.dataset_samples = (asg.dataset_samples > 0).then_some(asg.dataset_samples);
+        self.dataset_samples = asg.dataset_samples;
         if let Some(audit) = &mut self.audit {
             audit.set_membership(asg.rank, asg.generation);
         }
@@ -308,7 +309,7 @@ impl TrainHooks for CoordinatedHooks<'_> {
     }
 
     fn dataset_samples(&self) -> Option<u64> {
-        self.dataset_samples
+        (self.dataset_samples > 0).then_some(self.dataset_samples)
     }
 
     fn regroup_requested(&self) -> bool {

@@ -158,10 +158,10 @@ pub fn train(
     // from the dataset's manifest as ceil(samples / global batch) until an epoch has been seen
     // whole, then the observed count; without a manifest it holds the peak after warm-up
     // until then. Every rank counts the same steps, so every rank computes the same rate.
-    let mut steps_per_epoch: Option<u64> = hooks
+    let estimated_steps_per_epoch = hooks
         .dataset_samples()
         .map(|n| n.div_ceil(t.global_batch.max(1)));
-    let mut steps_observed = false;
+    let mut steps_per_epoch: Option<u64> = None;
     let max_steps_reached = |s: u64| t.max_steps > 0 && s >= t.max_steps;
     // A resumed job's checkpoint already holds its starting state.
     let mut last_checkpoint: Option<u64> = (start.step > 0).then_some(start.step);
@@ -226,7 +226,7 @@ pub fn train(
                     None
                 };
                 hooks.before_step(epoch, step + 1, &samples, step_ids.as_ref())?;
-                let total = match (t.max_steps, steps_per_epoch) {
+                let total = match (t.max_steps, steps_per_epoch.or(estimated_steps_per_epoch)) {
                     (m, _) if m > 0 => m,
                     (_, Some(spe)) => spe * u64::from(t.epochs.max(1)),
                     (_, None) => 0,
@@ -294,9 +294,8 @@ pub fn train(
                 }
             }
         }
-        if !steps_observed && !partial_epoch {
+        if steps_per_epoch.is_none() && !partial_epoch {
             steps_per_epoch = Some(steps_this_epoch);
-            steps_observed = true;
         }
         epoch += 1;
         summary.epochs_completed += 1;
