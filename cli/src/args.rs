@@ -5,6 +5,7 @@ use contrail_common::config::DeviceSetting;
 use contrail_data::embeddings::Tower;
 use contrail_worker::embed::EmbedTower;
 use contrail_worker::eval::knn::Metric;
+use contrail_worker::export::ExportFormat;
 
 #[derive(Parser)]
 #[command(
@@ -109,6 +110,13 @@ pub enum Command {
     Embed {
         #[command(flatten)]
         args: EmbedArgs,
+    },
+    /// Write a job's latest checkpoint (or its untrained model) as the Python libraries load
+    /// it: `open_clip` (a CLIP ViT model), `timm` (a ViT image tower) or `torchvision` (a
+    /// ResNet); weights in safetensors plus the library's config (docs/export.md).
+    Export {
+        #[command(flatten)]
+        args: ExportArgs,
     },
     /// One worker of a distributed export: join the coordinator, embed leased shards until
     /// none is left (`contrail embed --workers N` and the Kubernetes export job start these).
@@ -468,6 +476,30 @@ pub struct EmbedArgs {
     /// `auto`, `cpu`, `cuda` or `cuda:N` (with --workers: the job's cluster.device is set to it).
     #[arg(long, default_value = "auto")]
     pub device: DeviceSetting,
+}
+
+/// `contrail export`'s arguments.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Job file (TOML): the model to build.
+    #[arg(long)]
+    pub config: String,
+    /// Override a config key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Checkpoint base URL whose LATEST is exported (default: the job's checkpoint.url).
+    #[arg(long)]
+    pub checkpoint: Option<String>,
+    /// Export a freshly initialised model instead (seeded by train.seed, as `contrail embed
+    /// --random-init` builds it).
+    #[arg(long, conflicts_with = "checkpoint")]
+    pub random_init: bool,
+    /// `open_clip`, `timm` or `torchvision`.
+    #[arg(long)]
+    pub format: ExportFormat,
+    /// Destination folder URL (any storage); files in it of the same names are replaced.
+    #[arg(long)]
+    pub out: String,
 }
 
 /// The labelled train and test embedding folders of a classification evaluation.

@@ -15,6 +15,7 @@ pub mod args;
 pub mod audit;
 pub mod commands;
 pub mod eval;
+pub mod export;
 pub mod k8s;
 pub mod local_cluster;
 pub mod node_worker;

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use contrail_cli::args::{AuditCommand, Cli, Command, DataCommand};
-use contrail_cli::{audit, commands, eval, k8s, local_cluster, node_worker, status_client};
+use contrail_cli::{audit, commands, eval, export, k8s, local_cluster, node_worker, status_client};
 use contrail_common::auth::JobToken;
 use contrail_data::import::ImportOptions;
 use contrail_worker::embed::leased::{run_embed_worker, EmbedWorkerOptions};
@@ -103,6 +103,7 @@ fn main() {
         ),
         Command::Status { coordinator, watch } => status_client::status(&rt, &coordinator, watch),
         Command::Embed { args } => commands::embed(&rt, args),
+        Command::Export { args } => export::run(&rt, args),
         Command::EmbedWorker {
             coordinator,
             out,

@@ -16,6 +16,7 @@ pub mod experts;
 pub mod shards;
 pub mod status;
 pub mod storage;
+pub mod tensorboard;
 
 pub mod proto {
     tonic::include_proto!("contrail.v1");

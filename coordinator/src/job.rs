@@ -14,10 +14,12 @@ use crate::experts::ExpertBook;
 use crate::leases::{Completion, ShardBook};
 use crate::membership::{Membership, NodeSlot, Worker};
 use crate::progress::{reported_seconds, JobProgress};
+use crate::tensorboard::{expert_scalars, step_scalars, MAX_PENDING_SCALARS};
 use contrail_common::checkpoint::CheckpointMeta;
 use contrail_common::config::JobConfig;
 use contrail_common::proto;
 use contrail_common::status::{EvalPoint, JobState, StatusReport, WorkerLiveness, WorkerStatus};
+use contrail_common::tensorboard::Scalars;
 use serde::{Deserialize, Serialize};
 
 /// The checkpoint a job resumes from, as told to every worker at rendezvous.
@@ -66,6 +68,10 @@ pub struct JobBook {
     /// Samples per epoch from the dataset's `dataset.json` (`crate::manifest`), when it has one.
     #[serde(default)]
     manifest_samples: Option<u64>,
+    /// Scalars not yet written to the TensorBoard event file (`log.tensorboard`; kept only
+    /// when it is set). Not journaled: a restarted coordinator starts a new event file.
+    #[serde(skip)]
+    scalars: Vec<Scalars>,
 }
 
 impl JobBook {
@@ -120,6 +126,7 @@ impl JobBook {
             rollbacks: Vec::new(),
             lost_in_generation: None,
             manifest_samples: None,
+            scalars: Vec::new(),
         }
     }
 
@@ -813,6 +820,11 @@ impl JobBook {
             req.step_seconds,
             now_ms,
         );
+        if rank == 0 {
+            let mut values = step_scalars(req);
+            values.extend(req.expert_load.iter().flat_map(expert_scalars));
+            self.record_scalars(req.step, values);
+        }
         let mut reply = proto::StepReply::default();
         if let (0, Some(x)) = (rank, &mut self.experts) {
             x.report(req.step, &req.expert_load, req.placement_version);
@@ -881,9 +893,47 @@ impl JobBook {
                 tracing::warn!(step = point.step, error = %point.error, "evaluation did not vote")
             }
         }
+        let values = [
+            ("eval/knn_top1", point.knn_top1),
+            ("eval/knn_top5", point.knn_top5),
+            ("eval/zeroshot_top1", zs1),
+            ("eval/zeroshot_top5", zs5),
+            ("eval/image_to_text_r1", i2t),
+            ("eval/text_to_image_r1", t2i),
+            ("eval/retrieval_mean_recall", mean_recall),
+        ]
+        .into_iter()
+        .filter_map(|(tag, v)| Some((tag.to_string(), v?)))
+        .collect();
+        self.record_scalars(point.step, values);
         self.progress.eval_history.push(point);
         self.touch();
         Ok(())
+    }
+
+    /// Keeps one step's scalars for the TensorBoard writer when `log.tensorboard` is set.
+    fn record_scalars(&mut self, step: u64, values: Vec<(String, f64)>) {
+        if self.cfg.log.tensorboard.is_empty() || values.is_empty() {
+            return;
+        }
+        // A writer that cannot keep up (storage down) must not grow the books without bound.
+        if self.scalars.len() >= MAX_PENDING_SCALARS {
+            self.scalars.remove(0);
+        }
+        let wall_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.scalars.push(Scalars {
+            step,
+            wall_time,
+            values,
+        });
+    }
+
+    /// The scalars recorded since the last call, oldest first (`crate::Coordinator`'s
+    /// TensorBoard writer).
+    pub fn take_scalars(&mut self) -> Vec<Scalars> {
+        std::mem::take(&mut self.scalars)
     }
 
     /// The epoch whose shard state a checkpoint of the latest step belongs to.

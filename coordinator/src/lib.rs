@@ -13,6 +13,7 @@
 //!   [`StatusReport`]), `GET /metrics` and `GET /healthz`.
 //! - [`metrics`]: the status report in Prometheus' text format.
 //! - [`journal`]: the books on object storage, so a restarted coordinator takes the job over.
+//! - [`tensorboard`]: TensorBoard event files of the training curves (`log.tensorboard`).
 //!
 //! ```no_run
 //! # async fn demo(cfg: contrail_common::JobConfig, toml: String) -> anyhow::Result<()> {
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod page;
 pub mod progress;
 pub mod service;
+pub mod tensorboard;
 
 use anyhow::{bail, Context, Result};
 use contrail_common::auth::JobToken;
@@ -276,6 +278,43 @@ impl Coordinator {
         }
     }
 
+    /// Writes the books' pending scalars to the TensorBoard event files every
+    /// `tensorboard::FLUSH_MS` until `stop` resolves, then once more. Nothing without
+    /// `log.tensorboard`.
+    async fn write_tensorboard(self: Arc<Self>, stop: impl Future<Output = ()>) {
+        let dir = &self.cfg.log.tensorboard;
+        if dir.is_empty() {
+            return;
+        }
+        let mut writer = tensorboard::EventWriter::new(dir, &self.cfg.data.s3_endpoint);
+        tracing::info!(file = %writer.url(), "writing TensorBoard events");
+        let mut failing = false;
+        tokio::pin!(stop);
+        loop {
+            let stopping = tokio::select! {
+                _ = &mut stop => true,
+                _ = tokio::time::sleep(Duration::from_millis(tensorboard::FLUSH_MS)) => false,
+            };
+            let scalars = self.lock().take_scalars();
+            match writer.append(&scalars).await {
+                Ok(()) if failing => {
+                    tracing::info!("TensorBoard events written again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("{e:#}; retrying at the next flush");
+                    }
+                    failing = true;
+                }
+            }
+            if stopping {
+                break;
+            }
+        }
+    }
+
     pub fn config(&self) -> &JobConfig {
         &self.cfg
     }
@@ -384,6 +423,7 @@ impl Coordinator {
         };
 
         let journal_writer = tokio::spawn(self.clone().write_journal());
+        let events_writer = tokio::spawn(self.clone().write_tensorboard(stopped(stop_rx.clone())));
 
         let grpc_addr = grpc
             .local_addr()
@@ -425,6 +465,14 @@ impl Coordinator {
             tracing::warn!("the journal may miss the last changes");
         }
         journal_writer.abort();
+        // The last scalars (the end of training, the final evaluation) reach the event file.
+        // Bounded: storage that stopped answering must not keep the coordinator from exiting.
+        if tokio::time::timeout(Duration::from_secs(10), events_writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the TensorBoard event file may miss the last scalars");
+        }
         served.map(|_| ())
     }
 }

@@ -93,6 +93,7 @@ fn history() -> (JobBook, Vec<u64>, Vec<u64>) {
                 generation: g,
                 step: 7,
                 global_samples: 12,
+                loss: Some(2.5),
                 ..Default::default()
             },
             20,
@@ -108,6 +109,18 @@ fn history() -> (JobBook, Vec<u64>, Vec<u64>) {
         )
         .unwrap();
     }
+    b.report_eval(
+        &proto::EvalReport {
+            worker_id: ids[0],
+            generation: b.generation(),
+            step: 7,
+            knn_top1: 0.5,
+            knn_top5: 0.9,
+            ..Default::default()
+        },
+        160,
+    )
+    .unwrap();
     // Worker 3 falls silent: the survivors regroup as generation 2.
     b.tick(150 + TIMEOUT);
     assert_eq!(b.generation(), 2);
@@ -134,6 +147,11 @@ fn a_recovered_book_carries_the_job_on_like_the_original() {
     );
     assert_eq!(a.samples_seen, b.samples_seen);
     assert_eq!(a.shards, b.shards);
+    // The status page's curves survive the restart.
+    assert_eq!(a.loss_history, vec![(7, 2.5)]);
+    assert_eq!(a.loss_history, b.loss_history);
+    assert_eq!(a.eval_history.len(), 1);
+    assert_eq!(a.eval_history, b.eval_history);
     let members = |s: &contrail_common::status::StatusReport| {
         s.workers
             .iter()

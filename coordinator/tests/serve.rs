@@ -561,10 +561,9 @@ async fn new_coordinator_resumes_from_the_latest_checkpoint() {
     served.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn moe_placement_at_rendezvous_and_expert_load_in_status() {
-    let data = write_shards("serve-moe").await;
-    let mut cfg = config(&data, "");
+/// [`config`] with a ViT of 2 blocks whose second has 4 experts.
+fn moe_config(data: &str) -> JobConfig {
+    let mut cfg = config(data, "");
     let vit = JobConfig::from_toml(
         "[model]\nencoder = \"vit\"\n[model.vit]\nlayers = 2\npatch_size = 8\n\
          [data]\nimage_size = 32\n[moe]\nexperts = 4\nvit_blocks = [1]\n",
@@ -572,7 +571,13 @@ async fn moe_placement_at_rendezvous_and_expert_load_in_status() {
     .unwrap();
     (cfg.model, cfg.data.image_size, cfg.moe) = (vit.model, vit.data.image_size, vit.moe);
     cfg.validate().unwrap();
-    let served = serve(cfg).await;
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_placement_at_rendezvous_and_expert_load_in_status() {
+    let data = write_shards("serve-moe").await;
+    let served = serve(moe_config(&data)).await;
     let mut workers = join_world(&served, 2).await;
     for w in &workers {
         let p = ExpertPlacement::from(w.placement.as_ref().expect("MoE is on"));
@@ -762,4 +767,96 @@ async fn garbage_on_both_ports_changes_nothing() {
     let mut workers = join_world(&served, 2).await;
     assert_eq!(lease_all(&mut workers).await.len(), SHARDS);
     served.shutdown().await;
+}
+
+/// `log.tensorboard`: rank 0's step reports (loss, learning rate, samples/s, expert load) and
+/// the evaluations become scalars in an event file that TensorBoard's own reader loads (the
+/// pinned `tensorboard` in .venv, `tests/fixtures/reference/tensorboard/read_events.py`);
+/// the other ranks' reports are not plotted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_become_tensorboard_scalars_that_tensorboard_reads() {
+    let data = write_shards("serve-tensorboard").await;
+    let dir = std::env::temp_dir().join(format!("contrail-tensorboard-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = moe_config(&data);
+    cfg.log.tensorboard = format!("file://{}/run", dir.display());
+    let served = serve(cfg).await;
+    let mut workers = join_world(&served, 2).await;
+    for step in 1..=3u64 {
+        for w in workers.iter_mut() {
+            let rank0 = w.rank == 0;
+            w.client
+                .report_step(proto::StepReport {
+                    worker_id: w.id,
+                    generation: w.generation,
+                    step,
+                    loss: Some(if rank0 { 4.0 - step as f64 } else { 99.0 }),
+                    learning_rate: 0.1 * step as f64,
+                    global_samples: 8,
+                    step_seconds: 0.5,
+                    expert_load: vec![proto::ExpertLoad {
+                        block: 0,
+                        routed: if rank0 { vec![5, 1, 1, 1] } else { vec![0; 4] },
+                        dropped: if rank0 { 2 } else { 0 },
+                    }],
+                    placement_version: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let rank0 = &mut workers[0];
+    rank0
+        .client
+        .report_eval(proto::EvalReport {
+            worker_id: rank0.id,
+            generation: rank0.generation,
+            step: 3,
+            knn_top1: 0.5,
+            knn_top5: 0.75,
+            zeroshot_top1: Some(0.25),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    served.shutdown().await;
+
+    let files: Vec<_> = std::fs::read_dir(dir.join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("events.out.tfevents."), "{name}");
+    let ours = contrail_common::tensorboard::read(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(ours.len(), 4, "three steps and one evaluation: {ours:?}");
+
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
+    let out = std::process::Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/reference/tensorboard/read_events.py"
+        ))
+        .arg(dir.join("run"))
+        .output()
+        .expect("runs .venv/bin/python (scripts/setup-test.sh installs tensorboard there)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read: std::collections::BTreeMap<String, Vec<(u64, f64)>> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(read["train/loss"], vec![(1, 3.0), (2, 2.0), (3, 1.0)]);
+    let lr: Vec<f64> = read["train/learning_rate"].iter().map(|p| p.1).collect();
+    assert!((lr[2] - 0.3).abs() < 1e-6, "{lr:?}");
+    assert_eq!(read["train/samples_per_second"][0], (1, 16.0));
+    assert_eq!(read["moe/block0/expert0_share"][2], (3, 0.625));
+    assert_eq!(read["moe/block0/max_over_mean"][0], (1, 2.5));
+    assert_eq!(read["moe/block0/dropped_fraction"][0], (1, 0.25));
+    assert_eq!(read["eval/knn_top1"], vec![(3, 0.5)]);
+    assert_eq!(read["eval/zeroshot_top1"], vec![(3, 0.25)]);
+    assert!(!read.contains_key("eval/zeroshot_top5"), "not measured");
+    let _ = std::fs::remove_dir_all(&dir);
 }

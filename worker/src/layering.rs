@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["model"],
     &["objective"],
     &["train"],
-    &["process"],
+    &["process", "export"],
     &["embed"],
 ];
 

@@ -19,7 +19,8 @@
 //! 6. [`objective`]: SimCLR, MoCo v2, SwAV, CLIP, each its loss and its distributed step form.
 //! 7. [`train`]: one distributed step, the epoch loop with in-band epoch agreement, expert
 //!    moves, checkpoints.
-//! 8. [`process`]: a worker process: coordinator RPCs, heartbeats, leased shards → batches.
+//! 8. [`process`]: a worker process: coordinator RPCs, heartbeats, leased shards → batches;
+//!    [`export`]: a model in open_clip's, timm's or torchvision's layout and config.
 //! 9. [`embed`]: a dataset's image and caption embeddings from a job's checkpoint, as an
 //!    embedding folder, in one process or spread over workers through shard leases.
 //!
@@ -30,6 +31,7 @@
 pub mod dist;
 pub mod embed;
 pub mod eval;
+pub mod export;
 pub mod model;
 pub mod moe;
 pub mod nn;

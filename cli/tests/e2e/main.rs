@@ -7,6 +7,7 @@
 
 mod embed_cli;
 mod eval_cli;
+mod export_cli;
 mod link;
 mod local_cluster;
 mod recovery;

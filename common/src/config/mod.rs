@@ -11,6 +11,7 @@ pub(crate) mod choice;
 mod cluster;
 mod data;
 mod eval;
+mod log;
 mod model;
 mod moe;
 mod objective;
@@ -20,9 +21,10 @@ mod train;
 pub use cluster::{Backend, ClusterConfig, DeviceSetting, GradDtype};
 pub use data::{AugmentConfig, DataConfig};
 pub use eval::{EvalConfig, KnnMetric};
+pub use log::LogConfig;
 pub use model::{
-    Activation, BlockKind, EncoderKind, ModelConfig, NormKind, StemKind, TextMode, TextSettings,
-    TokenizerSource, VitSettings, VitStyle,
+    Activation, BlockKind, EncoderKind, ModelConfig, NormKind, StemKind, TextKind, TextMode,
+    TextPooling, TextSettings, TokenizerSource, VitSettings, VitStyle,
 };
 pub use moe::MoeConfig;
 pub use objective::{MocoSettings, ObjectiveConfig, ObjectiveKind, SwavSettings};
@@ -53,6 +55,8 @@ pub struct JobConfig {
     pub eval: EvalConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 /// A rejected job file: which key, and why.
@@ -185,6 +189,23 @@ impl JobConfig {
                 "model.activation",
                 "quick_gelu is not built for MoE blocks (their experts use GELU)",
             ));
+        }
+        if m.text.kind == TextKind::Bert {
+            if !self.moe.text_blocks.is_empty() {
+                return Err(err(
+                    "moe.text_blocks",
+                    "MoE blocks are built for the clip text tower, not model.text.kind = \"bert\"",
+                ));
+            }
+            if m.text.max_positions < m.text.context_length {
+                return Err(err(
+                    "model.text.max_positions",
+                    format!(
+                        "({}) must be at least model.text.context_length ({})",
+                        m.text.max_positions, m.text.context_length
+                    ),
+                ));
+            }
         }
         let vit_layers = (m.encoder == EncoderKind::Vit).then_some(m.vit.layers);
         let text_layers = (kind == ObjectiveKind::Clip).then_some(m.text.layers);

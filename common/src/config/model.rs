@@ -49,6 +49,27 @@ choice! {
     }
 }
 
+choice! {
+    /// Which architecture CLIP's text tower has.
+    pub enum TextKind default Clip {
+        /// open_clip's text transformer (pre-LayerNorm blocks; `mode` picks the attention).
+        Clip = "clip",
+        /// Hugging Face BERT (post-LayerNorm blocks, bidirectional, pad keys masked; Chinese-CLIP's
+        /// text tower), pooled by `pooling`.
+        Bert = "bert",
+    }
+}
+
+choice! {
+    /// How a BERT text tower turns its hidden states into one vector.
+    pub enum TextPooling default Cls {
+        /// The first token's (`[CLS]`) hidden state, as Chinese-CLIP.
+        Cls = "cls",
+        /// The mean over the caption's non-pad tokens.
+        Mean = "mean",
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum NormKind {
@@ -98,6 +119,9 @@ pub struct ModelConfig {
     pub lock_image: bool,
     /// CLIP: the text tower is not trained.
     pub lock_text: bool,
+    /// With `lock_image` or `lock_text`: the locked tower's last this many blocks (and its
+    /// final norm and projection above them) train after all; 0 locks the whole tower.
+    pub unlocked_layers: u32,
     /// First layers of the encoder: "cifar" (3×3 stride-1 conv, no max-pool; for images of
     /// 32 px and below) or "imagenet" (7×7 stride-2 conv + max-pool, as in torchvision).
     pub stem: StemKind,
@@ -146,6 +170,13 @@ pub struct TextSettings {
     /// "byte" (built-in byte-level tokenizer, no download) or the URL of a Hugging Face
     /// `tokenizer.json` (any storage URL, e.g. a multilingual tokenizer).
     pub tokenizer: TokenizerSource,
+    /// "clip" (open_clip's text transformer) or "bert" (Hugging Face BERT names and blocks).
+    pub kind: TextKind,
+    /// BERT: "cls" or "mean" pooling.
+    pub pooling: TextPooling,
+    /// BERT: rows of the position table (`max_position_embeddings`), at least
+    /// `context_length`; 512 as BERT-base and Chinese-CLIP's RoBERTa.
+    pub max_positions: u32,
 }
 
 impl Default for TextSettings {
@@ -159,6 +190,9 @@ impl Default for TextSettings {
             mlp_ratio: 4.0,
             mode: TextMode::Causal,
             tokenizer: TokenizerSource::Byte,
+            kind: TextKind::Clip,
+            pooling: TextPooling::Cls,
+            max_positions: 512,
         }
     }
 }
@@ -233,6 +267,7 @@ impl Default for ModelConfig {
             activation: Activation::Gelu,
             lock_image: false,
             lock_text: false,
+            unlocked_layers: 0,
             stem: StemKind::Cifar,
         }
     }
@@ -296,6 +331,28 @@ impl ModelConfig {
                 },
                 "locks a tower of a CLIP model (objective.kind = \"clip\")",
             ));
+        }
+        if m.unlocked_layers > 0 {
+            let blocks = match (m.lock_image, m.lock_text, m.encoder) {
+                (false, false, _) => {
+                    return Err(err(
+                        "model.unlocked_layers",
+                        "unlocks blocks of a locked tower; set model.lock_image or lock_text",
+                    ))
+                }
+                (true, _, EncoderKind::Vit) => m.vit.layers,
+                (true, _, EncoderKind::Resnet) => m.layers.iter().sum(),
+                (false, true, _) => m.text.layers,
+            };
+            if m.unlocked_layers > blocks {
+                return Err(err(
+                    "model.unlocked_layers",
+                    format!(
+                        "({}) is more than the locked tower's {blocks} blocks",
+                        m.unlocked_layers
+                    ),
+                ));
+            }
         }
         if m.lock_image && m.lock_text {
             return Err(err(

@@ -36,6 +36,10 @@ pub struct OptimConfig {
     /// Before each step, scale the summed gradients down so their joint L2 norm is at most
     /// this (`torch.nn.utils.clip_grad_norm_`); 0 = no clipping.
     pub grad_clip_norm: f64,
+    /// Layer-wise learning-rate decay (BEiT, timm): a parameter's rate is the step's times
+    /// this^(blocks above it + 1), so the head trains at the full rate and each block below at
+    /// this times the one above; 1 = off.
+    pub layer_decay: f64,
     /// Used with `kind = "lars"`.
     pub lars: LarsSettings,
     /// Used with `kind = "adamw"`.
@@ -111,6 +115,7 @@ impl Default for OptimConfig {
             lr_scaling: LrScaling::None,
             exclude_1d_from_decay: true,
             grad_clip_norm: 0.0,
+            layer_decay: 1.0,
             lars: LarsSettings::default(),
             adamw: AdamWSettings::default(),
         }
@@ -136,6 +141,12 @@ impl OptimConfig {
             return Err(err(
                 "optim.grad_clip_norm",
                 "must be a finite number, 0 (off) or positive",
+            ));
+        }
+        if !(o.layer_decay > 0.0 && o.layer_decay <= 1.0) {
+            return Err(err(
+                "optim.layer_decay",
+                format!("({}) must be in (0, 1]; 1 is off", o.layer_decay),
             ));
         }
         if o.lars.eta.is_nan() || o.lars.eta <= 0.0 {

@@ -36,8 +36,11 @@ const TIMM_BLOCK: &[(&str, &str)] = &[
 /// A file holding a timm `VisionTransformer` (found by its `patch_embed.proj.weight`, under
 /// any prefix) with its tensors renamed to contrail's ViT names under the same prefix: the
 /// class token and positional embedding lose their leading 1-dimensions, `norm` becomes
-/// `ln_post`, the blocks' names become `transformer.resblocks.N.*`; other tensors (the
-/// classifier `head.*`) keep their names. None when the file is not timm's.
+/// `ln_post` (and a CLIP tower's `norm_pre` `ln_pre`), the blocks' names become
+/// `transformer.resblocks.N.*`. A bias-free classifier (`head.weight` with no or an all-zero
+/// `head.bias`, as `contrail export --format timm` writes a tower's projection) becomes `proj`,
+/// transposed; a real classifier keeps its names (and matches nothing). None when the file is
+/// not timm's.
 pub fn translate_timm(named: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)>> {
     let prefix = named
         .iter()
@@ -50,6 +53,9 @@ pub fn translate_timm(named: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)
             "pos_embed" => "positional_embedding".to_string(),
             "patch_embed.proj.weight" => "conv1.weight".to_string(),
             "patch_embed.proj.bias" => "conv1.bias".to_string(),
+            // timm's CLIP towers (`pre_norm`), as `contrail export --format timm` writes them.
+            "norm_pre.weight" => "ln_pre.weight".to_string(),
+            "norm_pre.bias" => "ln_pre.bias".to_string(),
             "norm.weight" => "ln_post.weight".to_string(),
             "norm.bias" => "ln_post.bias".to_string(),
             _ => {
@@ -60,13 +66,24 @@ pub fn translate_timm(named: &[(String, Tensor)]) -> Option<Vec<(String, Tensor)
         };
         Some(format!("{prefix}{ours}"))
     };
+    let head_bias = format!("{prefix}head.bias");
+    let head_weight = format!("{prefix}head.weight");
+    let projection = named.iter().any(|(n, _)| *n == head_weight)
+        && named
+            .iter()
+            .find(|(n, _)| *n == head_bias)
+            .is_none_or(|(_, b)| b.abs().max().double_value(&[]) == 0.0);
     Some(
         named
             .iter()
+            .filter(|(name, _)| !(projection && *name == head_bias))
             .map(|(name, t)| match rename(name) {
                 Some(ours) if name.ends_with("cls_token") => (ours, t.reshape([-1])),
                 Some(ours) if name.ends_with("pos_embed") => (ours, t.squeeze_dim(0)),
                 Some(ours) => (ours, t.shallow_clone()),
+                None if projection && *name == head_weight => {
+                    (format!("{prefix}proj"), t.transpose(0, 1))
+                }
                 None => (name.clone(), t.shallow_clone()),
             })
             .collect(),
@@ -103,6 +120,9 @@ const MAPPINGS: &[(&str, &str)] = &[
     ("", "visual."),
     ("module.", "visual."),
     ("model.", "visual."),
+    // A Hugging Face BERT's `model.safetensors` (`embeddings.*`, `encoder.*`) into a CLIP
+    // model's BERT text tower.
+    ("", "bert."),
 ];
 
 /// What loading a file into a model will do.
@@ -501,12 +521,31 @@ mod tests {
                 vec![8, 32],
             ),
             ("module.ln_post.bias", vec![8]),
-            ("module.head.weight", vec![10, 8]),
+            // A classifier without a bias is a projection (an exported tower's `proj`).
+            ("module.proj", vec![8, 10]),
         ]
         .into_iter()
         .map(|(n, s)| (n.to_string(), s))
         .collect();
         assert_eq!(out, want);
+        // A trained classifier (a bias) keeps its names and matches nothing.
+        let mut classifier: Vec<(String, Tensor)> = file
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        classifier.push((
+            "module.head.bias".to_string(),
+            Tensor::ones([10], (tch::Kind::Float, tch::Device::Cpu)),
+        ));
+        let names: Vec<String> = translate_timm(&classifier)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(
+            names.contains(&"module.head.weight".to_string())
+                && !names.contains(&"module.proj".to_string())
+        );
         assert!(
             translate_timm(&file[..1]).is_none(),
             "no patch_embed: not timm's"

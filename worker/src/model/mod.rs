@@ -5,6 +5,8 @@
 //! the optimizer and checkpoints address parameters by those names, and the gradient
 //! all-reduce walks them in name order so every rank packs its buckets identically.
 
+pub mod bert;
+pub mod depth;
 pub mod init_weights;
 pub mod logit_scale;
 pub mod momentum;
@@ -22,9 +24,11 @@ use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime, MoeSettings};
 use crate::nn::torch_default_uniform;
 use crate::tokenize::Tokenizer;
 use anyhow::{bail, Context};
-use contrail_common::config::{EncoderKind, ModelConfig, ObjectiveKind};
+use bert::{BertConfig, BertTower};
+use contrail_common::config::{EncoderKind, ModelConfig, ObjectiveKind, TextKind};
 use contrail_common::experts::ExpertPlacement;
 use contrail_common::JobConfig;
+use depth::Depths;
 use init_weights::{InitPlan, Tower};
 use std::sync::Arc;
 use tch::{nn, Device, Tensor};
@@ -143,9 +147,28 @@ impl ImageEncoder {
 /// CLIP's text side: the text tower and the learnable logit scale.
 #[derive(Debug)]
 pub struct ClipText {
-    tower: TextTransformer,
+    tower: TextTower,
     logit_scale: Tensor,
     context_length: i64,
+}
+
+/// CLIP's caption tower (`model.text.kind`).
+#[derive(Debug)]
+enum TextTower {
+    /// open_clip's text transformer.
+    Clip(TextTransformer),
+    /// A BERT encoder with Chinese-CLIP's projection.
+    Bert(BertTower),
+}
+
+impl TextTower {
+    /// Token ids N × L → N × embedding (not normalised).
+    fn forward(&self, tokens: &Tensor) -> Tensor {
+        match self {
+            TextTower::Clip(t) => t.forward(tokens),
+            TextTower::Bert(b) => b.forward(tokens),
+        }
+    }
 }
 
 /// What an objective adds to the image network.
@@ -183,6 +206,8 @@ pub struct ContrastiveModel {
     /// How a training step sums its gradients across ranks (as DDP's wrapper holds its
     /// bucket settings): overlapped with backward in 25 MiB buckets unless the job says not.
     grad_sync: GradSync,
+    /// The towers' block counts, for layer-wise learning rates and partial unlocking.
+    depths: Depths,
 }
 
 /// What building a model needs besides the job file.
@@ -272,27 +297,66 @@ impl ContrastiveModel {
                     .tokenizer
                     .context("a CLIP model needs the caption tokenizer")?;
                 let t = &m.text;
-                let text_cfg = TextConfig {
-                    context_length: t.context_length as i64,
-                    width: t.width as i64,
-                    layers: t.layers as i64,
-                    heads: t.heads as i64,
-                    mlp_ratio: t.mlp_ratio,
-                    output_dim: embedding_dim,
-                    mode: t.mode,
-                    activation: m.activation,
-                    ..TextConfig::clip_b()
+                if t.kind == TextKind::Bert {
+                    let tower = BertTower::new(
+                        &root,
+                        &BertConfig {
+                            context_length: t.context_length as i64,
+                            vocab_size: tokenizer.vocab_size(),
+                            width: t.width as i64,
+                            layers: t.layers as i64,
+                            heads: t.heads as i64,
+                            intermediate: (f64::from(t.width) * t.mlp_ratio).round() as i64,
+                            max_positions: t.max_positions as i64,
+                            output_dim: embedding_dim,
+                            pad_id: tokenizer.pad_id(),
+                            pooling: t.pooling,
+                        },
+                    )?;
+                    let logit_scale =
+                        root.var("logit_scale", &[], nn::Init::Const(LOGIT_SCALE_INIT));
+                    ObjectiveParts::Clip(ClipText {
+                        tower: TextTower::Bert(tower),
+                        logit_scale,
+                        context_length: t.context_length as i64,
+                    })
+                } else {
+                    let text_cfg = TextConfig {
+                        context_length: t.context_length as i64,
+                        width: t.width as i64,
+                        layers: t.layers as i64,
+                        heads: t.heads as i64,
+                        mlp_ratio: t.mlp_ratio,
+                        output_dim: embedding_dim,
+                        mode: t.mode,
+                        activation: m.activation,
+                        ..TextConfig::clip_b()
+                    }
+                    .with_tokenizer(tokenizer);
+                    let text_moe = moe_blocks(&cfg.moe.text_blocks);
+                    let tower = TextTransformer::with_moe(&root, &text_cfg, text_moe.as_ref())?;
+                    let logit_scale =
+                        root.var("logit_scale", &[], nn::Init::Const(LOGIT_SCALE_INIT));
+                    ObjectiveParts::Clip(ClipText {
+                        tower: TextTower::Clip(tower),
+                        logit_scale,
+                        context_length: text_cfg.context_length,
+                    })
                 }
-                .with_tokenizer(tokenizer);
-                let text_moe = moe_blocks(&cfg.moe.text_blocks);
-                let tower = TextTransformer::with_moe(&root, &text_cfg, text_moe.as_ref())?;
-                let logit_scale = root.var("logit_scale", &[], nn::Init::Const(LOGIT_SCALE_INIT));
-                ObjectiveParts::Clip(ClipText {
-                    tower,
-                    logit_scale,
-                    context_length: text_cfg.context_length,
-                })
             }
+        };
+        let resnet_stages: Vec<usize> = match m.encoder {
+            EncoderKind::Resnet => m.layers.iter().map(|&n| n as usize).collect(),
+            EncoderKind::Vit => Vec::new(),
+        };
+        let depths = Depths {
+            clip,
+            image_blocks: match m.encoder {
+                EncoderKind::Resnet => resnet_stages.iter().sum(),
+                EncoderKind::Vit => m.vit.layers as usize,
+            },
+            text_blocks: if clip { m.text.layers as usize } else { 0 },
+            resnet_stages,
         };
         let mut model = Self {
             vs,
@@ -303,6 +367,7 @@ impl ContrastiveModel {
             compute: Compute::default(),
             moe,
             grad_sync: GradSync::default(),
+            depths,
         };
         if kind == ObjectiveKind::Moco {
             let branch = MomentumBranch::new(m, cfg.objective.moco.queue_size as i64, device)?;
@@ -315,7 +380,12 @@ impl ContrastiveModel {
                 Tower::Text => m.lock_text,
                 Tower::Head => false,
             };
-            if locked {
+            // `model.unlocked_layers`: a locked tower's last blocks and what is above them
+            // still train.
+            let depth = model.depths.of(&name);
+            let unlocked =
+                m.unlocked_layers > 0 && depth.layer + m.unlocked_layers as usize >= depth.top;
+            if locked && !unlocked {
                 let _ = var.set_requires_grad(false);
             }
         }
@@ -406,8 +476,8 @@ impl ContrastiveModel {
                     (tch::Kind::Float, device),
                 ));
             }
-            if let Some(c) = self.clip() {
-                c.tower.transformer().moe_idle_pass(device);
+            if let Some(TextTower::Clip(t)) = self.clip().map(|c| &c.tower) {
+                t.transformer().moe_idle_pass(device);
             }
             t.shallow_clone()
         });
@@ -462,6 +532,54 @@ impl ContrastiveModel {
     }
 
     /// MoCo's key encoder and queue, when the model has them.
+    /// The ViT image tower's sizes, when the image encoder is a ViT.
+    pub fn vit_config(&self) -> Option<&VitConfig> {
+        match &self.encoder {
+            ImageEncoder::Vit(v) => Some(v.config()),
+            ImageEncoder::ResNet(_) => None,
+        }
+    }
+
+    /// The towers' block counts (where each variable sits: [`depth::Depths::of`]).
+    pub fn depths(&self) -> &Depths {
+        &self.depths
+    }
+
+    /// The job's optimizer over [`Self::named_parameters`], each parameter's learning rate
+    /// scaled by `optim.layer_decay`^(blocks above it + 1 − its layer) when that is below 1
+    /// (BEiT's and timm's layer decay: the head at the full rate, each block below at `decay`
+    /// times the one above, the embeddings lowest).
+    pub fn optimizer(
+        &self,
+        cfg: &contrail_common::config::OptimConfig,
+    ) -> Box<dyn crate::optim::Optimizer> {
+        let params = self.named_parameters();
+        if cfg.layer_decay >= 1.0 {
+            return crate::optim::build(cfg, params);
+        }
+        let scales: Vec<f64> = params
+            .iter()
+            .map(|(n, _)| self.depths.lr_scale(n, cfg.layer_decay))
+            .collect();
+        crate::optim::build_scaled(cfg, params, Some(&scales))
+    }
+
+    /// A CLIP model's text tower sizes and token conventions (open_clip's tower).
+    pub fn text_config(&self) -> Option<&TextConfig> {
+        match &self.clip()?.tower {
+            TextTower::Clip(t) => Some(t.config()),
+            TextTower::Bert(_) => None,
+        }
+    }
+
+    /// A CLIP model's BERT text tower sizes, when it has one.
+    pub fn bert_config(&self) -> Option<&BertConfig> {
+        match &self.clip()?.tower {
+            TextTower::Bert(b) => Some(b.config()),
+            TextTower::Clip(_) => None,
+        }
+    }
+
     pub fn momentum(&self) -> Option<&MomentumBranch> {
         match &self.parts {
             ObjectiveParts::Moco(m) => Some(m),
@@ -635,8 +753,11 @@ impl ContrastiveModel {
 
     /// Which tower a variable of the query network belongs to.
     fn tower_of(&self, name: &str) -> Tower {
-        if matches!(self.parts, ObjectiveParts::Clip(_)) {
-            if name == "logit_scale" || name.starts_with("visual.projector.") {
+        if let ObjectiveParts::Clip(c) = &self.parts {
+            // A BERT's projection is ours (Hugging Face's BERT has none), open_clip's is the
+            // text tower's own.
+            let bert_head = matches!(c.tower, TextTower::Bert(_)) && name == "text_projection";
+            if name == "logit_scale" || name.starts_with("visual.projector.") || bert_head {
                 Tower::Head
             } else if name.starts_with("visual.") {
                 Tower::Image
@@ -970,6 +1091,123 @@ mod tests {
     }
 
     /// MoCo: the key encoder starts as the loaded query encoder, not the random one.
+    /// A small CLIP job with a 2-block ViT and a 1-block text tower.
+    fn two_block_clip() -> JobConfig {
+        use contrail_common::config::{TextSettings, VitSettings, VitStyle};
+        let mut job = JobConfig::default();
+        job.objective.kind = ObjectiveKind::Clip;
+        job.data.image_size = 16;
+        job.model.encoder = EncoderKind::Vit;
+        job.model.vit = VitSettings {
+            patch_size: 8,
+            width: 16,
+            layers: 2,
+            heads: 2,
+            mlp_ratio: 2.0,
+            style: VitStyle::OpenClip,
+        };
+        job.model.text = TextSettings {
+            context_length: 8,
+            width: 16,
+            layers: 1,
+            heads: 2,
+            ..Default::default()
+        };
+        job.model.projector_out = 8;
+        job
+    }
+
+    fn build_clip(job: &JobConfig) -> ContrastiveModel {
+        let tokenizer = crate::tokenize::ByteTokenizer::new();
+        let opts = BuildOptions {
+            tokenizer: Some(&tokenizer),
+            ..Default::default()
+        };
+        tch::manual_seed(0);
+        ContrastiveModel::build(job, Device::Cpu, opts).unwrap()
+    }
+
+    /// `model.unlocked_layers`: a locked tower's last block and what is above it train, the
+    /// rest of it does not; more than the tower's blocks, or no locked tower, is refused.
+    #[test]
+    fn unlocked_layers_train_the_top_of_a_locked_tower() {
+        let mut job = two_block_clip();
+        job.model.lock_image = true;
+        job.model.unlocked_layers = 1;
+        let model = build_clip(&job);
+        let names: Vec<String> = model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+        assert!(
+            has("visual.transformer.resblocks.1.") && has("visual.ln_post.") && has("visual.proj")
+        );
+        assert!(
+            !has("visual.transformer.resblocks.0.")
+                && !has("visual.conv1")
+                && !has("visual.ln_pre")
+        );
+        assert!(
+            has("transformer.resblocks.0.") && has("token_embedding"),
+            "text trains"
+        );
+        job.model.unlocked_layers = 3;
+        let e = job.validate().unwrap_err().to_string();
+        assert!(e.contains("more than the locked tower's 2 blocks"), "{e}");
+        job.model.lock_image = false;
+        job.model.unlocked_layers = 1;
+        let e = job.validate().unwrap_err().to_string();
+        assert!(e.contains("set model.lock_image or lock_text"), "{e}");
+    }
+
+    /// `optim.layer_decay` 0.5 on a 2-block ViT: with plain SGD and every gradient 1 a step of
+    /// rate 1 moves the head by 1, the last block by 0.5, the first by 0.25 and the patch
+    /// embedding by 0.125; the 1-block text tower counts its own depth.
+    #[test]
+    fn layer_decay_scales_each_block_below_the_head() {
+        let mut job = two_block_clip();
+        job.optim.kind = contrail_common::config::OptimKind::Sgd;
+        job.optim.momentum = 0.0;
+        job.optim.weight_decay = 0.0;
+        job.optim.layer_decay = 0.5;
+        job.validate().unwrap();
+        let model = build_clip(&job);
+        let mut opt = model.optimizer(&job.optim);
+        let before: std::collections::HashMap<String, Tensor> = model
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        for (_, p) in model.named_parameters() {
+            p.sum(tch::Kind::Float).backward(); // every gradient element 1
+        }
+        opt.step(1.0);
+        let moved = |name: &str| -> f64 {
+            let now = &model.var_store().variables()[name];
+            (&before[name] - now)
+                .mean(tch::Kind::Float)
+                .double_value(&[])
+        };
+        for (name, want) in [
+            ("visual.proj", 1.0),
+            ("visual.transformer.resblocks.1.attn.in_proj_weight", 0.5),
+            ("visual.transformer.resblocks.0.ln_1.weight", 0.25),
+            ("visual.conv1.weight", 0.125),
+            ("text_projection", 1.0),
+            ("transformer.resblocks.0.mlp.c_fc.weight", 0.5),
+            ("token_embedding.weight", 0.25),
+            ("logit_scale", 1.0),
+        ] {
+            assert!(
+                (moved(name) - want).abs() < 1e-6,
+                "{name} moved {}",
+                moved(name)
+            );
+        }
+    }
+
     #[test]
     fn load_initial_copies_into_the_moco_key_encoder() {
         let mut job = JobConfig {

@@ -7,6 +7,7 @@
 pub mod adamw;
 pub mod clip;
 pub mod flat;
+pub mod groups;
 pub mod lars;
 pub mod scaling;
 pub mod schedule;
@@ -19,6 +20,7 @@ use tch::Tensor;
 
 pub use adamw::{AdamW, AdamWOptions};
 pub use clip::GradClip;
+pub use groups::ParamGroups;
 pub use lars::{Lars, LarsOptions};
 pub use scaling::scaled_peak_lr;
 pub use schedule::lr_at;
@@ -47,19 +49,39 @@ pub trait Optimizer: Send {
     fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()>;
 }
 
-/// The optimizer named by `optim.kind` over `params` (a model's `named_parameters()`).
-/// With `optim.grad_clip_norm` set, its steps clip the gradients first.
+/// The optimizer named by `optim.kind` over `params` (a model's `named_parameters()`), every
+/// parameter at the step's learning rate. With `optim.grad_clip_norm` set, its steps clip the
+/// gradients first. A job's optimizer comes from `ContrastiveModel::optimizer`, which also
+/// applies `optim.layer_decay`.
 pub fn build(cfg: &OptimConfig, params: Vec<(String, Tensor)>) -> Box<dyn Optimizer> {
+    build_scaled(cfg, params, None)
+}
+
+/// [`build`] with a learning-rate multiplier per parameter (same order as `params`), as
+/// parameter groups ([`ParamGroups`]); None: all 1.
+pub fn build_scaled(
+    cfg: &OptimConfig,
+    params: Vec<(String, Tensor)>,
+    scales: Option<&[f64]>,
+) -> Box<dyn Optimizer> {
     let clipped: Option<Vec<(String, Tensor)>> = (cfg.grad_clip_norm > 0.0).then(|| {
         params
             .iter()
             .map(|(n, p)| (n.clone(), p.shallow_clone()))
             .collect()
     });
-    let inner: Box<dyn Optimizer> = match cfg.kind {
-        OptimKind::Sgd => Box::new(Sgd::new(params, cfg.momentum, cfg.weight_decay)),
-        OptimKind::Lars => Box::new(Lars::new(params, LarsOptions::from_config(cfg))),
-        OptimKind::Adamw => Box::new(AdamW::new(params, AdamWOptions::from_config(cfg))),
+    let make = |params: Vec<(String, Tensor)>| -> Box<dyn Optimizer> {
+        match cfg.kind {
+            OptimKind::Sgd => Box::new(Sgd::new(params, cfg.momentum, cfg.weight_decay)),
+            OptimKind::Lars => Box::new(Lars::new(params, LarsOptions::from_config(cfg))),
+            OptimKind::Adamw => Box::new(AdamW::new(params, AdamWOptions::from_config(cfg))),
+        }
+    };
+    let inner = match scales {
+        Some(scales) if scales.iter().any(|&s| s != 1.0) => {
+            Box::new(ParamGroups::new(params, scales, &make))
+        }
+        _ => make(params),
     };
     match clipped {
         Some(params) => Box::new(GradClip::new(inner, params, cfg.grad_clip_norm)),

@@ -247,7 +247,7 @@ fn train_rank(
     // Before the optimizer exists, so its state takes the weights' layout.
     model.set_compute(device::choose_compute(cfg, device)?);
     model.set_grad_sync(grad_sync(cfg));
-    let mut opt = optim::build(&cfg.optim, model.named_parameters());
+    let mut opt = model.optimizer(&cfg.optim);
     let mut start = StartPoint::default();
     if !asg.resume_checkpoint.is_empty() {
         load_checkpoint(rt, cfg, &mut model, opt.as_mut(), &asg.resume_checkpoint)?;
@@ -352,7 +352,7 @@ fn train_rank(
             model = hooks.model_for(placement)?;
             model.set_compute(device::choose_compute(cfg, device)?);
             model.set_grad_sync(grad_sync(cfg));
-            opt = optim::build(&cfg.optim, model.named_parameters());
+            opt = model.optimizer(&cfg.optim);
             load_checkpoint(rt, cfg, &mut model, opt.as_mut(), &next.resume_checkpoint)?;
             hooks.rolled_back(epoch);
             if next.rank == 0 {

@@ -6,7 +6,7 @@
 use crate::dist::Collective;
 use crate::model::ContrastiveModel;
 use crate::moe::MoeRuntime;
-use crate::optim::{self, Optimizer};
+use crate::optim::Optimizer;
 use anyhow::{Context, Result};
 use contrail_common::config::OptimConfig;
 use contrail_common::experts::ExpertPlacement;
@@ -72,7 +72,7 @@ pub fn move_experts(
         .context("the rebuilt model has no MoE blocks")?
         .clone();
     next.load_named(&next_rt.keep_local(variables))?;
-    let mut next_opt = optim::build(optim_cfg, next.named_parameters());
+    let mut next_opt = next.optimizer(optim_cfg);
     next_opt.load_state(&next_rt.keep_local(state))?;
     *model = next;
     *opt = next_opt;

@@ -17,7 +17,7 @@
 use crate::dist::Collective;
 use crate::model::ContrastiveModel;
 use crate::moe::is_expert_param;
-use crate::optim::{self, Optimizer};
+use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
 use contrail_common::config::OptimConfig;
 use contrail_common::experts::ExpertPlacement;
@@ -211,7 +211,7 @@ pub fn restore_experts(
     next.set_grad_sync(model.grad_sync());
     next.load_named(&vars)
         .context("loading the restored variables")?;
-    let mut next_opt = optim::build(optim_cfg, next.named_parameters());
+    let mut next_opt = next.optimizer(optim_cfg);
     next_opt
         .load_state(&state)
         .context("loading the restored optimizer state")?;

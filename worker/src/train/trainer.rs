@@ -467,7 +467,7 @@ mod tests {
         let mut model =
             ContrastiveModel::build(cfg, tch::Device::Cpu, crate::model::BuildOptions::default())
                 .unwrap();
-        let mut opt = crate::optim::build(&cfg.optim, model.named_parameters());
+        let mut opt = model.optimizer(&cfg.optim);
         let mut hooks = Record {
             sizes: sizes.to_vec(),
             ..Default::default()
@@ -537,7 +537,7 @@ mod tests {
                 crate::model::BuildOptions::default(),
             )
             .unwrap();
-            let mut opt = crate::optim::build(&cfg.optim, model.named_parameters());
+            let mut opt = model.optimizer(&cfg.optim);
             let mut hooks = Record {
                 sizes: vec![4, 4, 2],
                 manifest_samples: manifest,

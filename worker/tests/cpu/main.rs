@@ -4,6 +4,7 @@
 //! `cargo test -p contrail-worker --test cpu [FILTER]`
 
 mod accumulation_equivalence;
+mod bert_text;
 mod clip_towers_conformance;
 mod collectives;
 mod embed_export;

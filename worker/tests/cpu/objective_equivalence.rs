@@ -307,6 +307,33 @@ fn clip_config() -> JobConfig {
     cfg
 }
 
+/// CLIP with a BERT text tower (`model.text.kind = "bert"`, mean pooling, the byte
+/// tokenizer's pad masked) split over ranks and micro-batches equals one rank; the BERT's
+/// blocks and its projection train.
+#[test]
+fn clip_with_a_bert_text_tower_split_over_ranks_equals_one_rank() {
+    let mut cfg = clip_config();
+    cfg.model.text.kind = contrail_common::config::TextKind::Bert;
+    cfg.model.text.pooling = contrail_common::config::TextPooling::Mean;
+    cfg.model.text.max_positions = 8;
+    cfg.validate().unwrap();
+    let make = || build_objective(&cfg);
+    let after = assert_plans_match("clip-bert", &cfg, &plans(), &make);
+    let initial = model(&cfg).named_variables();
+    for name in [
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.0.output.LayerNorm.weight",
+        "text_projection",
+    ] {
+        let moved = (var(&after, name) - var(&initial, name))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(moved > 1e-6, "{name} moved only {moved}");
+    }
+}
+
 /// CLIP (ViT image tower, causal text tower, learnable logit scale) split over 2 and 3 ranks
 /// and over K = 4 micro-batches equals one rank with the whole batch, over two steps.
 #[test]

@@ -5,7 +5,9 @@
 
 use contrail_test_support as support;
 
-use contrail_worker::optim::{AdamW, AdamWOptions, GradClip, Lars, LarsOptions, Optimizer};
+use contrail_worker::optim::{
+    AdamW, AdamWOptions, GradClip, Lars, LarsOptions, Optimizer, ParamGroups,
+};
 use serde_json::Value;
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
@@ -142,6 +144,28 @@ fn make_adamw_clipped(params: Vec<(String, Tensor)>, case: &Value) -> Box<dyn Op
     Box::new(GradClip::new(inner, params, num(case, "grad_clip_norm")))
 }
 
+/// Each parameter in a group of its own rate multiplier (`lr_scales`), as layer decay builds
+/// the optimizer.
+fn grouped(
+    params: Vec<(String, Tensor)>,
+    case: &Value,
+    make: &dyn Fn(Vec<(String, Tensor)>) -> Box<dyn Optimizer>,
+) -> Box<dyn Optimizer> {
+    let scales: Vec<f64> = params
+        .iter()
+        .map(|(n, _)| num(&case["lr_scales"], n))
+        .collect();
+    Box::new(ParamGroups::new(params, &scales, make))
+}
+
+fn make_lars_grouped(params: Vec<(String, Tensor)>, case: &Value) -> Box<dyn Optimizer> {
+    grouped(params, case, &|p| make_lars(p, case))
+}
+
+fn make_adamw_grouped(params: Vec<(String, Tensor)>, case: &Value) -> Box<dyn Optimizer> {
+    grouped(params, case, &|p| make_adamw(p, case))
+}
+
 fn shallow(params: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
     params
         .iter()
@@ -218,6 +242,25 @@ fn adamw_with_1d_params_excluded_matches_torch() {
 #[test]
 fn adamw_with_grad_norm_clipping_matches_torch() {
     run_case("adamw_gradclip", make_adamw_clipped);
+}
+
+/// Layer-wise learning-rate decay's parameter groups (`optim.layer_decay`): `b` at a quarter
+/// of the step's rate, as PyTorch param groups with their own `lr`.
+#[test]
+fn parameter_groups_with_their_own_rates_match_torch_and_lightly() {
+    run_case("lars_groups", make_lars_grouped);
+    run_case("adamw_groups", make_adamw_grouped);
+    run_case_with_resume("adamw_groups", make_adamw_grouped);
+    // The groups change something: one rate for both lands elsewhere.
+    let fx = Fixtures::load();
+    let d = max_abs_diff(
+        fx.tensor("adamw_groups.step2.b"),
+        fx.tensor("adamw.step2.b"),
+    );
+    assert!(
+        d > 100.0 * TOLERANCE,
+        "the groups' rates made a difference of only {d:e}"
+    );
 }
 
 #[test]
