@@ -112,8 +112,9 @@ pub enum Command {
         args: EmbedArgs,
     },
     /// Write a job's latest checkpoint (or its untrained model) as the Python libraries load
-    /// it: `open_clip` (a CLIP ViT model), `timm` (a ViT image tower) or `torchvision` (a
-    /// ResNet); weights in safetensors plus the library's config (docs/export.md).
+    /// it: `open_clip` (a CLIP ViT model), `timm` (a ViT image tower), `torchvision` (a
+    /// ResNet) or `hf` (a BERT text tower); weights in safetensors plus the library's config
+    /// (docs/export.md).
     Export {
         #[command(flatten)]
         args: ExportArgs,
@@ -494,7 +495,7 @@ pub struct ExportArgs {
     /// --random-init` builds it).
     #[arg(long, conflicts_with = "checkpoint")]
     pub random_init: bool,
-    /// `open_clip`, `timm` or `torchvision`.
+    /// `open_clip`, `timm`, `torchvision` or `hf` (a BERT text tower for transformers).
     #[arg(long)]
     pub format: ExportFormat,
     /// Destination folder URL (any storage); files in it of the same names are replaced.

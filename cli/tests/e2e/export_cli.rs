@@ -1,6 +1,6 @@
-//! `contrail export` as a user runs it: a model exported for open_clip, timm and torchvision
-//! loads in the pinned Python library (`tests/fixtures/reference/export/check_export.py`, the
-//! project's .venv) and computes, on the same PNG images and captions, the embeddings
+//! `contrail export` as a user runs it: a model exported for open_clip, timm, torchvision and
+//! (a BERT text tower) Hugging Face transformers loads in the pinned Python library
+//! (`tests/fixtures/reference/export/check_export.py`, the project's .venv) and computes, on the same PNG images and captions, the embeddings
 //! `contrail embed` wrote for them (within 1e-4). The models are the untrained ones of
 //! `--random-init` (seeded by `train.seed`, so `embed` and `export` build the same one);
 //! every weight is random and non-trivial, so a tensor in the wrong place shows.
@@ -59,7 +59,7 @@ struct Case<'a> {
 }
 
 #[test]
-fn exports_load_in_open_clip_timm_and_torchvision_and_embed_as_contrail_does() {
+fn exports_load_in_open_clip_timm_torchvision_and_transformers_and_embed_as_contrail_does() {
     let dir = support::cluster::temp_dir("e2e", "export-cli");
     let src = dir.join("src");
     run(python()
@@ -88,6 +88,17 @@ fn exports_load_in_open_clip_timm_and_torchvision_and_embed_as_contrail_does() {
         .copied()
         .chain(["data.image_size=32", "model.vit.layers=2"])
         .collect();
+    let bert_tokenizer = format!(
+        "model.text.tokenizer=file://{}",
+        root()
+            .join("tests/fixtures/reference/bert/tokenizer.json")
+            .display()
+    );
+    let bert_set: Vec<&str> = clip_set
+        .iter()
+        .copied()
+        .chain(["model.text.kind=bert", bert_tokenizer.as_str()])
+        .collect();
     let cases = [
         Case {
             name: "clip-vit",
@@ -95,6 +106,13 @@ fn exports_load_in_open_clip_timm_and_torchvision_and_embed_as_contrail_does() {
             set: clip_set,
             tower: "both",
             formats: &["open_clip", "timm"],
+        },
+        Case {
+            name: "clip-bert",
+            config: support::LOCAL_CLIP_CONFIG,
+            set: bert_set,
+            tower: "text",
+            formats: &["hf"],
         },
         Case {
             name: "simclr-timm-vit",
@@ -163,7 +181,11 @@ fn exports_load_in_open_clip_timm_and_torchvision_and_embed_as_contrail_does() {
             ]));
             eprintln!("{}: {checked}", case.name);
             let lines = checked.lines().filter(|l| l.contains("max |diff|")).count();
-            assert_eq!(lines, if *format == "timm" { 1 } else { 2 }, "{checked}");
+            let comparisons = match *format {
+                "open_clip" | "torchvision" => 2,
+                _ => 1,
+            };
+            assert_eq!(lines, comparisons, "{checked}");
         }
     }
 

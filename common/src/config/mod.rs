@@ -23,8 +23,8 @@ pub use data::{AugmentConfig, DataConfig};
 pub use eval::{EvalConfig, KnnMetric};
 pub use log::LogConfig;
 pub use model::{
-    Activation, BlockKind, EncoderKind, ModelConfig, NormKind, StemKind, TextKind, TextMode,
-    TextPooling, TextSettings, TokenizerSource, VitSettings, VitStyle,
+    Activation, AdapterSettings, BlockKind, EncoderKind, ModelConfig, NormKind, StemKind, TextKind,
+    TextMode, TextPooling, TextSettings, TokenizerSource, VitSettings, VitStyle,
 };
 pub use moe::MoeConfig;
 pub use objective::{MocoSettings, ObjectiveConfig, ObjectiveKind, SwavSettings};
@@ -189,6 +189,44 @@ impl JobConfig {
                 "model.activation",
                 "quick_gelu is not built for MoE blocks (their experts use GELU)",
             ));
+        }
+        let a = &m.adapters;
+        if a.enabled() {
+            if let Some(bad) = a
+                .targets
+                .iter()
+                .find(|t| !matches!(t.as_str(), "attn" | "mlp"))
+            {
+                return Err(err(
+                    "model.adapters.targets",
+                    format!("has {bad:?}; the targets are \"attn\" and \"mlp\""),
+                ));
+            }
+            if a.targets.is_empty() || !(a.alpha.is_finite() && a.alpha > 0.0) {
+                return Err(err(
+                    "model.adapters",
+                    "needs at least one target and a positive alpha",
+                ));
+            }
+            if self.moe.enabled() {
+                return Err(err(
+                    "model.adapters",
+                    "are not built for MoE jobs (expert weights live on other ranks)",
+                ));
+            }
+            if m.encoder == EncoderKind::Resnet && kind != ObjectiveKind::Clip {
+                return Err(err(
+                    "model.adapters",
+                    "adapt transformer blocks; this model has none (a ResNet, no text tower)",
+                ));
+            }
+            if m.lock_image || m.lock_text {
+                return Err(err(
+                    "model.adapters",
+                    "already freeze the towers' weights; model.lock_image / lock_text would \
+                     also freeze their adapters",
+                ));
+            }
         }
         if m.text.kind == TextKind::Bert {
             if !self.moe.text_blocks.is_empty() {

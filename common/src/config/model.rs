@@ -88,6 +88,8 @@ pub struct ModelConfig {
     pub vit: VitSettings,
     /// The text tower of CLIP (`objective.kind = "clip"`).
     pub text: TextSettings,
+    /// LoRA adapters on the transformer blocks (`[model.adapters]`; off unless `rank` > 0).
+    pub adapters: AdapterSettings,
     /// Residual blocks per stage (ResNet-18 is [2, 2, 2, 2] basic, ResNet-50 [3, 4, 6, 3]
     /// bottleneck).
     pub layers: Vec<u32>,
@@ -197,6 +199,52 @@ impl Default for TextSettings {
     }
 }
 
+/// `[model.adapters]`: LoRA (Hu et al. 2021, as PEFT's `LoraConfig`) on the projections of
+/// every transformer block of the towers: each adapted weight W (out × in) computes
+/// W x + (alpha / rank) B A x with A (rank × in, PyTorch's default Linear init) and B
+/// (out × rank, zeros), so training starts from the base model; the towers' own weights are
+/// frozen and only the adapters (and the heads) train.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterSettings {
+    /// Rank of each adapter; 0 = no adapters.
+    pub rank: u32,
+    /// Scale numerator: the update is (alpha / rank) B A.
+    pub alpha: f64,
+    /// Which projections get one: "attn" (the fused q/k/v or BERT's query, key, value, and the
+    /// attention's output projection) and "mlp" (both MLP layers).
+    pub targets: Vec<String>,
+}
+
+impl Default for AdapterSettings {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            alpha: 16.0,
+            targets: vec!["attn".into(), "mlp".into()],
+        }
+    }
+}
+
+impl AdapterSettings {
+    pub fn enabled(&self) -> bool {
+        self.rank > 0
+    }
+
+    pub fn targets_attention(&self) -> bool {
+        self.targets.iter().any(|t| t == "attn")
+    }
+
+    pub fn targets_mlp(&self) -> bool {
+        self.targets.iter().any(|t| t == "mlp")
+    }
+
+    /// alpha / rank.
+    pub fn scale(&self) -> f64 {
+        self.alpha / f64::from(self.rank.max(1))
+    }
+}
+
 /// Where CLIP's caption tokenizer comes from: the built-in one, or a file (written as the
 /// string `"byte"` or the file's URL).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -255,6 +303,7 @@ impl Default for ModelConfig {
             encoder: EncoderKind::Resnet,
             vit: VitSettings::default(),
             text: TextSettings::default(),
+            adapters: AdapterSettings::default(),
             layers: vec![1, 1, 1, 1],
             block: BlockKind::Basic,
             width: 16,

@@ -272,15 +272,25 @@ impl Gate {
         self.state.lock().unwrap().current
     }
 
-    /// Arrives; true once the gate is open for (generation, epoch) with `world` members.
-    fn arrive(&self, generation: u64, epoch: u32, world: usize, worker: u64) -> bool {
+    /// Arrives; true once the gate is open for (generation, epoch) with `world` members. A
+    /// generation asked to regroup (`regrouping`, read under the gate's lock) opens no more
+    /// gates: as with real ranks, whose epoch end and regroup flag ride the same all-gather,
+    /// its members then all go on in the next generation, none a step ahead.
+    fn arrive(
+        &self,
+        generation: u64,
+        epoch: u32,
+        world: usize,
+        worker: u64,
+        regrouping: &dyn Fn() -> bool,
+    ) -> bool {
         let mut st = self.state.lock().unwrap();
         if st.open.contains(&(generation, epoch)) {
             return true;
         }
         let set = st.arrived.entry((generation, epoch)).or_default();
         set.insert(worker);
-        if set.len() >= world {
+        if set.len() >= world && !regrouping() {
             st.open.insert((generation, epoch));
             st.current = st.current.max(epoch + 1);
             self.opened.notify_waiters();
@@ -774,13 +784,23 @@ async fn lease_epochs(
                         return Ok(());
                     }
                     let notified = shared.gate.opened.notified();
-                    if shared
-                        .gate
-                        .arrive(place.generation, epoch, place.world, place.worker_id)
-                    {
+                    let generation = place.generation;
+                    let arrive = || {
+                        shared
+                            .gate
+                            .arrive(generation, epoch, place.world, place.worker_id, &|| {
+                                shared.regroup_asked(generation)
+                            })
+                    };
+                    if arrive() {
                         break 'epoch;
                     }
-                    if shared.regroup_asked(place.generation) {
+                    if shared.regroup_asked(generation) {
+                        // The gate may have opened since the look above (before the regroup was
+                        // asked): then every member went on, and so does this one.
+                        if arrive() {
+                            break 'epoch;
+                        }
                         continue 'epoch;
                     }
                     let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;

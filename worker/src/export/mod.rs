@@ -9,12 +9,15 @@
 //!   `visual.*`) → `timm.create_model("local-dir:DIR", pretrained=True)` (`config.json`,
 //!   `model.safetensors`), its classifier the tower's projection;
 //! - [`ExportFormat::Torchvision`]: a ResNet of torchvision's shapes → `torchvision.models.
-//!   resnetNN()` with `fc` replaced by `Identity` (`model.safetensors`, `config.json`).
+//!   resnetNN()` with `fc` replaced by `Identity` (`model.safetensors`, `config.json`);
+//! - [`ExportFormat::Hf`]: a BERT text tower → `transformers.BertModel.from_pretrained(DIR)`
+//!   and its tokenizer, with the projection into the joint space beside them.
 //!
 //! Each format refuses a model the library cannot build (a MoE block, a CIFAR stem, a
 //! bidirectional text tower, ...) naming what stands in the way, never writing a file that
 //! would load and compute something else.
 
+mod hf;
 mod open_clip;
 mod timm;
 mod torchvision;
@@ -32,16 +35,18 @@ pub enum ExportFormat {
     OpenClip,
     Timm,
     Torchvision,
+    Hf,
 }
 
 impl ExportFormat {
-    pub const NAMES: &'static str = "open_clip, timm or torchvision";
+    pub const NAMES: &'static str = "open_clip, timm, torchvision or hf";
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::OpenClip => "open_clip",
             Self::Timm => "timm",
             Self::Torchvision => "torchvision",
+            Self::Hf => "hf",
         }
     }
 }
@@ -54,10 +59,7 @@ impl std::str::FromStr for ExportFormat {
             "open_clip" | "open-clip" => Ok(Self::OpenClip),
             "timm" => Ok(Self::Timm),
             "torchvision" => Ok(Self::Torchvision),
-            "hf" => Err(
-                "--format hf needs a BERT-family text tower, which contrail does not build yet"
-                    .into(),
-            ),
+            "hf" => Ok(Self::Hf),
             other => Err(format!(
                 "unknown export format {other:?} (expected {})",
                 Self::NAMES
@@ -90,12 +92,14 @@ pub fn export(input: &ExportInput<'_>, format: ExportFormat) -> Result<Export> {
         ExportFormat::OpenClip => open_clip::export(input),
         ExportFormat::Timm => timm::export(input),
         ExportFormat::Torchvision => torchvision::export(input),
+        ExportFormat::Hf => hf::export(input),
     }
 }
 
-/// The model's variables (the query network and its heads; never a MoCo key encoder).
+/// The model's variables (the query network and its heads; never a MoCo key encoder), LoRA
+/// adapters merged into the weights they adapt.
 fn variables(model: &ContrastiveModel) -> std::collections::HashMap<String, Tensor> {
-    model.var_store().variables()
+    model.merged_variables()
 }
 
 /// A safetensors file of `named`, float tensors as float32 whatever the training precision.

@@ -187,6 +187,49 @@ fn a_torchvision_export_reads_back_into_the_same_features() {
 }
 
 #[test]
+fn a_bert_tower_gets_hugging_face_names_and_config() {
+    let mut job = vit_job(ObjectiveKind::Clip, VitStyle::OpenClip);
+    job.model.text.kind = TextKind::Bert;
+    job.model.text.max_positions = 12;
+    let model = build(&job, 7);
+    let tokenizer = ByteTokenizer::new();
+    let out = export(
+        &ExportInput {
+            cfg: &job,
+            model: &model,
+            tokenizer: Some(&tokenizer),
+            tokenizer_json: Some(b"{\"the\": \"job's tokenizer.json\"}"),
+        },
+        ExportFormat::Hf,
+    )
+    .unwrap();
+    let written = tensors(&out, "model.safetensors");
+    let vars = model.var_store().variables();
+    assert_eq!(
+        written.len(),
+        vars.keys().filter(|n| n.starts_with("bert.")).count()
+    );
+    for (name, t) in &written {
+        assert_eq!(max_diff(t, &vars[&format!("bert.{name}")]), 0.0, "{name}");
+    }
+    assert!(written
+        .iter()
+        .any(|(n, _)| n == "encoder.layer.0.attention.self.query.weight"));
+    let projection = tensors(&out, "text_projection.safetensors");
+    assert_eq!(max_diff(&projection[0].1, &vars["text_projection"]), 0.0);
+    let config: serde_json::Value = serde_json::from_slice(file(&out, "config.json")).unwrap();
+    assert_eq!(config["model_type"], "bert");
+    assert_eq!(config["hidden_size"], 16);
+    assert_eq!(config["intermediate_size"], 64);
+    assert_eq!(config["max_position_embeddings"], 12);
+    assert_eq!(config["vocab_size"], ByteTokenizer::VOCAB_SIZE);
+    assert_eq!(
+        file(&out, "tokenizer.json"),
+        b"{\"the\": \"job's tokenizer.json\"}"
+    );
+}
+
+#[test]
 fn models_a_library_cannot_build_are_refused_by_name() {
     let refusal = |job: &JobConfig, format: ExportFormat| -> String {
         let model = build(job, 6);
@@ -213,8 +256,6 @@ fn models_a_library_cannot_build_are_refused_by_name() {
     odd.model.layers = vec![1, 1, 1, 1];
     assert!(refusal(&odd, ExportFormat::Torchvision).contains("match no torchvision ResNet"));
     assert!(refusal(&resnet_job(), ExportFormat::Timm).contains("is a ResNet"));
-    assert!("hf"
-        .parse::<ExportFormat>()
-        .unwrap_err()
-        .contains("BERT-family"));
+    assert!(refusal(&resnet_job(), ExportFormat::Hf).contains("only a BERT text tower"));
+    assert!(refusal(&bert, ExportFormat::Hf).contains("byte tokenizer"));
 }

@@ -13,9 +13,10 @@
 //! non-pad token). Pooling: `[CLS]`, the first token's hidden state (Chinese-CLIP), or the
 //! mean over the non-pad tokens.
 
+use super::lora::{adapted, Lora};
 use super::transformer::{layer_norm, Norm};
 use anyhow::ensure;
-use contrail_common::config::TextPooling;
+use contrail_common::config::{AdapterSettings, TextPooling};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -127,6 +128,8 @@ struct BertLayer {
     output: nn::Linear,
     output_norm: Norm,
     heads: i64,
+    /// LoRA adapters, in the order of the projections above (`[model.adapters]`).
+    lora: [Option<Lora>; 6],
 }
 
 impl BertLayer {
@@ -144,7 +147,41 @@ impl BertLayer {
             output: linear(p / "output" / "dense", cfg.intermediate, w),
             output_norm: bert_norm(p / "output" / "LayerNorm", w),
             heads: cfg.heads,
+            lora: Default::default(),
         }
+    }
+
+    /// Adapters beside the projections `settings` targets, named after them (`p` is the
+    /// layer's path).
+    fn add_adapters(&mut self, p: &nn::Path, settings: &AdapterSettings) {
+        let attention = p / "attention";
+        let own = &attention / "self";
+        let w = self.query.ws.size()[0];
+        let hidden = self.intermediate.ws.size()[0];
+        let lora = |path: nn::Path, c_in, c_out| Some(Lora::new(&path, c_in, c_out, settings));
+        if settings.targets_attention() {
+            self.lora[0] = lora(&own / "query", w, w);
+            self.lora[1] = lora(&own / "key", w, w);
+            self.lora[2] = lora(&own / "value", w, w);
+            self.lora[3] = lora(&attention / "output" / "dense", w, w);
+        }
+        if settings.targets_mlp() {
+            self.lora[4] = lora(p / "intermediate" / "dense", w, hidden);
+            self.lora[5] = lora(p / "output" / "dense", hidden, w);
+        }
+    }
+
+    /// Projection `i` (query, key, value, attention output, intermediate, output) of `x`.
+    fn project(&self, i: usize, x: &Tensor) -> Tensor {
+        let l = [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attention_out,
+            &self.intermediate,
+            &self.output,
+        ][i];
+        adapted(x, &l.ws, l.bs.as_ref(), self.lora[i].as_ref())
     }
 
     /// `x`: N × L × width; `keys`: N × 1 × 1 × L bool, true where a key may be attended to.
@@ -152,16 +189,16 @@ impl BertLayer {
         let (n, l, w) = x.size3().expect("N × L × width");
         let split = |t: Tensor| t.view([n, l, self.heads, w / self.heads]).transpose(1, 2);
         let (q, k, v) = (
-            split(x.apply(&self.query)),
-            split(x.apply(&self.key)),
-            split(x.apply(&self.value)),
+            split(self.project(0, x)),
+            split(self.project(1, x)),
+            split(self.project(2, x)),
         );
         let context =
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(keys), 0.0, false, None, false)
                 .transpose(1, 2)
                 .reshape([n, l, w]);
-        let x = (context.apply(&self.attention_out) + x).apply(&self.attention_norm);
-        let h = x.apply(&self.intermediate).gelu("none").apply(&self.output);
+        let x = (self.project(3, &context) + x).apply(&self.attention_norm);
+        let h = self.project(5, &self.project(4, &x).gelu("none"));
         (h + x).apply(&self.output_norm)
     }
 }
@@ -207,6 +244,14 @@ impl BertTower {
 
     pub fn config(&self) -> &BertConfig {
         &self.cfg
+    }
+
+    /// LoRA adapters on every layer; `root` is the path the tower was built on.
+    pub fn add_adapters(&mut self, root: &nn::Path, settings: &AdapterSettings) {
+        let layers = root / "bert" / "encoder" / "layer";
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.add_adapters(&(&layers / i as i64), settings);
+        }
     }
 
     /// Every token's last hidden state, N × L × width (transformers' `last_hidden_state`).

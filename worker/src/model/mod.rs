@@ -9,6 +9,7 @@ pub mod bert;
 pub mod depth;
 pub mod init_weights;
 pub mod logit_scale;
+pub mod lora;
 pub mod momentum;
 pub mod projector;
 pub mod prototypes;
@@ -208,6 +209,8 @@ pub struct ContrastiveModel {
     grad_sync: GradSync,
     /// The towers' block counts, for layer-wise learning rates and partial unlocking.
     depths: Depths,
+    /// alpha / rank of the LoRA adapters, when the model has them.
+    adapter_scale: Option<f64>,
 }
 
 /// What building a model needs besides the job file.
@@ -246,7 +249,7 @@ impl ContrastiveModel {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let image_root = if clip { &root / "visual" } else { root.clone() };
-        let (encoder, projector) = match m.encoder {
+        let (mut encoder, projector) = match m.encoder {
             EncoderKind::Vit => {
                 let vit_cfg = VitConfig {
                     image_size: i64::from(cfg.data.image_size),
@@ -285,7 +288,7 @@ impl ContrastiveModel {
             (None, ImageEncoder::ResNet(r)) => r.out_dim(),
             (None, ImageEncoder::Vit(v)) => v.output_dim(),
         };
-        let parts = match kind {
+        let mut parts = match kind {
             ObjectiveKind::Simclr | ObjectiveKind::Moco => ObjectiveParts::None,
             ObjectiveKind::Swav => ObjectiveParts::Swav(Prototypes::new(
                 &(&root / "prototypes"),
@@ -345,6 +348,18 @@ impl ContrastiveModel {
                 }
             }
         };
+        // LoRA adapters, drawn after every base weight so those match a build without them.
+        if m.adapters.enabled() {
+            if let ImageEncoder::Vit(v) = &mut encoder {
+                v.add_adapters(&image_root, &m.adapters);
+            }
+            if let ObjectiveParts::Clip(c) = &mut parts {
+                match &mut c.tower {
+                    TextTower::Clip(t) => t.add_adapters(&root, &m.adapters),
+                    TextTower::Bert(b) => b.add_adapters(&root, &m.adapters),
+                }
+            }
+        }
         let resnet_stages: Vec<usize> = match m.encoder {
             EncoderKind::Resnet => m.layers.iter().map(|&n| n as usize).collect(),
             EncoderKind::Vit => Vec::new(),
@@ -368,6 +383,7 @@ impl ContrastiveModel {
             moe,
             grad_sync: GradSync::default(),
             depths,
+            adapter_scale: m.adapters.enabled().then(|| m.adapters.scale()),
         };
         if kind == ObjectiveKind::Moco {
             let branch = MomentumBranch::new(m, cfg.objective.moco.queue_size as i64, device)?;
@@ -375,11 +391,14 @@ impl ContrastiveModel {
             model.parts = ObjectiveParts::Moco(branch);
         }
         for (name, var) in model.vs.variables() {
-            let locked = match model.tower_of(&name) {
+            let tower = model.tower_of(&name);
+            let locked = match tower {
                 Tower::Image => m.lock_image,
                 Tower::Text => m.lock_text,
                 Tower::Head => false,
             };
+            // With adapters the towers' own weights are frozen (adapters count as heads).
+            let locked = locked || (m.adapters.enabled() && tower != Tower::Head);
             // `model.unlocked_layers`: a locked tower's last blocks and what is above them
             // still train.
             let depth = model.depths.of(&name);
@@ -538,6 +557,33 @@ impl ContrastiveModel {
             ImageEncoder::Vit(v) => Some(v.config()),
             ImageEncoder::ResNet(_) => None,
         }
+    }
+
+    /// The query network's variables with every LoRA adapter folded into the weight it
+    /// adapts (W + (alpha / rank) B A) and the adapters left out: a model without adapters
+    /// that computes what this one does (what exports write). Without adapters, the variables.
+    pub fn merged_variables(&self) -> std::collections::HashMap<String, Tensor> {
+        let mut vars = self.vs.variables();
+        let Some(scale) = self.adapter_scale else {
+            return vars;
+        };
+        let adapters: Vec<String> = vars
+            .keys()
+            .filter(|n| n.ends_with(".lora_a"))
+            .cloned()
+            .collect();
+        tch::no_grad(|| {
+            for a in adapters {
+                let b = format!("{}.lora_b", a.trim_end_matches(".lora_a"));
+                let base = lora::merged_weight_name(&a).expect("an adapter name");
+                let update = vars[&b].matmul(&vars[&a]) * scale;
+                let merged = vars[&base].detach() + update;
+                vars.insert(base, merged);
+                vars.remove(&a);
+                vars.remove(&b);
+            }
+        });
+        vars
     }
 
     /// The towers' block counts (where each variable sits: [`depth::Depths::of`]).
@@ -751,8 +797,12 @@ impl ContrastiveModel {
         Ok(plan)
     }
 
-    /// Which tower a variable of the query network belongs to.
+    /// Which tower a variable of the query network belongs to (a LoRA adapter is a head: a
+    /// pretrained file never has one).
     fn tower_of(&self, name: &str) -> Tower {
+        if lora::is_adapter(name) {
+            return Tower::Head;
+        }
         if let ObjectiveParts::Clip(c) = &self.parts {
             // A BERT's projection is ours (Hugging Face's BERT has none), open_clip's is the
             // text tower's own.
@@ -1160,6 +1210,135 @@ mod tests {
         job.model.unlocked_layers = 1;
         let e = job.validate().unwrap_err().to_string();
         assert!(e.contains("set model.lock_image or lock_text"), "{e}");
+    }
+
+    /// Images and captions through both towers of a CLIP model.
+    fn clip_outputs(model: &ContrastiveModel) -> (Tensor, Tensor) {
+        // Fixed inputs without the global RNG, which tests on other threads draw from.
+        let n = 2 * 3 * 16 * 16;
+        let pixels: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let tokens = Tensor::from_slice(&[
+            257i64, 66, 67, 68, 258, 0, 0, 0, 257, 70, 71, 258, 0, 0, 0, 0,
+        ])
+        .view([2, 8]);
+        (
+            model.export_images(&pixels, 16),
+            model.export_texts(&tokens).unwrap(),
+        )
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// The variables of `model` that are not adapters, copied.
+    fn base_variables(model: &ContrastiveModel) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = model
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| !lora::is_adapter(n))
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// `[model.adapters]`: an adapted model computes what its base weights do until it trains
+    /// (B = 0); only the adapters and the heads train, and a step leaves every base weight
+    /// bit-identical while the adapters move.
+    #[test]
+    fn adapters_start_as_the_base_model_and_only_they_train() {
+        use contrail_common::config::TextKind;
+        for text in [TextKind::Clip, TextKind::Bert] {
+            let mut job = two_block_clip();
+            job.model.text.kind = text;
+            job.model.adapters.rank = 2;
+            job.validate().unwrap();
+            let adapted = build_clip(&job);
+            let before = base_variables(&adapted);
+            job.model.adapters.rank = 0;
+            let mut plain = build_clip(&job);
+            plain.load_named(&before).unwrap();
+            let (a, b) = (clip_outputs(&plain), clip_outputs(&adapted));
+            assert!(max_diff(&a.0, &b.0) < 1e-6 && max_diff(&a.1, &b.1) < 1e-6);
+            let trained: Vec<String> = adapted
+                .named_parameters()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            // Heads train too: the logit scale, and a BERT's projection (ours, not BERT's).
+            let head =
+                |n: &str| n == "logit_scale" || (text == TextKind::Bert && n == "text_projection");
+            assert!(
+                trained.iter().all(|n| lora::is_adapter(n) || head(n)),
+                "{trained:?}"
+            );
+            let adapters = adapted
+                .var_store()
+                .variables()
+                .keys()
+                .filter(|n| lora::is_adapter(n))
+                .count();
+            // 2 image blocks × 4 projections + 1 text block × 4 (open_clip) or 6 (BERT), A and B.
+            let text_projections = if text == TextKind::Bert { 6 } else { 4 };
+            assert_eq!(adapters, 2 * (2 * 4 + text_projections), "{text:?}");
+
+            let mut sgd = job.optim.clone();
+            sgd.kind = contrail_common::config::OptimKind::Sgd;
+            let mut opt = adapted.optimizer(&sgd);
+            let pixels = Tensor::ones([2, 3, 16, 16], tch::kind::FLOAT_CPU);
+            let tokens = Tensor::from_slice(&[257i64, 66, 258, 0, 0, 0, 0, 0]).view([1, 8]);
+            let img = adapted.forward_t(&pixels, true);
+            let txt = adapted.clip().unwrap().tower.forward(&tokens);
+            (img.sum(tch::Kind::Float) + txt.sum(tch::Kind::Float)).backward();
+            opt.step(0.1);
+            let after = base_variables(&adapted);
+            for ((name, t), (_, u)) in before.iter().zip(&after) {
+                let moved = max_diff(t, u);
+                assert!(moved == 0.0 || head(name), "{text:?}: {name} moved {moved}");
+            }
+            let trained_b = adapted
+                .var_store()
+                .variables()
+                .into_iter()
+                .filter(|(n, _)| n.ends_with(".lora_b"))
+                .any(|(_, t)| t.abs().max().double_value(&[]) > 0.0);
+            assert!(trained_b, "{text:?}: no adapter trained");
+        }
+    }
+
+    /// Merged into the base weights (what exports write), the adapters' model is a model
+    /// without adapters that computes the same; the base weights alone compute something else.
+    #[test]
+    fn merged_adapters_compute_what_the_adapted_model_does() {
+        use contrail_common::config::TextKind;
+        for text in [TextKind::Clip, TextKind::Bert] {
+            let mut job = two_block_clip();
+            job.model.text.kind = text;
+            job.model.adapters.rank = 2;
+            job.model.adapters.alpha = 4.0;
+            let adapted = build_clip(&job);
+            for (name, t) in adapted.var_store().variables() {
+                if name.ends_with(".lora_b") {
+                    tch::no_grad(|| t.shallow_clone().copy_(&(t.randn_like() * 0.1)));
+                }
+            }
+            let merged: Vec<(String, Tensor)> = adapted.merged_variables().into_iter().collect();
+            assert!(merged.iter().all(|(n, _)| !lora::is_adapter(n)));
+            job.model.adapters.rank = 0;
+            let mut plain = build_clip(&job);
+            plain.load_named(&merged).unwrap();
+            let (a, b) = (clip_outputs(&adapted), clip_outputs(&plain));
+            let (d_img, d_txt) = (max_diff(&a.0, &b.0), max_diff(&a.1, &b.1));
+            assert!(d_img < 1e-5 && d_txt < 1e-5, "{text:?}: {d_img} {d_txt}");
+            plain.load_named(&base_variables(&adapted)).unwrap();
+            let unmerged = clip_outputs(&plain);
+            assert!(
+                max_diff(&unmerged.1, &a.1) > 1e-3,
+                "{text:?}: the adapters changed nothing"
+            );
+        }
     }
 
     /// `optim.layer_decay` 0.5 on a 2-block ViT: with plain SGD and every gradient 1 a step of

@@ -6,9 +6,10 @@
 //! batch-first (N, L, D), as open_clip 3.3.0 runs them. Attention goes through
 //! `scaled_dot_product_attention`, which picks flash / memory-efficient kernels on GPU.
 
+use super::lora::{adapted, Lora};
 use crate::moe::{ExpertInit, MoeFeedForward, MoeRuntime};
 use crate::nn::torch_default_uniform;
-use contrail_common::config::Activation;
+use contrail_common::config::{Activation, AdapterSettings};
 use std::sync::Arc;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -133,6 +134,17 @@ pub struct ResidualAttentionBlock {
     heads: i64,
     /// Of the dense MLP (an MoE block's experts use GELU; the config refuses QuickGELU there).
     activation: Activation,
+    /// LoRA adapters on the block's projections (`[model.adapters]`).
+    lora: BlockLora,
+}
+
+/// The adapters of one block, where `[model.adapters] targets` put them.
+#[derive(Debug, Default)]
+struct BlockLora {
+    in_proj: Option<Lora>,
+    out_proj: Option<Lora>,
+    c_fc: Option<Lora>,
+    c_proj: Option<Lora>,
 }
 
 impl ResidualAttentionBlock {
@@ -238,7 +250,24 @@ impl ResidualAttentionBlock {
             ffn,
             heads,
             activation: Activation::Gelu,
+            lora: BlockLora::default(),
         })
+    }
+
+    /// Adds LoRA adapters under the block's path `p` to the projections `settings` targets.
+    fn add_adapters(&mut self, p: &nn::Path, settings: &AdapterSettings) {
+        let width = self.in_proj_weight.size()[1];
+        let attn = p / "attn";
+        if settings.targets_attention() {
+            self.lora.in_proj = Some(Lora::new(&(&attn / "in_proj"), width, 3 * width, settings));
+            self.lora.out_proj = Some(Lora::new(&(&attn / "out_proj"), width, width, settings));
+        }
+        if let (true, FeedForward::Dense { c_fc, .. }) = (settings.targets_mlp(), &self.ffn) {
+            let hidden = c_fc.ws.size()[0];
+            let mlp = p / "mlp";
+            self.lora.c_fc = Some(Lora::new(&(&mlp / "c_fc"), width, hidden, settings));
+            self.lora.c_proj = Some(Lora::new(&(&mlp / "c_proj"), hidden, width, settings));
+        }
     }
 
     /// x: N × L × D → N × L × D.
@@ -246,8 +275,14 @@ impl ResidualAttentionBlock {
         let x = x + self.attention(&x.apply(&self.ln_1), mask);
         match &self.ffn {
             FeedForward::Dense { c_fc, c_proj } => {
-                let h = activate(&x.apply(&self.ln_2).apply(c_fc), self.activation);
-                &x + h.apply(c_proj)
+                let lin = |x: &Tensor, l: &nn::Linear, lora: &Option<Lora>| {
+                    adapted(x, &l.ws, l.bs.as_ref(), lora.as_ref())
+                };
+                let h = activate(
+                    &lin(&x.apply(&self.ln_2), c_fc, &self.lora.c_fc),
+                    self.activation,
+                );
+                &x + lin(&h, c_proj, &self.lora.c_proj)
             }
             FeedForward::Moe(moe) => moe.forward_residual(&x, &self.ln_2),
         }
@@ -267,10 +302,14 @@ impl ResidualAttentionBlock {
         let head_dim = d / self.heads;
         // (N, L, 3D) → (3, N, heads, L, head_dim): q, k, v split the packed projection in
         // that order, as nn.MultiheadAttention's in_proj does.
-        let qkv = x
-            .linear(&self.in_proj_weight, Some(&self.in_proj_bias))
-            .view([n, l, 3, self.heads, head_dim])
-            .permute([2, 0, 3, 1, 4]);
+        let qkv = adapted(
+            x,
+            &self.in_proj_weight,
+            Some(&self.in_proj_bias),
+            self.lora.in_proj.as_ref(),
+        )
+        .view([n, l, 3, self.heads, head_dim])
+        .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let (bool_mask, is_causal) = match mask {
             AttentionMask::Full => (None, false),
@@ -290,7 +329,13 @@ impl ResidualAttentionBlock {
             None,
             false,
         );
-        out.transpose(1, 2).reshape([n, l, d]).apply(&self.out_proj)
+        let out = out.transpose(1, 2).reshape([n, l, d]);
+        adapted(
+            &out,
+            &self.out_proj.ws,
+            self.out_proj.bs.as_ref(),
+            self.lora.out_proj.as_ref(),
+        )
     }
 }
 
@@ -341,6 +386,15 @@ impl Transformer {
             block.activation = activation;
         }
         self
+    }
+
+    /// LoRA adapters on every block (`p` is the path the tower was built on, `… /
+    /// "transformer"`). Drawn after the base weights, so those do not depend on them.
+    pub fn add_adapters(&mut self, p: &nn::Path, settings: &AdapterSettings) {
+        let blocks = p / "resblocks";
+        for (i, block) in self.resblocks.iter_mut().enumerate() {
+            block.add_adapters(&(&blocks / i as i64), settings);
+        }
     }
 
     /// [`ResidualAttentionBlock::moe_idle_pass`] of every block, in order.

@@ -203,6 +203,16 @@ impl VisionTransformer {
     }
 
     /// The block stack (for the MoE idle pass).
+    /// LoRA adapters on every block; `p` is the path the tower was built on.
+    pub fn add_adapters(
+        &mut self,
+        p: &nn::Path,
+        settings: &contrail_common::config::AdapterSettings,
+    ) {
+        self.transformer
+            .add_adapters(&(p / "transformer"), settings);
+    }
+
     pub fn transformer(&self) -> &Transformer {
         &self.transformer
     }

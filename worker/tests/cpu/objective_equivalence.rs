@@ -334,6 +334,29 @@ fn clip_with_a_bert_text_tower_split_over_ranks_equals_one_rank() {
     }
 }
 
+/// CLIP with LoRA adapters (`[model.adapters]`) split over ranks and micro-batches equals one
+/// rank; the adapters train and every base weight of every rank is untouched (frozen weights
+/// get no gradient, so the all-reduce never carries them).
+#[test]
+fn clip_with_lora_adapters_split_over_ranks_equals_one_rank() {
+    let mut cfg = clip_config();
+    cfg.model.adapters.rank = 2;
+    cfg.validate().unwrap();
+    let make = || build_objective(&cfg);
+    let after = assert_plans_match("clip-lora", &cfg, &plans(), &make);
+    let initial = model(&cfg).named_variables();
+    let mut adapters_moved = 0;
+    for (name, before) in &initial {
+        let moved = (var(&after, name) - before).abs().max().double_value(&[]);
+        if name.ends_with(".lora_b") {
+            adapters_moved += usize::from(moved > 1e-7);
+        } else if !name.ends_with(".lora_a") && name != "logit_scale" {
+            assert_eq!(moved, 0.0, "{name} is frozen but moved");
+        }
+    }
+    assert!(adapters_moved > 0, "no adapter trained");
+}
+
 /// CLIP (ViT image tower, causal text tower, learnable logit scale) split over 2 and 3 ranks
 /// and over K = 4 micro-batches equals one rank with the whole batch, over two steps.
 #[test]

@@ -1,0 +1,112 @@
+//! A CLIP model's BERT text tower as Hugging Face transformers loads it: `config.json` (a
+//! `BertConfig`), `model.safetensors` (`BertModel`'s names: the tower's `bert.*` variables
+//! without the prefix), `tokenizer.json` and `tokenizer_config.json` (the job's tokenizer), so
+//! `BertModel.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it; beside
+//! them `text_projection.safetensors` (width × embed) and `contrail_text.json` (the pooling and
+//! the joint-space width) say how the caption embedding is made: the `[CLS]` hidden state (or
+//! the mean over the attention mask) times `text_projection`. The pooler `BertModel` builds is
+//! not trained by contrail and transformers initialises it (its output is not used).
+
+use super::{json, refuse_if, safetensors, variables, Export, ExportFormat, ExportInput};
+use anyhow::{Context, Result};
+use contrail_common::config::TextPooling;
+use serde_json::json;
+
+const FORMAT: ExportFormat = ExportFormat::Hf;
+
+pub fn export(input: &ExportInput<'_>) -> Result<Export> {
+    let model = input.model;
+    let bert = model.bert_config().with_context(|| {
+        format!(
+            "cannot export to {}: only a BERT text tower (model.text.kind = \"bert\") has \
+             Hugging Face's layout (--format open_clip exports a CLIP text transformer)",
+            FORMAT.as_str()
+        )
+    })?;
+    let tokenizer = input.tokenizer_json;
+    refuse_if(tokenizer.is_none(), FORMAT, || {
+        "the job's tokenizer is the built-in byte tokenizer, which transformers cannot load \
+         (set model.text.tokenizer to a tokenizer.json)"
+            .into()
+    })?;
+    let mut named = Vec::new();
+    let mut projection = Vec::new();
+    for (name, t) in variables(model) {
+        if let Some(local) = name.strip_prefix("bert.") {
+            named.push((local.to_string(), t.detach()));
+        } else if name == "text_projection" {
+            projection.push((name, t.detach()));
+        }
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let config = json!({
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": bert.vocab_size,
+        "hidden_size": bert.width,
+        "num_hidden_layers": bert.layers,
+        "num_attention_heads": bert.heads,
+        "intermediate_size": bert.intermediate,
+        "max_position_embeddings": bert.max_positions,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "pad_token_id": bert.pad_id,
+        "initializer_range": 0.02,
+    });
+    let tokenizer_config = json!({
+        "tokenizer_class": "BertTokenizerFast",
+        "model_max_length": bert.context_length,
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "mask_token": "[MASK]",
+    });
+    let text = json!({
+        "pooling": match bert.pooling {
+            TextPooling::Cls => "cls",
+            TextPooling::Mean => "mean",
+        },
+        "embed_dim": bert.output_dim,
+        "context_length": bert.context_length,
+    });
+    Ok(Export {
+        files: vec![
+            ("config.json".to_string(), json(&config)?),
+            ("model.safetensors".to_string(), safetensors(&named)?),
+            (
+                "tokenizer.json".to_string(),
+                tokenizer.unwrap_or_default().to_vec(),
+            ),
+            (
+                "tokenizer_config.json".to_string(),
+                json(&tokenizer_config)?,
+            ),
+            (
+                "text_projection.safetensors".to_string(),
+                safetensors(&projection)?,
+            ),
+            ("contrail_text.json".to_string(), json(&text)?),
+        ],
+        notes: vec![
+            format!(
+                "Hugging Face BertModel: width {} × {} layers, {} heads, {} positions, {} \
+                 tensors; text_projection {} → {}, {} pooling",
+                bert.width,
+                bert.layers,
+                bert.heads,
+                bert.max_positions,
+                named.len(),
+                bert.width,
+                bert.output_dim,
+                text["pooling"].as_str().unwrap_or_default()
+            ),
+            "load with transformers.BertModel.from_pretrained(\"DIR\") and \
+             AutoTokenizer.from_pretrained(\"DIR\"); embed = hidden[:, 0] @ text_projection"
+                .into(),
+        ],
+    })
+}
