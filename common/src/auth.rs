@@ -109,6 +109,13 @@ impl JobToken {
         self.hmac_of(parts).finalize().into_bytes().into()
     }
 
+    /// A short public name of the run this token belongs to (a MAC under it, so the token
+    /// stays secret): checkpoints record it, so a job tells its own checkpoints from an
+    /// earlier run's.
+    pub fn run_id(&self) -> String {
+        hex(&self.mac(&[b"contrail run id"])[..8])
+    }
+
     /// Whether `tag` is the MAC of `parts` (compared in constant time).
     pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
         self.hmac_of(parts).verify_slice(tag).is_ok()

@@ -27,6 +27,10 @@ pub struct CheckpointMeta {
     /// The job file the run was started with (TOML).
     pub config_toml: String,
     pub created_unix_ms: u64,
+    /// The run that wrote it (`JobToken::run_id`; "" before contrail recorded it), so a job
+    /// can tell its own checkpoints from an earlier run's.
+    #[serde(default)]
+    pub run: String,
 }
 
 pub fn step_dir_name(step: u64) -> String {

@@ -499,6 +499,7 @@ async fn new_coordinator_resumes_from_the_latest_checkpoint() {
         shard_state,
         config_toml: String::new(),
         created_unix_ms: 0,
+        run: String::new(),
     };
     let dir = join_url(ck, "step-00000002");
     write_bytes(

@@ -461,6 +461,7 @@ fn resume_reports_the_checkpoint_and_skips_done_shards() {
         shard_state,
         config_toml: String::new(),
         created_unix_ms: 0,
+        run: String::new(),
     };
     let mut b = JobBook::new(
         config(2),
@@ -1027,6 +1028,7 @@ fn a_dead_moe_worker_rolls_the_members_back_to_the_checkpoint() {
         shard_state,
         config_toml: String::new(),
         created_unix_ms: 0,
+        run: String::new(),
     };
     b.apply_rollback(Ok(("memory://ck/step-00000040".into(), meta)));
     assert!(!b.rollback_due());
@@ -1170,6 +1172,7 @@ fn members_that_cannot_agree_on_an_moe_state_roll_back_on_request() {
         shard_state: ShardStateSnapshot::default(),
         config_toml: String::new(),
         created_unix_ms: 0,
+        run: String::new(),
     };
     b.apply_rollback(Ok(("memory://ck/step-00000020".into(), meta)));
     assert_eq!(b.generation(), g + 2);

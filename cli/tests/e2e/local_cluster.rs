@@ -613,6 +613,16 @@ fn restarted_job_resumes_from_the_latest_checkpoint() {
             .any(|l| l.contains("resumed from") && l.contains("step 20")),
         "second run did not resume: {second:#?}"
     );
+    // A new `contrail local` is a new run (a new job token): rank 0 says whose checkpoint it
+    // took and what changed in the job file since.
+    assert!(
+        second
+            .iter()
+            .any(|l| l.contains("a checkpoint of an earlier run")
+                && l.contains("differs in")
+                && l.contains("train.max_steps")),
+        "{second:#?}"
+    );
     // Only the remaining 10 steps are trained, and the step counter continues from 20.
     assert!(
         second

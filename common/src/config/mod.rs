@@ -140,6 +140,46 @@ impl JobConfig {
         toml::to_string(self).expect("JobConfig always serializes")
     }
 
+    /// The dotted keys whose values differ between two job files as `to_toml` writes them
+    /// (e.g. `optim.lr`), sorted; a file that does not parse differs in `""`.
+    pub fn changed_keys(a: &str, b: &str) -> Vec<String> {
+        fn flatten(
+            prefix: &str,
+            v: &toml::Value,
+            out: &mut std::collections::BTreeMap<String, String>,
+        ) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flatten(&key, v, out);
+                    }
+                }
+                other => {
+                    out.insert(prefix.to_string(), other.to_string());
+                }
+            }
+        }
+        let parse = |text: &str| {
+            let mut out = std::collections::BTreeMap::new();
+            toml::from_str::<toml::Value>(text)
+                .map(|v| flatten("", &v, &mut out))
+                .map(|()| out)
+        };
+        let (Ok(a), Ok(b)) = (parse(a), parse(b)) else {
+            return vec![String::new()];
+        };
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect()
+    }
+
     /// Checks each section and the relations between them; every error names the offending
     /// key.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -366,6 +406,23 @@ pub fn apply_override(root: &mut toml::Value, assignment: &str) -> Result<(), Co
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_keys_name_what_two_job_files_set_differently() {
+        let a = JobConfig::default();
+        let mut b = a.clone();
+        b.optim.lr = 0.5;
+        b.model.text.width = 64;
+        assert_eq!(
+            JobConfig::changed_keys(&a.to_toml(), &b.to_toml()),
+            vec!["model.text.width".to_string(), "optim.lr".to_string()]
+        );
+        assert!(JobConfig::changed_keys(&a.to_toml(), &a.to_toml()).is_empty());
+        assert_eq!(
+            JobConfig::changed_keys("[x", &a.to_toml()),
+            vec![String::new()]
+        );
+    }
 
     #[test]
     fn defaults_validate() {

@@ -32,6 +32,8 @@ pub struct Coordinator {
     generation: Arc<AtomicU64>,
     /// How long (ms) a call retries while the coordinator does not answer; shared by clones.
     outage_ms: Arc<AtomicU64>,
+    /// This run's public id (`JobToken::run_id`; "" without a token), stamped on checkpoints.
+    pub run_id: String,
 }
 
 /// What rendezvous tells a worker.
@@ -81,6 +83,7 @@ impl Coordinator {
         let target = Endpoint::from_shared(endpoint.clone())
             .with_context(|| format!("the coordinator address {endpoint} is not a URL"))?;
         let deadline = tokio::time::Instant::now() + wait;
+        let run_id = token.as_ref().map(JobToken::run_id).unwrap_or_default();
         let client = loop {
             match target.connect().await {
                 Ok(c) => break CoordinatorClient::with_interceptor(c, GrpcProof::new(token)),
@@ -105,6 +108,7 @@ impl Coordinator {
             worker_id: 0,
             generation: Arc::new(AtomicU64::new(0)),
             outage_ms: Arc::new(AtomicU64::new(wait.as_millis() as u64)),
+            run_id,
         };
         let request = proto::RegisterRequest {
             host: host_name(),

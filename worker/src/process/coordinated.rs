@@ -434,6 +434,7 @@ impl TrainHooks for CoordinatedHooks<'_> {
                 shard_state: ShardStateSnapshot::default(),
                 config_toml: self.cfg.to_toml(),
                 created_unix_ms: contrail_common::auth::unix_ms(),
+                run: self.coord.run_id.clone(),
             },
             model_bytes,
             optim_bytes,

@@ -13,6 +13,7 @@ pub mod feed;
 mod ledger;
 pub mod node;
 mod recovery;
+mod resume_note;
 
 pub use coordinated::heartbeat_loop;
 
@@ -260,6 +261,18 @@ fn train_rank(
                 "resumed from {} (epoch {}, step {})",
                 asg.resume_checkpoint, start.epoch, start.step
             );
+            match read_meta(rt, cfg, &asg.resume_checkpoint) {
+                Ok(meta) => println!(
+                    "{}",
+                    resume_note::resume_note(
+                        &meta,
+                        &coord.run_id,
+                        &cfg.to_toml(),
+                        contrail_common::auth::unix_ms()
+                    )
+                ),
+                Err(e) => println!("  (its meta.json could not be read: {e:#})"),
+            }
             let t = &cfg.train;
             if (t.epochs > 0 && start.epoch >= t.epochs)
                 || (t.max_steps > 0 && start.step >= t.max_steps)
@@ -417,6 +430,22 @@ fn train_rank(
 
 /// Loads the checkpoint at `dir` into `model` and `opt` (an MoE rank keeps the experts its
 /// placement gives it).
+/// The metadata of the checkpoint in directory `dir`.
+fn read_meta(
+    rt: &tokio::runtime::Runtime,
+    cfg: &JobConfig,
+    dir: &str,
+) -> Result<contrail_common::checkpoint::CheckpointMeta> {
+    let url = contrail_common::checkpoint::join_url(dir, crate::train::checkpoint::META_FILE);
+    let bytes = rt
+        .block_on(contrail_common::checkpoint::read_bytes(
+            &url,
+            &cfg.data.s3_endpoint,
+        ))?
+        .with_context(|| format!("{url} is missing"))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {url}"))
+}
+
 fn load_checkpoint(
     rt: &tokio::runtime::Runtime,
     cfg: &JobConfig,

@@ -148,6 +148,7 @@ mod tests {
                 shard_state: ShardStateSnapshot::default(),
                 config_toml: String::new(),
                 created_unix_ms: 0,
+                run: String::new(),
             };
             let w = Tensor::from_slice(&[step as f32, 2.0, 3.0]).view([3, 1]);
             let model = tensors_to_safetensors(&[("fc.weight".to_string(), w)]).unwrap();

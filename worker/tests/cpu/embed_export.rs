@@ -44,6 +44,7 @@ fn exported_rows_equal_a_direct_forward_of_the_checkpoint() {
         shard_state: Default::default(),
         config_toml: String::new(),
         created_unix_ms: 0,
+        run: String::new(),
     };
     let model_bytes = tensors_to_safetensors(&trained.named_variables()).unwrap();
     let optim_bytes = tensors_to_safetensors(&[]).unwrap();
