@@ -443,9 +443,9 @@ pub enum GroupBy {
     Label,
 }
 
-/// `contrail embed`'s flags.
+/// The model a command loads: a job file, and its checkpoint or its untrained model.
 #[derive(clap::Args)]
-pub struct EmbedArgs {
+pub struct ModelSource {
     /// Job file (TOML): the model to build.
     #[arg(long)]
     pub config: String,
@@ -455,9 +455,16 @@ pub struct EmbedArgs {
     /// Checkpoint base URL whose LATEST is loaded (default: the job's checkpoint.url).
     #[arg(long)]
     pub checkpoint: Option<String>,
-    /// Embed with a freshly initialised model instead (the untrained baseline).
+    /// Use a freshly initialised model instead (seeded by train.seed: the untrained baseline).
     #[arg(long, conflicts_with = "checkpoint")]
     pub random_init: bool,
+}
+
+/// `contrail embed`'s flags.
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelSource,
     /// Shards to embed (default: the job's data.url).
     #[arg(long)]
     pub data: Option<String>,
@@ -482,19 +489,8 @@ pub struct EmbedArgs {
 /// `contrail export`'s arguments.
 #[derive(clap::Args)]
 pub struct ExportArgs {
-    /// Job file (TOML): the model to build.
-    #[arg(long)]
-    pub config: String,
-    /// Override a config key (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
-    /// Checkpoint base URL whose LATEST is exported (default: the job's checkpoint.url).
-    #[arg(long)]
-    pub checkpoint: Option<String>,
-    /// Export a freshly initialised model instead (seeded by train.seed, as `contrail embed
-    /// --random-init` builds it).
-    #[arg(long, conflicts_with = "checkpoint")]
-    pub random_init: bool,
+    #[command(flatten)]
+    pub model: ModelSource,
     /// `open_clip`, `timm`, `torchvision` or `hf` (a BERT text tower for transformers).
     #[arg(long)]
     pub format: ExportFormat,

@@ -124,11 +124,16 @@ pub fn class_names(arg: Option<&str>) -> Vec<String> {
 /// `contrail embed`: in this process, or (`--workers N`) through a local coordinator whose job
 /// is the dataset, with N `contrail embed-worker` processes sharing its shards.
 pub fn embed(rt: &Runtime, args: EmbedArgs) -> Result<()> {
-    let mut cfg = JobConfig::from_file(&args.config, &args.overrides)?;
+    let mut cfg = JobConfig::from_file(&args.model.config, &args.model.overrides)?;
     if let Some(data) = &args.data {
         cfg.data.url = data.clone();
     }
-    let base = checkpoint_base(args.checkpoint.as_deref(), args.random_init, &cfg, "embed")?;
+    let base = checkpoint_base(
+        args.model.checkpoint.as_deref(),
+        args.model.random_init,
+        &cfg,
+        "embed",
+    )?;
     let started = std::time::Instant::now();
     if args.workers > 0 {
         // The coordinator's job is the export: its data.url is the dataset, its lease book

@@ -13,8 +13,13 @@ use tokio::runtime::Runtime;
 use crate::args::ExportArgs;
 
 pub fn run(rt: &Runtime, args: ExportArgs) -> Result<()> {
-    let cfg = JobConfig::from_file(&args.config, &args.overrides)?;
-    let base = checkpoint_base(args.checkpoint.as_deref(), args.random_init, &cfg, "export")?;
+    let cfg = JobConfig::from_file(&args.model.config, &args.model.overrides)?;
+    let base = checkpoint_base(
+        args.model.checkpoint.as_deref(),
+        args.model.random_init,
+        &cfg,
+        "export",
+    )?;
     let (model, loaded) = load_model(rt, &cfg, base.as_deref(), tch::Device::Cpu)?;
     let captions = caption_tokens(rt, &cfg)?;
     let tokenizer_json = match &cfg.model.text.tokenizer {

@@ -144,6 +144,30 @@ impl Preprocess {
     }
 }
 
+/// timm's `pretrained_cfg` for a model of `num_classes` outputs whose input is `pre`: the
+/// evaluation view (whole image, bilinear, centre crop), the layers timm adapts by name, and
+/// whether the input size is fixed (a ViT's positions; a ResNet takes any size, and timm
+/// refuses the flag for one).
+fn timm_pretrained_cfg(
+    pre: &Preprocess,
+    num_classes: i64,
+    (first_conv, classifier): (&str, &str),
+    fixed_input_size: bool,
+) -> serde_json::Value {
+    serde_json::json!({
+        "input_size": [3, pre.size, pre.size],
+        "fixed_input_size": fixed_input_size,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": pre.mean,
+        "std": pre.std,
+        "num_classes": num_classes,
+        "first_conv": first_conv,
+        "classifier": classifier,
+    })
+}
+
 /// Refuses an export when `what` is true, saying why and which format.
 fn refuse_if(what: bool, format: ExportFormat, why: impl FnOnce() -> String) -> Result<()> {
     if what {

@@ -10,7 +10,8 @@
 //! embedding and `forward_head(..., pre_logits=True)` the pooled features before it.
 
 use super::{
-    json, refuse_if, safetensors, variables, Export, ExportFormat, ExportInput, Preprocess,
+    json, refuse_if, safetensors, timm_pretrained_cfg, variables, Export, ExportFormat,
+    ExportInput, Preprocess,
 };
 use anyhow::{Context, Result};
 use contrail_common::config::{Activation, ObjectiveKind, VitStyle};
@@ -126,18 +127,12 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
             "pre_norm": clip_layout,
             "act_layer": act,
         },
-        "pretrained_cfg": {
-            "input_size": [3, pre.size, pre.size],
-            "fixed_input_size": true,
-            "interpolation": "bilinear",
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-            "mean": pre.mean,
-            "std": pre.std,
-            "num_classes": vit.output_dim,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
+        "pretrained_cfg": timm_pretrained_cfg(
+            &pre,
+            vit.output_dim,
+            ("patch_embed.proj", "head"),
+            true
+        ),
     });
     Ok(Export {
         files: vec![

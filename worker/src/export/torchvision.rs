@@ -10,7 +10,8 @@
 //! counts of ResNet-18/34/50/101/152. The MLP projector is a training head and is left out.
 
 use super::{
-    json, refuse_if, safetensors, variables, Export, ExportFormat, ExportInput, Preprocess,
+    json, refuse_if, safetensors, timm_pretrained_cfg, variables, Export, ExportFormat,
+    ExportInput, Preprocess,
 };
 use anyhow::Result;
 use contrail_common::config::{BlockKind, EncoderKind, NormKind, ObjectiveKind, StemKind};
@@ -96,17 +97,7 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
         "architecture": arch,
         "num_classes": 0,
         "num_features": features,
-        "pretrained_cfg": {
-            "input_size": [3, pre.size, pre.size],
-            "interpolation": "bilinear",
-            "crop_pct": 1.0,
-            "crop_mode": "center",
-            "mean": pre.mean,
-            "std": pre.std,
-            "num_classes": 0,
-            "first_conv": "conv1",
-            "classifier": "fc",
-        },
+        "pretrained_cfg": timm_pretrained_cfg(&pre, 0, ("conv1", "fc"), false),
     });
     Ok(Export {
         files: vec![

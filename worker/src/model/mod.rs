@@ -1077,35 +1077,9 @@ mod tests {
     /// and is bit-identical after an optimizer step that changes the text tower.
     #[test]
     fn a_locked_tower_is_not_trained() {
-        use contrail_common::config::{TextSettings, VitSettings, VitStyle};
-        let mut job = JobConfig::default();
-        job.objective.kind = ObjectiveKind::Clip;
-        job.data.image_size = 16;
-        job.model.encoder = EncoderKind::Vit;
-        job.model.vit = VitSettings {
-            patch_size: 8,
-            width: 16,
-            layers: 1,
-            heads: 2,
-            mlp_ratio: 2.0,
-            style: VitStyle::OpenClip,
-        };
-        job.model.text = TextSettings {
-            context_length: 8,
-            width: 16,
-            layers: 1,
-            heads: 2,
-            ..Default::default()
-        };
-        job.model.projector_out = 8;
+        let mut job = two_block_clip();
         job.model.lock_image = true;
-        let tokenizer = crate::tokenize::ByteTokenizer::new();
-        let opts = BuildOptions {
-            tokenizer: Some(&tokenizer),
-            ..Default::default()
-        };
-        tch::manual_seed(0);
-        let model = ContrastiveModel::build(&job, Device::Cpu, opts).unwrap();
+        let model = build_clip(&job);
         let params = model.named_parameters();
         assert!(params.iter().all(|(n, _)| !n.starts_with("visual.")));
         assert!(params.iter().any(|(n, _)| n == "text_projection"));
