@@ -268,11 +268,11 @@ impl JobConfig {
                 ));
             }
         }
-        if m.text.kind == TextKind::Bert {
+        if m.text.kind.is_bert_family() {
             if !self.moe.text_blocks.is_empty() {
                 return Err(err(
                     "moe.text_blocks",
-                    "MoE blocks are built for the clip text tower, not model.text.kind = \"bert\"",
+                    "MoE blocks are built for the clip text tower, not a BERT-family one",
                 ));
             }
             if m.text.max_positions < m.text.context_length {

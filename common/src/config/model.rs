@@ -57,6 +57,16 @@ choice! {
         /// Hugging Face BERT (post-LayerNorm blocks, bidirectional, pad keys masked; Chinese-CLIP's
         /// text tower), pooled by `pooling`.
         Bert = "bert",
+        /// Hugging Face RoBERTa / XLM-R: BERT's blocks with positions counted from the pad id
+        /// + 1 over the non-pad tokens, one token type and LayerNorm ε 1e-5.
+        Roberta = "roberta",
+    }
+}
+
+impl TextKind {
+    /// Whether the tower is a BERT-family encoder (`model::bert`).
+    pub fn is_bert_family(self) -> bool {
+        matches!(self, TextKind::Bert | TextKind::Roberta)
     }
 }
 

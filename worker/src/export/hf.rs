@@ -9,7 +9,7 @@
 
 use super::{json, refuse_if, safetensors, variables, Export, ExportFormat, ExportInput};
 use anyhow::{Context, Result};
-use contrail_common::config::TextPooling;
+use contrail_common::config::{TextKind, TextPooling};
 use serde_json::json;
 
 const FORMAT: ExportFormat = ExportFormat::Hf;
@@ -22,6 +22,11 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
              Hugging Face's layout (--format open_clip exports a CLIP text transformer)",
             FORMAT.as_str()
         )
+    })?;
+    refuse_if(bert.kind != TextKind::Bert, FORMAT, || {
+        "the text tower is a RoBERTa (model.text.kind); only a BERT tower's Hugging Face folder \
+         is built so far"
+            .into()
     })?;
     let tokenizer = input.tokenizer_json;
     refuse_if(tokenizer.is_none(), FORMAT, || {

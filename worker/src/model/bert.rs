@@ -1,6 +1,7 @@
-//! BERT-family text tower (`model.text.kind = "bert"`), parameter for parameter Hugging Face
-//! transformers' `BertModel` (post-LayerNorm blocks, learned absolute positions from 0, token
-//! type 0 everywhere, GELU, LayerNorm ε 1e-12), as Chinese-CLIP's text tower is (its
+//! BERT-family text tower (`model.text.kind = "bert"` or `"roberta"`), parameter for parameter
+//! Hugging Face transformers' `BertModel` (post-LayerNorm blocks, learned absolute positions
+//! from 0, token type 0 everywhere, GELU, LayerNorm ε 1e-12; `RobertaModel`: positions from
+//! the pad id + 1, one token type, ε 1e-5), as Chinese-CLIP's text tower is (its
 //! RoBERTa-wwm checkpoints are BERT architectures): built on the VarStore root the names are
 //! `bert.embeddings.{word,position,token_type}_embeddings.weight`, `bert.embeddings.LayerNorm.*`,
 //! `bert.encoder.layer.N.{attention.self.{query,key,value}, attention.output.{dense,LayerNorm},
@@ -16,14 +17,20 @@
 use super::lora::{adapted, Lora};
 use super::transformer::{layer_norm, Norm};
 use anyhow::ensure;
-use contrail_common::config::{AdapterSettings, TextPooling};
+use contrail_common::config::{AdapterSettings, TextKind, TextPooling};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-/// BERT's LayerNorm epsilon.
-const LAYER_NORM_EPS: f64 = 1e-12;
-/// Token types BERT checkpoints carry (sentence A and B); contrail uses type 0.
-const TYPE_VOCAB: i64 = 2;
+/// What differs between BERT and RoBERTa (XLM-R) checkpoints: LayerNorm epsilon, token types
+/// (BERT's sentence A and B, RoBERTa's one; contrail uses type 0), and where positions count
+/// from (BERT: 0 for every slot; RoBERTa: pad id + 1 over the non-pad tokens, pad slots at
+/// the pad id, transformers' `create_position_ids_from_input_ids`).
+fn flavor(kind: TextKind) -> (f64, i64) {
+    match kind {
+        TextKind::Roberta => (1e-5, 1),
+        _ => (1e-12, 2),
+    }
+}
 
 /// Sizes and token conventions of a BERT tower.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +49,8 @@ pub struct BertConfig {
     pub output_dim: i64,
     pub pad_id: i64,
     pub pooling: TextPooling,
+    /// `TextKind::Bert` or `TextKind::Roberta`.
+    pub kind: TextKind,
 }
 
 impl BertConfig {
@@ -63,10 +72,12 @@ impl BertConfig {
             self.heads
         );
         ensure!(
-            self.max_positions >= self.context_length,
-            "bert: {} positions cannot hold captions of context_length {}",
+            self.max_positions > self.last_position(),
+            "bert: {} positions cannot hold captions of context_length {} (the last position \
+             is {})",
             self.max_positions,
-            self.context_length
+            self.context_length,
+            self.last_position()
         );
         ensure!(
             (0..self.vocab_size).contains(&self.pad_id),
@@ -75,6 +86,16 @@ impl BertConfig {
             self.vocab_size
         );
         Ok(())
+    }
+}
+
+impl BertConfig {
+    /// The largest position id a caption can use.
+    fn last_position(&self) -> i64 {
+        match self.kind {
+            TextKind::Roberta => self.pad_id + self.context_length,
+            _ => self.context_length - 1,
+        }
     }
 }
 
@@ -95,9 +116,9 @@ fn linear(p: nn::Path, c_in: i64, c_out: i64) -> nn::Linear {
     )
 }
 
-fn bert_norm(p: nn::Path, width: i64) -> Norm {
+fn bert_norm(p: nn::Path, width: i64, eps: f64) -> Norm {
     let mut n = layer_norm(p, width);
-    n.set_eps(LAYER_NORM_EPS);
+    n.set_eps(eps);
     n
 }
 
@@ -142,10 +163,10 @@ impl BertLayer {
             key: linear(&own / "key", w, w),
             value: linear(&own / "value", w, w),
             attention_out: linear(&attention / "output" / "dense", w, w),
-            attention_norm: bert_norm(&attention / "output" / "LayerNorm", w),
+            attention_norm: bert_norm(&attention / "output" / "LayerNorm", w, flavor(cfg.kind).0),
             intermediate: linear(p / "intermediate" / "dense", w, cfg.intermediate),
             output: linear(p / "output" / "dense", cfg.intermediate, w),
-            output_norm: bert_norm(p / "output" / "LayerNorm", w),
+            output_norm: bert_norm(p / "output" / "LayerNorm", w, flavor(cfg.kind).0),
             heads: cfg.heads,
             lora: Default::default(),
         }
@@ -222,11 +243,12 @@ impl BertTower {
         let bert = root / "bert";
         let emb = &bert / "embeddings";
         let w = cfg.width;
+        let (eps, types) = flavor(cfg.kind);
         Ok(Self {
             word_embeddings: embedding(&emb / "word_embeddings", cfg.vocab_size, w),
             position_embeddings: embedding(&emb / "position_embeddings", cfg.max_positions, w),
-            token_type_embeddings: embedding(&emb / "token_type_embeddings", TYPE_VOCAB, w),
-            embedding_norm: bert_norm(&emb / "LayerNorm", w),
+            token_type_embeddings: embedding(&emb / "token_type_embeddings", types, w),
+            embedding_norm: bert_norm(&emb / "LayerNorm", w, eps),
             layers: (0..cfg.layers)
                 .map(|i| BertLayer::new(&(&bert / "encoder" / "layer" / i), cfg))
                 .collect(),
@@ -263,7 +285,13 @@ impl BertTower {
             self.cfg.context_length
         );
         let device = tokens.device();
-        let positions = Tensor::arange(l, (Kind::Int64, device)).unsqueeze(0);
+        let positions = match self.cfg.kind {
+            TextKind::Roberta => {
+                let valid = self.valid(tokens).to_kind(Kind::Int64);
+                valid.cumsum(1, Kind::Int64) * &valid + self.cfg.pad_id
+            }
+            _ => Tensor::arange(l, (Kind::Int64, device)).unsqueeze(0),
+        };
         let types = Tensor::zeros([1, l], (Kind::Int64, device));
         let x = tokens.apply(&self.word_embeddings)
             + positions.apply(&self.position_embeddings)

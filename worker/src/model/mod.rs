@@ -26,7 +26,7 @@ use crate::nn::torch_default_uniform;
 use crate::tokenize::Tokenizer;
 use anyhow::{bail, Context};
 use bert::{BertConfig, BertTower};
-use contrail_common::config::{EncoderKind, ModelConfig, ObjectiveKind, TextKind};
+use contrail_common::config::{EncoderKind, ModelConfig, ObjectiveKind};
 use contrail_common::experts::ExpertPlacement;
 use contrail_common::JobConfig;
 use depth::Depths;
@@ -300,7 +300,7 @@ impl ContrastiveModel {
                     .tokenizer
                     .context("a CLIP model needs the caption tokenizer")?;
                 let t = &m.text;
-                if t.kind == TextKind::Bert {
+                if t.kind.is_bert_family() {
                     let tower = BertTower::new(
                         &root,
                         &BertConfig {
@@ -314,6 +314,7 @@ impl ContrastiveModel {
                             output_dim: embedding_dim,
                             pad_id: tokenizer.pad_id(),
                             pooling: t.pooling,
+                            kind: t.kind,
                         },
                     )?;
                     let logit_scale =

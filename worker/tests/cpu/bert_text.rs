@@ -124,6 +124,39 @@ fn a_hugging_face_bert_loads_and_embeds_as_transformers_does() {
     }
 }
 
+/// `model.text.kind = "roberta"`: a Hugging Face `RobertaModel` (XLM-R's layout: positions
+/// from the pad id + 1 over the non-pad tokens, one token type, LayerNorm ε 1e-5) loads by
+/// name and embeds as transformers does.
+#[test]
+fn a_hugging_face_roberta_loads_and_embeds_as_transformers_does() {
+    let io = io();
+    let tok = tokenizer();
+    let mut roberta = job(TextPooling::Cls);
+    roberta.model.text.kind = TextKind::Roberta;
+    tch::manual_seed(0);
+    let opts = BuildOptions {
+        tokenizer: Some(&tok),
+        ..Default::default()
+    };
+    let mut model = ContrastiveModel::build(&roberta, Device::Cpu, opts).unwrap();
+    let plan = model
+        .load_initial(&tensors("roberta_model.safetensors"), false)
+        .unwrap();
+    assert_eq!(plan.mapping, ("".to_string(), "bert.".to_string()));
+    assert!(plan.unexpected.is_empty(), "{:?}", plan.unexpected);
+    let projection = model.var_store().variables()["text_projection"].shallow_clone();
+    tch::no_grad(|| projection.shallow_clone().copy_(&io["text_projection"]));
+    let features = model.export_texts(&io["ids"]).unwrap();
+    let diff = max_diff(&features, &io["roberta_cls_features"]);
+    assert!(diff <= TOLERANCE, "differs by {diff}");
+    // The BERT weights in a RoBERTa are refused: one token type less.
+    let e = model
+        .load_initial(&tensors("model.safetensors"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token_type_embeddings"), "{e}");
+}
+
 #[test]
 fn a_position_table_shorter_than_the_captions_is_refused() {
     let mut bad = job(TextPooling::Cls);
