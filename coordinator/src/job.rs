@@ -71,7 +71,7 @@ pub struct JobBook {
     /// Scalars not yet written to the TensorBoard event file (`log.tensorboard`; kept only
     /// when it is set). Not journaled: a restarted coordinator starts a new event file.
     #[serde(skip)]
-    scalars: Vec<Scalars>,
+    scalars: std::collections::VecDeque<Scalars>,
 }
 
 impl JobBook {
@@ -126,7 +126,7 @@ impl JobBook {
             rollbacks: Vec::new(),
             lost_in_generation: None,
             manifest_samples: None,
-            scalars: Vec::new(),
+            scalars: std::collections::VecDeque::new(),
         }
     }
 
@@ -918,12 +918,12 @@ impl JobBook {
         }
         // A writer that cannot keep up (storage down) must not grow the books without bound.
         if self.scalars.len() >= MAX_PENDING_SCALARS {
-            self.scalars.remove(0);
+            self.scalars.pop_front();
         }
         let wall_time = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        self.scalars.push(Scalars {
+        self.scalars.push_back(Scalars {
             step,
             wall_time,
             values,
@@ -933,7 +933,7 @@ impl JobBook {
     /// The scalars recorded since the last call, oldest first (`crate::Coordinator`'s
     /// TensorBoard writer).
     pub fn take_scalars(&mut self) -> Vec<Scalars> {
-        std::mem::take(&mut self.scalars)
+        std::mem::take(&mut self.scalars).into()
     }
 
     /// The epoch whose shard state a checkpoint of the latest step belongs to.

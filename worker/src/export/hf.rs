@@ -7,7 +7,9 @@
 //! the mean over the attention mask) times `text_projection`. The pooler `BertModel` builds is
 //! not trained by contrail and transformers initialises it (its output is not used).
 
-use super::{json, refuse_if, safetensors, variables, Export, ExportFormat, ExportInput};
+use super::{
+    config_and_weights, json, refuse_if, safetensors, variables, Export, ExportFormat, ExportInput,
+};
 use anyhow::{Context, Result};
 use contrail_common::config::{TextKind, TextPooling};
 use serde_json::json;
@@ -28,12 +30,13 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
          is built so far"
             .into()
     })?;
-    let tokenizer = input.tokenizer_json;
-    refuse_if(tokenizer.is_none(), FORMAT, || {
-        "the job's tokenizer is the built-in byte tokenizer, which transformers cannot load \
-         (set model.text.tokenizer to a tokenizer.json)"
-            .into()
-    })?;
+    let Some(tokenizer) = input.tokenizer_json else {
+        anyhow::bail!(
+            "cannot export to {}: the job's tokenizer is the built-in byte tokenizer, which \
+             transformers cannot load (set model.text.tokenizer to a tokenizer.json)",
+            FORMAT.as_str()
+        );
+    };
     let mut named = Vec::new();
     let mut projection = Vec::new();
     for (name, t) in variables(model) {
@@ -78,24 +81,21 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
         "embed_dim": bert.output_dim,
         "context_length": bert.context_length,
     });
+    let mut files = config_and_weights(&config, &named)?;
+    files.extend([
+        ("tokenizer.json".to_string(), tokenizer.to_vec()),
+        (
+            "tokenizer_config.json".to_string(),
+            json(&tokenizer_config)?,
+        ),
+        (
+            "text_projection.safetensors".to_string(),
+            safetensors(&projection)?,
+        ),
+        ("contrail_text.json".to_string(), json(&text)?),
+    ]);
     Ok(Export {
-        files: vec![
-            ("config.json".to_string(), json(&config)?),
-            ("model.safetensors".to_string(), safetensors(&named)?),
-            (
-                "tokenizer.json".to_string(),
-                tokenizer.unwrap_or_default().to_vec(),
-            ),
-            (
-                "tokenizer_config.json".to_string(),
-                json(&tokenizer_config)?,
-            ),
-            (
-                "text_projection.safetensors".to_string(),
-                safetensors(&projection)?,
-            ),
-            ("contrail_text.json".to_string(), json(&text)?),
-        ],
+        files,
         notes: vec![
             format!(
                 "Hugging Face BertModel: width {} × {} layers, {} heads, {} positions, {} \

@@ -119,6 +119,22 @@ fn safetensors(named: &[(String, Tensor)]) -> Result<Vec<u8>> {
     tensors_to_safetensors(&float)
 }
 
+/// The file names Hugging Face-style folders use (timm, transformers; the torchvision folder is
+/// timm's too).
+const CONFIG_FILE: &str = "config.json";
+const MODEL_FILE: &str = "model.safetensors";
+
+/// `config.json` and `model.safetensors` of a Hugging Face-style folder.
+fn config_and_weights(
+    config: &serde_json::Value,
+    named: &[(String, Tensor)],
+) -> Result<Vec<(String, Vec<u8>)>> {
+    Ok(vec![
+        (CONFIG_FILE.to_string(), json(config)?),
+        (MODEL_FILE.to_string(), safetensors(named)?),
+    ])
+}
+
 fn json(value: &serde_json::Value) -> Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');

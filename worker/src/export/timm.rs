@@ -10,7 +10,7 @@
 //! embedding and `forward_head(..., pre_logits=True)` the pooled features before it.
 
 use super::{
-    json, refuse_if, safetensors, timm_pretrained_cfg, variables, Export, ExportFormat,
+    config_and_weights, refuse_if, timm_pretrained_cfg, variables, Export, ExportFormat,
     ExportInput, Preprocess,
 };
 use anyhow::{Context, Result};
@@ -19,8 +19,6 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 const FORMAT: ExportFormat = ExportFormat::Timm;
-pub const CONFIG_FILE: &str = "config.json";
-pub const MODEL_FILE: &str = "model.safetensors";
 
 /// Per-block names, contrail's (open_clip's) → timm's.
 const BLOCK: &[(&str, &str)] = &[
@@ -135,10 +133,7 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
         ),
     });
     Ok(Export {
-        files: vec![
-            (CONFIG_FILE.to_string(), json(&config)?),
-            (MODEL_FILE.to_string(), safetensors(&named)?),
-        ],
+        files: config_and_weights(&config, &named)?,
         notes: vec![
             format!(
                 "timm {architecture} sized {}×{} patch {}, width {} × {} layers, {} heads, \

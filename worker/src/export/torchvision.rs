@@ -10,8 +10,8 @@
 //! counts of ResNet-18/34/50/101/152. The MLP projector is a training head and is left out.
 
 use super::{
-    json, refuse_if, safetensors, timm_pretrained_cfg, variables, Export, ExportFormat,
-    ExportInput, Preprocess,
+    config_and_weights, refuse_if, timm_pretrained_cfg, variables, Export, ExportFormat,
+    ExportInput, Preprocess, MODEL_FILE,
 };
 use anyhow::Result;
 use contrail_common::config::{BlockKind, EncoderKind, NormKind, ObjectiveKind, StemKind};
@@ -19,8 +19,6 @@ use serde_json::json;
 use tch::{Kind, Tensor};
 
 const FORMAT: ExportFormat = ExportFormat::Torchvision;
-pub const CONFIG_FILE: &str = "config.json";
-pub const MODEL_FILE: &str = "model.safetensors";
 
 /// torchvision's constructor for a block kind and per-stage block counts.
 fn architecture(block: BlockKind, layers: &[u32]) -> Option<&'static str> {
@@ -100,10 +98,7 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
         "pretrained_cfg": timm_pretrained_cfg(&pre, 0, ("conv1", "fc"), false),
     });
     Ok(Export {
-        files: vec![
-            (CONFIG_FILE.to_string(), json(&config)?),
-            (MODEL_FILE.to_string(), safetensors(&named)?),
-        ],
+        files: config_and_weights(&config, &named)?,
         notes: vec![
             format!(
                 "torchvision {arch}: {features} pooled features, {} tensors",
