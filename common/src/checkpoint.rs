@@ -61,6 +61,15 @@ pub async fn write_bytes(url: &str, s3_endpoint: &str, data: Vec<u8>) -> Result<
     Ok(())
 }
 
+/// Deletes the object at `url`; one that is not there is not an error.
+pub async fn delete_object(url: &str, s3_endpoint: &str) -> Result<()> {
+    let loc = resolve(url, s3_endpoint)?;
+    match loc.store.delete(&loc.path).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting {url}")),
+    }
+}
+
 /// The newest complete checkpoint under `base`: its directory URL and metadata.
 pub async fn read_latest(
     base: &str,

@@ -11,7 +11,7 @@
 
 use crate::error::RpcError;
 use crate::experts::ExpertBook;
-use crate::leases::{Completion, ShardBook};
+use crate::leases::{Completion, ShardBook, ShardOp};
 use crate::membership::{Membership, NodeSlot, Worker};
 use crate::progress::{reported_seconds, JobProgress};
 use crate::tensorboard::{expert_scalars, step_scalars, MAX_PENDING_SCALARS};
@@ -48,6 +48,14 @@ pub struct JobBook {
     /// Counts changes worth journaling (this coordinator's, not journaled itself).
     #[serde(skip)]
     changes: u64,
+    /// A change outside the lease book since the journal last wrote the whole book: the next
+    /// write is whole. Changes to the lease book alone go to its log (`ShardBook::take_log`).
+    #[serde(skip)]
+    snapshot_due: bool,
+    /// Step reports since the journal last wrote the whole book: written whole within
+    /// `journal::LAZY_WRITE_MS` (no RPC waits for them).
+    #[serde(skip)]
+    lazy_due: bool,
     /// Since when fewer than `cluster.min_workers` are left, waiting for replacements.
     #[serde(default)]
     short_since_ms: Option<u64>,
@@ -120,6 +128,8 @@ impl JobBook {
             cfg,
             job_toml,
             changes: 0,
+            snapshot_due: true,
+            lazy_due: false,
             short_since_ms: None,
             rollback_due: None,
             rollback_generation: None,
@@ -130,7 +140,8 @@ impl JobBook {
         }
     }
 
-    /// A journaled book taken over by a restarted coordinator. Refused when the job file or
+    /// A journaled book, with the lease-book changes logged after it, taken over by a
+    /// restarted coordinator. Refused when the job file or
     /// the listed dataset changed since it was written. Every worker and lease gets a fresh
     /// timeout on this coordinator's clock.
     pub fn recovered(
@@ -138,6 +149,7 @@ impl JobBook {
         cfg: JobConfig,
         job_toml: &str,
         shard_urls: Vec<String>,
+        log: Vec<ShardOp>,
         now_ms: u64,
     ) -> Result<Self, String> {
         if self.job_toml != job_toml {
@@ -146,6 +158,8 @@ impl JobBook {
             );
         }
         self.shards.attach_urls(shard_urls)?;
+        // The log's changes happened on the old coordinator's clock, as the snapshot's.
+        self.shards.replay(log)?;
         self.cfg = cfg;
         if self.short_since_ms.is_some() {
             self.short_since_ms = Some(now_ms);
@@ -160,9 +174,45 @@ impl JobBook {
         self.changes
     }
 
-    /// Notes a change the journal must hold.
+    /// Notes a change the journal must hold, outside the lease book.
     fn touch(&mut self) {
         self.changes += 1;
+        self.snapshot_due = true;
+    }
+
+    /// Notes a change of the lease book alone (logged by the book itself).
+    fn touch_shards(&mut self) {
+        self.changes += 1;
+    }
+
+    /// Notes a step report: the journal holds it within `journal::LAZY_WRITE_MS`.
+    fn touch_lazily(&mut self) {
+        self.changes += 1;
+        self.lazy_due = true;
+    }
+
+    /// Whether the journal's next write must be the whole book: a change outside the lease
+    /// book is waiting, or step reports are and `lazy_elapsed` (the last whole write is
+    /// `LAZY_WRITE_MS` old).
+    pub fn snapshot_due(&self, lazy_elapsed: bool) -> bool {
+        self.snapshot_due || (self.lazy_due && lazy_elapsed)
+    }
+
+    /// The next journal write is the whole book (the coordinator is about to exit).
+    pub fn journal_whole(&mut self) {
+        self.touch();
+    }
+
+    /// The whole book was just encoded for the journal: its log is part of it.
+    pub fn encoded_whole(&mut self) {
+        self.snapshot_due = false;
+        self.lazy_due = false;
+        self.shards.take_log();
+    }
+
+    /// The lease-book changes since the journal's last write, for a delta.
+    pub fn take_shard_log(&mut self) -> Vec<ShardOp> {
+        self.shards.take_log()
     }
 
     pub fn state(&self) -> JobState {
@@ -737,7 +787,7 @@ impl JobBook {
         let grant = self
             .shards
             .lease(req.worker_id, req.epoch, req.request_id, now_ms);
-        self.touch();
+        self.touch_shards();
         Ok(match grant {
             Some(g) => proto::LeaseReply {
                 exhausted: false,
@@ -760,7 +810,7 @@ impl JobBook {
         let who = self
             .admit(req.worker_id, req.generation, now_ms)?
             .describe();
-        self.touch();
+        self.touch_shards();
         let (lease, outcome) = self.shards.complete(
             req.worker_id,
             req.lease_id,
@@ -809,7 +859,7 @@ impl JobBook {
         if let Some(w) = self.members.get_mut(req.worker_id) {
             w.step = w.step.max(req.step);
         }
-        self.touch();
+        self.touch_lazily();
         self.progress.report(
             rank,
             req.epoch,
@@ -966,7 +1016,9 @@ impl JobBook {
         let w = self.members.check(req.worker_id, req.generation, true)?;
         w.last_seen_ms = now_ms;
         let who = w.describe();
+        // (touch(), with `w` still borrowed)
         self.changes += 1;
+        self.snapshot_due = true;
         if w.rank.is_none() {
             // Left before the world formed: it never had a rank, so just forget it.
             self.members.workers.retain(|w| w.id != req.worker_id);

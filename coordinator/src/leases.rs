@@ -43,6 +43,36 @@ pub enum Completion {
     Duplicate,
 }
 
+/// One change to the lease book, as the journal logs it between whole snapshots (see
+/// `crate::journal`). Replaying the calls in order on the snapshot's book makes the same
+/// changes: every method they name depends only on the book and its arguments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ShardOp {
+    /// [`ShardBook::lease`], and the lease id it granted (checked on replay).
+    Lease {
+        worker: u64,
+        epoch: u32,
+        request: u64,
+        /// The coordinator's clock then (the lease's deadline is counted from it).
+        at: u64,
+        granted: Option<u64>,
+    },
+    /// [`ShardBook::complete`].
+    Complete {
+        worker: u64,
+        lease: u64,
+        samples: u64,
+        #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+        bad: HashMap<String, u64>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        error: String,
+        step: Option<u64>,
+    },
+    /// Leases returned to the pool (expired, or their worker died or left).
+    TakeBack { ids: Vec<u64> },
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct EpochShards {
     pending: VecDeque<usize>,
@@ -96,6 +126,14 @@ pub struct ShardBook {
     /// Samples of the newest dropped epoch that finished every shard (for `dataset_samples`).
     #[serde(default)]
     dropped_full_samples: Option<u64>,
+    /// Changes since the journal last wrote the book (see [`ShardBook::take_log`]).
+    #[serde(skip)]
+    log: Vec<ShardOp>,
+    /// worker id → until when its heartbeats keep its leases alive (a lease expires once both
+    /// its own deadline and this have passed): a heartbeat is one insert, not a pass over
+    /// every lease. Not journaled: a restarted clock gives every lease a full TTL anyway.
+    #[serde(skip)]
+    renewed: HashMap<u64, u64>,
 }
 
 impl ShardBook {
@@ -124,6 +162,8 @@ impl ShardBook {
             granted: HashMap::new(),
             dropped_below: 0,
             dropped_full_samples: None,
+            log: Vec::new(),
+            renewed: HashMap::new(),
         }
     }
 
@@ -153,6 +193,7 @@ impl ShardBook {
 
     /// A restarted coordinator's clock starts again: every live lease gets a full TTL.
     pub fn restart_clock(&mut self, now_ms: u64) {
+        self.renewed.clear();
         for l in self.leases.values_mut() {
             l.expires_at_ms = now_ms + self.lease_ttl_ms;
         }
@@ -253,6 +294,25 @@ impl ShardBook {
         request_id: u64,
         now_ms: u64,
     ) -> Option<LeaseGrant> {
+        let grant = self.grant(worker_id, epoch, request_id, now_ms);
+        self.log.push(ShardOp::Lease {
+            worker: worker_id,
+            epoch,
+            request: request_id,
+            at: now_ms,
+            granted: grant.as_ref().map(|g| g.lease_id),
+        });
+        grant
+    }
+
+    /// [`ShardBook::lease`] without logging the call.
+    fn grant(
+        &mut self,
+        worker_id: u64,
+        epoch: u32,
+        request_id: u64,
+        now_ms: u64,
+    ) -> Option<LeaseGrant> {
         if let Some(&(req, lease_id)) = self.granted.get(&worker_id) {
             if request_id != 0 && req == request_id {
                 if let Some(l) = self.leases.get_mut(&lease_id) {
@@ -293,21 +353,19 @@ impl ShardBook {
 
     /// Heartbeats keep a worker's leases alive.
     pub fn renew(&mut self, worker_id: u64, now_ms: u64) {
-        for l in self
-            .leases
-            .values_mut()
-            .filter(|l| l.worker_id == worker_id)
-        {
-            l.expires_at_ms = now_ms + self.lease_ttl_ms;
-        }
+        self.renewed.insert(worker_id, now_ms + self.lease_ttl_ms);
     }
 
-    /// Returns every lease past its deadline to the pending pool; returns them for logging.
+    /// Returns every lease past its deadline (and its worker's last renewal) to the pending
+    /// pool; returns them for logging.
     pub fn expire(&mut self, now_ms: u64) -> Vec<Lease> {
         let ids: Vec<u64> = self
             .leases
             .values()
-            .filter(|l| l.expires_at_ms <= now_ms)
+            .filter(|l| {
+                let renewed = self.renewed.get(&l.worker_id).copied().unwrap_or(0);
+                l.expires_at_ms.max(renewed) <= now_ms
+            })
             .map(|l| l.id)
             .collect();
         self.take_back(ids)
@@ -325,6 +383,9 @@ impl ShardBook {
     }
 
     fn take_back(&mut self, mut ids: Vec<u64>) -> Vec<Lease> {
+        if !ids.is_empty() {
+            self.log.push(ShardOp::TakeBack { ids: ids.clone() });
+        }
         // Lease ids grow along the epoch order, so pushing the newest to the front first
         // leaves the returned shards in their original relative order.
         ids.sort_unstable_by(|a, b| b.cmp(a));
@@ -356,6 +417,14 @@ impl ShardBook {
         error: &str,
         step: Option<u64>,
     ) -> Result<(Lease, Completion), RpcError> {
+        self.log.push(ShardOp::Complete {
+            worker: worker_id,
+            lease: lease_id,
+            samples,
+            bad: bad_samples.clone(),
+            error: error.to_string(),
+            step,
+        });
         let lease = match self
             .leases
             .get(&lease_id)
@@ -435,6 +504,53 @@ impl ShardBook {
                 failed: b.failed.len() as u64,
             },
         }
+    }
+
+    /// The changes logged since the last call (the journal writes them as one delta), leaving
+    /// the log empty.
+    pub fn take_log(&mut self) -> Vec<ShardOp> {
+        std::mem::take(&mut self.log)
+    }
+
+    /// Makes the changes `ops` logged, in order, on the book they were logged after (a
+    /// recovered snapshot). A lease granted differently than logged means the log does not
+    /// belong to this book: an error, never a silently different lease book.
+    pub fn replay(&mut self, ops: Vec<ShardOp>) -> Result<(), String> {
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                ShardOp::Lease {
+                    worker,
+                    epoch,
+                    request,
+                    at,
+                    granted,
+                } => {
+                    let got = self.grant(worker, epoch, request, at).map(|g| g.lease_id);
+                    if got != granted {
+                        return Err(format!(
+                            "change {i} of the journal's log granted lease {granted:?} to worker \
+                             {worker}, but replaying it grants {got:?}"
+                        ));
+                    }
+                }
+                ShardOp::Complete {
+                    worker,
+                    lease,
+                    samples,
+                    bad,
+                    error,
+                    step,
+                } => {
+                    // A completion refused then is refused again; either way the same book.
+                    let _ = self.complete(worker, lease, samples, &bad, &error, step);
+                }
+                ShardOp::TakeBack { ids } => {
+                    self.take_back(ids);
+                }
+            }
+        }
+        self.log.clear();
+        Ok(())
     }
 
     /// The newest lease `worker_id` still holds, as a URL ("" for none).
@@ -712,6 +828,61 @@ mod tests {
         by_11.sort();
         assert_eq!(at(Some(11)), by_11);
         assert_eq!(at(Some(9)), vec![g[2].shard_url.clone()]);
+    }
+
+    #[test]
+    fn replaying_the_log_on_the_book_it_followed_makes_the_same_book() {
+        let mut b = ShardBook::new(urls(8), 3, 100, None);
+        let g: Vec<LeaseGrant> = (0..3).map(|w| b.lease(w, 0, 0, 0).unwrap()).collect();
+        b.complete(0, g[0].lease_id, 5, &no_bad(), "", Some(2))
+            .unwrap();
+        let snapshot = serde_json::to_vec(&b).unwrap();
+        b.take_log();
+
+        // After the snapshot: leases (one retried), a failure, an expiry (worker 1's lease
+        // at 100 ms, not renewed), a completion after that expiry, a worker released.
+        let a = b.lease(0, 0, 9, 50).unwrap();
+        assert_eq!(b.lease(0, 0, 9, 60).unwrap().lease_id, a.lease_id);
+        b.renew(2, 90);
+        b.renew(0, 90);
+        assert_eq!(b.expire(150).len(), 1);
+        b.complete(1, g[1].lease_id, 4, &no_bad(), "", None)
+            .unwrap();
+        b.complete(0, a.lease_id, 0, &no_bad(), "unreadable", None)
+            .unwrap();
+        let c = b.lease(2, 0, 0, 160).unwrap();
+        assert_eq!(b.release_worker(2).len(), 2);
+        b.lease(0, 0, 0, 170).unwrap();
+        let log = b.take_log();
+        assert_eq!(log.len(), 8, "{log:?}");
+        assert!(c.lease_id > a.lease_id);
+
+        let mut back: ShardBook = serde_json::from_slice(&snapshot).unwrap();
+        back.attach_urls(urls(8)).unwrap();
+        back.replay(log).unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&b).unwrap()
+        );
+        assert!(back.take_log().is_empty());
+    }
+
+    #[test]
+    fn a_heartbeat_keeps_every_lease_of_its_worker_alive() {
+        let mut b = ShardBook::new(urls(4), 3, 100, None);
+        b.lease(1, 0, 0, 0).unwrap();
+        b.lease(1, 0, 0, 10).unwrap();
+        b.lease(2, 0, 0, 0).unwrap();
+        b.renew(1, 80);
+        // Worker 2's lease ran out at 100; worker 1's live until 180.
+        assert_eq!(
+            b.expire(150)
+                .iter()
+                .map(|l| l.worker_id)
+                .collect::<Vec<_>>(),
+            [2]
+        );
+        assert_eq!(b.expire(180).len(), 2);
     }
 
     #[test]

@@ -102,9 +102,10 @@ impl Coordinator {
                 Found::Ignored(why) => {
                     tracing::info!(journal = %j.url, "not taking over the journal: {why}; a new run")
                 }
-                Found::Book(book) => {
+                Found::Book { book, log, deltas } => {
+                    let changes = log.len();
                     let book = book
-                        .recovered(cfg.clone(), &job_toml, shards.clone(), 0)
+                        .recovered(cfg.clone(), &job_toml, shards.clone(), log, 0)
                         .map_err(|why| {
                             anyhow::anyhow!(
                                 "the coordinator journal {} belongs to this run, but {why}; \
@@ -116,6 +117,8 @@ impl Coordinator {
                     tracing::warn!(
                         journal = %j.url,
                         generation = s.generation,
+                        deltas,
+                        logged_changes = changes,
                         workers = s.workers.len(),
                         epoch = s.epoch,
                         step = s.step,
@@ -218,52 +221,154 @@ impl Coordinator {
         }
     }
 
+    /// Starts [`Coordinator::write_journal`] on a thread of its own: on the RPCs' runtime a
+    /// burst of thousands of requests (every rank leasing after a rendezvous) queued ahead of
+    /// each of the writer's wake-ups, and a write the RPCs were waiting for took 0.5 s.
+    fn spawn_journal_writer(self: Arc<Self>) -> Result<JournalWriter> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the journal writer's runtime")?;
+        let me = self.clone();
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || rt.block_on(me.write_journal(stopping)))
+            .context("starting the journal writer's thread")?;
+        Ok(JournalWriter {
+            coord: self,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
     /// Writes the journal whenever the books changed: at once when an RPC waits for it, else
-    /// within `LAZY_WRITE_MS`. Runs until aborted.
-    async fn write_journal(self: Arc<Self>) {
+    /// within `LAZY_WRITE_MS`; a snapshot of the whole book when one is due, else a delta of
+    /// the lease book's changes (see [`journal`]). Runs until `stop` is set.
+    async fn write_journal(self: Arc<Self>, stop: Arc<std::sync::atomic::AtomicBool>) {
         let Some(j) = self.journal.clone() else {
             return;
         };
         let lazy = Duration::from_millis(journal::LAZY_WRITE_MS);
-        let gap = Duration::from_millis(journal::WRITE_GAP_MS);
+        let mut gap = Duration::from_millis(journal::WRITE_GAP_MS);
         let mut failing = false;
         let mut last_start = Instant::now();
-        loop {
+        let mut last_whole = Instant::now();
+        // The snapshot the next delta follows and the last delta written after it; None: the
+        // next write is a snapshot (at start, and after a failed write: it holds everything).
+        let mut current: Option<(u64, u64)> = None;
+        let mut cleaned_stale = false;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
             let _ = tokio::time::timeout(lazy, self.journal_now.notified()).await;
-            // Each write is the whole book: spacing them groups more changes into one.
+            // Spacing the writes groups more changes into one.
             tokio::time::sleep_until((last_start + gap).into()).await;
             let t0 = Instant::now();
             last_start = t0;
-            let encoded = {
-                let book = self.lock();
+            let next = {
+                let mut book = self.lock();
                 let changes = book.changes();
-                (changes > *self.journaled.borrow()).then(|| (changes, j.encode(&book)))
+                if changes <= *self.journaled.borrow() {
+                    None
+                } else {
+                    let whole = match current {
+                        None => true,
+                        Some((_, seq)) => {
+                            seq >= journal::SNAPSHOT_EVERY
+                                || book.snapshot_due(last_whole.elapsed() >= lazy)
+                        }
+                    };
+                    let write = match (whole, current) {
+                        (false, Some((id, seq))) => JournalWrite::Delta {
+                            id,
+                            seq: seq + 1,
+                            ops: book.take_shard_log(),
+                        },
+                        _ => {
+                            let encoded = journal::new_snapshot_id()
+                                .and_then(|id| Ok((id, j.encode(&book, id)?)));
+                            book.encoded_whole();
+                            JournalWrite::Whole(encoded)
+                        }
+                    };
+                    Some((changes, write))
+                }
             };
-            let Some((changes, bytes)) = encoded else {
+            let Some((changes, write)) = next else {
                 continue;
             };
-            let encode_s = t0.elapsed().as_secs_f64();
-            let t1 = Instant::now();
-            let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
-            let written = match bytes {
-                Ok(bytes) => j.write(bytes).await,
-                Err(e) => Err(e),
+            let (written, len, t1) = match write {
+                JournalWrite::Whole(encoded) => {
+                    let encode_s = t0.elapsed().as_secs_f64();
+                    self.journal_stat(|st| st.encode_seconds_total += encode_s);
+                    match encoded {
+                        Ok((id, bytes)) => {
+                            let (len, t1) = (bytes.len() as u64, Instant::now());
+                            (j.write(bytes).await.map(|()| (id, 0)), len, t1)
+                        }
+                        Err(e) => (Err(e), 0, Instant::now()),
+                    }
+                }
+                JournalWrite::Delta { id, seq, ops } => {
+                    let t = Instant::now();
+                    let encoded = j.encode_delta(id, seq, ops);
+                    let encode_s = t.elapsed().as_secs_f64();
+                    self.journal_stat(|st| st.encode_seconds_total += encode_s);
+                    match encoded {
+                        Ok(bytes) => {
+                            let (len, t1) = (bytes.len() as u64, Instant::now());
+                            (
+                                j.write_delta(id, seq, bytes).await.map(|()| (id, seq)),
+                                len,
+                                t1,
+                            )
+                        }
+                        Err(e) => (Err(e), 0, Instant::now()),
+                    }
+                }
             };
-            {
-                let write_s = t1.elapsed().as_secs_f64();
-                let mut st = self.journal_stats.lock().unwrap_or_else(|p| p.into_inner());
+            let write_s = t1.elapsed().as_secs_f64();
+            self.journal_stat(|st| {
                 st.writes += 1;
                 st.last_write_bytes = len;
-                st.encode_seconds_total += encode_s;
                 st.write_seconds_total += write_s;
                 st.write_seconds_max = st.write_seconds_max.max(write_s);
-            }
+                if written.as_ref().is_ok_and(|(_, seq)| *seq == 0) {
+                    st.snapshots += 1;
+                    st.last_snapshot_bytes = len;
+                }
+            });
             match written {
-                Ok(()) => {
+                Ok((id, seq)) => {
                     if failing {
                         tracing::info!(journal = %j.url, "journal written again");
                     }
                     failing = false;
+                    gap = Duration::from_millis(match seq {
+                        0 => journal::SNAPSHOT_GAP_MS,
+                        _ => journal::WRITE_GAP_MS,
+                    });
+                    if seq == 0 {
+                        last_whole = t0;
+                        // The older snapshot's deltas are never read again.
+                        let old = current.filter(|(_, n)| *n > 0);
+                        let stale = !std::mem::replace(&mut cleaned_stale, true);
+                        let j = j.clone();
+                        tokio::spawn(async move {
+                            let removed = match old {
+                                Some((old, n)) => j.remove_deltas(old, n).await,
+                                None => Ok(()),
+                            };
+                            let removed = match (removed, stale) {
+                                (Ok(()), true) => j.remove_stale_deltas(id).await,
+                                (r, _) => r,
+                            };
+                            if let Err(e) = removed {
+                                tracing::warn!("{e:#}; old journal deltas left behind");
+                            }
+                        });
+                    }
+                    current = Some((id, seq));
                     self.journaled.send_replace(changes);
                 }
                 Err(e) => {
@@ -271,11 +376,16 @@ impl Coordinator {
                         tracing::error!("{e:#}; retrying (RPCs that need it wait)");
                     }
                     failing = true;
+                    current = None;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     self.journal_now.notify_one();
                 }
             }
         }
+    }
+
+    fn journal_stat(&self, f: impl FnOnce(&mut contrail_common::status::JournalStatus)) {
+        f(&mut self.journal_stats.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// Writes the books' pending scalars to the TensorBoard event files every
@@ -422,7 +532,7 @@ impl Coordinator {
             })
         };
 
-        let journal_writer = tokio::spawn(self.clone().write_journal());
+        let journal_writer = self.clone().spawn_journal_writer()?;
         let events_writer = tokio::spawn(self.clone().write_tensorboard(stopped(stop_rx.clone())));
 
         let grpc_addr = grpc
@@ -438,7 +548,9 @@ impl Coordinator {
                     .into_server_with(access.grpc_interceptor()),
             )
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(grpc),
+                // Without TCP_NODELAY a reply written while the previous one on the
+                // connection is unacknowledged waits for the peer's delayed ACK (~40 ms).
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 stopped(stop_rx.clone()),
             );
         let http_server = axum::serve(
@@ -460,11 +572,13 @@ impl Coordinator {
             },
         );
         reaper.abort();
-        // The last changes (the job's end) reach the journal before the coordinator exits.
+        // The last changes (the job's end, the last step reports) reach the journal whole
+        // before the coordinator exits.
+        self.lock().journal_whole();
         if self.durable().await.is_err() {
             tracing::warn!("the journal may miss the last changes");
         }
-        journal_writer.abort();
+        journal_writer.stop().await;
         // The last scalars (the end of training, the final evaluation) reach the event file.
         // Bounded: storage that stopped answering must not keep the coordinator from exiting.
         if tokio::time::timeout(Duration::from_secs(10), events_writer)
@@ -475,6 +589,50 @@ impl Coordinator {
         }
         served.map(|_| ())
     }
+}
+
+/// The journal writer's thread; stopped (and joined, its current write finished) by
+/// [`JournalWriter::stop`].
+struct JournalWriter {
+    coord: Arc<Coordinator>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl JournalWriter {
+    /// Stops the writer and waits for its thread (off the async runtime: a write in flight
+    /// finishes first).
+    async fn stop(mut self) {
+        self.signal_stop();
+        if let Some(t) = self.thread.take() {
+            let joined = tokio::task::spawn_blocking(move || t.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("the journal writer panicked");
+            }
+        }
+    }
+
+    fn signal_stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.coord.journal_now.notify_one();
+    }
+}
+
+impl Drop for JournalWriter {
+    fn drop(&mut self) {
+        self.signal_stop();
+    }
+}
+
+/// One journal write: a snapshot (its id and bytes, encoded under the books' lock), or the
+/// lease book's changes since the last write as delta `seq` after snapshot `id`.
+enum JournalWrite {
+    Whole(Result<(u64, Vec<u8>)>),
+    Delta {
+        id: u64,
+        seq: u64,
+        ops: Vec<leases::ShardOp>,
+    },
 }
 
 /// The books of a job starting (or resuming from a checkpoint) on `shards`; an empty listing

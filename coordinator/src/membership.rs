@@ -91,7 +91,7 @@ impl Worker {
 pub struct Membership {
     pub world_size: u32,
     pub generation: u64,
-    /// In registration order; index == rank once ranks are assigned.
+    /// In registration order, which is the order of their ids (see `position`).
     pub workers: Vec<Worker>,
     next_id: u64,
 }
@@ -173,12 +173,19 @@ impl Membership {
             .collect()
     }
 
+    /// Where worker `id` is in `workers`. Ids are handed out in increasing order and workers
+    /// are only ever appended or removed, so `workers` is sorted by id: a binary search, not
+    /// a scan of thousands of workers on every RPC.
+    fn position(&self, id: u64) -> Option<usize> {
+        self.workers.binary_search_by_key(&id, |w| w.id).ok()
+    }
+
     pub fn get(&self, id: u64) -> Option<&Worker> {
-        self.workers.iter().find(|w| w.id == id)
+        self.position(id).map(|i| &self.workers[i])
     }
 
     pub fn get_mut(&mut self, id: u64) -> Option<&mut Worker> {
-        self.workers.iter_mut().find(|w| w.id == id)
+        self.position(id).map(|i| &mut self.workers[i])
     }
 
     /// The worker behind a request, refusing dead workers and stale generations (fencing).
@@ -192,9 +199,7 @@ impl Membership {
     ) -> Result<&mut Worker, RpcError> {
         let current = self.generation;
         let w = self
-            .workers
-            .iter_mut()
-            .find(|w| w.id == id)
+            .get_mut(id)
             .ok_or_else(|| RpcError::NotFound(format!("unknown worker id {id}; register first")))?;
         if w.liveness == WorkerLiveness::Dead {
             return Err(RpcError::FailedPrecondition(format!(
@@ -449,7 +454,7 @@ impl Membership {
             Vec::new()
         };
         for id in self.node_major(waiting) {
-            if let Some(w) = self.workers.iter_mut().find(|w| w.id == id) {
+            if let Some(w) = self.get_mut(id) {
                 w.rank = Some(ids.len() as u32);
                 ids.push(id);
             }
@@ -461,8 +466,15 @@ impl Membership {
 
     /// Collective addresses indexed by rank (only meaningful once complete).
     pub fn peer_addresses(&self) -> Vec<String> {
-        let mut ranked: Vec<&Worker> = self.workers.iter().filter(|w| w.rank.is_some()).collect();
-        ranked.sort_by_key(|w| w.rank);
-        ranked.into_iter().map(|w| w.address.clone()).collect()
+        // Ranks are 0..n without gaps: placed directly (every rendezvous reply carries this
+        // list; at thousands of ranks a sort per reply showed in the profile).
+        let ranked = self.workers.iter().filter(|w| w.rank.is_some()).count();
+        let mut by_rank = vec![String::new(); ranked];
+        for w in &self.workers {
+            if let Some(slot) = w.rank.and_then(|r| by_rank.get_mut(r as usize)) {
+                slot.clone_from(&w.address);
+            }
+        }
+        by_rank
     }
 }

@@ -110,9 +110,23 @@ pub fn render_metrics(r: &StatusReport) -> String {
     );
     single(
         o,
+        "contrail_journal_snapshots_total",
+        "counter",
+        "Journal writes of the whole book (the others are deltas of the lease book).",
+        j.map(|j| j.snapshots as f64),
+    );
+    single(
+        o,
+        "contrail_journal_last_snapshot_bytes",
+        "gauge",
+        "Size of the latest journal snapshot.",
+        j.map(|j| j.last_snapshot_bytes as f64),
+    );
+    single(
+        o,
         "contrail_journal_encode_seconds_total",
         "counter",
-        "Time spent encoding the books for the journal (RPCs wait for the books meanwhile).",
+        "Time spent encoding journal snapshots (RPCs wait for the books meanwhile) and deltas.",
         j.map(|j| j.encode_seconds_total),
     );
     single(

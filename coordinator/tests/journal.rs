@@ -130,7 +130,7 @@ fn history() -> (JobBook, Vec<u64>, Vec<u64>) {
 fn journaled(b: &JobBook) -> JobBook {
     let bytes = serde_json::to_vec(b).expect("encode");
     let back: JobBook = serde_json::from_slice(&bytes).expect("decode");
-    back.recovered(config(), "toml", urls(9), 0)
+    back.recovered(config(), "toml", urls(9), Vec::new(), 0)
         .expect("same job")
 }
 
@@ -295,19 +295,19 @@ fn a_journal_of_another_job_file_or_dataset_is_refused() {
     let bytes = serde_json::to_vec(&b).unwrap();
     let back = |_: ()| serde_json::from_slice::<JobBook>(&bytes).unwrap();
     let e = back(())
-        .recovered(config(), "other toml", urls(9), 0)
+        .recovered(config(), "other toml", urls(9), Vec::new(), 0)
         .err()
         .expect("changed config refused");
     assert!(e.contains("config differs"), "{e}");
     let e = back(())
-        .recovered(config(), "toml", urls(8), 0)
+        .recovered(config(), "toml", urls(8), Vec::new(), 0)
         .err()
         .expect("changed dataset refused");
     assert!(e.contains("lists 8 shards, not the 9"), "{e}");
     let mut renamed = urls(9);
     renamed[4].push_str(".old");
     let e = back(())
-        .recovered(config(), "toml", renamed, 0)
+        .recovered(config(), "toml", renamed, Vec::new(), 0)
         .err()
         .expect("renamed shard refused");
     assert!(e.contains("9 shards with other names"), "{e}");
@@ -317,6 +317,126 @@ fn a_journal_of_another_job_file_or_dataset_is_refused() {
         !text.contains(&urls(9)[4]),
         "shard URLs written into the journal"
     );
+}
+
+/// More leases and completions after `history`, by every survivor; one lease left open.
+fn more_shard_work(b: &mut JobBook, ids: &[u64]) {
+    for (k, id) in ids[..2].iter().enumerate() {
+        let l = lease(b, *id, 10 + k as u64, 300);
+        complete(b, *id, l.lease_id, 30 + k as u64);
+    }
+    // A retried request (its reply lost) gets the same lease, then a lease stays open.
+    let first = lease(b, ids[0], 20, 310);
+    assert_eq!(lease(b, ids[0], 20, 320).lease_id, first.lease_id);
+    complete(b, ids[0], first.lease_id, 7);
+    lease(b, ids[1], 21, 330);
+}
+
+#[test]
+fn a_snapshot_and_its_logged_changes_recover_the_book_of_the_end() {
+    let (mut b, ids, _) = history();
+    let snapshot = serde_json::to_vec(&b).unwrap();
+    b.encoded_whole();
+    more_shard_work(&mut b, &ids);
+    let log = b.take_shard_log();
+    assert_eq!(
+        log.len(),
+        8,
+        "5 leases (one retried) and 3 completions: {log:?}"
+    );
+
+    let mut from_log = serde_json::from_slice::<JobBook>(&snapshot)
+        .unwrap()
+        .recovered(config(), "toml", urls(9), log.clone(), 0)
+        .expect("the log replays on its snapshot");
+    let whole = journaled(&b);
+    assert_eq!(
+        serde_json::to_value(&from_log).unwrap(),
+        serde_json::to_value(&whole).unwrap()
+    );
+    assert!(
+        from_log.take_shard_log().is_empty(),
+        "replayed changes are not logged again"
+    );
+
+    // A log replayed on another book is refused, not applied differently.
+    let (mut other, _, _) = history();
+    more_shard_work(&mut other, &ids);
+    let e = match serde_json::from_slice::<JobBook>(&serde_json::to_vec(&other).unwrap())
+        .unwrap()
+        .recovered(config(), "toml", urls(9), log, 0)
+    {
+        Err(e) => e,
+        Ok(_) => panic!("a log that does not follow its snapshot must be refused"),
+    };
+    assert!(e.contains("replaying it grants"), "{e}");
+}
+
+#[tokio::test]
+async fn a_journal_is_read_as_its_snapshot_then_its_deltas_in_order() {
+    let dir = std::env::temp_dir().join(format!("contrail-journal-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("file://{}/coordinator-journal.json", dir.display());
+    let token = JobToken::generate().unwrap();
+    let j = Journal::new(url.clone(), "", Some(&token));
+
+    // An older snapshot's deltas are left behind, as by a coordinator that crashed.
+    j.write_delta(7, 1, j.encode_delta(7, 1, Vec::new()).unwrap())
+        .await
+        .unwrap();
+    let (mut b, ids, _) = history();
+    j.write(j.encode(&b, 8).unwrap()).await.unwrap();
+    b.encoded_whole();
+    more_shard_work(&mut b, &ids);
+    let mut log = b.take_shard_log();
+    let second = log.split_off(3);
+    j.write_delta(8, 1, j.encode_delta(8, 1, log.clone()).unwrap())
+        .await
+        .unwrap();
+    j.write_delta(8, 2, j.encode_delta(8, 2, second.clone()).unwrap())
+        .await
+        .unwrap();
+    // Delta 4 without a 3 is never read: the log ends at the first one missing.
+    j.write_delta(8, 4, j.encode_delta(8, 4, log.clone()).unwrap())
+        .await
+        .unwrap();
+
+    let Found::Book {
+        book,
+        log: read,
+        deltas,
+    } = j.load().await.unwrap()
+    else {
+        panic!("the same run's journal must be taken over");
+    };
+    assert_eq!(deltas, 2);
+    log.extend(second);
+    assert_eq!(read, log);
+    let back = book.recovered(config(), "toml", urls(9), read, 0).unwrap();
+    assert_eq!(
+        serde_json::to_value(&back).unwrap(),
+        serde_json::to_value(journaled(&b)).unwrap()
+    );
+
+    // A delta that names another snapshot where this one's should be is an error.
+    std::fs::copy(
+        dir.join("coordinator-journal.json.log/0000000000000007-00000001.json"),
+        dir.join("coordinator-journal.json.log/0000000000000008-00000001.json"),
+    )
+    .unwrap();
+    let e = match j.load().await {
+        Err(e) => format!("{e:#}"),
+        Ok(_) => panic!("a delta of another journal must be an error"),
+    };
+    assert!(e.contains("names another journal"), "{e}");
+
+    // Once snapshot 8 is replaced, everything but the new snapshot's deltas goes.
+    j.remove_stale_deltas(9).await.unwrap();
+    let left = std::fs::read_dir(dir.join("coordinator-journal.json.log"))
+        .unwrap()
+        .count();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(left, 0);
 }
 
 #[tokio::test]
@@ -329,9 +449,9 @@ async fn only_the_same_runs_unended_journal_is_taken_over() {
     assert!(matches!(mine.load().await.unwrap(), Found::Nothing));
 
     let (b, _, _) = history();
-    mine.write(mine.encode(&b).unwrap()).await.unwrap();
+    mine.write(mine.encode(&b, 1).unwrap()).await.unwrap();
     match mine.load().await.unwrap() {
-        Found::Book(book) => assert_eq!(book.generation(), b.generation()),
+        Found::Book { book, .. } => assert_eq!(book.generation(), b.generation()),
         _ => panic!("the same run's journal must be taken over"),
     }
     let theirs = Journal::new(url.clone(), "", Some(&JobToken::generate().unwrap()));
@@ -355,7 +475,7 @@ async fn only_the_same_runs_unended_journal_is_taken_over() {
         );
     }
     assert_eq!(ended.state(), JobState::Finished);
-    mine.write(mine.encode(&ended).unwrap()).await.unwrap();
+    mine.write(mine.encode(&ended, 2).unwrap()).await.unwrap();
     match mine.load().await.unwrap() {
         Found::Ignored(why) => assert!(why.contains("already ended"), "{why}"),
         _ => panic!("an ended job's journal must not be taken over"),
@@ -404,7 +524,7 @@ async fn journal_size_and_write_time_at_scale() {
         let reps = 5;
         let mut bytes = 0;
         for _ in 0..reps {
-            let encoded = j.encode(&b).unwrap();
+            let encoded = j.encode(&b, 1).unwrap();
             bytes = encoded.len();
             j.write(encoded).await.unwrap();
         }

@@ -144,10 +144,16 @@ pub struct StatusReport {
 /// What writing the coordinator's journal has cost so far.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct JournalStatus {
+    /// Writes: snapshots of the whole book and deltas of the lease book's changes.
     pub writes: u64,
     /// Size of the latest write.
     pub last_write_bytes: u64,
-    /// Time encoding the books (the RPCs wait for the books' lock meanwhile), summed.
+    /// Of the writes, those of the whole book, and the latest one's size.
+    #[serde(default)]
+    pub snapshots: u64,
+    #[serde(default)]
+    pub last_snapshot_bytes: u64,
+    /// Time encoding snapshots (the RPCs wait for the books' lock meanwhile) and deltas, summed.
     pub encode_seconds_total: f64,
     /// Time writing to the store, summed, and the longest single write.
     pub write_seconds_total: f64,

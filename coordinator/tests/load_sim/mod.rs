@@ -61,6 +61,9 @@ impl Load {
 pub struct Report {
     /// RPC kind → latencies in seconds.
     pub latencies: BTreeMap<&'static str, Vec<f64>>,
+    /// RPC kind → (seconds into the run when the call started, its latency), for the
+    /// latency over time.
+    pub timeline: BTreeMap<&'static str, Vec<(f64, f64)>>,
     pub wall_s: f64,
     pub coordinator_cpu_s: f64,
     pub coordinator_peak_rss_mib: f64,
@@ -103,6 +106,22 @@ impl Report {
         )
     }
 
+    /// (p99 ms, calls) of an RPC kind per `window_s` of the run.
+    pub fn windows(&self, kind: &str, window_s: f64) -> Vec<(f64, usize)> {
+        let mut by: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for (at, l) in self.timeline.get(kind).into_iter().flatten() {
+            by.entry((at / window_s) as usize).or_default().push(*l);
+        }
+        let last = by.keys().next_back().copied().unwrap_or(0);
+        (0..=last)
+            .map(|w| {
+                let mut v = by.remove(&w).unwrap_or_default();
+                v.sort_by(f64::total_cmp);
+                (percentile(&v, 0.99) * 1e3, v.len())
+            })
+            .collect()
+    }
+
     pub fn print(&self, load: &Load) {
         println!(
             "coordinator load: {} ranks on {} nodes, {} shards x {} epochs, heartbeat {} ms, \
@@ -120,6 +139,15 @@ impl Report {
         for kind in self.latencies.keys() {
             let (p50, p99, max, n) = self.latency_ms(kind);
             println!("| {kind} | {n} | {p50:.2} | {p99:.2} | {max:.1} |");
+        }
+        println!("p99 ms per 5 s of the run (calls started in it):");
+        for kind in ["Heartbeat", "LeaseShard", "CompleteShard"] {
+            let line: Vec<String> = self
+                .windows(kind, 5.0)
+                .iter()
+                .map(|(p99, n)| format!("{p99:.0}({n})"))
+                .collect();
+            println!("  {kind}: {}", line.join(" "));
         }
         println!(
             "coordinator: {:.1} s CPU over {:.1} s wall ({:.0}% of one core), peak RSS {:.0} MiB",
@@ -208,7 +236,7 @@ fn job_file(load: &Load, dir: &Path) -> Result<PathBuf> {
 struct Shared {
     load: Load,
     started: Instant,
-    latencies: Mutex<HashMap<&'static str, Vec<f64>>>,
+    latencies: Mutex<HashMap<&'static str, Vec<(f64, f64)>>>,
     /// (epoch, shard url) → the worker id holding a lease on it and the generation it was
     /// granted in (a regroup voids every lease of the generation before: the members restart
     /// their data feeds, and the coordinator returns what they held to the pool).
@@ -239,12 +267,13 @@ impl Shared {
 
     fn record(&self, kind: &'static str, since: Instant) {
         let s = since.elapsed().as_secs_f64();
+        let at = (since - self.started).as_secs_f64();
         self.latencies
             .lock()
             .unwrap()
             .entry(kind)
             .or_default()
-            .push(s);
+            .push((at, s));
     }
 }
 
@@ -466,16 +495,21 @@ async fn run_in(load: &Load, bin: &Path, dir: &Path) -> Result<Report> {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
             .unwrap_or(f64::NAN)
     };
-    let latencies = shared
+    let timeline: BTreeMap<&'static str, Vec<(f64, f64)>> = shared
         .latencies
         .lock()
         .unwrap()
         .clone()
         .into_iter()
         .collect();
+    let latencies = timeline
+        .iter()
+        .map(|(k, v)| (*k, v.iter().map(|(_, l)| *l).collect()))
+        .collect();
     let double_leases = shared.double.lock().unwrap().clone();
     Ok(Report {
         latencies,
+        timeline,
         wall_s,
         coordinator_cpu_s: cpu,
         coordinator_peak_rss_mib: rss,
