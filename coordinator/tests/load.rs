@@ -65,4 +65,11 @@ async fn hundreds_of_ranks_lose_a_node_and_every_shard_is_trained_once() {
         "the coordinator ends the job finished"
     );
     assert!(report.journal_writes >= 1.0, "the journal was written");
+    assert!(
+        report.journal_snapshots >= 1.0 && report.journal_snapshots < report.journal_writes,
+        "leases and completions go to the journal as deltas between snapshots: {} writes, {} \
+         snapshots",
+        report.journal_writes,
+        report.journal_snapshots
+    );
 }

@@ -68,6 +68,7 @@ pub struct Report {
     pub coordinator_cpu_s: f64,
     pub coordinator_peak_rss_mib: f64,
     pub journal_writes: f64,
+    pub journal_snapshots: f64,
     pub journal_bytes: f64,
     pub journal_encode_seconds_total: f64,
     pub journal_write_seconds_total: f64,
@@ -158,9 +159,10 @@ impl Report {
         );
         if load.journal {
             println!(
-                "journal: {:.0} writes, last {:.1} MiB, encode (books locked) mean {:.1} ms, \
+                "journal: {:.0} writes ({:.0} snapshots), last {:.1} MiB, encode mean {:.1} ms, \
                  write mean {:.1} ms max {:.1} ms",
                 self.journal_writes,
+                self.journal_snapshots,
                 self.journal_bytes / (1 << 20) as f64,
                 1e3 * self.journal_encode_seconds_total / self.journal_writes.max(1.0),
                 1e3 * self.journal_write_seconds_total / self.journal_writes.max(1.0),
@@ -514,6 +516,7 @@ async fn run_in(load: &Load, bin: &Path, dir: &Path) -> Result<Report> {
         coordinator_cpu_s: cpu,
         coordinator_peak_rss_mib: rss,
         journal_writes: metric("contrail_journal_writes_total"),
+        journal_snapshots: metric("contrail_journal_snapshots_total"),
         journal_bytes: metric("contrail_journal_last_write_bytes"),
         journal_encode_seconds_total: metric("contrail_journal_encode_seconds_total"),
         journal_write_seconds_total: metric("contrail_journal_write_seconds_total"),
