@@ -13,8 +13,10 @@
 //! ([`crate::leases::ShardBook::replay`]). The whole book is written again when anything
 //! outside the lease book changed (membership, generation, the job's state), within
 //! [`LAZY_WRITE_MS`] of a step report, and after [`SNAPSHOT_EVERY`] deltas (bounding what a
-//! restart reads). Each snapshot has a new random id, so an older snapshot's deltas are never
-//! read after it; they are deleted once it is written.
+//! restart reads). Each snapshot has a new id (random for a coordinator's first, then
+//! counting up), so an older snapshot's deltas are never read after it; they are deleted
+//! once it is written, as are the deltas earlier coordinators left (listed before this one
+//! writes anything, so the deletion can never take one of its own).
 //!
 //! Object stores replace an object atomically (the local store writes a temporary file and
 //! renames it), so a reader sees an old or a new object, never half of one. Writes are
@@ -246,22 +248,17 @@ impl Journal {
             .with_context(|| format!("writing the coordinator journal's delta {url}"))
     }
 
-    /// Deletes deltas 1..=`last` of `snapshot` (replaced by a newer snapshot).
-    pub async fn remove_deltas(&self, snapshot: u64, last: u64) -> Result<()> {
-        for seq in 1..=last {
-            delete_object(&self.delta_url(snapshot, seq), &self.s3_endpoint).await?;
-        }
-        Ok(())
+    /// Every delta there is now. Listed before this coordinator writes anything, they are
+    /// all earlier coordinators' (each snapshot has a new id), to delete once this one's
+    /// first snapshot is written; listed later, the list would take in this one's own.
+    pub async fn list_deltas(&self) -> Result<Vec<String>> {
+        contrail_common::storage::list_objects(&self.log_dir(), &self.s3_endpoint, ".json").await
     }
 
-    /// Deletes every delta not of snapshot `keep` (left by earlier coordinators).
-    pub async fn remove_stale_deltas(&self, keep: u64) -> Result<()> {
-        let dir = self.log_dir();
-        let keep = format!("{dir}/{}", Self::delta_name(keep));
-        for url in contrail_common::storage::list_objects(&dir, &self.s3_endpoint, ".json").await? {
-            if !url.starts_with(&keep) {
-                delete_object(&url, &self.s3_endpoint).await?;
-            }
+    /// Deletes the objects at `urls` (deltas no snapshot will read again).
+    pub async fn remove(&self, urls: &[String]) -> Result<()> {
+        for url in urls {
+            delete_object(url, &self.s3_endpoint).await?;
         }
         Ok(())
     }

@@ -50,6 +50,7 @@ use error::RpcError;
 use job::JobBook;
 use journal::{Found, Journal};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -225,16 +226,18 @@ impl Coordinator {
     /// burst of thousands of requests (every rank leasing after a rendezvous) queued ahead of
     /// each of the writer's wake-ups, and a write the RPCs were waiting for took 0.5 s.
     fn spawn_journal_writer(self: Arc<Self>) -> Result<JournalWriter> {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the journal writer's runtime")?;
+        // Snapshot ids: a random start (no earlier coordinator's), then counting up.
+        let first_id = journal::new_snapshot_id()?;
         let me = self.clone();
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || rt.block_on(me.write_journal(stopping)))
+            .spawn(move || rt.block_on(me.write_journal(first_id, stopping)))
             .context("starting the journal writer's thread")?;
         Ok(JournalWriter {
             coord: self,
@@ -246,20 +249,26 @@ impl Coordinator {
     /// Writes the journal whenever the books changed: at once when an RPC waits for it, else
     /// within `LAZY_WRITE_MS`; a snapshot of the whole book when one is due, else a delta of
     /// the lease book's changes (see [`journal`]). Runs until `stop` is set.
-    async fn write_journal(self: Arc<Self>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    async fn write_journal(self: Arc<Self>, mut next_id: u64, stop: Arc<AtomicBool>) {
         let Some(j) = self.journal.clone() else {
             return;
         };
+        // Earlier coordinators' deltas, deleted once this one's first snapshot is written.
+        let mut stale = j.list_deltas().await.unwrap_or_else(|e| {
+            tracing::warn!("{e:#}; earlier journal deltas are left behind");
+            Vec::new()
+        });
         let lazy = Duration::from_millis(journal::LAZY_WRITE_MS);
         let mut gap = Duration::from_millis(journal::WRITE_GAP_MS);
         let mut failing = false;
         let mut last_start = Instant::now();
         let mut last_whole = Instant::now();
-        // The snapshot the next delta follows and the last delta written after it; None: the
-        // next write is a snapshot (at start, and after a failed write: it holds everything).
+        // The latest snapshot written and the last delta tried after it (written or not).
         let mut current: Option<(u64, u64)> = None;
-        let mut cleaned_stale = false;
-        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+        // At start, and after a failed write, the next write is a snapshot: it holds
+        // everything, the failed write's changes included.
+        let mut whole_next = true;
+        while !stop.load(Ordering::Acquire) {
             let _ = tokio::time::timeout(lazy, self.journal_now.notified()).await;
             // Spacing the writes groups more changes into one.
             tokio::time::sleep_until((last_start + gap).into()).await;
@@ -271,104 +280,89 @@ impl Coordinator {
                 if changes <= *self.journaled.borrow() {
                     None
                 } else {
-                    let whole = match current {
-                        None => true,
-                        Some((_, seq)) => {
-                            seq >= journal::SNAPSHOT_EVERY
-                                || book.snapshot_due(last_whole.elapsed() >= lazy)
-                        }
-                    };
-                    let write = match (whole, current) {
-                        (false, Some((id, seq))) => JournalWrite::Delta {
-                            id,
-                            seq: seq + 1,
-                            ops: book.take_shard_log(),
-                        },
-                        _ => {
-                            let encoded = journal::new_snapshot_id()
-                                .and_then(|id| Ok((id, j.encode(&book, id)?)));
-                            book.encoded_whole();
-                            JournalWrite::Whole(encoded)
-                        }
-                    };
-                    Some((changes, write))
-                }
-            };
-            let Some((changes, write)) = next else {
-                continue;
-            };
-            let (written, len, t1) = match write {
-                JournalWrite::Whole(encoded) => {
-                    let encode_s = t0.elapsed().as_secs_f64();
-                    self.journal_stat(|st| st.encode_seconds_total += encode_s);
-                    match encoded {
-                        Ok((id, bytes)) => {
-                            let (len, t1) = (bytes.len() as u64, Instant::now());
-                            (j.write(bytes).await.map(|()| (id, 0)), len, t1)
-                        }
-                        Err(e) => (Err(e), 0, Instant::now()),
-                    }
-                }
-                JournalWrite::Delta { id, seq, ops } => {
-                    let t = Instant::now();
-                    let encoded = j.encode_delta(id, seq, ops);
-                    let encode_s = t.elapsed().as_secs_f64();
-                    self.journal_stat(|st| st.encode_seconds_total += encode_s);
-                    match encoded {
-                        Ok(bytes) => {
-                            let (len, t1) = (bytes.len() as u64, Instant::now());
+                    Some(match current {
+                        Some((id, seq))
+                            if !whole_next
+                                && seq < journal::SNAPSHOT_EVERY
+                                && !book.snapshot_due(last_whole.elapsed() >= lazy) =>
+                        {
                             (
-                                j.write_delta(id, seq, bytes).await.map(|()| (id, seq)),
-                                len,
-                                t1,
+                                changes,
+                                id,
+                                seq + 1,
+                                JournalWrite::Delta(book.take_shard_log()),
                             )
                         }
-                        Err(e) => (Err(e), 0, Instant::now()),
-                    }
+                        _ => {
+                            let id = next_id;
+                            next_id = next_id.wrapping_add(1);
+                            let encoded = j.encode(&book, id);
+                            book.encoded_whole();
+                            (changes, id, 0, JournalWrite::Whole(encoded))
+                        }
+                    })
                 }
+            };
+            let Some((changes, id, seq, write)) = next else {
+                continue;
+            };
+            let bytes = match write {
+                JournalWrite::Whole(encoded) => encoded,
+                JournalWrite::Delta(ops) => j.encode_delta(id, seq, ops),
+            };
+            let encode_s = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let len = bytes.as_ref().map_or(0, |b| b.len() as u64);
+            let written = match bytes {
+                Ok(bytes) if seq == 0 => j.write(bytes).await,
+                Ok(bytes) => j.write_delta(id, seq, bytes).await,
+                Err(e) => Err(e),
             };
             let write_s = t1.elapsed().as_secs_f64();
             self.journal_stat(|st| {
                 st.writes += 1;
                 st.last_write_bytes = len;
+                st.encode_seconds_total += encode_s;
                 st.write_seconds_total += write_s;
                 st.write_seconds_max = st.write_seconds_max.max(write_s);
-                if written.as_ref().is_ok_and(|(_, seq)| *seq == 0) {
+                if seq == 0 && written.is_ok() {
                     st.snapshots += 1;
                     st.last_snapshot_bytes = len;
                 }
             });
+            let replaced = match (seq, &written) {
+                (0, Ok(())) => current.replace((id, 0)),
+                (0, Err(_)) => None,
+                _ => current.replace((id, seq)),
+            };
             match written {
-                Ok((id, seq)) => {
+                Ok(()) => {
                     if failing {
                         tracing::info!(journal = %j.url, "journal written again");
                     }
                     failing = false;
+                    whole_next = false;
                     gap = Duration::from_millis(match seq {
                         0 => journal::SNAPSHOT_GAP_MS,
                         _ => journal::WRITE_GAP_MS,
                     });
                     if seq == 0 {
                         last_whole = t0;
-                        // The older snapshot's deltas are never read again.
-                        let old = current.filter(|(_, n)| *n > 0);
-                        let stale = !std::mem::replace(&mut cleaned_stale, true);
-                        let j = j.clone();
-                        tokio::spawn(async move {
-                            let removed = match old {
-                                Some((old, n)) => j.remove_deltas(old, n).await,
-                                None => Ok(()),
-                            };
-                            let removed = match (removed, stale) {
-                                (Ok(()), true) => j.remove_stale_deltas(id).await,
-                                (r, _) => r,
-                            };
-                            if let Err(e) = removed {
-                                tracing::warn!("{e:#}; old journal deltas left behind");
-                            }
-                        });
+                        // The older snapshot's deltas are never read again. Only names
+                        // fixed by now are deleted (the writer goes on meanwhile).
+                        let mut old = std::mem::take(&mut stale);
+                        if let Some((old_id, n)) = replaced {
+                            old.extend((1..=n).map(|s| j.delta_url(old_id, s)));
+                        }
+                        if !old.is_empty() {
+                            let j = j.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = j.remove(&old).await {
+                                    tracing::warn!("{e:#}; old journal deltas left behind");
+                                }
+                            });
+                        }
                     }
-                    current = Some((id, seq));
                     self.journaled.send_replace(changes);
                 }
                 Err(e) => {
@@ -376,7 +370,7 @@ impl Coordinator {
                         tracing::error!("{e:#}; retrying (RPCs that need it wait)");
                     }
                     failing = true;
-                    current = None;
+                    whole_next = true;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     self.journal_now.notify_one();
                 }
@@ -595,7 +589,7 @@ impl Coordinator {
 /// [`JournalWriter::stop`].
 struct JournalWriter {
     coord: Arc<Coordinator>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -613,7 +607,7 @@ impl JournalWriter {
     }
 
     fn signal_stop(&self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.stop.store(true, Ordering::Release);
         self.coord.journal_now.notify_one();
     }
 }
@@ -624,15 +618,11 @@ impl Drop for JournalWriter {
     }
 }
 
-/// One journal write: a snapshot (its id and bytes, encoded under the books' lock), or the
-/// lease book's changes since the last write as delta `seq` after snapshot `id`.
+/// One journal write: a snapshot (encoded under the books' lock), or the lease book's
+/// changes since the last write (encoded after it).
 enum JournalWrite {
-    Whole(Result<(u64, Vec<u8>)>),
-    Delta {
-        id: u64,
-        seq: u64,
-        ops: Vec<leases::ShardOp>,
-    },
+    Whole(Result<Vec<u8>>),
+    Delta(Vec<leases::ShardOp>),
 }
 
 /// The books of a job starting (or resuming from a checkpoint) on `shards`; an empty listing
