@@ -171,9 +171,6 @@ impl TextTransformer {
         })
     }
 
-    /// Token ids N × L (int64, L ≤ context_length, as a [`Tokenizer`] writes them) →
-    /// N × output_dim (not normalised).
-    /// The block stack (for the MoE idle pass).
     /// LoRA adapters on every block; `p` is the path the tower was built on.
     pub fn add_adapters(
         &mut self,
@@ -184,10 +181,13 @@ impl TextTransformer {
             .add_adapters(&(p / "transformer"), settings);
     }
 
+    /// The block stack (for the MoE idle pass).
     pub fn transformer(&self) -> &Transformer {
         &self.transformer
     }
 
+    /// Token ids N × L (int64, L ≤ context_length, as a [`Tokenizer`] writes them) →
+    /// N × output_dim (not normalised).
     pub fn forward(&self, tokens: &Tensor) -> Tensor {
         let hidden = self.hidden_states(tokens);
         let pooled = match self.cfg.mode {

@@ -202,7 +202,6 @@ impl VisionTransformer {
         })
     }
 
-    /// The block stack (for the MoE idle pass).
     /// LoRA adapters on every block; `p` is the path the tower was built on.
     pub fn add_adapters(
         &mut self,
@@ -213,6 +212,7 @@ impl VisionTransformer {
             .add_adapters(&(p / "transformer"), settings);
     }
 
+    /// The block stack (for the MoE idle pass).
     pub fn transformer(&self) -> &Transformer {
         &self.transformer
     }
