@@ -141,9 +141,9 @@ impl JobBook {
     }
 
     /// A journaled book, with the lease-book changes logged after it, taken over by a
-    /// restarted coordinator. Refused when the job file or
-    /// the listed dataset changed since it was written. Every worker and lease gets a fresh
-    /// timeout on this coordinator's clock.
+    /// restarted coordinator. Refused when the job file or the listed dataset changed since
+    /// it was written. Every worker and lease gets a fresh timeout on this coordinator's
+    /// clock.
     pub fn recovered(
         mut self,
         cfg: JobConfig,
