@@ -6,7 +6,8 @@
 //!
 //!   cargo build --release -p contrail-coordinator --bins --examples
 //!   target/release/examples/load_gen [--nodes 250] [--ranks-per-node 8] [--shards 100000]
-//!       [--epochs 2] [--heartbeat-ms 500] [--shard-ms 200] [--coordinator PATH]
+//!       [--epochs 2] [--heartbeat-ms 500] [--shard-ms 200] [--lockstep-heartbeats]
+//!       [--no-journal] [--coordinator PATH]
 
 #[path = "../tests/load_sim/mod.rs"]
 mod load;
@@ -38,6 +39,9 @@ struct Args {
     /// Run the coordinator without its journal (to see what journaling costs).
     #[arg(long)]
     no_journal: bool,
+    /// Every rank heartbeats at the same instants (workers before their random phase).
+    #[arg(long)]
+    lockstep_heartbeats: bool,
     /// The coordinator binary (default: contrail-coordinator next to this example's folder).
     #[arg(long)]
     coordinator: Option<PathBuf>,
@@ -70,6 +74,7 @@ async fn main() -> Result<()> {
         shard_ms: a.shard_ms,
         kill_at: a.kill_at,
         journal: !a.no_journal,
+        lockstep_heartbeats: a.lockstep_heartbeats,
     };
     let report = load::run(&spec, &bin, &std::env::temp_dir()).await?;
     report.print(&spec);

@@ -728,7 +728,7 @@ impl JobBook {
         Ok(Some(proto::RendezvousReply {
             rank,
             world_size: self.members.world_size,
-            peer_addresses: self.members.peer_addresses(),
+            peers: self.members.linked_peers(rank, self.cfg.moe.enabled()),
             job_config_toml: self.job_toml.clone(),
             generation: current,
             resume_checkpoint: resume.as_ref().map(|r| r.dir.clone()).unwrap_or_default(),

@@ -464,17 +464,27 @@ impl Membership {
         ids
     }
 
-    /// Collective addresses indexed by rank (only meaningful once complete).
-    pub fn peer_addresses(&self) -> Vec<String> {
-        // Ranks are 0..n without gaps: placed directly (every rendezvous reply carries this
-        // list; at thousands of ranks a sort per reply showed in the profile).
-        let ranked = self.workers.iter().filter(|w| w.rank.is_some()).count();
-        let mut by_rank = vec![String::new(); ranked];
-        for w in &self.workers {
-            if let Some(slot) = w.rank.and_then(|r| by_rank.get_mut(r as usize)) {
-                slot.clone_from(&w.address);
-            }
-        }
-        by_rank
+    /// The collective addresses of the ranks `rank` links to (only meaningful once
+    /// complete): every other rank when the collective is a full `mesh`, else its two ring
+    /// neighbours (the worker's `dist::tcp::Topology` links the same pairs). Every
+    /// rendezvous reply carries this; the whole list to each rank made a regroup of n ranks
+    /// send n^2 addresses.
+    pub fn linked_peers(&self, rank: u32, mesh: bool) -> Vec<proto::PeerAddress> {
+        let world = self.world_size;
+        let linked = |peer: u32| {
+            peer != rank && (mesh || peer == (rank + 1) % world || (peer + 1) % world == rank)
+        };
+        let mut peers: Vec<proto::PeerAddress> = self
+            .workers
+            .iter()
+            .filter_map(|w| {
+                w.rank.filter(|&r| linked(r)).map(|r| proto::PeerAddress {
+                    rank: r,
+                    address: w.address.clone(),
+                })
+            })
+            .collect();
+        peers.sort_unstable_by_key(|p| p.rank);
+        peers
     }
 }

@@ -23,6 +23,7 @@ async fn hundreds_of_ranks_lose_a_node_and_every_shard_is_trained_once() {
         shard_ms: 40,
         kill_at: 0.3,
         journal: true,
+        lockstep_heartbeats: false,
     };
     let report = tokio::time::timeout(
         Duration::from_secs(150),

@@ -183,10 +183,16 @@ async fn join_world(served: &Served, n: u32) -> Vec<FakeWorker> {
     for t in tasks {
         let (client, id, r) = t.await.unwrap();
         assert_eq!(r.world_size, n);
+        // Registration order is rank order; in the worlds of 2 used here every rank is
+        // the other's ring neighbour.
         assert_eq!(
-            r.peer_addresses,
+            r.peers
+                .iter()
+                .map(|p| (p.rank, p.address.clone()))
+                .collect::<Vec<_>>(),
             (0..n)
-                .map(|k| format!("127.0.0.1:{}", 40000 + k))
+                .filter(|&k| k != r.rank)
+                .map(|k| (k, format!("127.0.0.1:{}", 40000 + k)))
                 .collect::<Vec<_>>()
         );
         workers.push(FakeWorker {

@@ -56,6 +56,14 @@ fn running_with(cfg: JobConfig, n: usize) -> (JobBook, Vec<u64>) {
     (b, ids)
 }
 
+/// The (rank, address) pairs of a rendezvous reply's linked peers.
+fn peers(r: &proto::RendezvousReply) -> Vec<(u32, &str)> {
+    r.peers
+        .iter()
+        .map(|p| (p.rank, p.address.as_str()))
+        .collect()
+}
+
 fn lease(b: &mut JobBook, id: u64, epoch: u32, now: u64) -> Result<proto::LeaseReply, RpcError> {
     let generation = b.generation();
     b.lease(
@@ -146,13 +154,42 @@ fn rendezvous_waits_for_the_world_then_ranks_in_registration_order() {
             .expect("world is complete");
         assert_eq!(r.rank, rank);
         assert_eq!(r.world_size, 3);
-        assert_eq!(
-            r.peer_addresses,
-            vec!["10.0.0.1:1", "10.0.0.3:1", "10.0.0.2:1"]
-        );
+        // A world of 3 is a ring in which every rank neighbours both others.
+        let others: Vec<(u32, &str)> = [(0, "10.0.0.1:1"), (1, "10.0.0.3:1"), (2, "10.0.0.2:1")]
+            .into_iter()
+            .filter(|&(r, _)| r != rank)
+            .collect();
+        assert_eq!(peers(&r), others);
         assert_eq!(r.job_config_toml, "the job");
         assert_eq!(r.resume_checkpoint, "");
     }
+}
+
+/// A rank is told only the addresses its collective links use: its ring neighbours, or
+/// every other rank when MoE's all-to-all needs the full mesh.
+#[test]
+fn rendezvous_replies_carry_the_addresses_of_linked_ranks_only() {
+    let (mut b, ids) = running_with(config(8), 8);
+    let g = b.generation();
+    let addr = |r: u32| format!("10.0.0.{r}:2950{r}");
+    for (rank, id) in ids.iter().enumerate() {
+        let r = b.rendezvous(*id, g, 0, 1).unwrap().expect("complete");
+        assert_eq!(r.rank as usize, rank);
+        let (before, after) = ((r.rank + 7) % 8, (r.rank + 1) % 8);
+        let mut want = vec![(before, addr(before)), (after, addr(after))];
+        want.sort();
+        let got: Vec<(u32, String)> = r
+            .peers
+            .iter()
+            .map(|p| (p.rank, p.address.clone()))
+            .collect();
+        assert_eq!(got, want, "rank {rank}");
+    }
+    let (mut b, ids) = running_with(moe_config(false), 4);
+    let g = b.generation();
+    let r = b.rendezvous(ids[1], g, 0, 1).unwrap().expect("complete");
+    let got: Vec<u32> = r.peers.iter().map(|p| p.rank).collect();
+    assert_eq!(got, [0, 2, 3], "MoE links every pair");
 }
 
 #[test]
@@ -796,7 +833,8 @@ fn survivors_regroup_when_min_workers_allows_and_the_job_finishes_with_them() {
             .unwrap()
             .expect("a new generation");
         assert_eq!((r.rank, r.world_size, r.generation), (rank, 2, g + 1));
-        assert_eq!(r.peer_addresses, vec!["10.0.0.0:29500", "10.0.0.2:29502"]);
+        let other = [(1, "10.0.0.2:29502"), (0, "10.0.0.0:29500")][rank as usize];
+        assert_eq!(peers(&r), [other]);
     }
     // The dead worker is fenced from regrouping.
     assert!(b.rendezvous(ids[1], g, g, t + 2).is_err());
@@ -897,7 +935,8 @@ fn a_replacement_waits_then_joins_at_the_next_regroup() {
     let rn = b.rendezvous(new, at, 0, 8).unwrap().expect("taken in");
     assert_eq!((rn.rank, rn.world_size, rn.generation), (2, 3, g + 2));
     assert!(rn.joining && rn.resume_checkpoint.is_empty());
-    assert_eq!(rn.peer_addresses[2], "10.0.0.2:29502");
+    assert!(peers(&r0).contains(&(2, "10.0.0.2:29502")), "{r0:?}");
+    assert_eq!(peers(&rn), [(0, "10.0.0.0:29500"), (1, "10.0.0.1:29501")]);
     // Nobody waits any more: no regroup request.
     assert!(!heartbeat(&mut b, ids[0], g + 2, 9).unwrap().regroup);
 }
@@ -1359,5 +1398,6 @@ fn a_replacement_node_joins_whole_with_contiguous_ranks() {
     let rc1 = b.rendezvous(c1, at, 0, 16).unwrap().expect("taken in");
     assert_eq!((rc0.rank, rc1.rank), (2, 3));
     assert!(rc0.joining && rc1.joining);
-    assert_eq!(rc0.peer_addresses[2..], ["10.0.0.9:1", "10.0.0.8:1"]);
+    assert!(peers(&rc0).contains(&(3, "10.0.0.8:1")), "{rc0:?}");
+    assert!(peers(&rc1).contains(&(2, "10.0.0.9:1")), "{rc1:?}");
 }

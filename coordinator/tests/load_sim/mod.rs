@@ -48,6 +48,11 @@ pub struct Load {
     pub kill_at: f64,
     /// Journal the coordinator's state (`cluster.journal_url`), as a real job does.
     pub journal: bool,
+    /// Every rank heartbeats at the same instants (on a timer started at rendezvous), as
+    /// workers did before they drew a random phase; otherwise each rank's first beat comes
+    /// at its own fraction of the period and the next a period after each reply, as a
+    /// worker's (`worker::process::coordinated::heartbeat_loop`).
+    pub lockstep_heartbeats: bool,
 }
 
 impl Load {
@@ -688,10 +693,19 @@ async fn rank(
             gen_now.clone(),
         );
         let worker_id = reg.worker_id;
+        let every = Duration::from_millis(load.heartbeat_ms);
+        // Spread over the period by the rank's place (golden-ratio steps: any prefix of the
+        // ranks is spread evenly).
+        let phase = ((node * load.ranks_per_node + local) as f64 * 0.618_033_988_7).fract();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(load.heartbeat_ms));
+            let mut tick = tokio::time::interval(every);
+            if !load.lockstep_heartbeats {
+                tokio::time::sleep(every.mul_f64(phase)).await;
+            }
             loop {
-                tick.tick().await;
+                if load.lockstep_heartbeats {
+                    tick.tick().await;
+                }
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
@@ -721,6 +735,9 @@ async fn rank(
                         shared.ask_regroup(generation);
                     }
                     Err(_) => {}
+                }
+                if !load.lockstep_heartbeats {
+                    tokio::time::sleep(every).await;
                 }
             }
         })

@@ -41,6 +41,8 @@ pub struct Coordinator {
 pub struct Assignment {
     pub rank: usize,
     pub world_size: usize,
+    /// Collective addresses indexed by rank: "" for a rank this one does not link to (the
+    /// coordinator sends only the linked ranks' addresses; see `peers_by_rank`).
     pub peers: Vec<String>,
     pub job_toml: String,
     pub resume_checkpoint: String,
@@ -61,6 +63,19 @@ pub struct Assignment {
 pub enum Lease {
     Shard { url: String, lease_id: u64 },
     Exhausted,
+}
+
+/// The linked peers' addresses of a rendezvous reply, placed by rank in a list of the whole
+/// world ("" where the reply has none); a rank outside the world is dropped (the
+/// collective then reports the link it lacks).
+fn peers_by_rank(world: usize, peers: &[proto::PeerAddress]) -> Vec<String> {
+    let mut by_rank = vec![String::new(); world];
+    for p in peers {
+        if let Some(slot) = by_rank.get_mut(p.rank as usize) {
+            slot.clone_from(&p.address);
+        }
+    }
+    by_rank
 }
 
 impl Coordinator {
@@ -279,7 +294,7 @@ impl Coordinator {
         Assignment {
             rank: r.rank as usize,
             world_size: r.world_size as usize,
-            peers: r.peer_addresses,
+            peers: peers_by_rank(r.world_size as usize, &r.peers),
             job_toml: r.job_config_toml,
             resume_checkpoint: r.resume_checkpoint,
             resume_step: r.resume_step,

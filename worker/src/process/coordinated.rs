@@ -35,6 +35,11 @@ pub async fn heartbeat_loop(
     every: Duration,
     give_up_after: Duration,
 ) {
+    // Every rank's rendezvous answers at once: beating from then on would send the whole
+    // world's heartbeats in the same few milliseconds of every period. A random phase spreads
+    // them over the period (the first beat is at most one period late, well inside
+    // cluster.worker_timeout_ms, which exceeds two).
+    tokio::time::sleep(every.mul_f64(random_phase())).await;
     let mut last_ok = Instant::now();
     loop {
         let step = progress.step.load(Ordering::Relaxed);
@@ -83,6 +88,13 @@ pub async fn heartbeat_loop(
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// A random fraction of a period, in [0, 1).
+fn random_phase() -> f64 {
+    contrail_common::auth::random_bytes::<8>().map_or(0.5, |b| {
+        (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+    })
 }
 
 pub struct CoordinatedHooks<'a> {

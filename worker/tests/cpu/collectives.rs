@@ -100,6 +100,29 @@ fn silent_rank_times_out_with_its_name() {
     assert_all_succeeded(&results);
 }
 
+/// Rendezvous sends only the linked ranks' addresses; a ring rank missing one of its
+/// neighbours' says so at once instead of dialing "" until the timeout.
+#[test]
+fn a_linked_rank_without_an_address_is_a_clear_error() {
+    let e = TcpCollective::bind("127.0.0.1:0")
+        .expect("bind")
+        .with_topology(Topology::Ring)
+        .connect(
+            1,
+            vec![
+                String::new(),
+                String::new(),
+                "127.0.0.1:1".into(),
+                String::new(),
+            ],
+            Duration::from_secs(30),
+        )
+        .err()
+        .expect("rank 0 is a ring neighbour of rank 1 and has no address");
+    assert!(matches!(e, CollectiveError::Usage(_)), "{e:?}");
+    assert!(e.to_string().contains("rank 1 links to rank 0"), "{e}");
+}
+
 #[test]
 fn world_of_one_needs_no_sockets() {
     let c = TcpCollective::bind("127.0.0.1:0")

@@ -179,6 +179,14 @@ impl TcpBootstrap {
         let lanes = streams_per_peer();
         let topology = self.topology;
         let linked = |p: usize| topology.linked(rank, p, world);
+        // The coordinator sends only the linked ranks' addresses: a gap there would
+        // otherwise surface as a dial to "" after the whole timeout.
+        if let Some(p) = (0..world).find(|&p| linked(p) && peer_addrs[p].is_empty()) {
+            return Err(CollectiveError::Usage(format!(
+                "rank {rank} links to rank {p} ({topology:?} of {world}) but has no address \
+                 for it (does the coordinator link the same ranks?)"
+            )));
+        }
         let peers = (0..world).filter(|&p| linked(p)).count();
         // The sockets, the listener and some room for the process's other files.
         ensure_open_file_limit(peers * lanes + 64, peers, lanes, world)?;
