@@ -628,7 +628,7 @@ fn run_single(args: &Args) -> Result<()> {
         use_bf16_for_cuda_autocast();
     }
     let compute = Compute {
-        bf16: args.bf16,
+        autocast: args.bf16,
         channels_last: false,
     };
     let sync = || {

@@ -146,7 +146,7 @@ fn main() -> Result<()> {
         use_bf16_for_cuda_autocast();
     }
     model.set_compute(Compute {
-        bf16,
+        autocast: bf16,
         channels_last: a.channels_last,
     });
     // SimCLR-style runs use SGD with momentum, CLIP AdamW, as their references do.

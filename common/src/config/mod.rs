@@ -222,6 +222,13 @@ impl JobConfig {
                  rank would clip by another norm",
             ));
         }
+        if self.train.precision == Precision::Fp16 && self.moe.enabled() {
+            return Err(err(
+                "train.precision",
+                "fp16 is not built for MoE jobs: expert gradients differ between ranks, so \
+                 ranks could disagree on skipping an overflowing step",
+            ));
+        }
         if m.activation == Activation::QuickGelu
             && (!self.moe.vit_blocks.is_empty() || !self.moe.text_blocks.is_empty())
         {
@@ -558,7 +565,7 @@ mod tests {
             ("[cluster]\nbackend = \"mpi\"\n", "cluster.backend"),
             ("[cluster]\ndevice = \"gpu0\"\n", "cluster.device"),
             ("[cluster]\ndevice = \"cuda:x\"\n", "cluster.device"),
-            ("[train]\nprecision = \"fp16\"\n", "train.precision"),
+            ("[train]\nprecision = \"fp8\"\n", "train.precision"),
             ("[objective]\nkind = \"byol\"\n", "objective.kind"),
             (
                 "[objective.moco]\nmomentum = 1.0\n",
@@ -611,6 +618,11 @@ mod tests {
                 "[model]\nencoder = \"vit\"\n[model.vit]\nlayers = 2\n[optim]\ngrad_clip_norm = 1.0\n\
                  [moe]\nexperts = 2\nvit_blocks = [0]\n",
                 "optim.grad_clip_norm",
+            ),
+            (
+                "[model]\nencoder = \"vit\"\n[model.vit]\nlayers = 2\n[train]\nprecision = \"fp16\"\n\
+                 [moe]\nexperts = 2\nvit_blocks = [0]\n",
+                "train.precision",
             ),
         ] {
             let e = JobConfig::from_toml(toml).unwrap_err();
@@ -680,6 +692,8 @@ mod tests {
         assert_eq!(cfg.model.encoder, EncoderKind::Vit);
         assert_eq!(cfg.model.text.mode, TextMode::Bidirectional);
         assert_eq!(cfg.train.precision, Precision::Fp32);
+        let fp16 = JobConfig::from_toml("[train]\nprecision = \"fp16\"\n").unwrap();
+        assert_eq!(fp16.train.precision, Precision::Fp16);
         assert_eq!(cfg.cluster.backend, Backend::Auto);
         assert_eq!(cfg.cluster.device, DeviceSetting::Cuda(3));
         assert!(cfg.cluster.requires_gpu());

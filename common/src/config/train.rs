@@ -13,6 +13,10 @@ choice! {
         Fp32 = "fp32",
         /// CUDA autocast with bf16 (GPU only); weights, optimizer state and the loss stay fp32.
         Bf16 = "bf16",
+        /// CUDA autocast with fp16 (GPU only: for GPUs without bf16, e.g. V100 and T4), with
+        /// dynamic loss scaling as `torch.amp.GradScaler` (an overflowing step is skipped);
+        /// weights, optimizer state and the loss stay fp32.
+        Fp16 = "fp16",
     }
 }
 

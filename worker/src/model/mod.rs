@@ -611,6 +611,20 @@ impl ContrastiveModel {
         crate::optim::build_scaled(cfg, params, Some(&scales))
     }
 
+    /// [`Self::optimizer`] for a job: with `train.precision = "fp16"` its steps first divide
+    /// the gradients by the loss scale and skip a step whose gradients overflowed
+    /// ([`crate::optim::LossScaled`]).
+    pub fn job_optimizer(
+        &self,
+        cfg: &contrail_common::config::JobConfig,
+    ) -> Box<dyn crate::optim::Optimizer> {
+        let opt = self.optimizer(&cfg.optim);
+        if cfg.train.precision != contrail_common::config::Precision::Fp16 {
+            return opt;
+        }
+        Box::new(crate::optim::LossScaled::new(opt, self.named_parameters()))
+    }
+
     /// A CLIP model's text tower sizes and token conventions (open_clip's tower).
     pub fn text_config(&self) -> Option<&TextConfig> {
         match &self.clip()?.tower {

@@ -39,7 +39,8 @@ use tch::{nn, Device, Kind, Tensor};
 
 /// `c10::DeviceType::CUDA`.
 const DEVICE_TYPE_CUDA: i8 = 1;
-/// `c10::ScalarType::BFloat16`.
+/// `c10::ScalarType::Half` and `BFloat16`.
+const SCALAR_TYPE_HALF: i8 = 5;
 const SCALAR_TYPE_BFLOAT16: i8 = 15;
 
 extern "C" {
@@ -203,10 +204,23 @@ pub fn use_bf16_for_cuda_autocast() {
     unsafe { at_autocast_set_autocast_dtype(DEVICE_TYPE_CUDA, SCALAR_TYPE_BFLOAT16) }
 }
 
+/// Makes CUDA autocast cast to fp16 (libtorch's default; process-wide). fp16 needs loss
+/// scaling ([`crate::optim::LossScaled`]).
+pub fn use_fp16_for_cuda_autocast() {
+    // SAFETY: a setter of a global in libtorch, taking two valid enum values.
+    unsafe { at_autocast_set_autocast_dtype(DEVICE_TYPE_CUDA, SCALAR_TYPE_HALF) }
+}
+
 /// Whether CUDA autocast currently casts to bf16.
 pub fn cuda_autocast_is_bf16() -> bool {
     // SAFETY: a getter of a global in libtorch.
     unsafe { at_autocast_get_autocast_dtype(DEVICE_TYPE_CUDA) == SCALAR_TYPE_BFLOAT16 }
+}
+
+/// Whether CUDA autocast currently casts to fp16.
+pub fn cuda_autocast_is_fp16() -> bool {
+    // SAFETY: a getter of a global in libtorch.
+    unsafe { at_autocast_get_autocast_dtype(DEVICE_TYPE_CUDA) == SCALAR_TYPE_HALF }
 }
 
 /// The same 4-D tensor stored channels-last (NHWC strides); other ranks are returned as is.
@@ -238,8 +252,9 @@ pub fn convert_to_channels_last(vs: &nn::VarStore) {
 /// The model's compute settings.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Compute {
-    /// Forward (and so backward) under CUDA autocast with bf16.
-    pub bf16: bool,
+    /// Forward (and so backward) under CUDA autocast, at the dtype set process-wide
+    /// ([`use_bf16_for_cuda_autocast`] or [`use_fp16_for_cuda_autocast`]).
+    pub autocast: bool,
     /// Inputs converted to channels-last before the first convolution.
     pub channels_last: bool,
 }
@@ -252,7 +267,7 @@ impl Compute {
         } else {
             xs.shallow_clone()
         };
-        if self.bf16 {
+        if self.autocast {
             cuda_autocast(|| f(&xs)).to_kind(Kind::Float)
         } else {
             f(&xs)
@@ -288,10 +303,13 @@ mod tests {
         );
     }
 
+    /// One test for both: the dtype is process-wide and tests run on parallel threads.
     #[test]
-    fn autocast_dtype_can_be_set_to_bf16() {
+    fn autocast_dtype_can_be_set_to_fp16_and_bf16() {
+        use_fp16_for_cuda_autocast();
+        assert!(cuda_autocast_is_fp16() && !cuda_autocast_is_bf16());
         use_bf16_for_cuda_autocast();
-        assert!(cuda_autocast_is_bf16());
+        assert!(cuda_autocast_is_bf16() && !cuda_autocast_is_fp16());
     }
 
     /// TF32 and cuDNN autotuning are set for a GPU (both ways, read back from libtorch) and

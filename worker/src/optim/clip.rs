@@ -72,6 +72,10 @@ impl Optimizer for GradClip {
     fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()> {
         self.inner.load_state(state)
     }
+
+    fn loss_scale(&self) -> Option<f64> {
+        self.inner.loss_scale()
+    }
 }
 
 #[cfg(test)]

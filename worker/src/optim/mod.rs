@@ -9,6 +9,7 @@ pub mod clip;
 pub mod flat;
 pub mod groups;
 pub mod lars;
+pub mod loss_scale;
 pub mod scaling;
 pub mod schedule;
 pub mod sgd;
@@ -22,6 +23,7 @@ pub use adamw::{AdamW, AdamWOptions};
 pub use clip::GradClip;
 pub use groups::ParamGroups;
 pub use lars::{Lars, LarsOptions};
+pub use loss_scale::LossScaled;
 pub use scaling::scaled_peak_lr;
 pub use schedule::lr_at;
 pub use sgd::Sgd;
@@ -47,6 +49,13 @@ pub trait Optimizer: Send {
     /// Restores state written by [`Optimizer::state_tensors`]. Fails, naming the key, on a
     /// missing or unexpected key or a shape mismatch; on error the state is unchanged.
     fn load_state(&mut self, state: &[(String, Tensor)]) -> anyhow::Result<()>;
+
+    /// The factor the training step multiplies the loss by before backward (fp16's dynamic
+    /// loss scale, [`LossScaled`]); the step then divides the gradients by it. None: the
+    /// loss is not scaled.
+    fn loss_scale(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// The optimizer named by `optim.kind` over `params` (a model's `named_parameters()`), every

@@ -4,7 +4,7 @@
 
 use crate::dist::nccl::NO_GPU_MESSAGE;
 use crate::dist::regroup::Transport;
-use crate::nn::compute::{use_bf16_for_cuda_autocast, Compute};
+use crate::nn::compute::{use_bf16_for_cuda_autocast, use_fp16_for_cuda_autocast, Compute};
 use anyhow::{bail, Result};
 use contrail_common::config::{Backend, DeviceSetting, Precision};
 use contrail_common::JobConfig;
@@ -46,21 +46,26 @@ pub fn use_nccl(backend: Backend, device: Device) -> Result<bool> {
     }
 }
 
-/// bf16 and channels-last as `train.*` ask, for `device`; on a GPU also sets TF32 and cuDNN
-/// autotuning (`train.tf32`, `train.cudnn_benchmark`) for the process.
+/// Autocast (bf16 or fp16) and channels-last as `train.*` ask, for `device`; on a GPU also
+/// sets TF32 and cuDNN autotuning (`train.tf32`, `train.cudnn_benchmark`) for the process.
 pub fn choose_compute(cfg: &JobConfig, device: Device) -> Result<Compute> {
     let gpu = device.is_cuda();
-    let bf16 = match (cfg.train.precision, gpu) {
+    let autocast = match (cfg.train.precision, gpu) {
         (Precision::Fp32, _) | (Precision::Auto, false) => false,
-        (Precision::Bf16, true) | (Precision::Auto, true) => true,
-        (Precision::Bf16, false) => bail!(
-            "train.precision = \"bf16\" needs a CUDA device (bf16 autocast runs on GPUs); this \
-             worker computes on the CPU: use \"auto\" or \"fp32\""
+        (Precision::Bf16, true) | (Precision::Auto, true) => {
+            use_bf16_for_cuda_autocast();
+            true
+        }
+        (Precision::Fp16, true) => {
+            use_fp16_for_cuda_autocast();
+            true
+        }
+        (p @ (Precision::Bf16 | Precision::Fp16), false) => bail!(
+            "train.precision = \"{}\" needs a CUDA device (autocast runs on GPUs); this \
+             worker computes on the CPU: use \"auto\" or \"fp32\"",
+            p.as_str()
         ),
     };
-    if bf16 {
-        use_bf16_for_cuda_autocast();
-    }
     // TF32 and cuDNN autotuning as `train.tf32` / `train.cudnn_benchmark` ask (process-wide;
     // nothing on the CPU).
     crate::nn::compute::apply_gpu_math_settings(
@@ -68,7 +73,7 @@ pub fn choose_compute(cfg: &JobConfig, device: Device) -> Result<Compute> {
         crate::nn::compute::GpuMath::from_train(&cfg.train),
     );
     Ok(Compute {
-        bf16,
+        autocast,
         channels_last: gpu && cfg.train.channels_last,
     })
 }
@@ -124,15 +129,18 @@ mod tests {
     }
 
     #[test]
-    fn precision_auto_is_fp32_on_the_cpu_and_bf16_is_refused_there() {
+    fn precision_auto_is_fp32_on_the_cpu_and_bf16_and_fp16_are_refused_there() {
         let mut cfg = JobConfig::default();
         let c = choose_compute(&cfg, Device::Cpu).unwrap();
         assert_eq!(c, Compute::default());
         cfg.train.precision = Precision::Bf16;
         let e = choose_compute(&cfg, Device::Cpu).unwrap_err().to_string();
         assert!(e.contains("needs a CUDA device"), "{e}");
+        cfg.train.precision = Precision::Fp16;
+        let e = choose_compute(&cfg, Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("\"fp16\" needs a CUDA device"), "{e}");
         cfg.train.precision = Precision::Fp32;
         let c = choose_compute(&cfg, Device::Cuda(0)).unwrap();
-        assert!(!c.bf16 && c.channels_last);
+        assert!(!c.autocast && c.channels_last);
     }
 }

@@ -248,7 +248,7 @@ fn train_rank(
     // Before the optimizer exists, so its state takes the weights' layout.
     model.set_compute(device::choose_compute(cfg, device)?);
     model.set_grad_sync(grad_sync(cfg));
-    let mut opt = model.optimizer(&cfg.optim);
+    let mut opt = model.job_optimizer(cfg);
     let mut start = StartPoint::default();
     if !asg.resume_checkpoint.is_empty() {
         load_checkpoint(rt, cfg, &mut model, opt.as_mut(), &asg.resume_checkpoint)?;
@@ -365,7 +365,7 @@ fn train_rank(
             model = hooks.model_for(placement)?;
             model.set_compute(device::choose_compute(cfg, device)?);
             model.set_grad_sync(grad_sync(cfg));
-            opt = model.optimizer(&cfg.optim);
+            opt = model.job_optimizer(cfg);
             load_checkpoint(rt, cfg, &mut model, opt.as_mut(), &next.resume_checkpoint)?;
             hooks.rolled_back(epoch);
             if next.rank == 0 {
@@ -462,7 +462,14 @@ fn load_checkpoint(
         None => (tensors.model, tensors.optim),
     };
     model.load_named(&model_tensors)?;
-    opt.load_state(&optim_tensors)?;
+    if opt.loss_scale().is_none() {
+        // An fp16 run's checkpoint resumed without fp16: its loss scale has no use here.
+        opt.load_state(&crate::optim::loss_scale::without_loss_scale(
+            &optim_tensors,
+        ))?;
+    } else {
+        opt.load_state(&optim_tensors)?;
+    }
     Ok(())
 }
 

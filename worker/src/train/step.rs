@@ -13,7 +13,8 @@
 //!    add gradients to its own head parameters (SwAV's prototypes);
 //! 3. backprop that gradient into the encoder: directly through the kept graph, or (K > 1)
 //!    by re-forwarding each micro-batch with autograd and backpropagating its slice, so
-//!    parameter gradients accumulate across micro-batches;
+//!    parameter gradients accumulate across micro-batches (times the optimizer's loss scale
+//!    under fp16, which its step divides out: [`crate::optim::LossScaled`]);
 //! 4. all-reduce(sum) the parameter gradients in fixed-order buckets, one optimizer step.
 //!    Summing (not averaging) is right because the objective already divided by the global
 //!    sample count. With `cluster.overlap` (the default) the buckets are summed while the
@@ -142,6 +143,8 @@ pub fn train_step_queued(
     objective.prepare(model, micro_batches, counts, clock, coll)?;
 
     let passes = forward_passes(model, non_empty.len(), coll)?;
+    // fp16: backward starts from the loss times the scale; the optimizer divides it out.
+    let loss_scale = opt.loss_scale();
     // Whether the gradients were already summed during the last backward pass.
     let reduced;
     let local_loss = if passes <= 1 {
@@ -162,7 +165,7 @@ pub fn train_step_queued(
             objective.loss_and_grad(model, &z_local.detach(), counts, clock, coll)?;
         ensure_grads_defined(model);
         // d(sum(z · g))/dz = g: backprop a given output gradient without a custom function.
-        let root = (&z_local * d_local).sum(Kind::Float);
+        let root = scaled((&z_local * d_local).sum(Kind::Float), loss_scale);
         reduced = backward_reducing(model, coll, &root)
             .with_context(|| format!("rank {rank}: backward"))?;
         local_loss
@@ -176,6 +179,7 @@ pub fn train_step_queued(
             counts,
             clock,
             coll,
+            loss_scale,
         )?;
         reduced = summed;
         local_loss
@@ -283,6 +287,7 @@ fn accumulated_passes(
     counts: &[i64],
     clock: StepClock,
     coll: &dyn Collective,
+    loss_scale: Option<f64>,
 ) -> Result<(Tensor, bool)> {
     let rank = coll.rank();
     let b: i64 = sizes.iter().sum();
@@ -332,7 +337,7 @@ fn accumulated_passes(
                 g.size()
             );
         }
-        let root = (&z * g).sum(Kind::Float);
+        let root = scaled((&z * g).sum(Kind::Float), loss_scale);
         // Only the last backward overlaps the reduction (DDP's `no_sync` on the others): the
         // earlier ones still add to every gradient.
         let last = pass + 1 == passes;
@@ -352,6 +357,14 @@ fn accumulated_passes(
             .with_context(|| format!("rank {rank}: backward of an idle pass"))?;
     }
     Ok((local_loss, reduced))
+}
+
+/// The backward root times the loss scale, when there is one.
+fn scaled(root: Tensor, loss_scale: Option<f64>) -> Tensor {
+    match loss_scale {
+        Some(s) => root * s,
+        None => root,
+    }
 }
 
 /// Backpropagates `root` through the model, summing the gradients across ranks during it where the model's

@@ -10,6 +10,7 @@ mod collectives;
 mod embed_export;
 mod eval_conformance;
 mod gradient_equivalence;
+mod loss_scale_conformance;
 mod moe_expert_parallel;
 mod moe_gating_conformance;
 mod moe_step_equivalence;

@@ -76,7 +76,7 @@ fn train(
     let initial = support::seeded(5, || build(Device::Cpu));
     let mut model = support::seeded(0, || build(device));
     model.load_named(&initial.named_variables()).unwrap();
-    if compute.bf16 {
+    if compute.autocast {
         use_bf16_for_cuda_autocast();
     }
     model.set_compute(compute);
@@ -132,7 +132,7 @@ fn every_objective_trains_on_gpu_with_bf16_channels_last_and_nccl() {
     for kind in ["simclr", "moco", "swav"] {
         let cfg = config(kind);
         let compute = Compute {
-            bf16: true,
+            autocast: true,
             channels_last: true,
         };
         let (losses, model) = train(&cfg, device, compute, 4);
@@ -175,7 +175,7 @@ fn bf16_steps_follow_fp32_steps() {
         &cfg,
         device,
         Compute {
-            bf16: false,
+            autocast: false,
             channels_last: true,
         },
         2,
@@ -184,7 +184,7 @@ fn bf16_steps_follow_fp32_steps() {
         &cfg,
         device,
         Compute {
-            bf16: true,
+            autocast: true,
             channels_last: true,
         },
         2,
@@ -275,7 +275,7 @@ fn train_moe(
         use_bf16_for_cuda_autocast();
     }
     model.set_compute(Compute {
-        bf16,
+        autocast: bf16,
         channels_last: false,
     });
     let outcomes = run_steps(&model, cfg, device, coll.as_ref(), steps);
