@@ -99,6 +99,12 @@ fn exports_load_in_open_clip_timm_torchvision_and_transformers_and_embed_as_cont
         .copied()
         .chain(["model.text.kind=bert", bert_tokenizer.as_str()])
         .collect();
+    // A RoBERTa tower on the same (BERT-vocabulary) tokenizer, as Chinese RoBERTa-wwm's.
+    let roberta_set: Vec<&str> = clip_set
+        .iter()
+        .copied()
+        .chain(["model.text.kind=roberta", bert_tokenizer.as_str()])
+        .collect();
     let cases = [
         Case {
             name: "clip-vit",
@@ -111,6 +117,13 @@ fn exports_load_in_open_clip_timm_torchvision_and_transformers_and_embed_as_cont
             name: "clip-bert",
             config: support::LOCAL_CLIP_CONFIG,
             set: bert_set,
+            tower: "text",
+            formats: &["hf"],
+        },
+        Case {
+            name: "clip-roberta",
+            config: support::LOCAL_CLIP_CONFIG,
+            set: roberta_set,
             tower: "text",
             formats: &["hf"],
         },
@@ -186,6 +199,17 @@ fn exports_load_in_open_clip_timm_torchvision_and_transformers_and_embed_as_cont
                 _ => 1,
             };
             assert_eq!(lines, comparisons, "{checked}");
+            if *format == "hf" {
+                let class = if case.name.contains("roberta") {
+                    "RobertaModel"
+                } else {
+                    "BertModel"
+                };
+                assert!(
+                    checked.contains(&format!("transformers {class} ")),
+                    "{checked}"
+                );
+            }
         }
     }
 

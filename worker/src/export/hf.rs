@@ -1,15 +1,22 @@
-//! A CLIP model's BERT text tower as Hugging Face transformers loads it: `config.json` (a
-//! `BertConfig`), `model.safetensors` (`BertModel`'s names: the tower's `bert.*` variables
-//! without the prefix), `tokenizer.json` and `tokenizer_config.json` (the job's tokenizer), so
-//! `BertModel.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it; beside
+//! A CLIP model's BERT or RoBERTa text tower as Hugging Face transformers loads it:
+//! `config.json` (a `BertConfig` or `RobertaConfig`), `model.safetensors` (`BertModel`'s or
+//! `RobertaModel`'s names: the tower's `bert.*` variables without the prefix),
+//! `tokenizer.json` and `tokenizer_config.json` (the job's tokenizer), so
+//! `AutoModel.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it; beside
 //! them `text_projection.safetensors` (width × embed) and `contrail_text.json` (the pooling and
-//! the joint-space width) say how the caption embedding is made: the `[CLS]` hidden state (or
-//! the mean over the attention mask) times `text_projection`. The pooler `BertModel` builds is
-//! not trained by contrail and transformers initialises it (its output is not used).
+//! the joint-space width) say how the caption embedding is made: the first token's hidden
+//! state (or the mean over the attention mask) times `text_projection`. The pooler the
+//! library builds is not trained by contrail and transformers initialises it (its output is
+//! not used).
+//!
+//! A RoBERTa tower's config carries what makes it one: one token type, LayerNorm ε 1e-5, and
+//! the pad id from which `RobertaModel` counts positions (contrail's tower counts them the
+//! same way). Its tokenizer is declared as the generic `PreTrainedTokenizerFast` with the
+//! special tokens contrail found in `tokenizer.json`, so any RoBERTa-family tokenizer file
+//! (XLM-R's `<s>`/`</s>`/`<pad>`, or a Chinese RoBERTa-wwm's BERT vocabulary) loads as is.
 
-use super::{
-    config_and_weights, json, refuse_if, safetensors, variables, Export, ExportFormat, ExportInput,
-};
+use super::{config_and_weights, json, safetensors, variables, Export, ExportFormat, ExportInput};
+use crate::tokenize::HfTokenizer;
 use anyhow::{Context, Result};
 use contrail_common::config::{TextKind, TextPooling};
 use serde_json::json;
@@ -20,15 +27,10 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
     let model = input.model;
     let bert = model.bert_config().with_context(|| {
         format!(
-            "cannot export to {}: only a BERT text tower (model.text.kind = \"bert\") has \
-             Hugging Face's layout (--format open_clip exports a CLIP text transformer)",
+            "cannot export to {}: only a BERT or RoBERTa text tower (model.text.kind = \"bert\" \
+             or \"roberta\") has Hugging Face's layout (--format open_clip exports a CLIP text transformer)",
             FORMAT.as_str()
         )
-    })?;
-    refuse_if(bert.kind != TextKind::Bert, FORMAT, || {
-        "the text tower is a RoBERTa (model.text.kind); only a BERT tower's Hugging Face folder \
-         is built so far"
-            .into()
     })?;
     let Some(tokenizer) = input.tokenizer_json else {
         anyhow::bail!(
@@ -47,32 +49,54 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
         }
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
+    let roberta = bert.kind == TextKind::Roberta;
+    let (architecture, model_type, token_types, layer_norm_eps) = if roberta {
+        ("RobertaModel", "roberta", 1, 1e-5)
+    } else {
+        ("BertModel", "bert", 2, 1e-12)
+    };
     let config = json!({
-        "architectures": ["BertModel"],
-        "model_type": "bert",
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": bert.vocab_size,
         "hidden_size": bert.width,
         "num_hidden_layers": bert.layers,
         "num_attention_heads": bert.heads,
         "intermediate_size": bert.intermediate,
         "max_position_embeddings": bert.max_positions,
-        "type_vocab_size": 2,
+        "type_vocab_size": token_types,
         "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
+        "layer_norm_eps": layer_norm_eps,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "pad_token_id": bert.pad_id,
         "initializer_range": 0.02,
     });
-    let tokenizer_config = json!({
-        "tokenizer_class": "BertTokenizerFast",
-        "model_max_length": bert.context_length,
-        "cls_token": "[CLS]",
-        "sep_token": "[SEP]",
-        "pad_token": "[PAD]",
-        "unk_token": "[UNK]",
-        "mask_token": "[MASK]",
-    });
+    let tokenizer_config = if roberta {
+        let specials = HfTokenizer::usual_special_tokens(tokenizer)
+            .context("finding the special tokens of the job's tokenizer.json")?;
+        let sot = specials.sot.clone().unwrap_or_else(|| specials.eot.clone());
+        let pad = specials.pad.clone().unwrap_or_else(|| specials.eot.clone());
+        json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": bert.context_length,
+            "bos_token": sot,
+            "cls_token": sot,
+            "eos_token": specials.eot,
+            "sep_token": specials.eot,
+            "pad_token": pad,
+        })
+    } else {
+        json!({
+            "tokenizer_class": "BertTokenizerFast",
+            "model_max_length": bert.context_length,
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+        })
+    };
     let text = json!({
         "pooling": match bert.pooling {
             TextPooling::Cls => "cls",
@@ -98,7 +122,7 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
         files,
         notes: vec![
             format!(
-                "Hugging Face BertModel: width {} × {} layers, {} heads, {} positions, {} \
+                "Hugging Face {architecture}: width {} × {} layers, {} heads, {} positions, {} \
                  tensors; text_projection {} → {}, {} pooling",
                 bert.width,
                 bert.layers,
@@ -109,9 +133,11 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
                 bert.output_dim,
                 text["pooling"].as_str().unwrap_or_default()
             ),
-            "load with transformers.BertModel.from_pretrained(\"DIR\") and \
-             AutoTokenizer.from_pretrained(\"DIR\"); embed = hidden[:, 0] @ text_projection"
-                .into(),
+            format!(
+                "load with transformers.{architecture}.from_pretrained(\"DIR\") (or AutoModel) \
+                 and AutoTokenizer.from_pretrained(\"DIR\"); embed = hidden[:, 0] @ \
+                 text_projection"
+            ),
         ],
     })
 }

@@ -256,6 +256,6 @@ fn models_a_library_cannot_build_are_refused_by_name() {
     odd.model.layers = vec![1, 1, 1, 1];
     assert!(refusal(&odd, ExportFormat::Torchvision).contains("match no torchvision ResNet"));
     assert!(refusal(&resnet_job(), ExportFormat::Timm).contains("is a ResNet"));
-    assert!(refusal(&resnet_job(), ExportFormat::Hf).contains("only a BERT text tower"));
+    assert!(refusal(&resnet_job(), ExportFormat::Hf).contains("only a BERT or RoBERTa text tower"));
     assert!(refusal(&bert, ExportFormat::Hf).contains("byte tokenizer"));
 }

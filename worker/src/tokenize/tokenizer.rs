@@ -196,24 +196,14 @@ impl HfTokenizer {
     /// (`<|startoftext|>`/`<|endoftext|>`, `<s>`/`</s>`/`<pad>`, `[CLS]`/`[SEP]`/`[PAD]`).
     pub fn from_bytes(json: &[u8]) -> anyhow::Result<Self> {
         let inner = parse(json)?;
-        let find = |names: &[&'static str]| -> Option<&'static str> {
-            names
-                .iter()
-                .copied()
-                .find(|n| inner.token_to_id(n).is_some())
-        };
-        let Some(eot) = find(&EOT_NAMES) else {
-            bail!(
-                "tokenizer.json has none of the end-of-text tokens {EOT_NAMES:?}; name it with \
-                 HfTokenizer::from_bytes_with"
-            );
-        };
-        let specials = SpecialTokens {
-            sot: find(&SOT_NAMES).map(|s| s.to_string()),
-            eot: eot.to_string(),
-            pad: find(&PAD_NAMES).map(|s| s.to_string()),
-        };
+        let specials = usual_specials(&inner)?;
         Self::with_specials(inner, &specials)
+    }
+
+    /// The special tokens [`HfTokenizer::from_bytes`] finds in `tokenizer.json` contents (an
+    /// export names them for the library that loads the file).
+    pub fn usual_special_tokens(json: &[u8]) -> anyhow::Result<SpecialTokens> {
+        usual_specials(&parse(json)?)
     }
 
     /// Parses `tokenizer.json` contents with the special tokens named by the caller.
@@ -264,6 +254,27 @@ impl HfTokenizer {
     fn is_special(&self, id: i64) -> bool {
         id == self.eot || id == self.pad || Some(id) == self.sot
     }
+}
+
+/// The special tokens by their usual names (see [`SOT_NAMES`] and the others).
+fn usual_specials(inner: &tokenizers::Tokenizer) -> anyhow::Result<SpecialTokens> {
+    let find = |names: &[&'static str]| -> Option<&'static str> {
+        names
+            .iter()
+            .copied()
+            .find(|n| inner.token_to_id(n).is_some())
+    };
+    let Some(eot) = find(&EOT_NAMES) else {
+        bail!(
+            "tokenizer.json has none of the end-of-text tokens {EOT_NAMES:?}; name it with \
+             HfTokenizer::from_bytes_with"
+        );
+    };
+    Ok(SpecialTokens {
+        sot: find(&SOT_NAMES).map(|s| s.to_string()),
+        eot: eot.to_string(),
+        pad: find(&PAD_NAMES).map(|s| s.to_string()),
+    })
 }
 
 fn parse(json: &[u8]) -> anyhow::Result<tokenizers::Tokenizer> {
