@@ -312,6 +312,27 @@ pub enum DataCommand {
         #[arg(long, default_value = "")]
         s3_endpoint: String,
     },
+    /// Count the samples of WebDataset shards contrail did not import and write
+    /// DATA/dataset.json, so the learning-rate schedule and the ETA know the epoch's length
+    /// from step 0 (each shard is read once; see docs/data.md).
+    Index {
+        /// The folder of `.tar` shards (file://, s3://, gs://, az://, or a plain path); the
+        /// job's data.url.
+        #[arg(long)]
+        data: String,
+        /// The split's name in dataset.json (default: the folder's name).
+        #[arg(long)]
+        split: Option<String>,
+        /// Replace an existing dataset.json (an import's holds class names this would drop).
+        #[arg(long)]
+        overwrite: bool,
+        /// Shards read at once.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+        /// Endpoint override for S3-compatible servers.
+        #[arg(long, default_value = "")]
+        s3_endpoint: String,
+    },
     /// Write the built-in synthetic image-caption dataset as WebDataset shards.
     Synth {
         /// Destination URL (file://, s3://, gs://, az://, or a plain path).

@@ -41,6 +41,38 @@ pub fn run_coordinator(rt: &Runtime, path: &str, overrides: &[String]) -> Result
     Ok(())
 }
 
+/// `contrail data index`: dataset.json for shards contrail did not import.
+pub fn index(
+    rt: &Runtime,
+    data: &str,
+    s3_endpoint: &str,
+    options: &contrail_data::index::IndexOptions,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let m = rt.block_on(contrail_data::index::index_shards(
+        data,
+        s3_endpoint,
+        options,
+    ))?;
+    for (split, s) in &m.splits {
+        println!(
+            "{split}: {} samples in {} shards ({:.1} MB)",
+            s.samples,
+            s.shards.len(),
+            s.bytes as f64 / 1e6
+        );
+    }
+    for (reason, n) in &m.skipped {
+        println!("skipped: {n} ({reason})");
+    }
+    println!(
+        "wrote {}/dataset.json in {:.1} s",
+        data.trim_end_matches('/'),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// `contrail data synth`: the built-in dataset of drawn shapes.
 pub fn synth(
     rt: &Runtime,

@@ -76,6 +76,26 @@ fn main() {
         ),
         Command::Data {
             command:
+                DataCommand::Index {
+                    data,
+                    split,
+                    overwrite,
+                    parallel,
+                    s3_endpoint,
+                },
+        } => commands::index(
+            &rt,
+            &data,
+            &s3_endpoint,
+            &contrail_data::index::IndexOptions {
+                split,
+                overwrite,
+                parallel,
+                ..Default::default()
+            },
+        ),
+        Command::Data {
+            command:
                 DataCommand::Import {
                     format,
                     source,

@@ -7,6 +7,7 @@ pub mod augment;
 pub mod decode;
 pub mod embeddings;
 pub mod import;
+pub mod index;
 pub mod pipeline;
 pub mod shard_reader;
 pub mod shuffle;
