@@ -3,7 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use contrail_common::JobConfig;
-use contrail_data::import::{import_idx, import_listing, ImportOptions, FASHION_MNIST_CLASSES};
+use contrail_data::import::{
+    import_idx, import_listing, DatasetManifest, ImportOptions, FASHION_MNIST_CLASSES,
+};
 use contrail_worker::embed::{
     checkpoint_base, load_model, write_embeddings, EmbedOptions, EmbedTower,
 };
@@ -54,22 +56,7 @@ pub fn index(
         s3_endpoint,
         options,
     ))?;
-    for (split, s) in &m.splits {
-        println!(
-            "{split}: {} samples in {} shards ({:.1} MB)",
-            s.samples,
-            s.shards.len(),
-            s.bytes as f64 / 1e6
-        );
-    }
-    for (reason, n) in &m.skipped {
-        println!("skipped: {n} ({reason})");
-    }
-    println!(
-        "wrote {}/dataset.json in {:.1} s",
-        data.trim_end_matches('/'),
-        started.elapsed().as_secs_f64()
-    );
+    print_manifest(&m, data, started);
     Ok(())
 }
 
@@ -121,7 +108,13 @@ pub fn import(rt: &Runtime, format: &str, source: &str, options: ImportOptions) 
         ))?,
         other => bail!("data import: format {other:?} must be one of idx, folder, csv"),
     };
-    for (split, s) in &manifest.splits {
+    print_manifest(&manifest, &options.out, started);
+    Ok(())
+}
+
+/// What `data import` and `data index` wrote: each split's counts, the skipped input, where.
+fn print_manifest(m: &DatasetManifest, out: &str, started: std::time::Instant) {
+    for (split, s) in &m.splits {
         println!(
             "{split}: {} samples in {} shards ({:.1} MB)",
             s.samples,
@@ -129,15 +122,14 @@ pub fn import(rt: &Runtime, format: &str, source: &str, options: ImportOptions) 
             s.bytes as f64 / 1e6
         );
     }
-    for (reason, n) in &manifest.skipped {
+    for (reason, n) in &m.skipped {
         println!("skipped: {n} ({reason})");
     }
     println!(
         "wrote {}/dataset.json in {:.1} s",
-        options.out.trim_end_matches('/'),
+        out.trim_end_matches('/'),
         started.elapsed().as_secs_f64()
     );
-    Ok(())
 }
 
 /// Class names from `--classes`: a comma-separated list, or a known dataset's name; empty

@@ -3,23 +3,8 @@
 //! which the coordinator reads (coordinator/src/manifest.rs); a second run keeps it unless
 //! told to overwrite.
 
-use std::process::Command;
-
+use crate::contrail_output as contrail;
 use contrail_test_support as support;
-
-const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
-
-fn contrail(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(CONTRAIL)
-        .args(args)
-        .output()
-        .expect("runs contrail");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn index_writes_the_manifest_of_shards_from_elsewhere() {

@@ -4,12 +4,11 @@
 //! retrieval commands read it; a model without a text tower is refused by name.
 
 use std::path::Path;
-use std::process::Command;
 
+use crate::contrail_output as contrail;
 use contrail_data::embeddings::{self, Embeddings, Tower};
 use contrail_test_support as support;
 
-const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
 const CLIP: &str = support::LOCAL_CLIP_CONFIG;
 const SIMCLR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/local-simclr.toml");
 /// The coordinator of `--workers` on ports chosen by the OS.
@@ -17,18 +16,6 @@ const FREE_PORTS: [&str; 2] = [
     "cluster.grpc_addr=127.0.0.1:0",
     "cluster.http_addr=127.0.0.1:0",
 ];
-
-fn contrail(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(CONTRAIL)
-        .args(args)
-        .output()
-        .expect("runs contrail");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn embed(config: &str, data: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
     let mut args = vec![

@@ -10,8 +10,6 @@ use contrail_data::embeddings::{write_part, Matrix, Part, Record};
 use contrail_test_support as support;
 use tch::Tensor;
 
-const CONTRAIL: &str = env!("CARGO_BIN_EXE_contrail");
-
 fn matrix(t: &Tensor) -> Matrix {
     let (rows, dim) = (t.size()[0] as usize, t.size()[1] as usize);
     Matrix::new(rows, dim, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()).unwrap()
@@ -59,16 +57,7 @@ fn banks(name: &str) -> Banks {
 }
 
 fn eval(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(CONTRAIL)
-        .arg("eval")
-        .args(args)
-        .output()
-        .expect("runs contrail");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::contrail_output(&[&["eval"], args].concat())
 }
 
 fn read_json(path: &Path) -> serde_json::Value {

@@ -13,3 +13,16 @@ mod link;
 mod local_cluster;
 mod recovery;
 mod status_page;
+
+/// Runs the `contrail` binary: (success, stdout, stderr).
+fn contrail_output(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_contrail"))
+        .args(args)
+        .output()
+        .expect("runs contrail");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
