@@ -3,8 +3,8 @@
 //! scale (2^16 at first), so small fp16 gradients do not flush to zero; before the step the
 //! gradients are divided by the scale again, and when any of them is not finite (an fp16
 //! overflow) the step is skipped and the scale halved. After 2,000 steps in a row without
-//! one, the scale doubles ([`ScaleSettings`]). The division by a power of two is exact, so with finite gradients
-//! the step is the one the unscaled gradients give.
+//! one, the scale doubles ([`ScaleSettings`]). The division by a power of two is exact, so
+//! with finite gradients the step is the one the unscaled gradients give.
 //!
 //! It runs on the gradients after they were summed across ranks, which are the same on every
 //! rank, so every rank skips the same steps (MoE jobs, whose expert gradients differ between
