@@ -6,6 +6,7 @@
 #       SimCLR ResNet-50 (+ 2-layer projector), channels_last
 #   bash bench/train_step/run.sh --objective clip --model vit-b-16 [--batch 256] ...
 #       CLIP ViT-B/16 + 12-layer text transformer, AdamW
+#   --precision fp16 (both sides: fp16 autocast with dynamic loss scaling, GradScaler) or fp32
 # BENCH=path/to/train_step_bench runs a prebuilt binary (the device machine has no cargo).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch eager reference for bench/train_step: the same step as contrail's train_step_bench,
-on synthetic inputs already on the GPU, with bf16 autocast.
+on synthetic inputs already on the GPU, with bf16 autocast (`--precision fp16`: fp16 autocast
+with a GradScaler; `fp32`: none).
 
 - `--objective simclr` (default): torchvision-style ResNet-50 without fc, projector
   Linear(2048, 2048, bias=False) -> BatchNorm1d -> ReLU -> Linear(2048, 128), NT-Xent over both
@@ -137,20 +138,28 @@ def clip_main(a, device):
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
     images = torch.randn(a.batch, 3, a.image_size, a.image_size, device=device)
     tokens = torch.randint(1, 257, (a.batch, 77), device=device)
-    bf16 = a.precision == "bf16"
+    dtype, scaler = autocast_and_scaler(a.precision)
 
     def step():
         opt.zero_grad(set_to_none=False)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             img, txt = vit(images), text(tokens)
         loss = clip_loss(img.float(), txt.float(), logit_scale)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         with torch.no_grad():
             logit_scale.clamp_(0, 4.6052)
         return loss.item()
 
     return step
+
+
+def autocast_and_scaler(precision):
+    """The autocast dtype (None: fp32) and a GradScaler, enabled for fp16 only (disabled it
+    passes the loss and the step through), as contrail's train.precision does."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return dtype, torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
 
 def nt_xent(z, b, tau):
@@ -205,18 +214,19 @@ def main():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-6)
     shape = (a.batch, 3, a.image_size, a.image_size)
     v1, v2 = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    bf16 = a.precision == "bf16"
+    dtype, scaler = autocast_and_scaler(a.precision)
 
     def step():
         x = torch.cat([v1, v2])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=False)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             z = model(x)
         loss = nt_xent(z.float(), a.batch, 0.2)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         return loss.item()
 
     return measure(a, step, f"simclr resnet50 channels_last={channels_last}", device)

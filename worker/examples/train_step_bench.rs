@@ -4,8 +4,8 @@
 //!
 //!   train_step_bench [--model resnet50|resnet18|vit-b-16|vit-b-32] [--batch 256]
 //!                    [--micro-batch B] [--image-size 224] [--steps 20] [--warmup 5]
-//!                    [--precision bf16|fp32] [--channels-last 1]
-//!                    [--objective simclr|moco|swav|clip] [--backend nccl|local]
+//!                    [--precision bf16|fp16|fp32] [--channels-last 1]
+//!                    [--objective simclr|moco|swav|clip] [--backend nccl|tcp]
 //!
 //! `--batch` is the step's global batch; with `--micro-batch` smaller it is reached by
 //! accumulation over K = batch / micro-batch micro-batches (the same host tensors reused, so
@@ -26,10 +26,10 @@ use contrail_worker::dist::local::LocalGroup;
 use contrail_worker::dist::nccl::{nccl_unique_id, NcclCollective};
 use contrail_worker::dist::Collective;
 use contrail_worker::model::{BuildOptions, ContrastiveModel};
-use contrail_worker::nn::compute::use_bf16_for_cuda_autocast;
+use contrail_worker::nn::compute::{use_bf16_for_cuda_autocast, use_fp16_for_cuda_autocast};
 use contrail_worker::nn::Compute;
 use contrail_worker::objective::build_objective;
-use contrail_worker::optim::{AdamW, AdamWOptions, Optimizer, Sgd};
+use contrail_worker::optim::{AdamW, AdamWOptions, LossScaled, Optimizer, Sgd};
 use contrail_worker::tokenize::ByteTokenizer;
 use contrail_worker::train::step::{train_step, StepClock};
 use std::time::{Duration, Instant};
@@ -141,12 +141,19 @@ fn main() -> Result<()> {
             ..Default::default()
         },
     )?;
-    let bf16 = a.precision == Precision::Bf16;
-    if bf16 {
-        use_bf16_for_cuda_autocast();
-    }
+    let autocast = match a.precision {
+        Precision::Bf16 => {
+            use_bf16_for_cuda_autocast();
+            true
+        }
+        Precision::Fp16 => {
+            use_fp16_for_cuda_autocast();
+            true
+        }
+        Precision::Fp32 | Precision::Auto => false,
+    };
     model.set_compute(Compute {
-        autocast: bf16,
+        autocast,
         channels_last: a.channels_last,
     });
     // SimCLR-style runs use SGD with momentum, CLIP AdamW, as their references do.
@@ -158,6 +165,10 @@ fn main() -> Result<()> {
     } else {
         Box::new(Sgd::new(model.named_parameters(), 0.9, 1e-6))
     };
+    if a.precision == Precision::Fp16 {
+        // As train.precision = "fp16": dynamic loss scaling around the optimizer.
+        opt = Box::new(LossScaled::new(opt, model.named_parameters()));
+    }
     let mut objective = build_objective(&cfg);
     let coll: Box<dyn Collective> = match (a.backend, device) {
         (Backend::Nccl, Device::Cuda(i)) => Box::new(NcclCollective::new(
