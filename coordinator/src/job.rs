@@ -1016,17 +1016,18 @@ impl JobBook {
         let w = self.members.check(req.worker_id, req.generation, true)?;
         w.last_seen_ms = now_ms;
         let who = w.describe();
-        // (touch(), with `w` still borrowed)
-        self.changes += 1;
-        self.snapshot_due = true;
-        if w.rank.is_none() {
+        let ranked = w.rank.is_some();
+        if ranked {
+            w.liveness = WorkerLiveness::Left;
+            w.reason = req.error.clone();
+        }
+        self.touch();
+        if !ranked {
             // Left before the world formed: it never had a rank, so just forget it.
             self.members.workers.retain(|w| w.id != req.worker_id);
             tracing::info!(worker = %who, "worker left before the rendezvous completed");
             return Ok(());
         }
-        w.liveness = WorkerLiveness::Left;
-        w.reason = req.error.clone();
         let returned = self.shards.release_worker(req.worker_id).len();
         if !req.error.is_empty() || !req.finished {
             let why = if req.error.is_empty() {

@@ -76,23 +76,24 @@ pub async fn index_shards(
     let started = Instant::now();
     let mut last_print = Instant::now();
     let total = shards.len();
-    let mut counted = vec![None; total];
-    let mut done = 0usize;
-    let mut samples = 0u64;
-    let mut reads = futures::stream::iter(shards.iter().enumerate())
-        .map(|(i, url)| async move {
-            let stats = read_shard(url, s3_endpoint, options.retries, |_| async {
+    let (mut done, mut samples, mut bytes) = (0usize, 0u64, 0u64);
+    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
+    let mut reads = futures::stream::iter(&shards)
+        .map(|url| async move {
+            read_shard(url, s3_endpoint, options.retries, |_| async {
                 ControlFlow::Continue(())
             })
             .await
-            .with_context(|| format!("data index: reading {url}"))?;
-            anyhow::Ok((i, stats))
+            .with_context(|| format!("data index: reading {url}"))
         })
         .buffer_unordered(options.parallel.max(1));
-    while let Some((i, stats)) = reads.try_next().await? {
-        samples += stats.samples;
+    while let Some(stats) = reads.try_next().await? {
         done += 1;
-        counted[i] = Some(stats);
+        samples += stats.samples;
+        bytes += stats.bytes;
+        for (reason, n) in stats.bad {
+            *skipped.entry(reason).or_default() += n;
+        }
         if done == total || last_print.elapsed().as_secs_f64() >= 2.0 {
             eprintln!(
                 "index: {done}/{total} shards, {samples} samples ({:.0} s)",
@@ -102,14 +103,6 @@ pub async fn index_shards(
         }
     }
     drop(reads);
-    let mut skipped: BTreeMap<String, u64> = BTreeMap::new();
-    let mut bytes = 0;
-    for stats in counted.into_iter().flatten() {
-        bytes += stats.bytes;
-        for (reason, n) in stats.bad {
-            *skipped.entry(reason).or_default() += n;
-        }
-    }
     let manifest = DatasetManifest {
         format: "index".into(),
         source: folder.to_string(),
