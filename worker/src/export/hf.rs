@@ -16,7 +16,8 @@
 //! (XLM-R's `<s>`/`</s>`/`<pad>`, or a Chinese RoBERTa-wwm's BERT vocabulary) loads as is.
 
 use super::{config_and_weights, json, safetensors, variables, Export, ExportFormat, ExportInput};
-use crate::tokenize::HfTokenizer;
+use crate::model::bert::flavor;
+use crate::tokenize::{HfTokenizer, SpecialTokens};
 use anyhow::{Context, Result};
 use contrail_common::config::{TextKind, TextPooling};
 use serde_json::json;
@@ -50,11 +51,13 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let roberta = bert.kind == TextKind::Roberta;
-    let (architecture, model_type, token_types, layer_norm_eps) = if roberta {
-        ("RobertaModel", "roberta", 1, 1e-5)
+    let (architecture, model_type) = if roberta {
+        ("RobertaModel", "roberta")
     } else {
-        ("BertModel", "bert", 2, 1e-12)
+        ("BertModel", "bert")
     };
+    // The LayerNorm epsilon and token types the tower was built with.
+    let (layer_norm_eps, token_types) = flavor(bert.kind);
     let config = json!({
         "architectures": [architecture],
         "model_type": model_type,
@@ -73,17 +76,18 @@ pub fn export(input: &ExportInput<'_>) -> Result<Export> {
         "initializer_range": 0.02,
     });
     let tokenizer_config = if roberta {
-        let specials = HfTokenizer::usual_special_tokens(tokenizer)
+        let SpecialTokens { sot, eot, pad } = HfTokenizer::usual_special_tokens(tokenizer)
             .context("finding the special tokens of the job's tokenizer.json")?;
-        let sot = specials.sot.clone().unwrap_or_else(|| specials.eot.clone());
-        let pad = specials.pad.clone().unwrap_or_else(|| specials.eot.clone());
+        // Without a start or pad token the end token stands in (contrail pads with it).
+        let sot = sot.unwrap_or_else(|| eot.clone());
+        let pad = pad.unwrap_or_else(|| eot.clone());
         json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": bert.context_length,
             "bos_token": sot,
             "cls_token": sot,
-            "eos_token": specials.eot,
-            "sep_token": specials.eot,
+            "eos_token": eot,
+            "sep_token": eot,
             "pad_token": pad,
         })
     } else {

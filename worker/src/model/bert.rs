@@ -25,7 +25,7 @@ use tch::{Kind, Tensor};
 /// (BERT's sentence A and B, RoBERTa's one; contrail uses type 0), and where positions count
 /// from (BERT: 0 for every slot; RoBERTa: pad id + 1 over the non-pad tokens, pad slots at
 /// the pad id, transformers' `create_position_ids_from_input_ids`).
-fn flavor(kind: TextKind) -> (f64, i64) {
+pub(crate) fn flavor(kind: TextKind) -> (f64, i64) {
     match kind {
         TextKind::Roberta => (1e-5, 1),
         _ => (1e-12, 2),
