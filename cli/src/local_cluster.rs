@@ -14,6 +14,7 @@ use contrail_common::config::Backend;
 use contrail_common::status::{render_status_text, JobState, StatusReport};
 use contrail_common::storage::{is_object_storage, list_shards};
 use contrail_common::JobConfig;
+use contrail_coordinator::listeners::hand_listeners_to;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -124,9 +125,13 @@ pub fn run_cluster(
     let workers = processes * ranks_per_process;
     let mut cfg = cfg.clone();
     cfg.cluster.world_size = workers;
-    // `:0` in the config becomes a real port that the coordinator binds and the workers dial.
-    cfg.cluster.grpc_addr = free_address(&cfg.cluster.grpc_addr, "the coordinator's gRPC")?;
-    cfg.cluster.http_addr = free_address(&cfg.cluster.http_addr, "the status")?;
+    // Bound here and kept until the job ends: the coordinator (and a restarted one) inherits
+    // them, so no other process can take the port in between; `:0` in the config becomes
+    // the real port the workers dial.
+    let (grpc_listener, grpc_addr) = listen(&cfg.cluster.grpc_addr, "the coordinator's gRPC")?;
+    let (http_listener, http_addr) = listen(&cfg.cluster.http_addr, "the status")?;
+    cfg.cluster.grpc_addr = grpc_addr;
+    cfg.cluster.http_addr = http_addr;
     let job_file = JobFile::write(&cfg)?;
     // A fresh token per run: the processes get it in their environment, nobody else has it.
     let token = JobToken::generate()?;
@@ -137,6 +142,7 @@ pub fn run_cluster(
             .arg(&job_file.0)
             .env(TOKEN_ENV, token.expose())
             .stdin(Stdio::null());
+        hand_listeners_to(&mut cmd, &grpc_listener, &http_listener);
         if verbose {
             cmd.env("CONTRAIL_LOG", "info");
         }
@@ -251,6 +257,9 @@ pub fn run_cluster(
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    // No coordinator will accept on them again: a worker dialling now is refused at once
+    // instead of waiting in the listen queue.
+    drop((grpc_listener, http_listener));
 
     // Give workers a moment to leave on their own (none after Ctrl-C), then make sure none
     // outlives us.
@@ -285,6 +294,10 @@ pub fn run_cluster(
     );
     let step = last.as_ref().map_or(0, |s| s.step);
     let mut reason = last.map(|s| s.reason).unwrap_or_default();
+    if reason.is_empty() {
+        reason =
+            "the coordinator stopped without reporting why (its error, if any, is above)".into();
+    }
     match outcome {
         Outcome::Ended(JobState::Finished) => return Ok(()),
         Outcome::Interrupted => {
@@ -308,11 +321,12 @@ enum Outcome {
     Crashed(String),
 }
 
-/// `addr` with a port the coordinator can bind (`:0` becomes a free one): bound and let go.
-fn free_address(addr: &str, what: &str) -> Result<String> {
+/// A socket listening on `addr` (`:0`: a free port), and the address it got.
+fn listen(addr: &str, what: &str) -> Result<(std::net::TcpListener, String)> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding {what} address {addr}"))?;
-    Ok(listener.local_addr()?.to_string())
+    let bound = listener.local_addr()?.to_string();
+    Ok((listener, bound))
 }
 
 /// The job file the coordinator child reads (the effective config, overrides included);

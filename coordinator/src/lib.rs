@@ -33,6 +33,7 @@ pub mod http;
 pub mod job;
 pub mod journal;
 pub mod leases;
+pub mod listeners;
 pub mod manifest;
 pub mod membership;
 pub mod metrics;
@@ -649,30 +650,16 @@ fn fresh_book(
 }
 
 /// Runs a job's coordinator until the job ends or Ctrl-C: binds `cluster.grpc_addr` and
-/// `cluster.http_addr`, serves, prints the final status. Returns the process exit code: 0 when
-/// the job finished, 1 when it failed, 130 when interrupted.
+/// `cluster.http_addr` (or adopts the sockets its parent bound there, [`listeners`]), serves,
+/// prints the final status. Returns the process exit code: 0 when the job finished, 1 when it
+/// failed, 130 when interrupted.
 pub async fn run_standalone(cfg: JobConfig) -> Result<i32> {
     let access = access::Access::with_job_token(
         contrail_common::auth::JobToken::require_env().context("the coordinator's job token")?,
     );
     // Workers get the effective config, overrides included.
     let job_toml = cfg.to_toml();
-    let grpc = tokio::net::TcpListener::bind(&cfg.cluster.grpc_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the gRPC address {} (cluster.grpc_addr)",
-                cfg.cluster.grpc_addr
-            )
-        })?;
-    let http = tokio::net::TcpListener::bind(&cfg.cluster.http_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the HTTP address {} (cluster.http_addr)",
-                cfg.cluster.http_addr
-            )
-        })?;
+    let (grpc, http) = listeners::listeners(&cfg).await?;
     // After a failure, keep answering long enough for every survivor's next heartbeat to
     // learn why it must stop; after success, just long enough to flush the last replies.
     // Twice the worker timeout, so a worker that died at the moment of failure is still

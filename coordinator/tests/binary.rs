@@ -151,3 +151,109 @@ async fn exits_zero_when_the_job_finishes() {
     assert!(stdout.contains("job finished"), "{stdout}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `contrail local` binds the coordinator's sockets itself and hands them over: the
+/// coordinator serves on them (the test holds them too, so a fresh bind of those ports would
+/// fail) and ends the job as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_listening_sockets_it_inherits() {
+    use contrail_coordinator::listeners::hand_listeners_to;
+    let (dir, job) = job_dir("inherit", "");
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let token = JobToken::generate().unwrap();
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("--config")
+        .arg(&job)
+        .env(TOKEN_ENV, token.expose())
+        .args(["--grpc-addr", &grpc_addr.to_string()])
+        .args(["--http-addr", &http_addr.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    hand_listeners_to(cmd.as_std_mut(), &grpc, &http);
+    let child = cmd.spawn().unwrap();
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = CoordinatorClient::with_interceptor(channel, GrpcProof::new(Some(token)));
+    // The listen queue holds the connection until the coordinator accepts it: the first
+    // RPC is answered however early it was sent.
+    let reg = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.register(proto::RegisterRequest {
+            host: "h".into(),
+            collective_address: "127.0.0.1:1".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("the coordinator answers on the inherited gRPC socket")
+    .unwrap()
+    .into_inner();
+    // The HTTP status server answers on the other inherited socket.
+    let mut conn = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).await.unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"),
+        "{reply}"
+    );
+
+    client
+        .leave(proto::LeaveRequest {
+            worker_id: reg.worker_id,
+            generation: reg.generation,
+            finished: false,
+            error: "stop".into(),
+        })
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the coordinator exits after the job failed")
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An inherited socket on another address than the config names is refused, naming both.
+#[test]
+fn refuses_an_inherited_socket_on_another_address() {
+    use contrail_coordinator::listeners::hand_listeners_to;
+    let (dir, job) = job_dir("inherit-wrong", "");
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--config")
+        .arg(&job)
+        .env(TOKEN_ENV, JobToken::generate().unwrap().expose())
+        .args(["--grpc-addr", &other.local_addr().unwrap().to_string()])
+        .args(["--http-addr", &http.local_addr().unwrap().to_string()]);
+    hand_listeners_to(&mut cmd, &grpc, &http);
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the inherited gRPC socket listens on {}",
+            grpc.local_addr().unwrap()
+        )) && err.contains("cluster.grpc_addr"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
