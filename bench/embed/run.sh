@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
-export PYTHONDONTWRITEBYTECODE=1   # torch_ref.py imports bench/quality/lightly_simclr.py
+export PYTHONDONTWRITEBYTECODE=1   # torch_ref.py imports bench/quality/lightly_ref.py
 CFG=configs/local-fashion-mnist.toml
 SRC=/usr/share/datasets/fashion-mnist
 SPLIT=train; BATCH=256; WORKERS=0; DEVICE=cpu; DATA=""; LIMIT=0; REF_WORKERS=0; REPEAT=1

@@ -30,11 +30,11 @@ What it does, step for step as contrail (worker/src/embed/shard.rs):
   not null), caption (.txt as UTF-8, null without one), label (.cls as an integer, null without
   one), uncompressed like contrail's parquet ArrowWriter defaults.
 
-The model class is imported from bench/quality/lightly_simclr.py (same module names as
+The model class is imported from bench/quality/lightly_ref.py (same module names as
 contrail's checkpoints, so a contrail model.safetensors loads into it with strict names).
 --checkpoint takes a model.safetensors file, a step folder holding one, or a checkpoint base
 with LATEST (what `contrail embed --checkpoint` takes); --random-init (the default) keeps
-lightly_simclr's init, which differs from contrail's seeded init; speed does not depend on it.
+lightly_ref's init, which differs from contrail's seeded init; speed does not depend on it.
 
 Decoding: torchvision.io.decode_image on the raw bytes by default (measured on the
 Fashion-MNIST PNGs at about twice PIL's speed: ~16 us vs ~35 us per image); --decoder pil for
@@ -69,10 +69,10 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The model is lightly_simclr's; don't leave a __pycache__ in bench/quality.
+# The model is lightly_ref's; don't leave a __pycache__ in bench/quality.
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(HERE, "..", "quality"))
-from lightly_simclr import MEAN, STD, SimCLRResNet, init_weights  # noqa: E402
+from lightly_ref import MEAN, STD, SimCLRResNet, init_weights  # noqa: E402
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # webdataset's base_plus_ext and meta_prefix rules (data/src/tar_stream.rs).

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# Quality: contrail's SimCLR (`contrail local --workers 2`) against the same training in
-# PyTorch with lightly 1.6.0's NTXentLoss (lightly_simclr.py) on Fashion-MNIST, same machine,
-# one invocation, seeds interleaved. Both sides' encoder features are evaluated by the same
+# Quality: contrail's SimCLR, MoCo v2 or SwAV (`contrail local --workers 2`) against the same
+# training in PyTorch with lightly 1.6.0's parts (lightly_ref.py) on Fashion-MNIST, same
+# machine, one invocation, seeds interleaved. Both sides' encoder features are evaluated by the same
 # `contrail eval knn` and `contrail eval linear` commands; raw pixels and a random-init encoder
 # are the baselines. Prints kNN and linear-probe top-1 and training time per system (mean ± sd
 # over seeds), the time ratio, the baselines and the dataset package's published numbers.
-#   bash bench/quality/run.sh [--steps 600] [--batch 256] [--seeds "0 1 2"]
-#                             [--ref-bn-init ones|uniform] [--work DIR] [--keep]
+#   bash bench/quality/run.sh [--objective simclr|moco|swav] [--steps 600] [--batch 256]
+#                             [--seeds "0 1 2"] [--ref-bn-init ones|uniform] [--work DIR] [--keep]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 REF=${QUALITY_REF:-/tmp/contrail-quality-ref}   # lightly goes here, never into .venv
-# QUALITY_REF_ARGS: extra lightly_simclr.py flags, e.g. "--embed-limit 2000" for a smoke test.
+# QUALITY_REF_ARGS: extra lightly_ref.py flags, e.g. "--embed-limit 2000" for a smoke test.
 CFG=configs/local-fashion-mnist.toml
 SRC=/usr/share/datasets/fashion-mnist
-STEPS=600; BATCH=256; SEEDS="0 1 2"; BN_INIT=ones; WORK=""; KEEP=0
+OBJECTIVE=simclr; STEPS=600; BATCH=256; SEEDS="0 1 2"; BN_INIT=ones; WORK=""; KEEP=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --objective) OBJECTIVE=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
     --batch) BATCH=$2; shift 2 ;;
     --seeds) SEEDS=$2; shift 2 ;;
@@ -26,6 +27,23 @@ while [ $# -gt 0 ]; do
     *) echo "unknown flag $1" >&2; exit 2 ;;
   esac
 done
+# Each objective's settings, the same on both sides (the config file holds SimCLR's).
+case "$OBJECTIVE" in
+  simclr) OBJ_SET=(); REF_OBJ=(--objective simclr --temperature 0.2) ;;
+  moco)
+    OBJ_SET=(--set objective.kind=moco --set objective.temperature=0.2
+             --set objective.moco.queue_size=4096 --set objective.moco.momentum=0.99
+             --set objective.moco.shuffle_bn=true)
+    REF_OBJ=(--objective moco --temperature 0.2 --moco-queue 4096 --moco-momentum 0.99) ;;
+  swav)
+    OBJ_SET=(--set objective.kind=swav --set objective.temperature=0.1
+             --set objective.swav.prototypes=100 --set objective.swav.epsilon=0.05
+             --set objective.swav.sinkhorn_iterations=3
+             --set objective.swav.freeze_prototypes_steps=100 --set objective.swav.queue_size=0)
+    REF_OBJ=(--objective swav --temperature 0.1 --swav-prototypes 100 --swav-epsilon 0.05
+             --swav-iterations 3 --swav-freeze-steps 100) ;;
+  *) echo "--objective must be simclr, moco or swav, got $OBJECTIVE" >&2; exit 2 ;;
+esac
 [ $((BATCH % 2)) -eq 0 ] || { echo "--batch must be even (two workers, micro_batch = batch / 2)" >&2; exit 2; }
 
 [ -e "$SRC/train-images-idx3-ubyte.gz" ] \
@@ -39,7 +57,7 @@ if ! PYTHONPATH=$REF "$PY" -c 'import lightly, sys; sys.exit(0 if lightly.__vers
   echo "installing lightly==1.6.0 into $REF" >&2
   "$PY" -m pip install -q --no-deps --target "$REF" lightly==1.6.0
 fi
-PYTHONPATH=$REF "$PY" -c 'from lightly.loss import NTXentLoss' \
+PYTHONPATH=$REF "$PY" -c 'from lightly.loss import NTXentLoss, SwaVLoss; from lightly.models.modules.memory_bank import MemoryBankModule' \
   || { echo "lightly in $REF does not import" >&2; exit 1; }
 
 # CONTRAIL_BIN=target/debug/contrail skips the release build (say which binary a recorded
@@ -103,11 +121,11 @@ CHECKED=0
 for SEED in $SEEDS; do
   name=contrail-s$SEED; CK=$WORK/checkpoints/$name; log=$LOGS/$name.log
   rm -rf "$CK"   # a checkpoint there would be resumed
-  echo "== $name: contrail local --workers 2, $STEPS steps of $BATCH =="
+  echo "== $name: contrail local --workers 2, $OBJECTIVE, $STEPS steps of $BATCH =="
   # Online evaluation off (eval.url = ""): the reference has none, and it would embed 20,000
   # images twice inside the timed run. Checkpoint only at the end. CPU, free ports.
   t0=$(now)
-  "$BIN" local --workers 2 --config "$CFG" \
+  "$BIN" local --workers 2 --config "$CFG" "${OBJ_SET[@]}" \
     --set train.max_steps="$STEPS" --set train.epochs=0 \
     --set train.global_batch="$BATCH" --set train.micro_batch=$((BATCH / 2)) \
     --set train.seed="$SEED" \
@@ -124,13 +142,13 @@ for SEED in $SEEDS; do
   model=$CK/$(cat "$CK/LATEST")/model.safetensors
   if [ "$CHECKED" = 0 ]; then
     echo "== parameter names and shapes: reference model vs $model =="
-    PYTHONPATH=$REF "$PY" bench/quality/lightly_simclr.py --threads 1 --check-names "$model" \
+    PYTHONPATH=$REF "$PY" bench/quality/lightly_ref.py "${REF_OBJ[@]}" --threads 1 --check-names "$model" \
       | sed 's/^/  /' || { echo "the reference model does not match contrail's" >&2; exit 1; }
     CHECKED=1
   fi
   t0=$(now)
   for split in train test; do
-    "$BIN" embed --config "$CFG" --set train.seed="$SEED" --set 'eval.url=""' \
+    "$BIN" embed --config "$CFG" "${OBJ_SET[@]}" --set train.seed="$SEED" --set 'eval.url=""' \
       --set "data.url=file://$WORK/data/train" --checkpoint "file://$CK" \
       --data "file://$WORK/data/$split" --out "file://$EMB/$name/$split" --device cpu \
       >>"$LOGS/embed-$name.log" 2>&1 || fail "contrail embed ($name)" "$LOGS/embed-$name.log"
@@ -143,11 +161,11 @@ for SEED in $SEEDS; do
   evaluate "$name" "$EMB/$name"
 
   name=lightly-s$SEED; log=$LOGS/$name.log
-  echo "== $name: lightly_simclr.py, $STEPS steps of $BATCH, $REF_THREADS threads + 2 loader workers =="
+  echo "== $name: lightly_ref.py, $OBJECTIVE, $STEPS steps of $BATCH, $REF_THREADS threads + 2 loader workers =="
   t0=$(now)
-  PYTHONPATH=$REF "$PY" bench/quality/lightly_simclr.py --steps "$STEPS" --batch "$BATCH" \
+  PYTHONPATH=$REF "$PY" bench/quality/lightly_ref.py "${REF_OBJ[@]}" --steps "$STEPS" --batch "$BATCH" \
     --seed "$SEED" --threads "$REF_THREADS" --loader-workers 2 --bn-weight-init "$BN_INIT" \
-    --out "$EMB/$name" ${QUALITY_REF_ARGS:-} >"$log" 2>&1 || fail "lightly_simclr.py ($name)" "$log"
+    --out "$EMB/$name" ${QUALITY_REF_ARGS:-} >"$log" 2>&1 || fail "lightly_ref.py ($name)" "$log"
   wall=$(elapsed "$t0" "$(now)")
   grep -E "^step " "$log" | tail -n 2 | sed 's/^/  /' || true
   get() { sed -n "s/^$1=//p" "$log" | tail -n 1; }
@@ -160,4 +178,4 @@ for SEED in $SEEDS; do
 done
 
 echo "(binary: $BIN; reference BatchNorm weight init: $BN_INIT; $CORES cores)"
-"$PY" bench/quality/summarize.py "$RES" --steps "$STEPS" --batch "$BATCH"
+"$PY" bench/quality/summarize.py "$RES" --steps "$STEPS" --batch "$BATCH" --objective "$OBJECTIVE"

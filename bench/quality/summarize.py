@@ -17,6 +17,7 @@ import re
 import statistics
 
 DOC = "/usr/share/doc/dataset-fashion-mnist"
+NAMES = {"simclr": "SimCLR", "moco": "MoCo v2", "swav": "SwAV"}
 SYSTEMS = [("contrail", "contrail (libtorch, 2 workers)"), ("lightly", "lightly 1.6.0 (PyTorch)")]
 # Rows of the package README's table of submitted results that give a sense of scale.
 PUBLISHED_ROWS = [
@@ -102,6 +103,7 @@ def main():
     p.add_argument("results")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch", type=int)
+    p.add_argument("--objective", default="simclr")
     a = p.parse_args()
     names = sorted(os.listdir(a.results))
 
@@ -113,7 +115,7 @@ def main():
     seeds = sorted({s for r in runs.values() for s in r})
 
     what = f"{a.steps} steps of {a.batch}" if a.steps else "trained runs"
-    print(f"\n== SimCLR on Fashion-MNIST, {what}, seeds {seeds}: "
+    print(f"\n== {NAMES.get(a.objective, a.objective)} on Fashion-MNIST, {what}, seeds {seeds}: "
           "test top-1 % (mean ± sd [min, max]) ==")
     print(f"{'system':<32} {'kNN top-1':<30} {'linear top-1':<30} {'train s':<30} embed s")
     for key, label in SYSTEMS:
@@ -143,7 +145,7 @@ def main():
             if diffs:
                 print(f"{metric} top-1 contrail − lightly, per seed: {stat(diffs, 2)} points")
 
-    print("\n== Baselines (no SimCLR training; same contrail eval commands) ==")
+    print("\n== Baselines (no self-supervised training; same contrail eval commands) ==")
     for name in names:
         if name == "raw-pixels" or name.startswith("random-init"):
             r = run(a.results, name)

@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""The reference side of bench/quality: SimCLR on Fashion-MNIST in plain PyTorch with lightly
-1.6.0's NTXentLoss, built to be the same training as `contrail local --workers 2 --config
-configs/local-fashion-mnist.toml`, then the encoder features of the evaluation view of both
-splits written as embedding folders that `contrail eval knn` / `contrail eval linear` read.
+"""The reference side of bench/quality: SimCLR, MoCo v2 or SwAV on Fashion-MNIST in plain
+PyTorch with lightly 1.6.0's parts (NTXentLoss; MemoryBankModule, update_momentum and
+cosine_schedule; SwaVLoss), built to be the same training as `contrail local --workers 2
+--config configs/local-fashion-mnist.toml` with the same objective settings, then the encoder
+features of the evaluation view of both splits written as embedding folders that `contrail
+eval knn` / `contrail eval linear` read.
 
 Run from the repository root with lightly on the path (run.sh installs it with --no-deps into a
 scratch folder, so pip never touches the torch in .venv):
 
-    PYTHONPATH=/tmp/contrail-quality-ref .venv/bin/python bench/quality/lightly_simclr.py \
-        --steps 600 --batch 256 --seed 0 --out /tmp/emb/lightly-s0
+    PYTHONPATH=/tmp/contrail-quality-ref .venv/bin/python bench/quality/lightly_ref.py \
+        --objective simclr --steps 600 --batch 256 --seed 0 --out /tmp/emb/lightly-s0
+
+The objectives' own rules (MoCo's key encoder, shuffle BN and queue; SwAV's prototypes and
+Sinkhorn) are in the docstrings of the classes SimCLR, MoCo and SwAV below.
 
 What matches contrail (README.md lists the file:line evidence):
 - Model: torchvision-style ResNet with the small-image ("cifar") stem, BasicBlocks
@@ -19,8 +24,9 @@ What matches contrail (README.md lists the file:line evidence):
   checkpoint. Init: convolutions Kaiming-normal (fan-out, ReLU), linears PyTorch's default,
   BatchNorm bias 0 and weight 1 (PyTorch) or U(0, 1) (tch's default, which contrail uses),
   chosen by --bn-weight-init.
-- Loss: lightly.loss.NTXentLoss(temperature) over the whole global batch (contrail gathers the
-  embeddings of both workers, so every image of the step is a negative for every other).
+- Loss (SimCLR): lightly.loss.NTXentLoss(temperature) over the whole global batch (contrail
+  gathers the embeddings of both workers, so every image of the step is a negative for every
+  other).
 - BatchNorm statistics per worker: contrail's two workers each normalise their own half
   (2 x 128 images = 256 rows each at batch 256), so the reference forwards the batch in
   --bn-splits chunks (default 2) and concatenates the embeddings before the loss. The running
@@ -186,19 +192,27 @@ def comparable_state(model):
     }
 
 
-def check_names(model, path):
+def check_names(model, extra, path):
+    """The reference's tensors (the model's, plus `extra`: the objective's own, such as MoCo's
+    key encoder and queue) against a contrail checkpoint's names and shapes."""
     from safetensors.numpy import load_file
 
     theirs = {k: tuple(v.shape) for k, v in load_file(path).items()}
-    ours = comparable_state(model)
+    ours = {**comparable_state(model), **extra}
     missing = sorted(set(theirs) - set(ours))
     extra = sorted(set(ours) - set(theirs))
     shape = sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
-    n_theirs = sum(
-        int(np.prod(s)) for k, s in theirs.items() if "running_" not in k
-    )
+    def trained(names):
+        # Parameters only: not the BatchNorm statistics, MoCo's key encoder nor its queue.
+        return sum(
+            int(np.prod(s))
+            for k, s in names.items()
+            if "running_" not in k and not k.startswith("momentum.")
+        )
+
+    n_theirs = trained(theirs)
     print(f"contrail checkpoint {path}: {len(theirs)} tensors, {n_theirs} parameters")
-    print(f"reference model: {len(ours)} tensors, {n_params(model)} parameters")
+    print(f"reference model: {len(ours)} tensors, {trained(ours)} parameters")
     for what, names in [("only in contrail", missing), ("only in the reference", extra)]:
         for k in names:
             print(f"  {what}: {k} {theirs.get(k) or ours.get(k)}")
@@ -333,6 +347,165 @@ def write_folder(root, split, feats, labels):
 
 
 # ---------------------------------------------------------------------------------------------
+# Objectives. Each takes the step's two views, split in BatchNorm chunks as contrail's workers
+# split the batch, and returns the loss of the global batch; `after_step` runs after the
+# optimizer's update (MoCo's EMA and queue).
+
+
+def forward_chunks(model, x1, x2, chunks, bns):
+    """Embeddings of both views, each chunk normalised on its own ([view 1; view 2] of its
+    samples, as one contrail worker forwards them); only chunk 0 ("rank 0") moves the BatchNorm
+    running averages (momentum 0 keeps them)."""
+    z1, z2 = [], []
+    for i, c in enumerate(chunks):
+        for m in bns:
+            m.momentum = BN_MOMENTUM if i == 0 else 0.0
+        z = model(torch.cat([x1[c], x2[c]]))
+        z1.append(z[: len(c)])
+        z2.append(z[len(c):])
+    for m in bns:
+        m.momentum = BN_MOMENTUM
+    return torch.cat(z1), torch.cat(z2)
+
+
+class SimCLR:
+    """lightly.loss.NTXentLoss over the whole global batch (contrail gathers both workers'
+    embeddings: every image of the step is a negative for every other)."""
+
+    def __init__(self, a, model):
+        from lightly.loss import NTXentLoss
+
+        self.criterion = NTXentLoss(temperature=a.temperature)
+
+    def parameters(self):
+        return []
+
+    def loss(self, model, x1, x2, chunks, bns, step):
+        return self.criterion(*forward_chunks(model, x1, x2, chunks, bns))
+
+    def after_step(self, model, step):
+        pass
+
+    def extra_state(self):
+        return {}
+
+
+class MoCo:
+    """MoCo v2 in contrail's symmetric form (worker/src/objective/moco.rs): a key encoder that
+    is an EMA copy of encoder + projector (lightly's deactivate_requires_grad, update_momentum
+    and cosine_schedule from --moco-momentum to 1), keys computed on a shared random
+    reassignment of the step's images to the BatchNorm chunks and put back (MoCo's shuffle
+    BN), and a queue of --moco-queue keys (lightly's MemoryBankModule) read before the step and
+    extended after it with the keys of view 1 of every sample, then view 2. The loss is the
+    cross-entropy of each query (both views) against its own key and the queue, at
+    --temperature, averaged over the 2B queries."""
+
+    def __init__(self, a, model):
+        import copy
+
+        from lightly.models.modules.memory_bank import MemoryBankModule
+        from lightly.models.utils import deactivate_requires_grad
+
+        self.key = copy.deepcopy(model)
+        deactivate_requires_grad(self.key)
+        self.key.train()
+        self.memory = MemoryBankModule(size=(a.moco_queue, 64), feature_dim_first=False)
+        self.temperature, self.base, self.steps = a.temperature, a.moco_momentum, a.steps
+        self.g = torch.Generator().manual_seed(a.seed + 1)
+        self.keys_view_major = None
+
+    def parameters(self):
+        return []
+
+    @torch.no_grad()
+    def keys(self, x1, x2, chunks):
+        rows = [torch.cat([x1[c], x2[c]]) for c in chunks]
+        images = torch.cat(rows)
+        perm = torch.randperm(len(images), generator=self.g)
+        parts = perm.split([len(r) for r in rows])
+        shuffled = torch.cat(
+            [nn.functional.normalize(self.key(images[p]), dim=1) for p in parts]
+        )
+        keys = torch.empty_like(shuffled)
+        keys[perm] = shuffled
+        return keys.split([len(r) for r in rows])
+
+    def loss(self, model, x1, x2, chunks, bns, step):
+        keys = self.keys(x1, x2, chunks)
+        k1 = torch.cat([k[: len(c)] for k, c in zip(keys, chunks)])
+        k2 = torch.cat([k[len(c):] for k, c in zip(keys, chunks)])
+        self.keys_view_major = torch.cat([k1, k2])
+        _, queue = self.memory(k1, update=False)
+        z1, z2 = forward_chunks(model, x1, x2, chunks, bns)
+        q = nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+        positives = torch.cat([k2, k1])
+        logits = torch.cat([(q * positives).sum(1, keepdim=True), q @ queue.T], 1)
+        logits = logits / self.temperature
+        return nn.functional.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+
+    def after_step(self, model, step):
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        # contrail's momentum_at(step, total) is 1 - (1 - base)(cos(pi step / total) + 1) / 2;
+        # lightly's cosine_schedule divides by max_steps - 1, hence total + 1.
+        update_momentum(model, self.key, cosine_schedule(step, self.steps + 1, self.base, 1.0))
+        self.memory(self.keys_view_major, update=True)
+
+    def extra_state(self):
+        names = {f"momentum.{k}": s for k, s in comparable_state(self.key).items()}
+        names["momentum.queue"] = tuple(self.memory.bank.shape)
+        names["momentum.queue_next"] = (1,)
+        return names
+
+
+class SwAV:
+    """SwAV with two high-resolution views and lightly's SwaVLoss (temperature, Sinkhorn
+    epsilon and iterations as contrail's objective.swav), its codes computed over the whole
+    global batch as contrail's all-reduced Sinkhorn: the projector's output is normalised and
+    scored against --swav-prototypes unit prototype rows (a bias-free linear named
+    "prototypes", its rows normalised before every forward as lightly's SwaVPrototypes and
+    contrail's model/prototypes.rs do), which get no update for the first
+    --swav-freeze-steps steps."""
+
+    def __init__(self, a, model):
+        from lightly.loss import SwaVLoss
+
+        self.prototypes = nn.Linear(64, a.swav_prototypes, bias=False)
+        self.normalize_prototypes()
+        self.criterion = SwaVLoss(
+            temperature=a.temperature,
+            sinkhorn_iterations=a.swav_iterations,
+            sinkhorn_epsilon=a.swav_epsilon,
+        )
+        self.freeze = a.swav_freeze_steps
+
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        self.prototypes.weight.copy_(nn.functional.normalize(self.prototypes.weight, dim=1))
+
+    def parameters(self):
+        return list(self.prototypes.parameters())
+
+    def loss(self, model, x1, x2, chunks, bns, step):
+        self.normalize_prototypes()
+        # Frozen: no gradient, so SGD leaves them alone (momentum and weight decay included).
+        self.prototypes.weight.requires_grad_(step >= self.freeze)
+        z1, z2 = forward_chunks(model, x1, x2, chunks, bns)
+        s1, s2 = (self.prototypes(nn.functional.normalize(z, dim=1)) for z in (z1, z2))
+        return self.criterion([s1, s2], [])
+
+    def after_step(self, model, step):
+        pass
+
+    def extra_state(self):
+        return {"prototypes.weight": tuple(self.prototypes.weight.shape)}
+
+
+OBJECTIVES = {"simclr": SimCLR, "moco": MoCo, "swav": SwAV}
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main():
@@ -350,7 +523,18 @@ def main():
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--objective", choices=sorted(OBJECTIVES), default="simclr")
     p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--moco-queue", type=int, default=4096, help="objective.moco.queue_size")
+    p.add_argument("--moco-momentum", type=float, default=0.99,
+                   help="objective.moco.momentum (the key encoder's EMA at step 0)")
+    p.add_argument("--swav-prototypes", type=int, default=100,
+                   help="objective.swav.prototypes")
+    p.add_argument("--swav-epsilon", type=float, default=0.05, help="objective.swav.epsilon")
+    p.add_argument("--swav-iterations", type=int, default=3,
+                   help="objective.swav.sinkhorn_iterations")
+    p.add_argument("--swav-freeze-steps", type=int, default=100,
+                   help="objective.swav.freeze_prototypes_steps")
     p.add_argument("--crop-min", type=float, default=0.2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--data", default=SRC, help="folder of the IDX .gz files")
@@ -367,18 +551,21 @@ def main():
     model = SimCLRResNet()
     init_weights(model, a.bn_weight_init)
     print(f"PARAMS={n_params(model)}")
+    objective = OBJECTIVES[a.objective](a, model)
     if a.check_names:
-        sys.exit(0 if check_names(model, a.check_names) else 1)
+        sys.exit(0 if check_names(model, objective.extra_state(), a.check_names) else 1)
     if a.batch < a.bn_splits:
         p.error("--batch must be at least --bn-splits")
 
-    from lightly.loss import NTXentLoss
     import lightly
 
     train_x, train_y = load_split(a.data, "train")
-    criterion = NTXentLoss(temperature=a.temperature)
+    # contrail's SGD decays every trainable parameter, SwAV's prototypes included.
     opt = torch.optim.SGD(
-        model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay
+        list(model.parameters()) + list(objective.parameters()),
+        lr=a.lr,
+        momentum=a.momentum,
+        weight_decay=a.weight_decay,
     )
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     loader = torch.utils.data.DataLoader(
@@ -388,7 +575,8 @@ def main():
         generator=torch.Generator().manual_seed(a.seed),
     )
     print(
-        f"lightly {lightly.__version__}, torch {torch.__version__}: {a.steps} steps of "
+        f"lightly {lightly.__version__}, torch {torch.__version__}, {a.objective}: "
+        f"{a.steps} steps of "
         f"{a.batch} ({a.bn_splits} BatchNorm chunks), {a.threads} threads, "
         f"{a.loader_workers} loader workers, seed {a.seed}",
         flush=True,
@@ -402,19 +590,12 @@ def main():
         lr = lr_at(step, a.steps, a.lr, a.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        z1, z2 = [], []
         chunks = [c for c in torch.arange(len(x1)).tensor_split(a.bn_splits) if len(c)]
-        for i, c in enumerate(chunks):
-            # Only chunk 0 ("rank 0") moves the running averages: momentum 0 keeps them.
-            for m in bns:
-                m.momentum = BN_MOMENTUM if i == 0 else 0.0
-            z = model(torch.cat([x1[c], x2[c]]))
-            z1.append(z[: len(c)])
-            z2.append(z[len(c):])
-        loss = criterion(torch.cat(z1), torch.cat(z2))
+        loss = objective.loss(model, x1, x2, chunks, bns, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        objective.after_step(model, step)
         value = loss.item()
         if not math.isfinite(value):
             sys.exit(f"loss became {value} at step {step + 1}")
@@ -430,8 +611,6 @@ def main():
             )
             t_log, seen = now, 0
     t_end = time.perf_counter()
-    for m in bns:
-        m.momentum = BN_MOMENTUM
     print(f"LOSS_FIRST={loss_first:.4f}")
     print(f"LOSS_LAST={loss_last:.4f}")
     print(f"SECONDS_LOOP={t_end - t_loop:.2f}")
