@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Quality: contrail's SimCLR, MoCo v2 or SwAV (`contrail local --workers 2`) against the same
 # training in PyTorch with lightly 1.6.0's parts (lightly_ref.py) on Fashion-MNIST, same
-# machine, one invocation, seeds interleaved. Both sides' encoder features are evaluated by the same
-# `contrail eval knn` and `contrail eval linear` commands; raw pixels and a random-init encoder
-# are the baselines. Prints kNN and linear-probe top-1 and training time per system (mean ± sd
+# machine, one invocation, seeds interleaved. Both sides' encoder features are evaluated by the
+# same `contrail eval knn` and `contrail eval linear` commands; raw pixels and a random-init
+# encoder are the baselines. Prints kNN and linear-probe top-1 and training time per system (mean ± sd
 # over seeds), the time ratio, the baselines and the dataset package's published numbers.
 #   bash bench/quality/run.sh [--objective simclr|moco|swav] [--steps 600] [--batch 256]
 #                             [--seeds "0 1 2"] [--ref-bn-init ones|uniform] [--work DIR] [--keep]
